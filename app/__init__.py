@@ -1,0 +1,1 @@
+"""coldmail-webhooks: a receiver for Cold Mail Reseller webhooks."""

@@ -1,0 +1,121 @@
+"""Configuration from the environment (or `.env`), validated once at start-up."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+URL_PREFIXES = ("postgres://", "postgresql://", "postgresql+asyncpg://")
+
+
+class ConfigError(Exception):
+    """A one-line, operator-facing description of what is wrong and where."""
+
+
+def split_list(value: SecretStr | None) -> list[str]:
+    if value is None:
+        return []
+    return [part.strip() for part in value.get_secret_value().split(",") if part.strip()]
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URL spellings hosting providers hand out; SQLAlchemy needs the driver."""
+    for prefix in URL_PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError("must start with postgres://, postgresql:// or postgresql+asyncpg://")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str | None = None
+    fernet_keys: SecretStr | None = None
+    webhook_tokens: SecretStr | None = None
+    cmr_signing_key: SecretStr | None = None
+    cmr_signature_mode: Literal["enforce", "report"] = "enforce"
+    cmr_signature_tolerance_seconds: int = Field(default=300, ge=1, le=86400)
+    ops_api_tokens: SecretStr | None = None
+    credentials_api_tokens: SecretStr | None = None
+    max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    data_dir: Path = Path(".data")
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_url(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("fernet_keys")
+    @classmethod
+    def _valid_fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        for index, key in enumerate(split_list(value), start=1):
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(
+                    f"key #{index} is not a valid Fernet key "
+                    "(32 url-safe base64-encoded bytes; make one with `coldmail-webhooks generate-key`)"
+                ) from None
+        return value
+
+    @property
+    def fernet_key_list(self) -> list[str]:
+        return split_list(self.fernet_keys)
+
+    @property
+    def webhook_token_list(self) -> list[str]:
+        return split_list(self.webhook_tokens)
+
+    @property
+    def ops_token_list(self) -> list[str]:
+        return split_list(self.ops_api_tokens)
+
+    @property
+    def credentials_token_list(self) -> list[str]:
+        return split_list(self.credentials_api_tokens)
+
+    @property
+    def signing_key(self) -> str | None:
+        key = self.cmr_signing_key.get_secret_value().strip() if self.cmr_signing_key else ""
+        return key or None
+
+    def check_complete(self) -> None:
+        """Refuse to serve with a secret missing: there are no default secrets."""
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        if not self.fernet_key_list:
+            raise ConfigError("FERNET_KEYS is not set (make a key: coldmail-webhooks generate-key)")
+        if not self.ops_token_list:
+            raise ConfigError("OPS_API_TOKENS is not set")
+        if not self.webhook_token_list and not self.signing_key:
+            raise ConfigError("neither WEBHOOK_TOKENS nor CMR_SIGNING_KEY is set; set at least one")
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+    return f"{name}: {first['msg']}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's multi-line report into one ConfigError line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

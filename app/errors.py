@@ -1,0 +1,64 @@
+"""Error answers shared by the webhook and the read API: always JSON, never an echo."""
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+RETRY_AFTER_SECONDS = 5
+# Everything that means "the database could not do this now": answered 503, never 500.
+DATABASE_ERRORS = (
+    SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(body.get("error"))
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class Unavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503, {"error": "unavailable"}, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
+
+
+class NotFound(ApiError):
+    def __init__(self) -> None:
+        super().__init__(404, {"error": "not_found"})
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return json_response(exc.status, exc.body, exc.headers)
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    return json_response(503, {"error": "unavailable"}, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    detail = [
+        {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
+        for item in exc.errors()
+    ]
+    return json_response(422, {"error": "invalid_request", "detail": detail})

@@ -1,0 +1,476 @@
+"""Recording deliveries and applying events.
+
+Every effect is an upsert keyed by the provider's own IDs, written so that the final
+state is the same whatever order events arrive in:
+- "authoritative" events (order success) overwrite descriptive fields; others
+  (mailbox.created, failures) only fill fields still empty;
+- success beats failure, for subscriptions and for order domains, in either order;
+- a field set by mailbox.updated survives a later mailbox.created, and competing updates
+  of one field resolve by the greater (eventId, content hash), not by arrival.
+"""
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import orjson
+from sqlalchemy import Table, case, func, literal, literal_column, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from app import schemas
+from app.crypto import Vault, redact
+from app.models import Event, Mailbox, Order, OrderDomain, Subscription
+from app.signing import SignatureCheck
+
+events: Table = Event.__table__  # type: ignore[assignment]
+subscriptions: Table = Subscription.__table__  # type: ignore[assignment]
+mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
+orders: Table = Order.__table__  # type: ignore[assignment]
+order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
+
+UPDATABLE_FIELDS = {
+    "firstName": "first_name",
+    "lastName": "last_name",
+    "userName": "user_name",
+    "profilePicture": "profile_picture",
+}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A parsed, authenticated delivery, ready to record."""
+
+    envelope: dict[str, Any]
+    raw: bytes
+    signature: SignatureCheck
+
+    @property
+    def event_id(self) -> str:
+        return str(self.envelope["eventId"])
+
+    @property
+    def event(self) -> str:
+        return str(self.envelope["event"])
+
+    @cached_property
+    def content_hash(self) -> bytes:
+        return canonical_hash(self.envelope)
+
+    @property
+    def version(self) -> str:
+        """Total order over deliveries, used to settle competing mailbox.updated fields."""
+        return f"{self.event_id}:{self.content_hash.hex()}"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    row_id: int
+    inserted: bool
+    conflict: bool
+
+
+def canonical_hash(envelope: dict[str, Any]) -> bytes:
+    return hashlib.sha256(orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+async def record(
+    conn: AsyncConnection, delivery: Delivery, *, status: str, vault: Vault
+) -> Recorded:
+    """Insert the event once per (eventId, content); a repeat only counts a delivery.
+
+    The unique constraint decides, so concurrent identical deliveries cannot both insert.
+    The RETURNING subquery sees the table as it was before this statement, so `others`
+    counts earlier rows with the same eventId: a non-zero count on insert is a conflict.
+    """
+    stmt = (
+        insert(events)
+        .values(
+            event_id=delivery.event_id,
+            event=delivery.event,
+            status=status,
+            content_hash=delivery.content_hash,
+            deliveries=1,
+            conflict=False,
+            signature=delivery.signature.result,
+            signature_form=delivery.signature.form,
+            payload=redact(delivery.envelope),
+            body_encrypted=vault.encrypt(delivery.raw),
+        )
+        .on_conflict_do_update(
+            index_elements=["event_id", "content_hash"],
+            set_={"deliveries": events.c.deliveries + 1, "last_received_at": func.now()},
+        )
+        .returning(
+            events.c.id,
+            literal_column("xmax = 0").label("inserted"),
+            select(func.count())
+            .select_from(events)
+            .where(events.c.event_id == delivery.event_id)
+            .scalar_subquery()
+            .label("others"),
+        )
+    )
+    row = (await conn.execute(stmt)).one()
+    conflict = bool(row.inserted and row.others)
+    if conflict:
+        await conn.execute(
+            update(events).where(events.c.event_id == delivery.event_id).values(conflict=True)
+        )
+    return Recorded(row_id=row.id, inserted=bool(row.inserted), conflict=conflict)
+
+
+def _merge(table: Table, column: str, *, authoritative: bool) -> ColumnElement[Any]:
+    new, old = insert(table).excluded[column], table.c[column]
+    return func.coalesce(new, old) if authoritative else func.coalesce(old, new)
+
+
+def _upsert(
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    key: Sequence[str],
+    authoritative: bool,
+    override: dict[str, Any] | None = None,
+) -> Any:
+    """INSERT .. ON CONFLICT DO UPDATE that overwrites or only fills, column by column."""
+    stmt = insert(table).values(list(rows))
+    columns = [c for c in rows[0] if c not in key]
+    set_: dict[str, Any] = {c: _merge(table, c, authoritative=authoritative) for c in columns}
+    set_["updated_at"] = func.now()
+    set_.update(override or {})
+    return stmt.on_conflict_do_update(index_elements=list(key), set_=set_)
+
+
+def _unique(rows: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """One row per key (the last wins), sorted by key so concurrent upserts lock in one order."""
+    by_key = {row[key]: row for row in rows}
+    return [by_key[k] for k in sorted(by_key)]
+
+
+async def upsert_subscriptions(
+    conn: AsyncConnection, rows: list[dict[str, Any]], *, succeeded: bool, authoritative: bool
+) -> None:
+    status = "active" if succeeded else "failed"
+    rows = _unique(({**row, "status": status} for row in rows), "subscription_id")
+    # A success makes the subscription active; a failure never demotes an active one.
+    keep_or_activate = literal("active") if succeeded else subscriptions.c.status
+    stmt = _upsert(
+        subscriptions,
+        rows,
+        key=["subscription_id"],
+        authoritative=authoritative,
+        override={"status": keep_or_activate},
+    )
+    await conn.execute(stmt)
+
+
+def _mailbox_snapshot_merge() -> dict[str, Any]:
+    """Fields mailbox.updated may have set keep the update's value over a snapshot's."""
+    excluded = insert(mailboxes).excluded
+    return {
+        column: case(
+            (mailboxes.c.field_versions.has_key(field), mailboxes.c[column]),
+            else_=func.coalesce(excluded[column], mailboxes.c[column]),
+        )
+        for field, column in UPDATABLE_FIELDS.items()
+    }
+
+
+async def upsert_mailboxes(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Full snapshots (mailbox.created, prewarmup) in one multi-row statement."""
+    rows = _unique(rows, "mailbox_id")
+    stmt = _upsert(
+        mailboxes,
+        rows,
+        key=["mailbox_id"],
+        authoritative=True,
+        override=_mailbox_snapshot_merge(),
+    )
+    await conn.execute(stmt)
+
+
+async def upsert_order(
+    conn: AsyncConnection,
+    *,
+    order_id: str,
+    kind: str,
+    user_id: str | None,
+    user_email: str | None,
+    provider: str | None,
+) -> None:
+    row = {
+        "order_id": order_id,
+        "kind": kind,
+        "user_id": user_id,
+        "user_email": user_email,
+        "provider": provider,
+        "status": "succeeded",  # recomputed from the domains below
+    }
+    stmt = _upsert(
+        orders, [row], key=["order_id"], authoritative=False, override={"status": orders.c.status}
+    )
+    await conn.execute(stmt)
+
+
+async def set_domain_outcomes(
+    conn: AsyncConnection, order_id: str, rows: list[dict[str, Any]], *, succeeded: bool
+) -> None:
+    """Record each domain's outcome, then derive the order's status from all its domains."""
+    status = "succeeded" if succeeded else "failed"
+    rows = _unique(
+        ({"order_id": order_id, "reason": None, "subscription_id": None, **row, "status": status}
+         for row in rows),
+        "domain",
+    )
+    excluded = insert(order_domains).excluded
+    override: dict[str, Any] = {
+        "status": literal("succeeded") if succeeded else order_domains.c.status,
+        # Of several reported failure reasons, keep the same one whatever the arrival order.
+        "reason": func.least(order_domains.c.reason, excluded.reason),
+    }
+    stmt = _upsert(
+        order_domains, rows, key=["order_id", "domain"], authoritative=False, override=override
+    )
+    await conn.execute(stmt)
+    await refresh_order_status(conn, order_id)
+
+
+async def refresh_order_status(conn: AsyncConnection, order_id: str) -> None:
+    od = order_domains.c
+    derived = (
+        select(
+            case(
+                (func.bool_and(od.status == "succeeded"), "succeeded"),
+                (func.bool_and(od.status == "failed"), "failed"),
+                else_="partially_failed",
+            )
+        )
+        .where(od.order_id == order_id)
+        .scalar_subquery()
+    )
+    await conn.execute(
+        update(orders)
+        .where(orders.c.order_id == order_id)
+        .values(status=derived, updated_at=func.now())
+    )
+
+
+async def apply_mailbox_order(
+    conn: AsyncConnection, model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed
+) -> None:
+    data = model.data
+    succeeded = isinstance(model, schemas.MailboxOrderSuccess)
+    domain = data.domainName if isinstance(data, schemas.MailboxOrderSuccessData) else data.domain
+    if data.subscriptionId:
+        row = {
+            "subscription_id": data.subscriptionId,
+            "domain": domain,
+            "user_id": data.userId,
+            "user_email": data.userEmail,
+            "provider": data.workspaceType,
+            "source": "standard",
+            "order_id": data.orderId,
+            "price": data.price,
+            "quantity": data.quantity,
+        }
+        if isinstance(data, schemas.MailboxOrderSuccessData):
+            row |= {"domain_id": data.domainId, "expiry_date": data.expiryDate}
+        await upsert_subscriptions(conn, [row], succeeded=succeeded, authoritative=succeeded)
+    await upsert_order(
+        conn,
+        order_id=data.orderId,
+        kind="mailbox",
+        user_id=data.userId,
+        user_email=data.userEmail,
+        provider=data.workspaceType,
+    )
+    outcome: dict[str, Any] = {"domain": domain, "subscription_id": data.subscriptionId}
+    if isinstance(data, schemas.MailboxOrderFailedData):
+        outcome["reason"] = data.reason
+    await set_domain_outcomes(conn, data.orderId, [outcome], succeeded=succeeded)
+
+
+def _credentials(vault: Vault, box: schemas.CreatedMailbox | schemas.PrewarmedMailbox) -> dict[str, Any]:
+    return {
+        "password_encrypted": vault.encrypt_text(box.password),
+        "app_password_encrypted": vault.encrypt_text(box.appPassword),
+        "authenticator_secret_encrypted": vault.encrypt_text(box.authenticatorSecret),
+    }
+
+
+async def apply_mailbox_created(
+    conn: AsyncConnection, model: schemas.MailboxCreated, vault: Vault
+) -> None:
+    data, box = model.data, model.data.mailboxDetails
+    subscription = {
+        "subscription_id": data.subscriptionId,
+        "domain": data.domain,
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.workspaceType,
+        "source": "standard",
+        "order_id": data.orderId,
+        "expiry_date": box.expiryDate,
+    }
+    await upsert_subscriptions(conn, [subscription], succeeded=True, authoritative=False)
+    mailbox = {
+        "mailbox_id": box.mailboxId,
+        "subscription_id": data.subscriptionId,
+        "domain": data.domain,
+        "email": box.email,
+        "first_name": box.firstName,
+        "last_name": box.lastName,
+        "user_name": box.userName,
+        "profile_picture": box.profilePicture,
+        "is_admin": box.isAdmin,
+        "provider": data.workspaceType,
+        "source": "standard",
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "order_id": data.orderId,
+        "creation_time": box.creationTime,
+        "expiry_date": box.expiryDate,
+        "price": data.price,
+        "final_url": data.finalUrl,
+        **_credentials(vault, box),
+    }
+    await upsert_mailboxes(conn, [mailbox])
+
+
+async def apply_mailbox_updated(
+    conn: AsyncConnection, model: schemas.MailboxUpdated, *, version: str
+) -> None:
+    """Apply only the given fields, each only if this update outranks the one that set it."""
+    data = model.data
+    given = {
+        field: getattr(data.updatedFields, field)
+        for field in UPDATABLE_FIELDS
+        if field in data.updatedFields.model_fields_set
+    }
+    row: dict[str, Any] = {
+        "mailbox_id": data.mailboxId,
+        "domain": data.domain,
+        "email": data.email,
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.workspaceType,
+        **{UPDATABLE_FIELDS[f]: value for f, value in given.items()},
+        "field_versions": {f: version for f in given},
+    }
+    stmt = insert(mailboxes).values(row)
+    excluded = stmt.excluded
+    set_: dict[str, Any] = {
+        c: func.coalesce(mailboxes.c[c], excluded[c])
+        for c in ("domain", "email", "user_id", "user_email", "provider")
+    }
+    versions: ColumnElement[Any] = mailboxes.c.field_versions
+    for field, value in given.items():
+        current = func.coalesce(mailboxes.c.field_versions[field].astext, "").collate("C")
+        wins = current < literal(version).collate("C")
+        column = UPDATABLE_FIELDS[field]
+        set_[column] = case((wins, literal(value)), else_=mailboxes.c[column])
+        winner = func.greatest(current, literal(version).collate("C"))
+        versions = versions.op("||")(func.jsonb_build_object(field, winner))
+    set_["field_versions"] = type_coerce(versions, JSONB)
+    set_["updated_at"] = func.now()
+    await conn.execute(stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_))
+
+
+async def apply_prewarmup_success(
+    conn: AsyncConnection, model: schemas.PrewarmupOrderSuccess, vault: Vault
+) -> None:
+    data = model.data
+    await upsert_order(
+        conn,
+        order_id=data.orderId,
+        kind="prewarmup",
+        user_id=data.userId,
+        user_email=data.userEmail,
+        provider=data.serviceProvider,
+    )
+    subs, boxes = [], []
+    for group in data.mailboxDetails:
+        expiries = [b.expiryDate for b in group.preWarmedUpMailboxes if b.expiryDate]
+        subs.append(
+            {
+                "subscription_id": group.subscriptionId,
+                "domain": group.domain,
+                "user_id": data.userId,
+                "user_email": data.userEmail,
+                "provider": data.serviceProvider,
+                "source": "prewarmed",
+                "order_id": data.orderId,
+                "expiry_date": max(expiries, default=None),
+                "quantity": len(group.preWarmedUpMailboxes),
+            }
+        )
+        boxes.extend(_prewarmed_row(vault, data, group, box) for box in group.preWarmedUpMailboxes)
+    await upsert_subscriptions(conn, subs, succeeded=True, authoritative=True)
+    for start in range(0, len(boxes), 1000):  # stays under PostgreSQL's 32,767 parameters
+        await upsert_mailboxes(conn, boxes[start : start + 1000])
+    outcomes = [{"domain": g.domain, "subscription_id": g.subscriptionId} for g in data.mailboxDetails]
+    await set_domain_outcomes(conn, data.orderId, outcomes, succeeded=True)
+
+
+def _prewarmed_row(
+    vault: Vault,
+    data: schemas.PrewarmupOrderSuccessData,
+    group: schemas.PrewarmedDomain,
+    box: schemas.PrewarmedMailbox,
+) -> dict[str, Any]:
+    return {
+        "mailbox_id": box.mailboxId,
+        "subscription_id": group.subscriptionId,
+        "domain": group.domain,
+        "email": box.email,
+        "first_name": box.firstName,
+        "last_name": box.lastName,
+        "user_name": None,
+        "profile_picture": box.profilePicture,
+        "is_admin": box.isAdmin,
+        "provider": data.serviceProvider,
+        "source": "prewarmed",
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "order_id": data.orderId,
+        "warming_up_from": box.warmingUpFrom,
+        "expiry_date": box.expiryDate,
+        **_credentials(vault, box),
+    }
+
+
+async def apply_prewarmup_failed(
+    conn: AsyncConnection, model: schemas.PrewarmupOrderFailed
+) -> None:
+    data = model.data
+    await upsert_order(
+        conn,
+        order_id=data.orderId,
+        kind="prewarmup",
+        user_id=data.userId,
+        user_email=data.userEmail,
+        provider=data.serviceProvider,
+    )
+    outcomes = [{"domain": f.domain, "reason": f.reason} for f in data.failedOrders]
+    await set_domain_outcomes(conn, data.orderId, outcomes, succeeded=False)
+
+
+async def apply(
+    conn: AsyncConnection, model: schemas.HandledEvent, *, vault: Vault, version: str
+) -> None:
+    """Apply one validated event's effects inside the caller's transaction."""
+    match model:
+        case schemas.MailboxOrderSuccess() | schemas.MailboxOrderFailed():
+            await apply_mailbox_order(conn, model)
+        case schemas.MailboxCreated():
+            await apply_mailbox_created(conn, model, vault)
+        case schemas.MailboxUpdated():
+            await apply_mailbox_updated(conn, model, version=version)
+        case schemas.PrewarmupOrderSuccess():
+            await apply_prewarmup_success(conn, model, vault)
+        case schemas.PrewarmupOrderFailed():
+            await apply_prewarmup_failed(conn, model)

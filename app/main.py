@@ -1,0 +1,51 @@
+"""The application factory: settings in, a FastAPI app out; engine made in the lifespan."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from app import ops, webhooks
+from app.config import Settings, get_settings
+from app.crypto import Vault
+from app.db import make_engine
+from app.errors import (
+    DATABASE_ERRORS,
+    ApiError,
+    handle_api_error,
+    handle_database_error,
+    handle_validation_error,
+)
+from app.logs import AccessLogMiddleware
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.check_complete()
+    assert settings.database_url
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = make_engine(settings.database_url or "", pool_size=settings.db_pool_size)
+        try:
+            yield
+        finally:
+            await app.state.engine.dispose()
+
+    app = FastAPI(
+        title="coldmail-webhooks",
+        summary="Receives Cold Mail Reseller webhooks and serves what they said to ops.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.vault = Vault(settings.fernet_key_list)
+    app.include_router(webhooks.router)
+    app.include_router(ops.router)
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, handle_database_error)
+    app.add_middleware(AccessLogMiddleware)
+    return app

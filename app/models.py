@@ -1,0 +1,182 @@
+"""Database tables. Provider IDs are the unique keys; `id` orders rows for cursors."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Money = Numeric(14, 4)
+Timestamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        Timestamp, server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Event(Base):
+    """One row per distinct (eventId, content): dedupe lives in the unique constraint."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("event_id", "content_hash", name="uq_events_event_id_content_hash"),
+        Index("ix_events_event_status", "event", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_id: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    content_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    deliveries: Mapped[int] = mapped_column(Integer, default=1)
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    signature: Mapped[str] = mapped_column(String(16))
+    signature_form: Mapped[str | None] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    first_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    last_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class RejectedDelivery(Base):
+    """A delivery we refused as malformed; kept encrypted so it can be replayed after a fix."""
+
+    __tablename__ = "rejected_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    event: Mapped[str | None] = mapped_column(Text)
+    event_id: Mapped[str | None] = mapped_column(Text, index=True)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
+    signature: Mapped[str] = mapped_column(String(16))
+    body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    replayed_event_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Subscription(TimestampMixin, Base):
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(Text, unique=True)
+    domain: Mapped[str | None] = mapped_column(Text, index=True)
+    domain_id: Mapped[str | None] = mapped_column(Text)
+    user_id: Mapped[str | None] = mapped_column(Text, index=True)
+    user_email: Mapped[str | None] = mapped_column(Text, index=True)
+    provider: Mapped[str | None] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    order_id: Mapped[str | None] = mapped_column(Text, index=True)
+    expiry_date: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    price: Mapped[Decimal | None] = mapped_column(Money)
+    quantity: Mapped[int | None] = mapped_column(Integer)
+
+
+class Mailbox(TimestampMixin, Base):
+    """A mailbox; credentials live only in the *_encrypted columns.
+
+    `field_versions` maps a field set by mailbox.updated to the eventId that set it, so a
+    late mailbox.created cannot undo an update and competing updates resolve the same way
+    whatever order they arrive in.
+    """
+
+    __tablename__ = "mailboxes"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    mailbox_id: Mapped[str] = mapped_column(Text, unique=True)
+    subscription_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("subscriptions.subscription_id"), index=True
+    )
+    domain: Mapped[str | None] = mapped_column(Text, index=True)
+    email: Mapped[str | None] = mapped_column(Text, index=True)
+    first_name: Mapped[str | None] = mapped_column(Text)
+    last_name: Mapped[str | None] = mapped_column(Text)
+    user_name: Mapped[str | None] = mapped_column(Text)
+    profile_picture: Mapped[str | None] = mapped_column(Text)
+    is_admin: Mapped[bool | None] = mapped_column(Boolean)
+    provider: Mapped[str | None] = mapped_column(String(16), index=True)
+    source: Mapped[str | None] = mapped_column(String(16), index=True)
+    user_id: Mapped[str | None] = mapped_column(Text, index=True)
+    user_email: Mapped[str | None] = mapped_column(Text)
+    order_id: Mapped[str | None] = mapped_column(Text)
+    creation_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    warming_up_from: Mapped[datetime | None] = mapped_column(Timestamp)
+    expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
+    price: Mapped[Decimal | None] = mapped_column(Money)
+    final_url: Mapped[str | None] = mapped_column(Text)
+    password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    app_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    authenticator_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    field_versions: Mapped[dict[str, str]] = mapped_column(JSONB, server_default="{}")
+
+
+class Order(TimestampMixin, Base):
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    order_id: Mapped[str] = mapped_column(Text, unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[str | None] = mapped_column(Text, index=True)
+    user_email: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+
+
+class OrderDomain(TimestampMixin, Base):
+    """One domain's outcome within an order. `reason` keeps a reported failure even if the
+    domain later (or earlier) succeeded: success wins, the failure stays on record."""
+
+    __tablename__ = "order_domains"
+    __table_args__ = (UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    order_id: Mapped[str] = mapped_column(Text, ForeignKey("orders.order_id"))
+    domain: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    subscription_id: Mapped[str | None] = mapped_column(Text)
+
+
+class CredentialRead(Base):
+    """Audit trail of every decrypted-credential read: who (token fingerprint), what, when."""
+
+    __tablename__ = "credential_reads"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    mailbox_id: Mapped[str] = mapped_column(Text, index=True)
+    token_fingerprint: Mapped[str] = mapped_column(String(32))
+    client_address: Mapped[str | None] = mapped_column(Text)
+    read_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

