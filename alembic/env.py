@@ -2,11 +2,11 @@
 
 import asyncio
 
-from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from alembic import context
 from app.config import get_settings, normalize_database_url
 from app.models import Base
 
@@ -22,8 +22,9 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=database_url(), target_metadata=target_metadata, compare_type=True,
-                      literal_binds=True)
+    context.configure(
+        url=database_url(), target_metadata=target_metadata, compare_type=True, literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

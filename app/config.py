@@ -65,7 +65,7 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(
                     f"key #{index} is not a valid Fernet key "
-                    "(32 url-safe base64-encoded bytes; make one with `coldmail-webhooks generate-key`)"
+                    "(32 url-safe base64 bytes; make one: coldmail-webhooks generate-key)"
                 ) from None
         return value
 

@@ -32,9 +32,7 @@ class ApiError(Exception):
 
 class Unavailable(ApiError):
     def __init__(self) -> None:
-        super().__init__(
-            503, {"error": "unavailable"}, {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        )
+        super().__init__(503, {"error": "unavailable"}, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 class NotFound(ApiError):

@@ -202,7 +202,7 @@ async def upsert_order(
     user_email: str | None,
     provider: str | None,
 ) -> None:
-    row = {
+    row: dict[str, Any] = {
         "order_id": order_id,
         "kind": kind,
         "user_id": user_id,
@@ -222,8 +222,10 @@ async def set_domain_outcomes(
     """Record each domain's outcome, then derive the order's status from all its domains."""
     status = "succeeded" if succeeded else "failed"
     rows = _unique(
-        ({"order_id": order_id, "reason": None, "subscription_id": None, **row, "status": status}
-         for row in rows),
+        (
+            {"order_id": order_id, "reason": None, "subscription_id": None, **row, "status": status}
+            for row in rows
+        ),
         "domain",
     )
     excluded = insert(order_domains).excluded
@@ -266,7 +268,7 @@ async def apply_mailbox_order(
     succeeded = isinstance(model, schemas.MailboxOrderSuccess)
     domain = data.domainName if isinstance(data, schemas.MailboxOrderSuccessData) else data.domain
     if data.subscriptionId:
-        row = {
+        row: dict[str, Any] = {
             "subscription_id": data.subscriptionId,
             "domain": domain,
             "user_id": data.userId,
@@ -294,7 +296,9 @@ async def apply_mailbox_order(
     await set_domain_outcomes(conn, data.orderId, [outcome], succeeded=succeeded)
 
 
-def _credentials(vault: Vault, box: schemas.CreatedMailbox | schemas.PrewarmedMailbox) -> dict[str, Any]:
+def _credentials(
+    vault: Vault, box: schemas.CreatedMailbox | schemas.PrewarmedMailbox
+) -> dict[str, Any]:
     return {
         "password_encrypted": vault.encrypt_text(box.password),
         "app_password_encrypted": vault.encrypt_text(box.appPassword),
@@ -392,7 +396,8 @@ async def apply_prewarmup_success(
         user_email=data.userEmail,
         provider=data.serviceProvider,
     )
-    subs, boxes = [], []
+    subs: list[dict[str, Any]] = []
+    boxes: list[dict[str, Any]] = []
     for group in data.mailboxDetails:
         expiries = [b.expiryDate for b in group.preWarmedUpMailboxes if b.expiryDate]
         subs.append(
@@ -412,7 +417,9 @@ async def apply_prewarmup_success(
     await upsert_subscriptions(conn, subs, succeeded=True, authoritative=True)
     for start in range(0, len(boxes), 1000):  # stays under PostgreSQL's 32,767 parameters
         await upsert_mailboxes(conn, boxes[start : start + 1000])
-    outcomes = [{"domain": g.domain, "subscription_id": g.subscriptionId} for g in data.mailboxDetails]
+    outcomes = [
+        {"domain": g.domain, "subscription_id": g.subscriptionId} for g in data.mailboxDetails
+    ]
     await set_domain_outcomes(conn, data.orderId, outcomes, succeeded=True)
 
 

@@ -13,7 +13,9 @@ LATENCY = Histogram(
     ["outcome"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-CONFLICTS = Counter("cmr_webhook_conflicts_total", "Deliveries reusing an eventId with other content")
+CONFLICTS = Counter(
+    "cmr_webhook_conflicts_total", "Deliveries reusing an eventId with other content"
+)
 REJECTIONS = Counter("cmr_webhook_rejections_total", "Deliveries refused, by reason", ["reason"])
 SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", ["result"])
 POOL_IN_USE = Gauge("cmr_db_pool_connections_in_use", "Database connections checked out")

@@ -3,12 +3,11 @@
 from functools import lru_cache
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 import app
-
+from alembic import command
 
 
 def script_location() -> str:

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,7 +66,7 @@ async def store_rejected(
     envelope: dict[str, Any] | None,
 ) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed."""
-    row = RejectedDelivery.__table__.insert().values(
+    row = insert(RejectedDelivery).values(
         reason=reason,
         event=envelope["event"] if envelope else None,
         event_id=envelope["eventId"] if envelope else None,

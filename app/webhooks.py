@@ -124,14 +124,20 @@ async def receive_webhook(request: Request) -> Response:
             model = parse_handled(envelope)
         except ValidationError as error:
             details = validation_details(error)
-            await _reject(request, raw, signature, reason="invalid_payload", errors=details,
-                          envelope=envelope)
+            await _reject(
+                request, raw, signature, reason="invalid_payload", errors=details, envelope=envelope
+            )
             raise ApiError(422, {"error": "invalid_payload", "detail": details}) from None
     delivery = Delivery(envelope=envelope, raw=raw, signature=signature)
-    outcome = await _guard(process_delivery(request.app.state.engine, request.app.state.vault, delivery, model))
+    outcome = await _guard(
+        process_delivery(request.app.state.engine, request.app.state.vault, delivery, model)
+    )
     _observe(delivery, outcome.status, outcome.conflict, started)
-    body: dict[str, Any] = {"status": outcome.status, "eventId": delivery.event_id,
-                            "event": delivery.event}
+    body: dict[str, Any] = {
+        "status": outcome.status,
+        "eventId": delivery.event_id,
+        "event": delivery.event,
+    }
     if outcome.conflict:
         body["conflict"] = True
     return json_response(200, body)
@@ -147,13 +153,26 @@ async def _reject(
     envelope: dict[str, Any] | None,
 ) -> None:
     metrics.REJECTIONS.labels(reason).inc()
-    metrics.DELIVERIES.labels(metrics.event_label(envelope and envelope["event"]), reason).inc()
-    await _guard(store_rejected(request.app.state.engine, request.app.state.vault, raw, signature, reason=reason, errors=errors,
-                                envelope=envelope))
+    event = envelope["event"] if envelope else None
+    metrics.DELIVERIES.labels(metrics.event_label(event), reason).inc()
+    await _guard(
+        store_rejected(
+            request.app.state.engine,
+            request.app.state.vault,
+            raw,
+            signature,
+            reason=reason,
+            errors=errors,
+            envelope=envelope,
+        )
+    )
     log.info(
         "delivery rejected",
-        extra={"outcome": reason, "event": envelope and envelope["event"],
-               "eventId": envelope and envelope["eventId"]},
+        extra={
+            "outcome": reason,
+            "event": envelope and envelope["event"],
+            "eventId": envelope and envelope["eventId"],
+        },
     )
 
 
@@ -174,6 +193,11 @@ def _observe(delivery: Delivery, outcome: str, conflict: bool, started: float) -
         metrics.CONFLICTS.inc()
     log.info(
         "delivery",
-        extra={"eventId": delivery.event_id, "event": delivery.event, "outcome": outcome,
-               "conflict": conflict, "latency_ms": round(elapsed * 1000, 2)},
+        extra={
+            "eventId": delivery.event_id,
+            "event": delivery.event,
+            "outcome": outcome,
+            "conflict": conflict,
+            "latency_ms": round(elapsed * 1000, 2),
+        },
     )

@@ -118,8 +118,12 @@ def prewarmed_mailbox(domain: str) -> dict[str, Any]:
 
 
 def prewarmup_success(
-    *, domains: int = 2, per_domain: int = 2, order_id: str | None = None,
-    domain_names: list[str] | None = None, provider: str = "GOOGLE",
+    *,
+    domains: int = 2,
+    per_domain: int = 2,
+    order_id: str | None = None,
+    domain_names: list[str] | None = None,
+    provider: str = "GOOGLE",
 ) -> dict[str, Any]:
     names = domain_names or [f"{provider_id().lower()[:12]}.com" for _ in range(domains)]
     groups = [

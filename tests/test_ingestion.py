@@ -1,0 +1,268 @@
+"""What each event does to the stored state, in any arrival order."""
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+from cryptography.fernet import Fernet
+
+from tests import factories
+from tests.conftest import FERNET_KEY, deliver
+
+
+async def deliver_all(client, payloads):
+    for payload in payloads:
+        response = await deliver(client, payload)
+        assert response.status_code == 200, response.text
+
+
+async def test_mailbox_order_success_creates_an_active_subscription_and_order(client, db):
+    payload = factories.mailbox_order_success(price=8.16)
+    await deliver_all(client, [payload])
+    data = payload["data"]
+    sub = await db.fetchrow("select * from subscriptions")
+    assert (
+        sub["subscription_id"],
+        sub["domain"],
+        sub["domain_id"],
+        sub["status"],
+        sub["source"],
+    ) == (data["subscriptionId"], data["domainName"], data["domainId"], "active", "standard")
+    assert (sub["price"], sub["quantity"], sub["provider"]) == (Decimal("8.16"), 3, "GOOGLE")
+    order = await db.fetchrow("select order_id, kind, status from orders")
+    assert tuple(order) == (data["orderId"], "mailbox", "succeeded")
+    domain = await db.fetchrow("select domain, status, subscription_id from order_domains")
+    assert tuple(domain) == (data["domainName"], "succeeded", data["subscriptionId"])
+
+
+async def test_mailbox_order_failed_records_the_reason(client, db):
+    payload = factories.mailbox_order_failed(workspaceType="microsoft")
+    await deliver_all(client, [payload])
+    assert await db.fetchval("select status from orders") == "failed"
+    assert await db.fetchval("select reason from order_domains") == "Domain not verified"
+    assert await db.fetchval("select status from subscriptions") == "failed"
+    assert await db.fetchval("select provider from subscriptions") == "MICROSOFT"
+
+
+async def test_google_mailbox_created_stores_the_app_password_encrypted(client, db):
+    payload = factories.mailbox_created(provider="GOOGLE")
+    await deliver_all(client, [payload])
+    box = await db.fetchrow("select * from mailboxes")
+    details = payload["data"]["mailboxDetails"]
+    assert (box["mailbox_id"], box["email"], box["provider"], box["is_admin"]) == (
+        details["mailboxId"],
+        details["email"],
+        "GOOGLE",
+        True,
+    )
+    assert box["password_encrypted"] is None
+    assert (
+        Fernet(FERNET_KEY).decrypt(box["app_password_encrypted"]).decode() == details["appPassword"]
+    )
+    assert box["subscription_id"] == payload["data"]["subscriptionId"]
+    assert await db.fetchval("select status from subscriptions") == "active"
+
+
+async def test_microsoft_mailbox_created_stores_password_and_final_url(client, db):
+    payload = factories.mailbox_created(provider="MICROSOFT")
+    await deliver_all(client, [payload])
+    box = await db.fetchrow("select * from mailboxes")
+    assert box["final_url"] == "https://example.com/oauth-callback"
+    assert box["app_password_encrypted"] is None
+    assert (
+        Fernet(FERNET_KEY).decrypt(box["password_encrypted"]).decode()
+        == payload["data"]["mailboxDetails"]["password"]
+    )
+
+
+async def test_mailbox_updated_changes_only_the_given_fields(client, db):
+    created = factories.mailbox_created()
+    mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
+    update = factories.mailbox_updated(mailbox_id, {"firstName": "Alice", "userName": "ali"})
+    await deliver_all(client, [created, update])
+    box = await db.fetchrow("select first_name, last_name, user_name from mailboxes")
+    assert tuple(box) == ("Alice", "Doe", "ali")
+
+
+async def test_prewarmup_success_creates_a_subscription_per_domain(client, db):
+    payload = factories.prewarmup_success(domains=3, per_domain=2, provider="MICROSOFT")
+    await deliver_all(client, [payload])
+    rows = await db.fetch(
+        "select s.domain, s.source, s.provider, count(m.id) as n from subscriptions s "
+        "join mailboxes m using (subscription_id) group by 1, 2, 3 order by 1"
+    )
+    expected = sorted(g["domain"] for g in payload["data"]["mailboxDetails"])
+    assert [r["domain"] for r in rows] == expected
+    assert {(r["source"], r["provider"], r["n"]) for r in rows} == {("prewarmed", "MICROSOFT", 2)}
+    assert (
+        await db.fetchval(
+            "select count(*) from mailboxes where password_encrypted is not null and "
+            "app_password_encrypted is not null and authenticator_secret_encrypted is not null"
+        )
+        == 6
+    )
+    assert await db.fetchval("select status from orders") == "succeeded"
+
+
+async def test_prewarmup_partial_failure_is_recorded_per_domain(client, db):
+    order_id = factories.provider_id()
+    success = factories.prewarmup_success(order_id=order_id, domain_names=["a.com"])
+    failed = factories.prewarmup_failed(
+        order_id=order_id, failures={"b.com": "Insufficient wallet balance"}
+    )
+    await deliver_all(client, [success, failed])
+    assert await db.fetchval("select status from orders") == "partially_failed"
+    domains = await db.fetch("select domain, status, reason from order_domains order by domain")
+    assert [tuple(d) for d in domains] == [
+        ("a.com", "succeeded", None),
+        ("b.com", "failed", "Insufficient wallet balance"),
+    ]
+
+
+async def test_prewarmup_failed_for_every_domain_fails_the_order(client, db):
+    failed = factories.prewarmup_failed(
+        order_id="ord_1", failures={"a.com": "Pre-warmed mailboxes not available", "b.com": "x"}
+    )
+    await deliver_all(client, [failed])
+    assert await db.fetchval("select status from orders") == "failed"
+    assert await db.fetchval("select count(*) from subscriptions") == 0
+
+
+# --- arrival order never changes the outcome -------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_update_and_create_combine_in_either_order(client, db, reverse):
+    created = factories.mailbox_created()
+    mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
+    update = factories.mailbox_updated(mailbox_id, {"lastName": "White", "profilePicture": "p.jpg"})
+    await deliver_all(client, [update, created][:: -1 if reverse else 1])
+    box = await db.fetchrow(
+        "select first_name, last_name, profile_picture, subscription_id, app_password_encrypted "
+        "from mailboxes"
+    )
+    assert (box["first_name"], box["last_name"], box["profile_picture"]) == (
+        "John",
+        "White",
+        "p.jpg",
+    )
+    assert box["subscription_id"] == created["data"]["subscriptionId"]
+    assert box["app_password_encrypted"] is not None
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_competing_updates_settle_the_same_way_in_either_order(client, db, reverse):
+    created = factories.mailbox_created()
+    mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
+    one = factories.mailbox_updated(mailbox_id, {"firstName": "One"})
+    two = factories.mailbox_updated(mailbox_id, {"firstName": "Two"})
+    winner = max([one, two], key=lambda p: p["eventId"])["data"]["updatedFields"]["firstName"]
+    await deliver_all(client, [created, one, two] if not reverse else [two, one, created])
+    assert await db.fetchval("select first_name from mailboxes") == winner
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_created_and_order_success_combine_in_either_order(client, db, reverse):
+    success = factories.mailbox_order_success(quantity=2)
+    data = success["data"]
+    created = [
+        factories.mailbox_created(
+            subscriptionId=data["subscriptionId"],
+            orderId=data["orderId"],
+            domain=data["domainName"],
+            price=99,
+        )
+        for _ in range(2)
+    ]
+    await deliver_all(client, [success, *created] if not reverse else [*created, success])
+    assert await db.fetchval("select count(*) from mailboxes") == 2
+    sub = await db.fetchrow("select domain_id, price, quantity, status from subscriptions")
+    assert tuple(sub) == (data["domainId"], Decimal("11"), 2, "active")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_one_domain_reported_both_ways_succeeds_and_keeps_the_failure(client, db, reverse):
+    order_id = factories.provider_id()
+    success = factories.prewarmup_success(order_id=order_id, domain_names=["a.com", "b.com"])
+    failed = factories.prewarmup_failed(order_id=order_id, failures={"a.com": "Pool empty"})
+    await deliver_all(client, [success, failed] if not reverse else [failed, success])
+    assert await db.fetchval("select status from orders") == "succeeded"
+    rows = await db.fetch("select domain, status, reason from order_domains order by domain")
+    assert [tuple(r) for r in rows] == [
+        ("a.com", "succeeded", "Pool empty"),
+        ("b.com", "succeeded", None),
+    ]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_standard_order_failure_then_success_is_a_success(client, db, reverse):
+    success = factories.mailbox_order_success()
+    failed = factories.mailbox_order_failed(
+        orderId=success["data"]["orderId"],
+        subscriptionId=success["data"]["subscriptionId"],
+        domain=success["data"]["domainName"],
+    )
+    await deliver_all(client, [success, failed] if not reverse else [failed, success])
+    assert await db.fetchval("select status from orders") == "succeeded"
+    assert await db.fetchval("select status from subscriptions") == "active"
+
+
+# --- exactly once under concurrency ---------------------------------------------------
+
+
+async def test_32_concurrent_identical_deliveries_apply_once(client, db):
+    payload = factories.prewarmup_success(domains=2, per_domain=3)
+    responses = await asyncio.gather(*(deliver(client, payload) for _ in range(32)))
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert statuses == ["duplicate"] * 31 + ["processed"]
+    assert await db.fetchval("select count(*) from events") == 1
+    assert await db.fetchval("select deliveries from events") == 32
+    assert await db.fetchval("select count(*) from mailboxes") == 6
+
+
+async def test_concurrent_deliveries_for_one_order_combine(client, db):
+    order_id = factories.provider_id()
+    payloads = [
+        factories.prewarmup_success(order_id=order_id, domain_names=[f"d{i}.com"]) for i in range(8)
+    ]
+    payloads.append(factories.prewarmup_failed(order_id=order_id, failures={"x.com": "Pool"}))
+    responses = await asyncio.gather(*(deliver(client, p) for p in payloads))
+    assert {r.status_code for r in responses} == {200}
+    assert await db.fetchval("select status from orders") == "partially_failed"
+    assert await db.fetchval("select count(*) from order_domains") == 9
+
+
+# --- size and secrecy -------------------------------------------------------------------
+
+
+async def test_a_600_mailbox_prewarmup_order_is_stored_in_one_delivery(client, db):
+    payload = factories.prewarmup_success(domains=60, per_domain=10)
+    started = time.perf_counter()
+    response = await deliver(client, payload)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert await db.fetchval("select count(*) from mailboxes") == 600
+    assert await db.fetchval("select count(*) from subscriptions") == 60
+    assert await db.fetchval("select count(*) from order_domains where status='succeeded'") == 60
+    print(f"\n600-mailbox prewarmup delivery: {elapsed * 1000:.0f} ms end to end")
+
+
+async def test_secrets_are_ciphertext_at_rest_and_redacted_in_the_copy(client, db):
+    payload = factories.prewarmup_success(domains=1, per_domain=1)
+    box = payload["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"][0]
+    secrets = [box["password"], box["appPassword"], box["authenticatorSecret"]]
+    response = await deliver(client, payload)
+    assert response.status_code == 200
+    row = await db.fetchrow("select * from mailboxes")
+    event = await db.fetchrow("select payload::text as payload, body_encrypted from events")
+    raw_everything = repr(dict(row)) + repr(dict(event))
+    for secret in secrets:
+        assert secret not in raw_everything
+    fernet = Fernet(FERNET_KEY)
+    assert [
+        fernet.decrypt(row[c]).decode()
+        for c in ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
+    ] == secrets
+    assert fernet.decrypt(event["body_encrypted"]).decode().count("canary-") == 3
+    assert event["payload"].count('"[REDACTED]"') == 3

@@ -1,0 +1,213 @@
+"""Every row of CONTRACT section 3's status table, through the real app and database."""
+
+import logging
+import time
+
+import orjson
+import pytest
+
+from app import signing
+from tests import factories
+from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, app_client, deliver, make_settings
+
+
+async def test_new_event_is_processed_and_committed(client, db):
+    payload = factories.mailbox_created()
+    response = await deliver(client, payload)
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "processed",
+        "eventId": payload["eventId"],
+        "event": "mailbox.created",
+    }
+    row = await db.fetchrow("select status, deliveries, signature, signature_form from events")
+    assert dict(row) == {
+        "status": "processed",
+        "deliveries": 1,
+        "signature": "valid",
+        "signature_form": "timestamp.body:hex",
+    }
+
+
+async def test_identical_replay_is_a_duplicate_with_no_effect(client, db):
+    payload = factories.mailbox_created()
+    await deliver(client, payload)
+    updated_before = await db.fetchval("select updated_at from mailboxes")
+    # Same content, different key order and spacing: canonical JSON makes it the same event.
+    reordered = orjson.dumps(dict(reversed(list(payload.items()))), option=orjson.OPT_INDENT_2)
+    response = await deliver(client, reordered)
+    assert response.json()["status"] == "duplicate"
+    assert await db.fetchval("select deliveries from events") == 2
+    assert await db.fetchval("select count(*) from events") == 1
+    assert await db.fetchval("select updated_at from mailboxes") == updated_before
+
+
+async def test_unhandled_event_type_is_stored_as_ignored(client, db):
+    payload = factories.envelope("domain.order.success", {"domainName": "a.com", "userId": "u1"})
+    response = await deliver(client, payload)
+    assert response.status_code == 200
+    assert response.json()["status"] == "ignored"
+    assert await db.fetchval("select status from events") == "ignored"
+    assert await db.fetchval("select count(*) from subscriptions") == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"eventId": "x", "data": {}}', "'event'"),
+        (b'{"event": "mailbox.created", "eventId": 7, "data": {}}', "'eventId'"),
+        (b'{"event": "", "eventId": "x"}', "'event'"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b'{"event": "a.b", "eventId": "x", "data": {"n": "\\u0000"}}', "NUL"),
+    ],
+)
+async def test_malformed_body_is_400_invalid_json(client, db, body, fragment):
+    response = await deliver(client, body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_json"
+    assert fragment in response.json()["message"]
+    assert await db.fetchval("select count(*) from events") == 0
+    assert await db.fetchval("select reason from rejected_deliveries") == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("token", "signing_key", "headers"),
+    [
+        (None, SIGNING_KEY, None),
+        ("wrong-token", SIGNING_KEY, None),
+        (WEBHOOK_TOKEN, None, None),
+        (WEBHOOK_TOKEN, "another-key", None),
+        (WEBHOOK_TOKEN, SIGNING_KEY, {"cmr-x-timestamp": str(int(time.time()) - 3600)}),
+    ],
+    ids=["no-token", "wrong-token", "unsigned", "wrong-key", "stale-timestamp"],
+)
+async def test_failed_authentication_is_401_and_stores_nothing(
+    client, db, token, signing_key, headers
+):
+    response = await deliver(
+        client, factories.mailbox_created(), token=token, signing_key=signing_key, headers=headers
+    )
+    assert response.status_code == 401
+    assert response.json() == {"error": "unauthorized"}
+    assert await db.fetchval("select count(*) from events") == 0
+    assert await db.fetchval("select count(*) from rejected_deliveries") == 0
+
+
+async def test_token_may_come_in_a_header(client):
+    payload = orjson.dumps(factories.mailbox_created())
+    headers = signing.sign(SIGNING_KEY, payload) | {"x-webhook-token": WEBHOOK_TOKEN}
+    response = await client.post("/webhooks/cmr", content=payload, headers=headers)
+    assert response.status_code == 200
+
+
+async def test_body_over_the_limit_is_413(client, db, settings):
+    big = orjson.dumps(factories.envelope("domain.x", {"pad": "x" * settings.max_body_bytes}))
+    response = await deliver(client, big)
+    assert response.status_code == 413
+    assert response.json() == {"error": "payload_too_large"}
+    assert await db.fetchval("select count(*) from rejected_deliveries") == 0
+
+
+async def test_schema_violation_is_422_kept_encrypted_and_not_echoed(client, db):
+    secret = factories.canary("pw")
+    payload = factories.mailbox_created(
+        provider="MICROSOFT",
+        workspaceType="YAHOO",
+        price="lots",
+        details={"password": secret, "creationTime": "yesterday"},
+    )
+    response = await deliver(client, payload)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "invalid_payload"
+    assert {tuple(d["loc"]) for d in body["detail"]} == {
+        ("data", "workspaceType"),
+        ("data", "price"),
+        ("data", "mailboxDetails", "creationTime"),
+    }
+    assert all(set(d) == {"loc", "msg", "type"} for d in body["detail"])
+    for sent in ("YAHOO", "lots", "yesterday", secret):
+        assert sent not in response.text
+    row = await db.fetchrow(
+        "select reason, event, event_id, body_encrypted from rejected_deliveries"
+    )
+    assert (row["reason"], row["event"], row["event_id"]) == (
+        "invalid_payload",
+        "mailbox.created",
+        payload["eventId"],
+    )
+    assert secret.encode() not in row["body_encrypted"]
+    assert await db.fetchval("select count(*) from events") == 0
+
+
+async def test_database_outage_is_503_with_retry_after():
+    dead = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
+    async with app_client(make_settings(dead)) as client:
+        response = await deliver(client, factories.mailbox_created())
+        ready = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"error": "unavailable"}
+    assert response.headers["retry-after"].isdigit()
+    assert ready.status_code == 503
+
+
+async def test_same_event_id_with_other_content_is_applied_and_flagged(client, db):
+    first = factories.mailbox_created()
+    second = factories.mailbox_created()
+    second["eventId"] = first["eventId"]
+    assert (await deliver(client, first)).json()["status"] == "processed"
+    response = await deliver(client, second)
+    assert response.json() == {
+        "status": "processed",
+        "eventId": first["eventId"],
+        "event": "mailbox.created",
+        "conflict": True,
+    }
+    assert await db.fetchval("select count(*) from mailboxes") == 2
+    assert await db.fetch("select conflict from events") == [(True,), (True,)]
+    metrics = (await client.get("/metrics")).text
+    assert "cmr_webhook_conflicts_total" in metrics
+
+
+async def test_report_mode_records_a_bad_signature_instead_of_refusing(database_url, db):
+    async with app_client(make_settings(database_url, cmr_signature_mode="report")) as client:
+        unsigned = await deliver(client, factories.mailbox_created(), signing_key=None)
+        forged = await deliver(client, factories.mailbox_created(), signing_key="forged")
+    assert unsigned.status_code == forged.status_code == 200
+    assert sorted(r["signature"] for r in await db.fetch("select signature from events")) == [
+        "absent",
+        "invalid",
+    ]
+
+
+@pytest.mark.parametrize("form", [name for name, _, _ in signing.FORMS])
+async def test_every_candidate_signature_form_is_accepted_and_recorded(client, db, form):
+    body = orjson.dumps(factories.mailbox_created())
+    ts = str(int(time.time()))
+    _, with_ts, encoding = next(f for f in signing.FORMS if f[0] == form)
+    message = f"{ts}.".encode() + body if with_ts else body
+    headers = {
+        "cmr-x-signature": signing._digest(SIGNING_KEY, message, encoding),
+        "cmr-x-timestamp": ts,
+    }
+    response = await client.post(
+        "/webhooks/cmr", content=body, params={"token": WEBHOOK_TOKEN}, headers=headers
+    )
+    assert response.status_code == 200
+    assert await db.fetchval("select signature_form from events") == form
+
+
+async def test_logs_hold_no_secret_token_or_body(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    payload = factories.mailbox_created(provider="MICROSOFT")
+    secret = payload["data"]["mailboxDetails"]["password"]
+    await deliver(client, payload)
+    await deliver(client, factories.mailbox_created(price="bad"))
+    await deliver(client, b"{broken", token="guess")
+    server_records = [r for r in caplog.records if not r.name.startswith("httpx")]
+    text = "\n".join(r.getMessage() + repr(r.__dict__) for r in server_records)
+    assert payload["eventId"] in text  # the delivery was logged
+    for leak in (secret, WEBHOOK_TOKEN, SIGNING_KEY, "guess", "oauth-callback"):
+        assert leak not in text
