@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from app import ops, webhooks
+from app import api, ops, webhooks
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.vault = Vault(settings.fernet_key_list)
     app.include_router(webhooks.router)
     app.include_router(ops.router)
+    app.include_router(api.router)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     for error in DATABASE_ERRORS:

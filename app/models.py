@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -33,6 +34,11 @@ NAMING_CONVENTION = {
 
 Money = Numeric(14, 4)
 Timestamp = DateTime(timezone=True)
+
+
+def keyset_indexes(table: str, *columns: str) -> tuple[Index, ...]:
+    """(filter column, id) indexes: a filtered page ordered by id is one index range scan."""
+    return tuple(Index(f"ix_{table}_{column}_id", column, "id") for column in columns)
 
 
 class Base(DeclarativeBase):
@@ -52,7 +58,9 @@ class Event(Base):
     __tablename__ = "events"
     __table_args__ = (
         UniqueConstraint("event_id", "content_hash", name="uq_events_event_id_content_hash"),
-        Index("ix_events_event_status", "event", "status"),
+        Index("ix_events_event_type_id", "event", "id"),
+        Index("ix_events_status_id", "status", "id"),
+        Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -74,11 +82,12 @@ class RejectedDelivery(Base):
     """A delivery we refused as malformed; kept encrypted so it can be replayed after a fix."""
 
     __tablename__ = "rejected_deliveries"
+    __table_args__ = keyset_indexes("rejected_deliveries", "event_id")
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     reason: Mapped[str] = mapped_column(String(32))
     event: Mapped[str | None] = mapped_column(Text)
-    event_id: Mapped[str | None] = mapped_column(Text, index=True)
+    event_id: Mapped[str | None] = mapped_column(Text)
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
     signature: Mapped[str] = mapped_column(String(16))
     body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
@@ -89,18 +98,21 @@ class RejectedDelivery(Base):
 
 class Subscription(TimestampMixin, Base):
     __tablename__ = "subscriptions"
+    __table_args__ = keyset_indexes(
+        "subscriptions", "domain", "user_id", "user_email", "provider", "source", "status"
+    ) + (Index("ix_subscriptions_expiry_date", "expiry_date"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     subscription_id: Mapped[str] = mapped_column(Text, unique=True)
-    domain: Mapped[str | None] = mapped_column(Text, index=True)
+    domain: Mapped[str | None] = mapped_column(Text)
     domain_id: Mapped[str | None] = mapped_column(Text)
-    user_id: Mapped[str | None] = mapped_column(Text, index=True)
-    user_email: Mapped[str | None] = mapped_column(Text, index=True)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    user_email: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
-    order_id: Mapped[str | None] = mapped_column(Text, index=True)
-    expiry_date: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    order_id: Mapped[str | None] = mapped_column(Text)
+    expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
     price: Mapped[Decimal | None] = mapped_column(Money)
     quantity: Mapped[int | None] = mapped_column(Integer)
 
@@ -114,22 +126,25 @@ class Mailbox(TimestampMixin, Base):
     """
 
     __tablename__ = "mailboxes"
+    __table_args__ = keyset_indexes(
+        "mailboxes", "subscription_id", "domain", "email", "user_id", "provider", "source"
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     mailbox_id: Mapped[str] = mapped_column(Text, unique=True)
     subscription_id: Mapped[str | None] = mapped_column(
-        Text, ForeignKey("subscriptions.subscription_id"), index=True
+        Text, ForeignKey("subscriptions.subscription_id")
     )
-    domain: Mapped[str | None] = mapped_column(Text, index=True)
-    email: Mapped[str | None] = mapped_column(Text, index=True)
+    domain: Mapped[str | None] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(Text)
     first_name: Mapped[str | None] = mapped_column(Text)
     last_name: Mapped[str | None] = mapped_column(Text)
     user_name: Mapped[str | None] = mapped_column(Text)
     profile_picture: Mapped[str | None] = mapped_column(Text)
     is_admin: Mapped[bool | None] = mapped_column(Boolean)
-    provider: Mapped[str | None] = mapped_column(String(16), index=True)
-    source: Mapped[str | None] = mapped_column(String(16), index=True)
-    user_id: Mapped[str | None] = mapped_column(Text, index=True)
+    provider: Mapped[str | None] = mapped_column(String(16))
+    source: Mapped[str | None] = mapped_column(String(16))
+    user_id: Mapped[str | None] = mapped_column(Text)
     user_email: Mapped[str | None] = mapped_column(Text)
     order_id: Mapped[str | None] = mapped_column(Text)
     creation_time: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -145,14 +160,15 @@ class Mailbox(TimestampMixin, Base):
 
 class Order(TimestampMixin, Base):
     __tablename__ = "orders"
+    __table_args__ = keyset_indexes("orders", "status", "kind", "user_id")
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     order_id: Mapped[str] = mapped_column(Text, unique=True)
     kind: Mapped[str] = mapped_column(String(16))
-    user_id: Mapped[str | None] = mapped_column(Text, index=True)
+    user_id: Mapped[str | None] = mapped_column(Text)
     user_email: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    status: Mapped[str] = mapped_column(String(20))
 
 
 class OrderDomain(TimestampMixin, Base):
@@ -174,9 +190,10 @@ class CredentialRead(Base):
     """Audit trail of every decrypted-credential read: who (token fingerprint), what, when."""
 
     __tablename__ = "credential_reads"
+    __table_args__ = keyset_indexes("credential_reads", "mailbox_id")
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    mailbox_id: Mapped[str] = mapped_column(Text, index=True)
+    mailbox_id: Mapped[str] = mapped_column(Text)
     token_fingerprint: Mapped[str] = mapped_column(String(32))
     client_address: Mapped[str | None] = mapped_column(Text)
     read_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

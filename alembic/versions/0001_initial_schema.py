@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 16:14:06.662295
+Create Date: 2026-11-23 16:17:44.844613
 """
 
 from collections.abc import Sequence
@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_credential_reads")),
     )
     op.create_index(
-        op.f("ix_credential_reads_mailbox_id"), "credential_reads", ["mailbox_id"], unique=False
+        "ix_credential_reads_mailbox_id_id", "credential_reads", ["mailbox_id", "id"], unique=False
     )
     op.create_table(
         "events",
@@ -62,7 +62,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
         sa.UniqueConstraint("event_id", "content_hash", name="uq_events_event_id_content_hash"),
     )
-    op.create_index("ix_events_event_status", "events", ["event", "status"], unique=False)
+    op.create_index(
+        "ix_events_conflict_id",
+        "events",
+        ["id"],
+        unique=False,
+        postgresql_where=sa.text("conflict"),
+    )
+    op.create_index("ix_events_event_type_id", "events", ["event", "id"], unique=False)
+    op.create_index("ix_events_status_id", "events", ["status", "id"], unique=False)
     op.create_table(
         "orders",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -87,8 +95,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_orders")),
         sa.UniqueConstraint("order_id", name=op.f("uq_orders_order_id")),
     )
-    op.create_index(op.f("ix_orders_status"), "orders", ["status"], unique=False)
-    op.create_index(op.f("ix_orders_user_id"), "orders", ["user_id"], unique=False)
+    op.create_index("ix_orders_kind_id", "orders", ["kind", "id"], unique=False)
+    op.create_index("ix_orders_status_id", "orders", ["status", "id"], unique=False)
+    op.create_index("ix_orders_user_id_id", "orders", ["user_id", "id"], unique=False)
     op.create_table(
         "rejected_deliveries",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -109,7 +118,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rejected_deliveries")),
     )
     op.create_index(
-        op.f("ix_rejected_deliveries_event_id"), "rejected_deliveries", ["event_id"], unique=False
+        "ix_rejected_deliveries_event_id_id",
+        "rejected_deliveries",
+        ["event_id", "id"],
+        unique=False,
     )
     op.create_table(
         "subscriptions",
@@ -141,15 +153,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_subscriptions")),
         sa.UniqueConstraint("subscription_id", name=op.f("uq_subscriptions_subscription_id")),
     )
-    op.create_index(op.f("ix_subscriptions_domain"), "subscriptions", ["domain"], unique=False)
+    op.create_index("ix_subscriptions_domain_id", "subscriptions", ["domain", "id"], unique=False)
+    op.create_index("ix_subscriptions_expiry_date", "subscriptions", ["expiry_date"], unique=False)
     op.create_index(
-        op.f("ix_subscriptions_expiry_date"), "subscriptions", ["expiry_date"], unique=False
+        "ix_subscriptions_provider_id", "subscriptions", ["provider", "id"], unique=False
     )
-    op.create_index(op.f("ix_subscriptions_order_id"), "subscriptions", ["order_id"], unique=False)
+    op.create_index("ix_subscriptions_source_id", "subscriptions", ["source", "id"], unique=False)
+    op.create_index("ix_subscriptions_status_id", "subscriptions", ["status", "id"], unique=False)
     op.create_index(
-        op.f("ix_subscriptions_user_email"), "subscriptions", ["user_email"], unique=False
+        "ix_subscriptions_user_email_id", "subscriptions", ["user_email", "id"], unique=False
     )
-    op.create_index(op.f("ix_subscriptions_user_id"), "subscriptions", ["user_id"], unique=False)
+    op.create_index("ix_subscriptions_user_id_id", "subscriptions", ["user_id", "id"], unique=False)
     op.create_table(
         "mailboxes",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -201,14 +215,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_mailboxes")),
         sa.UniqueConstraint("mailbox_id", name=op.f("uq_mailboxes_mailbox_id")),
     )
-    op.create_index(op.f("ix_mailboxes_domain"), "mailboxes", ["domain"], unique=False)
-    op.create_index(op.f("ix_mailboxes_email"), "mailboxes", ["email"], unique=False)
-    op.create_index(op.f("ix_mailboxes_provider"), "mailboxes", ["provider"], unique=False)
-    op.create_index(op.f("ix_mailboxes_source"), "mailboxes", ["source"], unique=False)
+    op.create_index("ix_mailboxes_domain_id", "mailboxes", ["domain", "id"], unique=False)
+    op.create_index("ix_mailboxes_email_id", "mailboxes", ["email", "id"], unique=False)
+    op.create_index("ix_mailboxes_provider_id", "mailboxes", ["provider", "id"], unique=False)
+    op.create_index("ix_mailboxes_source_id", "mailboxes", ["source", "id"], unique=False)
     op.create_index(
-        op.f("ix_mailboxes_subscription_id"), "mailboxes", ["subscription_id"], unique=False
+        "ix_mailboxes_subscription_id_id", "mailboxes", ["subscription_id", "id"], unique=False
     )
-    op.create_index(op.f("ix_mailboxes_user_id"), "mailboxes", ["user_id"], unique=False)
+    op.create_index("ix_mailboxes_user_id_id", "mailboxes", ["user_id", "id"], unique=False)
     op.create_table(
         "order_domains",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -241,26 +255,33 @@ def upgrade() -> None:
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
     op.drop_table("order_domains")
-    op.drop_index(op.f("ix_mailboxes_user_id"), table_name="mailboxes")
-    op.drop_index(op.f("ix_mailboxes_subscription_id"), table_name="mailboxes")
-    op.drop_index(op.f("ix_mailboxes_source"), table_name="mailboxes")
-    op.drop_index(op.f("ix_mailboxes_provider"), table_name="mailboxes")
-    op.drop_index(op.f("ix_mailboxes_email"), table_name="mailboxes")
-    op.drop_index(op.f("ix_mailboxes_domain"), table_name="mailboxes")
+    op.drop_index("ix_mailboxes_user_id_id", table_name="mailboxes")
+    op.drop_index("ix_mailboxes_subscription_id_id", table_name="mailboxes")
+    op.drop_index("ix_mailboxes_source_id", table_name="mailboxes")
+    op.drop_index("ix_mailboxes_provider_id", table_name="mailboxes")
+    op.drop_index("ix_mailboxes_email_id", table_name="mailboxes")
+    op.drop_index("ix_mailboxes_domain_id", table_name="mailboxes")
     op.drop_table("mailboxes")
-    op.drop_index(op.f("ix_subscriptions_user_id"), table_name="subscriptions")
-    op.drop_index(op.f("ix_subscriptions_user_email"), table_name="subscriptions")
-    op.drop_index(op.f("ix_subscriptions_order_id"), table_name="subscriptions")
-    op.drop_index(op.f("ix_subscriptions_expiry_date"), table_name="subscriptions")
-    op.drop_index(op.f("ix_subscriptions_domain"), table_name="subscriptions")
+    op.drop_index("ix_subscriptions_user_id_id", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_user_email_id", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_status_id", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_source_id", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_provider_id", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_expiry_date", table_name="subscriptions")
+    op.drop_index("ix_subscriptions_domain_id", table_name="subscriptions")
     op.drop_table("subscriptions")
-    op.drop_index(op.f("ix_rejected_deliveries_event_id"), table_name="rejected_deliveries")
+    op.drop_index("ix_rejected_deliveries_event_id_id", table_name="rejected_deliveries")
     op.drop_table("rejected_deliveries")
-    op.drop_index(op.f("ix_orders_user_id"), table_name="orders")
-    op.drop_index(op.f("ix_orders_status"), table_name="orders")
+    op.drop_index("ix_orders_user_id_id", table_name="orders")
+    op.drop_index("ix_orders_status_id", table_name="orders")
+    op.drop_index("ix_orders_kind_id", table_name="orders")
     op.drop_table("orders")
-    op.drop_index("ix_events_event_status", table_name="events")
+    op.drop_index("ix_events_status_id", table_name="events")
+    op.drop_index("ix_events_event_type_id", table_name="events")
+    op.drop_index(
+        "ix_events_conflict_id", table_name="events", postgresql_where=sa.text("conflict")
+    )
     op.drop_table("events")
-    op.drop_index(op.f("ix_credential_reads_mailbox_id"), table_name="credential_reads")
+    op.drop_index("ix_credential_reads_mailbox_id_id", table_name="credential_reads")
     op.drop_table("credential_reads")
     # ### end Alembic commands ###

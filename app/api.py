@@ -1,0 +1,397 @@
+"""The read-only ops API under /api/v1: bearer tokens, keyset pages, camelCase JSON."""
+
+import base64
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from sqlalchemy import Select, Table, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from app import resources
+from app.crypto import Vault, fingerprint, token_matches
+from app.errors import ApiError, NotFound
+from app.models import CredentialRead, Event, Mailbox, Order, OrderDomain, RejectedDelivery
+from app.models import Subscription as SubscriptionRow
+
+bearer = HTTPBearer(
+    auto_error=False, description="A token from OPS_API_TOKENS or CREDENTIALS_API_TOKENS"
+)
+subscriptions: Table = SubscriptionRow.__table__  # type: ignore[assignment]
+mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
+orders: Table = Order.__table__  # type: ignore[assignment]
+order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
+events: Table = Event.__table__  # type: ignore[assignment]
+rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
+credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
+
+UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
+
+
+def ops_token(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    settings = request.app.state.settings
+    token = credentials.credentials if credentials else None
+    allowed = settings.ops_token_list + settings.credentials_token_list
+    if not token_matches(token, allowed):
+        raise UNAUTHORIZED
+    assert token is not None
+    return token
+
+
+def credentials_token(request: Request, token: Annotated[str, Depends(ops_token)]) -> str:
+    if not token_matches(token, request.app.state.settings.credentials_token_list):
+        raise ApiError(403, {"error": "forbidden"})
+    return token
+
+
+async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """One transaction per request, committed when the handler returns."""
+    async with request.app.state.engine.begin() as conn:
+        yield conn
+
+
+Conn = Annotated[AsyncConnection, Depends(connection)]
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(ops_token)], tags=["read API"])
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
+    cursor: str | None = Field(None, max_length=64, description="`nextCursor` of the last page")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        value = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
+    except ValueError:
+        value = -1
+    if value < 0:
+        detail = [{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}]
+        raise ApiError(422, {"error": "invalid_request", "detail": detail})
+    return value
+
+
+def encode_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(str(row_id).encode()).decode().rstrip("=")
+
+
+async def fetch_page(
+    conn: AsyncConnection, stmt: Select[Any], table: Table, query: ListQuery
+) -> tuple[Sequence[Any], str | None]:
+    """Keyset pagination on the table's id: stable while rows are added, each row once."""
+    stmt = stmt.where(table.c.id > decode_cursor(query.cursor)).order_by(table.c.id)
+    rows = (await conn.execute(stmt.limit(query.limit + 1))).all()
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    return rows, encode_cursor(rows[-1].id) if more else None
+
+
+def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> Select[Any]:
+    for column, value in filters.items():
+        if value is not None:
+            stmt = stmt.where(table.c[column] == value)
+    return stmt
+
+
+def filter_values(query: ListQuery) -> dict[str, Any]:
+    return query.model_dump(exclude={"limit", "cursor"}, by_alias=False)
+
+
+# --- subscriptions -------------------------------------------------------------------
+
+
+def mailbox_count(subscription_id: ColumnElement[Any]) -> Any:
+    return (
+        select(func.count())
+        .where(mailboxes.c.subscription_id == subscription_id)
+        .scalar_subquery()
+        .label("mailbox_count")
+    )
+
+
+class SubscriptionQuery(ListQuery):
+    domain: str | None = None
+    user_id: str | None = None
+    user_email: str | None = None
+    provider: resources.Provider | None = None
+    source: Literal["standard", "prewarmed"] | None = None
+    status: Literal["active", "failed"] | None = None
+    expires_before: datetime | None = Field(None, description="ISO 8601 date or time")
+
+
+def subscription_select() -> Select[Any]:
+    return select(subscriptions, mailbox_count(subscriptions.c.subscription_id))
+
+
+@router.get("/subscriptions", summary="List subscriptions (one per domain)")
+async def list_subscriptions(
+    conn: Conn, query: Annotated[SubscriptionQuery, Query()]
+) -> resources.Page[resources.Subscription]:
+    filters = filter_values(query)
+    expires_before = filters.pop("expires_before")
+    stmt = apply_filters(subscription_select(), subscriptions, filters)
+    if expires_before is not None:
+        stmt = stmt.where(subscriptions.c.expiry_date < expires_before)
+    rows, cursor = await fetch_page(conn, stmt, subscriptions, query)
+    return resources.Page(
+        items=[resources.Subscription.model_validate(r) for r in rows], next_cursor=cursor
+    )
+
+
+@router.get("/subscriptions/{subscription_id}", summary="One subscription with its mailboxes")
+async def get_subscription(conn: Conn, subscription_id: str) -> resources.SubscriptionWithMailboxes:
+    stmt = subscription_select().where(subscriptions.c.subscription_id == subscription_id)
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        raise NotFound()
+    boxes = await conn.execute(
+        mailbox_select()
+        .where(mailboxes.c.subscription_id == subscription_id)
+        .order_by(mailboxes.c.id)
+    )
+    return resources.SubscriptionWithMailboxes.model_validate(
+        {**row._mapping, "mailboxes": [resources.Mailbox.model_validate(b) for b in boxes]}
+    )
+
+
+# --- mailboxes -----------------------------------------------------------------------
+
+
+class MailboxQuery(ListQuery):
+    subscription_id: str | None = None
+    domain: str | None = None
+    email: str | None = None
+    user_id: str | None = None
+    provider: resources.Provider | None = None
+    source: Literal["standard", "prewarmed"] | None = None
+
+
+def mailbox_select() -> Select[Any]:
+    """Every column but the ciphertext; only whether each credential exists."""
+    visible = [c for c in mailboxes.c if not c.name.endswith("_encrypted")]
+    return select(
+        *visible,
+        mailboxes.c.password_encrypted.is_not(None).label("has_password"),
+        mailboxes.c.app_password_encrypted.is_not(None).label("has_app_password"),
+        mailboxes.c.authenticator_secret_encrypted.is_not(None).label("has_authenticator_secret"),
+    )
+
+
+@router.get("/mailboxes", summary="List mailboxes")
+async def list_mailboxes(
+    conn: Conn, query: Annotated[MailboxQuery, Query()]
+) -> resources.Page[resources.Mailbox]:
+    stmt = apply_filters(mailbox_select(), mailboxes, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, mailboxes, query)
+    return resources.Page(
+        items=[resources.Mailbox.model_validate(r) for r in rows], next_cursor=cursor
+    )
+
+
+@router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)")
+async def get_mailbox(conn: Conn, mailbox_id: str) -> resources.Mailbox:
+    row = (await conn.execute(mailbox_select().where(mailboxes.c.mailbox_id == mailbox_id))).first()
+    if row is None:
+        raise NotFound()
+    return resources.Mailbox.model_validate(row)
+
+
+@router.get(
+    "/mailboxes/{mailbox_id}/credentials",
+    summary="Decrypted credentials (CREDENTIALS_API_TOKENS only; every read is audited)",
+    responses={403: {"description": "The token may not read credentials"}},
+)
+async def get_credentials(
+    request: Request,
+    response: Response,
+    conn: Conn,
+    mailbox_id: str,
+    token: Annotated[str, Depends(credentials_token)],
+) -> resources.Credentials:
+    columns = [
+        mailboxes.c.password_encrypted,
+        mailboxes.c.app_password_encrypted,
+        mailboxes.c.authenticator_secret_encrypted,
+    ]
+    row = (await conn.execute(select(*columns).where(mailboxes.c.mailbox_id == mailbox_id))).first()
+    if row is None:
+        raise NotFound()
+    vault: Vault = request.app.state.vault
+    await conn.execute(
+        insert(credential_reads).values(
+            mailbox_id=mailbox_id,
+            token_fingerprint=fingerprint(token),
+            client_address=request.client.host if request.client else None,
+        )
+    )
+    response.headers["Cache-Control"] = "no-store"
+    password, app_password, secret = (vault.decrypt_text(value) for value in row)
+    return resources.Credentials(
+        mailbox_id=mailbox_id,
+        password=password,
+        app_password=app_password,
+        authenticator_secret=secret,
+    )
+
+
+class AuditQuery(ListQuery):
+    mailbox_id: str | None = None
+
+
+@router.get(
+    "/audit/credential-reads",
+    summary="The credential-read audit trail (CREDENTIALS_API_TOKENS only)",
+    dependencies=[Depends(credentials_token)],
+)
+async def list_credential_reads(
+    conn: Conn, query: Annotated[AuditQuery, Query()]
+) -> resources.Page[resources.CredentialRead]:
+    stmt = apply_filters(select(credential_reads), credential_reads, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, credential_reads, query)
+    return resources.Page(
+        items=[resources.CredentialRead.model_validate(r) for r in rows], next_cursor=cursor
+    )
+
+
+# --- orders --------------------------------------------------------------------------
+
+
+class OrderQuery(ListQuery):
+    status: Literal["succeeded", "failed", "partially_failed"] | None = None
+    kind: Literal["mailbox", "prewarmup"] | None = None
+    user_id: str | None = None
+
+
+async def with_domains(conn: AsyncConnection, rows: Sequence[Any]) -> list[resources.Order]:
+    """Attach each order's domains, fetched for the whole page in one query."""
+    ids = [row.order_id for row in rows]
+    stmt = (
+        select(order_domains, mailbox_count(order_domains.c.subscription_id))
+        .where(order_domains.c.order_id.in_(ids))
+        .order_by(order_domains.c.domain)
+    )
+    domains: dict[str, list[resources.OrderDomain]] = {order_id: [] for order_id in ids}
+    for domain in await conn.execute(stmt):
+        domains[domain.order_id].append(resources.OrderDomain.model_validate(domain))
+    return [
+        resources.Order.model_validate({**row._mapping, "domains": domains[row.order_id]})
+        for row in rows
+    ]
+
+
+@router.get("/orders", summary="List orders with each domain's outcome")
+async def list_orders(
+    conn: Conn, query: Annotated[OrderQuery, Query()]
+) -> resources.Page[resources.Order]:
+    stmt = apply_filters(select(orders), orders, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, orders, query)
+    return resources.Page(items=await with_domains(conn, rows), next_cursor=cursor)
+
+
+@router.get("/orders/{order_id}", summary="One order with each domain's outcome")
+async def get_order(conn: Conn, order_id: str) -> resources.Order:
+    row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+    if row is None:
+        raise NotFound()
+    return (await with_domains(conn, [row]))[0]
+
+
+# --- events and rejected deliveries --------------------------------------------------
+
+
+class EventQuery(ListQuery):
+    event: str | None = Field(None, max_length=256)
+    status: Literal["processed", "ignored"] | None = None
+    event_id: str | None = Field(None, max_length=256)
+    conflict: bool | None = None
+
+
+def event_select() -> Select[Any]:
+    return select(*[c for c in events.c if c.name not in ("body_encrypted", "content_hash")])
+
+
+@router.get("/events", summary="List stored events (payloads redacted)")
+async def list_events(
+    conn: Conn, query: Annotated[EventQuery, Query()]
+) -> resources.Page[resources.Event]:
+    stmt = apply_filters(event_select(), events, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, events, query)
+    return resources.Page(
+        items=[resources.Event.model_validate(r) for r in rows], next_cursor=cursor
+    )
+
+
+@router.get("/events/{id}", summary="One stored event: redacted payload, deliveries, signature")
+async def get_event(conn: Conn, id: int) -> resources.Event:
+    row = (await conn.execute(event_select().where(events.c.id == id))).first()
+    if row is None:
+        raise NotFound()
+    return resources.Event.model_validate(row)
+
+
+class RejectedQuery(ListQuery):
+    event_id: str | None = Field(None, max_length=256)
+
+
+def rejected_select() -> Select[Any]:
+    return select(*[c for c in rejected.c if c.name != "body_encrypted"])
+
+
+@router.get("/rejected", summary="List rejected deliveries with their errors (no body)")
+async def list_rejected(
+    conn: Conn, query: Annotated[RejectedQuery, Query()]
+) -> resources.Page[resources.Rejected]:
+    stmt = apply_filters(rejected_select(), rejected, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, rejected, query)
+    return resources.Page(
+        items=[resources.Rejected.model_validate(r) for r in rows], next_cursor=cursor
+    )
+
+
+@router.get("/rejected/{id}", summary="One rejected delivery with its errors (no body)")
+async def get_rejected(conn: Conn, id: int) -> resources.Rejected:
+    row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
+    if row is None:
+        raise NotFound()
+    return resources.Rejected.model_validate(row)
+
+
+# --- stats ---------------------------------------------------------------------------
+
+
+async def counts_by(conn: AsyncConnection, table: Table, column: str) -> dict[str, int]:
+    rows = await conn.execute(select(table.c[column], func.count()).group_by(table.c[column]))
+    return {str(key): count for key, count in rows}
+
+
+@router.get("/stats", summary="What ops checks first: counts and the last delivery time")
+async def stats(conn: Conn) -> resources.Stats:
+    by_provider = await counts_by(conn, mailboxes, "provider")
+    scalars = select(
+        select(func.count()).select_from(subscriptions).scalar_subquery(),
+        select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery(),
+        select(func.count()).select_from(rejected).scalar_subquery(),
+        select(func.max(events.c.last_received_at)).scalar_subquery(),
+    )
+    subs, conflicts, rejected_count, last = (await conn.execute(scalars)).one()
+    return resources.Stats(
+        subscriptions=subs,
+        mailboxes=sum(by_provider.values()),
+        mailboxes_by_provider=by_provider,
+        mailboxes_by_source=await counts_by(conn, mailboxes, "source"),
+        orders_by_status=await counts_by(conn, orders, "status"),
+        events_by_status=await counts_by(conn, events, "status"),
+        conflicts=conflicts,
+        rejected_deliveries=rejected_count,
+        last_delivery_at=last,
+    )

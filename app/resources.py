@@ -1,0 +1,146 @@
+"""The read API's wire formats (camelCase), apart from the ORM models: none holds a
+credential except `Credentials`, served only to credentials tokens."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic.alias_generators import to_camel
+
+Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+Provider = Literal["GOOGLE", "MICROSOFT"]
+T = TypeVar("T")
+
+
+class Resource(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+class Subscription(Resource):
+    subscription_id: str
+    domain: str | None
+    domain_id: str | None
+    user_id: str | None
+    user_email: str | None
+    provider: Provider | None
+    source: Literal["standard", "prewarmed"]
+    status: Literal["active", "failed"]
+    order_id: str | None
+    expiry_date: datetime | None
+    price: Money | None
+    quantity: int | None
+    mailbox_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class Mailbox(Resource):
+    mailbox_id: str
+    subscription_id: str | None
+    domain: str | None
+    email: str | None
+    first_name: str | None
+    last_name: str | None
+    user_name: str | None
+    profile_picture: str | None
+    is_admin: bool | None
+    provider: Provider | None
+    source: Literal["standard", "prewarmed"] | None
+    user_id: str | None
+    order_id: str | None
+    creation_time: datetime | None
+    warming_up_from: datetime | None
+    expiry_date: datetime | None
+    price: Money | None
+    final_url: str | None
+    has_password: bool
+    has_app_password: bool
+    has_authenticator_secret: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class SubscriptionWithMailboxes(Subscription):
+    mailboxes: list[Mailbox]
+
+
+class Credentials(Resource):
+    mailbox_id: str
+    password: str | None
+    app_password: str | None
+    authenticator_secret: str | None
+
+
+class OrderDomain(Resource):
+    domain: str
+    status: Literal["succeeded", "failed"]
+    reason: str | None = Field(
+        description="The reported failure reason, kept even if the "
+        "domain also succeeded (success wins)."
+    )
+    subscription_id: str | None
+    mailbox_count: int
+
+
+class Order(Resource):
+    order_id: str
+    kind: Literal["mailbox", "prewarmup"]
+    user_id: str | None
+    user_email: str | None
+    provider: Provider | None
+    status: Literal["succeeded", "failed", "partially_failed"]
+    domains: list[OrderDomain]
+    created_at: datetime
+    updated_at: datetime
+
+
+class Event(Resource):
+    id: int
+    event_id: str
+    event: str
+    status: Literal["processed", "ignored"]
+    conflict: bool
+    deliveries: int
+    first_received_at: datetime
+    last_received_at: datetime
+    signature: str = Field(description="valid, invalid, absent, stale, or unchecked (no key)")
+    signature_form: str | None = Field(description="Which signed form matched, if any")
+    payload: dict[str, Any] = Field(description="The delivery with credentials redacted")
+
+
+class Rejected(Resource):
+    id: int
+    reason: Literal["invalid_json", "invalid_payload"]
+    event: str | None
+    event_id: str | None
+    errors: list[dict[str, Any]]
+    signature: str
+    received_at: datetime
+    replayed_at: datetime | None
+    replayed_event_id: int | None
+
+
+class CredentialRead(Resource):
+    id: int
+    mailbox_id: str
+    token_fingerprint: str
+    client_address: str | None
+    read_at: datetime
+
+
+class Stats(Resource):
+    subscriptions: int
+    mailboxes: int
+    mailboxes_by_provider: dict[str, int]
+    mailboxes_by_source: dict[str, int]
+    orders_by_status: dict[str, int]
+    events_by_status: dict[str, int]
+    conflicts: int
+    rejected_deliveries: int
+    last_delivery_at: AwareDatetime | None
+
+
+class Page(Resource, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")

@@ -1,0 +1,304 @@
+"""The ops read API: auth, every endpoint and filter, paging, errors, audit, no leaks."""
+
+import re
+
+import pytest
+
+from tests import factories
+from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, WEBHOOK_TOKEN, deliver
+
+OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
+CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
+
+
+@pytest.fixture
+async def seeded(client):
+    """A standard order with two mailboxes, a partially failed prewarmup, an ignored event."""
+    success = factories.mailbox_order_success(domainName="standard.com", quantity=2)
+    data = success["data"]
+    created = [
+        factories.mailbox_created(
+            provider=provider,
+            subscriptionId=data["subscriptionId"],
+            orderId=data["orderId"],
+            domain="standard.com",
+            userId=data["userId"],
+        )
+        for provider in ("GOOGLE", "MICROSOFT")
+    ]
+    order_id = factories.provider_id()
+    prewarm = factories.prewarmup_success(order_id=order_id, domain_names=["p1.com", "p2.com"])
+    failed = factories.prewarmup_failed(order_id=order_id, failures={"p3.com": "Pool empty"})
+    ignored = factories.envelope("subscription.renewing", {"subscriptionId": "s"})
+    for payload in [success, *created, prewarm, failed, ignored]:
+        assert (await deliver(client, payload)).status_code == 200
+    await deliver(client, factories.mailbox_created(price="free"))  # one rejected
+    return {"standard": success, "created": created, "prewarm": prewarm, "failed": failed}
+
+
+def secrets_of(seeded) -> list[str]:
+    values = [
+        c["data"]["mailboxDetails"].get(k)
+        for c in seeded["created"]
+        for k in ("password", "appPassword")
+    ]
+    for group in seeded["prewarm"]["data"]["mailboxDetails"]:
+        for box in group["preWarmedUpMailboxes"]:
+            values += [box["password"], box["appPassword"], box["authenticatorSecret"]]
+    return [v for v in values if v]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/mailboxes", "/api/v1/stats", "/api/v1/events/1"])
+async def test_no_or_wrong_token_is_401(client, path):
+    assert (await client.get(path)).status_code == 401
+    wrong = await client.get(path, headers={"Authorization": f"Bearer {WEBHOOK_TOKEN}"})
+    assert wrong.status_code == 401
+    assert wrong.json() == {"error": "unauthorized"}
+
+
+async def test_subscriptions_list_filter_and_detail(client, seeded):
+    data = seeded["standard"]["data"]
+    page = (await client.get("/api/v1/subscriptions", headers=OPS)).json()
+    assert len(page["items"]) == 3 and page["nextCursor"] is None
+    standard = (
+        await client.get("/api/v1/subscriptions", headers=OPS, params={"domain": "standard.com"})
+    ).json()["items"]
+    assert [s["subscriptionId"] for s in standard] == [data["subscriptionId"]]
+    sub = standard[0]
+    assert (sub["mailboxCount"], sub["price"], sub["status"], sub["source"]) == (
+        2,
+        11,
+        "active",
+        "standard",
+    )
+    assert sub["expiryDate"] == "2025-03-08T23:59:59Z"
+    for params, count in [
+        ({"source": "prewarmed"}, 2),
+        ({"userId": data["userId"]}, 1),
+        ({"provider": "GOOGLE", "status": "active"}, 3),
+        ({"expiresBefore": "2025-06-01"}, 1),
+        ({"userEmail": "x@y"}, 0),
+    ]:
+        got = await client.get("/api/v1/subscriptions", headers=OPS, params=params)
+        assert len(got.json()["items"]) == count, params
+    detail = await client.get(f"/api/v1/subscriptions/{data['subscriptionId']}", headers=OPS)
+    assert {m["provider"] for m in detail.json()["mailboxes"]} == {"GOOGLE", "MICROSOFT"}
+
+
+async def test_mailboxes_list_filters_and_detail(client, seeded):
+    created = seeded["created"][1]["data"]
+    box_id = created["mailboxDetails"]["mailboxId"]
+    for params, count in [
+        ({}, 6),
+        ({"subscriptionId": created["subscriptionId"]}, 2),
+        ({"domain": "p1.com"}, 2),
+        ({"source": "prewarmed"}, 4),
+        ({"provider": "MICROSOFT"}, 1),
+        ({"userId": created["userId"]}, 2),
+        ({"email": created["mailboxDetails"]["email"]}, 1),
+    ]:
+        got = await client.get("/api/v1/mailboxes", headers=OPS, params=params)
+        assert len(got.json()["items"]) == count, params
+    box = (await client.get(f"/api/v1/mailboxes/{box_id}", headers=OPS)).json()
+    assert (box["hasPassword"], box["hasAppPassword"], box["finalUrl"]) == (
+        True,
+        False,
+        "https://example.com/oauth-callback",
+    )
+    assert box["price"] == 8.16
+    assert not {"password", "appPassword", "authenticatorSecret"} & set(box)
+
+
+async def test_credentials_need_a_credentials_token_and_are_audited(client, seeded):
+    box = seeded["prewarm"]["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"][0]
+    path = f"/api/v1/mailboxes/{box['mailboxId']}/credentials"
+    forbidden = await client.get(path, headers=OPS)
+    assert forbidden.status_code == 403
+    response = await client.get(path, headers=CREDS)
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    assert response.json() == {
+        "mailboxId": box["mailboxId"],
+        "password": box["password"],
+        "appPassword": box["appPassword"],
+        "authenticatorSecret": box["authenticatorSecret"],
+    }
+    assert (await client.get("/api/v1/audit/credential-reads", headers=OPS)).status_code == 403
+    trail = (await client.get("/api/v1/audit/credential-reads", headers=CREDS)).json()["items"]
+    assert len(trail) == 1
+    assert trail[0]["mailboxId"] == box["mailboxId"]
+    assert re.fullmatch(r"[0-9a-f]{16}", trail[0]["tokenFingerprint"])
+    assert CREDENTIALS_TOKEN not in str(trail)
+
+
+async def test_credentials_of_a_google_mailbox_are_null_where_absent(client, seeded):
+    box_id = seeded["created"][0]["data"]["mailboxDetails"]["mailboxId"]
+    got = (await client.get(f"/api/v1/mailboxes/{box_id}/credentials", headers=CREDS)).json()
+    assert got["password"] is None and got["authenticatorSecret"] is None
+    assert got["appPassword"].startswith("canary-app-")
+
+
+async def test_orders_show_each_domain_outcome(client, seeded):
+    order_id = seeded["prewarm"]["data"]["orderId"]
+    order = (await client.get(f"/api/v1/orders/{order_id}", headers=OPS)).json()
+    assert order["status"] == "partially_failed" and order["kind"] == "prewarmup"
+    assert [
+        (d["domain"], d["status"], d["reason"], d["mailboxCount"]) for d in order["domains"]
+    ] == [
+        ("p1.com", "succeeded", None, 2),
+        ("p2.com", "succeeded", None, 2),
+        ("p3.com", "failed", "Pool empty", 0),
+    ]
+    for params, count in [
+        ({}, 2),
+        ({"status": "partially_failed"}, 1),
+        ({"kind": "mailbox"}, 1),
+        ({"userId": seeded["standard"]["data"]["userId"]}, 1),
+    ]:
+        got = await client.get("/api/v1/orders", headers=OPS, params=params)
+        assert len(got.json()["items"]) == count, params
+
+
+async def test_events_show_deliveries_signature_and_redacted_payload(client, seeded):
+    payload = seeded["created"][1]
+    await deliver(client, payload)  # a retry
+    found = (
+        await client.get("/api/v1/events", headers=OPS, params={"eventId": payload["eventId"]})
+    ).json()["items"]
+    assert len(found) == 1
+    event = (await client.get(f"/api/v1/events/{found[0]['id']}", headers=OPS)).json()
+    assert (event["deliveries"], event["signature"], event["status"], event["conflict"]) == (
+        2,
+        "valid",
+        "processed",
+        False,
+    )
+    assert event["payload"]["data"]["mailboxDetails"]["password"] == "[REDACTED]"
+    for params, count in [
+        ({"status": "ignored"}, 1),
+        ({"event": "mailbox.created"}, 2),
+        ({"conflict": "true"}, 0),
+        ({"conflict": "false"}, 6),
+    ]:
+        got = await client.get("/api/v1/events", headers=OPS, params=params)
+        assert len(got.json()["items"]) == count, params
+
+
+async def test_rejected_deliveries_show_errors_but_no_body(client, seeded):
+    items = (await client.get("/api/v1/rejected", headers=OPS)).json()["items"]
+    assert len(items) == 1
+    one = (await client.get(f"/api/v1/rejected/{items[0]['id']}", headers=OPS)).json()
+    assert one["reason"] == "invalid_payload"
+    assert one["errors"][0]["loc"] == ["data", "price"]
+    assert "body" not in str(one).lower().replace("_", "")
+
+
+async def test_stats_count_what_ops_checks_first(client, seeded):
+    stats = (await client.get("/api/v1/stats", headers=OPS)).json()
+    assert stats["subscriptions"] == 3 and stats["mailboxes"] == 6
+    assert stats["mailboxesBySource"] == {"standard": 2, "prewarmed": 4}
+    assert stats["mailboxesByProvider"] == {"GOOGLE": 5, "MICROSOFT": 1}
+    assert stats["ordersByStatus"] == {"succeeded": 1, "partially_failed": 1}
+    assert stats["eventsByStatus"] == {"processed": 5, "ignored": 1}
+    assert (stats["conflicts"], stats["rejectedDeliveries"]) == (0, 1)
+    assert stats["lastDeliveryAt"] is not None
+
+
+async def test_walking_120_mailboxes_in_pages_of_50_returns_each_once(client):
+    await deliver(client, factories.prewarmup_success(domains=12, per_domain=10))
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 50} | ({"cursor": cursor} if cursor else {})
+        page = (await client.get("/api/v1/mailboxes", headers=OPS, params=params)).json()
+        seen += [m["mailboxId"] for m in page["items"]]
+        pages += 1
+        if pages == 1:  # rows added mid-walk appear at the end, never twice
+            await deliver(client, factories.prewarmup_success(domains=1, per_domain=5))
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and len(seen) == 125 == len(set(seen))
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/v1/mailboxes", {"limit": 0}),
+        ("/api/v1/mailboxes", {"limit": 501}),
+        ("/api/v1/mailboxes", {"cursor": "%%%"}),
+        ("/api/v1/mailboxes", {"cursor": "LTE"}),
+        ("/api/v1/mailboxes", {"colour": "red"}),
+        ("/api/v1/mailboxes", {"provider": "YAHOO"}),
+        ("/api/v1/subscriptions", {"expiresBefore": "next week"}),
+        ("/api/v1/orders", {"status": "done"}),
+        ("/api/v1/events", {"conflict": "maybe"}),
+    ],
+)
+async def test_bad_parameters_are_422_without_echo(client, path, params):
+    response = await client.get(path, headers=OPS, params=params)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert all(set(d) == {"loc", "msg", "type"} for d in body["detail"])
+    for value in params.values():
+        if isinstance(value, str) and len(value) > 3:
+            assert value not in response.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/subscriptions/nope",
+        "/api/v1/mailboxes/nope",
+        "/api/v1/mailboxes/nope/credentials",
+        "/api/v1/orders/nope",
+        "/api/v1/events/999999",
+        "/api/v1/rejected/999999",
+    ],
+)
+async def test_unknown_ids_are_404(client, path):
+    response = await client.get(path, headers=CREDS)
+    assert response.status_code == 404
+    assert response.json() == {"error": "not_found"}
+
+
+async def test_no_response_but_credentials_holds_a_secret(client, seeded):
+    secrets = secrets_of(seeded)
+    assert len(secrets) == 14
+    paths = [
+        "/api/v1/subscriptions",
+        "/api/v1/mailboxes",
+        "/api/v1/orders",
+        "/api/v1/events",
+        "/api/v1/rejected",
+        "/api/v1/stats",
+        "/openapi.json",
+        "/metrics",
+    ]
+    bodies = [
+        (
+            await client.get(
+                p, headers=CREDS, params={"limit": 500} if "v1/" in p and "stats" not in p else {}
+            )
+        ).text
+        for p in paths
+    ]
+    for item in (await client.get("/api/v1/events", headers=OPS)).json()["items"]:
+        bodies.append((await client.get(f"/api/v1/events/{item['id']}", headers=OPS)).text)
+    for sub in (await client.get("/api/v1/subscriptions", headers=OPS)).json()["items"]:
+        bodies.append(
+            (await client.get(f"/api/v1/subscriptions/{sub['subscriptionId']}", headers=OPS)).text
+        )
+    everything = "\n".join(bodies)
+    assert "canary-" not in everything
+    assert "[REDACTED]" in everything
+
+
+async def test_openapi_declares_bearer_auth_and_documents_every_route(client):
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, item in spec["paths"].items():
+        if path.startswith("/api/v1"):
+            assert item["get"]["summary"], path
+            assert item["get"]["security"] == [{"HTTPBearer": []}], path
+    assert "Mailbox" in spec["components"]["schemas"]

@@ -1,0 +1,44 @@
+"""With 100,000 mailboxes stored, a filtered page of 500 is an index range scan."""
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app.api import apply_filters, mailbox_select, mailboxes
+
+FILL = """
+INSERT INTO subscriptions (subscription_id, domain, source, status)
+SELECT 'sub' || d, 'd' || d || '.com', 'prewarmed', 'active' FROM generate_series(0, 999) d;
+INSERT INTO mailboxes (mailbox_id, subscription_id, domain, email, provider, source, user_id)
+SELECT 'mbx' || i, 'sub' || (i % 1000), 'd' || (i % 1000) || '.com', 'u' || i || '@x.com',
+       CASE WHEN i % 2 = 0 THEN 'GOOGLE' ELSE 'MICROSOFT' END, 'prewarmed', 'usr' || (i % 50)
+FROM generate_series(1, 100000) i;
+ANALYZE;
+"""
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"domain": "d5.com"},
+        {"provider": "GOOGLE"},
+        {"subscription_id": "sub7"},
+        {"user_id": "usr3"},
+        {"email": "u42@x.com"},
+    ],
+)
+async def test_filtered_page_of_500_does_not_scan_the_table(database_url, filters):
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        for statement in filter(str.strip, FILL.split(";")):
+            await conn.execute(text(statement))
+        stmt = apply_filters(mailbox_select(), mailboxes, filters)
+        stmt = stmt.where(mailboxes.c.id > 1000).order_by(mailboxes.c.id).limit(501)
+        sql = stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        plan = "\n".join((await conn.execute(text(f"EXPLAIN {sql}"))).scalars())
+    await engine.dispose()
+    print(f"\n{filters}:\n{plan}")
+    assert "Seq Scan on mailboxes" not in plan
+    assert "Index" in plan
