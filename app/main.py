@@ -17,13 +17,13 @@ from app.errors import (
     handle_database_error,
     handle_validation_error,
 )
-from app.logs import AccessLogMiddleware
+from app.logs import AccessLogMiddleware, configure_logging
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.check_complete()
-    assert settings.database_url
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests import factories
+from app import traffic as factories
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, WEBHOOK_TOKEN, deliver
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}

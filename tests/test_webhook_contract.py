@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from app import signing
-from tests import factories
+from app import traffic as factories
 from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, app_client, deliver, make_settings
 
 

@@ -1,4 +1,7 @@
-"""Realistic sender payloads with fresh IDs and unique, searchable secret values."""
+"""Realistic sender payloads with fresh IDs and unique, searchable secret values.
+
+Used by `simulate` to load a deployment and by the tests to build their deliveries.
+"""
 
 import random
 import secrets

@@ -1,0 +1,276 @@
+"""`coldmail-webhooks`: serve, migrate, generate-key, rotate-keys, replay, simulate, db stop."""
+
+import argparse
+import asyncio
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+from app import local
+from app.config import ConfigError, Settings, get_settings, load_settings
+from app.crypto import Vault, generate_key
+from app.db import make_engine
+from app.logs import configure_logging
+
+LOCAL_SECRET_FIELDS = {name: name.lower() for name in local.GENERATED}
+
+
+def resolve(settings: Settings) -> tuple[Settings, bool]:
+    """Production settings as they are; without DATABASE_URL, local mode fills them in.
+
+    The values go into the environment so that every uvicorn worker sees the same ones.
+    """
+    if settings.database_url:
+        settings.check_complete()
+        return settings, False
+    url = local.start_database(settings.data_dir)
+    generated = local.load_or_create_secrets(settings.data_dir)
+    env = {"DATABASE_URL": url, "DATA_DIR": str(settings.data_dir)}
+    env |= {k: v for k, v in generated.items() if not getattr(settings, LOCAL_SECRET_FIELDS[k])}
+    if "LOG_FORMAT" not in os.environ:
+        env["LOG_FORMAT"] = "console"
+    os.environ.update(env)
+    get_settings.cache_clear()
+    resolved = get_settings()
+    resolved.check_complete()
+    return resolved, True
+
+
+def announce_local_mode(settings: Settings, host: str, port: int) -> None:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(
+        "coldmail-webhooks is running in LOCAL MODE: embedded PostgreSQL and generated secrets\n"
+        f"under {settings.data_dir.resolve()} (not for production: set DATABASE_URL and the\n"
+        "secrets for that).\n"
+        f"  Webhook URL (give it to Cold Mail Reseller): "
+        f"http://{shown}:{port}/webhooks/cmr?token={settings.webhook_token_list[0]}\n"
+        f"  Ops API token:         {settings.ops_token_list[0]}\n"
+        f"  Credentials API token: {settings.credentials_token_list[0]}\n"
+        f"  Try: curl -H 'Authorization: Bearer {settings.ops_token_list[0]}' "
+        f"http://{shown}:{port}/api/v1/stats\n"
+        f"  Stop the database after a crash: coldmail-webhooks db stop",
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.migrations import upgrade
+
+    settings, is_local = resolve(load_settings())
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    try:
+        if not args.no_migrate:
+            upgrade(settings.database_url or "")
+        if is_local:
+            announce_local_mode(settings, args.host, args.port)
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,  # ours logs the path without the query string (the token)
+            proxy_headers=True,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrations import upgrade
+
+    settings, is_local = resolve(load_settings())
+    try:
+        upgrade(settings.database_url or "", args.revision)
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
+    print(f"database upgraded to {args.revision}")
+    return 0
+
+
+def cmd_generate_key(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return 0
+
+
+async def _with_engine(settings: Settings, job: Any) -> Any:
+    engine = make_engine(settings.database_url or "", pool_size=2)
+    try:
+        return await job(engine)
+    finally:
+        await engine.dispose()
+
+
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from app.maintenance import rotate_keys
+
+    settings, is_local = resolve(load_settings())
+    try:
+        counts = asyncio.run(
+            _with_engine(
+                settings, lambda e: rotate_keys(e, settings.fernet_key_list, batch=args.batch)
+            )
+        )
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
+    for column, count in counts.items():
+        print(f"{column:45} re-encrypted {count.rotated:8}   already current {count.current:8}")
+    print("done: every stored secret is now encrypted under the first key of FERNET_KEYS")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from app.maintenance import Selection, replay
+
+    selection = Selection(
+        event_ids=args.event,
+        rejected_ids=args.rejected,
+        since=args.since,
+        until=args.until,
+        everything=args.all,
+    )
+    if not (args.event or args.rejected or args.since or args.until or args.all):
+        raise ConfigError("say what to replay: --event, --rejected, --since/--until or --all")
+    settings, is_local = resolve(load_settings())
+    vault = Vault(settings.fernet_key_list)
+    try:
+        events, rejected = asyncio.run(
+            _with_engine(settings, lambda e: replay(e, vault, selection, dry_run=args.dry_run))
+        )
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
+    verb = "would apply" if args.dry_run else "applied"
+    print(f"events:   {verb} {events.applied}, not handled yet {events.unhandled}")
+    print(f"rejected: {verb} {rejected.applied}, still invalid {rejected.still_invalid}")
+    for line in rejected.errors:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from app.simulate import run_simulation
+
+    return run_simulation(args)
+
+
+def cmd_db_stop(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    stopped = local.stop_database(settings.data_dir)
+    print("embedded database stopped" if stopped else "no embedded database was running")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coldmail-webhooks",
+        description="Receive Cold Mail Reseller webhooks, store them exactly once, serve them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="migrate, then serve HTTP (local mode without DATABASE_URL)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--no-migrate", action="store_true", help="skip applying migrations")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema")
+    migrate.add_argument("revision", nargs="?", default="head", help="target (default head)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    key = commands.add_parser("generate-key", help="print a new Fernet key for FERNET_KEYS")
+    key.set_defaults(func=cmd_generate_key)
+
+    rotate = commands.add_parser(
+        "rotate-keys", help="re-encrypt every stored secret under the first FERNET_KEYS key"
+    )
+    rotate.add_argument("--batch", type=int, default=500, help="rows per batch (default 500)")
+    rotate.set_defaults(func=cmd_rotate_keys)
+
+    replay = commands.add_parser(
+        "replay", help="re-apply stored events and retry rejected deliveries"
+    )
+    replay.add_argument(
+        "--event",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an event's id (GET /api/v1/events); repeatable",
+    )
+    replay.add_argument(
+        "--rejected",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a rejected delivery's id (GET /api/v1/rejected); repeatable",
+    )
+    replay.add_argument("--since", type=datetime.fromisoformat, help="received at or after")
+    replay.add_argument("--until", type=datetime.fromisoformat, help="received before")
+    replay.add_argument("--all", action="store_true", help="every event and rejected delivery")
+    replay.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    replay.set_defaults(func=cmd_replay)
+
+    simulate = commands.add_parser("simulate", help="send realistic signed traffic to a URL")
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+    db = commands.add_parser("db", help="the local mode's embedded database")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    stop = db_commands.add_parser("stop", help="stop the embedded database under DATA_DIR")
+    stop.set_defaults(func=cmd_db_stop)
+    return parser
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="the webhook URL, e.g. http://127.0.0.1:8000/webhooks/cmr")
+    parser.add_argument("--token", help="webhook token (sent as ?token=)")
+    parser.add_argument("--signing-key", help="sign deliveries with this CMR API key")
+    parser.add_argument("--events", type=int, default=1000, help="deliveries to send")
+    parser.add_argument("--duration", type=float, help="send for this many seconds instead")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent senders")
+    parser.add_argument(
+        "--mix", default="standard=70,prewarmup=30", help="share of standard and prewarmup orders"
+    )
+    parser.add_argument("--mailboxes-per-domain", type=int, default=3)
+    parser.add_argument("--domains-per-prewarmup", type=int, default=3)
+    parser.add_argument(
+        "--failure-rate", type=float, default=0.2, help="share of prewarmup domains reported failed"
+    )
+    parser.add_argument("--duplicates", type=float, default=0.1, help="share sent twice")
+    parser.add_argument("--shuffle", type=float, default=0.2, help="share sent out of order")
+    parser.add_argument(
+        "--single-mailbox",
+        action="store_true",
+        help="only mailbox.created events, one mailbox each (benchmarks)",
+    )
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"coldmail-webhooks: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

