@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from datetime import datetime
 from typing import Any
@@ -61,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings, is_local = resolve(load_settings())
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    # uvicorn re-raises SIGTERM once it has shut down; exit normally then, so that the
+    # finally below stops the embedded database instead of the signal killing us first.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if not args.no_migrate:
             upgrade(settings.database_url or "")

@@ -1,0 +1,224 @@
+"""The console script, run as a user would: real subprocesses, real servers."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import orjson
+from cryptography.fernet import Fernet
+
+from app import traffic as factories
+from app.crypto import Vault, generate_key
+from tests.conftest import CREDENTIALS_TOKEN, FERNET_KEY, OPS_TOKEN, WEBHOOK_TOKEN, asyncpg_dsn
+
+CLI = [sys.executable, "-m", "app.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    return keep | values
+
+
+@contextmanager
+def serving(env: dict[str, str], cwd: Path) -> Iterator[tuple[int, str]]:
+    """Run `serve` until it answers /readyz; yield its port and what it printed."""
+    port = free_port()
+    out = cwd / f"serve-{port}.out"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--port", str(port)],
+            env=env,
+            cwd=cwd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield port, out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
+    home = Path(tempfile.mkdtemp(prefix="cmw-local-", dir="/tmp"))
+    home.chmod(0o755)  # an ordinary folder: local mode refuses private ones
+    env = clean_env(DATA_DIR=str(home / "data"))
+    payload = factories.mailbox_created()
+    with serving(env, home) as (port, printed):
+        assert "LOCAL MODE" in printed
+        url = re.search(r"Webhook URL.*?: (\S+)", printed).group(1)  # type: ignore[union-attr]
+        ops = re.search(r"Ops API token: +(\S+)", printed).group(1)  # type: ignore[union-attr]
+        assert url.startswith(f"http://127.0.0.1:{port}/webhooks/cmr?token=")
+        assert httpx.post(url, content=orjson.dumps(payload)).json()["status"] == "processed"
+        assert oct((home / "data" / "secrets.env").stat().st_mode & 0o777) == "0o600"
+    with serving(env, home) as (port, printed_again):
+        assert ops in printed_again  # the same secrets after a restart
+        mailbox_id = payload["data"]["mailboxDetails"]["mailboxId"]
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/mailboxes/{mailbox_id}",
+            headers={"Authorization": f"Bearer {ops}"},
+        )
+        assert response.status_code == 200
+    stopped = subprocess.run(
+        [*CLI, "db", "stop"], env=env, cwd=home, capture_output=True, text=True, check=True
+    )
+    assert "no embedded database was running" in stopped.stdout  # serve stopped it itself
+
+
+def test_production_mode_refuses_to_start_without_a_secret(database_url):
+    env = clean_env(DATABASE_URL=database_url, FERNET_KEYS=FERNET_KEY, WEBHOOK_TOKENS="t")
+    result = subprocess.run([*CLI, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "coldmail-webhooks: OPS_API_TOKENS is not set"
+
+
+def test_generate_key_prints_a_usable_fernet_key():
+    out = subprocess.run([*CLI, "generate-key"], capture_output=True, text=True, check=True)
+    Fernet(out.stdout.strip())
+
+
+async def test_rotate_keys_then_dropping_the_old_key_keeps_every_credential(
+    client, database_url, settings
+):
+    payload = factories.prewarmup_success(domains=2, per_domain=3)
+    await client_deliver(client, payload)
+    new_key = generate_key()
+    env = clean_env(
+        DATABASE_URL=database_url,
+        FERNET_KEYS=f"{new_key},{FERNET_KEY}",
+        OPS_API_TOKENS=OPS_TOKEN,
+        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
+    )
+    first = subprocess.run(
+        [*CLI, "rotate-keys", "--batch", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert re.search(r"mailboxes.password_encrypted\s+re-encrypted\s+6", first.stdout)
+    assert re.search(r"events.body_encrypted\s+re-encrypted\s+1", first.stdout)
+    again = subprocess.run(
+        [*CLI, "rotate-keys"], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert re.search(
+        r"mailboxes.password_encrypted\s+re-encrypted\s+0\s+already current\s+6", again.stdout
+    )
+    from tests.conftest import app_client, make_settings  # noqa: PLC0415
+
+    async with app_client(make_settings(database_url, fernet_keys=new_key)) as fresh:
+        headers = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
+        for group in payload["data"]["mailboxDetails"]:
+            for box in group["preWarmedUpMailboxes"]:
+                got = await fresh.get(
+                    f"/api/v1/mailboxes/{box['mailboxId']}/credentials", headers=headers
+                )
+                assert got.json()["authenticatorSecret"] == box["authenticatorSecret"]
+
+
+async def client_deliver(client, payload):
+    from tests.conftest import deliver  # noqa: PLC0415
+
+    response = await deliver(client, payload)
+    assert response.status_code == 200
+
+
+async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client, database_url, db):
+    # An older release refused this delivery (say, a provider spelling it did not know);
+    # it sits among the rejected deliveries, encrypted, until the fix ships.
+    payload = factories.mailbox_created(provider="MICROSOFT")
+    body = orjson.dumps(payload)
+    row_id = await db.fetchval(
+        "insert into rejected_deliveries (reason, event, event_id, errors, signature, "
+        "body_encrypted) values ('invalid_payload', $1, $2, '[]', 'valid', $3) returning id",
+        payload["event"],
+        payload["eventId"],
+        Vault([FERNET_KEY]).encrypt(body),
+    )
+    still_bad = factories.mailbox_created(price="free")
+    await client_deliver_expect(client, still_bad, 422)
+    env = clean_env(
+        DATABASE_URL=database_url,
+        FERNET_KEYS=FERNET_KEY,
+        OPS_API_TOKENS=OPS_TOKEN,
+        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
+    )
+    dry = subprocess.run(
+        [*CLI, "replay", "--all", "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "rejected: would apply 1, still invalid 1" in dry.stdout
+    assert await db.fetchval("select count(*) from mailboxes") == 0
+    run = subprocess.run(
+        [*CLI, "replay", "--rejected", str(row_id)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "rejected: applied 1, still invalid 0" in run.stdout
+    assert (
+        await db.fetchval("select mailbox_id from mailboxes")
+        == payload["data"]["mailboxDetails"]["mailboxId"]
+    )
+    replayed = await db.fetchrow(
+        "select replayed_at, replayed_event_id from rejected_deliveries where id = $1", row_id
+    )
+    assert replayed["replayed_at"] is not None
+    assert (
+        await db.fetchval(
+            "select event_id from events where id = $1", replayed["replayed_event_id"]
+        )
+        == payload["eventId"]
+    )
+    again = subprocess.run(
+        [*CLI, "replay", "--rejected", str(row_id)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "rejected: applied 0" in again.stdout  # a replayed delivery is not applied twice
+
+
+async def client_deliver_expect(client, payload, status):
+    from tests.conftest import deliver  # noqa: PLC0415
+
+    assert (await deliver(client, payload)).status_code == status
+
+
+def test_every_command_has_help():
+    out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):
+        assert command in out
+    assert asyncpg_dsn  # shared helper stays importable for subprocess tests
