@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 
 from app import traffic as factories
 from app.crypto import Vault, generate_key
-from tests.conftest import CREDENTIALS_TOKEN, FERNET_KEY, OPS_TOKEN, WEBHOOK_TOKEN, asyncpg_dsn
+from tests.conftest import CREDENTIALS_TOKEN, FERNET_KEY, OPS_TOKEN, WEBHOOK_TOKEN
 
 CLI = [sys.executable, "-m", "app.cli"]
 
@@ -221,4 +221,3 @@ def test_every_command_has_help():
     out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):
         assert command in out
-    assert asyncpg_dsn  # shared helper stays importable for subprocess tests
