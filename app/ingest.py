@@ -10,13 +10,24 @@ state is the same whatever order events arrive in:
 """
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, case, func, literal, literal_column, select, type_coerce, update
+from sqlalchemy import (
+    Table,
+    Text,
+    bindparam,
+    case,
+    func,
+    literal,
+    literal_column,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
@@ -77,6 +88,27 @@ def canonical_hash(envelope: dict[str, Any]) -> bytes:
     return hashlib.sha256(orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)).digest()
 
 
+@lru_cache(maxsize=1)
+def _record_statement() -> Any:
+    """Built once: rows go in as parameters, so SQLAlchemy reuses the compiled form."""
+    same_event_id = (
+        select(func.count())
+        .select_from(events)
+        .where(events.c.event_id == bindparam("same_event_id"))
+        .scalar_subquery()
+    )
+    return (
+        insert(events)
+        .on_conflict_do_update(
+            index_elements=["event_id", "content_hash"],
+            set_={"deliveries": events.c.deliveries + 1, "last_received_at": func.now()},
+        )
+        .returning(
+            events.c.id, literal_column("xmax = 0").label("inserted"), same_event_id.label("others")
+        )
+    )
+
+
 async def record(
     conn: AsyncConnection, delivery: Delivery, *, status: str, vault: Vault
 ) -> Recorded:
@@ -86,35 +118,20 @@ async def record(
     The RETURNING subquery sees the table as it was before this statement, so `others`
     counts earlier rows with the same eventId: a non-zero count on insert is a conflict.
     """
-    stmt = (
-        insert(events)
-        .values(
-            event_id=delivery.event_id,
-            event=delivery.event,
-            status=status,
-            content_hash=delivery.content_hash,
-            deliveries=1,
-            conflict=False,
-            signature=delivery.signature.result,
-            signature_form=delivery.signature.form,
-            payload=redact(delivery.envelope),
-            body_encrypted=vault.encrypt(delivery.raw),
-        )
-        .on_conflict_do_update(
-            index_elements=["event_id", "content_hash"],
-            set_={"deliveries": events.c.deliveries + 1, "last_received_at": func.now()},
-        )
-        .returning(
-            events.c.id,
-            literal_column("xmax = 0").label("inserted"),
-            select(func.count())
-            .select_from(events)
-            .where(events.c.event_id == delivery.event_id)
-            .scalar_subquery()
-            .label("others"),
-        )
-    )
-    row = (await conn.execute(stmt)).one()
+    params = {
+        "event_id": delivery.event_id,
+        "event": delivery.event,
+        "status": status,
+        "content_hash": delivery.content_hash,
+        "deliveries": 1,
+        "conflict": False,
+        "signature": delivery.signature.result,
+        "signature_form": delivery.signature.form,
+        "payload": redact(delivery.envelope),
+        "body_encrypted": vault.encrypt(delivery.raw),
+        "same_event_id": delivery.event_id,
+    }
+    row = (await conn.execute(_record_statement(), params)).one()
     conflict = bool(row.inserted and row.others)
     if conflict:
         await conn.execute(
@@ -123,26 +140,68 @@ async def record(
     return Recorded(row_id=row.id, inserted=bool(row.inserted), conflict=conflict)
 
 
-def _merge(table: Table, column: str, *, authoritative: bool) -> ColumnElement[Any]:
-    new, old = insert(table).excluded[column], table.c[column]
-    return func.coalesce(new, old) if authoritative else func.coalesce(old, new)
+def _least_reason(table: Table, excluded: Any) -> dict[str, Any]:
+    # Of several reported failure reasons, keep the same one whatever the arrival order.
+    return {"reason": func.least(table.c.reason, excluded.reason)}
 
 
-def _upsert(
-    table: Table,
-    rows: Sequence[dict[str, Any]],
-    *,
-    key: Sequence[str],
+def _snapshot_fields(table: Table, excluded: Any) -> dict[str, Any]:
+    """Fields mailbox.updated may have set keep the update's value over a snapshot's."""
+    return {
+        column: case(
+            (table.c.field_versions.has_key(field), table.c[column]),
+            else_=func.coalesce(excluded[column], table.c[column]),
+        )
+        for field, column in UPDATABLE_FIELDS.items()
+    }
+
+
+# Per-table exceptions to "overwrite" / "fill in", by name so statements can be cached.
+OVERRIDES: dict[str, Callable[[Table, Any], dict[str, Any]]] = {
+    "none": lambda table, excluded: {},
+    # A success makes a subscription active; a failure never demotes an active one.
+    "activate": lambda table, excluded: {"status": literal("active")},
+    "keep_status": lambda table, excluded: {"status": table.c.status},
+    "snapshot": _snapshot_fields,
+    "domain_succeeded": lambda t, e: {"status": literal("succeeded")} | _least_reason(t, e),
+    "domain_failed": lambda t, e: {"status": t.c.status} | _least_reason(t, e),
+}
+TABLES = {t.name: t for t in (subscriptions, mailboxes, orders, order_domains)}
+
+
+@lru_cache(maxsize=128)
+def upsert_statement(
+    table_name: str,
+    columns: tuple[str, ...],
+    key: tuple[str, ...],
     authoritative: bool,
-    override: dict[str, Any] | None = None,
+    override: str,
 ) -> Any:
-    """INSERT .. ON CONFLICT DO UPDATE that overwrites or only fills, column by column."""
-    stmt = insert(table).values(list(rows))
-    columns = [c for c in rows[0] if c not in key]
-    set_: dict[str, Any] = {c: _merge(table, c, authoritative=authoritative) for c in columns}
+    """INSERT .. ON CONFLICT DO UPDATE that overwrites (authoritative) or only fills in."""
+    table = TABLES[table_name]
+    stmt = insert(table)
+    new, old = stmt.excluded, table.c
+    set_: dict[str, Any] = {
+        c: func.coalesce(new[c], old[c]) if authoritative else func.coalesce(old[c], new[c])
+        for c in columns
+        if c not in key
+    }
     set_["updated_at"] = func.now()
-    set_.update(override or {})
+    set_.update(OVERRIDES[override](table, new))
     return stmt.on_conflict_do_update(index_elements=list(key), set_=set_)
+
+
+async def _upsert(
+    conn: AsyncConnection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    key: tuple[str, ...],
+    authoritative: bool,
+    override: str = "none",
+) -> None:
+    stmt = upsert_statement(table.name, tuple(rows[0]), key, authoritative, override)
+    await conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
 
 
 def _unique(rows: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -156,41 +215,26 @@ async def upsert_subscriptions(
 ) -> None:
     status = "active" if succeeded else "failed"
     rows = _unique(({**row, "status": status} for row in rows), "subscription_id")
-    # A success makes the subscription active; a failure never demotes an active one.
-    keep_or_activate = literal("active") if succeeded else subscriptions.c.status
-    stmt = _upsert(
+    await _upsert(
+        conn,
         subscriptions,
         rows,
-        key=["subscription_id"],
+        key=("subscription_id",),
         authoritative=authoritative,
-        override={"status": keep_or_activate},
+        override="activate" if succeeded else "keep_status",
     )
-    await conn.execute(stmt)
-
-
-def _mailbox_snapshot_merge() -> dict[str, Any]:
-    """Fields mailbox.updated may have set keep the update's value over a snapshot's."""
-    excluded = insert(mailboxes).excluded
-    return {
-        column: case(
-            (mailboxes.c.field_versions.has_key(field), mailboxes.c[column]),
-            else_=func.coalesce(excluded[column], mailboxes.c[column]),
-        )
-        for field, column in UPDATABLE_FIELDS.items()
-    }
 
 
 async def upsert_mailboxes(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Full snapshots (mailbox.created, prewarmup) in one multi-row statement."""
-    rows = _unique(rows, "mailbox_id")
-    stmt = _upsert(
+    """Full snapshots (mailbox.created, prewarmup), many rows in one round trip."""
+    await _upsert(
+        conn,
         mailboxes,
-        rows,
-        key=["mailbox_id"],
+        _unique(rows, "mailbox_id"),
+        key=("mailbox_id",),
         authoritative=True,
-        override=_mailbox_snapshot_merge(),
+        override="snapshot",
     )
-    await conn.execute(stmt)
 
 
 async def upsert_order(
@@ -210,10 +254,9 @@ async def upsert_order(
         "provider": provider,
         "status": "succeeded",  # recomputed from the domains below
     }
-    stmt = _upsert(
-        orders, [row], key=["order_id"], authoritative=False, override={"status": orders.c.status}
+    await _upsert(
+        conn, orders, [row], key=("order_id",), authoritative=False, override="keep_status"
     )
-    await conn.execute(stmt)
 
 
 async def set_domain_outcomes(
@@ -228,21 +271,22 @@ async def set_domain_outcomes(
         ),
         "domain",
     )
-    excluded = insert(order_domains).excluded
-    override: dict[str, Any] = {
-        "status": literal("succeeded") if succeeded else order_domains.c.status,
-        # Of several reported failure reasons, keep the same one whatever the arrival order.
-        "reason": func.least(order_domains.c.reason, excluded.reason),
-    }
-    stmt = _upsert(
-        order_domains, rows, key=["order_id", "domain"], authoritative=False, override=override
+    await _upsert(
+        conn,
+        order_domains,
+        rows,
+        key=("order_id", "domain"),
+        authoritative=False,
+        override="domain_succeeded" if succeeded else "domain_failed",
     )
-    await conn.execute(stmt)
-    await refresh_order_status(conn, order_id)
+    await conn.execute(_order_status_statement(), {"status_order_id": order_id})
 
 
-async def refresh_order_status(conn: AsyncConnection, order_id: str) -> None:
+@lru_cache(maxsize=1)
+def _order_status_statement() -> Any:
+    """An order's status, derived from all of its domains' outcomes."""
     od = order_domains.c
+    order_id = bindparam("status_order_id", type_=Text)
     derived = (
         select(
             case(
@@ -254,7 +298,7 @@ async def refresh_order_status(conn: AsyncConnection, order_id: str) -> None:
         .where(od.order_id == order_id)
         .scalar_subquery()
     )
-    await conn.execute(
+    return (
         update(orders)
         .where(orders.c.order_id == order_id)
         .values(status=derived, updated_at=func.now())
@@ -365,23 +409,31 @@ async def apply_mailbox_updated(
         **{UPDATABLE_FIELDS[f]: value for f, value in given.items()},
         "field_versions": {f: version for f in given},
     }
-    stmt = insert(mailboxes).values(row)
-    excluded = stmt.excluded
+    await conn.execute(_update_statement(tuple(given)), row | {"version": version})
+
+
+@lru_cache(maxsize=32)
+def _update_statement(fields: tuple[str, ...]) -> Any:
+    """Upsert for mailbox.updated: each field is taken only if this delivery's version
+    outranks the one that last set it; identity fields only fill in."""
+    stmt = insert(mailboxes)
+    new, old = stmt.excluded, mailboxes.c
+    version = bindparam("version", type_=Text).collate("C")
     set_: dict[str, Any] = {
-        c: func.coalesce(mailboxes.c[c], excluded[c])
+        c: func.coalesce(old[c], new[c])
         for c in ("domain", "email", "user_id", "user_email", "provider")
     }
-    versions: ColumnElement[Any] = mailboxes.c.field_versions
-    for field, value in given.items():
-        current = func.coalesce(mailboxes.c.field_versions[field].astext, "").collate("C")
-        wins = current < literal(version).collate("C")
+    versions: ColumnElement[Any] = old.field_versions
+    for field in fields:
+        current = func.coalesce(old.field_versions[field].astext, "").collate("C")
         column = UPDATABLE_FIELDS[field]
-        set_[column] = case((wins, literal(value)), else_=mailboxes.c[column])
-        winner = func.greatest(current, literal(version).collate("C"))
-        versions = versions.op("||")(func.jsonb_build_object(field, winner))
+        set_[column] = case((current < version, new[column]), else_=old[column])
+        versions = versions.op("||")(
+            func.jsonb_build_object(field, func.greatest(current, version))
+        )
     set_["field_versions"] = type_coerce(versions, JSONB)
     set_["updated_at"] = func.now()
-    await conn.execute(stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_))
+    return stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_)
 
 
 async def apply_prewarmup_success(

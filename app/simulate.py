@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from app import signing, traffic
@@ -92,28 +92,25 @@ def deliveries(args: argparse.Namespace) -> Iterator[bytes]:
 
 
 async def send(
-    client: httpx.AsyncClient, args: argparse.Namespace, body: bytes, results: Results
+    client: aiohttp.ClientSession, args: argparse.Namespace, body: bytes, results: Results
 ) -> None:
     headers = {"content-type": "application/json"}
     if args.signing_key:
         headers |= signing.sign(args.signing_key, body)
+    params = {"token": args.token} if args.token else None
     started = time.perf_counter()
     try:
-        response = await client.post(
-            args.url,
-            content=body,
-            headers=headers,
-            params={"token": args.token} if args.token else None,
-        )
-    except httpx.HTTPError as error:
+        async with client.post(args.url, data=body, headers=headers, params=params) as response:
+            status, text = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError) as error:
         results.statuses[type(error).__name__] += 1
         results.violations.append(f"transport error: {type(error).__name__}")
         return
     results.latencies.append(time.perf_counter() - started)
-    answer = response.json() if response.status_code == 200 else {}
-    results.statuses[f"{response.status_code} {answer.get('status', '')}".strip()] += 1
-    if response.status_code != 200 or answer.get("status") not in EXPECTED:
-        results.violations.append(f"HTTP {response.status_code} for {orjson.loads(body)['event']}")
+    answer = orjson.loads(text) if status == 200 else {}
+    results.statuses[f"{status} {answer.get('status', '')}".strip()] += 1
+    if status != 200 or answer.get("status") not in EXPECTED:
+        results.violations.append(f"HTTP {status} for {orjson.loads(body)['event']}")
     elif answer["status"] == "processed":
         results.processed_ids[answer["eventId"]] += 1
 
@@ -133,12 +130,13 @@ async def simulate(args: argparse.Namespace) -> Results:
             remaining[0] -= 1
         return next(source)
 
-    async def sender(client: httpx.AsyncClient) -> None:
+    async def sender(client: aiohttp.ClientSession) -> None:
         while (body := next_body()) is not None:
             await send(client, args, body, results)
 
-    limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         progress = None if args.quiet else asyncio.create_task(show_progress(args, results))
         await asyncio.gather(*(sender(client) for _ in range(args.concurrency)))
         if progress:
