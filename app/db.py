@@ -11,13 +11,15 @@ def json_serializer(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+    """No pre-ping (a round trip per delivery): a dropped connection fails its delivery with
+    503, SQLAlchemy then invalidates the pool, and the sender's retry gets a fresh one."""
     return create_async_engine(
         url,
+        # A fixed pool: overflow connections would be opened and closed under every burst.
         pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_timeout=5,
-        pool_pre_ping=True,
+        max_overflow=0,
+        pool_timeout=10,
         json_serializer=json_serializer,
         json_deserializer=orjson.loads,
         connect_args={"timeout": 5, "server_settings": {"application_name": "coldmail-webhooks"}},

@@ -14,7 +14,15 @@ T = TypeVar("T")
 
 
 class Resource(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+    # Built from database rows by field name (looking a camelCase alias up on a Row first
+    # costs an exception per field), serialized by camelCase alias.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=False,
+        serialize_by_alias=True,
+        from_attributes=True,
+    )
 
 
 class Subscription(Resource):
