@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ def children(pid: int) -> list[int]:
 
 
 @contextmanager
-def server(command: list[str], env: dict[str, str], port: int, ready: str):
+def server(
+    command: list[str], env: dict[str, str], port: int, ready: str
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
     )
@@ -142,7 +145,7 @@ def simulate(port: int, events: int, *extra: str) -> dict[str, Any]:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
-    result = orjson.loads(out.read_bytes())
+    result: dict[str, Any] = orjson.loads(out.read_bytes())
     out.unlink()
     return result
 
@@ -375,7 +378,7 @@ def main() -> None:
     rows += bench_prewarmup_and_page(args.memory_events)
     by_name = {r["name"]: r for r in rows}
     db = by_name["DB ceiling (asyncpg, same rows)"]["events_per_second"]
-    ratios = {}
+    ratios: dict[str, dict[str, float]] = {}
     for workers in (1, 2):
         service = by_name[f"service, {workers} worker(s)"]["events_per_second"]
         http = by_name[f"HTTP ceiling, {workers} worker(s)"]["events_per_second"]
@@ -385,8 +388,8 @@ def main() -> None:
             "service/min(http,db)": round(service / min(http, db), 2),
         }
     print_table(rows)
-    for workers, ratio in ratios.items():
-        print(f"ratios, {workers}: " + ", ".join(f"{k} {v}" for k, v in ratio.items()))
+    for label, ratio in ratios.items():
+        print(f"ratios, {label}: " + ", ".join(f"{k} {v}" for k, v in ratio.items()))
     print(f"benchmark took {time.perf_counter() - started:.0f} s")
     Path(args.json).write_bytes(
         orjson.dumps({"rows": rows, "ratios": ratios}, option=orjson.OPT_INDENT_2)
