@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import (
     Table,
@@ -29,13 +30,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from app import schemas
 from app.crypto import Vault, redact
 from app.models import Event, Mailbox, Order, OrderDomain, Subscription
 from app.signing import SignatureCheck
+from app.sql import Compiled, compile_statement
 
 events: Table = Event.__table__  # type: ignore[assignment]
 subscriptions: Table = Subscription.__table__  # type: ignore[assignment]
@@ -88,8 +89,22 @@ def canonical_hash(envelope: dict[str, Any]) -> bytes:
     return hashlib.sha256(orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)).digest()
 
 
+RECORD_COLUMNS = (
+    "event_id",
+    "event",
+    "status",
+    "content_hash",
+    "deliveries",
+    "conflict",
+    "signature",
+    "signature_form",
+    "payload",
+    "body_encrypted",
+)
+
+
 @lru_cache(maxsize=1)
-def _record_statement() -> Any:
+def _record_statement() -> Compiled:
     """Built once: rows go in as parameters, so SQLAlchemy reuses the compiled form."""
     same_event_id = (
         select(func.count())
@@ -97,7 +112,7 @@ def _record_statement() -> Any:
         .where(events.c.event_id == bindparam("same_event_id"))
         .scalar_subquery()
     )
-    return (
+    stmt = (
         insert(events)
         .on_conflict_do_update(
             index_elements=["event_id", "content_hash"],
@@ -107,10 +122,11 @@ def _record_statement() -> Any:
             events.c.id, literal_column("xmax = 0").label("inserted"), same_event_id.label("others")
         )
     )
+    return compile_statement(stmt, RECORD_COLUMNS)
 
 
 async def record(
-    conn: AsyncConnection, delivery: Delivery, *, status: str, vault: Vault
+    conn: asyncpg.Connection, delivery: Delivery, *, status: str, vault: Vault
 ) -> Recorded:
     """Insert the event once per (eventId, content); a repeat only counts a delivery.
 
@@ -131,13 +147,13 @@ async def record(
         "body_encrypted": vault.encrypt(delivery.raw),
         "same_event_id": delivery.event_id,
     }
-    row = (await conn.execute(_record_statement(), params)).one()
-    conflict = bool(row.inserted and row.others)
+    row = await _record_statement().fetchrow(conn, params)
+    conflict = bool(row["inserted"] and row["others"])
     if conflict:
         await conn.execute(
-            update(events).where(events.c.event_id == delivery.event_id).values(conflict=True)
+            "UPDATE events SET conflict = true WHERE event_id = $1", delivery.event_id
         )
-    return Recorded(row_id=row.id, inserted=bool(row.inserted), conflict=conflict)
+    return Recorded(row_id=row["id"], inserted=bool(row["inserted"]), conflict=conflict)
 
 
 def _least_reason(table: Table, excluded: Any) -> dict[str, Any]:
@@ -176,7 +192,7 @@ def upsert_statement(
     key: tuple[str, ...],
     authoritative: bool,
     override: str,
-) -> Any:
+) -> Compiled:
     """INSERT .. ON CONFLICT DO UPDATE that overwrites (authoritative) or only fills in."""
     table = TABLES[table_name]
     stmt = insert(table)
@@ -188,11 +204,13 @@ def upsert_statement(
     }
     set_["updated_at"] = func.now()
     set_.update(OVERRIDES[override](table, new))
-    return stmt.on_conflict_do_update(index_elements=list(key), set_=set_)
+    return compile_statement(
+        stmt.on_conflict_do_update(index_elements=list(key), set_=set_), columns
+    )
 
 
 async def _upsert(
-    conn: AsyncConnection,
+    conn: asyncpg.Connection,
     table: Table,
     rows: list[dict[str, Any]],
     *,
@@ -201,7 +219,10 @@ async def _upsert(
     override: str = "none",
 ) -> None:
     stmt = upsert_statement(table.name, tuple(rows[0]), key, authoritative, override)
-    await conn.execute(stmt, rows[0] if len(rows) == 1 else rows)
+    if len(rows) == 1:
+        await stmt.execute(conn, rows[0])
+    else:
+        await stmt.executemany(conn, rows)
 
 
 def _unique(rows: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -211,7 +232,7 @@ def _unique(rows: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 
 async def upsert_subscriptions(
-    conn: AsyncConnection, rows: list[dict[str, Any]], *, succeeded: bool, authoritative: bool
+    conn: asyncpg.Connection, rows: list[dict[str, Any]], *, succeeded: bool, authoritative: bool
 ) -> None:
     status = "active" if succeeded else "failed"
     rows = _unique(({**row, "status": status} for row in rows), "subscription_id")
@@ -225,7 +246,7 @@ async def upsert_subscriptions(
     )
 
 
-async def upsert_mailboxes(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+async def upsert_mailboxes(conn: asyncpg.Connection, rows: list[dict[str, Any]]) -> None:
     """Full snapshots (mailbox.created, prewarmup), many rows in one round trip."""
     await _upsert(
         conn,
@@ -238,7 +259,7 @@ async def upsert_mailboxes(conn: AsyncConnection, rows: list[dict[str, Any]]) ->
 
 
 async def upsert_order(
-    conn: AsyncConnection,
+    conn: asyncpg.Connection,
     *,
     order_id: str,
     kind: str,
@@ -260,7 +281,7 @@ async def upsert_order(
 
 
 async def set_domain_outcomes(
-    conn: AsyncConnection, order_id: str, rows: list[dict[str, Any]], *, succeeded: bool
+    conn: asyncpg.Connection, order_id: str, rows: list[dict[str, Any]], *, succeeded: bool
 ) -> None:
     """Record each domain's outcome, then derive the order's status from all its domains."""
     status = "succeeded" if succeeded else "failed"
@@ -279,11 +300,11 @@ async def set_domain_outcomes(
         authoritative=False,
         override="domain_succeeded" if succeeded else "domain_failed",
     )
-    await conn.execute(_order_status_statement(), {"status_order_id": order_id})
+    await _order_status_statement().execute(conn, {"status_order_id": order_id})
 
 
 @lru_cache(maxsize=1)
-def _order_status_statement() -> Any:
+def _order_status_statement() -> Compiled:
     """An order's status, derived from all of its domains' outcomes."""
     od = order_domains.c
     order_id = bindparam("status_order_id", type_=Text)
@@ -298,15 +319,16 @@ def _order_status_statement() -> Any:
         .where(od.order_id == order_id)
         .scalar_subquery()
     )
-    return (
+    stmt = (
         update(orders)
         .where(orders.c.order_id == order_id)
         .values(status=derived, updated_at=func.now())
     )
+    return compile_statement(stmt)
 
 
 async def apply_mailbox_order(
-    conn: AsyncConnection, model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed
+    conn: asyncpg.Connection, model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed
 ) -> None:
     data = model.data
     succeeded = isinstance(model, schemas.MailboxOrderSuccess)
@@ -351,7 +373,7 @@ def _credentials(
 
 
 async def apply_mailbox_created(
-    conn: AsyncConnection, model: schemas.MailboxCreated, vault: Vault
+    conn: asyncpg.Connection, model: schemas.MailboxCreated, vault: Vault
 ) -> None:
     data, box = model.data, model.data.mailboxDetails
     subscription = {
@@ -390,7 +412,7 @@ async def apply_mailbox_created(
 
 
 async def apply_mailbox_updated(
-    conn: AsyncConnection, model: schemas.MailboxUpdated, *, version: str
+    conn: asyncpg.Connection, model: schemas.MailboxUpdated, *, version: str
 ) -> None:
     """Apply only the given fields, each only if this update outranks the one that set it."""
     data = model.data
@@ -409,11 +431,11 @@ async def apply_mailbox_updated(
         **{UPDATABLE_FIELDS[f]: value for f, value in given.items()},
         "field_versions": {f: version for f in given},
     }
-    await conn.execute(_update_statement(tuple(given)), row | {"version": version})
+    await _update_statement(tuple(row)).execute(conn, row | {"version": version})
 
 
 @lru_cache(maxsize=32)
-def _update_statement(fields: tuple[str, ...]) -> Any:
+def _update_statement(columns: tuple[str, ...]) -> Compiled:
     """Upsert for mailbox.updated: each field is taken only if this delivery's version
     outranks the one that last set it; identity fields only fill in."""
     stmt = insert(mailboxes)
@@ -424,6 +446,7 @@ def _update_statement(fields: tuple[str, ...]) -> Any:
         for c in ("domain", "email", "user_id", "user_email", "provider")
     }
     versions: ColumnElement[Any] = old.field_versions
+    fields = [f for f, column in UPDATABLE_FIELDS.items() if column in columns]
     for field in fields:
         current = func.coalesce(old.field_versions[field].astext, "").collate("C")
         column = UPDATABLE_FIELDS[field]
@@ -433,11 +456,13 @@ def _update_statement(fields: tuple[str, ...]) -> Any:
         )
     set_["field_versions"] = type_coerce(versions, JSONB)
     set_["updated_at"] = func.now()
-    return stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_)
+    return compile_statement(
+        stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_), columns
+    )
 
 
 async def apply_prewarmup_success(
-    conn: AsyncConnection, model: schemas.PrewarmupOrderSuccess, vault: Vault
+    conn: asyncpg.Connection, model: schemas.PrewarmupOrderSuccess, vault: Vault
 ) -> None:
     data = model.data
     await upsert_order(
@@ -503,7 +528,7 @@ def _prewarmed_row(
 
 
 async def apply_prewarmup_failed(
-    conn: AsyncConnection, model: schemas.PrewarmupOrderFailed
+    conn: asyncpg.Connection, model: schemas.PrewarmupOrderFailed
 ) -> None:
     data = model.data
     await upsert_order(
@@ -519,7 +544,7 @@ async def apply_prewarmup_failed(
 
 
 async def apply(
-    conn: AsyncConnection, model: schemas.HandledEvent, *, vault: Vault, version: str
+    conn: asyncpg.Connection, model: schemas.HandledEvent, *, vault: Vault, version: str
 ) -> None:
     """Apply one validated event's effects inside the caller's transaction."""
     match model:

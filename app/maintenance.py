@@ -16,6 +16,7 @@ from app.models import Mailbox, RejectedDelivery
 from app.processing import process_delivery
 from app.schemas import HANDLED_EVENTS, parse_handled
 from app.signing import SignatureCheck
+from app.sql import transaction
 from app.webhooks import parse_envelope, validation_details
 
 mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
@@ -139,15 +140,12 @@ async def replay(
 async def _replay_event(
     engine: AsyncEngine, vault: Vault, row_id: int, report: ReplayReport, dry_run: bool
 ) -> None:
-    async with engine.begin() as conn:
-        row = (
-            await conn.execute(
-                select(events.c.body_encrypted, events.c.event_id, events.c.content_hash)
-                .where(events.c.id == row_id)
-                .with_for_update()
-            )
-        ).one()
-        envelope = parse_envelope(vault.decrypt(row.body_encrypted))
+    async with transaction(engine) as conn:
+        row = await conn.fetchrow(
+            "SELECT body_encrypted, event_id, content_hash FROM events WHERE id = $1 FOR UPDATE",
+            row_id,
+        )
+        envelope = parse_envelope(vault.decrypt(row["body_encrypted"]))
         if envelope["event"] not in HANDLED_EVENTS:
             report.unhandled += 1
             return
@@ -155,8 +153,9 @@ async def _replay_event(
         report.applied += 1
         if dry_run:
             return
-        await apply(conn, model, vault=vault, version=f"{row.event_id}:{row.content_hash.hex()}")
-        await conn.execute(update(events).where(events.c.id == row_id).values(status="processed"))
+        version = f"{row['event_id']}:{row['content_hash'].hex()}"
+        await apply(conn, model, vault=vault, version=version)
+        await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
 
 
 async def _replay_rejected(

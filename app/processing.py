@@ -4,15 +4,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from sqlalchemy import insert
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
 from app.ingest import Delivery, apply, record
 from app.models import RejectedDelivery
 from app.schemas import HandledEvent
 from app.signing import SignatureCheck
+from app.sql import transaction
 
 log = logging.getLogger("coldmail.processing")
 RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
@@ -26,8 +27,8 @@ class Outcome:
     row_id: int
 
 
-def _retryable(error: DBAPIError) -> bool:
-    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+def _retryable(error: asyncpg.PostgresError) -> bool:
+    return getattr(error, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 async def process_delivery(
@@ -35,17 +36,17 @@ async def process_delivery(
 ) -> Outcome:
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            async with engine.begin() as conn:
+            async with transaction(engine) as conn:
                 return await _record_and_apply(conn, vault, delivery, model)
-        except DBAPIError as error:
+        except asyncpg.PostgresError as error:
             if attempt == ATTEMPTS or not _retryable(error):
                 raise
-            log.info("retrying delivery after %s", getattr(error.orig, "sqlstate", "?"))
+            log.info("retrying delivery after %s", error.sqlstate)
     raise AssertionError("unreachable")
 
 
 async def _record_and_apply(
-    conn: AsyncConnection, vault: Vault, delivery: Delivery, model: HandledEvent | None
+    conn: asyncpg.Connection, vault: Vault, delivery: Delivery, model: HandledEvent | None
 ) -> Outcome:
     recorded = await record(conn, delivery, status="processed" if model else "ignored", vault=vault)
     if not recorded.inserted:
