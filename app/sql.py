@@ -21,7 +21,6 @@ from app.db import json_serializer
 DIALECT = PGDialect_asyncpg(  # type: ignore[no-untyped-call]
     json_serializer=json_serializer, json_deserializer=orjson.loads
 )
-CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,9 @@ def compile_statement(stmt: Any, columns: Sequence[str] | None = None) -> Compil
 async def transaction(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection's asyncpg handle inside one transaction.
 
-    The pool cannot see errors raised here, so a connection that failed is invalidated
-    explicitly: it is never handed to the next delivery.
+    The pool cannot see errors raised here, and after a failure asyncpg may be left
+    mid-protocol without reporting itself closed (seen when a backend is terminated), so a
+    connection that failed in any way is discarded: it is never handed to the next delivery.
     """
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
@@ -76,6 +76,6 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with raw.transaction():
                 yield raw
-        except CONNECTION_ERRORS:
+        except BaseException:
             await conn.invalidate()
             raise

@@ -1,14 +1,8 @@
 """The console script, run as a user would: real subprocesses, real servers."""
 
-import os
 import re
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,48 +12,7 @@ from cryptography.fernet import Fernet
 from app import traffic as factories
 from app.crypto import Vault, generate_key
 from tests.conftest import CREDENTIALS_TOKEN, FERNET_KEY, OPS_TOKEN, WEBHOOK_TOKEN
-
-CLI = [sys.executable, "-m", "app.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    return keep | values
-
-
-@contextmanager
-def serving(env: dict[str, str], cwd: Path) -> Iterator[tuple[int, str]]:
-    """Run `serve` until it answers /readyz; yield its port and what it printed."""
-    port = free_port()
-    out = cwd / f"serve-{port}.out"
-    with out.open("w") as sink:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port)],
-            env=env,
-            cwd=cwd,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, out.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield port, out.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from tests.servers import CLI, clean_env, serving
 
 
 def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
@@ -67,15 +20,17 @@ def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
     home.chmod(0o755)  # an ordinary folder: local mode refuses private ones
     env = clean_env(DATA_DIR=str(home / "data"))
     payload = factories.mailbox_created()
-    with serving(env, home) as (port, printed):
+    with serving(env, home) as server:
+        port, printed = server.port, server.output()
         assert "LOCAL MODE" in printed
         url = re.search(r"Webhook URL.*?: (\S+)", printed).group(1)  # type: ignore[union-attr]
         ops = re.search(r"Ops API token: +(\S+)", printed).group(1)  # type: ignore[union-attr]
         assert url.startswith(f"http://127.0.0.1:{port}/webhooks/cmr?token=")
         assert httpx.post(url, content=orjson.dumps(payload)).json()["status"] == "processed"
         assert oct((home / "data" / "secrets.env").stat().st_mode & 0o777) == "0o600"
-    with serving(env, home) as (port, printed_again):
-        assert ops in printed_again  # the same secrets after a restart
+    with serving(env, home) as server:
+        port = server.port
+        assert ops in server.output()  # the same secrets after a restart
         mailbox_id = payload["data"]["mailboxDetails"]["mailboxId"]
         response = httpx.get(
             f"http://127.0.0.1:{port}/api/v1/mailboxes/{mailbox_id}",
