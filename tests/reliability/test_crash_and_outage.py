@@ -2,6 +2,7 @@
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import httpx
@@ -32,7 +33,7 @@ def server_env(database_url: str) -> dict[str, str]:
     )
 
 
-def workload() -> tuple[list[dict], int]:
+def workload() -> tuple[list[dict[str, Any]], int]:
     created = [traffic.mailbox_created() for _ in range(240)]
     prewarm = [traffic.prewarmup_success(domains=2, per_domain=5) for _ in range(12)]
     return created + prewarm, len(created) + 12 * 10
@@ -112,7 +113,7 @@ async def test_database_outage_answers_503_then_recovers_without_restart(
 ):
     payloads, mailboxes = workload()
     name = database_url.rsplit("/", 1)[1].split("?")[0]
-    tally, ready = Tally(), Counter()
+    tally, ready = Tally(), Counter[int]()
     async with app_client(settings) as client:
 
         async def outage() -> None:
