@@ -5,9 +5,9 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 from sqlalchemy import Select, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,6 +30,9 @@ events: Table = Event.__table__  # type: ignore[assignment]
 rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
+# Identifiers and filter values: PostgreSQL text cannot hold NUL, so refuse it as a 422.
+Ident = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 
 
@@ -120,9 +123,9 @@ def mailbox_count(subscription_id: ColumnElement[Any]) -> Any:
 
 
 class SubscriptionQuery(ListQuery):
-    domain: str | None = None
-    user_id: str | None = None
-    user_email: str | None = None
+    domain: Ident | None = None
+    user_id: Ident | None = None
+    user_email: Ident | None = None
     provider: resources.Provider | None = None
     source: Literal["standard", "prewarmed"] | None = None
     status: Literal["active", "failed"] | None = None
@@ -149,7 +152,9 @@ async def list_subscriptions(
 
 
 @router.get("/subscriptions/{subscription_id}", summary="One subscription with its mailboxes")
-async def get_subscription(conn: Conn, subscription_id: str) -> resources.SubscriptionWithMailboxes:
+async def get_subscription(
+    conn: Conn, subscription_id: Annotated[Ident, Path()]
+) -> resources.SubscriptionWithMailboxes:
     stmt = subscription_select().where(subscriptions.c.subscription_id == subscription_id)
     row = (await conn.execute(stmt)).first()
     if row is None:
@@ -168,10 +173,10 @@ async def get_subscription(conn: Conn, subscription_id: str) -> resources.Subscr
 
 
 class MailboxQuery(ListQuery):
-    subscription_id: str | None = None
-    domain: str | None = None
-    email: str | None = None
-    user_id: str | None = None
+    subscription_id: Ident | None = None
+    domain: Ident | None = None
+    email: Ident | None = None
+    user_id: Ident | None = None
     provider: resources.Provider | None = None
     source: Literal["standard", "prewarmed"] | None = None
 
@@ -199,7 +204,7 @@ async def list_mailboxes(
 
 
 @router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)")
-async def get_mailbox(conn: Conn, mailbox_id: str) -> resources.Mailbox:
+async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resources.Mailbox:
     row = (await conn.execute(mailbox_select().where(mailboxes.c.mailbox_id == mailbox_id))).first()
     if row is None:
         raise NotFound()
@@ -215,7 +220,7 @@ async def get_credentials(
     request: Request,
     response: Response,
     conn: Conn,
-    mailbox_id: str,
+    mailbox_id: Annotated[Ident, Path()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> resources.Credentials:
     columns = [
@@ -245,7 +250,7 @@ async def get_credentials(
 
 
 class AuditQuery(ListQuery):
-    mailbox_id: str | None = None
+    mailbox_id: Ident | None = None
 
 
 @router.get(
@@ -269,7 +274,7 @@ async def list_credential_reads(
 class OrderQuery(ListQuery):
     status: Literal["succeeded", "failed", "partially_failed"] | None = None
     kind: Literal["mailbox", "prewarmup"] | None = None
-    user_id: str | None = None
+    user_id: Ident | None = None
 
 
 async def with_domains(conn: AsyncConnection, rows: Sequence[Any]) -> list[resources.Order]:
@@ -299,7 +304,7 @@ async def list_orders(
 
 
 @router.get("/orders/{order_id}", summary="One order with each domain's outcome")
-async def get_order(conn: Conn, order_id: str) -> resources.Order:
+async def get_order(conn: Conn, order_id: Annotated[Ident, Path()]) -> resources.Order:
     row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
     if row is None:
         raise NotFound()
@@ -310,9 +315,9 @@ async def get_order(conn: Conn, order_id: str) -> resources.Order:
 
 
 class EventQuery(ListQuery):
-    event: str | None = Field(None, max_length=256)
+    event: Ident | None = None
     status: Literal["processed", "ignored"] | None = None
-    event_id: str | None = Field(None, max_length=256)
+    event_id: Ident | None = None
     conflict: bool | None = None
 
 
@@ -332,7 +337,7 @@ async def list_events(
 
 
 @router.get("/events/{id}", summary="One stored event: redacted payload, deliveries, signature")
-async def get_event(conn: Conn, id: int) -> resources.Event:
+async def get_event(conn: Conn, id: RowId) -> resources.Event:
     row = (await conn.execute(event_select().where(events.c.id == id))).first()
     if row is None:
         raise NotFound()
@@ -340,7 +345,7 @@ async def get_event(conn: Conn, id: int) -> resources.Event:
 
 
 class RejectedQuery(ListQuery):
-    event_id: str | None = Field(None, max_length=256)
+    event_id: Ident | None = None
 
 
 def rejected_select() -> Select[Any]:
@@ -359,7 +364,7 @@ async def list_rejected(
 
 
 @router.get("/rejected/{id}", summary="One rejected delivery with its errors (no body)")
-async def get_rejected(conn: Conn, id: int) -> resources.Rejected:
+async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
     row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
     if row is None:
         raise NotFound()

@@ -8,6 +8,7 @@ import orjson
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_SECONDS = 5
 # Everything that means "the database could not do this now": answered 503, never 500.
@@ -48,6 +49,13 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 async def handle_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return json_response(exc.status, exc.body, exc.headers)
+
+
+async def handle_http_error(request: Request, exc: Exception) -> Response:
+    """Routing errors (unknown path, wrong method) in the same JSON shape as ours."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return json_response(exc.status_code, {"error": code}, dict(exc.headers or {}))
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:

@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import api, ops, webhooks
 from app.config import Settings, get_settings
@@ -15,6 +16,7 @@ from app.errors import (
     ApiError,
     handle_api_error,
     handle_database_error,
+    handle_http_error,
     handle_validation_error,
 )
 from app.logs import AccessLogMiddleware, configure_logging
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Receives Cold Mail Reseller webhooks and serves what they said to ops.",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, handle_database_error)
     app.add_middleware(AccessLogMiddleware)

@@ -72,12 +72,21 @@ def template_name(server_url: str) -> str:
     return name
 
 
-@pytest.fixture
-async def database_url(server_url: str, template_name: str) -> AsyncIterator[str]:
+@asynccontextmanager
+async def fresh_database(server_url: str, template_name: str) -> AsyncIterator[str]:
+    """A migrated database of its own, dropped afterwards."""
     name = f"cmw_test_{os.getpid()}_{next(_counter)}"
     await _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_name}")
-    yield with_database(server_url, name)
-    await _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    try:
+        yield with_database(server_url, name)
+    finally:
+        await _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_name: str) -> AsyncIterator[str]:
+    async with fresh_database(server_url, template_name) as url:
+        yield url
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
