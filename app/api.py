@@ -3,7 +3,7 @@
 import base64
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,6 +33,7 @@ credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 # Identifiers and filter values: PostgreSQL text cannot hold NUL, so refuse it as a 422.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
 RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 
 
@@ -97,6 +98,15 @@ async def fetch_page(
     more = len(rows) > query.limit
     rows = rows[: query.limit]
     return rows, encode_cursor(rows[-1].id) if more else None
+
+
+async def list_page(
+    conn: AsyncConnection, stmt: Select[Any], table: Table, query: ListQuery, model: type[R]
+) -> resources.Page[R]:
+    """A filtered keyset page of `table`, as `model` items."""
+    stmt = apply_filters(stmt, table, filter_values(query))
+    rows, cursor = await fetch_page(conn, stmt, table, query)
+    return resources.Page(items=[model.model_validate(r) for r in rows], next_cursor=cursor)
 
 
 def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> Select[Any]:
@@ -196,11 +206,7 @@ def mailbox_select() -> Select[Any]:
 async def list_mailboxes(
     conn: Conn, query: Annotated[MailboxQuery, Query()]
 ) -> resources.Page[resources.Mailbox]:
-    stmt = apply_filters(mailbox_select(), mailboxes, filter_values(query))
-    rows, cursor = await fetch_page(conn, stmt, mailboxes, query)
-    return resources.Page(
-        items=[resources.Mailbox.model_validate(r) for r in rows], next_cursor=cursor
-    )
+    return await list_page(conn, mailbox_select(), mailboxes, query, resources.Mailbox)
 
 
 @router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)")
@@ -261,10 +267,8 @@ class AuditQuery(ListQuery):
 async def list_credential_reads(
     conn: Conn, query: Annotated[AuditQuery, Query()]
 ) -> resources.Page[resources.CredentialRead]:
-    stmt = apply_filters(select(credential_reads), credential_reads, filter_values(query))
-    rows, cursor = await fetch_page(conn, stmt, credential_reads, query)
-    return resources.Page(
-        items=[resources.CredentialRead.model_validate(r) for r in rows], next_cursor=cursor
+    return await list_page(
+        conn, select(credential_reads), credential_reads, query, resources.CredentialRead
     )
 
 
@@ -329,11 +333,7 @@ def event_select() -> Select[Any]:
 async def list_events(
     conn: Conn, query: Annotated[EventQuery, Query()]
 ) -> resources.Page[resources.Event]:
-    stmt = apply_filters(event_select(), events, filter_values(query))
-    rows, cursor = await fetch_page(conn, stmt, events, query)
-    return resources.Page(
-        items=[resources.Event.model_validate(r) for r in rows], next_cursor=cursor
-    )
+    return await list_page(conn, event_select(), events, query, resources.Event)
 
 
 @router.get("/events/{id}", summary="One stored event: redacted payload, deliveries, signature")
@@ -356,11 +356,7 @@ def rejected_select() -> Select[Any]:
 async def list_rejected(
     conn: Conn, query: Annotated[RejectedQuery, Query()]
 ) -> resources.Page[resources.Rejected]:
-    stmt = apply_filters(rejected_select(), rejected, filter_values(query))
-    rows, cursor = await fetch_page(conn, stmt, rejected, query)
-    return resources.Page(
-        items=[resources.Rejected.model_validate(r) for r in rows], next_cursor=cursor
-    )
+    return await list_page(conn, rejected_select(), rejected, query, resources.Rejected)
 
 
 @router.get("/rejected/{id}", summary="One rejected delivery with its errors (no body)")

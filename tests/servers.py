@@ -26,6 +26,14 @@ def clean_env(**values: str) -> dict[str, str]:
     return keep | values
 
 
+def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> str:
+    """Run a CLI command to completion; its standard output."""
+    result = subprocess.run(
+        [*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, check=True, timeout=120
+    )
+    return result.stdout
+
+
 class Server:
     """One `serve` process; its output (logs included) is kept in a file for inspection."""
 

@@ -11,8 +11,16 @@ from cryptography.fernet import Fernet
 
 from app import traffic as factories
 from app.crypto import Vault, generate_key
-from tests.conftest import CREDENTIALS_TOKEN, FERNET_KEY, OPS_TOKEN, WEBHOOK_TOKEN
-from tests.servers import CLI, clean_env, serving
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    FERNET_KEY,
+    OPS_TOKEN,
+    WEBHOOK_TOKEN,
+    app_client,
+    deliver,
+    make_settings,
+)
+from tests.servers import CLI, clean_env, run_cli, serving
 
 
 def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
@@ -37,10 +45,8 @@ def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
             headers={"Authorization": f"Bearer {ops}"},
         )
         assert response.status_code == 200
-    stopped = subprocess.run(
-        [*CLI, "db", "stop"], env=env, cwd=home, capture_output=True, text=True, check=True
-    )
-    assert "no embedded database was running" in stopped.stdout  # serve stopped it itself
+    stopped = run_cli("db", "stop", env=env, cwd=home)
+    assert "no embedded database was running" in stopped  # serve stopped it itself
 
 
 def test_production_mode_refuses_to_start_without_a_secret(database_url):
@@ -51,15 +57,14 @@ def test_production_mode_refuses_to_start_without_a_secret(database_url):
 
 
 def test_generate_key_prints_a_usable_fernet_key():
-    out = subprocess.run([*CLI, "generate-key"], capture_output=True, text=True, check=True)
-    Fernet(out.stdout.strip())
+    Fernet(run_cli("generate-key", env=clean_env()).strip())
 
 
 async def test_rotate_keys_then_dropping_the_old_key_keeps_every_credential(
     client, database_url, settings
 ):
     payload = factories.prewarmup_success(domains=2, per_domain=3)
-    await client_deliver(client, payload)
+    assert (await deliver(client, payload)).status_code == 200
     new_key = generate_key()
     env = clean_env(
         DATABASE_URL=database_url,
@@ -67,24 +72,13 @@ async def test_rotate_keys_then_dropping_the_old_key_keeps_every_credential(
         OPS_API_TOKENS=OPS_TOKEN,
         WEBHOOK_TOKENS=WEBHOOK_TOKEN,
     )
-    first = subprocess.run(
-        [*CLI, "rotate-keys", "--batch", "4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert re.search(r"mailboxes.password_encrypted\s+re-encrypted\s+6", first.stdout)
-    assert re.search(r"events.body_encrypted\s+re-encrypted\s+1", first.stdout)
-    again = subprocess.run(
-        [*CLI, "rotate-keys"], env=env, capture_output=True, text=True, check=True, timeout=120
-    )
+    first = run_cli("rotate-keys", "--batch", "4", env=env)
+    assert re.search(r"mailboxes.password_encrypted\s+re-encrypted\s+6", first)
+    assert re.search(r"events.body_encrypted\s+re-encrypted\s+1", first)
+    again = run_cli("rotate-keys", env=env)
     assert re.search(
-        r"mailboxes.password_encrypted\s+re-encrypted\s+0\s+already current\s+6", again.stdout
+        r"mailboxes.password_encrypted\s+re-encrypted\s+0\s+already current\s+6", again
     )
-    from tests.conftest import app_client, make_settings  # noqa: PLC0415
-
     async with app_client(make_settings(database_url, fernet_keys=new_key)) as fresh:
         headers = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
         for group in payload["data"]["mailboxDetails"]:
@@ -93,13 +87,6 @@ async def test_rotate_keys_then_dropping_the_old_key_keeps_every_credential(
                     f"/api/v1/mailboxes/{box['mailboxId']}/credentials", headers=headers
                 )
                 assert got.json()["authenticatorSecret"] == box["authenticatorSecret"]
-
-
-async def client_deliver(client, payload):
-    from tests.conftest import deliver  # noqa: PLC0415
-
-    response = await deliver(client, payload)
-    assert response.status_code == 200
 
 
 async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client, database_url, db):
@@ -115,32 +102,18 @@ async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client
         Vault([FERNET_KEY]).encrypt(body),
     )
     still_bad = factories.mailbox_created(price="free")
-    await client_deliver_expect(client, still_bad, 422)
+    assert (await deliver(client, still_bad)).status_code == 422
     env = clean_env(
         DATABASE_URL=database_url,
         FERNET_KEYS=FERNET_KEY,
         OPS_API_TOKENS=OPS_TOKEN,
         WEBHOOK_TOKENS=WEBHOOK_TOKEN,
     )
-    dry = subprocess.run(
-        [*CLI, "replay", "--all", "--dry-run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert "rejected: would apply 1, still invalid 1" in dry.stdout
+    dry = run_cli("replay", "--all", "--dry-run", env=env)
+    assert "rejected: would apply 1, still invalid 1" in dry
     assert await db.fetchval("select count(*) from mailboxes") == 0
-    run = subprocess.run(
-        [*CLI, "replay", "--rejected", str(row_id)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert "rejected: applied 1, still invalid 0" in run.stdout
+    run = run_cli("replay", "--rejected", str(row_id), env=env)
+    assert "rejected: applied 1, still invalid 0" in run
     assert (
         await db.fetchval("select mailbox_id from mailboxes")
         == payload["data"]["mailboxDetails"]["mailboxId"]
@@ -155,24 +128,11 @@ async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client
         )
         == payload["eventId"]
     )
-    again = subprocess.run(
-        [*CLI, "replay", "--rejected", str(row_id)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert "rejected: applied 0" in again.stdout  # a replayed delivery is not applied twice
-
-
-async def client_deliver_expect(client, payload, status):
-    from tests.conftest import deliver  # noqa: PLC0415
-
-    assert (await deliver(client, payload)).status_code == status
+    again = run_cli("replay", "--rejected", str(row_id), env=env)
+    assert "rejected: applied 0" in again  # a replayed delivery is not applied twice
 
 
 def test_every_command_has_help():
-    out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, check=True).stdout
+    out = run_cli("--help", env=clean_env())
     for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):
         assert command in out
