@@ -26,6 +26,17 @@ def pg_dump(database_url: str) -> str:
     ).stdout
 
 
+def assert_json_log_lines(logs: str, event_id: str) -> None:
+    """Production logs: one JSON object a line, deliveries with their outcome and latency."""
+    records = [orjson.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert len(records) >= len(logs.splitlines()) - 2  # at most uvicorn's own start lines
+    delivery = next(r for r in records if r.get("eventId") == event_id)
+    assert delivery["event"] == "mailbox.created" and delivery["outcome"] == "processed"
+    assert delivery["request_id"] and delivery["latency_ms"] > 0
+    access = [r for r in records if r.get("logger") == "coldmail.access"]
+    assert access and all("?" not in r["path"] for r in access)
+
+
 def canaries_in(payload: object) -> set[str]:
     text = orjson.dumps(payload).decode()
     return {part.split('"')[0] for part in text.split('"canary-')[1:]}
@@ -72,6 +83,7 @@ def test_no_canary_or_token_leaks_anywhere(database_url, tmp_path):
         )
         assert secret.json()["password"] == payloads[1]["data"]["mailboxDetails"]["password"]
     logs = server.output()
+    assert_json_log_lines(logs, payloads[0]["eventId"])
     dump = pg_dump(database_url)
     assert "delivery" in logs and payloads[0]["eventId"] in logs  # the logs are real
     assert "INSERT" not in dump or "COPY" in dump

@@ -1,0 +1,48 @@
+"""Metrics an operator scrapes, and a shutdown that finishes the delivery in flight."""
+
+import asyncio
+import re
+
+import httpx
+import orjson
+
+from app import signing, traffic
+from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, deliver
+from tests.reliability.test_crash_and_outage import server_env
+from tests.servers import Server
+
+
+async def test_metrics_count_deliveries_outcomes_latency_and_signatures(client):
+    await deliver(client, traffic.mailbox_created())
+    await deliver(client, traffic.mailbox_created(price="x"))
+    await deliver(client, traffic.mailbox_created(), signing_key="wrong")
+    text = (await client.get("/metrics")).text
+    assert re.search(
+        r'cmr_webhook_deliveries_total\{event="mailbox.created",'
+        r'outcome="processed"\} 1.0',
+        text,
+    )
+    assert 'cmr_webhook_rejections_total{reason="invalid_payload"} 1.0' in text
+    assert 'cmr_webhook_signatures_total{result="invalid"} 1.0' in text
+    assert 'cmr_webhook_processing_seconds_count{outcome="processed"} 1.0' in text
+    assert "cmr_db_pool_connections_in_use" in text
+
+
+async def test_sigterm_lets_the_delivery_in_flight_finish(database_url, tmp_path):
+    server = Server(server_env(database_url), tmp_path)
+    await asyncio.to_thread(server.start)
+    body = orjson.dumps(traffic.prewarmup_success(domains=100, per_domain=10))
+    headers = signing.sign(SIGNING_KEY, body) | {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        sending = asyncio.create_task(
+            client.post(
+                "/webhooks/cmr", content=body, headers=headers, params={"token": WEBHOOK_TOKEN}
+            )
+        )
+        await asyncio.sleep(0.05)  # the body is on its way
+        assert server.proc is not None
+        server.proc.terminate()
+        response = await sending
+    await asyncio.to_thread(server.proc.wait, 30)
+    assert response.status_code == 200 and response.json()["status"] == "processed"
+    assert server.proc.returncode == 0
