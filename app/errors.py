@@ -59,7 +59,7 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:
-    return json_response(503, {"error": "unavailable"}, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return await handle_api_error(request, Unavailable())
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> Response:

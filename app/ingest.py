@@ -492,8 +492,7 @@ async def apply_prewarmup_success(
         )
         boxes.extend(_prewarmed_row(vault, data, group, box) for box in group.preWarmedUpMailboxes)
     await upsert_subscriptions(conn, subs, succeeded=True, authoritative=True)
-    for start in range(0, len(boxes), 1000):  # stays under PostgreSQL's 32,767 parameters
-        await upsert_mailboxes(conn, boxes[start : start + 1000])
+    await upsert_mailboxes(conn, boxes)
     outcomes = [
         {"domain": g.domain, "subscription_id": g.subscriptionId} for g in data.mailboxDetails
     ]
