@@ -13,9 +13,13 @@ RUN pip install --no-deps .
 
 # Runtime stage: the virtual environment only, run by an unprivileged user.
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin coldmail
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin coldmail \
+  && mkdir -p /var/lib/coldmail/spool && chown -R coldmail /var/lib/coldmail
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOG_FORMAT=json
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LOG_FORMAT=json \
+  SPOOL_DIR=/var/lib/coldmail/spool
+# Deliveries wait here while PostgreSQL is unreachable: keep it on a volume.
+VOLUME /var/lib/coldmail/spool
 USER coldmail
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \

@@ -9,15 +9,24 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
-from sqlalchemy import Select, Table, func, insert, select
+from sqlalchemy import Select, Table, func, insert, or_, select, text, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from app import resources
 from app.crypto import Vault, fingerprint, token_matches
 from app.errors import ApiError, NotFound
-from app.models import CredentialRead, Event, Mailbox, Order, OrderDomain, RejectedDelivery
+from app.models import (
+    CredentialRead,
+    Domain,
+    Event,
+    Mailbox,
+    Order,
+    OrderDomain,
+    RejectedDelivery,
+)
 from app.models import Subscription as SubscriptionRow
+from app.schemas import HANDLED_EVENTS
 
 bearer = HTTPBearer(
     auto_error=False, description="A token from OPS_API_TOKENS or CREDENTIALS_API_TOKENS"
@@ -27,6 +36,7 @@ mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
 orders: Table = Order.__table__  # type: ignore[assignment]
 order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
 events: Table = Event.__table__  # type: ignore[assignment]
+domains: Table = Domain.__table__  # type: ignore[assignment]
 rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
@@ -123,13 +133,14 @@ def filter_values(query: ListQuery) -> dict[str, Any]:
 # --- subscriptions -------------------------------------------------------------------
 
 
-def mailbox_count(subscription_id: ColumnElement[Any]) -> Any:
-    return (
-        select(func.count())
-        .where(mailboxes.c.subscription_id == subscription_id)
-        .scalar_subquery()
-        .label("mailbox_count")
-    )
+def mailbox_count(
+    subscription_id: ColumnElement[Any], order_id: ColumnElement[Any] | None = None
+) -> Any:
+    """A subscription's mailboxes; with `order_id`, only those that order brought."""
+    stmt = select(func.count()).where(mailboxes.c.subscription_id == subscription_id)
+    if order_id is not None:
+        stmt = stmt.where(mailboxes.c.order_id == order_id)
+    return stmt.scalar_subquery().label("mailbox_count")
 
 
 class SubscriptionQuery(ListQuery):
@@ -139,11 +150,30 @@ class SubscriptionQuery(ListQuery):
     provider: resources.Provider | None = None
     source: Literal["standard", "prewarmed"] | None = None
     status: Literal["active", "failed"] | None = None
+    subscription_status: resources.SubscriptionStatus | None = None
     expires_before: datetime | None = Field(None, description="ISO 8601 date or time")
 
 
 def subscription_select() -> Select[Any]:
-    return select(subscriptions, mailbox_count(subscriptions.c.subscription_id))
+    """Subscriptions with their mailbox count and their domain's registrar state (by the
+    domain's ID, else its name)."""
+    s = subscriptions.c
+    by_id = domains.c.domain_id == s.domain_id
+    domain = (
+        select(domains.c.status, domains.c.expiry_date)
+        .where(or_(by_id, domains.c.name == s.domain))
+        .order_by(by_id.desc().nulls_last())
+        .limit(1)
+        .lateral("domain")
+    )
+    visible = [c for c in subscriptions.c if c.name not in ("quantity", "lifecycle_quantity")]
+    return select(
+        *visible,
+        func.coalesce(s.lifecycle_quantity, s.quantity).label("quantity"),
+        mailbox_count(s.subscription_id),
+        domain.c.status.label("domain_status"),
+        domain.c.expiry_date.label("domain_expiry_date"),
+    ).select_from(subscriptions.outerjoin(domain, true()))
 
 
 @router.get("/subscriptions", summary="List subscriptions (one per domain)")
@@ -285,7 +315,10 @@ async def with_domains(conn: AsyncConnection, rows: Sequence[Any]) -> list[resou
     """Attach each order's domains, fetched for the whole page in one query."""
     ids = [row.order_id for row in rows]
     stmt = (
-        select(order_domains, mailbox_count(order_domains.c.subscription_id))
+        select(
+            order_domains,
+            mailbox_count(order_domains.c.subscription_id, order_domains.c.order_id),
+        )
         .where(order_domains.c.order_id.in_(ids))
         .order_by(order_domains.c.domain)
     )
@@ -375,6 +408,21 @@ async def counts_by(conn: AsyncConnection, table: Table, column: str) -> dict[st
     return {str(key): count for key, count in rows}
 
 
+def replayable_count() -> Any:
+    """Stored as ignored, of a type this version applies, and not for want of an ID."""
+    identified = text(
+        "NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(events.warnings) AS w "
+        "WHERE w LIKE 'stored as ignored:%')"
+    )
+    return (
+        select(func.count())
+        .select_from(events)
+        .where(events.c.status == "ignored", events.c.event.in_(sorted(HANDLED_EVENTS)))
+        .where(identified)
+        .scalar_subquery()
+    )
+
+
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
 async def stats(conn: Conn) -> resources.Stats:
     by_provider = await counts_by(conn, mailboxes, "provider")
@@ -383,8 +431,9 @@ async def stats(conn: Conn) -> resources.Stats:
         select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery(),
         select(func.count()).select_from(rejected).scalar_subquery(),
         select(func.max(events.c.last_received_at)).scalar_subquery(),
+        replayable_count(),
     )
-    subs, conflicts, rejected_count, last = (await conn.execute(scalars)).one()
+    subs, conflicts, rejected_count, last, replayable = (await conn.execute(scalars)).one()
     return resources.Stats(
         subscriptions=subs,
         mailboxes=sum(by_provider.values()),
@@ -394,5 +443,6 @@ async def stats(conn: Conn) -> resources.Stats:
         events_by_status=await counts_by(conn, events, "status"),
         conflicts=conflicts,
         rejected_deliveries=rejected_count,
+        replayable_events=replayable,
         last_delivery_at=last,
     )

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     data_dir: Path = Path(".data")
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=1024**3, ge=1024)
 
     @field_validator("database_url")
     @classmethod
@@ -68,6 +70,10 @@ class Settings(BaseSettings):
                     "(32 url-safe base64 bytes; make one: coldmail-webhooks generate-key)"
                 ) from None
         return value
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
 
     @property
     def fernet_key_list(self) -> list[str]:

@@ -1,64 +1,37 @@
-"""Recording deliveries and applying events.
-
-Every effect is an upsert keyed by the provider's own IDs, written so that the final
-state is the same whatever order events arrive in:
-- "authoritative" events (order success) overwrite descriptive fields; others
-  (mailbox.created, failures) only fill fields still empty;
-- success beats failure, for subscriptions and for order domains, in either order;
-- a field set by mailbox.updated survives a later mailbox.created, and competing updates
-  of one field resolve by the greater (eventId, content hash), not by arrival.
-"""
+"""Recording deliveries and applying events, by the rules declared in app/merge.py."""
 
 import hashlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property, lru_cache
 from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import (
-    Table,
-    Text,
-    bindparam,
-    case,
-    func,
-    literal,
-    literal_column,
-    select,
-    type_coerce,
-    update,
-)
-from sqlalchemy.dialects.postgresql import JSONB, insert
-from sqlalchemy.sql.elements import ColumnElement
 
-from app import schemas
+from app import merge, schemas
 from app.crypto import Vault, redact
-from app.models import Event, Mailbox, Order, OrderDomain, Subscription
+from app.merge import Upsert
 from app.signing import SignatureCheck
-from app.sql import Compiled, compile_statement
 
-events: Table = Event.__table__  # type: ignore[assignment]
-subscriptions: Table = Subscription.__table__  # type: ignore[assignment]
-mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
-orders: Table = Order.__table__  # type: ignore[assignment]
-order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
+Row = dict[str, Any]
 
-UPDATABLE_FIELDS = {
-    "firstName": "first_name",
-    "lastName": "last_name",
-    "userName": "user_name",
-    "profilePicture": "profile_picture",
-}
+
+def version(at: datetime, event_id: str) -> str:
+    """Sorts as text (C collation) by time, then eventId: 'the later event wins'."""
+    return f"{round(at.timestamp() * 1_000_000):020d}|{event_id}"
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """A parsed, authenticated delivery, ready to record."""
+    """An authenticated, parsed delivery, ready to record (live, from the spool, or replayed)."""
 
-    envelope: dict[str, Any]
+    envelope: dict[str, Any]  # normalised: `event` and `eventId` always present
     raw: bytes
     signature: SignatureCheck
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    warnings: list[str] = field(default_factory=list)
+    spooled: bool = False
 
     @property
     def event_id(self) -> str:
@@ -70,12 +43,19 @@ class Delivery:
 
     @cached_property
     def content_hash(self) -> bytes:
-        return canonical_hash(self.envelope)
+        return hashlib.sha256(schemas.canonical(self.envelope)).digest()
 
     @property
-    def version(self) -> str:
-        """Total order over deliveries, used to settle competing mailbox.updated fields."""
-        return f"{self.event_id}:{self.content_hash.hex()}"
+    def event_time(self) -> datetime:
+        signed = self.signature.signed_at if self.signature.ok else None
+        return datetime.fromtimestamp(signed, UTC) if signed is not None else self.received_at
+
+    @property
+    def lock_key(self) -> int:
+        """Deliveries sharing an eventId take turns, so a conflict is seen even when they
+        arrive at the same instant."""
+        digest = hashlib.sha256(self.event_id.encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -85,44 +65,16 @@ class Recorded:
     conflict: bool
 
 
-def canonical_hash(envelope: dict[str, Any]) -> bytes:
-    return hashlib.sha256(orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)).digest()
-
-
-RECORD_COLUMNS = (
-    "event_id",
-    "event",
-    "status",
-    "content_hash",
-    "deliveries",
-    "conflict",
-    "signature",
-    "signature_form",
-    "payload",
-    "body_encrypted",
-)
-
-
-@lru_cache(maxsize=1)
-def _record_statement() -> Compiled:
-    """Built once: rows go in as parameters, so SQLAlchemy reuses the compiled form."""
-    same_event_id = (
-        select(func.count())
-        .select_from(events)
-        .where(events.c.event_id == bindparam("same_event_id"))
-        .scalar_subquery()
-    )
-    stmt = (
-        insert(events)
-        .on_conflict_do_update(
-            index_elements=["event_id", "content_hash"],
-            set_={"deliveries": events.c.deliveries + 1, "last_received_at": func.now()},
-        )
-        .returning(
-            events.c.id, literal_column("xmax = 0").label("inserted"), same_event_id.label("others")
-        )
-    )
-    return compile_statement(stmt, RECORD_COLUMNS)
+RECORD = """
+INSERT INTO events AS e (event_id, event, status, content_hash, deliveries, conflict, signature,
+    signature_form, payload, body_encrypted, first_received_at, last_received_at, event_time,
+    warnings, spooled)
+VALUES ($1, $2, $3, $4, 1, false, $5, $6, $7::jsonb, $8, $9, $9, $10, $11::jsonb, $12)
+ON CONFLICT (event_id, content_hash) DO UPDATE SET deliveries = e.deliveries + 1,
+    last_received_at = greatest(e.last_received_at, EXCLUDED.last_received_at)
+RETURNING id, xmax = 0 AS inserted,
+    (SELECT count(*) FROM events WHERE event_id = $1) AS others
+"""
 
 
 async def record(
@@ -131,23 +83,24 @@ async def record(
     """Insert the event once per (eventId, content); a repeat only counts a delivery.
 
     The unique constraint decides, so concurrent identical deliveries cannot both insert.
-    The RETURNING subquery sees the table as it was before this statement, so `others`
-    counts earlier rows with the same eventId: a non-zero count on insert is a conflict.
+    The subquery sees the table as it was before this statement (and, under the eventId's
+    lock, every earlier delivery of it): a non-zero count on insert is a conflict.
     """
-    params = {
-        "event_id": delivery.event_id,
-        "event": delivery.event,
-        "status": status,
-        "content_hash": delivery.content_hash,
-        "deliveries": 1,
-        "conflict": False,
-        "signature": delivery.signature.result,
-        "signature_form": delivery.signature.form,
-        "payload": redact(delivery.envelope),
-        "body_encrypted": vault.encrypt(delivery.raw),
-        "same_event_id": delivery.event_id,
-    }
-    row = await _record_statement().fetchrow(conn, params)
+    row = await conn.fetchrow(
+        RECORD,
+        delivery.event_id,
+        delivery.event,
+        status,
+        delivery.content_hash,
+        delivery.signature.result,
+        delivery.signature.form,
+        orjson.dumps(redact(delivery.envelope)).decode(),
+        vault.encrypt(delivery.raw),
+        delivery.received_at,
+        delivery.event_time,
+        orjson.dumps(delivery.warnings).decode(),
+        delivery.spooled,
+    )
     conflict = bool(row["inserted"] and row["others"])
     if conflict:
         await conn.execute(
@@ -156,373 +109,204 @@ async def record(
     return Recorded(row_id=row["id"], inserted=bool(row["inserted"]), conflict=conflict)
 
 
-def _least_reason(table: Table, excluded: Any) -> dict[str, Any]:
-    # Of several reported failure reasons, keep the same one whatever the arrival order.
-    return {"reason": func.least(table.c.reason, excluded.reason)}
-
-
-def _snapshot_fields(table: Table, excluded: Any) -> dict[str, Any]:
-    """Fields mailbox.updated may have set keep the update's value over a snapshot's."""
-    return {
-        column: case(
-            (table.c.field_versions.has_key(field), table.c[column]),
-            else_=func.coalesce(excluded[column], table.c[column]),
-        )
-        for field, column in UPDATABLE_FIELDS.items()
-    }
-
-
-# Per-table exceptions to "overwrite" / "fill in", by name so statements can be cached.
-OVERRIDES: dict[str, Callable[[Table, Any], dict[str, Any]]] = {
-    "none": lambda table, excluded: {},
-    # A success makes a subscription active; a failure never demotes an active one.
-    "activate": lambda table, excluded: {"status": literal("active")},
-    "keep_status": lambda table, excluded: {"status": table.c.status},
-    "snapshot": _snapshot_fields,
-    "domain_succeeded": lambda t, e: {"status": literal("succeeded")} | _least_reason(t, e),
-    "domain_failed": lambda t, e: {"status": t.c.status} | _least_reason(t, e),
-}
-TABLES = {t.name: t for t in (subscriptions, mailboxes, orders, order_domains)}
-
-
-@lru_cache(maxsize=128)
-def upsert_statement(
-    table_name: str,
-    columns: tuple[str, ...],
-    key: tuple[str, ...],
-    authoritative: bool,
-    override: str,
-) -> Compiled:
-    """INSERT .. ON CONFLICT DO UPDATE that overwrites (authoritative) or only fills in."""
-    table = TABLES[table_name]
-    stmt = insert(table)
-    new, old = stmt.excluded, table.c
-    set_: dict[str, Any] = {
-        c: func.coalesce(new[c], old[c]) if authoritative else func.coalesce(old[c], new[c])
-        for c in columns
-        if c not in key
-    }
-    set_["updated_at"] = func.now()
-    set_.update(OVERRIDES[override](table, new))
-    return compile_statement(
-        stmt.on_conflict_do_update(index_elements=list(key), set_=set_), columns
-    )
-
-
-async def _upsert(
-    conn: asyncpg.Connection,
-    table: Table,
-    rows: list[dict[str, Any]],
-    *,
-    key: tuple[str, ...],
-    authoritative: bool,
-    override: str = "none",
-) -> None:
-    stmt = upsert_statement(table.name, tuple(rows[0]), key, authoritative, override)
-    if len(rows) == 1:
-        await stmt.execute(conn, rows[0])
+async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[dict[str, Any]]) -> None:
+    """Rows sorted by key, so concurrent upserts of the same rows lock them in one order."""
+    unique = {tuple(row[k] for k in statement.key): row for row in rows}
+    args = [[unique[k].get(c) for c in statement.names] for k in sorted(unique)]
+    if len(args) == 1:
+        await conn.execute(statement.sql, *args[0])
     else:
-        await stmt.executemany(conn, rows)
+        await conn.executemany(statement.sql, args)
 
 
-def _unique(rows: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """One row per key (the last wins), sorted by key so concurrent upserts lock in one order."""
-    by_key = {row[key]: row for row in rows}
-    return [by_key[k] for k in sorted(by_key)]
+def order_row(order_id: str, kind: str, owner: dict[str, Any]) -> dict[str, Any]:
+    # The status is derived from the order's domains right after (derive_order).
+    return {"order_id": order_id, "kind": kind, "status": "succeeded"} | owner
 
 
-async def upsert_subscriptions(
-    conn: asyncpg.Connection, rows: list[dict[str, Any]], *, succeeded: bool, authoritative: bool
-) -> None:
-    status = "active" if succeeded else "failed"
-    rows = _unique(({**row, "status": status} for row in rows), "subscription_id")
-    await _upsert(
-        conn,
-        subscriptions,
-        rows,
-        key=("subscription_id",),
-        authoritative=authoritative,
-        override="activate" if succeeded else "keep_status",
-    )
+async def derive_order(conn: asyncpg.Connection, order_id: str, subscriptions: list[str]) -> None:
+    await conn.execute(merge.ORDER_STATUS, order_id)
+    if subscriptions:
+        await conn.execute(merge.SUBSCRIPTION_ORDERS, subscriptions)
 
 
-async def upsert_mailboxes(conn: asyncpg.Connection, rows: list[dict[str, Any]]) -> None:
-    """Full snapshots (mailbox.created, prewarmup), many rows in one round trip."""
-    await _upsert(
-        conn,
-        mailboxes,
-        _unique(rows, "mailbox_id"),
-        key=("mailbox_id",),
-        authoritative=True,
-        override="snapshot",
-    )
-
-
-async def upsert_order(
-    conn: asyncpg.Connection,
-    *,
-    order_id: str,
-    kind: str,
-    user_id: str | None,
-    user_email: str | None,
-    provider: str | None,
-) -> None:
-    row: dict[str, Any] = {
-        "order_id": order_id,
-        "kind": kind,
-        "user_id": user_id,
-        "user_email": user_email,
-        "provider": provider,
-        "status": "succeeded",  # recomputed from the domains below
+def credentials(vault: Vault, given: schemas.Credentials) -> dict[str, bytes | None]:
+    return {
+        "password_encrypted": vault.encrypt_text(given.password),
+        "app_password_encrypted": vault.encrypt_text(given.appPassword),
+        "authenticator_secret_encrypted": vault.encrypt_text(given.authenticatorSecret),
     }
-    await _upsert(
-        conn, orders, [row], key=("order_id",), authoritative=False, override="keep_status"
-    )
 
 
-async def set_domain_outcomes(
-    conn: asyncpg.Connection, order_id: str, rows: list[dict[str, Any]], *, succeeded: bool
-) -> None:
-    """Record each domain's outcome, then derive the order's status from all its domains."""
-    status = "succeeded" if succeeded else "failed"
-    rows = _unique(
-        (
-            {"order_id": order_id, "reason": None, "subscription_id": None, **row, "status": status}
-            for row in rows
-        ),
-        "domain",
-    )
-    await _upsert(
-        conn,
-        order_domains,
-        rows,
-        key=("order_id", "domain"),
-        authoritative=False,
-        override="domain_succeeded" if succeeded else "domain_failed",
-    )
-    await _order_status_statement().execute(conn, {"status_order_id": order_id})
-
-
-@lru_cache(maxsize=1)
-def _order_status_statement() -> Compiled:
-    """An order's status, derived from all of its domains' outcomes."""
-    od = order_domains.c
-    order_id = bindparam("status_order_id", type_=Text)
-    derived = (
-        select(
-            case(
-                (func.bool_and(od.status == "succeeded"), "succeeded"),
-                (func.bool_and(od.status == "failed"), "failed"),
-                else_="partially_failed",
-            )
-        )
-        .where(od.order_id == order_id)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(orders)
-        .where(orders.c.order_id == order_id)
-        .values(status=derived, updated_at=func.now())
-    )
-    return compile_statement(stmt)
+# --- standard mailbox orders ----------------------------------------------------------
 
 
 async def apply_mailbox_order(
-    conn: asyncpg.Connection, model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed
+    conn: asyncpg.Connection,
+    model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed,
+    at: str,
 ) -> None:
     data = model.data
-    succeeded = isinstance(model, schemas.MailboxOrderSuccess)
+    succeeded = isinstance(data, schemas.MailboxOrderSuccessData)
     domain = data.domainName if isinstance(data, schemas.MailboxOrderSuccessData) else data.domain
-    if data.subscriptionId:
-        row: dict[str, Any] = {
-            "subscription_id": data.subscriptionId,
-            "domain": domain,
-            "user_id": data.userId,
-            "user_email": data.userEmail,
-            "provider": data.workspaceType,
-            "source": "standard",
-            "order_id": data.orderId,
-            "price": data.price,
-            "quantity": data.quantity,
-        }
-        if isinstance(data, schemas.MailboxOrderSuccessData):
-            row |= {"domain_id": data.domainId, "expiry_date": data.expiryDate}
-        await upsert_subscriptions(conn, [row], succeeded=succeeded, authoritative=succeeded)
-    await upsert_order(
-        conn,
-        order_id=data.orderId,
-        kind="mailbox",
-        user_id=data.userId,
-        user_email=data.userEmail,
-        provider=data.workspaceType,
-    )
-    outcome: dict[str, Any] = {"domain": domain, "subscription_id": data.subscriptionId}
-    if isinstance(data, schemas.MailboxOrderFailedData):
-        outcome["reason"] = data.reason
-    await set_domain_outcomes(conn, data.orderId, [outcome], succeeded=succeeded)
-
-
-def _credentials(
-    vault: Vault, box: schemas.CreatedMailbox | schemas.PrewarmedMailbox
-) -> dict[str, Any]:
-    return {
-        "password_encrypted": vault.encrypt_text(box.password),
-        "app_password_encrypted": vault.encrypt_text(box.appPassword),
-        "authenticator_secret_encrypted": vault.encrypt_text(box.authenticatorSecret),
+    owner: Row = {
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.workspaceType,
     }
+    if data.subscriptionId:
+        sub: Row = {"subscription_id": data.subscriptionId, "domain": domain, "source": "standard"}
+        sub |= owner | {"order_id": data.orderId, "status": "active" if succeeded else "failed"}
+        if isinstance(data, schemas.MailboxOrderSuccessData):
+            sub |= {"domain_id": data.domainId, "expiry_date": data.expiryDate}
+            await upsert(conn, merge.SUBSCRIPTION_ORDER_SUCCEEDED, [sub])
+        else:
+            await upsert(conn, merge.SUBSCRIPTION_ORDER_FAILED, [sub])
+    await upsert(conn, merge.ORDER, [order_row(data.orderId, "mailbox", owner)])
+    outcome: dict[str, Any] = {
+        "order_id": data.orderId,
+        "domain": domain,
+        "subscription_id": data.subscriptionId,
+        "status": "succeeded" if succeeded else "failed",
+    }
+    if isinstance(data, schemas.MailboxOrderSuccessData):
+        outcome |= {"quantity": data.quantity, "price": data.price, "succeeded_version": at}
+    else:
+        outcome["reason"] = data.reason
+    await upsert(conn, merge.ORDER_DOMAIN, [outcome])
+    await derive_order(
+        conn, data.orderId, [data.subscriptionId] if succeeded and data.subscriptionId else []
+    )
 
 
 async def apply_mailbox_created(
     conn: asyncpg.Connection, model: schemas.MailboxCreated, vault: Vault
 ) -> None:
     data, box = model.data, model.data.mailboxDetails
-    subscription = {
-        "subscription_id": data.subscriptionId,
-        "domain": data.domain,
+    owner: Row = {
         "user_id": data.userId,
         "user_email": data.userEmail,
         "provider": data.workspaceType,
-        "source": "standard",
-        "order_id": data.orderId,
-        "expiry_date": box.expiryDate,
     }
-    await upsert_subscriptions(conn, [subscription], succeeded=True, authoritative=False)
-    mailbox = {
-        "mailbox_id": box.mailboxId,
+    common: Row = {
         "subscription_id": data.subscriptionId,
         "domain": data.domain,
+        "source": "standard",
+    }
+    common |= owner | {"order_id": data.orderId, "expiry_date": box.expiryDate}
+    await upsert(conn, merge.SUBSCRIPTION_MAILBOX_CREATED, [common | {"status": "active"}])
+    mailbox = common | {
+        "mailbox_id": box.mailboxId,
         "email": box.email,
         "first_name": box.firstName,
         "last_name": box.lastName,
         "user_name": box.userName,
         "profile_picture": box.profilePicture,
         "is_admin": box.isAdmin,
-        "provider": data.workspaceType,
-        "source": "standard",
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "order_id": data.orderId,
         "creation_time": box.creationTime,
-        "expiry_date": box.expiryDate,
         "price": data.price,
         "final_url": data.finalUrl,
-        **_credentials(vault, box),
     }
-    await upsert_mailboxes(conn, [mailbox])
+    await upsert(conn, merge.MAILBOX_SNAPSHOT, [mailbox | credentials(vault, box)])
+
+
+@lru_cache(maxsize=64)
+def mailbox_edit(columns: tuple[str, ...]) -> Upsert:
+    return merge.mailbox_edit(columns)
 
 
 async def apply_mailbox_updated(
-    conn: asyncpg.Connection, model: schemas.MailboxUpdated, *, version: str
+    conn: asyncpg.Connection, model: schemas.MailboxUpdated, at: str
 ) -> None:
-    """Apply only the given fields, each only if this update outranks the one that set it."""
     data = model.data
-    given = {
-        field: getattr(data.updatedFields, field)
-        for field in UPDATABLE_FIELDS
-        if field in data.updatedFields.model_fields_set
-    }
-    row: dict[str, Any] = {
+    given = data.updatedFields.model_fields_set & set(UPDATED_FIELDS)
+    edits = {UPDATED_FIELDS[f]: getattr(data.updatedFields, f) for f in sorted(given)}
+    row = {
         "mailbox_id": data.mailboxId,
         "domain": data.domain,
         "email": data.email,
         "user_id": data.userId,
         "user_email": data.userEmail,
         "provider": data.workspaceType,
-        **{UPDATABLE_FIELDS[f]: value for f, value in given.items()},
-        "field_versions": {f: version for f in given},
+        "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    await _update_statement(tuple(row)).execute(conn, row | {"version": version})
+    await upsert(conn, mailbox_edit(tuple(edits)), [row | edits])
 
 
-@lru_cache(maxsize=32)
-def _update_statement(columns: tuple[str, ...]) -> Compiled:
-    """Upsert for mailbox.updated: each field is taken only if this delivery's version
-    outranks the one that last set it; identity fields only fill in."""
-    stmt = insert(mailboxes)
-    new, old = stmt.excluded, mailboxes.c
-    version = bindparam("version", type_=Text).collate("C")
-    set_: dict[str, Any] = {
-        c: func.coalesce(old[c], new[c])
-        for c in ("domain", "email", "user_id", "user_email", "provider")
+UPDATED_FIELDS = dict(zip(schemas.UpdatedFields.model_fields, merge.EDITABLE, strict=True))
+
+
+async def apply_mailbox_state(
+    conn: asyncpg.Connection,
+    model: schemas.MailboxStateEvent,
+    vault: Vault,
+    at: str,
+    when: datetime,
+) -> None:
+    """mailbox.exported and mailbox.warmup.*: the warmup status and any credentials carried."""
+    data = model.data
+    given = credentials(vault, data.credentials)
+    edits: dict[str, Any] = {c: v for c, v in given.items() if v is not None}
+    warmup = schemas.MAILBOX_STATE_EVENTS[model.event]
+    if warmup:
+        edits["warmup_status"] = warmup
+    row = {
+        "mailbox_id": data.mailbox_id,
+        "exported_at": when if model.event == "mailbox.exported" else None,
+        "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    versions: ColumnElement[Any] = old.field_versions
-    fields = [f for f, column in UPDATABLE_FIELDS.items() if column in columns]
-    for field in fields:
-        current = func.coalesce(old.field_versions[field].astext, "").collate("C")
-        column = UPDATABLE_FIELDS[field]
-        set_[column] = case((current < version, new[column]), else_=old[column])
-        versions = versions.op("||")(
-            func.jsonb_build_object(field, func.greatest(current, version))
-        )
-    set_["field_versions"] = type_coerce(versions, JSONB)
-    set_["updated_at"] = func.now()
-    return compile_statement(
-        stmt.on_conflict_do_update(index_elements=["mailbox_id"], set_=set_), columns
-    )
+    await upsert(conn, mailbox_edit(tuple(sorted(edits))), [row | edits])
+
+
+# --- prewarmup orders -----------------------------------------------------------------
 
 
 async def apply_prewarmup_success(
-    conn: asyncpg.Connection, model: schemas.PrewarmupOrderSuccess, vault: Vault
+    conn: asyncpg.Connection, model: schemas.PrewarmupOrderSuccess, vault: Vault, at: str
 ) -> None:
     data = model.data
-    await upsert_order(
-        conn,
-        order_id=data.orderId,
-        kind="prewarmup",
-        user_id=data.userId,
-        user_email=data.userEmail,
-        provider=data.serviceProvider,
-    )
-    subs: list[dict[str, Any]] = []
-    boxes: list[dict[str, Any]] = []
+    owner: Row = {
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.serviceProvider,
+    }
+    await upsert(conn, merge.ORDER, [order_row(data.orderId, "prewarmup", owner)])
+    subs, boxes, outcomes = [], [], []
     for group in data.mailboxDetails:
+        common: Row = {"subscription_id": group.subscriptionId, "domain": group.domain}
+        common |= owner | {"source": "prewarmed", "order_id": data.orderId}
         expiries = [b.expiryDate for b in group.preWarmedUpMailboxes if b.expiryDate]
-        subs.append(
+        subs.append(common | {"status": "active", "expiry_date": max(expiries, default=None)})
+        boxes += [_prewarmed(vault, common, box) for box in group.preWarmedUpMailboxes]
+        outcomes.append(
             {
-                "subscription_id": group.subscriptionId,
-                "domain": group.domain,
-                "user_id": data.userId,
-                "user_email": data.userEmail,
-                "provider": data.serviceProvider,
-                "source": "prewarmed",
                 "order_id": data.orderId,
-                "expiry_date": max(expiries, default=None),
+                "domain": group.domain,
+                "subscription_id": group.subscriptionId,
+                "status": "succeeded",
                 "quantity": len(group.preWarmedUpMailboxes),
+                "succeeded_version": at,
             }
         )
-        boxes.extend(_prewarmed_row(vault, data, group, box) for box in group.preWarmedUpMailboxes)
-    await upsert_subscriptions(conn, subs, succeeded=True, authoritative=True)
-    await upsert_mailboxes(conn, boxes)
-    outcomes = [
-        {"domain": g.domain, "subscription_id": g.subscriptionId} for g in data.mailboxDetails
-    ]
-    await set_domain_outcomes(conn, data.orderId, outcomes, succeeded=True)
+    await upsert(conn, merge.SUBSCRIPTION_ORDER_SUCCEEDED, subs)
+    await upsert(conn, merge.MAILBOX_SNAPSHOT, boxes)
+    await upsert(conn, merge.ORDER_DOMAIN, outcomes)
+    await derive_order(conn, data.orderId, sorted({g.subscriptionId for g in data.mailboxDetails}))
 
 
-def _prewarmed_row(
-    vault: Vault,
-    data: schemas.PrewarmupOrderSuccessData,
-    group: schemas.PrewarmedDomain,
-    box: schemas.PrewarmedMailbox,
+def _prewarmed(
+    vault: Vault, common: dict[str, Any], box: schemas.PrewarmedMailbox
 ) -> dict[str, Any]:
-    return {
+    return common | {
         "mailbox_id": box.mailboxId,
-        "subscription_id": group.subscriptionId,
-        "domain": group.domain,
         "email": box.email,
         "first_name": box.firstName,
         "last_name": box.lastName,
-        "user_name": None,
         "profile_picture": box.profilePicture,
         "is_admin": box.isAdmin,
-        "provider": data.serviceProvider,
-        "source": "prewarmed",
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "order_id": data.orderId,
         "warming_up_from": box.warmingUpFrom,
         "expiry_date": box.expiryDate,
-        **_credentials(vault, box),
+        **credentials(vault, box),
     }
 
 
@@ -530,30 +314,87 @@ async def apply_prewarmup_failed(
     conn: asyncpg.Connection, model: schemas.PrewarmupOrderFailed
 ) -> None:
     data = model.data
-    await upsert_order(
-        conn,
-        order_id=data.orderId,
-        kind="prewarmup",
-        user_id=data.userId,
-        user_email=data.userEmail,
-        provider=data.serviceProvider,
-    )
-    outcomes = [{"domain": f.domain, "reason": f.reason} for f in data.failedOrders]
-    await set_domain_outcomes(conn, data.orderId, outcomes, succeeded=False)
+    owner: Row = {
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.serviceProvider,
+    }
+    order = order_row(data.orderId, "prewarmup", owner)
+    if not data.failedOrders:  # an order-level failure
+        order["failure_reason"] = data.reason or "order failed"
+    await upsert(conn, merge.ORDER, [order])
+    outcomes = [
+        {"order_id": data.orderId, "domain": f.domain, "status": "failed", "reason": f.reason}
+        for f in data.failedOrders
+    ]
+    if outcomes:
+        await upsert(conn, merge.ORDER_DOMAIN, outcomes)
+    await derive_order(conn, data.orderId, [])
+
+
+# --- subscription and domain lifecycles -----------------------------------------------
+
+
+async def apply_subscription(
+    conn: asyncpg.Connection, model: schemas.SubscriptionEvent, at: str
+) -> None:
+    data = model.data
+    row = {
+        "subscription_id": data.subscriptionId,
+        "domain": data.domain,
+        "domain_id": data.domainId,
+        "user_id": data.userId,
+        "user_email": data.userEmail,
+        "provider": data.workspaceType,
+        "status": "active",
+        "subscription_status": model.state,
+        "period_start": data.periodStart,
+        "period_end": data.periodEnd,
+        "auto_renew": data.autoRenew,
+        "lifecycle_quantity": data.quantity,
+        "lifecycle_version": at,
+        "expiry_date": data.periodEnd,
+    }
+    await upsert(conn, merge.SUBSCRIPTION_LIFECYCLE, [row])
+
+
+async def apply_domain(conn: asyncpg.Connection, model: schemas.DomainEvent, at: str) -> None:
+    data = model.data
+    row = {
+        "domain_id": data.domainId,
+        "name": data.domainName,
+        "status": model.state,
+        "expiry_date": data.expiryDate,
+        "version": at,
+    }
+    statement = merge.DOMAIN_BY_ID if data.domainId else merge.DOMAIN_BY_NAME
+    await upsert(conn, statement, [row])
 
 
 async def apply(
-    conn: asyncpg.Connection, model: schemas.HandledEvent, *, vault: Vault, version: str
+    conn: asyncpg.Connection,
+    model: schemas.HandledEvent,
+    *,
+    vault: Vault,
+    at: datetime,
+    event_id: str,
 ) -> None:
     """Apply one validated event's effects inside the caller's transaction."""
+    v = version(at, event_id)
     match model:
         case schemas.MailboxOrderSuccess() | schemas.MailboxOrderFailed():
-            await apply_mailbox_order(conn, model)
+            await apply_mailbox_order(conn, model, v)
         case schemas.MailboxCreated():
             await apply_mailbox_created(conn, model, vault)
         case schemas.MailboxUpdated():
-            await apply_mailbox_updated(conn, model, version=version)
+            await apply_mailbox_updated(conn, model, v)
+        case schemas.MailboxStateEvent():
+            await apply_mailbox_state(conn, model, vault, v, at)
         case schemas.PrewarmupOrderSuccess():
-            await apply_prewarmup_success(conn, model, vault)
+            await apply_prewarmup_success(conn, model, vault, v)
         case schemas.PrewarmupOrderFailed():
             await apply_prewarmup_failed(conn, model)
+        case schemas.SubscriptionEvent():
+            await apply_subscription(conn, model, v)
+        case schemas.DomainEvent():
+            await apply_domain(conn, model, v)

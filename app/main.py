@@ -1,5 +1,6 @@
 """The application factory: settings in, a FastAPI app out; engine made in the lifespan."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +20,9 @@ from app.errors import (
     handle_http_error,
     handle_validation_error,
 )
+from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
+from app.spool import Spool
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,9 +33,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = make_engine(settings.database_url or "", pool_size=settings.db_pool_size)
+        spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
+        app.state.intake = intake = Intake(app.state.engine, app.state.vault, spool)
+        drainer = asyncio.create_task(intake.drain_forever())
         try:
             yield
         finally:
+            intake.stop()
+            await drainer
+            spool.close()
             await app.state.engine.dispose()
 
     app = FastAPI(

@@ -11,14 +11,14 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
-from app.ingest import Delivery, apply, events
-from app.models import Mailbox, RejectedDelivery
-from app.processing import process_delivery
-from app.schemas import HANDLED_EVENTS, parse_handled
+from app.ingest import Delivery, apply
+from app.models import Event, Mailbox, RejectedDelivery
+from app.processing import locked_transaction, process_delivery
+from app.schemas import HANDLED_EVENTS, parse_envelope, parse_handled
 from app.signing import SignatureCheck
-from app.sql import transaction
-from app.webhooks import parse_envelope, validation_details
+from app.webhooks import validation_details
 
+events: Table = Event.__table__  # type: ignore[assignment]
 mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
 rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 ENCRYPTED = [
@@ -140,21 +140,26 @@ async def replay(
 async def _replay_event(
     engine: AsyncEngine, vault: Vault, row_id: int, report: ReplayReport, dry_run: bool
 ) -> None:
-    async with transaction(engine) as conn:
-        row = await conn.fetchrow(
-            "SELECT body_encrypted, event_id, content_hash FROM events WHERE id = $1 FOR UPDATE",
-            row_id,
-        )
-        envelope = parse_envelope(vault.decrypt(row["body_encrypted"]))
-        if envelope["event"] not in HANDLED_EVENTS:
-            report.unhandled += 1
-            return
-        model = parse_handled(envelope)
-        report.applied += 1
-        if dry_run:
-            return
-        version = f"{row['event_id']}:{row['content_hash'].hex()}"
-        await apply(conn, model, vault=vault, version=version)
+    """Re-apply a stored event at its stored time, so edits keep their order."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(events.c.body_encrypted, events.c.event_id, events.c.event_time).where(
+                    events.c.id == row_id
+                )
+            )
+        ).one()
+    envelope = parse_envelope(vault.decrypt(row.body_encrypted))
+    model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
+    if model is None:
+        report.unhandled += 1
+        return
+    report.applied += 1
+    if dry_run:
+        return
+    lock_key = Delivery(envelope, b"", SignatureCheck("unchecked")).lock_key
+    async with locked_transaction(engine, lock_key) as conn:
+        await apply(conn, model, vault=vault, at=row.event_time, event_id=row.event_id)
         await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
 
 
@@ -172,7 +177,7 @@ async def _replay_rejected(
     raw = vault.decrypt(row.body_encrypted)
     try:
         envelope = parse_envelope(raw)
-        model = parse_handled(envelope) if envelope["event"] in HANDLED_EVENTS else None
+        model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
     except ValueError as error:  # includes ValidationError
         report.still_invalid += 1
         details = validation_details(error) if isinstance(error, ValidationError) else []

@@ -19,6 +19,11 @@ CONFLICTS = Counter(
 REJECTIONS = Counter("cmr_webhook_rejections_total", "Deliveries refused, by reason", ["reason"])
 SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", ["result"])
 POOL_IN_USE = Gauge("cmr_db_pool_connections_in_use", "Database connections checked out")
+SPOOL_DEPTH = Gauge("cmr_spool_depth", "Deliveries waiting in the spool for the database")
+SPOOL_OLDEST = Gauge("cmr_spool_oldest_seconds", "Age of the oldest delivery in the spool")
+SPOOL_SET_ASIDE = Counter(
+    "cmr_spool_set_aside_total", "Spool rows set aside as unreadable (torn or undecryptable)"
+)
 
 
 def event_label(event: str | None) -> str:

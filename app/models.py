@@ -76,6 +76,11 @@ class Event(Base):
     body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     first_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     last_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    # When the event happened, for "the later edit wins": the signed cmr-x-timestamp when the
+    # signature was valid, else the first receipt (kept through the spool and replay).
+    event_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    warnings: Mapped[list[str]] = mapped_column(JSONB, server_default="[]")
+    spooled: Mapped[bool] = mapped_column(Boolean, server_default="false")
 
 
 class RejectedDelivery(Base):
@@ -97,9 +102,20 @@ class RejectedDelivery(Base):
 
 
 class Subscription(TimestampMixin, Base):
+    """One domain's mailboxes. `quantity`, `order_id` and `price` are derived from the
+    subscription's succeeded orders; the lifecycle columns from subscription.* events
+    (`lifecycle_version` is the winning event's time, see app/merge.py)."""
+
     __tablename__ = "subscriptions"
     __table_args__ = keyset_indexes(
-        "subscriptions", "domain", "user_id", "user_email", "provider", "source", "status"
+        "subscriptions",
+        "domain",
+        "user_id",
+        "user_email",
+        "provider",
+        "source",
+        "status",
+        "subscription_status",
     ) + (Index("ix_subscriptions_expiry_date", "expiry_date"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -109,20 +125,40 @@ class Subscription(TimestampMixin, Base):
     user_id: Mapped[str | None] = mapped_column(Text)
     user_email: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(16))
-    source: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     order_id: Mapped[str | None] = mapped_column(Text)
     expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
     price: Mapped[Decimal | None] = mapped_column(Money)
     quantity: Mapped[int | None] = mapped_column(Integer)
+    subscription_status: Mapped[str | None] = mapped_column(String(16))
+    period_start: Mapped[datetime | None] = mapped_column(Timestamp)
+    period_end: Mapped[datetime | None] = mapped_column(Timestamp)
+    auto_renew: Mapped[bool | None] = mapped_column(Boolean)
+    lifecycle_quantity: Mapped[int | None] = mapped_column(Integer)
+    lifecycle_version: Mapped[str | None] = mapped_column(Text)
+
+
+class Domain(TimestampMixin, Base):
+    """A domain's registrar state from domain.* events, keyed by domainId or else by name;
+    subscriptions show it by their domain_id, else their domain name."""
+
+    __tablename__ = "domains"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    domain_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    name: Mapped[str | None] = mapped_column(Text, unique=True)
+    status: Mapped[str | None] = mapped_column(String(16))
+    expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
+    version: Mapped[str | None] = mapped_column(Text)
 
 
 class Mailbox(TimestampMixin, Base):
     """A mailbox; credentials live only in the *_encrypted columns.
 
-    `field_versions` maps a field set by mailbox.updated to the eventId that set it, so a
-    late mailbox.created cannot undo an update and competing updates resolve the same way
-    whatever order they arrive in.
+    `field_versions` maps each column set by an edit (mailbox.updated, an export, a warmup
+    event) to that event's version (its time, then eventId): a late mailbox.created cannot
+    undo an edit, and of two edits the later one wins whatever order they arrive in.
     """
 
     __tablename__ = "mailboxes"
@@ -155,6 +191,8 @@ class Mailbox(TimestampMixin, Base):
     password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     app_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     authenticator_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    warmup_status: Mapped[str | None] = mapped_column(String(16))
+    exported_at: Mapped[datetime | None] = mapped_column(Timestamp)
     field_versions: Mapped[dict[str, str]] = mapped_column(JSONB, server_default="{}")
 
 
@@ -169,6 +207,8 @@ class Order(TimestampMixin, Base):
     user_email: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(20))
+    # An order-level prewarmup.order.failed (a reason, no failedOrders).
+    failure_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class OrderDomain(TimestampMixin, Base):
@@ -184,6 +224,10 @@ class OrderDomain(TimestampMixin, Base):
     status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     subscription_id: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[int | None] = mapped_column(Integer)
+    price: Mapped[Decimal | None] = mapped_column(Money)
+    # The success's version (time, then eventId): a subscription's first order is the earliest.
+    succeeded_version: Mapped[str | None] = mapped_column(Text)
 
 
 class CredentialRead(Base):

@@ -1,5 +1,6 @@
 """Liveness, readiness and metrics: no token needed, nothing secret exposed."""
 
+import asyncio
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -13,6 +14,7 @@ from app.migrations import head_revision
 
 log = logging.getLogger("coldmail.ops")
 router = APIRouter(tags=["operations"])
+READY_TIMEOUT_SECONDS = 3
 
 
 @router.get("/healthz", summary="Liveness: 200 while the process runs")
@@ -25,20 +27,44 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
         return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
 
 
-@router.get("/readyz", summary="Readiness: the database answers and the schema is at head")
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 while deliveries can be made durable (database or spool)",
+    responses={503: {"description": "Neither the database nor the spool can take a delivery"}},
+)
 async def readyz(request: Request) -> Response:
+    database = await database_state(request.app.state.engine)
+    depth, oldest, room = await request.app.state.intake.spool.depth()
+    observe_spool(depth, oldest)
+    body = {
+        "database": database,
+        "spool": {"depth": depth, "oldestSeconds": round(oldest or 0.0, 3), "room": room},
+    }
+    return json_response(200 if database == "up" or room else 503, body)
+
+
+async def database_state(engine: AsyncEngine) -> str:
+    """ "up" when the database answers with the schema at head, else "down"."""
     try:
-        revision = await schema_revision(request.app.state.engine)
-    except DATABASE_ERRORS as error:
-        log.warning("not ready: %s", type(error).__name__)
-        return json_response(503, {"status": "unavailable", "database": "unreachable"})
+        revision = await asyncio.wait_for(schema_revision(engine), READY_TIMEOUT_SECONDS)
+    except (*DATABASE_ERRORS, TimeoutError) as error:
+        log.warning("database not ready: %s", type(error).__name__)
+        return "down"
     if revision != head_revision():
-        return json_response(503, {"status": "unavailable", "database": "schema not at head"})
-    return json_response(200, {"status": "ok", "revision": revision})
+        log.warning("database schema %s is not at head %s", revision, head_revision())
+        return "down"
+    return "up"
+
+
+def observe_spool(depth: int, oldest: float | None) -> None:
+    metrics.SPOOL_DEPTH.set(depth)
+    metrics.SPOOL_OLDEST.set(oldest or 0.0)
 
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def prometheus_metrics(request: Request) -> Response:
     pool = request.app.state.engine.pool
     metrics.POOL_IN_USE.set(pool.checkedout())
+    depth, oldest, _ = await request.app.state.intake.spool.depth()
+    observe_spool(depth, oldest)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

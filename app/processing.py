@@ -1,23 +1,52 @@
-"""One transaction per delivery: record, apply, commit; retried on deadlock."""
+"""One transaction per delivery: record, apply, commit. What a failure means, by its kind.
 
+The same entry point serves live deliveries, the spool's drainer and `replay`.
+"""
+
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import insert
+import orjson
+import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
 from app.ingest import Delivery, apply, record
-from app.models import RejectedDelivery
 from app.schemas import HandledEvent
-from app.signing import SignatureCheck
-from app.sql import transaction
 
 log = logging.getLogger("coldmail.processing")
 RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
 ATTEMPTS = 3
+# Failures a later attempt can cure: the database unreachable, shutting down, out of
+# connections, or a transaction that lost a race. Deliveries hit by these are spooled.
+TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53", "40", "55000", "57014")
+TRANSIENT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    sqlalchemy.exc.TimeoutError,  # the pool had no connection to give
+    asyncpg.InterfaceError,  # the connection was closed or left mid-protocol
+    asyncpg.InternalClientError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Does this failure (or one it wraps) mean "the database cannot do this now"?"""
+    seen: BaseException | None = error
+    while seen is not None:
+        sqlstate = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(seen, TRANSIENT_ERRORS) or (
+            isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_SQLSTATE_PREFIXES)
+        ):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
 
 
 @dataclass(frozen=True)
@@ -27,8 +56,24 @@ class Outcome:
     row_id: int
 
 
-def _retryable(error: asyncpg.PostgresError) -> bool:
-    return getattr(error, "sqlstate", None) in RETRYABLE_SQLSTATES
+@asynccontextmanager
+async def locked_transaction(engine: AsyncEngine, lock_key: int) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg handle inside one transaction that holds the advisory
+    lock `lock_key`; BEGIN and the lock travel in one round trip.
+
+    After a failure asyncpg may be left mid-protocol without reporting itself closed (seen
+    when a backend is terminated), so a connection that failed in any way is discarded.
+    """
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        try:
+            await raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(lock_key)})")
+            yield raw
+            await raw.execute("COMMIT")
+        except BaseException:
+            await conn.invalidate()
+            raise
 
 
 async def process_delivery(
@@ -36,10 +81,10 @@ async def process_delivery(
 ) -> Outcome:
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            async with transaction(engine) as conn:
+            async with locked_transaction(engine, delivery.lock_key) as conn:
                 return await _record_and_apply(conn, vault, delivery, model)
         except asyncpg.PostgresError as error:
-            if attempt == ATTEMPTS or not _retryable(error):
+            if attempt == ATTEMPTS or error.sqlstate not in RETRYABLE_SQLSTATES:
                 raise
             log.info("retrying delivery after %s", error.sqlstate)
     raise AssertionError("unreachable")
@@ -52,28 +97,46 @@ async def _record_and_apply(
     if not recorded.inserted:
         return Outcome("duplicate", False, recorded.row_id)
     if model is not None:
-        await apply(conn, model, vault=vault, version=delivery.version)
+        await apply(conn, model, vault=vault, at=delivery.event_time, event_id=delivery.event_id)
     return Outcome("processed" if model else "ignored", recorded.conflict, recorded.row_id)
 
 
-async def store_rejected(
-    engine: AsyncEngine,
-    vault: Vault,
-    raw: bytes,
-    signature: SignatureCheck,
-    *,
-    reason: str,
-    errors: list[dict[str, Any]],
-    envelope: dict[str, Any] | None,
-) -> None:
+@dataclass(frozen=True)
+class Rejection:
+    """A delivery refused (400, 422) or that failed to apply (500): kept, encrypted."""
+
+    raw: bytes
+    signature: str
+    reason: str  # invalid_json | invalid_payload | apply_failed
+    errors: list[dict[str, Any]]
+    event: str | None = None
+    event_id: str | None = None
+    received_at: datetime | None = None
+
+
+STORE_REJECTED = """
+INSERT INTO rejected_deliveries (reason, event, event_id, errors, signature, body_encrypted,
+    received_at)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, coalesce($7, now()))
+"""
+
+
+async def store_rejected(engine: AsyncEngine, vault: Vault, rejection: Rejection) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed."""
-    row = insert(RejectedDelivery).values(
-        reason=reason,
-        event=envelope["event"] if envelope else None,
-        event_id=envelope["eventId"] if envelope else None,
-        errors=errors,
-        signature=signature.result,
-        body_encrypted=vault.encrypt(raw),
-    )
-    async with engine.begin() as conn:
-        await conn.execute(row)
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        try:
+            await raw.execute(
+                STORE_REJECTED,
+                rejection.reason,
+                rejection.event,
+                rejection.event_id,
+                orjson.dumps(rejection.errors).decode(),
+                rejection.signature,
+                vault.encrypt(rejection.raw),
+                rejection.received_at or datetime.now(UTC),
+            )
+        except BaseException:
+            await conn.invalidate()
+            raise

@@ -10,6 +10,7 @@ from pydantic.alias_generators import to_camel
 
 Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
 Provider = Literal["GOOGLE", "MICROSOFT"]
+SubscriptionStatus = Literal["ACTIVE", "RENEWING", "PAST_DUE", "EXPIRED", "CANCELLED"]
 T = TypeVar("T")
 
 
@@ -32,13 +33,21 @@ class Subscription(Resource):
     user_id: str | None
     user_email: str | None
     provider: Provider | None
-    source: Literal["standard", "prewarmed"]
+    source: Literal["standard", "prewarmed"] | None
     status: Literal["active", "failed"]
-    order_id: str | None
+    order_id: str | None = Field(description="The subscription's first order")
     expiry_date: datetime | None
     price: Money | None
-    quantity: int | None
+    quantity: int | None = Field(
+        description="From subscription.* events when known, else the sum over succeeded orders"
+    )
     mailbox_count: int
+    subscription_status: SubscriptionStatus | None
+    period_start: datetime | None
+    period_end: datetime | None
+    auto_renew: bool | None
+    domain_status: str | None
+    domain_expiry_date: datetime | None
     created_at: datetime
     updated_at: datetime
 
@@ -65,6 +74,8 @@ class Mailbox(Resource):
     has_password: bool
     has_app_password: bool
     has_authenticator_secret: bool
+    warmup_status: Literal["started", "removed"] | None
+    exported_at: datetime | None
     created_at: datetime
     updated_at: datetime
 
@@ -88,7 +99,8 @@ class OrderDomain(Resource):
         "domain also succeeded (success wins)."
     )
     subscription_id: str | None
-    mailbox_count: int
+    quantity: int | None
+    mailbox_count: int = Field(description="This order's mailboxes only")
 
 
 class Order(Resource):
@@ -98,6 +110,7 @@ class Order(Resource):
     user_email: str | None
     provider: Provider | None
     status: Literal["succeeded", "failed", "partially_failed"]
+    failure_reason: str | None = Field(description="An order-level failure, if one was reported")
     domains: list[OrderDomain]
     created_at: datetime
     updated_at: datetime
@@ -112,14 +125,19 @@ class Event(Resource):
     deliveries: int
     first_received_at: datetime
     last_received_at: datetime
+    event_time: datetime = Field(
+        description="When it happened: the signed cmr-x-timestamp, else the first receipt"
+    )
     signature: str = Field(description="valid, invalid, absent, stale, or unchecked (no key)")
     signature_form: str | None = Field(description="Which signed form matched, if any")
+    warnings: list[str] = Field(description="What was repaired in a lenient field")
+    spooled: bool = Field(description="Whether it waited in the spool for the database")
     payload: dict[str, Any] = Field(description="The delivery with credentials redacted")
 
 
 class Rejected(Resource):
     id: int
-    reason: Literal["invalid_json", "invalid_payload"]
+    reason: Literal["invalid_json", "invalid_payload", "apply_failed"]
     event: str | None
     event_id: str | None
     errors: list[dict[str, Any]]
@@ -146,6 +164,10 @@ class Stats(Resource):
     events_by_status: dict[str, int]
     conflicts: int
     rejected_deliveries: int
+    replayable_events: int = Field(
+        description="Stored events of types this version applies, still marked ignored: "
+        "`coldmail-webhooks replay --all` applies them"
+    )
     last_delivery_at: AwareDatetime | None
 
 

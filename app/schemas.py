@@ -1,15 +1,19 @@
 """The sender's payloads, modelled once from its documentation (provider-docs/).
 
-Unknown extra fields are tolerated and kept in the stored body. Only the provider's IDs
-are required: everything descriptive is optional, since the docs' examples disagree.
+Strict where it protects data, lenient where it would only lose it (CONTRACT section 3):
+the provider's IDs and the credentials must be well-formed, else the delivery is refused
+with 422; a descriptive field spelled unexpectedly is normalised or left empty, and the
+repair is noted in the `warnings` list passed as validation context. Unknown extra fields
+are tolerated and kept in the stored body.
 """
 
+import hashlib
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
-    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -17,129 +21,232 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
+    ValidationInfo,
 )
 
-GOOGLE_NAMES = {"GOOGLE", "GOOGLE WORKSPACE", "GSUITE", "G SUITE", "GOOGLEWORKSPACE"}
-MICROSOFT_NAMES = {"MICROSOFT", "MICROSOFT 365", "MICROSOFT365", "M365", "O365", "OFFICE365", "MS"}
+# Longest text kept in a column (btree indexes refuse entries over about 2.7 KB).
+TEXT_LIMIT = 4096
+EMAIL_LIMIT = 320
+SUBSCRIPTION_STATES = ("ACTIVE", "RENEWING", "PAST_DUE", "EXPIRED", "CANCELLED")
+DOMAIN_STATES = ("ACTIVE", "RENEWAL_FAILED", "GRACE_PERIOD", "EXPIRED", "FAILED")
+IGNORED_NO_ID = "stored as ignored: no recognisable {} in the payload"
 
 
-def normalize_provider(value: object) -> object:
-    """workspaceType and serviceProvider spell the same two providers; accept their variants."""
-    if not isinstance(value, str):
-        return value
-    upper = value.strip().upper()
-    if upper in GOOGLE_NAMES:
+def warn(info: ValidationInfo, message: str) -> None:
+    if isinstance(info.context, dict):
+        info.context.setdefault("warnings", []).append(f"{info.field_name}: {message}")
+
+
+def lenient_provider(value: Any, info: ValidationInfo) -> str | None:
+    """workspaceType and serviceProvider spell the same two providers, in many variants."""
+    if value is None:
+        return None
+    squashed = "".join(ch for ch in str(value).upper() if ch.isalnum())
+    if squashed.startswith("GOOGLE") or squashed in {"GSUITE", "GWORKSPACE"}:
         return "GOOGLE"
-    if upper in MICROSOFT_NAMES:
+    if squashed.startswith(("MICROSOFT", "OFFICE365", "OUTLOOK")) or squashed in {
+        "M365",
+        "O365",
+        "MS",
+        "MS365",
+    }:
         return "MICROSOFT"
-    return upper
+    warn(info, "not a known provider; left empty")
+    return None
 
 
-def assume_utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+def lenient_money(value: Any, info: ValidationInfo) -> Decimal | None:
+    """Money as a decimal of at most 4 places; float noise (0.30000000000000004) rounded."""
+    if value is None:
+        return None
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, bool) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite() or not 0 <= amount < 10**10:
+        warn(info, "not an amount of money; left empty")
+        return None
+    rounded = amount.quantize(Decimal("0.0001"))
+    if rounded != amount:
+        warn(info, "more than 4 decimal places; rounded")
+    return rounded
 
 
+def lenient_time(value: Any, info: ValidationInfo) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = _datetime.validate_python(value)
+    except ValidationError:
+        warn(info, "empty or not a date; left empty")
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def lenient_count(value: Any, info: ValidationInfo) -> int | None:
+    if value is None:
+        return None
+    try:
+        count = _count.validate_python(value)
+    except ValidationError:
+        warn(info, "not a count; left empty")
+        return None
+    return count
+
+
+def lenient_flag(value: Any, info: ValidationInfo) -> bool | None:
+    if value is None:
+        return None
+    try:
+        return _flag.validate_python(value)
+    except ValidationError:
+        warn(info, "not true or false; left empty")
+        return None
+
+
+def lenient_text(limit: int) -> BeforeValidator:
+    def check(value: Any, info: ValidationInfo) -> str | None:
+        if value is None or isinstance(value, str) and "\x00" not in value:
+            text = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            warn(info, "a number where text was expected; kept as text")
+            text = str(value)
+        else:
+            warn(info, "not text; left empty")
+            return None
+        if text is not None and len(text) > limit:
+            warn(info, f"longer than {limit} characters; cut")
+            return text[:limit]
+        return text
+
+    return BeforeValidator(check)
+
+
+def lenient_state(states: tuple[str, ...]) -> BeforeValidator:
+    def check(value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        state = str(value).strip().upper().replace(" ", "_").replace("-", "_")
+        if state in states:
+            return state
+        warn(info, "not a known state; the event's name decides")
+        return None
+
+    return BeforeValidator(check)
+
+
+_datetime: TypeAdapter[datetime] = TypeAdapter(datetime)
+_count: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=0, le=1_000_000)])
+_flag: TypeAdapter[bool] = TypeAdapter(bool)
+
+# Strict: the provider's IDs and the credentials.
 Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-Text = Annotated[str, StringConstraints(max_length=4096)]
-Provider = Annotated[Literal["GOOGLE", "MICROSOFT"], BeforeValidator(normalize_provider)]
-Timestamp = Annotated[datetime, AfterValidator(assume_utc)]
-Money = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4, allow_inf_nan=False)]
-Count = Annotated[int, Field(ge=0, le=1_000_000)]
+Secret = Annotated[str, StringConstraints(max_length=TEXT_LIMIT)]
+# Lenient: everything descriptive.
+Text = Annotated[str | None, lenient_text(TEXT_LIMIT)]
+Email = Annotated[str | None, lenient_text(EMAIL_LIMIT)]
+Provider = Annotated[Literal["GOOGLE", "MICROSOFT"] | None, BeforeValidator(lenient_provider)]
+Timestamp = Annotated[datetime | None, BeforeValidator(lenient_time)]
+Money = Annotated[Decimal | None, BeforeValidator(lenient_money)]
+Count = Annotated[int | None, BeforeValidator(lenient_count)]
+Flag = Annotated[bool | None, BeforeValidator(lenient_flag)]
+SubscriptionState = Annotated[str | None, lenient_state(SUBSCRIPTION_STATES)]
+DomainState = Annotated[str | None, lenient_state(DOMAIN_STATES)]
 
 
 class Wire(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class MailboxOrderSuccessData(Wire):
+class Owner(Wire):
+    """Who placed the order: present on most events."""
+
+    userId: Id | None = None
+    userEmail: Email = None
+
+
+class MailboxOrderSuccessData(Owner):
     subscriptionId: Id
     orderId: Id
     domainName: Id = Field(validation_alias=AliasChoices("domainName", "domain"))
     domainId: Id | None = None
-    userId: Id | None = None
-    userEmail: Text | None = None
-    workspaceType: Provider | None = None
-    creationTime: Timestamp | None = None
-    expiryDate: Timestamp | None = None
-    price: Money | None = None
-    quantity: Count | None = None
+    workspaceType: Provider = None
+    creationTime: Timestamp = None
+    expiryDate: Timestamp = None
+    price: Money = None
+    quantity: Count = None
 
 
 class FailedMailboxSample(Wire):
-    firstName: Text | None = None
-    lastName: Text | None = None
-    email: Text | None = None
+    firstName: Text = None
+    lastName: Text = None
+    email: Email = None
 
 
-class MailboxOrderFailedData(Wire):
+class MailboxOrderFailedData(Owner):
     orderId: Id
     domain: Id = Field(validation_alias=AliasChoices("domain", "domainName"))
     subscriptionId: Id | None = None
-    userId: Id | None = None
-    userEmail: Text | None = None
-    workspaceType: Provider | None = None
+    workspaceType: Provider = None
     mailboxDetails: FailedMailboxSample | None = None
-    price: Money | None = None
-    quantity: Count | None = None
-    reason: Text | None = None
+    price: Money = None
+    quantity: Count = None
+    reason: Text = None
 
 
-class CreatedMailbox(Wire):
+class Credentials(Wire):
+    password: Secret | None = None
+    appPassword: Secret | None = None
+    authenticatorSecret: Secret | None = None
+
+
+class CreatedMailbox(Credentials):
     mailboxId: Id
-    email: Text | None = None
-    firstName: Text | None = None
-    lastName: Text | None = None
-    userName: Text | None = None
-    profilePicture: Text | None = None
-    password: Text | None = None
-    appPassword: Text | None = None
-    authenticatorSecret: Text | None = None
-    isAdmin: bool | None = None
-    creationTime: Timestamp | None = None
-    expiryDate: Timestamp | None = None
+    email: Email = None
+    firstName: Text = None
+    lastName: Text = None
+    userName: Text = None
+    profilePicture: Text = None
+    isAdmin: Flag = None
+    creationTime: Timestamp = None
+    expiryDate: Timestamp = None
 
 
-class MailboxCreatedData(Wire):
+class MailboxCreatedData(Owner):
     subscriptionId: Id
     domain: Id = Field(validation_alias=AliasChoices("domain", "domainName"))
     mailboxDetails: CreatedMailbox
     orderId: Id | None = None
-    userId: Id | None = None
-    userEmail: Text | None = None
-    workspaceType: Provider | None = None
-    finalUrl: Text | None = None
-    price: Money | None = None
+    workspaceType: Provider = None
+    finalUrl: Text = None
+    price: Money = None
 
 
 class UpdatedFields(Wire):
-    firstName: Text | None = None
-    lastName: Text | None = None
-    userName: Text | None = None
-    profilePicture: Text | None = None
+    firstName: Text = None
+    lastName: Text = None
+    userName: Text = None
+    profilePicture: Text = None
 
 
-class MailboxUpdatedData(Wire):
+class MailboxUpdatedData(Owner):
     mailboxId: Id
     updatedFields: UpdatedFields
     domain: Id | None = None
-    email: Text | None = None
-    userId: Id | None = None
-    userEmail: Text | None = None
-    workspaceType: Provider | None = None
+    email: Email = None
+    workspaceType: Provider = None
 
 
-class PrewarmedMailbox(Wire):
+class PrewarmedMailbox(Credentials):
     mailboxId: Id
-    email: Text | None = None
-    firstName: Text | None = None
-    lastName: Text | None = None
-    profilePicture: Text | None = None
-    password: Text | None = None
-    appPassword: Text | None = None
-    authenticatorSecret: Text | None = None
-    isAdmin: bool | None = None
-    warmingUpFrom: Timestamp | None = None
-    expiryDate: Timestamp | None = None
+    email: Email = None
+    firstName: Text = None
+    lastName: Text = None
+    profilePicture: Text = None
+    isAdmin: Flag = None
+    warmingUpFrom: Timestamp = None
+    expiryDate: Timestamp = None
 
 
 class PrewarmedDomain(Wire):
@@ -148,61 +255,165 @@ class PrewarmedDomain(Wire):
     preWarmedUpMailboxes: list[PrewarmedMailbox] = Field(max_length=10_000)
 
 
-class PrewarmupOrderSuccessData(Wire):
+class PrewarmupOrderSuccessData(Owner):
     orderId: Id
     mailboxDetails: list[PrewarmedDomain] = Field(min_length=1, max_length=1_000)
-    userId: Id | None = None
-    userEmail: Text | None = None
-    serviceProvider: Provider | None = None
+    serviceProvider: Provider = None
 
 
 class FailedDomain(Wire):
     domain: Id
-    reason: Text | None = None
+    reason: Text = None
 
 
-class PrewarmupOrderFailedData(Wire):
+class PrewarmupOrderFailedData(Owner):
+    """Either per-domain `failedOrders`, or an order-level failure with only a `reason`."""
+
     orderId: Id
-    failedOrders: list[FailedDomain] = Field(min_length=1, max_length=1_000)
-    userId: Id | None = None
-    userEmail: Text | None = None
-    serviceProvider: Provider | None = None
+    failedOrders: list[FailedDomain] = Field(default=[], max_length=1_000)
+    reason: Text = None
+    serviceProvider: Provider = None
 
 
-class MailboxOrderSuccess(Wire):
-    event: Literal["mailbox.order.success"]
+class SubscriptionData(Owner):
+    """subscription.*: documented only in part (provider-docs/DELIVERY-FACTS.md)."""
+
+    subscriptionId: Id | None = None
+    domainId: Id | None = None
+    domain: Id | None = Field(None, validation_alias=AliasChoices("domain", "domainName"))
+    workspaceType: Provider = None
+    quantity: Count = None
+    periodStart: Timestamp = None
+    periodEnd: Timestamp = None
+    autoRenew: Flag = None
+    subscriptionStatus: SubscriptionState = None
+
+
+class DomainData(Owner):
+    """domain.*: only domain.order.success is documented; the rest is read by the same names."""
+
+    domainId: Id | None = None
+    domainName: Id | None = Field(None, validation_alias=AliasChoices("domainName", "domain"))
+    orderId: Id | None = None
+    creationTime: Timestamp = None
+    expiryDate: Timestamp = None
+    price: Money = None
+    domainStatus: DomainState = Field(None, validation_alias=AliasChoices("domainStatus", "status"))
+
+
+class MailboxStateData(Credentials):
+    """mailbox.exported and mailbox.warmup.*: undocumented; the mailbox ID is looked for
+    where the documented mailbox events keep it."""
+
+    mailboxId: Id | None = None
+    mailboxDetails: CreatedMailbox | None = None
+
+    @property
+    def mailbox_id(self) -> str | None:
+        return self.mailboxId or (self.mailboxDetails.mailboxId if self.mailboxDetails else None)
+
+    @property
+    def credentials(self) -> Credentials:
+        given = self.model_fields_set & {"password", "appPassword", "authenticatorSecret"}
+        return self if given else (self.mailboxDetails or self)
+
+
+class Envelope(Wire):
     eventId: Id
+
+
+class MailboxOrderSuccess(Envelope):
+    event: Literal["mailbox.order.success"]
     data: MailboxOrderSuccessData
 
 
-class MailboxOrderFailed(Wire):
+class MailboxOrderFailed(Envelope):
     event: Literal["mailbox.order.failed"]
-    eventId: Id
     data: MailboxOrderFailedData
 
 
-class MailboxCreated(Wire):
+class MailboxCreated(Envelope):
     event: Literal["mailbox.created"]
-    eventId: Id
     data: MailboxCreatedData
 
 
-class MailboxUpdated(Wire):
+class MailboxUpdated(Envelope):
     event: Literal["mailbox.updated"]
-    eventId: Id
     data: MailboxUpdatedData
 
 
-class PrewarmupOrderSuccess(Wire):
+class PrewarmupOrderSuccess(Envelope):
     event: Literal["prewarmup.order.success"]
-    eventId: Id
     data: PrewarmupOrderSuccessData
 
 
-class PrewarmupOrderFailed(Wire):
+class PrewarmupOrderFailed(Envelope):
     event: Literal["prewarmup.order.failed"]
-    eventId: Id
     data: PrewarmupOrderFailedData
+
+
+SUBSCRIPTION_EVENTS = {
+    # event: the state it implies when data.subscriptionStatus is absent
+    "subscription.renewing": "RENEWING",
+    "subscription.renewal.success": "ACTIVE",
+    "subscription.renewal.failed": "PAST_DUE",
+    "subscription.past_due": "PAST_DUE",
+    "subscription.expired": "EXPIRED",
+    "subscription.cancelled": "CANCELLED",
+    "subscription.updated": None,
+}
+DOMAIN_EVENTS = {
+    "domain.order.success": "ACTIVE",
+    "domain.order.failed": "FAILED",
+    "domain.renewal.success": "ACTIVE",
+    "domain.renewal.failed": "RENEWAL_FAILED",
+    "domain.grace_period": "GRACE_PERIOD",
+    "domain.expired": "EXPIRED",
+}
+MAILBOX_STATE_EVENTS = {
+    # event: the warmup status it sets
+    "mailbox.exported": None,
+    "mailbox.warmup.started": "started",
+    "mailbox.warmup.removed": "removed",
+}
+
+
+class SubscriptionEvent(Envelope):
+    event: Literal[
+        "subscription.renewing",
+        "subscription.renewal.success",
+        "subscription.renewal.failed",
+        "subscription.past_due",
+        "subscription.expired",
+        "subscription.cancelled",
+        "subscription.updated",
+    ]
+    data: SubscriptionData
+
+    @property
+    def state(self) -> str | None:
+        return self.data.subscriptionStatus or SUBSCRIPTION_EVENTS[self.event]
+
+
+class DomainEvent(Envelope):
+    event: Literal[
+        "domain.order.success",
+        "domain.order.failed",
+        "domain.renewal.success",
+        "domain.renewal.failed",
+        "domain.grace_period",
+        "domain.expired",
+    ]
+    data: DomainData
+
+    @property
+    def state(self) -> str:
+        return self.data.domainStatus or DOMAIN_EVENTS[self.event]
+
+
+class MailboxStateEvent(Envelope):
+    event: Literal["mailbox.exported", "mailbox.warmup.started", "mailbox.warmup.removed"]
+    data: MailboxStateData
 
 
 HandledEvent = Annotated[
@@ -211,7 +422,10 @@ HandledEvent = Annotated[
     | MailboxCreated
     | MailboxUpdated
     | PrewarmupOrderSuccess
-    | PrewarmupOrderFailed,
+    | PrewarmupOrderFailed
+    | SubscriptionEvent
+    | DomainEvent
+    | MailboxStateEvent,
     Field(discriminator="event"),
 ]
 HANDLED_EVENTS = frozenset(
@@ -222,11 +436,68 @@ HANDLED_EVENTS = frozenset(
         "mailbox.updated",
         "prewarmup.order.success",
         "prewarmup.order.failed",
+        *SUBSCRIPTION_EVENTS,
+        *DOMAIN_EVENTS,
+        *MAILBOX_STATE_EVENTS,
     }
 )
 handled_event_adapter: TypeAdapter[HandledEvent] = TypeAdapter(HandledEvent)
 
 
-def parse_handled(envelope: dict[str, Any]) -> HandledEvent:
-    """Validate a handled event; raises pydantic.ValidationError."""
-    return handled_event_adapter.validate_python(envelope)
+def canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def normalize_envelope(value: dict[str, Any]) -> dict[str, Any]:
+    """`eventType` is a synonym of `event`; with no `eventId`, a stable one is derived from
+    the content, so the sender's retries still dedupe. Raises ValueError (a safe message)."""
+    event = value.get("event", value.get("eventType"))
+    if not isinstance(event, str) or not event.strip() or len(event) > 256:
+        raise ValueError("'event' (or 'eventType') must be a non-empty string of at most 256")
+    event_id = value.get("eventId")
+    if event_id is None:
+        event_id = "sha256:" + hashlib.sha256(canonical(value)).hexdigest()
+    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > 256:
+        raise ValueError("'eventId' must be a non-empty string of at most 256 characters")
+    return value | {"event": event, "eventId": event_id}
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def parse_envelope(raw: bytes) -> dict[str, Any]:
+    """The envelope every event shares, normalised; raises ValueError with a message safe
+    to send back (it never quotes the body)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValueError("body is not valid JSON (UTF-8)") from None
+    if not isinstance(value, dict):
+        raise ValueError("body must be a JSON object")
+    if _has_nul(value):
+        raise ValueError("strings must not contain NUL characters")
+    return normalize_envelope(value)
+
+
+def parse_handled(envelope: dict[str, Any], warnings: list[str]) -> HandledEvent | None:
+    """Validate a handled event (raises pydantic.ValidationError); None when it names no
+    resource this service keeps (an undocumented payload is then stored as ignored)."""
+    model = handled_event_adapter.validate_python(envelope, context={"warnings": warnings})
+    missing = None
+    if isinstance(model, SubscriptionEvent) and not model.data.subscriptionId:
+        missing = "subscriptionId"
+    elif isinstance(model, DomainEvent) and not (model.data.domainId or model.data.domainName):
+        missing = "domainId or domainName"
+    elif isinstance(model, MailboxStateEvent) and not model.data.mailbox_id:
+        missing = "mailboxId"
+    if missing:
+        warnings.append(IGNORED_NO_ID.format(missing))
+        return None
+    return model

@@ -26,6 +26,7 @@ FORMS: tuple[tuple[str, bool, str], ...] = (
 class SignatureCheck:
     result: str  # valid | invalid | absent | stale | unchecked
     form: str | None = None
+    signed_at: float | None = None  # the signed cmr-x-timestamp, Unix seconds
 
     @property
     def ok(self) -> bool:
@@ -77,5 +78,5 @@ def verify(
         message = f"{timestamp}.".encode() + body if with_timestamp else body
         expected = _digest(key, message, encoding)
         if hmac.compare_digest(given.encode(), expected.encode()):
-            return SignatureCheck("valid", name)
+            return SignatureCheck("valid", name, ts if with_timestamp else None)
     return SignatureCheck("invalid")

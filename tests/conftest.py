@@ -99,6 +99,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "ops_api_tokens": OPS_TOKEN,
         "credentials_api_tokens": CREDENTIALS_TOKEN,
         "log_format": "console",
+        "spool_dir": tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp"),
     }
     return load_settings(**(values | overrides))
 

@@ -29,10 +29,10 @@ async def seeded(client):
     order_id = factories.provider_id()
     prewarm = factories.prewarmup_success(order_id=order_id, domain_names=["p1.com", "p2.com"])
     failed = factories.prewarmup_failed(order_id=order_id, failures={"p3.com": "Pool empty"})
-    ignored = factories.envelope("subscription.renewing", {"subscriptionId": "s"})
+    ignored = factories.envelope("dns-record.updated", {"domain": "standard.com"})
     for payload in [success, *created, prewarm, failed, ignored]:
         assert (await deliver(client, payload)).status_code == 200
-    await deliver(client, factories.mailbox_created(price="free"))  # one rejected
+    await deliver(client, factories.mailbox_created(details={"mailboxId": ""}))  # one rejected
     return {"standard": success, "created": created, "prewarm": prewarm, "failed": failed}
 
 
@@ -71,7 +71,7 @@ async def test_subscriptions_list_filter_and_detail(client, seeded):
         "active",
         "standard",
     )
-    assert sub["expiryDate"] == "2025-03-08T23:59:59Z"
+    assert sub["expiryDate"] == "2025-03-08T23:59:59.294000Z"  # the latest known: a mailbox's
     for params, count in [
         ({"source": "prewarmed"}, 2),
         ({"userId": data["userId"]}, 1),
@@ -189,7 +189,7 @@ async def test_rejected_deliveries_show_errors_but_no_body(client, seeded):
     assert len(items) == 1
     one = (await client.get(f"/api/v1/rejected/{items[0]['id']}", headers=OPS)).json()
     assert one["reason"] == "invalid_payload"
-    assert one["errors"][0]["loc"] == ["data", "price"]
+    assert one["errors"][0]["loc"] == ["data", "mailboxDetails", "mailboxId"]
     assert "body" not in str(one).lower().replace("_", "")
 
 

@@ -101,7 +101,7 @@ async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client
         payload["eventId"],
         Vault([FERNET_KEY]).encrypt(body),
     )
-    still_bad = factories.mailbox_created(price="free")
+    still_bad = factories.mailbox_created(details={"mailboxId": ""})
     assert (await deliver(client, still_bad)).status_code == 422
     env = clean_env(
         DATABASE_URL=database_url,

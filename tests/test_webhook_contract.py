@@ -5,6 +5,7 @@ import time
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import signing
 from app import traffic as factories
@@ -43,7 +44,7 @@ async def test_identical_replay_is_a_duplicate_with_no_effect(client, db):
 
 
 async def test_unhandled_event_type_is_stored_as_ignored(client, db):
-    payload = factories.envelope("domain.order.success", {"domainName": "a.com", "userId": "u1"})
+    payload = factories.envelope("dns-record.updated", {"domain": "a.com", "userId": "u1"})
     response = await deliver(client, payload)
     assert response.status_code == 200
     assert response.json()["status"] == "ignored"
@@ -114,21 +115,20 @@ async def test_schema_violation_is_422_kept_encrypted_and_not_echoed(client, db)
     secret = factories.canary("pw")
     payload = factories.mailbox_created(
         provider="MICROSOFT",
-        workspaceType="YAHOO",
-        price="lots",
-        details={"password": secret, "creationTime": "yesterday"},
+        subscriptionId="",
+        details={"password": secret, "appPassword": {"not": "text"}, "mailboxId": None},
     )
     response = await deliver(client, payload)
     assert response.status_code == 422
     body = response.json()
     assert body["error"] == "invalid_payload"
     assert {tuple(d["loc"]) for d in body["detail"]} == {
-        ("data", "workspaceType"),
-        ("data", "price"),
-        ("data", "mailboxDetails", "creationTime"),
+        ("data", "subscriptionId"),
+        ("data", "mailboxDetails", "mailboxId"),
+        ("data", "mailboxDetails", "appPassword"),
     }
     assert all(set(d) == {"loc", "msg", "type"} for d in body["detail"])
-    for sent in ("YAHOO", "lots", "yesterday", secret):
+    for sent in ("not", "text", secret):
         assert sent not in response.text
     row = await db.fetchrow(
         "select reason, event, event_id, body_encrypted from rejected_deliveries"
@@ -142,21 +142,42 @@ async def test_schema_violation_is_422_kept_encrypted_and_not_echoed(client, db)
     assert await db.fetchval("select count(*) from events") == 0
 
 
-async def test_database_outage_is_503_with_retry_after():
-    dead = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
-    async with app_client(make_settings(dead)) as client:
+DEAD_DATABASE = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
+
+
+async def test_database_unreachable_queues_the_delivery_in_the_spool():
+    async with app_client(make_settings(DEAD_DATABASE)) as client:
         response = await deliver(client, factories.mailbox_created())
+        ready = await client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "queued"
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "database": "down",
+        "spool": {
+            "depth": 1,
+            "oldestSeconds": ready.json()["spool"]["oldestSeconds"],
+            "room": True,
+        },
+    }
+
+
+async def test_database_unreachable_and_spool_full_is_503_with_retry_after():
+    settings = make_settings(DEAD_DATABASE, spool_max_bytes=1024)
+    async with app_client(settings) as client:
+        response = await deliver(client, factories.prewarmup_success(domains=2, per_domain=2))
         ready = await client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"error": "unavailable"}
     assert response.headers["retry-after"].isdigit()
-    assert ready.status_code == 503
+    assert ready.json()["spool"]["depth"] == 0
 
 
 async def test_same_event_id_with_other_content_is_applied_and_flagged(client, db):
     first = factories.mailbox_created()
     second = factories.mailbox_created()
     second["eventId"] = first["eventId"]
+    conflicts_before = await conflicts_counted(client)
     assert (await deliver(client, first)).json()["status"] == "processed"
     response = await deliver(client, second)
     assert response.json() == {
@@ -167,8 +188,14 @@ async def test_same_event_id_with_other_content_is_applied_and_flagged(client, d
     }
     assert await db.fetchval("select count(*) from mailboxes") == 2
     assert await db.fetch("select conflict from events") == [(True,), (True,)]
-    metrics = (await client.get("/metrics")).text
-    assert "cmr_webhook_conflicts_total" in metrics
+    assert await conflicts_counted(client) == conflicts_before + 1
+
+
+async def conflicts_counted(client) -> float:
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        if family.name == "cmr_webhook_conflicts":
+            return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return 0.0
 
 
 async def test_report_mode_records_a_bad_signature_instead_of_refusing(database_url, db):
@@ -204,7 +231,7 @@ async def test_logs_hold_no_secret_token_or_body(client, caplog):
     payload = factories.mailbox_created(provider="MICROSOFT")
     secret = payload["data"]["mailboxDetails"]["password"]
     await deliver(client, payload)
-    await deliver(client, factories.mailbox_created(price="bad"))
+    await deliver(client, factories.mailbox_created(details={"mailboxId": ""}))
     await deliver(client, b"{broken", token="guess")
     server_records = [r for r in caplog.records if not r.name.startswith("httpx")]
     text = "\n".join(r.getMessage() + repr(r.__dict__) for r in server_records)

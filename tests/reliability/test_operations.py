@@ -24,7 +24,7 @@ async def scrape(client) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 async def test_metrics_count_deliveries_outcomes_latency_and_signatures(client):
     before = await scrape(client)
     await deliver(client, traffic.mailbox_created())
-    await deliver(client, traffic.mailbox_created(price="x"))
+    await deliver(client, traffic.mailbox_created(details={"mailboxId": ""}))
     await deliver(client, traffic.mailbox_created(), signing_key="wrong")
     after = await scrape(client)
 

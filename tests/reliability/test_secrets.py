@@ -45,7 +45,9 @@ def canaries_in(payload: object) -> set[str]:
 def test_no_canary_or_token_leaks_anywhere(database_url, tmp_path):
     payloads = [traffic.mailbox_created(provider=p) for p in ("GOOGLE", "MICROSOFT")]
     payloads += [traffic.prewarmup_success(domains=2, per_domain=2)]
-    rejected = traffic.mailbox_created(price="free")  # a 422 that still carries a canary
+    rejected = traffic.mailbox_created(
+        details={"mailboxId": ""}
+    )  # a 422 that still carries a canary
     payloads_all = [*payloads, rejected]
     canaries = {f"canary-{c}" for p in payloads_all for c in canaries_in(p)}
     assert len(canaries) == 2 + 12 + 1

@@ -1,0 +1,221 @@
+"""Making every accepted delivery durable: PostgreSQL when it answers, else the spool.
+
+`accept` serves the webhook route; `drain` applies what the spool holds, oldest first,
+through the same `process_or_reject` as live deliveries, and deletes each row only after
+its commit, so a kill -9 at any point loses nothing and applies nothing twice (a row
+applied but not yet deleted comes back as a duplicate, which has no effect).
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.fernet import InvalidToken
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import metrics
+from app.crypto import Vault
+from app.ingest import Delivery
+from app.processing import Outcome, Rejection, is_transient, process_delivery, store_rejected
+from app.schemas import HANDLED_EVENTS, HandledEvent, parse_envelope, parse_handled
+from app.signing import SignatureCheck
+from app.spool import Entry, Spool, SpoolFull
+
+log = logging.getLogger("coldmail.intake")
+# After a transient failure, deliveries go straight to the spool for this long instead of
+# each waiting out a connection attempt; the drainer's first success ends it early.
+CIRCUIT_SECONDS = 2.0
+DRAIN_BATCH = 100
+IDLE_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 10.0
+
+
+class ApplyFailed(Exception):
+    """Applying failed for a reason a retry will not cure; the delivery is kept as rejected."""
+
+
+@dataclass
+class Intake:
+    engine: AsyncEngine
+    vault: Vault
+    spool: Spool
+    database_down_until: float = 0.0
+    spooling: bool = False
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # --- live deliveries ------------------------------------------------------------------
+
+    async def accept(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
+        """Commit the delivery, or spool it while the database cannot be reached.
+
+        Raises ApplyFailed (kept as rejected: answer 500) or SpoolFull (answer 503)."""
+        if time.monotonic() >= self.database_down_until:
+            try:
+                return await self.process_or_reject(delivery, model)
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                self._database_failed(error)
+        await self._spool(delivery.raw, delivery_meta(delivery), delivery.received_at)
+        return Outcome("queued", False, 0)
+
+    async def process_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
+        try:
+            return await process_delivery(self.engine, self.vault, delivery, model)
+        except Exception as error:
+            if is_transient(error):
+                raise
+            kind = getattr(error, "sqlstate", None) or type(error).__name__
+            log.error("applying failed (%s); kept as rejected", kind, extra=_ids(delivery))
+            await store_rejected(self.engine, self.vault, apply_failed(delivery, kind))
+            raise ApplyFailed() from None
+
+    async def keep_rejected(self, rejection: Rejection) -> None:
+        """Store a refused delivery; spooled while the database cannot be reached."""
+        try:
+            await store_rejected(self.engine, self.vault, rejection)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            self._database_failed(error)
+            received = rejection.received_at or datetime.now(UTC)
+            await self._spool(rejection.raw, rejected_meta(rejection), received)
+
+    def _database_failed(self, error: Exception) -> None:
+        log.warning("database unreachable: %s", type(error).__name__)
+        self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
+
+    async def _spool(self, raw: bytes, meta: dict[str, Any], received_at: datetime) -> None:
+        await self.spool.put(
+            body=self.vault.encrypt(raw), meta=meta, received_at=received_at.timestamp()
+        )
+        if not self.spooling:
+            self.spooling = True
+            log.warning("spooling deliveries until the database is back")
+
+    # --- the drainer ------------------------------------------------------------------------
+
+    async def drain_forever(self) -> None:
+        """Runs inside `serve`: drains when there is work, backs off while the database is
+        away, and leaves every row it has not committed where it is."""
+        delay = IDLE_SECONDS
+        while not self._stopping.is_set():
+            try:
+                if self.spool.try_become_drainer():
+                    delay = IDLE_SECONDS if await self.drain() == 0 else 0
+            except Exception as error:
+                if not is_transient(error):
+                    log.exception("the drainer failed; retrying")
+                delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def drain(self) -> int:
+        """Apply one batch of spooled rows, oldest first; how many were taken out."""
+        rows = await self.spool.oldest(DRAIN_BATCH)
+        for row in rows:
+            if isinstance(row, Entry):
+                await self._drain_one(row)
+            else:
+                await self._set_aside(row.id, row.why)
+        if rows:
+            self.database_down_until = 0.0
+        depth, _, _ = await self.spool.depth()
+        metrics.SPOOL_DEPTH.set(depth)
+        if depth == 0 and self.spooling:
+            self.spooling = False
+            log.warning("the spool is empty again: every spooled delivery is applied")
+        return len(rows)
+
+    async def _drain_one(self, entry: Entry) -> None:
+        try:
+            raw = self.vault.decrypt(entry.body)
+        except InvalidToken:
+            await self._set_aside(entry.id, "body cannot be decrypted with FERNET_KEYS")
+            return
+        received = datetime.fromtimestamp(entry.received_at, UTC)
+        meta = entry.meta
+        signature = SignatureCheck(meta["signature"], meta.get("form"), meta.get("signedAt"))
+        if meta["kind"] == "rejected":
+            rejection = Rejection(
+                raw,
+                meta["signature"],
+                meta["reason"],
+                meta["errors"],
+                meta.get("event"),
+                meta.get("eventId"),
+                received,
+            )
+            await store_rejected(self.engine, self.vault, rejection)
+        else:
+            await self._apply_spooled(raw, signature, received, meta.get("warnings", []))
+        await self.spool.delete(entry.id)
+
+    async def _apply_spooled(
+        self, raw: bytes, signature: SignatureCheck, received: datetime, warnings: list[str]
+    ) -> None:
+        envelope = parse_envelope(raw)
+        try:
+            model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
+        except ValidationError:  # valid when spooled: only a change of schema gets here
+            model = None
+        delivery = Delivery(envelope, raw, signature, received, warnings, spooled=True)
+        try:
+            await self.process_or_reject(delivery, model)
+        except ApplyFailed:
+            pass  # kept among rejected deliveries
+
+    async def _set_aside(self, row_id: int, why: str) -> None:
+        log.error("spool row %s set aside: %s", row_id, why)
+        metrics.SPOOL_SET_ASIDE.inc()
+        await self.spool.set_aside(row_id, why)
+
+
+def delivery_meta(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "kind": "delivery",
+        "signature": delivery.signature.result,
+        "form": delivery.signature.form,
+        "signedAt": delivery.signature.signed_at,
+        "warnings": delivery.warnings,
+    }
+
+
+def rejected_meta(rejection: Rejection) -> dict[str, Any]:
+    return {
+        "kind": "rejected",
+        "signature": rejection.signature,
+        "reason": rejection.reason,
+        "errors": rejection.errors,
+        "event": rejection.event,
+        "eventId": rejection.event_id,
+    }
+
+
+def apply_failed(delivery: Delivery, kind: str) -> Rejection:
+    error = {"loc": [], "msg": "applying the event failed", "type": kind}
+    return Rejection(
+        delivery.raw,
+        delivery.signature.result,
+        "apply_failed",
+        [error],
+        delivery.event,
+        delivery.event_id,
+        delivery.received_at,
+    )
+
+
+def _ids(delivery: Delivery) -> dict[str, str]:
+    return {"eventId": delivery.event_id, "event": delivery.event}
+
+
+__all__ = ["ApplyFailed", "Intake", "SpoolFull"]

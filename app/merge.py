@@ -1,0 +1,271 @@
+"""The merge rules: what each event does to each table, in one place.
+
+Events arrive late, twice and out of order; every effect below is an upsert keyed by the
+provider's own IDs whose result does not depend on arrival order. A column's policy says
+how the stored value and the event's value combine:
+
+  OVERWRITE      the event's value replaces the stored one (when the event has one)
+  FILL           the event's value is taken only while the stored one is empty
+  LATEST         the later of the two dates is kept
+  LEAST          the smaller of the two is kept (of several failure reasons, always the same)
+  SNAPSHOT       like OVERWRITE, but a column an edit has set keeps the edit's value
+  EDIT           the later edit wins: each edited column remembers its edit's version
+                 (`field_versions`), and an edit applies only if its version is greater
+  VERSIONS       keeps, per column, the greatest edit version seen (goes with EDIT)
+  ACTIVE_WINS    a subscription that succeeded once stays active; a failure never demotes it
+  SUCCESS_WINS   a domain reported both ways stays succeeded; the failure reason is kept
+  LIFECYCLE      the subscription.* rule: a later period (greater periodEnd) wins; within one
+                 period the further state (ACTIVE < RENEWING < PAST_DUE < EXPIRED <
+                 CANCELLED); when either event has no period, the later event; CANCELLED is
+                 final (only another CANCELLED can replace it)
+  DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
+                 ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final
+
+A version is an event's time, then its eventId (see ingest.version): the time is the signed
+`cmr-x-timestamp` when the signature was valid, else the first receipt.
+Derived values (an order's status, a subscription's quantity and first order) are
+recomputed from their parts by the plain statements at the end of this module.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
+
+
+class Policy(StrEnum):
+    OVERWRITE = "coalesce(new.{c}, old.{c})"
+    FILL = "coalesce(old.{c}, new.{c})"
+    LATEST = "greatest(old.{c}, new.{c})"
+    LEAST = "least(old.{c}, new.{c})"
+    SNAPSHOT = (
+        "CASE WHEN old.field_versions ? '{c}' THEN old.{c} ELSE coalesce(new.{c}, old.{c}) END"
+    )
+    EDIT = (
+        "CASE WHEN new.field_versions->>'{c}' COLLATE \"C\""
+        " > coalesce(old.field_versions->>'{c}', '') COLLATE \"C\" THEN new.{c} ELSE old.{c} END"
+    )
+    VERSIONS = (
+        '(SELECT jsonb_object_agg(key, version) FROM (SELECT key, max(value COLLATE "C")'
+        " AS version FROM (SELECT * FROM jsonb_each_text(old.{c}) UNION ALL"
+        " SELECT * FROM jsonb_each_text(new.{c})) AS edits GROUP BY key) AS latest)"
+    )
+    ACTIVE_WINS = "CASE WHEN 'active' IN (old.{c}, new.{c}) THEN 'active' ELSE 'failed' END"
+    SUCCESS_WINS = "CASE WHEN 'succeeded' IN (old.{c}, new.{c}) THEN 'succeeded' ELSE 'failed' END"
+    LIFECYCLE = "CASE WHEN {lifecycle_wins} THEN coalesce(new.{c}, old.{c}) ELSE old.{c} END"
+    DOMAIN_STATE = "CASE WHEN {domain_wins} THEN coalesce(new.{c}, old.{c}) ELSE old.{c} END"
+
+
+def ranked_wins(*, period: str, state: str, version: str, ranks: str, final: str | None) -> str:
+    """SQL: does the incoming event (new) beat the stored one (old)? See LIFECYCLE."""
+    finality = (
+        f"WHEN coalesce(old.{state} = '{final}', false) <> coalesce(new.{state} = '{final}', false)"
+        f" THEN coalesce(new.{state} = '{final}', false) "
+        if final
+        else ""
+    )
+    return (
+        f"(CASE WHEN old.{version} IS NULL THEN true {finality}"
+        f"WHEN old.{period} <> new.{period} THEN new.{period} > old.{period} "
+        f"WHEN old.{period} = new.{period} AND array_position({ranks}, old.{state}) <>"
+        f" array_position({ranks}, new.{state})"
+        f" THEN array_position({ranks}, new.{state}) > array_position({ranks}, old.{state}) "
+        f'ELSE new.{version} COLLATE "C" > old.{version} COLLATE "C" END)'
+    )
+
+
+LIFECYCLE_WINS = ranked_wins(
+    period="period_end",
+    state="subscription_status",
+    version="lifecycle_version",
+    ranks="ARRAY['ACTIVE','RENEWING','PAST_DUE','EXPIRED','CANCELLED']",
+    final="CANCELLED",
+)
+DOMAIN_WINS = ranked_wins(
+    period="expiry_date",
+    state="status",
+    version="version",
+    ranks="ARRAY['ACTIVE','RENEWAL_FAILED','GRACE_PERIOD','EXPIRED','FAILED']",
+    final=None,
+)
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """INSERT one row per call (or many, with executemany); on a key conflict each column
+    combines by its policy. `columns` lists every parameter, key columns included."""
+
+    table: str
+    key: tuple[str, ...]
+    columns: dict[str, Policy | None]  # None: a key column, or set only on insert
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.columns)
+
+    @cached_property
+    def sql(self) -> str:
+        names = ", ".join(self.names)
+        values = ", ".join(f"${i}" for i in range(1, len(self.names) + 1))
+        sets = [
+            f"{c} = " + policy.format(c=c, lifecycle_wins=LIFECYCLE_WINS, domain_wins=DOMAIN_WINS)
+            for c, policy in self.columns.items()
+            if policy is not None
+        ]
+        sets.append("updated_at = now()")
+        return (
+            f"INSERT INTO {self.table} AS old ({names}) VALUES ({values}) "
+            f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {', '.join(sets)}"
+        ).replace("new.", "EXCLUDED.")
+
+
+P = Policy
+IDENTITY_FILL: dict[str, Policy | None] = {
+    c: P.FILL for c in ("domain", "domain_id", "user_id", "user_email", "provider")
+}
+IDENTITY_OVERWRITE: dict[str, Policy | None] = {c: P.OVERWRITE for c in IDENTITY_FILL}
+
+# --- subscriptions --------------------------------------------------------------------
+
+# mailbox.order.success and prewarmup.order.success: the order's word on the domain.
+SUBSCRIPTION_ORDER_SUCCEEDED = Upsert(
+    "subscriptions",
+    ("subscription_id",),
+    {"subscription_id": None, **IDENTITY_OVERWRITE, "source": P.OVERWRITE}
+    | {"status": P.ACTIVE_WINS, "order_id": P.FILL, "expiry_date": P.LATEST},
+)
+# mailbox.order.failed: creates the subscription as failed; never demotes an active one.
+SUBSCRIPTION_ORDER_FAILED = Upsert(
+    "subscriptions",
+    ("subscription_id",),
+    {"subscription_id": None, **IDENTITY_FILL, "source": P.FILL, "status": P.ACTIVE_WINS}
+    | {"order_id": P.FILL},
+)
+# mailbox.created: a mailbox exists, so the subscription does, and is active.
+SUBSCRIPTION_MAILBOX_CREATED = Upsert(
+    "subscriptions",
+    ("subscription_id",),
+    {"subscription_id": None, **IDENTITY_FILL, "source": P.FILL, "status": P.ACTIVE_WINS}
+    | {"order_id": P.FILL, "expiry_date": P.LATEST},
+)
+# subscription.*: the lifecycle; a subscription first heard of this way is created.
+SUBSCRIPTION_LIFECYCLE = Upsert(
+    "subscriptions",
+    ("subscription_id",),
+    {"subscription_id": None, **IDENTITY_FILL, "status": P.ACTIVE_WINS}
+    | {
+        "subscription_status": P.LIFECYCLE,
+        "period_start": P.LIFECYCLE,
+        "period_end": P.LIFECYCLE,
+        "auto_renew": P.LIFECYCLE,
+        "lifecycle_quantity": P.LIFECYCLE,
+        "lifecycle_version": P.LIFECYCLE,
+        "expiry_date": P.LATEST,  # periodEnd becomes the expiry date
+    },
+)
+
+# --- mailboxes ------------------------------------------------------------------------
+
+CREDENTIALS = ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
+# mailbox.created and prewarmup.order.success: a full snapshot of each mailbox.
+MAILBOX_SNAPSHOT = Upsert(
+    "mailboxes",
+    ("mailbox_id",),
+    {"mailbox_id": None}
+    | {
+        c: P.SNAPSHOT
+        for c in (
+            "subscription_id",
+            "domain",
+            "email",
+            "first_name",
+            "last_name",
+            "user_name",
+            "profile_picture",
+            "is_admin",
+            "provider",
+            "source",
+            "user_id",
+            "user_email",
+            "order_id",
+            "creation_time",
+            "warming_up_from",
+            "expiry_date",
+            "price",
+            "final_url",
+            *CREDENTIALS,
+        )
+    },
+)
+EDITABLE = ("first_name", "last_name", "user_name", "profile_picture")
+
+
+def mailbox_edit(columns: tuple[str, ...]) -> Upsert:
+    """mailbox.updated (the given fields), mailbox.exported and mailbox.warmup.* (warmup
+    status, credentials): edits, the later by time wins; identity fields only fill in."""
+    return Upsert(
+        "mailboxes",
+        ("mailbox_id",),
+        {"mailbox_id": None}
+        | {c: P.FILL for c in ("domain", "email", "user_id", "user_email", "provider")}
+        | {c: P.EDIT for c in columns}
+        | {"exported_at": P.LATEST, "field_versions": P.VERSIONS},
+    )
+
+
+# --- orders and their domains ---------------------------------------------------------
+
+ORDER = Upsert(
+    "orders",
+    ("order_id",),
+    {"order_id": None, "kind": P.FILL, "user_id": P.FILL, "user_email": P.FILL}
+    | {"provider": P.FILL, "status": None, "failure_reason": P.LEAST},
+)
+ORDER_DOMAIN = Upsert(
+    "order_domains",
+    ("order_id", "domain"),
+    {"order_id": None, "domain": None, "status": P.SUCCESS_WINS, "reason": P.LEAST}
+    | {"subscription_id": P.FILL, "quantity": P.OVERWRITE, "price": P.OVERWRITE}
+    | {"succeeded_version": P.LEAST},
+)
+
+# --- domains (domain.*) ---------------------------------------------------------------
+
+_DOMAIN_COLUMNS: dict[str, Policy | None] = {
+    "status": P.DOMAIN_STATE,
+    "expiry_date": P.DOMAIN_STATE,
+    "version": P.DOMAIN_STATE,
+}
+DOMAIN_BY_ID = Upsert(
+    "domains", ("domain_id",), {"domain_id": None, "name": P.FILL, **_DOMAIN_COLUMNS}
+)
+DOMAIN_BY_NAME = Upsert("domains", ("name",), {"name": None, **_DOMAIN_COLUMNS})
+
+# --- derived values -------------------------------------------------------------------
+
+# An order's status from its domains' outcomes, and an order-level failure if any.
+ORDER_STATUS = """
+UPDATE orders o SET updated_at = now(), status = (
+    SELECT CASE
+        WHEN count(*) = 0 THEN CASE WHEN o.failure_reason IS NULL THEN o.status ELSE 'failed' END
+        WHEN bool_and(d.status = 'failed') THEN 'failed'
+        WHEN bool_and(d.status = 'succeeded') AND o.failure_reason IS NULL THEN 'succeeded'
+        ELSE 'partially_failed' END
+    FROM order_domains d WHERE d.order_id = o.order_id)
+WHERE o.order_id = $1
+"""
+# A subscription's order-scoped values, from its succeeded orders: `quantity` is their sum,
+# `orderId` and `price` those of the first (earliest version).
+SUBSCRIPTION_ORDERS = """
+UPDATE subscriptions s SET updated_at = now(),
+    quantity = coalesce(d.quantity, s.quantity),
+    order_id = d.first_order,
+    price = coalesce(d.first_price, s.price)
+FROM (
+    SELECT subscription_id, sum(quantity) AS quantity,
+        (array_agg(order_id ORDER BY succeeded_version COLLATE "C", order_id))[1] AS first_order,
+        (array_agg(price ORDER BY succeeded_version COLLATE "C", order_id))[1] AS first_price
+    FROM order_domains
+    WHERE subscription_id = ANY($1::text[]) AND status = 'succeeded'
+    GROUP BY subscription_id) d
+WHERE s.subscription_id = d.subscription_id
+"""
