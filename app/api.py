@@ -42,7 +42,8 @@ credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
 # Identifiers and filter values: PostgreSQL text cannot hold NUL, so refuse it as a 422.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
-RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+MAX_ROW_ID = 2**63 - 1  # bigint: a cursor beyond it is a bad request, not a database error
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 
@@ -89,7 +90,7 @@ def decode_cursor(cursor: str | None) -> int:
         value = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
     except ValueError:
         value = -1
-    if value < 0:
+    if not 0 <= value <= MAX_ROW_ID:
         detail = [{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}]
         raise ApiError(422, {"error": "invalid_request", "detail": detail})
     return value

@@ -24,6 +24,7 @@ from app.config import Settings, load_settings, normalize_database_url
 from app.crypto import generate_key
 from app.main import create_app
 from app.migrations import upgrade
+from tests.streams import SENT_AT
 
 FERNET_KEY = generate_key()
 WEBHOOK_TOKEN = "wh-token-" + os.urandom(8).hex()
@@ -133,6 +134,14 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+def wire(payload: dict[str, Any] | bytes) -> tuple[bytes, int | None]:
+    """The body as sent, and its send time if tests.streams stamped one."""
+    if isinstance(payload, bytes):
+        return payload, None
+    sent_at = payload.get(SENT_AT)
+    return orjson.dumps({k: v for k, v in payload.items() if k != SENT_AT}), sent_at
+
+
 async def deliver(
     client: httpx.AsyncClient,
     payload: dict[str, Any] | bytes,
@@ -141,11 +150,12 @@ async def deliver(
     signing_key: str | None = SIGNING_KEY,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
-    """POST a delivery as the sender would: raw JSON body, token in the URL, signed."""
-    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    """POST a delivery as the sender would: raw JSON body, token in the URL, signed (at the
+    payload's send time when tests.streams stamped one)."""
+    body, sent_at = wire(payload)
     sent = {"content-type": "application/json"}
     if signing_key:
-        sent |= signing.sign(signing_key, body)
+        sent |= signing.sign(signing_key, body, timestamp=sent_at)
     sent |= headers or {}
     params = {"token": token} if token else {}
     return await client.post("/webhooks/cmr", content=body, params=params, headers=sent)

@@ -44,6 +44,7 @@ class Server:
         self.port = port or free_port()
         self.log = cwd / f"serve-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.options: list[str] = []  # e.g. --no-migrate, for a restart while the db is away
 
     @property
     def url(self) -> str:
@@ -51,6 +52,7 @@ class Server:
 
     def start(self, *, timeout: float = 60) -> None:
         command = [*CLI, "serve", "--port", str(self.port), "--workers", str(self.workers)]
+        command += self.options
         with self.log.open("a") as sink:
             self.proc = subprocess.Popen(
                 command,

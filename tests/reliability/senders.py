@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import orjson
 
 from app import signing
-from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN
+from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, wire
 
 
 @dataclass
@@ -19,9 +18,31 @@ class Tally:
     answers: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     retry_after_missing: int = 0
+    gave_up: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
         return f"sent {self.sent}, answers {dict(self.answers)}, acked {len(self.acknowledged)}"
+
+
+# The provider's schedule (at once, after 30 s, after 5 min, then never), 100 times faster.
+PROVIDER_SCHEDULE_100X = (0.0, 0.3, 3.0)
+
+
+async def deliver_on_schedule(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    tally: Tally,
+    *,
+    schedule: tuple[float, ...] = PROVIDER_SCHEDULE_100X,
+) -> bool:
+    """As the provider does: a few tries on a fixed schedule, then it gives up for good."""
+    for delay in schedule:
+        await asyncio.sleep(delay)
+        if await deliver_until_acknowledged(client, url, payload, tally, attempts=1, pause=0):
+            return True
+    tally.gave_up.add(payload["eventId"])
+    return False
 
 
 async def deliver_until_acknowledged(
@@ -33,9 +54,10 @@ async def deliver_until_acknowledged(
     attempts: int = 200,
     pause: float = 0.1,
 ) -> bool:
-    body = orjson.dumps(payload)
+    body, sent_at = wire(payload)
     for _ in range(attempts):
-        headers = signing.sign(SIGNING_KEY, body) | {"content-type": "application/json"}
+        headers = signing.sign(SIGNING_KEY, body, timestamp=sent_at)
+        headers["content-type"] = "application/json"
         tally.sent += 1
         try:
             response = await client.post(
@@ -62,11 +84,13 @@ async def send_all(
     tally: Tally,
     *,
     concurrency: int = 16,
+    on_schedule: bool = False,
 ) -> None:
     queue = list(reversed(payloads))
+    send = deliver_on_schedule if on_schedule else deliver_until_acknowledged
 
     async def worker() -> None:
         while queue:
-            await deliver_until_acknowledged(client, url, queue.pop(), tally)
+            await send(client, url, queue.pop(), tally)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))

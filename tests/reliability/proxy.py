@@ -1,0 +1,53 @@
+"""A TCP proxy in front of PostgreSQL that a test can cut, as a network outage would:
+new connections are refused and the open ones are dropped, until it is restored."""
+
+import asyncio
+import contextlib
+
+from sqlalchemy.engine import make_url
+
+from tests.servers import free_port
+
+
+class Proxy:
+    def __init__(self, database_url: str) -> None:
+        url = make_url(database_url)
+        self.target = (url.host or "127.0.0.1", url.port or 5432)
+        self.port = free_port()
+        self.url = url.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop every open one."""
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._pipes):
+            writer.transport.abort()
+        self._pipes.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pipes |= {writer, up_writer}
+        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        self._pipes -= {writer, up_writer}
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()

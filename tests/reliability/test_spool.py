@@ -1,0 +1,159 @@
+"""While PostgreSQL is away, deliveries wait in the spool; none is lost, none applied twice."""
+
+import asyncio
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app import traffic
+from tests import streams
+from tests.conftest import app_client, asyncpg_dsn, deliver, fresh_database, make_settings
+from tests.reliability.proxy import Proxy
+from tests.reliability.senders import Tally, send_all
+from tests.state import read_state
+
+
+def realistic_stream(seed: int) -> list[dict[str, Any]]:
+    """About 250 deliveries: orders, mailboxes, edits, prewarmups, lifecycles, second orders."""
+    rng = random.Random(seed)
+    start = time.time() - 3000
+    events: list[dict[str, Any]] = []
+    for i in range(40):
+        edits = [(rng.randrange(3), "firstName", f"Name{k}") for k in range(rng.randrange(4))]
+        order = streams.standard_order(
+            rng.randint(1, 3), rng.random() < 0.2, edits, start=start + 60 * i
+        )
+        events += order
+        if i % 4 == 0:
+            events += streams.lifecycle(order[0], rng.randint(1, 5), start=start + 60 * i + 30)
+        if i % 6 == 0:
+            events += streams.second_order(order[0], 2, start=start + 60 * i + 40)
+    for i in range(16):
+        events += streams.prewarmup_order(
+            rng.randint(0, 3), rng.randint(0, 2), rng.random() < 0.3, start=start + 7 * i
+        )
+    return events
+
+
+async def wait_until_drained(client: httpx.AsyncClient, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = (await client.get("/readyz")).json()
+        if ready["database"] == "up" and ready["spool"]["depth"] == 0:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the spool did not drain: {ready}")
+
+
+async def events_by_id(database_url: str) -> dict[str, tuple[int, bool]]:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        rows = await conn.fetch(
+            "select event_id, count(*) as n, bool_or(spooled) as spooled from events "
+            "group by event_id"
+        )
+    finally:
+        await conn.close()
+    return {r["event_id"]: (r["n"], r["spooled"]) for r in rows}
+
+
+async def test_a_sender_on_the_providers_schedule_loses_nothing_through_a_long_outage(
+    database_url, server_url, template_name
+):
+    stream = realistic_stream(seed=9)
+    proxy = Proxy(database_url)
+    await proxy.start()
+    tally = Tally()
+    settings = make_settings(proxy.url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
+    async with app_client(settings) as client:
+
+        async def outage() -> None:
+            while len(tally.acknowledged) < len(stream) // 4:
+                await asyncio.sleep(0.01)
+            await proxy.cut()
+            await asyncio.sleep(5.0)  # longer than the sender's whole window (3.3 s)
+            await proxy.restore()
+
+        await asyncio.gather(
+            send_all(client, "/webhooks/cmr", stream, tally, concurrency=8, on_schedule=True),
+            outage(),
+        )
+        await wait_until_drained(client)
+        state = await read_state(client)
+    print(f"\noutage of 5 s: {tally.summary()}, gave up on {len(tally.gave_up)}")
+    assert tally.gave_up == set()
+    assert tally.answers["200"] == len(stream)  # every delivery answered 200 at the first try
+    stored = await events_by_id(database_url)
+    assert set(stored) == {e["eventId"] for e in stream}
+    assert {n for n, _ in stored.values()} == {1}  # each event stored once
+    assert sum(spooled for _, spooled in stored.values()) > 20  # and many waited in the spool
+    async with fresh_database(server_url, template_name) as reference_url:
+        reference = make_settings(reference_url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
+        async with app_client(reference) as client:
+            for payload in stream:
+                assert (await deliver(client, payload)).status_code == 200
+            assert state == await read_state(client)  # what was sent, as if nothing happened
+
+
+async def test_a_full_spool_answers_503_and_keeps_what_it_holds(database_url):
+    proxy = Proxy(database_url)
+    await proxy.start()
+    small = [streams.sent(t, time.time()) for t in _mailboxes(3)]
+    settings = make_settings(proxy.url, spool_max_bytes=6000)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        answers = [(await deliver(client, p)).status_code for p in small]
+        big = await deliver(client, _prewarmup())
+        depth = (await client.get("/readyz")).json()["spool"]["depth"]
+        await proxy.restore()
+        await wait_until_drained(client)
+    assert answers == [200, 200, 200] and depth == 3
+    assert big.status_code == 503 and big.headers["retry-after"].isdigit()
+    assert set(await events_by_id(database_url)) == {p["eventId"] for p in small}
+
+
+async def test_a_torn_spool_row_is_set_aside_and_the_rest_drain(database_url, capsys):
+    proxy = Proxy(database_url)
+    await proxy.start()
+    payloads = _mailboxes(3)
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+        tear_row(settings.spool_path / "spool.sqlite3", row=2)
+        set_aside_before = await _set_aside_total(client)
+        await proxy.restore()
+        await wait_until_drained(client)
+        assert await _set_aside_total(client) == set_aside_before + 1
+    stored = await events_by_id(database_url)
+    assert set(stored) == {payloads[0]["eventId"], payloads[2]["eventId"]}
+    assert "spool row 2 set aside: checksum mismatch" in capsys.readouterr().err
+
+
+def tear_row(path: Path, *, row: int) -> None:
+    """What a torn write leaves: the row's body cut short."""
+    db = sqlite3.connect(path)
+    db.execute("UPDATE deliveries SET body = substr(body, 1, 40) WHERE id = ?", (row,))
+    db.commit()
+    db.close()
+
+
+async def _set_aside_total(client: httpx.AsyncClient) -> float:
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("cmr_spool_set_aside_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _mailboxes(n: int) -> list[dict[str, Any]]:
+    return [traffic.mailbox_created() for _ in range(n)]
+
+
+def _prewarmup() -> dict[str, Any]:
+    return traffic.prewarmup_success(domains=3, per_domain=4)
