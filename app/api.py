@@ -9,13 +9,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
-from sqlalchemy import Select, Table, func, insert, or_, select, text, true
+from sqlalchemy import Select, Table, func, insert, literal_column, or_, select, text, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from app import resources
 from app.crypto import Vault, fingerprint, token_matches
 from app.errors import ApiError, NotFound
+from app.merge import DOMAIN_RANKS
 from app.models import (
     CredentialRead,
     Domain,
@@ -158,12 +159,12 @@ class SubscriptionQuery(ListQuery):
 def subscription_select() -> Select[Any]:
     """Subscriptions with their mailbox count and their domain's registrar state (by the
     domain's ID, else its name)."""
-    s = subscriptions.c
-    by_id = domains.c.domain_id == s.domain_id
+    s, d = subscriptions.c, domains.c
+    rank = func.array_position(literal_column(DOMAIN_RANKS), d.status)
     domain = (
-        select(domains.c.status, domains.c.expiry_date)
-        .where(or_(by_id, domains.c.name == s.domain))
-        .order_by(by_id.desc().nulls_last())
+        select(d.status, d.expiry_date)
+        .where(or_(d.domain_id == s.domain_id, d.name == s.domain))
+        .order_by(d.expiry_date.desc().nulls_last(), rank.desc().nulls_last(), d.version.desc())
         .limit(1)
         .lateral("domain")
     )

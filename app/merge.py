@@ -17,9 +17,12 @@ how the stored value and the event's value combine:
   LIFECYCLE      the subscription.* rule: a later period (greater periodEnd) wins; within one
                  period the further state (ACTIVE < RENEWING < PAST_DUE < EXPIRED <
                  CANCELLED); when either event has no period, the later event; CANCELLED is
-                 final (only another CANCELLED can replace it)
+                 final (only another CANCELLED can replace it). What the winner leaves out,
+                 the other fills in, so the result is the same in either order
   DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
-                 ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final
+                 ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final;
+                 a domain known by ID and by name alone may have two rows: the read API
+                 shows the winner of the two by the same rule
 
 A version is an event's time, then its eventId (see ingest.version): the time is the signed
 `cmr-x-timestamp` when the signature was valid, else the first receipt.
@@ -30,6 +33,11 @@ recomputed from their parts by the plain statements at the end of this module.
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
+
+# The winner's value, else the other's: what the winner leaves out is still known.
+_WINNER_FIRST = (
+    "CASE WHEN {wins} THEN coalesce(new.{c}, old.{c}) ELSE coalesce(old.{c}, new.{c}) END"
+)
 
 
 class Policy(StrEnum):
@@ -51,8 +59,8 @@ class Policy(StrEnum):
     )
     ACTIVE_WINS = "CASE WHEN 'active' IN (old.{c}, new.{c}) THEN 'active' ELSE 'failed' END"
     SUCCESS_WINS = "CASE WHEN 'succeeded' IN (old.{c}, new.{c}) THEN 'succeeded' ELSE 'failed' END"
-    LIFECYCLE = "CASE WHEN {lifecycle_wins} THEN coalesce(new.{c}, old.{c}) ELSE old.{c} END"
-    DOMAIN_STATE = "CASE WHEN {domain_wins} THEN coalesce(new.{c}, old.{c}) ELSE old.{c} END"
+    LIFECYCLE = _WINNER_FIRST.format(wins="{lifecycle_wins}", c="{c}")
+    DOMAIN_STATE = _WINNER_FIRST.format(wins="{domain_wins}", c="{c}")
 
 
 def ranked_wins(*, period: str, state: str, version: str, ranks: str, final: str | None) -> str:
@@ -73,6 +81,7 @@ def ranked_wins(*, period: str, state: str, version: str, ranks: str, final: str
     )
 
 
+DOMAIN_RANKS = "ARRAY['ACTIVE','RENEWAL_FAILED','GRACE_PERIOD','EXPIRED','FAILED']"
 LIFECYCLE_WINS = ranked_wins(
     period="period_end",
     state="subscription_status",
@@ -84,7 +93,7 @@ DOMAIN_WINS = ranked_wins(
     period="expiry_date",
     state="status",
     version="version",
-    ranks="ARRAY['ACTIVE','RENEWAL_FAILED','GRACE_PERIOD','EXPIRED','FAILED']",
+    ranks=DOMAIN_RANKS,
     final=None,
 )
 
