@@ -114,7 +114,8 @@ async def _with_engine(settings: Settings, job: Any) -> Any:
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
-    from app.maintenance import rotate_keys
+    from app.maintenance import rotate_keys, rotate_spool
+    from app.spool import SPOOL_FILE, Spool
 
     settings, is_local = resolve(load_settings())
     try:
@@ -128,6 +129,13 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
             local.stop_database(settings.data_dir)
     for column, count in counts.items():
         print(f"{column:45} re-encrypted {count.rotated:8}   already current {count.current:8}")
+    if (settings.spool_path / SPOOL_FILE).exists():
+        spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
+        try:
+            spooled = asyncio.run(rotate_spool(spool, settings.fernet_key_list))
+        finally:
+            spool.close()
+        print(f"{'spool (deliveries waiting for the database)':45} re-encrypted {spooled:8}")
     print("done: every stored secret is now encrypted under the first key of FERNET_KEYS")
     return 0
 

@@ -16,6 +16,7 @@ from app.models import Event, Mailbox, RejectedDelivery
 from app.processing import locked_transaction, process_delivery
 from app.schemas import HANDLED_EVENTS, parse_envelope, parse_handled
 from app.signing import SignatureCheck
+from app.spool import Spool
 from app.webhooks import validation_details
 
 events: Table = Event.__table__  # type: ignore[assignment]
@@ -63,6 +64,24 @@ async def rotate_keys(
                     )
                 count.rotated += 1
     return counts
+
+
+async def rotate_spool(spool: Spool, keys: list[str]) -> int:
+    """Re-encrypt the deliveries waiting in the spool under keys[0]; how many were."""
+    vault, primary = Vault(keys), Fernet(keys[0])
+
+    def rewrite(token: bytes) -> bytes:
+        try:
+            primary.decrypt(token)
+            return token
+        except InvalidToken:
+            pass
+        try:
+            return vault.rotate(token)
+        except InvalidToken:  # readable under no key: the drainer sets it aside
+            return token
+
+    return await spool.rewrite_bodies(rewrite)
 
 
 async def _batches(

@@ -22,6 +22,7 @@ import orjson
 
 log = logging.getLogger("coldmail.spool")
 T = TypeVar("T")
+SPOOL_FILE = "spool.sqlite3"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,7 +67,7 @@ def checksum(body: bytes, meta: bytes) -> bytes:
 class Spool:
     def __init__(self, directory: Path, *, max_bytes: int) -> None:
         self.directory = directory
-        self.path = directory / "spool.sqlite3"
+        self.path = directory / SPOOL_FILE
         self.max_bytes = max_bytes
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None

@@ -8,6 +8,7 @@ postgres); scratch databases are created and dropped. Prints one table and write
 
 import argparse
 import asyncio
+import hashlib
 import os
 import random
 import socket
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import signing, traffic  # noqa: E402
 from app.crypto import Vault, generate_key, redact  # noqa: E402
-from app.ingest import canonical_hash  # noqa: E402
+from app.schemas import canonical  # noqa: E402
 
 SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY, TOKEN, SIGNING_KEY, OPS = generate_key(), "bench-token", "bench-signing-key", "bench-ops"
@@ -220,7 +221,7 @@ async def db_ceiling_run(url: str, events: int, concurrency: int = 32) -> dict[s
                 await conn.fetchrow(
                     DB_STATEMENTS[0],
                     payload["eventId"],
-                    canonical_hash(payload),
+                    hashlib.sha256(canonical(payload)).digest(),
                     orjson.dumps(redact(payload)).decode(),
                     vault.encrypt(raw),
                 )

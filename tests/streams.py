@@ -105,7 +105,10 @@ def prewarmup_order(ok: int, failed: int, both_ways: bool, *, start: float) -> l
     if both_ways and ok:
         failures[names[0]] = "Pre-warmed mailboxes not available"
     if failures:
-        events.append(sent(traffic.prewarmup_failed(order_id=order_id, failures=failures), start))
+        report = traffic.prewarmup_failed(order_id=order_id, failures=failures)
+        if events:  # one order, one customer
+            report["data"]["userId"] = events[0]["data"]["userId"]
+        events.append(sent(report, start))
     return events
 
 

@@ -1,5 +1,6 @@
 """The console script, run as a user would: real subprocesses, real servers."""
 
+import asyncio
 import re
 import subprocess
 import tempfile
@@ -136,3 +137,33 @@ def test_every_command_has_help():
     out = run_cli("--help", env=clean_env())
     for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):
         assert command in out
+
+
+async def test_rotate_keys_leaves_spooled_deliveries_readable_under_the_new_key(database_url):
+    spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
+    dead = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
+    payload = factories.mailbox_created()
+    async with app_client(make_settings(dead, spool_dir=spool_dir)) as offline:
+        assert (await deliver(offline, payload)).json()["status"] == "queued"
+    new_key = generate_key()
+    env = clean_env(
+        DATABASE_URL=database_url,
+        FERNET_KEYS=f"{new_key},{FERNET_KEY}",
+        SPOOL_DIR=spool_dir,
+        OPS_API_TOKENS=OPS_TOKEN,
+        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
+    )
+    out = run_cli("rotate-keys", env=env)
+    assert re.search(r"^spool \(deliveries waiting.*re-encrypted +1$", out, re.M), out
+    only_new = make_settings(database_url, spool_dir=spool_dir, fernet_keys=new_key)
+    async with app_client(only_new) as client:
+        for _ in range(100):
+            if (await client.get("/readyz")).json()["spool"]["depth"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        box = payload["data"]["mailboxDetails"]
+        got = await client.get(
+            f"/api/v1/mailboxes/{box['mailboxId']}/credentials",
+            headers={"Authorization": f"Bearer {CREDENTIALS_TOKEN}"},
+        )
+    assert got.json()["appPassword"] == box["appPassword"]

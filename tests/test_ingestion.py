@@ -9,6 +9,7 @@ from cryptography.fernet import Fernet
 
 from app import traffic as factories
 from tests.conftest import FERNET_KEY, deliver
+from tests.streams import sent
 
 
 async def deliver_all(client, payloads):
@@ -152,14 +153,17 @@ async def test_update_and_create_combine_in_either_order(client, db, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
-async def test_competing_updates_settle_the_same_way_in_either_order(client, db, reverse):
+async def test_of_two_competing_updates_the_later_sent_wins_in_either_order(client, db, reverse):
     created = factories.mailbox_created()
     mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
-    one = factories.mailbox_updated(mailbox_id, {"firstName": "One"})
-    two = factories.mailbox_updated(mailbox_id, {"firstName": "Two"})
-    winner = max([one, two], key=lambda p: p["eventId"])["data"]["updatedFields"]["firstName"]
-    await deliver_all(client, [created, one, two] if not reverse else [two, one, created])
-    assert await db.fetchval("select first_name from mailboxes") == winner
+    earlier = sent(
+        factories.mailbox_updated(mailbox_id, {"firstName": "Earlier"}), time.time() - 60
+    )
+    later = sent(factories.mailbox_updated(mailbox_id, {"firstName": "Later"}), time.time() - 30)
+    earlier["eventId"], later["eventId"] = "9-earlier", "1-later"  # eventIds say nothing of time
+    stream = [created, earlier, later]
+    await deliver_all(client, stream[::-1] if reverse else stream)
+    assert await db.fetchval("select first_name from mailboxes") == "Later"
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])

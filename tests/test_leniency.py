@@ -2,6 +2,7 @@
 
 import base64
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from tests.conftest import OPS_TOKEN, deliver
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
 
 
-async def stored_event(client, event_id: str) -> dict:
+async def stored_event(client, event_id: str) -> Any:
     items = (await client.get("/api/v1/events", params={"eventId": event_id}, headers=OPS)).json()
     return (await client.get(f"/api/v1/events/{items['items'][0]['id']}", headers=OPS)).json()
 
