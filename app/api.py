@@ -24,6 +24,7 @@ from app.models import (
     Mailbox,
     Order,
     OrderDomain,
+    Reconciliation,
     RejectedDelivery,
 )
 from app.models import Subscription as SubscriptionRow
@@ -38,6 +39,7 @@ orders: Table = Order.__table__  # type: ignore[assignment]
 order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
 events: Table = Event.__table__  # type: ignore[assignment]
 domains: Table = Domain.__table__  # type: ignore[assignment]
+reconciliations: Table = Reconciliation.__table__  # type: ignore[assignment]
 rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
@@ -408,6 +410,24 @@ async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
 async def counts_by(conn: AsyncConnection, table: Table, column: str) -> dict[str, int]:
     rows = await conn.execute(select(table.c[column], func.count()).group_by(table.c[column]))
     return {str(key): count for key, count in rows}
+
+
+@router.get(
+    "/reconciliation",
+    summary="The last reconcile's report: drift against the sender's subscriptions API",
+    responses={404: {"description": "No reconcile has run yet"}},
+)
+async def last_reconciliation(conn: Conn) -> dict[str, Any]:
+    row = (
+        await conn.execute(
+            select(reconciliations.c.ran_at, reconciliations.c.report)
+            .order_by(reconciliations.c.id.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        raise NotFound()
+    return dict(row.report)
 
 
 def replayable_count() -> Any:

@@ -169,6 +169,52 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """0: no drift; 1: drift remains (the report says what to do); 2: could not run."""
+    from app.reconcile import ReconcileError, SenderApi, reconcile
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set")
+    if not settings.api_key:
+        raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
+
+    async def run(engine: Any) -> Any:
+        api = SenderApi(settings.cmr_api_url, settings.api_key or "")
+        try:
+            return await reconcile(engine, api, dry_run=args.dry_run)
+        finally:
+            await api.close()
+
+    try:
+        report = asyncio.run(_with_engine(settings, run))
+    except ReconcileError as error:
+        raise ConfigError(str(error)) from None
+    print_report(report)
+    return 1 if report.drift else 0
+
+
+def print_report(report: Any) -> None:
+    verb = "would apply" if report.dry_run else "applied"
+    print(
+        f"reconciled {report.subscriptions} subscriptions in {report.pages} pages; "
+        f"{verb} the sender's status and period to {report.applied}"
+    )
+    for item in report.unknown:
+        print(
+            f"  unknown: {item['subscriptionId']} ({item['domain']}): the sender has it, we "
+            "never heard of it; retry its deliveries from the sender's dashboard"
+        )
+    for item in report.missing_mailboxes:
+        print(
+            f"  missing mailboxes: {item['subscriptionId']} has {item['mailboxes']} of "
+            f"{item['expected']}; retry its mailbox.created deliveries from the dashboard"
+        )
+    for item in report.differences:
+        print(f"  differs: {item['subscriptionId']} ours {item['ours']} theirs {item['theirs']}")
+    print(f"drift: {report.drift}" if report.drift else "no drift")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from app.simulate import run_simulation
 
@@ -235,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="every event and rejected delivery")
     replay.add_argument("--dry-run", action="store_true", help="report, change nothing")
     replay.set_defaults(func=cmd_replay)
+
+    recon = commands.add_parser(
+        "reconcile", help="compare with the sender's subscriptions API; repair and report drift"
+    )
+    recon.add_argument("--dry-run", action="store_true", help="report only, change nothing")
+    recon.set_defaults(func=cmd_reconcile)
 
     simulate = commands.add_parser("simulate", help="send realistic signed traffic to a URL")
     add_simulate_arguments(simulate)

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     data_dir: Path = Path(".data")
+    cmr_api_key: SecretStr | None = None
+    cmr_api_url: str = "https://customers.coldmailreseller.com/api/v1/integration"
+    reconcile_interval_seconds: int = Field(default=0, ge=0)
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=1024**3, ge=1024)
 
@@ -74,6 +77,11 @@ class Settings(BaseSettings):
     @property
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
+
+    @property
+    def api_key(self) -> str | None:
+        key = self.cmr_api_key.get_secret_value().strip() if self.cmr_api_key else ""
+        return key or None
 
     @property
     def fernet_key_list(self) -> list[str]:

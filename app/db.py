@@ -1,5 +1,7 @@
 """Engine construction. One engine per process, built in the app's lifespan."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -24,3 +26,12 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         json_deserializer=orjson.loads,
         connect_args={"timeout": 5, "server_settings": {"application_name": "coldmail-webhooks"}},
     )
+
+
+@asynccontextmanager
+async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg handle, for statements run straight on asyncpg."""
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        yield raw

@@ -353,6 +353,7 @@ async def apply_subscription(
         "auto_renew": data.autoRenew,
         "lifecycle_quantity": data.quantity,
         "lifecycle_version": at,
+        "lifecycle_source": "event",
         "expiry_date": data.periodEnd,
     }
     await upsert(conn, merge.SUBSCRIPTION_LIFECYCLE, [row])

@@ -3,9 +3,11 @@
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import api, ops, webhooks
@@ -22,7 +24,17 @@ from app.errors import (
 )
 from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
+from app.reconcile import SenderApi, run_periodically
 from app.spool import Spool
+
+
+def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[None] | None:
+    """Reconcile every RECONCILE_INTERVAL_SECONDS when CMR_API_KEY is set."""
+    key, interval = settings.api_key, settings.reconcile_interval_seconds
+    if not (key and interval):
+        return None
+    make_api = partial(SenderApi, settings.cmr_api_url, key)
+    return asyncio.create_task(run_periodically(engine, make_api, interval))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,11 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.intake = intake = Intake(app.state.engine, app.state.vault, spool)
         drainer = asyncio.create_task(intake.drain_forever())
+        reconciler = start_reconciler(app.state.engine, settings)
         try:
             yield
         finally:
             intake.stop()
             await drainer
+            if reconciler:
+                reconciler.cancel()
             spool.close()
             await app.state.engine.dispose()
 

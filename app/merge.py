@@ -168,6 +168,7 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
         "auto_renew": P.LIFECYCLE,
         "lifecycle_quantity": P.LIFECYCLE,
         "lifecycle_version": P.LIFECYCLE,
+        "lifecycle_source": P.LIFECYCLE,  # "event", or "reconciliation" (app/reconcile.py)
         "expiry_date": P.LATEST,  # periodEnd becomes the expiry date
     },
 )

@@ -21,6 +21,10 @@ SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", 
 POOL_IN_USE = Gauge("cmr_db_pool_connections_in_use", "Database connections checked out")
 SPOOL_DEPTH = Gauge("cmr_spool_depth", "Deliveries waiting in the spool for the database")
 SPOOL_OLDEST = Gauge("cmr_spool_oldest_seconds", "Age of the oldest delivery in the spool")
+RECONCILE_LAST = Gauge("cmr_reconcile_last_run_timestamp", "When the last reconcile finished")
+RECONCILE_DRIFT = Gauge(
+    "cmr_reconcile_drift", "Drift found by the last reconcile, by kind", ["kind"]
+)
 SPOOL_SET_ASIDE = Counter(
     "cmr_spool_set_aside_total", "Spool rows set aside as unreadable (torn or undecryptable)"
 )

@@ -137,6 +137,17 @@ class Subscription(TimestampMixin, Base):
     auto_renew: Mapped[bool | None] = mapped_column(Boolean)
     lifecycle_quantity: Mapped[int | None] = mapped_column(Integer)
     lifecycle_version: Mapped[str | None] = mapped_column(Text)
+    lifecycle_source: Mapped[str | None] = mapped_column(String(16))
+
+
+class Reconciliation(Base):
+    """The report of each `reconcile` run (app/reconcile.py); the API serves the last."""
+
+    __tablename__ = "reconciliations"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    ran_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    report: Mapped[dict[str, Any]] = mapped_column(JSONB)
 
 
 class Domain(TimestampMixin, Base):

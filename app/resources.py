@@ -46,6 +46,9 @@ class Subscription(Resource):
     period_start: datetime | None
     period_end: datetime | None
     auto_renew: bool | None
+    lifecycle_source: Literal["event", "reconciliation"] | None = Field(
+        description="Whether the lifecycle fields last came from an event or a reconcile"
+    )
     domain_status: str | None
     domain_expiry_date: datetime | None
     created_at: datetime

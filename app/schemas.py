@@ -73,15 +73,21 @@ def lenient_money(value: Any, info: ValidationInfo) -> Decimal | None:
     return rounded
 
 
-def lenient_time(value: Any, info: ValidationInfo) -> datetime | None:
-    if value is None:
-        return None
+def parse_time(value: Any) -> datetime | None:
+    """A date or time as the sender writes them (with or without milliseconds), in UTC when
+    no offset is given; None when it is empty or not a date."""
     try:
         parsed = _datetime.validate_python(value)
     except ValidationError:
-        warn(info, "empty or not a date; left empty")
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def lenient_time(value: Any, info: ValidationInfo) -> datetime | None:
+    parsed = parse_time(value)
+    if parsed is None and value is not None:
+        warn(info, "empty or not a date; left empty")
+    return parsed
 
 
 def lenient_count(value: Any, info: ValidationInfo) -> int | None:
@@ -123,15 +129,20 @@ def lenient_text(limit: int) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def known_state(value: Any, states: tuple[str, ...]) -> str | None:
+    """`past-due`, `Past Due` and `PAST_DUE` are one state; None when it is none of them."""
+    if value is None:
+        return None
+    state = str(value).strip().upper().replace(" ", "_").replace("-", "_")
+    return state if state in states else None
+
+
 def lenient_state(states: tuple[str, ...]) -> BeforeValidator:
     def check(value: Any, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        state = str(value).strip().upper().replace(" ", "_").replace("-", "_")
-        if state in states:
-            return state
-        warn(info, "not a known state; the event's name decides")
-        return None
+        state = known_state(value, states)
+        if state is None and value is not None:
+            warn(info, "not a known state; the event's name decides")
+        return state
 
     return BeforeValidator(check)
 

@@ -18,7 +18,7 @@ import orjson
 
 from app import signing, traffic
 
-EXPECTED = {"processed", "duplicate", "ignored"}
+EXPECTED = {"processed", "duplicate", "ignored", "queued"}
 
 
 @dataclass

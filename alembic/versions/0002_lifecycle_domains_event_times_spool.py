@@ -65,6 +65,18 @@ def upgrade() -> None:
         sa.UniqueConstraint("domain_id", name=op.f("uq_domains_domain_id")),
         sa.UniqueConstraint("name", name=op.f("uq_domains_name")),
     )
+    op.create_table(
+        "reconciliations",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column(
+            "ran_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+        ),
+        sa.Column("report", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reconciliations")),
+    )
+    op.add_column(
+        "subscriptions", sa.Column("lifecycle_source", sa.String(length=16), nullable=True)
+    )
     op.add_column(
         "events",
         sa.Column(
@@ -135,5 +147,7 @@ def downgrade() -> None:
     op.drop_column("events", "spooled")
     op.drop_column("events", "warnings")
     op.drop_column("events", "event_time")
+    op.drop_column("subscriptions", "lifecycle_source")
+    op.drop_table("reconciliations")
     op.drop_table("domains")
     # ### end Alembic commands ###
