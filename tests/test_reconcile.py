@@ -173,3 +173,22 @@ class _engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.engine.dispose()
+
+
+async def test_serve_reconciles_on_its_own_when_an_interval_is_set(database_url):
+    remote = [remote_subscription("PERIODIC000000000000000000000")]
+    with serving(FakeSender(remote)) as url:
+        settings = make_settings(
+            database_url, cmr_api_key=API_KEY, cmr_api_url=url, reconcile_interval_seconds=1
+        )
+        async with app_client(settings) as client:
+            for _ in range(50):
+                report = await client.get("/api/v1/reconciliation", headers=OPS)
+                if report.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            metrics = (await client.get("/metrics")).text
+    assert report.json()["unknown"] == [
+        {"subscriptionId": "PERIODIC000000000000000000000", "domain": "company.com"}
+    ]
+    assert 'cmr_reconcile_drift{kind="unknown"} 1.0' in metrics
