@@ -1,16 +1,17 @@
 """The read-only ops API under /api/v1: bearer tokens, keyset pages, camelCase JSON."""
 
 import base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 from sqlalchemy import Select, Table, func, insert, literal_column, or_, select, text, true
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from app import resources
@@ -28,7 +29,7 @@ from app.models import (
     RejectedDelivery,
 )
 from app.models import Subscription as SubscriptionRow
-from app.schemas import HANDLED_EVENTS
+from app.schemas import HANDLED_EVENTS, assume_utc
 
 bearer = HTTPBearer(
     auto_error=False, description="A token from OPS_API_TOKENS or CREDENTIALS_API_TOKENS"
@@ -46,6 +47,7 @@ credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 # Identifiers and filter values: PostgreSQL text cannot hold NUL, so refuse it as a 422.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
 MAX_ROW_ID = 2**63 - 1  # bigint: a cursor beyond it is a bad request, not a database error
+UtcTime = Annotated[datetime, AfterValidator(assume_utc)]
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
@@ -69,13 +71,29 @@ def credentials_token(request: Request, token: Annotated[str, Depends(ops_token)
     return token
 
 
-async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """One transaction per request, committed when the handler returns."""
-    async with request.app.state.engine.begin() as conn:
-        yield conn
+class Reader:
+    """The read API's access to the database: each statement checks a connection out of
+    the read pool (its own, small, with a statement_timeout, so no read can starve
+    deliveries) and gives it back with the rows, so none is held while a response is sent."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def execute(self, stmt: Executable) -> Any:
+        async with self.engine.connect() as conn:
+            return await conn.execute(stmt)  # buffered: every row is fetched here
+
+    async def write(self, stmt: Executable) -> None:
+        """Committed on return."""
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
 
 
-Conn = Annotated[AsyncConnection, Depends(connection)]
+def reader(request: Request) -> Reader:
+    return Reader(request.app.state.read_engine)
+
+
+Conn = Annotated[Reader, Depends(reader)]
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(ops_token)], tags=["read API"])
 
 
@@ -104,7 +122,7 @@ def encode_cursor(row_id: int) -> str:
 
 
 async def fetch_page(
-    conn: AsyncConnection, stmt: Select[Any], table: Table, query: ListQuery
+    conn: Reader, stmt: Select[Any], table: Table, query: ListQuery
 ) -> tuple[Sequence[Any], str | None]:
     """Keyset pagination on the table's id: stable while rows are added, each row once."""
     stmt = stmt.where(table.c.id > decode_cursor(query.cursor)).order_by(table.c.id)
@@ -115,7 +133,7 @@ async def fetch_page(
 
 
 async def list_page(
-    conn: AsyncConnection, stmt: Select[Any], table: Table, query: ListQuery, model: type[R]
+    conn: Reader, stmt: Select[Any], table: Table, query: ListQuery, model: type[R]
 ) -> resources.Page[R]:
     """A filtered keyset page of `table`, as `model` items."""
     stmt = apply_filters(stmt, table, filter_values(query))
@@ -125,7 +143,11 @@ async def list_page(
 
 def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> Select[Any]:
     for column, value in filters.items():
-        if value is not None:
+        if value is None:
+            continue
+        if column == "updated_since":
+            stmt = stmt.where(table.c.updated_at >= value)
+        else:
             stmt = stmt.where(table.c[column] == value)
     return stmt
 
@@ -155,7 +177,8 @@ class SubscriptionQuery(ListQuery):
     source: Literal["standard", "prewarmed"] | None = None
     status: Literal["active", "failed"] | None = None
     subscription_status: resources.SubscriptionStatus | None = None
-    expires_before: datetime | None = Field(None, description="ISO 8601 date or time")
+    expires_before: UtcTime | None = Field(None, description="ISO 8601; no offset means UTC")
+    updated_since: UtcTime | None = Field(None, description="ISO 8601; no offset means UTC")
 
 
 def subscription_select() -> Select[Any]:
@@ -217,6 +240,7 @@ async def get_subscription(
 
 
 class MailboxQuery(ListQuery):
+    updated_since: UtcTime | None = Field(None, description="ISO 8601; no offset means UTC")
     subscription_id: Ident | None = None
     domain: Ident | None = None
     email: Ident | None = None
@@ -272,7 +296,7 @@ async def get_credentials(
     if row is None:
         raise NotFound()
     vault: Vault = request.app.state.vault
-    await conn.execute(
+    await conn.write(  # committed before any value is decrypted: no read without its audit
         insert(credential_reads).values(
             mailbox_id=mailbox_id,
             token_fingerprint=fingerprint(token),
@@ -315,7 +339,7 @@ class OrderQuery(ListQuery):
     user_id: Ident | None = None
 
 
-async def with_domains(conn: AsyncConnection, rows: Sequence[Any]) -> list[resources.Order]:
+async def with_domains(conn: Reader, rows: Sequence[Any]) -> list[resources.Order]:
     """Attach each order's domains, fetched for the whole page in one query."""
     ids = [row.order_id for row in rows]
     stmt = (
@@ -362,15 +386,18 @@ class EventQuery(ListQuery):
     conflict: bool | None = None
 
 
-def event_select() -> Select[Any]:
-    return select(*[c for c in events.c if c.name not in ("body_encrypted", "content_hash")])
+def event_select(*, payload: bool = True) -> Select[Any]:
+    hidden = {"body_encrypted", "content_hash"} | (set() if payload else {"payload"})
+    return select(*[c for c in events.c if c.name not in hidden])
 
 
 @router.get("/events", summary="List stored events (payloads redacted)")
 async def list_events(
     conn: Conn, query: Annotated[EventQuery, Query()]
-) -> resources.Page[resources.Event]:
-    return await list_page(conn, event_select(), events, query, resources.Event)
+) -> resources.Page[resources.EventSummary]:
+    """Without payloads (up to MAX_BODY_BYTES each): `GET /events/{id}` has it."""
+    select_ = event_select(payload=False)
+    return await list_page(conn, select_, events, query, resources.EventSummary)
 
 
 @router.get("/events/{id}", summary="One stored event: redacted payload, deliveries, signature")
@@ -407,7 +434,7 @@ async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
 # --- stats ---------------------------------------------------------------------------
 
 
-async def counts_by(conn: AsyncConnection, table: Table, column: str) -> dict[str, int]:
+async def counts_by(conn: Reader, table: Table, column: str) -> dict[str, int]:
     rows = await conn.execute(select(table.c[column], func.count()).group_by(table.c[column]))
     return {str(key): count for key, count in rows}
 

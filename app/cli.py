@@ -13,6 +13,7 @@ from app.config import ConfigError, Settings, get_settings, load_settings
 from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.logs import configure_logging
+from app.schemas import assume_utc
 
 LOCAL_SECRET_FIELDS = {name: name.lower() for name in local.GENERATED}
 
@@ -228,6 +229,10 @@ def cmd_db_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def utc_time(text: str) -> datetime:
+    return assume_utc(datetime.fromisoformat(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coldmail-webhooks",
@@ -276,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="a rejected delivery's id (GET /api/v1/rejected); repeatable",
     )
-    replay.add_argument("--since", type=datetime.fromisoformat, help="received at or after")
-    replay.add_argument("--until", type=datetime.fromisoformat, help="received before")
+    replay.add_argument("--since", type=utc_time, help="received at or after (UTC if no offset)")
+    replay.add_argument("--until", type=utc_time, help="received before (UTC if no offset)")
     replay.add_argument("--all", action="store_true", help="every event and rejected delivery")
     replay.add_argument("--dry-run", action="store_true", help="report, change nothing")
     replay.set_defaults(func=cmd_replay)

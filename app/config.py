@@ -114,6 +114,11 @@ class Settings(BaseSettings):
             raise ConfigError("OPS_API_TOKENS is not set")
         if not self.webhook_token_list and not self.signing_key:
             raise ConfigError("neither WEBHOOK_TOKENS nor CMR_SIGNING_KEY is set; set at least one")
+        if self.cmr_signature_mode == "report" and not self.webhook_token_list:
+            raise ConfigError(
+                "CMR_SIGNATURE_MODE=report needs WEBHOOK_TOKENS: without a token anyone could "
+                "post deliveries"
+            )
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -13,7 +13,9 @@ def json_serializer(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 20, statement_timeout_ms: int | None = None
+) -> AsyncEngine:
     """No pre-ping (a round trip per delivery): a dropped connection fails its delivery with
     503, SQLAlchemy then invalidates the pool, and the sender's retry gets a fresh one."""
     return create_async_engine(
@@ -24,8 +26,15 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         pool_timeout=10,
         json_serializer=json_serializer,
         json_deserializer=orjson.loads,
-        connect_args={"timeout": 5, "server_settings": {"application_name": "coldmail-webhooks"}},
+        connect_args={"timeout": 5, "server_settings": server_settings(statement_timeout_ms)},
     )
+
+
+def server_settings(statement_timeout_ms: int | None) -> dict[str, str]:
+    settings = {"application_name": "coldmail-webhooks"}
+    if statement_timeout_ms:
+        settings["statement_timeout"] = str(statement_timeout_ms)
+    return settings
 
 
 @asynccontextmanager

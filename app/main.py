@@ -27,6 +27,8 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.reconcile import SenderApi, run_periodically
 from app.spool import Spool
 
+READ_POOL_SIZE = 5
+
 
 def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[None] | None:
     """Reconcile every RECONCILE_INTERVAL_SECONDS when CMR_API_KEY is set."""
@@ -45,6 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = make_engine(settings.database_url or "", pool_size=settings.db_pool_size)
+        # The read API's own pool: slow or many reads never take a delivery's connection.
+        app.state.read_engine = make_engine(
+            settings.database_url or "", pool_size=READ_POOL_SIZE, statement_timeout_ms=10_000
+        )
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.intake = intake = Intake(app.state.engine, app.state.vault, spool)
         drainer = asyncio.create_task(intake.drain_forever())
@@ -58,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reconciler.cancel()
             spool.close()
             await app.state.engine.dispose()
+            await app.state.read_engine.dispose()
 
     app = FastAPI(
         title="coldmail-webhooks",

@@ -119,7 +119,9 @@ class Order(Resource):
     updated_at: datetime
 
 
-class Event(Resource):
+class EventSummary(Resource):
+    """An event as listed: everything but its payload."""
+
     id: int
     event_id: str
     event: str
@@ -135,6 +137,9 @@ class Event(Resource):
     signature_form: str | None = Field(description="Which signed form matched, if any")
     warnings: list[str] = Field(description="What was repaired in a lenient field")
     spooled: bool = Field(description="Whether it waited in the spool for the database")
+
+
+class Event(EventSummary):
     payload: dict[str, Any] = Field(description="The delivery with credentials redacted")
 
 

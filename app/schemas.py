@@ -73,6 +73,11 @@ def lenient_money(value: Any, info: ValidationInfo) -> Decimal | None:
     return rounded
 
 
+def assume_utc(value: datetime) -> datetime:
+    """A time without an offset means UTC, never the server's local time zone."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def parse_time(value: Any) -> datetime | None:
     """A date or time as the sender writes them (with or without milliseconds), in UTC when
     no offset is given; None when it is empty or not a date."""
@@ -80,7 +85,7 @@ def parse_time(value: Any) -> datetime | None:
         parsed = _datetime.validate_python(value)
     except ValidationError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return assume_utc(parsed)
 
 
 def lenient_time(value: Any, info: ValidationInfo) -> datetime | None:

@@ -12,9 +12,15 @@ from tests.servers import free_port
 class Proxy:
     def __init__(self, database_url: str) -> None:
         url = make_url(database_url)
+        socket_dir = url.query.get("host")  # the embedded server listens on a Unix socket
+        if isinstance(socket_dir, str) and socket_dir.startswith("/"):
+            self.socket: str | None = f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+        else:
+            self.socket = None
         self.target = (url.host or "127.0.0.1", url.port or 5432)
         self.port = free_port()
-        self.url = url.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+        proxied = url.difference_update_query(["host"]).set(host="127.0.0.1", port=self.port)
+        self.url = proxied.render_as_string(hide_password=False)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
 
@@ -36,7 +42,10 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if self.socket:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.socket)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
             return

@@ -1,0 +1,116 @@
+"""The read side can neither leak, starve deliveries, nor misread a time."""
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from app import traffic
+from app.config import ConfigError
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    app_client,
+    asyncpg_dsn,
+    deliver,
+    make_settings,
+)
+from tests.state import OPS
+
+CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
+
+
+def test_report_mode_without_webhook_tokens_is_refused_at_start(database_url):
+    settings = make_settings(database_url, cmr_signature_mode="report", webhook_tokens=None)
+    with pytest.raises(ConfigError, match="CMR_SIGNATURE_MODE=report needs WEBHOOK_TOKENS"):
+        settings.check_complete()
+
+
+async def test_credentials_are_never_sent_unless_their_audit_row_committed(client, db):
+    payload = traffic.mailbox_created()
+    await deliver(client, payload)
+    box = payload["data"]["mailboxDetails"]
+    url = f"/api/v1/mailboxes/{box['mailboxId']}/credentials"
+    assert (await client.get(url, headers=CREDS)).json()["appPassword"] == box["appPassword"]
+    assert await db.fetchval("select count(*) from credential_reads") == 1
+    await db.execute(
+        """
+        create function refuse_audit() returns trigger language plpgsql as $$
+        begin raise exception 'audit store failing'; end $$;
+        create constraint trigger refuse_at_commit after insert on credential_reads
+        deferrable initially deferred for each row execute function refuse_audit();
+        """
+    )
+    refused = await client.get(url, headers=CREDS)
+    assert refused.status_code == 503
+    assert box["appPassword"] not in refused.text
+    assert await db.fetchval("select count(*) from credential_reads") == 1
+
+
+async def test_forty_stuck_reads_do_not_make_deliveries_wait(client, database_url):
+    blocker = await asyncpg.connect(asyncpg_dsn(database_url))
+    await blocker.execute("begin; lock table credential_reads in access exclusive mode")
+    reads = [
+        asyncio.create_task(client.get("/api/v1/audit/credential-reads", headers=CREDS))
+        for _ in range(40)
+    ]
+    await asyncio.sleep(0.5)  # every read is now stuck behind the lock, or waiting for one
+    latencies = []
+    for _ in range(30):
+        started = time.perf_counter()
+        response = await deliver(client, traffic.mailbox_created())
+        latencies.append(time.perf_counter() - started)
+        assert response.json()["status"] == "processed"
+    assert not any(task.done() for task in reads)  # the reads really were stuck meanwhile
+    await blocker.execute("rollback")
+    await blocker.close()
+    answers = await asyncio.gather(*reads)
+    print(f"\nslowest delivery while 40 reads were stuck: {max(latencies) * 1000:.1f} ms")
+    assert max(latencies) < 1.0
+    assert {a.status_code for a in answers} <= {200, 503}
+
+
+async def test_an_event_page_of_500_items_carries_no_payloads(client):
+    for _ in range(25):
+        await deliver(client, traffic.prewarmup_success(domains=20, per_domain=1))
+    page = await client.get("/api/v1/events", params={"limit": 500}, headers=OPS)
+    items = page.json()["items"]
+    assert len(items) == 25 and all("payload" not in item for item in items)
+    one = await client.get(f"/api/v1/events/{items[0]['id']}", headers=OPS)
+    assert len(one.json()["payload"]["data"]["mailboxDetails"]) == 20
+    assert len(page.content) < 25 * 1000 < len(one.content) * 25
+
+
+async def test_a_time_without_an_offset_means_utc(database_url, monkeypatch):
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    name = make_url(database_url).database
+    await conn.execute(f"alter database {name} set timezone = 'America/New_York'")
+    await conn.close()
+    monkeypatch.setenv("TZ", "America/New_York")  # the server's local time zone, too
+    time.tzset()
+    try:
+        await expires_before_reads_utc(database_url)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+async def expires_before_reads_utc(database_url: str) -> None:
+    async with app_client(make_settings(database_url)) as client:
+        order = traffic.mailbox_order_success(expiryDate="2026-03-01T02:00:00Z")
+        await deliver(client, order)
+        sub = order["data"]["subscriptionId"]
+
+        async def expiring(before: str) -> list[str]:
+            page = await client.get(
+                "/api/v1/subscriptions", params={"expiresBefore": before}, headers=OPS
+            )
+            return [s["subscriptionId"] for s in page.json()["items"]]
+
+        assert await expiring("2026-03-01T01:00:00") == []  # 01:00 UTC, not 01:00 New York
+        assert await expiring("2026-03-01T03:00:00") == [sub]
+        since = await client.get(
+            "/api/v1/subscriptions", params={"updatedSince": "2999-01-01T00:00"}, headers=OPS
+        )
+        assert since.json()["items"] == []
