@@ -1,7 +1,9 @@
 """The read-only ops API under /api/v1: bearer tokens, keyset pages, camelCase JSON."""
 
 import base64
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -101,35 +103,72 @@ class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
-    cursor: str | None = Field(None, max_length=64, description="`nextCursor` of the last page")
+    cursor: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="`nextCursor` of the previous page. A walk returns every row committed "
+        "before its first page was read, each exactly once; rows committed during the walk "
+        "appear in the next walk.",
+    )
 
 
-def decode_cursor(cursor: str | None) -> int:
+@dataclass(frozen=True)
+class Cursor:
+    """Where a walk stands: the last id returned, and the snapshot its first page saw."""
+
+    last_id: int = 0
+    snapshot: str | None = None  # pg_snapshot text, "xmin:xmax:xip,xip"
+
+    def encode(self) -> str:
+        return (
+            base64.urlsafe_b64encode(f"{self.last_id}@{self.snapshot}".encode())
+            .decode()
+            .rstrip("=")
+        )
+
+
+SNAPSHOT = re.compile(r"^(\d{1,18}):(\d{1,18}):((\d{1,18})(,\d{1,18})*)?$")
+
+
+def decode_cursor(cursor: str | None) -> Cursor:
     if cursor is None:
-        return 0
+        return Cursor()
     try:
-        value = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
+        last, _, snapshot = base64.urlsafe_b64decode(cursor + "==").decode().partition("@")
+        decoded = Cursor(int(last), snapshot)
     except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_ROW_ID:
+        decoded = Cursor(-1)
+    if not (0 <= decoded.last_id <= MAX_ROW_ID and SNAPSHOT.match(decoded.snapshot or "")):
         detail = [{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}]
         raise ApiError(422, {"error": "invalid_request", "detail": detail})
-    return value
-
-
-def encode_cursor(row_id: int) -> str:
-    return base64.urlsafe_b64encode(str(row_id).encode()).decode().rstrip("=")
+    return decoded
 
 
 async def fetch_page(
     conn: Reader, stmt: Select[Any], table: Table, query: ListQuery
 ) -> tuple[Sequence[Any], str | None]:
-    """Keyset pagination on the table's id: stable while rows are added, each row once."""
-    stmt = stmt.where(table.c.id > decode_cursor(query.cursor)).order_by(table.c.id)
+    """Keyset pagination on the table's id, bounded by the first page's snapshot: each row
+    committed before the walk began comes exactly once, whatever commits meanwhile (a
+    large delivery may hold low ids and commit after smaller ones with higher ids)."""
+    cursor = decode_cursor(query.cursor)
+    stmt = stmt.where(table.c.id > cursor.last_id).order_by(table.c.id)
+    if cursor.snapshot:
+        visible = text(
+            f"pg_visible_in_snapshot({table.name}.created_xid::text::xid8, "
+            "CAST(:walk_snapshot AS pg_snapshot))"
+        ).bindparams(walk_snapshot=cursor.snapshot)
+        stmt = stmt.where(visible)
+    else:
+        stmt = stmt.add_columns(
+            literal_column("pg_current_snapshot()::text").label("walk_snapshot")
+        )
     rows = (await conn.execute(stmt.limit(query.limit + 1))).all()
-    more = len(rows) > query.limit
+    if len(rows) <= query.limit:
+        return rows, None
     rows = rows[: query.limit]
-    return rows, encode_cursor(rows[-1].id) if more else None
+    snapshot = cursor.snapshot or rows[-1].walk_snapshot
+    return rows, Cursor(rows[-1].id, snapshot).encode()
 
 
 async def list_page(

@@ -163,7 +163,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if is_local:
             local.stop_database(settings.data_dir)
     verb = "would apply" if args.dry_run else "applied"
-    print(f"events:   {verb} {events.applied}, not handled yet {events.unhandled}")
+    print(
+        f"events:   {verb} {events.applied}, not handled yet {events.unhandled}, "
+        f"body deleted {events.without_body}"
+    )
     print(f"rejected: {verb} {rejected.applied}, still invalid {rejected.still_invalid}")
     for line in rejected.errors:
         print(f"  {line}")
@@ -214,6 +217,23 @@ def print_report(report: Any) -> None:
     for item in report.differences:
         print(f"  differs: {item['subscriptionId']} ours {item['ours']} theirs {item['theirs']}")
     print(f"drift: {report.drift}" if report.drift else "no drift")
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from app.privacy import erase_mailbox
+
+    settings = load_settings()
+    if not settings.database_url or not settings.fernet_key_list:
+        raise ConfigError("erase needs DATABASE_URL and FERNET_KEYS")
+    vault = Vault(settings.fernet_key_list)
+    erased = asyncio.run(_with_engine(settings, lambda e: erase_mailbox(e, vault, args.mailbox)))
+    if erased is None:
+        raise ConfigError(f"no mailbox {args.mailbox!r}")
+    print(
+        f"mailbox {args.mailbox} erased: credentials and personal fields removed from it, "
+        f"from {erased.events} stored events and {erased.rejected} rejected deliveries"
+    )
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -292,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recon.add_argument("--dry-run", action="store_true", help="report only, change nothing")
     recon.set_defaults(func=cmd_reconcile)
+
+    erase = commands.add_parser(
+        "erase", help="remove one mailbox's credentials and personal fields everywhere"
+    )
+    erase.add_argument("--mailbox", required=True, metavar="ID", help="the mailboxId")
+    erase.set_defaults(func=cmd_erase)
 
     simulate = commands.add_parser("simulate", help="send realistic signed traffic to a URL")
     add_simulate_arguments(simulate)

@@ -24,6 +24,7 @@ from app.errors import (
 )
 from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
+from app.privacy import retention_forever
 from app.reconcile import SenderApi, run_periodically
 from app.spool import Spool
 
@@ -55,13 +56,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.intake = intake = Intake(app.state.engine, app.state.vault, spool)
         drainer = asyncio.create_task(intake.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
+        retention = (
+            asyncio.create_task(retention_forever(app.state.engine, settings.body_retention_days))
+            if settings.body_retention_days
+            else None
+        )
         try:
             yield
         finally:
             intake.stop()
             await drainer
-            if reconciler:
-                reconciler.cancel()
+            for task in (reconciler, retention):
+                if task:
+                    task.cancel()
             spool.close()
             await app.state.engine.dispose()
             await app.state.read_engine.dispose()

@@ -110,6 +110,7 @@ class ReplayReport:
     applied: int = 0
     still_invalid: int = 0
     unhandled: int = 0
+    without_body: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -168,6 +169,9 @@ async def _replay_event(
                 )
             )
         ).one()
+    if row.body_encrypted is None:  # deleted by BODY_RETENTION_DAYS
+        report.without_body += 1
+        return
     envelope = parse_envelope(vault.decrypt(row.body_encrypted))
     model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
     if model is None:
@@ -193,6 +197,9 @@ async def _replay_rejected(
                 )
             )
         ).one()
+    if row.body_encrypted is None:  # erased: not JSON, nothing left to replay
+        report.without_body += 1
+        return
     raw = vault.decrypt(row.body_encrypted)
     try:
         envelope = parse_envelope(raw)

@@ -19,6 +19,8 @@ how the stored value and the event's value combine:
                  CANCELLED); when either event has no period, the later event; CANCELLED is
                  final (only another CANCELLED can replace it). What the winner leaves out,
                  the other fills in, so the result is the same in either order
+  (erased)       a mailbox erased by `erase` keeps its personal fields and credentials
+                 empty whatever arrives later (ERASABLE)
   DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
                  ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final;
                  a domain known by ID and by name alone may have two rows: the read API
@@ -107,6 +109,12 @@ class Upsert:
     key: tuple[str, ...]
     columns: dict[str, Policy | None]  # None: a key column, or set only on insert
 
+    def combine(self, column: str, policy: Policy) -> str:
+        expression = policy.format(c=column, lifecycle_wins=LIFECYCLE_WINS, domain_wins=DOMAIN_WINS)
+        if self.table == "mailboxes" and column in ERASABLE:
+            return f"CASE WHEN old.erased_at IS NOT NULL THEN NULL ELSE {expression} END"
+        return expression
+
     @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(self.columns)
@@ -115,11 +123,7 @@ class Upsert:
     def sql(self) -> str:
         names = ", ".join(self.names)
         values = ", ".join(f"${i}" for i in range(1, len(self.names) + 1))
-        sets = [
-            f"{c} = " + policy.format(c=c, lifecycle_wins=LIFECYCLE_WINS, domain_wins=DOMAIN_WINS)
-            for c, policy in self.columns.items()
-            if policy is not None
-        ]
+        sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         return (
             f"INSERT INTO {self.table} AS old ({names}) VALUES ({values}) "
@@ -176,6 +180,8 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
 # --- mailboxes ------------------------------------------------------------------------
 
 CREDENTIALS = ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
+# A mailbox erased by `erase` (app/privacy.py) keeps these empty, whatever arrives later.
+ERASABLE = ("email", "first_name", "last_name", "user_name", "profile_picture", *CREDENTIALS)
 # mailbox.created and prewarmup.order.success: a full snapshot of each mailbox.
 MAILBOX_SNAPSHOT = Upsert(
     "mailboxes",

@@ -45,6 +45,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class Listed:
+    """A table the read API pages through. `created_xid` is the inserting transaction, so
+    a walk with a cursor returns exactly the rows committed before it began (api.py)."""
+
+    created_xid: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("pg_current_xact_id()::text::bigint")
+    )
+
+
 class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -52,7 +61,7 @@ class TimestampMixin:
     )
 
 
-class Event(Base):
+class Event(Listed, Base):
     """One row per distinct (eventId, content): dedupe lives in the unique constraint."""
 
     __tablename__ = "events"
@@ -73,7 +82,8 @@ class Event(Base):
     signature: Mapped[str] = mapped_column(String(16))
     signature_form: Mapped[str | None] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    # None once BODY_RETENTION_DAYS have passed (processed events): the redacted copy stays.
+    body_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     first_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     last_received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     # When the event happened, for "the later edit wins": the signed cmr-x-timestamp when the
@@ -83,7 +93,7 @@ class Event(Base):
     spooled: Mapped[bool] = mapped_column(Boolean, server_default="false")
 
 
-class RejectedDelivery(Base):
+class RejectedDelivery(Listed, Base):
     """A delivery we refused as malformed; kept encrypted so it can be replayed after a fix."""
 
     __tablename__ = "rejected_deliveries"
@@ -95,13 +105,13 @@ class RejectedDelivery(Base):
     event_id: Mapped[str | None] = mapped_column(Text)
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
     signature: Mapped[str] = mapped_column(String(16))
-    body_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    body_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     replayed_at: Mapped[datetime | None] = mapped_column(Timestamp)
     replayed_event_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
-class Subscription(TimestampMixin, Base):
+class Subscription(Listed, TimestampMixin, Base):
     """One domain's mailboxes. `quantity`, `order_id` and `price` are derived from the
     subscription's succeeded orders; the lifecycle columns from subscription.* events
     (`lifecycle_version` is the winning event's time, see app/merge.py)."""
@@ -164,7 +174,7 @@ class Domain(TimestampMixin, Base):
     version: Mapped[str | None] = mapped_column(Text)
 
 
-class Mailbox(TimestampMixin, Base):
+class Mailbox(Listed, TimestampMixin, Base):
     """A mailbox; credentials live only in the *_encrypted columns.
 
     `field_versions` maps each column set by an edit (mailbox.updated, an export, a warmup
@@ -204,10 +214,12 @@ class Mailbox(TimestampMixin, Base):
     authenticator_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     warmup_status: Mapped[str | None] = mapped_column(String(16))
     exported_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Set by `erase`: its credentials and personal fields are gone and stay gone.
+    erased_at: Mapped[datetime | None] = mapped_column(Timestamp)
     field_versions: Mapped[dict[str, str]] = mapped_column(JSONB, server_default="{}")
 
 
-class Order(TimestampMixin, Base):
+class Order(Listed, TimestampMixin, Base):
     __tablename__ = "orders"
     __table_args__ = keyset_indexes("orders", "status", "kind", "user_id")
 
@@ -241,7 +253,19 @@ class OrderDomain(TimestampMixin, Base):
     succeeded_version: Mapped[str | None] = mapped_column(Text)
 
 
-class CredentialRead(Base):
+class Erasure(Base):
+    """Audit trail of `erase --mailbox`: which mailbox, when, and how much was scrubbed."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    mailbox_id: Mapped[str] = mapped_column(Text)
+    erased_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    events_scrubbed: Mapped[int] = mapped_column(Integer)
+    rejected_scrubbed: Mapped[int] = mapped_column(Integer)
+
+
+class CredentialRead(Listed, Base):
     """Audit trail of every decrypted-credential read: who (token fingerprint), what, when."""
 
     __tablename__ = "credential_reads"

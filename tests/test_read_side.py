@@ -17,6 +17,7 @@ from tests.conftest import (
     make_settings,
 )
 from tests.state import OPS
+from tests.test_api import walk
 
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
 
@@ -114,3 +115,26 @@ async def expires_before_reads_utc(database_url: str) -> None:
             "/api/v1/subscriptions", params={"updatedSince": "2999-01-01T00:00"}, headers=OPS
         )
         assert since.json()["items"] == []
+
+
+async def test_a_walk_under_concurrent_deliveries_returns_what_was_committed_before_it(client):
+    for _ in range(3):
+        await deliver(client, traffic.prewarmup_success(domains=10, per_domain=10))
+    before = {m["mailboxId"] for m in await walk(client, "/api/v1/mailboxes", limit=500)}
+    writers: list[asyncio.Task[object]] = []
+
+    async def deliver_concurrently() -> None:
+        big = traffic.prewarmup_success(domains=100, per_domain=10)  # 1,000 mailboxes
+        singles = [traffic.mailbox_created() for _ in range(40)]
+        writers.extend(asyncio.create_task(deliver(client, p)) for p in [big, *singles])
+        await asyncio.sleep(0.05)
+
+    seen = [
+        m["mailboxId"]
+        for m in await walk(client, "/api/v1/mailboxes", limit=25, during=deliver_concurrently)
+    ]
+    await asyncio.gather(*writers)
+    assert len(seen) == len(set(seen))  # each once
+    assert set(seen) == before  # all of what was committed before, nothing committed after
+    after = await walk(client, "/api/v1/mailboxes", limit=500)
+    assert len(after) == len(before) + 1000 + 40

@@ -1,0 +1,162 @@
+"""Data retention and erasure.
+
+- Retention: stored bodies of processed events older than BODY_RETENTION_DAYS are deleted;
+  the redacted copy (`payload`) stays, so the event still reads through the API.
+- Erasure (`coldmail-webhooks erase --mailbox ID`): a mailbox's credentials and personal
+  fields are removed from the mailbox, from every stored body and redacted copy that names
+  it, and from rejected deliveries; the mailbox is marked erased, so no later delivery or
+  `replay` can bring them back (merge.py keeps them empty), and the erasure is audited.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from cryptography.fernet import InvalidToken
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.crypto import Vault
+from app.db import raw_connection
+
+log = logging.getLogger("coldmail.privacy")
+ERASED = "[ERASED]"
+PERSONAL_KEYS = frozenset(
+    {
+        "email",
+        "firstName",
+        "lastName",
+        "userName",
+        "profilePicture",
+        "password",
+        "appPassword",
+        "authenticatorSecret",
+    }
+)
+RETENTION_BATCH = 1000
+RETENTION_EVERY_SECONDS = 3600
+
+EXPIRE_BODIES = """
+UPDATE events SET body_encrypted = NULL WHERE id IN (
+    SELECT id FROM events
+    WHERE status = 'processed' AND body_encrypted IS NOT NULL
+        AND first_received_at < now() - make_interval(days => $1)
+    LIMIT $2)
+"""
+
+
+async def expire_bodies(engine: AsyncEngine, days: int) -> int:
+    """Delete the stored bodies past retention, in batches; how many were deleted."""
+    total = 0
+    while True:
+        async with raw_connection(engine) as conn:
+            status = await conn.execute(EXPIRE_BODIES, days, RETENTION_BATCH)
+        count = int(status.split()[-1])
+        total += count
+        if count < RETENTION_BATCH:
+            return total
+
+
+async def retention_forever(engine: AsyncEngine, days: int) -> None:
+    """Inside `serve`: at start, then hourly. Every worker may run it: it is idempotent."""
+    while True:
+        try:
+            if deleted := await expire_bodies(engine, days):
+                log.info("retention: deleted %s stored bodies older than %s days", deleted, days)
+        except Exception as error:  # the database away: next time
+            log.warning("retention failed: %s", type(error).__name__)
+        await asyncio.sleep(RETENTION_EVERY_SECONDS)
+
+
+def scrub(value: Any, mailbox_id: str) -> Any:
+    """A copy of a JSON value with the mailbox's personal fields and credentials erased."""
+    if isinstance(value, list):
+        return [scrub(item, mailbox_id) for item in value]
+    if not isinstance(value, dict):
+        return value
+    ours = value.get("mailboxId") == mailbox_id
+    copy: dict[str, Any] = {}
+    for key, item in value.items():
+        if ours and key in PERSONAL_KEYS and item is not None:
+            copy[key] = ERASED
+        elif ours and key == "updatedFields" and isinstance(item, dict):
+            copy[key] = {field: ERASED for field in item}
+        else:
+            copy[key] = scrub(item, mailbox_id)
+    return copy
+
+
+@dataclass(frozen=True)
+class Erased:
+    events: int
+    rejected: int
+
+
+ERASE_MAILBOX = """
+UPDATE mailboxes SET email = NULL, first_name = NULL, last_name = NULL, user_name = NULL,
+    profile_picture = NULL, password_encrypted = NULL, app_password_encrypted = NULL,
+    authenticator_secret_encrypted = NULL, erased_at = now(), updated_at = now()
+WHERE mailbox_id = $1
+"""
+EVENTS_NAMING = """
+SELECT id, payload, body_encrypted FROM events
+WHERE jsonb_path_exists(payload, '$.** ? (@.mailboxId == $id)', jsonb_build_object('id', $1::text))
+FOR UPDATE
+"""
+
+
+async def erase_mailbox(engine: AsyncEngine, vault: Vault, mailbox_id: str) -> Erased | None:
+    """Erase one mailbox everywhere, in one transaction; None if there is no such mailbox."""
+    async with raw_connection(engine) as conn, conn.transaction():
+        if await conn.execute(ERASE_MAILBOX, mailbox_id) == "UPDATE 0":
+            return None
+        events = 0
+        for row in await conn.fetch(EVENTS_NAMING, mailbox_id):
+            stored = row["payload"]  # decoded already where the pool's codec does so
+            stored = orjson.loads(stored) if isinstance(stored, str | bytes) else stored
+            payload = orjson.dumps(scrub(stored, mailbox_id)).decode()
+            body = _scrub_body(vault, row["body_encrypted"], mailbox_id)
+            await conn.execute(
+                "UPDATE events SET payload = $2::jsonb, body_encrypted = $3 WHERE id = $1",
+                row["id"],
+                payload,
+                body,
+            )
+            events += 1
+        rejected = 0
+        for row in await conn.fetch("SELECT id, body_encrypted FROM rejected_deliveries"):
+            raw = _decrypt(vault, row["body_encrypted"])
+            if raw is None or mailbox_id.encode() not in raw:
+                continue
+            body = _scrub_body(vault, row["body_encrypted"], mailbox_id)
+            await conn.execute(
+                "UPDATE rejected_deliveries SET body_encrypted = $2 WHERE id = $1", row["id"], body
+            )
+            rejected += 1
+        await conn.execute(
+            "INSERT INTO erasures (mailbox_id, events_scrubbed, rejected_scrubbed) "
+            "VALUES ($1, $2, $3)",
+            mailbox_id,
+            events,
+            rejected,
+        )
+    return Erased(events, rejected)
+
+
+def _decrypt(vault: Vault, token: bytes | None) -> bytes | None:
+    try:
+        return vault.decrypt(token) if token is not None else None
+    except InvalidToken:
+        return None
+
+
+def _scrub_body(vault: Vault, token: bytes | None, mailbox_id: str) -> bytes | None:
+    """The body re-encrypted with the mailbox scrubbed out; deleted if it is not JSON."""
+    raw = _decrypt(vault, token)
+    if raw is None:
+        return None
+    try:
+        return vault.encrypt(orjson.dumps(scrub(orjson.loads(raw), mailbox_id)))
+    except orjson.JSONDecodeError:
+        return None

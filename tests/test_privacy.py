@@ -1,0 +1,102 @@
+"""Retention deletes old bodies; erase removes one mailbox's personal data for good."""
+
+from app import traffic
+from app.crypto import Vault
+from app.db import make_engine
+from app.privacy import expire_bodies
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    FERNET_KEY,
+    OPS_TOKEN,
+    WEBHOOK_TOKEN,
+    deliver,
+)
+from tests.reliability.test_secrets import pg_dump
+from tests.servers import clean_env, run_cli
+from tests.state import OPS
+
+CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
+
+
+def cli_env(database_url: str) -> dict[str, str]:
+    return clean_env(
+        DATABASE_URL=database_url,
+        FERNET_KEYS=FERNET_KEY,
+        OPS_API_TOKENS=OPS_TOKEN,
+        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
+    )
+
+
+async def test_bodies_past_retention_are_deleted_and_the_redacted_copy_stays(
+    client, db, database_url
+):
+    old, recent = traffic.mailbox_created(), traffic.mailbox_created()
+    ignored = traffic.envelope("dns-record.updated", {"domain": "a.com"})
+    for payload in (old, recent, ignored):
+        await deliver(client, payload)
+    await db.execute(
+        "update events set first_received_at = now() - interval '91 days' where event_id = any($1)",
+        [old["eventId"], ignored["eventId"]],
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await expire_bodies(engine, 90) == 1
+    finally:
+        await engine.dispose()
+    bodies = dict(await db.fetch("select event_id, body_encrypted is not null from events"))
+    assert bodies == {old["eventId"]: False, recent["eventId"]: True, ignored["eventId"]: True}
+    items = await client.get("/api/v1/events", params={"eventId": old["eventId"]}, headers=OPS)
+    one = (await client.get(f"/api/v1/events/{items.json()['items'][0]['id']}", headers=OPS)).json()
+    assert (
+        one["payload"]["data"]["mailboxDetails"]["email"] == old["data"]["mailboxDetails"]["email"]
+    )
+    out = run_cli("replay", "--all", "--dry-run", env=cli_env(database_url))
+    assert "body deleted 1" in out
+
+
+async def test_erase_removes_a_mailbox_everywhere_and_replay_cannot_bring_it_back(
+    client, db, database_url
+):
+    prewarm = traffic.prewarmup_success(domains=1, per_domain=3)
+    boxes = prewarm["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"]
+    gone, kept = boxes[0], boxes[1]
+    renamed = traffic.mailbox_updated(gone["mailboxId"], {"firstName": "Zebulon-Erased"})
+    refused = traffic.mailbox_created(subscriptionId="", details={"mailboxId": gone["mailboxId"]})
+    for payload in (prewarm, renamed):
+        assert (await deliver(client, payload)).status_code == 200
+    assert (await deliver(client, refused)).status_code == 422
+
+    out = run_cli("erase", "--mailbox", gone["mailboxId"], env=cli_env(database_url))
+    assert "from 2 stored events and 1 rejected deliveries" in out
+
+    box = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
+    assert (box["email"], box["firstName"], box["hasPassword"]) == (None, None, False)
+    creds = await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}/credentials", headers=CREDS)
+    assert set(creds.json().values()) == {gone["mailboxId"], None}
+    other = await client.get(f"/api/v1/mailboxes/{kept['mailboxId']}/credentials", headers=CREDS)
+    assert other.json()["password"] == kept["password"]  # the others are untouched
+
+    run_cli("replay", "--all", env=cli_env(database_url))  # replay brings nothing back
+    erased = [gone["email"], "Zebulon-Erased", gone["password"], gone["appPassword"]]
+    erased.append(gone["authenticatorSecret"])
+    dump = pg_dump(database_url)
+    vault = Vault([FERNET_KEY])
+    bodies = b"".join(
+        vault.decrypt(row["b"])
+        for row in await db.fetch(
+            "select body_encrypted as b from events where body_encrypted is not null "
+            "union all select body_encrypted from rejected_deliveries "
+            "where body_encrypted is not null"
+        )
+    )
+    assert kept["email"] in dump and kept["password"].encode() in bodies  # the scan is real
+    assert [v for v in erased if v in dump or v.encode() in bodies] == []
+    audit = await db.fetchrow("select mailbox_id, events_scrubbed from erasures")
+    assert tuple(audit) == (gone["mailboxId"], 2)
+
+    # a later delivery naming the mailbox (here, a copy sent again) cannot restore it either
+    again = traffic.prewarmup_success(domains=1, per_domain=1)
+    again["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"][0] |= gone
+    assert (await deliver(client, again)).json()["status"] == "processed"
+    box = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
+    assert (box["email"], box["firstName"], box["hasAppPassword"]) == (None, None, False)
