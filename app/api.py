@@ -1,15 +1,22 @@
 """The read-only ops API under /api/v1: bearer tokens, keyset pages, camelCase JSON."""
 
-import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 from sqlalchemy import Select, Table, func, insert, literal_column, or_, select, text, true
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,10 +53,34 @@ reconciliations: Table = Reconciliation.__table__  # type: ignore[assignment]
 rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
+
+def iso_only(value: object) -> object:
+    """An ISO 8601 date or time, not a number read as a Unix time."""
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("must be an ISO 8601 date or time, e.g. 2026-12-01T00:00:00Z")
+    return value
+
+
+def in_utc(value: datetime) -> datetime:
+    """No offset means UTC; a time beyond the calendar once in UTC (year 0) is its edge."""
+    try:
+        return assume_utc(value).astimezone(UTC)
+    except OverflowError:
+        edge = datetime.min if value.year == 1 else datetime.max
+        return edge.replace(tzinfo=UTC)
+
+
 # Identifiers and filter values: PostgreSQL text cannot hold NUL, so refuse it as a 422.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
-MAX_ROW_ID = 2**63 - 1  # bigint: a cursor beyond it is a bad request, not a database error
-UtcTime = Annotated[datetime, AfterValidator(assume_utc)]
+MAX_ROW_ID = 2**63 - 1
+# Ids and xids of at most 18 digits: every cursor the pattern allows fits a bigint.
+CURSOR_PATTERN = r"^[0-9]{1,18}(-[0-9]{1,18}){2,}$"
+UtcTime = Annotated[
+    datetime,
+    BeforeValidator(iso_only),
+    AfterValidator(in_utc),
+    WithJsonSchema({"type": "string", "format": "date-time", "description": "No offset means UTC"}),
+]
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
@@ -96,7 +127,13 @@ def reader(request: Request) -> Reader:
 
 
 Conn = Annotated[Reader, Depends(reader)]
-router = APIRouter(prefix="/api/v1", dependencies=[Depends(ops_token)], tags=["read API"])
+router = APIRouter(
+    prefix="/api/v1",
+    dependencies=[Depends(ops_token)],
+    tags=["read API"],
+    responses=resources.errors(401, 422, 503),
+)
+ONE = resources.errors(404)  # for the routes that name one resource
 
 
 class ListQuery(BaseModel):
@@ -106,7 +143,7 @@ class ListQuery(BaseModel):
     cursor: str | None = Field(
         None,
         max_length=1024,
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=CURSOR_PATTERN,
         description="`nextCursor` of the previous page. A walk returns every row committed "
         "before its first page was read, each exactly once; rows committed during the walk "
         "appear in the next walk.",
@@ -115,34 +152,34 @@ class ListQuery(BaseModel):
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a walk stands: the last id returned, and the snapshot its first page saw."""
+    """Where a walk stands: the last id returned, and the snapshot its first page saw
+    (PostgreSQL's xmin, xmax and in-progress xids), as "id-xmin-xmax[-xip...]"."""
 
     last_id: int = 0
-    snapshot: str | None = None  # pg_snapshot text, "xmin:xmax:xip,xip"
+    snapshot: tuple[int, ...] = ()
 
     def encode(self) -> str:
-        return (
-            base64.urlsafe_b64encode(f"{self.last_id}@{self.snapshot}".encode())
-            .decode()
-            .rstrip("=")
-        )
+        return "-".join(str(n) for n in (self.last_id, *self.snapshot))
 
-
-SNAPSHOT = re.compile(r"^(\d{1,18}):(\d{1,18}):((\d{1,18})(,\d{1,18})*)?$")
+    @property
+    def pg_snapshot(self) -> str:
+        """Any cursor the pattern allows is a valid snapshot: out-of-range parts are clamped."""
+        xmin = max(1, self.snapshot[0])
+        xmax = max(xmin, self.snapshot[1])
+        xips = sorted({x for x in self.snapshot[2:] if xmin <= x < xmax})
+        return f"{xmin}:{xmax}:{','.join(map(str, xips))}"
 
 
 def decode_cursor(cursor: str | None) -> Cursor:
     if cursor is None:
         return Cursor()
-    try:
-        last, _, snapshot = base64.urlsafe_b64decode(cursor + "==").decode().partition("@")
-        decoded = Cursor(int(last), snapshot)
-    except ValueError:
-        decoded = Cursor(-1)
-    if not (0 <= decoded.last_id <= MAX_ROW_ID and SNAPSHOT.match(decoded.snapshot or "")):
-        detail = [{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}]
-        raise ApiError(422, {"error": "invalid_request", "detail": detail})
-    return decoded
+    last, *snapshot = (int(part) for part in cursor.split("-"))
+    return Cursor(last, tuple(snapshot))
+
+
+def snapshot_parts(text_: str) -> tuple[int, ...]:
+    xmin, xmax, xips = text_.split(":")
+    return (int(xmin), int(xmax), *(int(x) for x in xips.split(",") if x))
 
 
 async def fetch_page(
@@ -157,7 +194,7 @@ async def fetch_page(
         visible = text(
             f"pg_visible_in_snapshot({table.name}.created_xid::text::xid8, "
             "CAST(:walk_snapshot AS pg_snapshot))"
-        ).bindparams(walk_snapshot=cursor.snapshot)
+        ).bindparams(walk_snapshot=cursor.pg_snapshot)
         stmt = stmt.where(visible)
     else:
         stmt = stmt.add_columns(
@@ -167,7 +204,7 @@ async def fetch_page(
     if len(rows) <= query.limit:
         return rows, None
     rows = rows[: query.limit]
-    snapshot = cursor.snapshot or rows[-1].walk_snapshot
+    snapshot = cursor.snapshot or snapshot_parts(rows[-1].walk_snapshot)
     return rows, Cursor(rows[-1].id, snapshot).encode()
 
 
@@ -257,7 +294,9 @@ async def list_subscriptions(
     )
 
 
-@router.get("/subscriptions/{subscription_id}", summary="One subscription with its mailboxes")
+@router.get(
+    "/subscriptions/{subscription_id}", summary="One subscription with its mailboxes", responses=ONE
+)
 async def get_subscription(
     conn: Conn, subscription_id: Annotated[Ident, Path()]
 ) -> resources.SubscriptionWithMailboxes:
@@ -306,7 +345,7 @@ async def list_mailboxes(
     return await list_page(conn, mailbox_select(), mailboxes, query, resources.Mailbox)
 
 
-@router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)")
+@router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)", responses=ONE)
 async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resources.Mailbox:
     row = (await conn.execute(mailbox_select().where(mailboxes.c.mailbox_id == mailbox_id))).first()
     if row is None:
@@ -317,7 +356,7 @@ async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resou
 @router.get(
     "/mailboxes/{mailbox_id}/credentials",
     summary="Decrypted credentials (CREDENTIALS_API_TOKENS only; every read is audited)",
-    responses={403: {"description": "The token may not read credentials"}},
+    responses=resources.errors(403, 404),
 )
 async def get_credentials(
     request: Request,
@@ -359,6 +398,7 @@ class AuditQuery(ListQuery):
 @router.get(
     "/audit/credential-reads",
     summary="The credential-read audit trail (CREDENTIALS_API_TOKENS only)",
+    responses=resources.errors(403),
     dependencies=[Depends(credentials_token)],
 )
 async def list_credential_reads(
@@ -407,7 +447,7 @@ async def list_orders(
     return resources.Page(items=await with_domains(conn, rows), next_cursor=cursor)
 
 
-@router.get("/orders/{order_id}", summary="One order with each domain's outcome")
+@router.get("/orders/{order_id}", summary="One order with each domain's outcome", responses=ONE)
 async def get_order(conn: Conn, order_id: Annotated[Ident, Path()]) -> resources.Order:
     row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
     if row is None:
@@ -439,7 +479,11 @@ async def list_events(
     return await list_page(conn, select_, events, query, resources.EventSummary)
 
 
-@router.get("/events/{id}", summary="One stored event: redacted payload, deliveries, signature")
+@router.get(
+    "/events/{id}",
+    summary="One stored event: redacted payload, deliveries, signature",
+    responses=ONE,
+)
 async def get_event(conn: Conn, id: RowId) -> resources.Event:
     row = (await conn.execute(event_select().where(events.c.id == id))).first()
     if row is None:
@@ -462,7 +506,9 @@ async def list_rejected(
     return await list_page(conn, rejected_select(), rejected, query, resources.Rejected)
 
 
-@router.get("/rejected/{id}", summary="One rejected delivery with its errors (no body)")
+@router.get(
+    "/rejected/{id}", summary="One rejected delivery with its errors (no body)", responses=ONE
+)
 async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
     row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
     if row is None:
@@ -481,7 +527,7 @@ async def counts_by(conn: Reader, table: Table, column: str) -> dict[str, int]:
 @router.get(
     "/reconciliation",
     summary="The last reconcile's report: drift against the sender's subscriptions API",
-    responses={404: {"description": "No reconcile has run yet"}},
+    responses=resources.errors(404),
 )
 async def last_reconciliation(conn: Conn) -> dict[str, Any]:
     row = (

@@ -61,7 +61,12 @@ def observe_spool(depth: int, oldest: float | None) -> None:
     metrics.SPOOL_OLDEST.set(oldest or 0.0)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 async def prometheus_metrics(request: Request) -> Response:
     pool = request.app.state.engine.pool
     metrics.POOL_IN_USE.set(pool.checkedout())

@@ -182,3 +182,35 @@ class Stats(Resource):
 class Page(Resource, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")
+
+
+class Error(BaseModel):
+    """Every error answer: a code; never an echo of what was sent."""
+
+    error: str = Field(description="unauthorized, forbidden, not_found, unavailable, ...")
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    error: Literal["invalid_request"]
+    detail: list[ErrorDetail]
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, with their bodies."""
+    described = {
+        401: ("No valid bearer token", Error),
+        403: ("The token may not read this", Error),
+        404: ("No such resource", Error),
+        422: ("A filter, cursor or ID that is not valid", InvalidRequest),
+        503: ("The database cannot answer now; retry (Retry-After)", Error),
+    }
+    return {
+        status: {"description": described[status][0], "model": described[status][1]}
+        for status in statuses
+    }

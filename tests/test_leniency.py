@@ -1,6 +1,5 @@
 """No delivery is refused for a detail; a failure that a retry will not cure is kept first."""
 
-import base64
 from decimal import Decimal
 from typing import Any
 
@@ -79,7 +78,7 @@ async def test_an_email_too_long_for_an_index_is_cut_not_refused(client, db):
 
 
 async def test_a_cursor_beyond_bigint_is_a_422(client):
-    cursor = base64.urlsafe_b64encode(f"{2**64}@10:10:".encode()).decode().rstrip("=")
+    cursor = f"{2**64}-10-10"  # an id beyond bigint
     response = await client.get("/api/v1/mailboxes", params={"cursor": cursor}, headers=OPS)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", "cursor"]

@@ -138,3 +138,22 @@ async def test_a_walk_under_concurrent_deliveries_returns_what_was_committed_bef
     assert set(seen) == before  # all of what was committed before, nothing committed after
     after = await walk(client, "/api/v1/mailboxes", limit=500)
     assert len(after) == len(before) + 1000 + 40
+
+
+@pytest.mark.parametrize("value", ["0.5", "1700000000", "yesterday", "01-01-2026"])
+async def test_a_time_filter_that_is_not_an_iso_time_is_a_422(client, value):
+    response = await client.get(
+        "/api/v1/subscriptions", params={"updatedSince": value}, headers=OPS
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", "updatedSince"]
+
+
+async def test_a_time_before_the_calendar_once_in_utc_filters_as_its_earliest(client):
+    await deliver(client, traffic.mailbox_order_success())
+    for params in (
+        {"updatedSince": "0001-01-01T00:00:00+04:05"},
+        {"expiresBefore": "9999-12-31T23:59:59-05:00"},
+    ):
+        page = await client.get("/api/v1/subscriptions", params=params, headers=OPS)
+        assert page.status_code == 200 and len(page.json()["items"]) == 1
