@@ -95,25 +95,19 @@ def lenient_time(value: Any, info: ValidationInfo) -> datetime | None:
     return parsed
 
 
-def lenient_count(value: Any, info: ValidationInfo) -> int | None:
-    if value is None:
-        return None
-    try:
-        count = _count.validate_python(value)
-    except ValidationError:
-        warn(info, "not a count; left empty")
-        return None
-    return count
+def lenient(adapter: TypeAdapter[Any], message: str) -> BeforeValidator:
+    """Take the value as `adapter` reads it; anything else is left empty, with a warning."""
 
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        try:
+            return adapter.validate_python(value)
+        except ValidationError:
+            warn(info, message)
+            return None
 
-def lenient_flag(value: Any, info: ValidationInfo) -> bool | None:
-    if value is None:
-        return None
-    try:
-        return _flag.validate_python(value)
-    except ValidationError:
-        warn(info, "not true or false; left empty")
-        return None
+    return BeforeValidator(check)
 
 
 def lenient_text(limit: int) -> BeforeValidator:
@@ -165,8 +159,8 @@ Email = Annotated[str | None, lenient_text(EMAIL_LIMIT)]
 Provider = Annotated[Literal["GOOGLE", "MICROSOFT"] | None, BeforeValidator(lenient_provider)]
 Timestamp = Annotated[datetime | None, BeforeValidator(lenient_time)]
 Money = Annotated[Decimal | None, BeforeValidator(lenient_money)]
-Count = Annotated[int | None, BeforeValidator(lenient_count)]
-Flag = Annotated[bool | None, BeforeValidator(lenient_flag)]
+Count = Annotated[int | None, lenient(_count, "not a count; left empty")]
+Flag = Annotated[bool | None, lenient(_flag, "not true or false; left empty")]
 SubscriptionState = Annotated[str | None, lenient_state(SUBSCRIPTION_STATES)]
 DomainState = Annotated[str | None, lenient_state(DOMAIN_STATES)]
 

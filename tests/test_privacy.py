@@ -7,24 +7,14 @@ from app.privacy import expire_bodies
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
-    OPS_TOKEN,
-    WEBHOOK_TOKEN,
     deliver,
 )
+from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_secrets import pg_dump
-from tests.servers import clean_env, run_cli
+from tests.servers import run_cli
 from tests.state import OPS
 
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
-
-
-def cli_env(database_url: str) -> dict[str, str]:
-    return clean_env(
-        DATABASE_URL=database_url,
-        FERNET_KEYS=FERNET_KEY,
-        OPS_API_TOKENS=OPS_TOKEN,
-        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
-    )
 
 
 async def test_bodies_past_retention_are_deleted_and_the_redacted_copy_stays(
@@ -50,7 +40,7 @@ async def test_bodies_past_retention_are_deleted_and_the_redacted_copy_stays(
     assert (
         one["payload"]["data"]["mailboxDetails"]["email"] == old["data"]["mailboxDetails"]["email"]
     )
-    out = run_cli("replay", "--all", "--dry-run", env=cli_env(database_url))
+    out = run_cli("replay", "--all", "--dry-run", env=server_env(database_url))
     assert "body deleted 1" in out
 
 
@@ -66,7 +56,7 @@ async def test_erase_removes_a_mailbox_everywhere_and_replay_cannot_bring_it_bac
         assert (await deliver(client, payload)).status_code == 200
     assert (await deliver(client, refused)).status_code == 422
 
-    out = run_cli("erase", "--mailbox", gone["mailboxId"], env=cli_env(database_url))
+    out = run_cli("erase", "--mailbox", gone["mailboxId"], env=server_env(database_url))
     assert "from 2 stored events and 1 rejected deliveries" in out
 
     box = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
@@ -76,7 +66,7 @@ async def test_erase_removes_a_mailbox_everywhere_and_replay_cannot_bring_it_bac
     other = await client.get(f"/api/v1/mailboxes/{kept['mailboxId']}/credentials", headers=CREDS)
     assert other.json()["password"] == kept["password"]  # the others are untouched
 
-    run_cli("replay", "--all", env=cli_env(database_url))  # replay brings nothing back
+    run_cli("replay", "--all", env=server_env(database_url))  # replay brings nothing back
     erased = [gone["email"], "Zebulon-Erased", gone["password"], gone["appPassword"]]
     erased.append(gone["authenticatorSecret"])
     dump = pg_dump(database_url)
