@@ -39,6 +39,24 @@ def resolve(settings: Settings) -> tuple[Settings, bool]:
     return resolved, True
 
 
+def database_settings() -> tuple[Settings, bool]:
+    """For commands that need only the database: DATABASE_URL, or else local mode's. The
+    flag says whether this command started the embedded database, and so must stop it: a
+    `serve` already running on it keeps it."""
+    settings = load_settings()
+    if settings.database_url:
+        return settings, False
+    running = local.is_running(settings.data_dir)
+    resolved, _ = resolve(settings)
+    return resolved, not running
+
+
+def fernet_keys(settings: Settings) -> list[str]:
+    if not settings.fernet_key_list:
+        raise ConfigError("FERNET_KEYS is not set (make a key: coldmail-webhooks generate-key)")
+    return settings.fernet_key_list
+
+
 def announce_local_mode(settings: Settings, host: str, port: int) -> None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(
@@ -91,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from app.migrations import upgrade
 
-    settings, is_local = resolve(load_settings())
+    settings, is_local = database_settings()
     try:
         upgrade(settings.database_url or "", args.revision)
     finally:
@@ -118,12 +136,11 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from app.maintenance import rotate_keys, rotate_spool
     from app.spool import SPOOL_FILE, Spool
 
-    settings, is_local = resolve(load_settings())
+    settings, is_local = database_settings()
+    keys = fernet_keys(settings)
     try:
         counts = asyncio.run(
-            _with_engine(
-                settings, lambda e: rotate_keys(e, settings.fernet_key_list, batch=args.batch)
-            )
+            _with_engine(settings, lambda e: rotate_keys(e, keys, batch=args.batch))
         )
     finally:
         if is_local:
@@ -133,7 +150,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     if (settings.spool_path / SPOOL_FILE).exists():
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         try:
-            spooled = asyncio.run(rotate_spool(spool, settings.fernet_key_list))
+            spooled = asyncio.run(rotate_spool(spool, keys))
         finally:
             spool.close()
         print(f"{'spool (deliveries waiting for the database)':45} re-encrypted {spooled:8}")
@@ -153,8 +170,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     if not (args.event or args.rejected or args.since or args.until or args.all):
         raise ConfigError("say what to replay: --event, --rejected, --since/--until or --all")
-    settings, is_local = resolve(load_settings())
-    vault = Vault(settings.fernet_key_list)
+    settings, is_local = database_settings()
+    vault = Vault(fernet_keys(settings))
     try:
         events, rejected = asyncio.run(
             _with_engine(settings, lambda e: replay(e, vault, selection, dry_run=args.dry_run))
@@ -177,11 +194,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """0: no drift; 1: drift remains (the report says what to do); 2: could not run."""
     from app.reconcile import ReconcileError, SenderApi, reconcile
 
-    settings = load_settings()
-    if not settings.database_url:
-        raise ConfigError("DATABASE_URL is not set")
-    if not settings.api_key:
+    if not load_settings().api_key:
         raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
+    settings, is_local = database_settings()
 
     async def run(engine: Any) -> Any:
         api = SenderApi(settings.cmr_api_url, settings.api_key or "")
@@ -194,6 +209,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         report = asyncio.run(_with_engine(settings, run))
     except ReconcileError as error:
         raise ConfigError(str(error)) from None
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
     print_report(report)
     return 1 if report.drift else 0
 
@@ -222,11 +240,15 @@ def print_report(report: Any) -> None:
 def cmd_erase(args: argparse.Namespace) -> int:
     from app.privacy import erase_mailbox
 
-    settings = load_settings()
-    if not settings.database_url or not settings.fernet_key_list:
-        raise ConfigError("erase needs DATABASE_URL and FERNET_KEYS")
-    vault = Vault(settings.fernet_key_list)
-    erased = asyncio.run(_with_engine(settings, lambda e: erase_mailbox(e, vault, args.mailbox)))
+    settings, is_local = database_settings()
+    vault = Vault(fernet_keys(settings))
+    try:
+        erased = asyncio.run(
+            _with_engine(settings, lambda e: erase_mailbox(e, vault, args.mailbox))
+        )
+    finally:
+        if is_local:
+            local.stop_database(settings.data_dir)
     if erased is None:
         raise ConfigError(f"no mailbox {args.mailbox!r}")
     print(

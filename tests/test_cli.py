@@ -46,6 +46,10 @@ def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
             headers={"Authorization": f"Bearer {ops}"},
         )
         assert response.status_code == 200
+        # a command run beside it uses the same database and leaves it running
+        assert "applied 1" in run_cli("replay", "--all", env=env, cwd=home)
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
+        assert ready["database"] == "up"
     stopped = run_cli("db", "stop", env=env, cwd=home)
     assert "no embedded database was running" in stopped  # serve stopped it itself
 
