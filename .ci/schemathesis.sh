@@ -14,5 +14,6 @@ server=$!
 cleanup() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; dropdb -h 127.0.0.1 -U postgres --if-exists "$db"; rm -rf "$spool"; }
 trap cleanup EXIT
 for _ in $(seq 60); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 1; done
+cd "$spool"  # schemathesis keeps a cache in the working folder: not in the checkout
 st run "http://127.0.0.1:$port/openapi.json" --checks all -H "Authorization: Bearer st-cred" \
   --max-time "${SCHEMATHESIS_SECONDS:-120}" --seed 20261123 --no-color
