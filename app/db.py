@@ -39,8 +39,17 @@ def server_settings(statement_timeout_ms: int | None) -> dict[str, str]:
 
 @asynccontextmanager
 async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """A pooled connection's asyncpg handle, for statements run straight on asyncpg."""
+    """A pooled connection's asyncpg handle, for statements run straight on asyncpg.
+
+    After a failure asyncpg may be left mid-protocol without reporting itself closed (seen
+    when a backend is terminated), so a connection that failed in any way is discarded: the
+    pool never hands it out again.
+    """
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
-        yield raw
+        try:
+            yield raw
+        except BaseException:
+            await conn.invalidate()
+            raise

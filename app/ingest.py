@@ -3,7 +3,7 @@
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 import asyncpg
@@ -210,11 +210,6 @@ async def apply_mailbox_created(
     await upsert(conn, merge.MAILBOX_SNAPSHOT, [mailbox | credentials(vault, box)])
 
 
-@lru_cache(maxsize=64)
-def mailbox_edit(columns: tuple[str, ...]) -> Upsert:
-    return merge.mailbox_edit(columns)
-
-
 async def apply_mailbox_updated(
     conn: asyncpg.Connection, model: schemas.MailboxUpdated, at: str
 ) -> None:
@@ -230,7 +225,7 @@ async def apply_mailbox_updated(
         "provider": data.workspaceType,
         "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    await upsert(conn, mailbox_edit(tuple(edits)), [row | edits])
+    await upsert(conn, merge.mailbox_edit(tuple(edits)), [row | edits])
 
 
 UPDATED_FIELDS = dict(zip(schemas.UpdatedFields.model_fields, merge.EDITABLE, strict=True))
@@ -255,7 +250,7 @@ async def apply_mailbox_state(
         "exported_at": when if model.event == "mailbox.exported" else None,
         "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    await upsert(conn, mailbox_edit(tuple(sorted(edits))), [row | edits])
+    await upsert(conn, merge.mailbox_edit(tuple(sorted(edits))), [row | edits])
 
 
 # --- prewarmup orders -----------------------------------------------------------------

@@ -34,7 +34,7 @@ recomputed from their parts by the plain statements at the end of this module.
 
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 # The winner's value, else the other's: what the winner leaves out is still known.
 _WINNER_FIRST = (
@@ -215,6 +215,7 @@ MAILBOX_SNAPSHOT = Upsert(
 EDITABLE = ("first_name", "last_name", "user_name", "profile_picture")
 
 
+@lru_cache(maxsize=64)
 def mailbox_edit(columns: tuple[str, ...]) -> Upsert:
     """mailbox.updated (the given fields), mailbox.exported and mailbox.warmup.* (warmup
     status, credentials): edits, the later by time wins; identity fields only fill in."""

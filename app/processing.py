@@ -17,6 +17,7 @@ import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
+from app.db import raw_connection
 from app.ingest import Delivery, apply, record
 from app.schemas import HandledEvent
 
@@ -59,21 +60,12 @@ class Outcome:
 @asynccontextmanager
 async def locked_transaction(engine: AsyncEngine, lock_key: int) -> AsyncIterator[Any]:
     """A pooled connection's asyncpg handle inside one transaction that holds the advisory
-    lock `lock_key`; BEGIN and the lock travel in one round trip.
-
-    After a failure asyncpg may be left mid-protocol without reporting itself closed (seen
-    when a backend is terminated), so a connection that failed in any way is discarded.
-    """
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        try:
-            await raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(lock_key)})")
-            yield raw
-            await raw.execute("COMMIT")
-        except BaseException:
-            await conn.invalidate()
-            raise
+    lock `lock_key`; BEGIN and the lock travel in one round trip. On any failure the
+    connection is discarded (raw_connection), which also ends the transaction."""
+    async with raw_connection(engine) as raw:
+        await raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(lock_key)})")
+        yield raw
+        await raw.execute("COMMIT")
 
 
 async def process_delivery(
@@ -123,20 +115,14 @@ VALUES ($1, $2, $3, $4::jsonb, $5, $6, coalesce($7, now()))
 
 async def store_rejected(engine: AsyncEngine, vault: Vault, rejection: Rejection) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed."""
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        try:
-            await raw.execute(
-                STORE_REJECTED,
-                rejection.reason,
-                rejection.event,
-                rejection.event_id,
-                orjson.dumps(rejection.errors).decode(),
-                rejection.signature,
-                vault.encrypt(rejection.raw),
-                rejection.received_at or datetime.now(UTC),
-            )
-        except BaseException:
-            await conn.invalidate()
-            raise
+    async with raw_connection(engine) as raw:
+        await raw.execute(
+            STORE_REJECTED,
+            rejection.reason,
+            rejection.event,
+            rejection.event_id,
+            orjson.dumps(rejection.errors).decode(),
+            rejection.signature,
+            vault.encrypt(rejection.raw),
+            rejection.received_at or datetime.now(UTC),
+        )
