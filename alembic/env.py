@@ -2,12 +2,12 @@
 
 import asyncio
 
-from sqlalchemy import pool
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
 from app.config import get_settings, normalize_database_url
+from app.db import make_engine
 from app.models import Base
 
 config = context.config
@@ -29,14 +29,19 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Replicas that start together take turns: the second finds the schema at head.
+MIGRATION_LOCK = 0x636D775F6D6967  # "cmw_mig"
+
+
 def do_run_migrations(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
 async def run_async_migrations() -> None:
-    engine = create_async_engine(database_url(), poolclass=pool.NullPool)
+    engine = make_engine(database_url(), pool_size=1)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
     await engine.dispose()

@@ -530,16 +530,16 @@ async def counts_by(conn: Reader, table: Table, column: str) -> dict[str, int]:
     responses=resources.errors(404),
 )
 async def last_reconciliation(conn: Conn) -> dict[str, Any]:
-    row = (
-        await conn.execute(
-            select(reconciliations.c.ran_at, reconciliations.c.report)
-            .order_by(reconciliations.c.id.desc())
-            .limit(1)
-        )
-    ).first()
+    row = await latest_reconciliation(conn)
     if row is None:
         raise NotFound()
     return dict(row.report)
+
+
+async def latest_reconciliation(conn: Reader) -> Any:
+    """The last reconcile's row (ran_at, report), or None."""
+    stmt = select(reconciliations.c.ran_at, reconciliations.c.report)
+    return (await conn.execute(stmt.order_by(reconciliations.c.id.desc()).limit(1))).first()
 
 
 def replayable_count() -> Any:

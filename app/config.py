@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     body_retention_days: int = Field(default=90, ge=0)
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=1024**3, ge=1024)
+    database_wait_seconds: float = Field(default=60, ge=0)
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @field_validator("database_url")
     @classmethod

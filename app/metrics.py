@@ -1,6 +1,20 @@
-"""Prometheus metrics. Labels use a fixed vocabulary so senders cannot blow up cardinality."""
+"""Prometheus metrics. Labels use a fixed vocabulary so senders cannot blow up cardinality.
 
-from prometheus_client import Counter, Gauge, Histogram
+Under `serve --workers N` each worker writes its figures to PROMETHEUS_MULTIPROC_DIR and
+whichever worker answers /metrics adds them up; each gauge says how (multiprocess_mode).
+"""
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from app.schemas import HANDLED_EVENTS
 
@@ -18,12 +32,31 @@ CONFLICTS = Counter(
 )
 REJECTIONS = Counter("cmr_webhook_rejections_total", "Deliveries refused, by reason", ["reason"])
 SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", ["result"])
-POOL_IN_USE = Gauge("cmr_db_pool_connections_in_use", "Database connections checked out")
-SPOOL_DEPTH = Gauge("cmr_spool_depth", "Deliveries waiting in the spool for the database")
-SPOOL_OLDEST = Gauge("cmr_spool_oldest_seconds", "Age of the oldest delivery in the spool")
-RECONCILE_LAST = Gauge("cmr_reconcile_last_run_timestamp", "When the last reconcile finished")
+POOL_IN_USE = Gauge(
+    "cmr_db_pool_connections_in_use",
+    "Database connections checked out",
+    multiprocess_mode="livesum",
+)
+SPOOL_DEPTH = Gauge(
+    "cmr_spool_depth",
+    "Deliveries waiting in the spool for the database",
+    multiprocess_mode="livemax",
+)
+SPOOL_OLDEST = Gauge(
+    "cmr_spool_oldest_seconds",
+    "Age of the oldest delivery in the spool",
+    multiprocess_mode="livemax",
+)
+RECONCILE_LAST = Gauge(
+    "cmr_reconcile_last_run_timestamp",
+    "When the last reconcile finished",
+    multiprocess_mode="max",
+)
 RECONCILE_DRIFT = Gauge(
-    "cmr_reconcile_drift", "Drift found by the last reconcile, by kind", ["kind"]
+    "cmr_reconcile_drift",
+    "Drift found by the last reconcile, by kind",
+    ["kind"],
+    multiprocess_mode="mostrecent",
 )
 SPOOL_SET_ASIDE = Counter(
     "cmr_spool_set_aside_total", "Spool rows set aside as unreadable (torn or undecryptable)"
@@ -36,3 +69,22 @@ def event_label(event: str | None) -> str:
     if event and event.split(".", 1)[0] in {"domain", "subscription", "mailbox", "prewarmup"}:
         return event.split(".", 1)[0] + ".other"
     return "other"
+
+
+def multiprocess_mode() -> bool:
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
+def exposition() -> bytes:
+    """The figures of this process, or of every worker in multiprocess mode."""
+    if not multiprocess_mode():
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def worker_exited() -> None:
+    """Drop a stopped worker's live gauges (its counters keep counting in the totals)."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -4,7 +4,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,27 +33,29 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
     responses={503: {"description": "Neither the database nor the spool can take a delivery"}},
 )
 async def readyz(request: Request) -> Response:
-    database = await database_state(request.app.state.engine)
+    database, revision = await database_state(request.app.state.engine)
     depth, oldest, room = await request.app.state.intake.spool.depth()
     observe_spool(depth, oldest)
     body = {
         "database": database,
+        "revision": revision,
         "spool": {"depth": depth, "oldestSeconds": round(oldest or 0.0, 3), "room": room},
     }
     return json_response(200 if database == "up" or room else 503, body)
 
 
-async def database_state(engine: AsyncEngine) -> str:
-    """ "up" when the database answers with the schema at head, else "down"."""
+async def database_state(engine: AsyncEngine) -> tuple[str, str | None]:
+    """ "up" when the database answers with the schema at head, else "down"; and the
+    schema revision it reported."""
     try:
         revision = await asyncio.wait_for(schema_revision(engine), READY_TIMEOUT_SECONDS)
     except (*DATABASE_ERRORS, TimeoutError) as error:
         log.warning("database not ready: %s", type(error).__name__)
-        return "down"
+        return "down", None
     if revision != head_revision():
         log.warning("database schema %s is not at head %s", revision, head_revision())
-        return "down"
-    return "up"
+        return "down", revision
+    return "up", revision
 
 
 def observe_spool(depth: int, oldest: float | None) -> None:
@@ -72,4 +74,4 @@ async def prometheus_metrics(request: Request) -> Response:
     metrics.POOL_IN_USE.set(pool.checkedout())
     depth, oldest, _ = await request.app.state.intake.spool.depth()
     observe_spool(depth, oldest)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -111,12 +111,14 @@ def settings(database_url: str) -> Settings:
 
 
 @asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def app_client(
+    settings: Settings, base_url: str = "http://test"
+) -> AsyncIterator[httpx.AsyncClient]:
     """The real app, lifespan and all, behind an HTTP client."""
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
             yield http
 
 

@@ -154,6 +154,7 @@ async def test_database_unreachable_queues_the_delivery_in_the_spool():
     assert ready.status_code == 200
     assert ready.json() == {
         "database": "down",
+        "revision": None,
         "spool": {
             "depth": 1,
             "oldestSeconds": ready.json()["spool"]["oldestSeconds"],

@@ -1,0 +1,132 @@
+"""The ops dashboard through the HTTP app: sign-in, headers, what each page shows, and
+that no page ever carries a credential."""
+
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client
+from tests.dashboard_data import fill
+from tests.reliability.test_secrets import canaries_in
+
+PAGES = ["/ui", "/ui/orders", "/ui/subscriptions", "/ui/mailboxes", "/ui/events", "/ui/rejected"]
+
+
+async def sign_in(client: httpx.AsyncClient, token: str = OPS_TOKEN) -> httpx.Response:
+    return await client.post(
+        "/ui/login",
+        content=f"token={token}",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+
+
+async def test_no_page_without_a_session(client):
+    for path in [*PAGES, "/ui/events/1", "/ui/mailboxes?q=x.com"]:
+        response = await client.get(path)
+        assert response.status_code == 303, path
+        assert response.headers["location"] == "/ui/login"
+
+
+async def test_a_wrong_token_is_refused_and_gets_no_session(client):
+    response = await sign_in(client, "not-" + OPS_TOKEN)
+    assert response.status_code == 401
+    assert "not an ops token" in response.text
+    assert "set-cookie" not in response.headers
+    assert (await client.get("/ui")).status_code == 303
+
+
+async def test_sign_in_sets_a_strict_http_only_session_and_sign_out_ends_it(client):
+    response = await sign_in(client)
+    assert response.status_code == 303 and response.headers["location"] == "/ui"
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    assert "max-age=28800" in cookie
+    assert OPS_TOKEN.lower() not in cookie  # the token itself is never in the cookie
+    assert (await client.get("/ui")).status_code == 200
+    await client.post("/ui/logout")
+    assert (await client.get("/ui")).status_code == 303
+
+
+async def test_a_forged_session_cookie_is_refused(client):
+    await sign_in(client)
+    genuine = client.cookies["cmw_session"]
+    payload, mac = genuine.split(".")
+    forged = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + mac
+    client.cookies.set("cmw_session", forged, path="/ui")
+    assert (await client.get("/ui")).status_code == 303
+
+
+async def test_the_session_is_secure_behind_https(settings):
+    async with app_client(settings, base_url="https://test") as client:
+        response = await sign_in(client)
+    assert "secure" in response.headers["set-cookie"].lower()
+
+
+async def test_every_page_has_a_strict_csp_and_no_script(client):
+    await sign_in(client)
+    for path in [*PAGES, "/ui/login"]:
+        response = await client.get(path)
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp, path
+        assert "<script" not in response.text.lower()
+        assert " style=" not in response.text  # no inline style either
+
+
+async def test_pages_show_the_partial_order_first_the_expiring_subscription_and_search(
+    client,
+):
+    data = await fill(client)
+    await sign_in(client)
+    orders = (await client.get("/ui/orders")).text
+    attention = orders.split("All orders")[0]
+    assert data["order_id"] in attention and data["failed_domain"] in attention
+    assert "DNS not verified" in attention
+    subs = (await client.get("/ui/subscriptions")).text
+    expiring = subs.split("All subscriptions")[0].split("Expiring in the next")[1]
+    assert data["expiring"] in expiring
+    by_email = (await client.get("/ui/mailboxes", params={"q": data["email"]})).text
+    assert data["email"] in by_email
+    by_domain = (await client.get("/ui/mailboxes", params={"q": data["domain"]})).text
+    assert data["email"] in by_domain
+    rejected = (await client.get("/ui/rejected")).text
+    assert "broken" in rejected and "invalid_payload" in rejected
+    overview = (await client.get("/ui")).text
+    assert re.search(r"processed <strong>\d+</strong>", overview)
+    assert '<path class="bar-processed"' in overview  # the chart has bars
+
+
+async def test_bad_filters_get_a_page_saying_so(client):
+    await sign_in(client)
+    response = await client.get("/ui/orders", params={"status": "bogus"})
+    assert response.status_code == 422 and "Bad filter" in response.text
+    assert (await client.get("/ui/events/999999")).status_code == 404
+    assert (await client.get("/ui/events/abc")).status_code == 404
+
+
+@pytest.mark.parametrize("token", [OPS_TOKEN, CREDENTIALS_TOKEN])
+async def test_no_page_shows_a_credential_even_to_a_credentials_token(client, token):
+    data = await fill(client)
+    canaries = {f"canary-{c}" for p in data["payloads"] for c in canaries_in(p)}
+    assert len(canaries) >= 10
+    assert (await sign_in(client, token)).status_code == 303
+    events = (
+        await client.get(
+            "/api/v1/events",
+            params={"limit": 100},
+            headers={"Authorization": f"Bearer {OPS_TOKEN}"},
+        )
+    ).json()
+    paths = [
+        *PAGES,
+        f"/ui/mailboxes?q={data['domain']}",
+        f"/ui/mailboxes?q={data['email']}",
+    ]
+    paths += [f"/ui/events/{e['id']}" for e in events["items"]]
+    redacted = 0
+    for path in paths:
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert not [c for c in canaries if c in response.text], path
+        redacted += response.text.count("[REDACTED]")
+    assert redacted >= len(canaries)  # the inspector shows where each one was
