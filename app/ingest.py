@@ -3,7 +3,7 @@
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import asyncpg
@@ -50,13 +50,6 @@ class Delivery:
         signed = self.signature.signed_at if self.signature.ok else None
         return datetime.fromtimestamp(signed, UTC) if signed is not None else self.received_at
 
-    @property
-    def lock_key(self) -> int:
-        """Deliveries sharing an eventId take turns, so a conflict is seen even when they
-        arrive at the same instant."""
-        digest = hashlib.sha256(self.event_id.encode()).digest()
-        return int.from_bytes(digest[:8], "big", signed=True)
-
 
 @dataclass(frozen=True)
 class Recorded:
@@ -65,32 +58,63 @@ class Recorded:
     conflict: bool
 
 
+@dataclass
+class Effects:
+    """What one event does: rows for upserts (each table once), then, for an order, its
+    derived values recomputed (merge.DERIVE_ORDER)."""
+
+    upserts: list[tuple[Upsert, list[Row]]] = field(default_factory=list)
+    order_id: str | None = None
+    subscriptions: list[str] = field(default_factory=list)
+
+    def add(self, statement: Upsert, rows: list[Row]) -> None:
+        if rows:
+            self.upserts.append((statement, rows))
+
+
+# The event's key row serialises deliveries of one eventId: a second one waits for the
+# first to commit, then sees it (ON CONFLICT reads the latest row, whatever the snapshot).
+# `conflict` is true once two contents have been seen for the eventId.
 RECORD = """
-INSERT INTO events AS e (event_id, event, status, content_hash, deliveries, conflict, signature,
-    signature_form, payload, body_encrypted, first_received_at, last_received_at, event_time,
-    warnings, spooled)
-VALUES ($1, $2, $3, $4, 1, false, $5, $6, $7::jsonb, $8, $9, $9, $10, $11::jsonb, $12)
-ON CONFLICT (event_id, content_hash) DO UPDATE SET deliveries = e.deliveries + 1,
-    last_received_at = greatest(e.last_received_at, EXCLUDED.last_received_at)
-RETURNING id, xmax = 0 AS inserted,
-    (SELECT count(*) FROM events WHERE event_id = $1) AS others
-"""
+key AS (
+    INSERT INTO event_keys AS old (event_id, content_hash) VALUES ($1, $4)
+    ON CONFLICT (event_id) DO UPDATE
+    SET conflict = old.conflict OR old.content_hash <> EXCLUDED.content_hash
+    RETURNING conflict),
+recorded AS (
+    INSERT INTO events AS e (event_id, event, status, content_hash, deliveries, conflict,
+        signature, signature_form, payload, body_encrypted, first_received_at,
+        last_received_at, event_time, warnings, spooled)
+    SELECT $1, $2, $3, $4, 1, key.conflict, $5, $6, $7::jsonb, $8, $9, $9, $10, $11::jsonb, $12
+    FROM key
+    ON CONFLICT (event_id, content_hash) DO UPDATE SET deliveries = e.deliveries + 1,
+        last_received_at = greatest(e.last_received_at, EXCLUDED.last_received_at)
+    RETURNING id, xmax = 0 AS inserted, conflict)"""
+RECORD_PARAMETERS = 12
+# Rows written before the eventId's second content arrived (rare); run again on every
+# later delivery of a conflicting eventId, so a crash in between is mended by the retry.
+MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT conflict"
 
 
-async def record(
-    conn: asyncpg.Connection, delivery: Delivery, *, status: str, vault: Vault
-) -> Recorded:
-    """Insert the event once per (eventId, content); a repeat only counts a delivery.
+@lru_cache(maxsize=128)
+def delivery_statement(upserts: tuple[Upsert, ...]) -> str:
+    """The record and every upsert, in one statement: one round trip per delivery."""
+    parts, first = [RECORD], RECORD_PARAMETERS + 1
+    for i, statement in enumerate(upserts):
+        parts.append(f"effect{i} AS ({statement.sql(first, gate='recorded')})")
+        first += len(statement.names)
+    return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
 
-    The unique constraint decides, so concurrent identical deliveries cannot both insert.
-    The subquery sees the table as it was before this statement (and, under the eventId's
-    lock, every earlier delivery of it): a non-zero count on insert is a conflict.
-    """
-    row = await conn.fetchrow(
-        RECORD,
+
+def delivery_write(
+    delivery: Delivery, effects: Effects | None, vault: Vault
+) -> tuple[str, list[Any]]:
+    """The one statement that records the delivery and, when it is new, applies its
+    effects; and its arguments."""
+    args: list[Any] = [
         delivery.event_id,
         delivery.event,
-        status,
+        "processed" if effects else "ignored",
         delivery.content_hash,
         delivery.signature.result,
         delivery.signature.form,
@@ -100,34 +124,48 @@ async def record(
         delivery.event_time,
         orjson.dumps(delivery.warnings).decode(),
         delivery.spooled,
-    )
-    conflict = bool(row["inserted"] and row["others"])
-    if conflict:
-        await conn.execute(
-            "UPDATE events SET conflict = true WHERE event_id = $1", delivery.event_id
-        )
-    return Recorded(row_id=row["id"], inserted=bool(row["inserted"]), conflict=conflict)
+    ]
+    upserts = effects.upserts if effects else []
+    for statement, rows in upserts:
+        args += statement.arrays(rows)
+    return delivery_statement(tuple(statement for statement, _ in upserts)), args
 
 
-async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[dict[str, Any]]) -> None:
-    """Rows sorted by key, so concurrent upserts of the same rows lock them in one order."""
-    unique = {tuple(row[k] for k in statement.key): row for row in rows}
-    args = [[unique[k].get(c) for c in statement.names] for k in sorted(unique)]
-    if len(args) == 1:
-        await conn.execute(statement.sql, *args[0])
+async def store(
+    conn: asyncpg.Connection, delivery: Delivery, effects: Effects | None, vault: Vault
+) -> Recorded:
+    """Record the delivery once per (eventId, content) and, when it is new, apply its
+    effects: one statement (its own transaction), unless the event is an order, whose
+    derived values need a second statement in the same transaction."""
+    sql, args = delivery_write(delivery, effects, vault)
+    if effects is None or effects.order_id is None:
+        row = await conn.fetchrow(sql, *args)
     else:
-        await conn.executemany(statement.sql, args)
+        async with conn.transaction():
+            row = await conn.fetchrow(sql, *args)
+            if row["inserted"]:
+                await conn.execute(merge.DERIVE_ORDER, effects.order_id, effects.subscriptions)
+    if row["conflict"]:
+        await conn.execute(MARK_CONFLICT, delivery.event_id)
+    return Recorded(row["id"], row["inserted"], bool(row["inserted"] and row["conflict"]))
 
 
-def order_row(order_id: str, kind: str, owner: dict[str, Any]) -> dict[str, Any]:
-    # The status is derived from the order's domains right after (derive_order).
+async def apply(conn: asyncpg.Connection, effects: Effects) -> None:
+    """Apply effects again (replay), inside the caller's transaction."""
+    for statement, rows in effects.upserts:
+        await upsert(conn, statement, rows)
+    if effects.order_id is not None:
+        await conn.execute(merge.DERIVE_ORDER, effects.order_id, effects.subscriptions)
+
+
+async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -> None:
+    """Any number of rows in one round trip."""
+    await conn.execute(statement.sql(), *statement.arrays(rows))
+
+
+def order_row(order_id: str, kind: str, owner: Row) -> Row:
+    # The status is derived from the order's domains right after (merge.DERIVE_ORDER).
     return {"order_id": order_id, "kind": kind, "status": "succeeded"} | owner
-
-
-async def derive_order(conn: asyncpg.Connection, order_id: str, subscriptions: list[str]) -> None:
-    await conn.execute(merge.ORDER_STATUS, order_id)
-    if subscriptions:
-        await conn.execute(merge.SUBSCRIPTION_ORDERS, subscriptions)
 
 
 def credentials(vault: Vault, given: schemas.Credentials) -> dict[str, bytes | None]:
@@ -141,8 +179,8 @@ def credentials(vault: Vault, given: schemas.Credentials) -> dict[str, bytes | N
 # --- standard mailbox orders ----------------------------------------------------------
 
 
-async def apply_mailbox_order(
-    conn: asyncpg.Connection,
+def effects_of_mailbox_order(
+    effects: Effects,
     model: schemas.MailboxOrderSuccess | schemas.MailboxOrderFailed,
     at: str,
 ) -> None:
@@ -159,10 +197,10 @@ async def apply_mailbox_order(
         sub |= owner | {"order_id": data.orderId, "status": "active" if succeeded else "failed"}
         if isinstance(data, schemas.MailboxOrderSuccessData):
             sub |= {"domain_id": data.domainId, "expiry_date": data.expiryDate}
-            await upsert(conn, merge.SUBSCRIPTION_ORDER_SUCCEEDED, [sub])
+            effects.add(merge.SUBSCRIPTION_ORDER_SUCCEEDED, [sub])
         else:
-            await upsert(conn, merge.SUBSCRIPTION_ORDER_FAILED, [sub])
-    await upsert(conn, merge.ORDER, [order_row(data.orderId, "mailbox", owner)])
+            effects.add(merge.SUBSCRIPTION_ORDER_FAILED, [sub])
+    effects.add(merge.ORDER, [order_row(data.orderId, "mailbox", owner)])
     outcome: dict[str, Any] = {
         "order_id": data.orderId,
         "domain": domain,
@@ -173,14 +211,14 @@ async def apply_mailbox_order(
         outcome |= {"quantity": data.quantity, "price": data.price, "succeeded_version": at}
     else:
         outcome["reason"] = data.reason
-    await upsert(conn, merge.ORDER_DOMAIN, [outcome])
-    await derive_order(
-        conn, data.orderId, [data.subscriptionId] if succeeded and data.subscriptionId else []
-    )
+    effects.add(merge.ORDER_DOMAIN, [outcome])
+    effects.order_id = data.orderId
+    if succeeded and data.subscriptionId:
+        effects.subscriptions = [data.subscriptionId]
 
 
-async def apply_mailbox_created(
-    conn: asyncpg.Connection, model: schemas.MailboxCreated, vault: Vault
+def effects_of_mailbox_created(
+    effects: Effects, model: schemas.MailboxCreated, vault: Vault
 ) -> None:
     data, box = model.data, model.data.mailboxDetails
     owner: Row = {
@@ -194,7 +232,7 @@ async def apply_mailbox_created(
         "source": "standard",
     }
     common |= owner | {"order_id": data.orderId, "expiry_date": box.expiryDate}
-    await upsert(conn, merge.SUBSCRIPTION_MAILBOX_CREATED, [common | {"status": "active"}])
+    effects.add(merge.SUBSCRIPTION_MAILBOX_CREATED, [common | {"status": "active"}])
     mailbox = common | {
         "mailbox_id": box.mailboxId,
         "email": box.email,
@@ -207,12 +245,10 @@ async def apply_mailbox_created(
         "price": data.price,
         "final_url": data.finalUrl,
     }
-    await upsert(conn, merge.MAILBOX_SNAPSHOT, [mailbox | credentials(vault, box)])
+    effects.add(merge.MAILBOX_SNAPSHOT, [mailbox | credentials(vault, box)])
 
 
-async def apply_mailbox_updated(
-    conn: asyncpg.Connection, model: schemas.MailboxUpdated, at: str
-) -> None:
+def effects_of_mailbox_updated(effects: Effects, model: schemas.MailboxUpdated, at: str) -> None:
     data = model.data
     given = data.updatedFields.model_fields_set & set(UPDATED_FIELDS)
     edits = {UPDATED_FIELDS[f]: getattr(data.updatedFields, f) for f in sorted(given)}
@@ -225,14 +261,14 @@ async def apply_mailbox_updated(
         "provider": data.workspaceType,
         "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    await upsert(conn, merge.mailbox_edit(tuple(edits)), [row | edits])
+    effects.add(merge.mailbox_edit(tuple(edits)), [row | edits])
 
 
 UPDATED_FIELDS = dict(zip(schemas.UpdatedFields.model_fields, merge.EDITABLE, strict=True))
 
 
-async def apply_mailbox_state(
-    conn: asyncpg.Connection,
+def effects_of_mailbox_state(
+    effects: Effects,
     model: schemas.MailboxStateEvent,
     vault: Vault,
     at: str,
@@ -250,14 +286,14 @@ async def apply_mailbox_state(
         "exported_at": when if model.event == "mailbox.exported" else None,
         "field_versions": orjson.dumps({c: at for c in edits}).decode(),
     }
-    await upsert(conn, merge.mailbox_edit(tuple(sorted(edits))), [row | edits])
+    effects.add(merge.mailbox_edit(tuple(sorted(edits))), [row | edits])
 
 
 # --- prewarmup orders -----------------------------------------------------------------
 
 
-async def apply_prewarmup_success(
-    conn: asyncpg.Connection, model: schemas.PrewarmupOrderSuccess, vault: Vault, at: str
+def effects_of_prewarmup_success(
+    effects: Effects, model: schemas.PrewarmupOrderSuccess, vault: Vault, at: str
 ) -> None:
     data = model.data
     owner: Row = {
@@ -265,7 +301,7 @@ async def apply_prewarmup_success(
         "user_email": data.userEmail,
         "provider": data.serviceProvider,
     }
-    await upsert(conn, merge.ORDER, [order_row(data.orderId, "prewarmup", owner)])
+    effects.add(merge.ORDER, [order_row(data.orderId, "prewarmup", owner)])
     subs, boxes, outcomes = [], [], []
     for group in data.mailboxDetails:
         common: Row = {"subscription_id": group.subscriptionId, "domain": group.domain}
@@ -283,10 +319,11 @@ async def apply_prewarmup_success(
                 "succeeded_version": at,
             }
         )
-    await upsert(conn, merge.SUBSCRIPTION_ORDER_SUCCEEDED, subs)
-    await upsert(conn, merge.MAILBOX_SNAPSHOT, boxes)
-    await upsert(conn, merge.ORDER_DOMAIN, outcomes)
-    await derive_order(conn, data.orderId, sorted({g.subscriptionId for g in data.mailboxDetails}))
+    effects.add(merge.SUBSCRIPTION_ORDER_SUCCEEDED, subs)
+    effects.add(merge.MAILBOX_SNAPSHOT, boxes)
+    effects.add(merge.ORDER_DOMAIN, outcomes)
+    effects.order_id = data.orderId
+    effects.subscriptions = sorted({g.subscriptionId for g in data.mailboxDetails})
 
 
 def _prewarmed(
@@ -305,9 +342,7 @@ def _prewarmed(
     }
 
 
-async def apply_prewarmup_failed(
-    conn: asyncpg.Connection, model: schemas.PrewarmupOrderFailed
-) -> None:
+def effects_of_prewarmup_failed(effects: Effects, model: schemas.PrewarmupOrderFailed) -> None:
     data = model.data
     owner: Row = {
         "user_id": data.userId,
@@ -317,22 +352,19 @@ async def apply_prewarmup_failed(
     order = order_row(data.orderId, "prewarmup", owner)
     if not data.failedOrders:  # an order-level failure
         order["failure_reason"] = data.reason or "order failed"
-    await upsert(conn, merge.ORDER, [order])
+    effects.add(merge.ORDER, [order])
     outcomes = [
         {"order_id": data.orderId, "domain": f.domain, "status": "failed", "reason": f.reason}
         for f in data.failedOrders
     ]
-    if outcomes:
-        await upsert(conn, merge.ORDER_DOMAIN, outcomes)
-    await derive_order(conn, data.orderId, [])
+    effects.add(merge.ORDER_DOMAIN, outcomes)
+    effects.order_id = data.orderId
 
 
 # --- subscription and domain lifecycles -----------------------------------------------
 
 
-async def apply_subscription(
-    conn: asyncpg.Connection, model: schemas.SubscriptionEvent, at: str
-) -> None:
+def effects_of_subscription(effects: Effects, model: schemas.SubscriptionEvent, at: str) -> None:
     data = model.data
     row = {
         "subscription_id": data.subscriptionId,
@@ -351,10 +383,10 @@ async def apply_subscription(
         "lifecycle_source": "event",
         "expiry_date": data.periodEnd,
     }
-    await upsert(conn, merge.SUBSCRIPTION_LIFECYCLE, [row])
+    effects.add(merge.SUBSCRIPTION_LIFECYCLE, [row])
 
 
-async def apply_domain(conn: asyncpg.Connection, model: schemas.DomainEvent, at: str) -> None:
+def effects_of_domain(effects: Effects, model: schemas.DomainEvent, at: str) -> None:
     data = model.data
     row = {
         "domain_id": data.domainId,
@@ -364,33 +396,27 @@ async def apply_domain(conn: asyncpg.Connection, model: schemas.DomainEvent, at:
         "version": at,
     }
     statement = merge.DOMAIN_BY_ID if data.domainId else merge.DOMAIN_BY_NAME
-    await upsert(conn, statement, [row])
+    effects.add(statement, [row])
 
 
-async def apply(
-    conn: asyncpg.Connection,
-    model: schemas.HandledEvent,
-    *,
-    vault: Vault,
-    at: datetime,
-    event_id: str,
-) -> None:
-    """Apply one validated event's effects inside the caller's transaction."""
-    v = version(at, event_id)
+def effects(model: schemas.HandledEvent, *, vault: Vault, at: datetime, event_id: str) -> Effects:
+    """What one validated event does, as rows for the merge rules' upserts."""
+    v, result = version(at, event_id), Effects()
     match model:
         case schemas.MailboxOrderSuccess() | schemas.MailboxOrderFailed():
-            await apply_mailbox_order(conn, model, v)
+            effects_of_mailbox_order(result, model, v)
         case schemas.MailboxCreated():
-            await apply_mailbox_created(conn, model, vault)
+            effects_of_mailbox_created(result, model, vault)
         case schemas.MailboxUpdated():
-            await apply_mailbox_updated(conn, model, v)
+            effects_of_mailbox_updated(result, model, v)
         case schemas.MailboxStateEvent():
-            await apply_mailbox_state(conn, model, vault, v, at)
+            effects_of_mailbox_state(result, model, vault, v, at)
         case schemas.PrewarmupOrderSuccess():
-            await apply_prewarmup_success(conn, model, vault, v)
+            effects_of_prewarmup_success(result, model, vault, v)
         case schemas.PrewarmupOrderFailed():
-            await apply_prewarmup_failed(conn, model)
+            effects_of_prewarmup_failed(result, model)
         case schemas.SubscriptionEvent():
-            await apply_subscription(conn, model, v)
+            effects_of_subscription(result, model, v)
         case schemas.DomainEvent():
-            await apply_domain(conn, model, v)
+            effects_of_domain(result, model, v)
+    return result

@@ -11,9 +11,10 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
-from app.ingest import Delivery, apply
+from app.db import raw_connection
+from app.ingest import Delivery, apply, effects
 from app.models import Event, Mailbox, RejectedDelivery
-from app.processing import locked_transaction, process_delivery
+from app.processing import process_delivery
 from app.schemas import HANDLED_EVENTS, parse_envelope, parse_handled
 from app.signing import SignatureCheck
 from app.spool import Spool
@@ -180,9 +181,9 @@ async def _replay_event(
     report.applied += 1
     if dry_run:
         return
-    lock_key = Delivery(envelope, b"", SignatureCheck("unchecked")).lock_key
-    async with locked_transaction(engine, lock_key) as conn:
-        await apply(conn, model, vault=vault, at=row.event_time, event_id=row.event_id)
+    changes = effects(model, vault=vault, at=row.event_time, event_id=row.event_id)
+    async with raw_connection(engine) as conn, conn.transaction():
+        await apply(conn, changes)
         await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
 
 

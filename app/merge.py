@@ -28,13 +28,22 @@ how the stored value and the event's value combine:
 
 A version is an event's time, then its eventId (see ingest.version): the time is the signed
 `cmr-x-timestamp` when the signature was valid, else the first receipt.
-Derived values (an order's status, a subscription's quantity and first order) are
-recomputed from their parts by the plain statements at the end of this module.
+A delivery is written by one statement: the event's record, and each upsert below for all
+its rows, applied only when the record is new (app/ingest.py). Derived values (an order's
+status, a subscription's quantity and first order) are then recomputed from their parts by
+the plain statement at the end of this module, in the same transaction.
 """
 
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property, lru_cache
+from typing import Any
+
+from sqlalchemy.dialects import postgresql
+
+from app.models import Base
+
+DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 # The winner's value, else the other's: what the winner leaves out is still known.
 _WINNER_FIRST = (
@@ -100,10 +109,11 @@ DOMAIN_WINS = ranked_wins(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per declaration: hashed by identity
 class Upsert:
-    """INSERT one row per call (or many, with executemany); on a key conflict each column
-    combines by its policy. `columns` lists every parameter, key columns included."""
+    """INSERT any number of rows (one array parameter per column, unnested); on a key
+    conflict each column combines by its policy. `columns` lists every column given, key
+    columns included."""
 
     table: str
     key: tuple[str, ...]
@@ -120,15 +130,32 @@ class Upsert:
         return tuple(self.columns)
 
     @cached_property
-    def sql(self) -> str:
+    def types(self) -> tuple[str, ...]:
+        """Each column's SQL type, as the models declare it (for the array parameters)."""
+        table = Base.metadata.tables[self.table]
+        return tuple(table.c[c].type.compile(dialect=DIALECT) for c in self.names)
+
+    def sql(self, first: int = 1, *, gate: str | None = None) -> str:
+        """The statement, its arrays numbered from `$first`; with `gate` (a CTE whose one row
+        says `inserted`), it writes only when that is true: effects of a new event only."""
         names = ", ".join(self.names)
-        values = ", ".join(f"${i}" for i in range(1, len(self.names) + 1))
+        arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(self.types))
+        source = f"unnest({arrays}) AS given({names})"
+        if gate:
+            source = f"{gate}, {source} WHERE {gate}.inserted"
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         return (
-            f"INSERT INTO {self.table} AS old ({names}) VALUES ({values}) "
+            f"INSERT INTO {self.table} AS old ({names}) SELECT given.* FROM {source} "
             f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {', '.join(sets)}"
         ).replace("new.", "EXCLUDED.")
+
+    def arrays(self, rows: list[dict[str, Any]]) -> list[list[Any]]:
+        """The rows as one list per column: one row per key (the last given), sorted by key,
+        so concurrent upserts of the same rows lock them in one order."""
+        unique = {tuple(row[k] for k in self.key): row for row in rows}
+        ordered = [unique[k] for k in sorted(unique)]
+        return [[row.get(c) for row in ordered] for c in self.names]
 
 
 P = Policy
@@ -259,20 +286,20 @@ DOMAIN_BY_NAME = Upsert("domains", ("name",), {"name": None, **_DOMAIN_COLUMNS})
 
 # --- derived values -------------------------------------------------------------------
 
-# An order's status from its domains' outcomes, and an order-level failure if any.
-ORDER_STATUS = """
-UPDATE orders o SET updated_at = now(), status = (
-    SELECT CASE
-        WHEN count(*) = 0 THEN CASE WHEN o.failure_reason IS NULL THEN o.status ELSE 'failed' END
-        WHEN bool_and(d.status = 'failed') THEN 'failed'
-        WHEN bool_and(d.status = 'succeeded') AND o.failure_reason IS NULL THEN 'succeeded'
-        ELSE 'partially_failed' END
-    FROM order_domains d WHERE d.order_id = o.order_id)
-WHERE o.order_id = $1
-"""
-# A subscription's order-scoped values, from its succeeded orders: `quantity` is their sum,
-# `orderId` and `price` those of the first (earliest version).
-SUBSCRIPTION_ORDERS = """
+# An order's status from its domains' outcomes (and an order-level failure if any); then
+# the order-scoped values of its subscriptions from their succeeded orders: `quantity` is
+# their sum, `orderId` and `price` those of the first (earliest version).
+DERIVE_ORDER = """
+WITH order_status AS (
+    UPDATE orders o SET updated_at = now(), status = (
+        SELECT CASE
+            WHEN count(*) = 0 THEN
+                CASE WHEN o.failure_reason IS NULL THEN o.status ELSE 'failed' END
+            WHEN bool_and(d.status = 'failed') THEN 'failed'
+            WHEN bool_and(d.status = 'succeeded') AND o.failure_reason IS NULL THEN 'succeeded'
+            ELSE 'partially_failed' END
+        FROM order_domains d WHERE d.order_id = o.order_id)
+    WHERE o.order_id = $1)
 UPDATE subscriptions s SET updated_at = now(),
     quantity = coalesce(d.quantity, s.quantity),
     order_id = d.first_order,
@@ -282,7 +309,7 @@ FROM (
         (array_agg(order_id ORDER BY succeeded_version COLLATE "C", order_id))[1] AS first_order,
         (array_agg(price ORDER BY succeeded_version COLLATE "C", order_id))[1] AS first_price
     FROM order_domains
-    WHERE subscription_id = ANY($1::text[]) AND status = 'succeeded'
+    WHERE subscription_id = ANY($2::text[]) AND status = 'succeeded'
     GROUP BY subscription_id) d
 WHERE s.subscription_id = d.subscription_id
 """

@@ -94,6 +94,17 @@ class Event(Listed, Base):
     spooled: Mapped[bool] = mapped_column(Boolean, server_default="false")
 
 
+class EventKey(Base):
+    """One row per eventId: deliveries of one eventId wait for each other on it, and it
+    knows whether two contents were seen (see app/ingest.py)."""
+
+    __tablename__ = "event_keys"
+
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    content_hash: Mapped[bytes] = mapped_column(LargeBinary)  # the first content seen
+    conflict: Mapped[bool] = mapped_column(Boolean, server_default="false")
+
+
 class RejectedDelivery(Listed, Base):
     """A delivery we refused as malformed; kept encrypted so it can be replayed after a fix."""
 

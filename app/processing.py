@@ -1,12 +1,11 @@
-"""One transaction per delivery: record, apply, commit. What a failure means, by its kind.
+"""One statement per delivery: record and apply (app/ingest.py). What a failure means, by
+its kind.
 
 The same entry point serves live deliveries, the spool's drainer and `replay`.
 """
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,9 +15,10 @@ import orjson
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import ingest
 from app.crypto import Vault
 from app.db import raw_connection
-from app.ingest import Delivery, apply, record
+from app.ingest import Delivery
 from app.schemas import HandledEvent
 
 log = logging.getLogger("coldmail.processing")
@@ -57,39 +57,26 @@ class Outcome:
     row_id: int
 
 
-@asynccontextmanager
-async def locked_transaction(engine: AsyncEngine, lock_key: int) -> AsyncIterator[Any]:
-    """A pooled connection's asyncpg handle inside one transaction that holds the advisory
-    lock `lock_key`; BEGIN and the lock travel in one round trip. On any failure the
-    connection is discarded (raw_connection), which also ends the transaction."""
-    async with raw_connection(engine) as raw:
-        await raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(lock_key)})")
-        yield raw
-        await raw.execute("COMMIT")
-
-
 async def process_delivery(
     engine: AsyncEngine, vault: Vault, delivery: Delivery, model: HandledEvent | None
 ) -> Outcome:
+    """Record the delivery and apply its event: one round trip unless it is an order."""
+    effects = (
+        None
+        if model is None
+        else ingest.effects(model, vault=vault, at=delivery.event_time, event_id=delivery.event_id)
+    )
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            async with locked_transaction(engine, delivery.lock_key) as conn:
-                return await _record_and_apply(conn, vault, delivery, model)
+            async with raw_connection(engine) as conn:
+                recorded = await ingest.store(conn, delivery, effects, vault)
+            break
         except asyncpg.PostgresError as error:
             if attempt == ATTEMPTS or error.sqlstate not in RETRYABLE_SQLSTATES:
                 raise
             log.info("retrying delivery after %s", error.sqlstate)
-    raise AssertionError("unreachable")
-
-
-async def _record_and_apply(
-    conn: asyncpg.Connection, vault: Vault, delivery: Delivery, model: HandledEvent | None
-) -> Outcome:
-    recorded = await record(conn, delivery, status="processed" if model else "ignored", vault=vault)
     if not recorded.inserted:
         return Outcome("duplicate", False, recorded.row_id)
-    if model is not None:
-        await apply(conn, model, vault=vault, at=delivery.event_time, event_id=delivery.event_id)
     return Outcome("processed" if model else "ignored", recorded.conflict, recorded.row_id)
 
 

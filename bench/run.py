@@ -1,24 +1,33 @@
-"""One benchmark run: the service beside its HTTP and database ceilings, on this machine.
+"""One benchmark run: the service beside its HTTP, database and physical ceilings, on this
+machine, with every request checked.
 
-    python bench/run.py [--events 5000] [--memory-events 100000] [--json bench/results.json]
+    python bench/run.py [--seconds 10] [--memory-events 100000] [--out DIR]
 
 Needs a PostgreSQL server (BENCH_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/
-postgres); scratch databases are created and dropped. Prints one table and writes JSON.
+postgres; scratch databases are created and dropped), `wrk` and `pgbench` (Debian: wrk,
+postgresql-client). Prints one table; writes results.json and the load generators' own
+reports to --out (default: a new temporary folder). Any failed, refused or unexpected
+answer in any row is printed, and the run exits 1: such a run is not a figure.
 """
 
 import argparse
 import asyncio
-import hashlib
 import os
 import random
+import re
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +38,38 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import signing, traffic  # noqa: E402
-from app.crypto import Vault, generate_key, redact  # noqa: E402
-from app.schemas import canonical  # noqa: E402
+from app import ingest, merge, schemas, signing, traffic  # noqa: E402
+from app.crypto import Vault, generate_key  # noqa: E402
+from app.signing import SignatureCheck  # noqa: E402
 
 SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY, TOKEN, SIGNING_KEY, OPS = generate_key(), "bench-token", "bench-signing-key", "bench-ops"
 CLI = [sys.executable, "-m", "app.cli"]
+CONCURRENCY = 32
+
+
+@dataclass
+class Run:
+    out: Path
+    seconds: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, name: str, figures: dict[str, Any], failures: list[str]) -> dict[str, Any]:
+        row = {"name": name, "events_per_second": None, "p50_ms": None, "p99_ms": None}
+        row |= figures | {"failed": len(failures)}
+        self.rows.append(row)
+        self.failures += [f"{name}: {failure}" for failure in failures]
+        return row
+
+
+# --- processes and databases ------------------------------------------------------------
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def database(name: str) -> str:
-    return SERVER.rsplit("/", 1)[0] + "/" + name
 
 
 async def admin(sql: str) -> None:
@@ -56,10 +80,13 @@ async def admin(sql: str) -> None:
         await conn.close()
 
 
-def scratch_database(name: str) -> str:
+def scratch_database(name: str, *, migrated: bool = False) -> str:
     asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     asyncio.run(admin(f"CREATE DATABASE {name}"))
-    return database(name)
+    url = SERVER.rsplit("/", 1)[0] + "/" + name
+    if migrated:
+        subprocess.run([*CLI, "migrate"], env=service_env(url), check=True, cwd=ROOT)
+    return url
 
 
 def rss_mb(pid: int) -> float:
@@ -84,29 +111,32 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def server(
-    command: list[str], env: dict[str, str], port: int, ready: str
+    command: list[str], env: dict[str, str], port: int, ready: str, log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
-    )
-    deadline = time.monotonic() + 60
-    while True:
+    """A server whose output goes to `log`; a server that dies during its row fails it."""
+    with log.open("wb") as output:
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"server did not start: {command} (see {log})")
+            time.sleep(0.2)
         try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=1).status_code < 500:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"server did not start: {command}")
-        time.sleep(0.2)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+            yield proc
+        finally:
+            died = proc.poll()
+            proc.terminate()
+            proc.wait(timeout=60)
+            if died is not None:
+                raise RuntimeError(f"server exited with {died} during the run (see {log})")
 
 
-def service_env(url: str) -> dict[str, str]:
+def service_env(url: str, **extra: str) -> dict[str, str]:
     return dict(
         os.environ,
         DATABASE_URL=url,
@@ -116,226 +146,344 @@ def service_env(url: str) -> dict[str, str]:
         OPS_API_TOKENS=OPS,
         LOG_LEVEL="WARNING",
         DB_POOL_SIZE="20",
+        **extra,
     )
 
 
-def simulate(port: int, events: int, *extra: str) -> dict[str, Any]:
-    out = ROOT / "bench" / f".simulate-{port}.json"
-    subprocess.run(
+# --- load generators --------------------------------------------------------------------
+
+
+def simulate(run: Run, port: int, events: int) -> tuple[dict[str, Any], list[str]]:
+    """The project's own Python sender (aiohttp), single-mailbox events, checked answers."""
+    out = run.out / f"simulate-{port}-{events}.json"
+    done = subprocess.run(
         [
             *CLI,
             "simulate",
             f"http://127.0.0.1:{port}/webhooks/cmr",
-            "--token",
-            TOKEN,
-            "--signing-key",
-            SIGNING_KEY,
-            "--events",
-            str(events),
-            "--concurrency",
-            "32",
-            "--single-mailbox",
-            "--duplicates",
-            "0",
-            "--quiet",
-            "--json",
-            str(out),
-            *extra,
+            *("--token", TOKEN, "--signing-key", SIGNING_KEY),
+            *("--events", str(events), "--concurrency", str(CONCURRENCY)),
+            *("--single-mailbox", "--duplicates", "0", "--quiet", "--json", str(out)),
         ],
-        check=True,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
-    result: dict[str, Any] = orjson.loads(out.read_bytes())
-    out.unlink()
-    return result
-
-
-def row(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "events_per_second": result["events_per_second"],
-        "p50_ms": result["p50_ms"],
-        "p99_ms": result["p99_ms"],
-    }
-
-
-def bench_service(workers: int, events: int) -> dict[str, Any]:
-    url = scratch_database(f"cmw_bench_service_{workers}")
-    port = free_port()
-    command = [*CLI, "serve", "--port", str(port), "--workers", str(workers)]
-    with server(command, service_env(url), port, "/readyz"):
-        simulate(port, 500)  # warm-up
-        return row(f"service, {workers} worker(s)", simulate(port, events))
-
-
-def bench_http_ceiling(workers: int, events: int) -> dict[str, Any]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.ceiling_app:app",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--no-access-log",
-        "--log-level",
-        "warning",
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    failures = [
+        f"{count} answered {status}"
+        for status, count in report["by_status"].items()
+        if status != "200 processed"
     ]
-    with server(command, dict(os.environ), port, "/docs"):
-        simulate(port, 500)
-        return row(f"HTTP ceiling, {workers} worker(s)", simulate(port, events))
+    if done.returncode and not failures:
+        failures.append(f"simulate exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    return report, failures
 
 
-DB_STATEMENTS = [
-    """INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict,
-       signature, payload, body_encrypted) VALUES ($1, 'mailbox.created', 'processed', $2, 1,
-       false, 'valid', $3, $4) ON CONFLICT (event_id, content_hash) DO UPDATE
-       SET deliveries = events.deliveries + 1 RETURNING id, xmax = 0""",
-    """INSERT INTO subscriptions (subscription_id, domain, user_id, provider, source, status)
-       VALUES ($1, $2, $3, 'GOOGLE', 'standard', 'active') ON CONFLICT (subscription_id)
-       DO UPDATE SET domain = COALESCE(subscriptions.domain, excluded.domain)""",
-    """INSERT INTO mailboxes (mailbox_id, subscription_id, domain, email, first_name,
-       app_password_encrypted, source) VALUES ($1, $2, $3, $4, $5, $6, 'standard')
-       ON CONFLICT (mailbox_id) DO UPDATE SET email = excluded.email""",
-]
+def signed_lines(path: Path, count: int) -> None:
+    """`count` fresh mailbox.created deliveries, signed now, for wrk."""
+    with path.open("wb") as out:
+        for _ in range(count):
+            body = orjson.dumps(traffic.mailbox_created())
+            headers = signing.sign(SIGNING_KEY, body)
+            out.write(
+                f"{headers[signing.SIGNATURE_HEADER]}\t{headers[signing.TIMESTAMP_HEADER]}\t".encode()
+                + body
+                + b"\n"
+            )
 
 
-async def db_ceiling_run(url: str, events: int, concurrency: int = 32) -> dict[str, Any]:
-    """The same rows the service writes for a mailbox.created, straight through asyncpg."""
-    vault = Vault([KEY])
+def wrk(run: Run, port: int, lines: int, path: str = "/webhooks/cmr") -> dict[str, Any]:
+    """wrk (C) for run.seconds with 2 threads and 32 connections, each body sent once."""
+    bodies = run.out / f"wrk-{port}.tsv"
+    signed_lines(bodies, lines)
+    url = f"http://127.0.0.1:{port}{path}?token={TOKEN}"
+    done = subprocess.run(
+        ["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{run.seconds}s", "--timeout", "30s"]
+        + ["-s", str(ROOT / "bench" / "deliveries.lua"), url, "--", str(bodies), "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (run.out / f"wrk-{port}.txt").write_text(done.stdout)
+    report: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
+    report["lines"] = lines
+    return report
+
+
+def wrk_figures(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    failures = [
+        f"{report[kind]} {kind} errors"
+        for kind in ("connect", "read", "write", "timeout")
+        if report[kind]
+    ]
+    if report["status"]:
+        failures.append(f"{report['status']} answers other than 2xx")
+    if report["requests"] > report["lines"]:
+        failures.append(f"ran out of unique bodies ({report['requests']} > {report['lines']})")
+    figures = {
+        "events_per_second": round(report["requests"] / report["seconds"], 1),
+        "p50_ms": round(report["p50_ms"], 2),
+        "p99_ms": round(report["p99_ms"], 2),
+    }
+    return figures, failures
+
+
+async def count_events(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events WHERE status = 'processed'"))
+    finally:
+        await conn.close()
+
+
+# --- the rows ---------------------------------------------------------------------------
+
+
+def bench_service(run: Run, workers: int, events: int) -> None:
+    port = free_port()
+    url = scratch_database(f"cmw_bench_service_{workers}")
+    command = [*CLI, "serve", "--port", str(port), "--workers", str(workers)]
+    log = run.out / f"service-{workers}.log"
+    with server(command, service_env(url), port, "/readyz", log):
+        simulate(run, port, 500)  # warm-up
+        report, failures = simulate(run, port, events)
+        figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
+        run.add(f"service, {workers} worker(s), simulate", figures, failures)
+        before = asyncio.run(count_events(url))
+        report = wrk(run, port, lines=4000 * run.seconds)
+        figures, failures = wrk_figures(report)
+        stored = asyncio.run(count_events(url)) - before
+        if stored < report["requests"]:
+            failures.append(f"{report['requests']} answered, {stored} events processed")
+        run.add(f"service, {workers} worker(s), wrk", figures, failures)
+
+
+def bench_http_ceiling(run: Run, workers: int) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.ceiling_app:app", "--port", str(port)]
+    command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    log = run.out / f"http-ceiling-{workers}.log"
+    with server(command, dict(os.environ), port, "/docs", log):
+        figures, failures = wrk_figures(wrk(run, port, lines=20000 * run.seconds))
+        run.add(f"HTTP ceiling, {workers} worker(s), wrk", figures, failures)
+
+
+def service_writes(count: int) -> list[tuple[str, list[Any]]]:
+    """The service's own statement and arguments for `count` mailbox.created deliveries."""
+    vault, writes = Vault([KEY]), []
+    for _ in range(count):
+        raw = orjson.dumps(traffic.mailbox_created())
+        envelope = schemas.parse_envelope(raw)
+        model = schemas.parse_handled(envelope, [])
+        assert model is not None
+        delivery = ingest.Delivery(envelope, raw, SignatureCheck("valid", None, time.time()))
+        effects = ingest.effects(
+            model, vault=vault, at=delivery.event_time, event_id=delivery.event_id
+        )
+        writes.append(ingest.delivery_write(delivery, effects, vault))
+    return writes
+
+
+async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[str, Any]:
+    """The service's statements, prepared beforehand, straight through asyncpg: 32 senders
+    on a pool of 20 connections, as the service has."""
     pool = await asyncpg.create_pool(url, min_size=20, max_size=20)
     latencies: list[float] = []
-    remaining = [events]
+    queue = iter(writes)
 
-    async def worker() -> None:
-        while remaining[0] > 0:
-            remaining[0] -= 1
-            payload = traffic.mailbox_created()
-            data, box = payload["data"], payload["data"]["mailboxDetails"]
-            raw = orjson.dumps(payload)
+    async def sender() -> None:
+        for sql, args in queue:
             started = time.perf_counter()
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.fetchrow(
-                    DB_STATEMENTS[0],
-                    payload["eventId"],
-                    hashlib.sha256(canonical(payload)).digest(),
-                    orjson.dumps(redact(payload)).decode(),
-                    vault.encrypt(raw),
-                )
-                await conn.execute(
-                    DB_STATEMENTS[1], data["subscriptionId"], data["domain"], data["userId"]
-                )
-                await conn.execute(
-                    DB_STATEMENTS[2],
-                    box["mailboxId"],
-                    data["subscriptionId"],
-                    data["domain"],
-                    box["email"],
-                    box["firstName"],
-                    vault.encrypt(box["appPassword"].encode()),
-                )
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(sql, *args)
+            assert row["inserted"]
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
     elapsed = time.perf_counter() - started
     await pool.close()
     ms = sorted(v * 1000 for v in latencies)
     return {
-        "events_per_second": round(events / elapsed, 1),
+        "events_per_second": round(len(ms) / elapsed, 1),
         "p50_ms": round(ms[len(ms) // 2], 2),
         "p99_ms": round(ms[int(len(ms) * 0.99)], 2),
     }
 
 
-def bench_db_ceiling(events: int) -> dict[str, Any]:
-    url = scratch_database("cmw_bench_db")
-    subprocess.run(
-        [*CLI, "migrate"], env=service_env(url), check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+def bench_db_ceiling(run: Run) -> tuple[str, list[Any]]:
+    url = scratch_database("cmw_bench_db", migrated=True)
+    writes = service_writes(2000 * run.seconds)
+    try:
+        figures, failures = asyncio.run(db_ceiling_run(url, writes)), []
+    except (AssertionError, asyncpg.PostgresError) as error:
+        figures, failures = {}, [repr(error)]
+    run.add("DB ceiling: the service's statement, asyncpg", figures, failures)
+    return writes[0]
+
+
+def literal(value: Any, keys: dict[str, str]) -> str:
+    """A value as SQL text for pgbench; a key value becomes a fresh one per transaction.
+    Colons are escaped: pgbench would read `:name` inside a string as a variable."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return f"'\\x{value.hex()}'::bytea"
+    if isinstance(value, datetime):
+        return f"'{value.isoformat()}'::timestamptz"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(literal(v, keys) for v in value)}]" if value else "'{}'"
+    if value in keys:
+        return f"('{keys[value]}' || :n)"
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'").replace(":", "\\x3a")
+    return f"E'{escaped}'"
+
+
+def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
+    """The same statement through pgbench (C, libpq, prepared), with fresh keys each time."""
+    sql, args = write
+    # the keys: the eventId, the subscription's ID (the first effect's first column) and
+    # the mailbox's ID (the second effect's first column)
+    second = ingest.RECORD_PARAMETERS + len(merge.SUBSCRIPTION_MAILBOX_CREATED.names)
+    keys = {args[0]: "ev", args[ingest.RECORD_PARAMETERS][0]: "sub", args[second][0]: "mbx"}
+    rendered = re.sub(r"\$(\d+)", lambda m: f"({literal(args[int(m[1]) - 1], keys)})", sql)
+    script = run.out / "pgbench.sql"
+    script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")
+    url = scratch_database("cmw_bench_pgbench", migrated=True)
+    done = subprocess.run(
+        ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
+        + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
+        capture_output=True,
+        text=True,
+        cwd=run.out,
     )
-    return row("DB ceiling (asyncpg, same rows)", asyncio.run(db_ceiling_run(url, events)))
+    (run.out / "pgbench.txt").write_text(done.stdout + done.stderr)
+    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
+    failures = [] if done.returncode == 0 else [done.stderr.strip()[-300:]]
+    if failed and int(failed[1]):
+        failures.append(f"{failed[1]} failed transactions")
+    tps = re.search(r"tps = ([\d.]+)", done.stdout)
+    us = sorted(
+        int(line.split()[2])
+        for log in run.out.glob("pgbench.*")
+        if log.suffix not in (".sql", ".txt")
+        for line in log.read_text().splitlines()
+    )
+    figures = {}
+    if tps and us:
+        figures = {
+            "events_per_second": round(float(tps[1]), 1),
+            "p50_ms": round(us[len(us) // 2] / 1000, 2),
+            "p99_ms": round(us[int(len(us) * 0.99)] / 1000, 2),
+        }
+    else:
+        failures.append("pgbench printed no figures")
+    run.add("physical limit: the same statement, pgbench", figures, failures)
 
 
-def bench_prewarmup_and_page(memory_events: int) -> list[dict[str, Any]]:
-    url = scratch_database("cmw_bench_api")
+def bench_spooling(run: Run) -> None:
+    """Deliveries while PostgreSQL is away: every one goes to the fsynced spool."""
     port = free_port()
-    rows: list[dict[str, Any]] = []
-    with server([*CLI, "serve", "--port", str(port)], service_env(url), port, "/readyz") as proc:
-        endpoint = f"http://127.0.0.1:{port}/webhooks/cmr"
-        timings = []
+    spool = Path(tempfile.mkdtemp(prefix="spool-", dir=run.out))
+    env = service_env("postgresql://postgres@127.0.0.1:9/nowhere", SPOOL_DIR=str(spool))
+    command = [*CLI, "serve", "--port", str(port), "--no-migrate"]
+    with server(command, env, port, "/healthz", run.out / "spooling.log"):
+        report = wrk(run, port, lines=4000 * run.seconds)
+    figures, failures = wrk_figures(report)
+    with sqlite3.connect(spool / "spool.sqlite3") as db:
+        (kept,) = db.execute("SELECT count(*) FROM deliveries").fetchone()
+    if kept < report["requests"]:
+        failures.append(f"{report['requests']} answered, {kept} in the spool")
+    run.add("spooling, database away, wrk", figures, failures)
+
+
+def bench_prewarmup_page_memory(run: Run, memory_events: int) -> None:
+    port = free_port()
+    url = scratch_database("cmw_bench_api")
+    log = run.out / "api.log"
+    with server(
+        [*CLI, "serve", "--port", str(port)], service_env(url), port, "/readyz", log
+    ) as proc:
+        prewarmup(run, port)
+        asyncio.run(fill_mailboxes(url, 100_000 - 6000))
+        mailbox_page(run, port)
+        if memory_events:
+            memory_run(run, proc.pid, port, memory_events)
+
+
+def prewarmup(run: Run, port: int) -> None:
+    timings, failures = [], []
+    with httpx.Client(timeout=60) as client:
         for _ in range(6):
             body = orjson.dumps(traffic.prewarmup_success(domains=100, per_domain=10))
             headers = signing.sign(SIGNING_KEY, body) | {"content-type": "application/json"}
             started = time.perf_counter()
-            response = httpx.post(
-                endpoint, params={"token": TOKEN}, content=body, headers=headers, timeout=60
+            response = client.post(
+                f"http://127.0.0.1:{port}/webhooks/cmr",
+                params={"token": TOKEN},
+                content=body,
+                headers=headers,
             )
             timings.append((time.perf_counter() - started) * 1000)
-            assert response.json()["status"] == "processed", response.text
-        timings = timings[1:]  # the first warms caches
-        rows.append(
-            {
-                "name": "1,000-mailbox prewarmup (p50 of 5)",
-                "events_per_second": None,
-                "p50_ms": round(statistics.median(timings), 1),
-                "p99_ms": round(max(timings), 1),
-            }
-        )
-        asyncio.run(fill_mailboxes(url, 100_000 - 6000))
-        headers = {"Authorization": f"Bearer {OPS}"}
-        page_ms = []
-        with httpx.Client(headers=headers) as client:
-            cursor = None
-            for i in range(60):
-                params: dict[str, Any] = {"limit": 500}
-                if i % 3 == 1:
-                    params["provider"] = "GOOGLE"
-                if cursor and i % 3 == 2:
-                    params["cursor"] = cursor
-                started = time.perf_counter()
-                page = client.get(f"http://127.0.0.1:{port}/api/v1/mailboxes", params=params)
-                page_ms.append((time.perf_counter() - started) * 1000)
-                assert len(page.json()["items"]) == 500
-                cursor = page.json()["nextCursor"]
-        page_ms = sorted(page_ms[10:])
-        rows.append(
-            {
-                "name": "500-item mailbox page, 100,000 stored",
-                "events_per_second": None,
-                "p50_ms": round(statistics.median(page_ms), 2),
-                "p99_ms": round(page_ms[int(len(page_ms) * 0.99)], 2),
-            }
-        )
-        if memory_events:
-            rows.append(memory_run(proc.pid, port, memory_events))
-    return rows
+            if response.status_code != 200 or response.json().get("status") != "processed":
+                failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
+    timings = timings[1:]  # the first warms caches
+    figures = {"p50_ms": round(statistics.median(timings), 1), "p99_ms": round(max(timings), 1)}
+    run.add("1,000-mailbox prewarmup (p50, max of 5)", figures, failures)
 
 
-def memory_run(pid: int, port: int, events: int) -> dict[str, Any]:
-    peak = [rss_mb(pid)]
-    start = peak[0]
+def mailbox_page(run: Run, port: int) -> None:
+    page_ms, failures, cursor = [], [], None
+    with httpx.Client(headers={"Authorization": f"Bearer {OPS}"}, timeout=30) as client:
+        for i in range(110):
+            params: dict[str, Any] = {"limit": 500}
+            if i % 3 == 1:
+                params["provider"] = "GOOGLE"
+            if cursor and i % 3 == 2:
+                params["cursor"] = cursor
+            started = time.perf_counter()
+            page = client.get(f"http://127.0.0.1:{port}/api/v1/mailboxes", params=params)
+            page_ms.append((time.perf_counter() - started) * 1000)
+            if page.status_code != 200 or len(page.json()["items"]) != 500:
+                failures.append(f"HTTP {page.status_code}, {page.text[:200]}")
+                continue
+            cursor = page.json()["nextCursor"]
+    page_ms = sorted(page_ms[10:])
+    figures = {
+        "p50_ms": round(statistics.median(page_ms), 2),
+        "p99_ms": round(page_ms[int(len(page_ms) * 0.99)], 2),
+    }
+    run.add("500-item mailbox page, 100,000 stored (p50, p99)", figures, failures)
+
+
+def memory_run(run: Run, pid: int, port: int, events: int) -> None:
+    start = rss_mb(pid)
+    samples = [start]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.5):
-            peak[0] = max(peak[0], rss_mb(pid))
+            samples.append(rss_mb(pid))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    result = simulate(port, events)
+    report, failures = simulate(run, port, events)
     done.set()
     sampler.join()
-    return {
-        "name": f"RSS through {events:,} events (start -> peak MB)",
-        "events_per_second": result["events_per_second"],
-        "p50_ms": round(start, 1),
-        "p99_ms": round(peak[0], 1),
+    tenth = max(1, len(samples) // 10)
+    figures = {
+        "events_per_second": report["events_per_second"],
         "rss_start_mb": round(start, 1),
-        "rss_peak_mb": round(peak[0], 1),
+        "rss_after_first_tenth_mb": round(max(samples[:tenth]), 1),
+        "rss_peak_mb": round(max(samples), 1),
+        "rss_end_mb": round(samples[-1], 1),
     }
+    run.add(f"RSS through {events:,} events", figures, failures)
 
 
 async def fill_mailboxes(url: str, count: int) -> None:
@@ -354,48 +502,67 @@ async def fill_mailboxes(url: str, count: int) -> None:
     await conn.close()
 
 
+# --- the report ---------------------------------------------------------------------------
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'measurement':44}{'events/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"\n{'measurement':52}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
     for r in rows:
         eps = "" if r["events_per_second"] is None else f"{r['events_per_second']:.0f}"
-        print(f"{r['name']:44}{eps:>10}{r['p50_ms']:>10}{r['p99_ms']:>10}")
+        p50 = "" if r["p50_ms"] is None else r["p50_ms"]
+        p99 = "" if r["p99_ms"] is None else r["p99_ms"]
+        print(f"{r['name']:52}{eps:>10}{p50:>9}{p99:>9}{r['failed']:>8}")
+        rss = {k: v for k, v in r.items() if k.startswith("rss_")}
+        if rss:
+            print("    " + ", ".join(f"{k[4:-3].replace('_', ' ')} {v} MB" for k, v in rss.items()))
 
 
-def main() -> None:
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    rate = {r["name"]: r["events_per_second"] for r in rows}
+    service = rate.get("service, 1 worker(s), wrk")
+    result = {}
+    for label, name in (
+        ("service(1w, wrk) / HTTP ceiling(1w)", "HTTP ceiling, 1 worker(s), wrk"),
+        ("service(1w, wrk) / DB ceiling", "DB ceiling: the service's statement, asyncpg"),
+        ("service(1w, wrk) / physical limit", "physical limit: the same statement, pgbench"),
+    ):
+        if service and rate.get(name):
+            result[label] = round(service / rate[name], 2)
+    return result
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
+    parser.add_argument("--events", type=int, default=10_000, help="events per simulate run")
     parser.add_argument("--memory-events", type=int, default=100_000)
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
     args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(out, args.seconds)
     random.seed(1)
     started = time.perf_counter()
-    rows = [
-        bench_service(1, args.events),
-        bench_service(2, args.events),
-        bench_http_ceiling(1, args.events),
-        bench_http_ceiling(2, args.events),
-        bench_db_ceiling(args.events),
-    ]
-    rows += bench_prewarmup_and_page(args.memory_events)
-    by_name = {r["name"]: r for r in rows}
-    db = by_name["DB ceiling (asyncpg, same rows)"]["events_per_second"]
-    ratios: dict[str, dict[str, float]] = {}
     for workers in (1, 2):
-        service = by_name[f"service, {workers} worker(s)"]["events_per_second"]
-        http = by_name[f"HTTP ceiling, {workers} worker(s)"]["events_per_second"]
-        ratios[f"{workers}w"] = {
-            "service/http": round(service / http, 2),
-            "service/db": round(service / db, 2),
-            "service/min(http,db)": round(service / min(http, db), 2),
-        }
-    print_table(rows)
-    for label, ratio in ratios.items():
-        print(f"ratios, {label}: " + ", ".join(f"{k} {v}" for k, v in ratio.items()))
-    print(f"benchmark took {time.perf_counter() - started:.0f} s")
-    Path(args.json).write_bytes(
-        orjson.dumps({"rows": rows, "ratios": ratios}, option=orjson.OPT_INDENT_2)
-    )
+        bench_service(run, workers, args.events)
+    for workers in (1, 2):
+        bench_http_ceiling(run, workers)
+    bench_physical_limit(run, bench_db_ceiling(run))
+    bench_spooling(run)
+    bench_prewarmup_page_memory(run, args.memory_events)
+    print_table(run.rows)
+    result = ratios(run.rows)
+    for label, value in result.items():
+        print(f"ratio {label}: {value}")
+    print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {out}")
+    report = {"rows": run.rows, "ratios": result, "failures": run.failures}
+    (out / "results.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    for failure in run.failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    if run.failures:
+        print(f"{len(run.failures)} row(s) had failed requests: not a measurement", file=sys.stderr)
+    return 1 if run.failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
