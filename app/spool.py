@@ -72,6 +72,8 @@ class Spool:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         self._lock_file: Any = None
+        self._pending: list[tuple[tuple[float, bytes, bytes], asyncio.Future[None]]] = []
+        self._writer: asyncio.Future[None] | None = None
 
     async def _run(self, job: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, job, *args)
@@ -90,31 +92,52 @@ class Spool:
     # --- writing ----------------------------------------------------------------------
 
     async def put(self, *, body: bytes, meta: dict[str, Any], received_at: float) -> None:
-        """Durable on return (the WAL is fsynced); SpoolFull if it would exceed the bound."""
-        try:
-            await self._run(self._put, body, orjson.dumps(meta), received_at)
-        except sqlite3.Error as error:
-            log.error("the spool cannot be written: %s", error)
-            raise SpoolFull() from None
+        """Durable on return (the WAL is fsynced); SpoolFull if it would exceed the bound.
 
-    def _put(self, body: bytes, meta: bytes, received_at: float) -> None:
+        Group commit: puts that arrive while a write is under way wait together and are
+        written by the next one, in one transaction and one fsync."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending.append(((received_at, body, orjson.dumps(meta)), waiter))
+        if self._writer is None or self._writer.done():
+            # a task of its own: a caller cancelled mid-write cannot strand the others
+            self._writer = asyncio.ensure_future(self._write_pending())
+        await waiter
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                stored = await self._run(self._put_many, [row for row, _ in batch])
+            except sqlite3.Error as error:
+                log.error("the spool cannot be written: %s", error)
+                stored = [False] * len(batch)
+            for ok, (_, waiter) in zip(stored, batch, strict=True):
+                if not waiter.done():
+                    waiter.set_result(None) if ok else waiter.set_exception(SpoolFull())
+
+    def _put_many(self, rows: list[tuple[float, bytes, bytes]]) -> list[bool]:
+        """One transaction: each row that fits under the bound is added."""
         db = self._connect()
-        size = len(body) + len(meta)
+        stored = []
         db.execute("BEGIN IMMEDIATE")
         try:
             (used,) = db.execute("SELECT bytes FROM usage").fetchone()
-            if used + size > self.max_bytes:
-                raise SpoolFull()
-            db.execute(
-                "INSERT INTO deliveries (received_at, body, meta, checksum, size) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (received_at, body, meta, checksum(body, meta), size),
-            )
-            db.execute("UPDATE usage SET bytes = bytes + ?", (size,))
+            for received_at, body, meta in rows:
+                size = len(body) + len(meta)
+                stored.append(used + size <= self.max_bytes)
+                if stored[-1]:
+                    used += size
+                    db.execute(
+                        "INSERT INTO deliveries (received_at, body, meta, checksum, size) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (received_at, body, meta, checksum(body, meta), size),
+                    )
+            db.execute("UPDATE usage SET bytes = ?", (used,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return stored
 
     # --- draining ---------------------------------------------------------------------
 

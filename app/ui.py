@@ -293,7 +293,7 @@ async def subscriptions_page(request: Request) -> Response:
         request,
         "subscriptions.html",
         by_status=await api.counts_by(conn, subscriptions, "subscription_status"),
-        expiring=[resources.Subscription.model_validate(r) for r in expiring],
+        expiring=[resources.Subscription.model_validate(r._asdict()) for r in expiring],
         expiring_days=EXPIRING_DAYS,
         subscriptions=result.items,
         next=next_link(request, result.next_cursor),
