@@ -97,11 +97,12 @@ MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT c
 
 
 @lru_cache(maxsize=128)
-def delivery_statement(upserts: tuple[Upsert, ...]) -> str:
-    """The record and every upsert, in one statement: one round trip per delivery."""
+def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...]) -> str:
+    """The record and every upsert (for one row or `many`), in one statement: one round
+    trip per delivery."""
     parts, first = [RECORD], RECORD_PARAMETERS + 1
-    for i, statement in enumerate(upserts):
-        parts.append(f"effect{i} AS ({statement.sql(first, gate='recorded')})")
+    for i, (statement, many) in enumerate(upserts):
+        parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
     return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
 
@@ -127,8 +128,9 @@ def delivery_write(
     ]
     upserts = effects.upserts if effects else []
     for statement, rows in upserts:
-        args += statement.arrays(rows)
-    return delivery_statement(tuple(statement for statement, _ in upserts)), args
+        args += statement.parameters(rows)
+    shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
+    return delivery_statement(shape), args
 
 
 async def store(
@@ -160,7 +162,7 @@ async def apply(conn: asyncpg.Connection, effects: Effects) -> None:
 
 async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -> None:
     """Any number of rows in one round trip."""
-    await conn.execute(statement.sql(), *statement.arrays(rows))
+    await conn.execute(statement.sql(many=len(rows) > 1), *statement.parameters(rows))
 
 
 def order_row(order_id: str, kind: str, owner: Row) -> Row:

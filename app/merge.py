@@ -135,24 +135,31 @@ class Upsert:
         table = Base.metadata.tables[self.table]
         return tuple(table.c[c].type.compile(dialect=DIALECT) for c in self.names)
 
-    def sql(self, first: int = 1, *, gate: str | None = None) -> str:
-        """The statement, its arrays numbered from `$first`; with `gate` (a CTE whose one row
-        says `inserted`), it writes only when that is true: effects of a new event only."""
+    def sql(self, first: int = 1, *, many: bool = True, gate: str | None = None) -> str:
+        """The statement, its parameters numbered from `$first`: one array per column when
+        `many`, else one value per column (cheaper to send). With `gate` (a CTE whose one
+        row says `inserted`), it writes only when that is true: effects of a new event."""
         names = ", ".join(self.names)
-        arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(self.types))
-        source = f"unnest({arrays}) AS given({names})"
-        if gate:
-            source = f"{gate}, {source} WHERE {gate}.inserted"
+        params = [f"${first + i}::{t}{'[]' if many else ''}" for i, t in enumerate(self.types)]
+        if many:
+            source = f"SELECT given.* FROM unnest({', '.join(params)}) AS given({names})"
+            source += f", {gate} WHERE {gate}.inserted" if gate else ""
+        else:
+            source = f"SELECT {', '.join(params)}"
+            source += f" FROM {gate} WHERE {gate}.inserted" if gate else ""
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         return (
-            f"INSERT INTO {self.table} AS old ({names}) SELECT given.* FROM {source} "
+            f"INSERT INTO {self.table} AS old ({names}) {source} "
             f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {', '.join(sets)}"
         ).replace("new.", "EXCLUDED.")
 
-    def arrays(self, rows: list[dict[str, Any]]) -> list[list[Any]]:
-        """The rows as one list per column: one row per key (the last given), sorted by key,
-        so concurrent upserts of the same rows lock them in one order."""
+    def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """The rows as parameters: one row's values, or one list per column for several
+        (one row per key, the last given, sorted by key, so concurrent upserts of the same
+        rows lock them in one order)."""
+        if len(rows) == 1:
+            return [rows[0].get(c) for c in self.names]
         unique = {tuple(row[k] for k in self.key): row for row in rows}
         ordered = [unique[k] for k in sorted(unique)]
         return [[row.get(c) for row in ordered] for c in self.names]

@@ -350,7 +350,7 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
     # the keys: the eventId, the subscription's ID (the first effect's first column) and
     # the mailbox's ID (the second effect's first column)
     second = ingest.RECORD_PARAMETERS + len(merge.SUBSCRIPTION_MAILBOX_CREATED.names)
-    keys = {args[0]: "ev", args[ingest.RECORD_PARAMETERS][0]: "sub", args[second][0]: "mbx"}
+    keys = {args[0]: "ev", args[ingest.RECORD_PARAMETERS]: "sub", args[second]: "mbx"}
     rendered = re.sub(r"\$(\d+)", lambda m: f"({literal(args[int(m[1]) - 1], keys)})", sql)
     script = run.out / "pgbench.sql"
     script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")

@@ -117,6 +117,25 @@ async def test_a_full_spool_answers_503_and_keeps_what_it_holds(database_url):
     assert set(await events_by_id(database_url)) == {p["eventId"] for p in small}
 
 
+async def test_a_concurrent_burst_while_away_keeps_exactly_what_was_answered_200(database_url):
+    """Deliveries arriving together are written together; the spool's bound still holds
+    for each: every 200 is applied once the database is back, nothing answered 503 is."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    burst = [streams.sent(t, time.time()) for t in _mailboxes(120)]
+    settings = make_settings(proxy.url, spool_max_bytes=60_000)  # room for about 30
+    async with app_client(settings) as client:
+        await proxy.cut()
+        answers = await asyncio.gather(*(deliver(client, p) for p in burst))
+        await proxy.restore()
+        await wait_until_drained(client)
+    kept = {p["eventId"] for p, a in zip(burst, answers, strict=True) if a.status_code == 200}
+    refused = [a for a in answers if a.status_code == 503]
+    assert len(kept) + len(refused) == len(burst)
+    assert 10 < len(kept) < 100, len(kept)  # the bound was reached mid-burst
+    assert set(await events_by_id(database_url)) == kept
+
+
 async def test_a_torn_spool_row_is_set_aside_and_the_rest_drain(database_url, capsys):
     proxy = Proxy(database_url)
     await proxy.start()
