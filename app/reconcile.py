@@ -89,10 +89,7 @@ class SenderApi:
         await self._client.aclose()
 
     async def _pace(self) -> None:
-        now = time.monotonic()
-        wait = self._next_slot - now
-        # 5% above the minimum spacing, so the sender never counts a sixth in a second
-        self._next_slot = max(now, self._next_slot) + 1.05 / REQUESTS_PER_SECOND
+        wait = self._next_slot - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
 
@@ -117,6 +114,10 @@ class SenderApi:
             response = await self._client.get(path, params=params)
         except httpx.TransportError as error:
             raise Retryable(type(error).__name__) from None
+        finally:
+            # The next request starts a fifth of a second (and 5%) after this one ended: a
+            # slow first connection cannot bunch the next ones into the sender's second.
+            self._next_slot = time.monotonic() + 1.05 / REQUESTS_PER_SECOND
         if response.status_code in (401, 403):
             raise ReconcileError(
                 f"the sender refused CMR_API_KEY ({response.status_code}): check the key"

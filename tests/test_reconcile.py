@@ -124,7 +124,10 @@ async def test_at_most_5_requests_a_second(database_url):
     assert result.returncode == 1  # all twelve unknown to us
     times = [t for t, _ in fake.requests]
     assert len(times) == 12
-    assert all(times[i + 5] - times[i] >= 0.99 for i in range(len(times) - 5))
+    assert all(times[i + 5] - times[i] >= 0.99 for i in range(len(times) - 5)), (
+        times,
+        result.stderr[-2000:],
+    )
 
 
 async def test_a_reconcile_during_deliveries_ends_as_in_either_order(server_url, template_name):
