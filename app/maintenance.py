@@ -183,7 +183,7 @@ async def _replay_event(
         return
     changes = effects(model, vault=vault, at=row.event_time, event_id=row.event_id)
     async with raw_connection(engine) as conn, conn.transaction():
-        await apply(conn, changes)
+        await apply(conn, changes, vault)
         await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
 
 

@@ -29,7 +29,8 @@ how the stored value and the event's value combine:
 A version is an event's time, then its eventId (see ingest.version): the time is the signed
 `cmr-x-timestamp` when the signature was valid, else the first receipt.
 A delivery is written by one statement: the event's record, and each upsert below for all
-its rows, applied only when the record is new (app/ingest.py). Derived values (an order's
+its rows, applied only when the record is new (app/ingest.py); a prewarmup order's mailbox
+snapshots follow in a few parts, in the same transaction. Derived values (an order's
 status, a subscription's quantity and first order) are then recomputed from their parts by
 the plain statement at the end of this module, in the same transaction.
 """

@@ -240,15 +240,34 @@ async def test_concurrent_deliveries_for_one_order_combine(client, db):
 # --- size and secrecy -------------------------------------------------------------------
 
 
-async def test_a_600_mailbox_prewarmup_order_is_stored_in_one_delivery(client, db):
+async def test_a_600_mailbox_prewarmup_order_stores_each_mailbox_with_its_own_credentials(
+    client, db
+):
     payload = factories.prewarmup_success(domains=60, per_domain=10)
+    first = payload["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"]
+    first.append(first[0] | {"password": "canary-pw-given-again"})  # listed twice: last wins
     started = time.perf_counter()
     response = await deliver(client, payload)
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
-    assert await db.fetchval("select count(*) from mailboxes") == 600
     assert await db.fetchval("select count(*) from subscriptions") == 60
     assert await db.fetchval("select count(*) from order_domains where status='succeeded'") == 60
+    sent = {
+        box["mailboxId"]: (box["password"], box["appPassword"], box["authenticatorSecret"])
+        for group in payload["data"]["mailboxDetails"]
+        for box in group["preWarmedUpMailboxes"]
+    }
+    fernet = Fernet(FERNET_KEY)
+    stored = {
+        row["mailbox_id"]: tuple(fernet.decrypt(token).decode() for token in row[1:])
+        for row in await db.fetch(
+            "select mailbox_id, password_encrypted, app_password_encrypted,"
+            " authenticator_secret_encrypted from mailboxes"
+        )
+    }
+    assert len(stored) == 600
+    assert stored == sent
+    assert stored[first[0]["mailboxId"]][0] == "canary-pw-given-again"
     print(f"\n600-mailbox prewarmup delivery: {elapsed * 1000:.0f} ms end to end")
 
 

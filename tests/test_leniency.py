@@ -125,3 +125,27 @@ async def test_a_failure_a_retry_will_not_cure_is_kept_then_answered_500(client,
     await db.execute("drop trigger refuse on mailboxes")
     assert (await deliver(client, payload)).json()["status"] == "processed"
     assert await db.fetchval("select email from mailboxes") == "doomed@x.com"
+
+
+async def test_a_large_order_failing_at_its_last_mailbox_leaves_nothing_half_written(client, db):
+    payload = factories.prewarmup_success(domains=40, per_domain=10)
+    last = max(
+        box["mailboxId"]
+        for group in payload["data"]["mailboxDetails"]
+        for box in group["preWarmedUpMailboxes"]
+    )
+    await db.execute(
+        f"""
+        create function refuse_box() returns trigger language plpgsql as $$
+        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
+        create trigger refuse before insert on mailboxes
+        for each row when (new.mailbox_id = '{last}') execute function refuse_box();
+        """
+    )
+    response = await deliver(client, payload)
+    assert response.status_code == 500
+    for table in ("events", "orders", "subscriptions", "mailboxes"):
+        assert await db.fetchval(f"select count(*) from {table}") == 0, table
+    await db.execute("drop trigger refuse on mailboxes")
+    assert (await deliver(client, payload)).json()["status"] == "processed"
+    assert await db.fetchval("select count(*) from mailboxes") == 400
