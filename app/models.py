@@ -254,7 +254,10 @@ class OrderDomain(TimestampMixin, Base):
     domain later (or earlier) succeeded: success wins, the failure stays on record."""
 
     __tablename__ = "order_domains"
-    __table_args__ = (UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),)
+    __table_args__ = (
+        UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),
+        Index("ix_order_domains_subscription_id", "subscription_id"),  # merge.DERIVE_ORDER
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     order_id: Mapped[str] = mapped_column(Text, ForeignKey("orders.order_id"))

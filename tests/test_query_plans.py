@@ -6,6 +6,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.api import apply_filters, mailbox_select, mailboxes
+from app.merge import DERIVE_ORDER
 
 FILL = """
 INSERT INTO subscriptions (subscription_id, domain, source, status)
@@ -42,3 +43,32 @@ async def test_filtered_page_of_500_does_not_scan_the_table(database_url, filter
     print(f"\n{filters}:\n{plan}")
     assert "Seq Scan on mailboxes" not in plan
     assert "Index" in plan
+
+
+ORDERS = """
+INSERT INTO orders (order_id, kind, status)
+SELECT 'ord' || o, 'mailbox', 'succeeded' FROM generate_series(0, 99999) o;
+INSERT INTO order_domains (order_id, domain, status, subscription_id, quantity)
+SELECT 'ord' || o, 'd' || o || '.com', 'succeeded', 'sub' || o, 1
+FROM generate_series(0, 99999) o;
+ANALYZE;
+"""
+
+
+async def test_an_order_delivery_with_100000_order_domains_stored_reads_only_its_own(
+    database_url,
+):
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        for statement in filter(str.strip, ORDERS.split(";")):
+            await conn.execute(text(statement))
+        raw = await conn.get_raw_connection()
+        plan = "\n".join(
+            row[0]
+            for row in await raw.driver_connection.fetch(
+                "EXPLAIN " + DERIVE_ORDER, "ord7", ["sub7", "sub8"]
+            )
+        )
+    await engine.dispose()
+    print(f"\n{plan}")
+    assert "Seq Scan on order_domains" not in plan
