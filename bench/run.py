@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -539,6 +540,10 @@ def main() -> int:
     parser.add_argument("--memory-events", type=int, default=100_000)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
     args = parser.parse_args()
+    missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
+    if missing:
+        print(f"FAILED: {' and '.join(missing)} not found (Debian: wrk, postgresql-client)")
+        return 1
     out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.seconds)
