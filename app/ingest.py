@@ -68,7 +68,7 @@ class Recorded:
 @dataclass
 class Effects:
     """What one event does: rows for upserts (each table once), mailbox snapshots whose
-    credentials are still to be encrypted (merge.MAILBOX_SNAPSHOT, written after the
+    credentials are still to be encrypted (merge.PREWARMED_SNAPSHOT, written after the
     upserts), then, for an order, its derived values recomputed (merge.DERIVE_ORDER)."""
 
     upserts: list[tuple[Upsert, list[Row]]] = field(default_factory=list)
@@ -166,7 +166,7 @@ async def apply(conn: asyncpg.Connection, effects: Effects, vault: Vault) -> Non
     for statement, rows in effects.upserts:
         await upsert(conn, statement, rows)
     for part in parts(effects.mailboxes):
-        await upsert(conn, merge.MAILBOX_SNAPSHOT, sealed(vault, part))
+        await upsert(conn, merge.PREWARMED_SNAPSHOT, sealed(vault, part))
     if effects.order_id is not None:
         await conn.execute(merge.DERIVE_ORDER, effects.order_id, effects.subscriptions)
 
@@ -193,7 +193,7 @@ async def write_with_mailboxes(
             await pending
             if not recording.result()["inserted"]:
                 break
-            pending = asyncio.ensure_future(upsert(conn, merge.MAILBOX_SNAPSHOT, rows))
+            pending = asyncio.ensure_future(upsert(conn, merge.PREWARMED_SNAPSHOT, rows))
         await pending
     except BaseException:
         await asyncio.gather(pending, return_exceptions=True)  # the connection is free again

@@ -217,35 +217,42 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
 CREDENTIALS = ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
 # A mailbox erased by `erase` (app/privacy.py) keeps these empty, whatever arrives later.
 ERASABLE = ("email", "first_name", "last_name", "user_name", "profile_picture", *CREDENTIALS)
-# mailbox.created and prewarmup.order.success: a full snapshot of each mailbox.
-MAILBOX_SNAPSHOT = Upsert(
-    "mailboxes",
-    ("mailbox_id",),
-    {"mailbox_id": None}
-    | {
-        c: P.SNAPSHOT
-        for c in (
-            "subscription_id",
-            "domain",
-            "email",
-            "first_name",
-            "last_name",
-            "user_name",
-            "profile_picture",
-            "is_admin",
-            "provider",
-            "source",
-            "user_id",
-            "user_email",
-            "order_id",
-            "creation_time",
-            "warming_up_from",
-            "expiry_date",
-            "price",
-            "final_url",
-            *CREDENTIALS,
-        )
-    },
+SNAPSHOT_FIELDS = (
+    "subscription_id",
+    "domain",
+    "email",
+    "first_name",
+    "last_name",
+    "user_name",
+    "profile_picture",
+    "is_admin",
+    "provider",
+    "source",
+    "user_id",
+    "user_email",
+    "order_id",
+    "creation_time",
+    "warming_up_from",
+    "expiry_date",
+    "price",
+    "final_url",
+    *CREDENTIALS,
+)
+
+
+def mailbox_snapshot(columns: tuple[str, ...]) -> Upsert:
+    return Upsert(
+        "mailboxes", ("mailbox_id",), {"mailbox_id": None} | {c: P.SNAPSHOT for c in columns}
+    )
+
+
+# mailbox.created: a full snapshot of the mailbox.
+MAILBOX_SNAPSHOT = mailbox_snapshot(SNAPSHOT_FIELDS)
+# prewarmup.order.success: the same, of the fields a prewarmed mailbox has.
+PREWARMED_SNAPSHOT = mailbox_snapshot(
+    tuple(
+        c for c in SNAPSHOT_FIELDS if c not in ("user_name", "creation_time", "price", "final_url")
+    )
 )
 EDITABLE = ("first_name", "last_name", "user_name", "profile_picture")
 
