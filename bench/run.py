@@ -82,13 +82,19 @@ async def admin(sql: str) -> None:
         await conn.close()
 
 
-def scratch_database(name: str, *, migrated: bool = False) -> str:
+@contextmanager
+def scratch_database(name: str, *, migrated: bool = False) -> Iterator[str]:
+    """A new database for one row, dropped after it: what a row leaves behind (and
+    autovacuum's work on it) must not weigh on the rows after."""
     asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     asyncio.run(admin(f"CREATE DATABASE {name}"))
     url = SERVER.rsplit("/", 1)[0] + "/" + name
-    if migrated:
-        subprocess.run([*CLI, "migrate"], env=service_env(url), check=True, cwd=ROOT)
-    return url
+    try:
+        if migrated:
+            subprocess.run([*CLI, "migrate"], env=service_env(url), check=True, cwd=ROOT)
+        yield url
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def rss_mb(pid: int) -> float:
@@ -244,10 +250,12 @@ async def count_events(url: str) -> int:
 
 def bench_service(run: Run, workers: int, events: int) -> None:
     port = free_port()
-    url = scratch_database(f"cmw_bench_service_{workers}")
     command = [*CLI, "serve", "--port", str(port), "--workers", str(workers)]
     log = run.out / f"service-{workers}.log"
-    with server(command, service_env(url), port, "/readyz", log):
+    with (
+        scratch_database(f"cmw_bench_service_{workers}") as url,
+        server(command, service_env(url), port, "/readyz", log),
+    ):
         simulate(run, port, 500)  # warm-up
         report, failures = simulate(run, port, events)
         figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
@@ -315,12 +323,12 @@ async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[
 
 
 def bench_db_ceiling(run: Run) -> tuple[str, list[Any]]:
-    url = scratch_database("cmw_bench_db", migrated=True)
     writes = service_writes(2000 * run.seconds)
-    try:
-        figures, failures = asyncio.run(db_ceiling_run(url, writes)), []
-    except (AssertionError, asyncpg.PostgresError) as error:
-        figures, failures = {}, [repr(error)]
+    with scratch_database("cmw_bench_db", migrated=True) as url:
+        try:
+            figures, failures = asyncio.run(db_ceiling_run(url, writes)), []
+        except (AssertionError, asyncpg.PostgresError) as error:
+            figures, failures = {}, [repr(error)]
     run.add("DB ceiling: the service's statement, asyncpg", figures, failures)
     return writes[0]
 
@@ -356,14 +364,14 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
     rendered = re.sub(r"\$(\d+)", lambda m: f"({literal(args[int(m[1]) - 1], keys)})", sql)
     script = run.out / "pgbench.sql"
     script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")
-    url = scratch_database("cmw_bench_pgbench", migrated=True)
-    done = subprocess.run(
-        ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
-        + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
-        capture_output=True,
-        text=True,
-        cwd=run.out,
-    )
+    with scratch_database("cmw_bench_pgbench", migrated=True) as url:
+        done = subprocess.run(
+            ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
+            + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
+            capture_output=True,
+            text=True,
+            cwd=run.out,
+        )
     (run.out / "pgbench.txt").write_text(done.stdout + done.stderr)
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
     failures = [] if done.returncode == 0 else [done.stderr.strip()[-300:]]
@@ -406,11 +414,12 @@ def bench_spooling(run: Run) -> None:
 
 def bench_prewarmup_page_memory(run: Run, memory_events: int) -> None:
     port = free_port()
-    url = scratch_database("cmw_bench_api")
     log = run.out / "api.log"
-    with server(
-        [*CLI, "serve", "--port", str(port)], service_env(url), port, "/readyz", log
-    ) as proc:
+    command = [*CLI, "serve", "--port", str(port)]
+    with (
+        scratch_database("cmw_bench_api") as url,
+        server(command, service_env(url), port, "/readyz", log) as proc,
+    ):
         prewarmup(run, port)
         asyncio.run(fill_mailboxes(url, 100_000 - 1000 * PREWARMUPS))
         mailbox_page(run, port)

@@ -64,13 +64,14 @@ async def _admin(server: str, sql: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def template_name(server_url: str) -> str:
+def template_name(server_url: str) -> Iterator[str]:
     name = f"cmw_template_{os.getpid()}"
     asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     asyncio.run(_admin(server_url, f"CREATE DATABASE {name}"))
     with ThreadPoolExecutor(1) as pool:  # Alembic's env.py runs its own event loop
         pool.submit(upgrade, with_database(server_url, name)).result()
-    return name
+    yield name
+    asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @asynccontextmanager

@@ -62,13 +62,10 @@ async def test_an_order_delivery_with_100000_order_domains_stored_reads_only_its
     async with engine.begin() as conn:
         for statement in filter(str.strip, ORDERS.split(";")):
             await conn.execute(text(statement))
-        raw = await conn.get_raw_connection()
-        plan = "\n".join(
-            row[0]
-            for row in await raw.driver_connection.fetch(
-                "EXPLAIN " + DERIVE_ORDER, "ord7", ["sub7", "sub8"]
-            )
-        )
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        rows = await driver.fetch("EXPLAIN " + DERIVE_ORDER, "ord7", ["sub7", "sub8"])
+        plan = "\n".join(row[0] for row in rows)
     await engine.dispose()
     print(f"\n{plan}")
     assert "Seq Scan on order_domains" not in plan
