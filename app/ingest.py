@@ -19,8 +19,8 @@ Row = dict[str, Any]
 Mailbox = tuple[Row, schemas.Credentials]  # a snapshot row, and the credentials to encrypt
 
 # A bulk delivery's mailboxes (a prewarmup order's thousand) are written in up to PARTS
-# statements of at least MIN_PART rows, each part's credentials encrypted while the
-# database runs the statement before it (see write_with_mailboxes).
+# statements (MIN_PART rows or more each, but the last), each part's credentials encrypted
+# while the database runs the statement before it (see write_with_mailboxes).
 PARTS, MIN_PART = 4, 100
 
 
