@@ -92,7 +92,17 @@ STOPSIGNAL SIGINT
 ENTRYPOINT ["docker-entrypoint.sh"]
 EOF
 docker build -q --network host -t postgres:16 "$W/pg" >/dev/null
-echo "python:3.11-slim = Debian bookworm + python3 $(chroot "$R" python3 -V | cut -d' ' -f2); postgres:16 = that + postgresql-15"
+# caddy:2 (compose's TLS proxy): Debian's caddy package, laid out like the official image
+mkdir -p "$W/caddy"
+cat >"$W/caddy/Dockerfile" <<'EOF'
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends caddy \
+ && rm -rf /var/lib/apt/lists/* && mkdir -p /data /config /etc/caddy
+ENV XDG_CONFIG_HOME=/config XDG_DATA_HOME=/data
+CMD ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+EOF
+docker build -q --network host -t caddy:2 "$W/caddy" >/dev/null
+echo "python:3.11-slim = Debian bookworm + python3 $(chroot "$R" python3 -V | cut -d' ' -f2); postgres:16 = that + postgresql-15; caddy:2 = that + Debian's caddy"
 
 say "docker build . (the Dockerfile unchanged, from the checkout's files)"
 mkdir -p "$W/src"
@@ -123,7 +133,7 @@ fi
 
 say "docker run against the PostgreSQL at 127.0.0.1:5432"
 FK=$(docker run --rm --network none coldmail-webhooks:check generate-key)
-WT="wh$(rand)" OT="ops$(rand)"
+WT="wh$(rand)" OT="ops$(rand)" CT="cred$(rand)" TLS_PORT=18443
 createdb -h 127.0.0.1 -U postgres cmw_container
 URL="postgresql://postgres@127.0.0.1:5432/cmw_container"
 out=$(docker run --rm --network host -e DATABASE_URL="$URL" coldmail-webhooks:check migrate 2>&1) &&
@@ -166,7 +176,9 @@ EOF
 compose_up() { # project, POSTGRES_PASSWORD, APP_DB_PASSWORD, init seconds
   sed -e "s|^POSTGRES_PASSWORD=.*|POSTGRES_PASSWORD=$2|" -e "s|^APP_DB_PASSWORD=.*|APP_DB_PASSWORD=$3|" \
     -e "s|^FERNET_KEYS=.*|FERNET_KEYS=$FK|" -e "s|^WEBHOOK_TOKENS=.*|WEBHOOK_TOKENS=$WT|" \
-    -e "s|^OPS_API_TOKENS=.*|OPS_API_TOKENS=$OT|" "$W/src/.env.example" >"$W/$1.env"
+    -e "s|^OPS_API_TOKENS=.*|OPS_API_TOKENS=$OT|" -e "s|^CREDENTIALS_API_TOKENS=.*|CREDENTIALS_API_TOKENS=$CT|" \
+    -e "s|^HTTPS_PORT=.*|HTTPS_PORT=$TLS_PORT|" -e "s|^HTTP_PORT=.*|HTTP_PORT=$((TLS_PORT + 1))|" \
+    "$W/src/.env.example" >"$W/$1.env"
   printf 'services:\n  db:\n    environment:\n      STANDIN_INIT_SECONDS: "%s"\n' "$4" >"$W/init.yml"
   local t0; t0=$(date +%s)
   docker compose -p "$1" --env-file "$W/$1.env" -f "$W/src/docker-compose.yml" -f "$W/build-net.yml" \
@@ -192,6 +204,28 @@ role=$(dcp cmwa exec -T db psql -U postgres -d coldmail -Atc \
 [[ "$role" == coldmail\ superuser=f* ]] && pass "app's role" "$role" || fail "app's role" "${role:-none}"
 for _ in $(seq 90); do health=$(docker inspect -f '{{.State.Health.Status}}' "$app"); [ "$health" = starting ] || break; sleep 1; done
 [ "$health" = healthy ] && pass "compose health" "$health" || fail "compose health" "$health"
+# The TLS proxy: Caddy's local CA for `localhost` (its root is in the proxy's data volume)
+tls() { curl -s --cacert "$W/caddy-root.crt" --resolve "localhost:$TLS_PORT:127.0.0.1" "$@"; }
+for _ in $(seq 60); do
+  dcp cmwa cp proxy:/data/caddy/pki/authorities/local/root.crt "$W/caddy-root.crt" >/dev/null 2>&1 &&
+    [ "$(tls -o /dev/null -w '%{http_code}' "https://localhost:$TLS_PORT/healthz")" = 200 ] && break
+  sleep 1
+done
+TLS_SAMPLE="${SAMPLE/E1/E2-tls}"
+out=$(tls -H 'Content-Type: application/json' --data "$TLS_SAMPLE" "https://localhost:$TLS_PORT/webhooks/cmr?token=$WT")
+printf '%s' "$out" | grep -q '"processed"' && pass "delivery over TLS (Caddy)" "$out" || fail "delivery over TLS (Caddy)" "$out"
+hsts=$(tls -o /dev/null -D - "https://localhost:$TLS_PORT/healthz" | grep -i '^strict-transport-security' | tr -d '\r')
+[ -n "$hsts" ] && pass "HSTS through the proxy" "$hsts" || fail "HSTS through the proxy" "none"
+# credentials: over the proxy's HTTPS, never over plain HTTP from outside the container
+code=$(tls -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $CT" "https://localhost:$TLS_PORT/api/v1/mailboxes/none/credentials")
+plain=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $CT" "http://127.0.0.1:$PORT/api/v1/mailboxes/none/credentials")
+[ "$code" = 404 ] && [ "$plain" = 403 ] && pass "credentials only over HTTPS" "https 404 (no such mailbox), plain http 403" ||
+  fail "credentials only over HTTPS" "https $code, plain http $plain"
+t0=$(date +%s%N)
+timeout 60 openssl s_client -quiet -connect "127.0.0.1:$TLS_PORT" -servername localhost \
+  < <(printf 'POST /webhooks/cmr HTTP/1.1\r\nHost: localhost\r\n'; sleep 45) >/dev/null 2>&1 || true
+secs=$(( ($(date +%s%N) - t0) / 1000000000 ))
+[ "$secs" -lt 40 ] && pass "the proxy drops a slow client" "after $secs s" || fail "the proxy drops a slow client" "held $secs s"
 dcp cmwa down -v >/dev/null 2>&1
 
 say "summary"

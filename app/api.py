@@ -24,34 +24,26 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from app import resources
-from app.crypto import Vault, fingerprint, token_matches
+from app.crypto import Vault, token_matches
+from app.edge import require_https
 from app.errors import ApiError, NotFound
 from app.merge import DOMAIN_RANKS
 from app.models import (
-    CredentialRead,
-    Domain,
-    Event,
-    Mailbox,
-    Order,
-    OrderDomain,
-    Reconciliation,
-    RejectedDelivery,
+    credential_reads,
+    domains,
+    events,
+    mailboxes,
+    order_domains,
+    orders,
+    reconciliations,
+    rejected,
+    subscriptions,
 )
-from app.models import Subscription as SubscriptionRow
 from app.schemas import HANDLED_EVENTS, assume_utc
 
 bearer = HTTPBearer(
     auto_error=False, description="A token from OPS_API_TOKENS or CREDENTIALS_API_TOKENS"
 )
-subscriptions: Table = SubscriptionRow.__table__  # type: ignore[assignment]
-mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
-orders: Table = Order.__table__  # type: ignore[assignment]
-order_domains: Table = OrderDomain.__table__  # type: ignore[assignment]
-events: Table = Event.__table__  # type: ignore[assignment]
-domains: Table = Domain.__table__  # type: ignore[assignment]
-reconciliations: Table = Reconciliation.__table__  # type: ignore[assignment]
-rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
-credential_reads: Table = CredentialRead.__table__  # type: ignore[assignment]
 
 
 def iso_only(value: object) -> object:
@@ -362,7 +354,8 @@ async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resou
 
 @router.get(
     "/mailboxes/{mailbox_id}/credentials",
-    summary="Decrypted credentials (CREDENTIALS_API_TOKENS only; every read is audited)",
+    summary="Decrypted credentials (CREDENTIALS_API_TOKENS only, over HTTPS; every read is "
+    "audited)",
     responses=resources.errors(403, 404),
 )
 async def get_credentials(
@@ -372,6 +365,7 @@ async def get_credentials(
     mailbox_id: Annotated[Ident, Path()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> resources.Credentials:
+    require_https(request.scope)
     columns = [
         mailboxes.c.password_encrypted,
         mailboxes.c.app_password_encrypted,
@@ -384,7 +378,7 @@ async def get_credentials(
     await conn.write(  # committed before any value is decrypted: no read without its audit
         insert(credential_reads).values(
             mailbox_id=mailbox_id,
-            token_fingerprint=fingerprint(token),
+            token_fingerprint=(await request.app.state.hashing.get()).fingerprint(token),
             client_address=request.client.host if request.client else None,
         )
     )
@@ -564,13 +558,17 @@ def replayable_count() -> Any:
     )
 
 
+CONFLICTS = select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery()
+REJECTED = select(func.count()).select_from(rejected).scalar_subquery()
+
+
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
 async def stats(conn: Conn) -> resources.Stats:
     by_provider = await counts_by(conn, mailboxes, "provider")
     scalars = select(
         select(func.count()).select_from(subscriptions).scalar_subquery(),
-        select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery(),
-        select(func.count()).select_from(rejected).scalar_subquery(),
+        CONFLICTS,
+        REJECTED,
         select(func.max(events.c.last_received_at)).scalar_subquery(),
         replayable_count(),
     )

@@ -1,12 +1,17 @@
-"""`coldmail-webhooks`: serve, migrate, generate-key, rotate-keys, replay, simulate, db stop."""
+"""`coldmail-webhooks`: serve, migrate, generate-key, rotate-keys, replay, reconcile, erase,
+simulate, db stop."""
 
 import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from app import local
@@ -45,16 +50,22 @@ def resolve(settings: Settings) -> tuple[Settings, bool]:
     return resolved, True
 
 
-def database_settings() -> tuple[Settings, bool]:
-    """For commands that need only the database: DATABASE_URL, or else local mode's. The
-    flag says whether this command started the embedded database, and so must stop it: a
-    `serve` already running on it keeps it."""
+@contextmanager
+def database_settings() -> Iterator[Settings]:
+    """For commands that need only the database: DATABASE_URL, or else local mode's
+    embedded database, stopped afterwards if this command started it (a `serve` already
+    running on it keeps it)."""
     settings = load_settings()
     if settings.database_url:
-        return settings, False
+        yield settings
+        return
     running = local.is_running(settings.data_dir)
     resolved, _ = resolve(settings)
-    return resolved, not running
+    try:
+        yield resolved
+    finally:
+        if not running:
+            local.stop_database(resolved.data_dir)
 
 
 def fernet_keys(settings: Settings) -> list[str]:
@@ -85,6 +96,7 @@ def announce_local_mode(settings: Settings, host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.edge import GuardedHttp
     from app.migrations import upgrade
     from app.startup import (
         check_spool_writable,
@@ -92,7 +104,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_for_database,
     )
 
-    settings, is_local = resolve(load_settings())
+    check_port_free(args.host, args.port)
+    loaded = load_settings()
+    if not loaded.database_url and (pid := local.serving_pid(loaded.data_dir)):
+        raise ConfigError(
+            f"a serve (pid {pid}) already runs on {loaded.data_dir.resolve()}: use it, or stop "
+            "it first (another DATA_DIR gives another local service)"
+        )
+    settings, is_local = resolve(loaded)
+    if is_local:
+        local.claim(settings.data_dir)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     # uvicorn re-raises SIGTERM once it has shut down; exit normally then, so that the
     # finally below stops the embedded database instead of the signal killing us first.
@@ -118,22 +139,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
             forwarded_allow_ips=settings.forwarded_allow_ips,
             timeout_graceful_shutdown=30,
+            # deadlines on headers and body (REQUEST_TIMEOUT_SECONDS): app/edge.py
+            http=GuardedHttp,
         )
     finally:
         if is_local:
             local.stop_database(settings.data_dir)
+            local.release(settings.data_dir)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before anything starts: a second serve must not touch the first one's database."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise ConfigError(
+                f"{host}:{port} is already in use (another coldmail-webhooks serve?): "
+                "stop it, or choose --port"
+            ) from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from app.migrations import upgrade
 
-    settings, is_local = database_settings()
-    try:
+    with database_settings() as settings:
         upgrade(settings.database_url or "", args.revision)
-    finally:
-        if is_local:
-            local.stop_database(settings.data_dir)
     print(f"database upgraded to {args.revision}")
     return 0
 
@@ -155,15 +188,11 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from app.maintenance import rotate_keys, rotate_spool
     from app.spool import SPOOL_FILE, Spool
 
-    settings, is_local = database_settings()
-    keys = fernet_keys(settings)
-    try:
+    with database_settings() as settings:
+        keys = fernet_keys(settings)
         counts = asyncio.run(
             _with_engine(settings, lambda e: rotate_keys(e, keys, batch=args.batch))
         )
-    finally:
-        if is_local:
-            local.stop_database(settings.data_dir)
     for column, count in counts.items():
         print(f"{column:45} re-encrypted {count.rotated:8}   already current {count.current:8}")
     if (settings.spool_path / SPOOL_FILE).exists():
@@ -189,15 +218,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     if not (args.event or args.rejected or args.since or args.until or args.all):
         raise ConfigError("say what to replay: --event, --rejected, --since/--until or --all")
-    settings, is_local = database_settings()
-    vault = Vault(fernet_keys(settings))
-    try:
+    with database_settings() as settings:
+        vault = Vault(fernet_keys(settings))
         events, rejected = asyncio.run(
             _with_engine(settings, lambda e: replay(e, vault, selection, dry_run=args.dry_run))
         )
-    finally:
-        if is_local:
-            local.stop_database(settings.data_dir)
     verb = "would apply" if args.dry_run else "applied"
     print(
         f"events:   {verb} {events.applied}, not handled yet {events.unhandled}, "
@@ -215,22 +240,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     if not load_settings().api_key:
         raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
-    settings, is_local = database_settings()
 
-    async def run(engine: Any) -> Any:
+    async def run(engine: Any, settings: Settings) -> Any:
         api = SenderApi(settings.cmr_api_url, settings.api_key or "")
         try:
             return await reconcile(engine, api, dry_run=args.dry_run)
         finally:
             await api.close()
 
-    try:
-        report = asyncio.run(_with_engine(settings, run))
-    except ReconcileError as error:
-        raise ConfigError(str(error)) from None
-    finally:
-        if is_local:
-            local.stop_database(settings.data_dir)
+    with database_settings() as settings:
+        try:
+            report = asyncio.run(_with_engine(settings, lambda e: run(e, settings)))
+        except ReconcileError as error:
+            raise ConfigError(str(error)) from None
     print_report(report)
     return 1 if report.drift else 0
 
@@ -259,15 +281,11 @@ def print_report(report: Any) -> None:
 def cmd_erase(args: argparse.Namespace) -> int:
     from app.privacy import erase_mailbox
 
-    settings, is_local = database_settings()
-    vault = Vault(fernet_keys(settings))
-    try:
+    with database_settings() as settings:
+        vault = Vault(fernet_keys(settings))
         erased = asyncio.run(
             _with_engine(settings, lambda e: erase_mailbox(e, vault, args.mailbox))
         )
-    finally:
-        if is_local:
-            local.stop_database(settings.data_dir)
     if erased is None:
         raise ConfigError(f"no mailbox {args.mailbox!r}")
     print(
@@ -284,9 +302,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_db_stop(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    stopped = local.stop_database(settings.data_dir)
-    print("embedded database stopped" if stopped else "no embedded database was running")
+    data_dir = args.data_dir or load_settings().data_dir
+    if (pid := local.serving_pid(data_dir)) and not args.force:
+        raise ConfigError(
+            f"a serve (pid {pid}) uses the database under {data_dir.resolve()}: stop that serve "
+            "(it stops its database), or db stop --force"
+        )
+    stopped = local.stop_database(data_dir)
+    where = data_dir.resolve()
+    print(
+        f"embedded database under {where} stopped"
+        if stopped
+        else f"no embedded database runs under {where} (DATA_DIR, or --data-dir, names another)"
+    )
     return 0
 
 
@@ -367,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="the local mode's embedded database")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     stop = db_commands.add_parser("stop", help="stop the embedded database under DATA_DIR")
+    stop.add_argument(
+        "--data-dir", type=Path, help="local mode's folder (default: DATA_DIR, else ./.data)"
+    )
+    stop.add_argument("--force", action="store_true", help="stop it even while a serve is using it")
     stop.set_defaults(func=cmd_db_stop)
     return parser
 
@@ -381,8 +413,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mix", default="standard=70,prewarmup=30", help="share of standard and prewarmup orders"
     )
-    parser.add_argument("--mailboxes-per-domain", type=int, default=3)
-    parser.add_argument("--domains-per-prewarmup", type=int, default=3)
+    parser.add_argument(
+        "--mailboxes-per-domain", type=int, default=3, help="mailboxes in each ordered domain"
+    )
+    parser.add_argument(
+        "--domains-per-prewarmup", type=int, default=3, help="domains in each prewarmup order"
+    )
     parser.add_argument(
         "--failure-rate", type=float, default=0.2, help="share of prewarmup domains reported failed"
     )

@@ -8,7 +8,11 @@ from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.signing import FORMS
+
 URL_PREFIXES = ("postgres://", "postgresql://", "postgresql+asyncpg://")
+SIGNATURE_FORMS = tuple(form.name for form in FORMS)  # in the order of FORMS
+MIN_TOKEN_LENGTH = 16
 
 
 class ConfigError(Exception):
@@ -53,11 +57,20 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=1024**3, ge=1024)
     database_wait_seconds: float = Field(default=60, ge=0)
     forwarded_allow_ips: str = "127.0.0.1"
+    request_timeout_seconds: float = Field(default=15, gt=0, le=600)
+    cmr_signature_forms: str = ",".join(SIGNATURE_FORMS)
+    rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
+    metrics_token: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
     def _normalize_url(cls, value: str | None) -> str | None:
         return normalize_database_url(value) if value else None
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _loopback_when_empty(cls, value: str) -> str:
+        return value.strip() or "127.0.0.1"
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -76,6 +89,25 @@ class Settings(BaseSettings):
                     "(32 url-safe base64 bytes; make one: coldmail-webhooks generate-key)"
                 ) from None
         return value
+
+    @field_validator("cmr_signature_forms")
+    @classmethod
+    def _known_forms(cls, value: str) -> str:
+        forms = [form.strip() for form in value.split(",") if form.strip()]
+        unknown = sorted(set(forms) - set(SIGNATURE_FORMS))
+        if unknown or not forms:
+            given = ", ".join(unknown) or "empty"
+            raise ValueError(f"{given}: accepted forms are " + ", ".join(SIGNATURE_FORMS))
+        return ",".join(forms)
+
+    @property
+    def signature_forms(self) -> frozenset[str]:
+        return frozenset(self.cmr_signature_forms.split(","))
+
+    @property
+    def metrics_token_value(self) -> str | None:
+        token = self.metrics_token.get_secret_value().strip() if self.metrics_token else ""
+        return token or None
 
     @property
     def spool_path(self) -> Path:
@@ -122,6 +154,30 @@ class Settings(BaseSettings):
                 "CMR_SIGNATURE_MODE=report needs WEBHOOK_TOKENS: without a token anyone could "
                 "post deliveries"
             )
+        self.check_tokens()
+
+    def check_tokens(self) -> None:
+        """Tokens an attacker could guess, or one token in two roles (a webhook token that
+        also reads the API), are refused."""
+        roles = {
+            "WEBHOOK_TOKENS": self.webhook_token_list,
+            "OPS_API_TOKENS": self.ops_token_list,
+            "CREDENTIALS_API_TOKENS": self.credentials_token_list,
+            "METRICS_TOKEN": [self.metrics_token_value] if self.metrics_token_value else [],
+        }
+        seen: dict[str, str] = {}
+        for name, tokens in roles.items():
+            for token in tokens:
+                if len(token) < MIN_TOKEN_LENGTH:
+                    raise ConfigError(
+                        f"{name}: every token must be at least {MIN_TOKEN_LENGTH} characters "
+                        "(make one: openssl rand -hex 24)"
+                    )
+                if seen.setdefault(token, name) != name:
+                    raise ConfigError(
+                        f"{name}: a token is also configured in {seen[token]}; "
+                        "give each role its own"
+                    )
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -1,6 +1,5 @@
 """Fernet encryption of stored secrets, token checks and redaction."""
 
-import hashlib
 import hmac
 from collections.abc import Iterable
 from typing import Any
@@ -8,7 +7,18 @@ from typing import Any
 from cryptography.fernet import Fernet, MultiFernet
 
 REDACTED = "[REDACTED]"
-SECRET_FIELDS = frozenset({"password", "appPassword", "authenticatorSecret"})
+# The sender's field names whose values describe (provider-docs/); all else is redacted.
+DESCRIPTIVE = frozenset(
+    {
+        "event", "eventType", "eventId", "data", "message", "description", "reason",
+        "userId", "userEmail", "orderId", "subscriptionId", "mailboxId",
+        "domain", "domainId", "domainName", "workspaceType", "serviceProvider",
+        "email", "firstName", "lastName", "userName", "profilePicture", "isAdmin",
+        "creationTime", "expiryDate", "warmingUpFrom", "price", "quantity", "finalUrl",
+        "status", "subscriptionStatus", "domainStatus", "periodStart", "periodEnd",
+        "autoRenew", "mailboxDetails", "preWarmedUpMailboxes", "failedOrders", "updatedFields",
+    }
+)  # fmt: skip
 
 
 class Vault:
@@ -47,23 +57,12 @@ def token_matches(given: str | None, allowed: Iterable[str]) -> bool:
     return found
 
 
-def fingerprint(token: str) -> str:
-    """A stable, non-reversible name for a token, fit for audit trails and logs."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
-def is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return key in SECRET_FIELDS or "password" in lowered or "secret" in lowered
-
-
 def redact(value: Any) -> Any:
-    """A copy of a JSON value with every credential replaced by "[REDACTED]"."""
+    """A copy of a JSON value in which only the values of fields known to be descriptive
+    are shown: a credential under a name nobody foresaw (`pwd`, `smtpPass`) is hidden too.
+    Keys stay visible; a container under an unknown key is hidden whole."""
     if isinstance(value, dict):
-        return {
-            key: REDACTED if is_secret_key(key) and item is not None else redact(item)
-            for key, item in value.items()
-        }
+        return {k: redact(item) if k in DESCRIPTIVE else REDACTED for k, item in value.items()}
     if isinstance(value, list):
         return [redact(item) for item in value]
     return value

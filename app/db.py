@@ -1,5 +1,8 @@
 """Engine construction. One engine per process, built in the app's lifespan."""
 
+import time
+import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -7,11 +10,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # libpq parameters asyncpg cannot honour. It has no channel binding: TLS (sslmode) still
 # protects the connection, and SCRAM still authenticates it.
 UNSUPPORTED_PARAMETERS = {"channel_binding"}
+# `?prepared_statement_cache_size=0` (SQLAlchemy's name for it) says a pooler in
+# transaction mode (PgBouncer) stands between us and PostgreSQL: a statement prepared in
+# one transaction may not exist on the server connection the next one gets.
+POOLER_PARAMETER = "prepared_statement_cache_size"
+# Per engine: pooled connections opened before this moment (time.monotonic) are thrown away
+# at checkout, because one of their generation was found dead.
+_lost_before: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 
 
 def json_serializer(value: Any) -> str:
@@ -24,30 +36,83 @@ def asyncpg_dsn(url: str) -> str:
     and `sslrootcert`, as managed PostgreSQL services hand them out, keep their meaning
     (through SQLAlchemy's URL they would become unknown keyword arguments)."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in UNSUPPORTED_PARAMETERS]
+    dropped = UNSUPPORTED_PARAMETERS | {POOLER_PARAMETER}
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in dropped]
     return urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query)))
+
+
+def statement_cache_size(url: str) -> int:
+    """asyncpg's prepared-statement cache per connection: 0 behind a transaction pooler."""
+    given = dict(parse_qsl(urlsplit(url).query)).get(POOLER_PARAMETER)
+    return int(given) if given is not None and given.isdigit() else 100
+
+
+def unique_statement_name() -> str:
+    return f"__cmw_{uuid.uuid4().hex}__"
 
 
 def make_engine(
     url: str, *, pool_size: int = 20, statement_timeout_ms: int | None = None
 ) -> AsyncEngine:
-    """No pre-ping (a round trip per delivery): a dropped connection fails its delivery with
-    503, SQLAlchemy then invalidates the pool, and the sender's retry gets a fresh one."""
-    dsn = asyncpg_dsn(url)
-    settings = server_settings(statement_timeout_ms)
+    """No pre-ping (a round trip per delivery): a delivery whose connection was dropped is
+    spooled (app/intake.py), the failed connection is discarded (raw_connection), and the
+    next one is opened fresh."""
+    dsn, cache = asyncpg_dsn(url), statement_cache_size(url)
+    pooled = cache == 0
+    # A pooler refuses statement_timeout at connection start: each transaction sets it.
+    settings = server_settings(None if pooled else statement_timeout_ms)
 
     async def connect() -> Any:
-        return await asyncpg.connect(dsn, timeout=5, server_settings=settings)
+        return await asyncpg.connect(
+            dsn, timeout=5, server_settings=settings, statement_cache_size=cache
+        )
 
-    return create_async_engine(
+    def creator() -> Any:  # SQLAlchemy's own statement cache must follow asyncpg's
+        return engine.sync_engine.dialect.dbapi.connect(  # type: ignore[union-attr]
+            async_creator_fn=connect,
+            prepared_statement_cache_size=cache,
+            prepared_statement_name_func=unique_statement_name if pooled else None,
+        )
+
+    engine = create_async_engine(
         "postgresql+asyncpg://",
-        async_creator=connect,
+        creator=creator,
         # A fixed pool: overflow connections would be opened and closed under every burst.
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=10,
         json_serializer=json_serializer,
         json_deserializer=orjson.loads,
+    )
+    discard_connections_opened_before_a_loss(engine.sync_engine)
+    if pooled and statement_timeout_ms:
+        timeout = f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}"
+        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(timeout))
+    return engine
+
+
+def discard_connections_opened_before_a_loss(engine: Engine) -> None:
+    """When PostgreSQL (or the pooler in front of it) restarts, every pooled connection is
+    dead, not just the one that failed. Without this each of them would fail one statement
+    in turn (the drainer, backing off between tries, would need minutes to get through a
+    pool of 20); with it, the first failure renews the whole pool as it is checked out."""
+
+    @event.listens_for(engine, "connect")
+    def opened(dbapi_connection: Any, record: Any) -> None:
+        record.info["opened"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def still_alive(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if record.info.get("opened", 0.0) < _lost_before.get(engine, 0.0):
+            raise DisconnectionError("opened before PostgreSQL dropped its connections")
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Did this failure come from the connection itself (closed, reset, server shut down,
+    or left mid-protocol by a termination it half noticed)?"""
+    sqlstate = getattr(error, "sqlstate", None)
+    return isinstance(error, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError) or (
+        isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P"))
     )
 
 
@@ -71,6 +136,8 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
         assert raw is not None
         try:
             yield raw
-        except BaseException:
+        except BaseException as error:
+            if lost_connection(error):
+                _lost_before[engine.sync_engine] = time.monotonic()
             await conn.invalidate()
             raise

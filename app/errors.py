@@ -11,7 +11,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_SECONDS = 5
-# Everything that means "the database could not do this now": answered 503, never 500.
+# A read the database did not answer (unreachable, timed out) or refused (an error of its
+# own): 503 with Retry-After, never a 500 with a traceback. Deliveries do not get here:
+# app/intake.py spools them or keeps them as rejected.
 DATABASE_ERRORS = (
     SQLAlchemyError,
     asyncpg.PostgresError,

@@ -1,7 +1,6 @@
 """Recording deliveries and applying events, by the rules declared in app/merge.py."""
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
@@ -12,6 +11,7 @@ import orjson
 
 from app import merge, schemas
 from app.crypto import Vault, redact
+from app.hashing import Hasher
 from app.merge import Upsert
 from app.signing import SignatureCheck
 
@@ -39,10 +39,14 @@ class Delivery:
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     warnings: list[str] = field(default_factory=list)
     spooled: bool = False
+    # None only while the database is away (no hashing key yet): such a delivery is spooled
+    hasher: Hasher | None = None
 
     @property
-    def event_id(self) -> str:
-        return str(self.envelope["eventId"])
+    def event_id(self) -> str | None:
+        """None for a delivery without eventId received while the key was out of reach."""
+        event_id = self.envelope["eventId"]
+        return None if event_id is None else str(event_id)
 
     @property
     def event(self) -> str:
@@ -50,7 +54,8 @@ class Delivery:
 
     @cached_property
     def content_hash(self) -> bytes:
-        return hashlib.sha256(schemas.canonical(self.envelope)).digest()
+        assert self.hasher is not None, "recorded without the hashing key"
+        return self.hasher.digest(schemas.canonical(self.envelope))
 
     @property
     def event_time(self) -> datetime:

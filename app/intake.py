@@ -19,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.crypto import Vault
+from app.hashing import Hasher, HashingKey
 from app.ingest import Delivery
 from app.processing import Outcome, Rejection, is_transient, process_delivery, store_rejected
-from app.schemas import HANDLED_EVENTS, HandledEvent, parse_envelope, parse_handled
+from app.schemas import HandledEvent, parse_envelope, parse_handled
 from app.signing import SignatureCheck
 from app.spool import Entry, Spool, SpoolFull
 
@@ -43,17 +44,30 @@ class Intake:
     engine: AsyncEngine
     vault: Vault
     spool: Spool
+    hashing: HashingKey
+    rejected_max_bytes: int
     database_down_until: float = 0.0
     spooling: bool = False
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     # --- live deliveries ------------------------------------------------------------------
 
+    async def hasher(self) -> Hasher | None:
+        """The hashing key, or None while the database (which keeps it) cannot be reached."""
+        if self.hashing.hasher is None and time.monotonic() >= self.database_down_until:
+            try:
+                await self.hashing.get()
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                self._database_failed(error)
+        return self.hashing.hasher
+
     async def accept(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         """Commit the delivery, or spool it while the database cannot be reached.
 
         Raises ApplyFailed (kept as rejected: answer 500) or SpoolFull (answer 503)."""
-        if time.monotonic() >= self.database_down_until:
+        if delivery.hasher is not None and time.monotonic() >= self.database_down_until:
             try:
                 return await self.process_or_reject(delivery, model)
             except Exception as error:
@@ -71,19 +85,22 @@ class Intake:
                 raise
             kind = getattr(error, "sqlstate", None) or type(error).__name__
             log.error("applying failed (%s); kept as rejected", kind, extra=_ids(delivery))
-            await store_rejected(self.engine, self.vault, apply_failed(delivery, kind))
+            await self.store_rejected(apply_failed(delivery, kind))
             raise ApplyFailed() from None
 
     async def keep_rejected(self, rejection: Rejection) -> None:
         """Store a refused delivery; spooled while the database cannot be reached."""
         try:
-            await store_rejected(self.engine, self.vault, rejection)
+            await self.store_rejected(rejection)
         except Exception as error:
             if not is_transient(error):
                 raise
             self._database_failed(error)
             received = rejection.received_at or datetime.now(UTC)
             await self._spool(rejection.raw, rejected_meta(rejection), received)
+
+    async def store_rejected(self, rejection: Rejection) -> None:
+        await store_rejected(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
 
     def _database_failed(self, error: Exception) -> None:
         log.warning("database unreachable: %s", type(error).__name__)
@@ -155,7 +172,7 @@ class Intake:
                 meta.get("eventId"),
                 received,
             )
-            await store_rejected(self.engine, self.vault, rejection)
+            await self.store_rejected(rejection)
         else:
             await self._apply_spooled(raw, signature, received, meta.get("warnings", []))
         await self.spool.delete(entry.id)
@@ -163,12 +180,13 @@ class Intake:
     async def _apply_spooled(
         self, raw: bytes, signature: SignatureCheck, received: datetime, warnings: list[str]
     ) -> None:
-        envelope = parse_envelope(raw)
+        hasher = await self.hashing.get()
+        envelope = parse_envelope(raw, hasher)
         try:
-            model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
+            model = parse_handled(envelope, [])
         except ValidationError:  # valid when spooled: only a change of schema gets here
             model = None
-        delivery = Delivery(envelope, raw, signature, received, warnings, spooled=True)
+        delivery = Delivery(envelope, raw, signature, received, warnings, True, hasher)
         try:
             await self.process_or_reject(delivery, model)
         except ApplyFailed:
@@ -214,7 +232,7 @@ def apply_failed(delivery: Delivery, kind: str) -> Rejection:
     )
 
 
-def _ids(delivery: Delivery) -> dict[str, str]:
+def _ids(delivery: Delivery) -> dict[str, str | None]:
     return {"eventId": delivery.event_id, "event": delivery.event}
 
 

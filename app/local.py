@@ -10,10 +10,11 @@ import os
 import secrets
 import stat
 import subprocess
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.config import ConfigError
 from app.crypto import generate_key
@@ -65,6 +66,9 @@ def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
     return values
 
 
+SERVE_PID = "serve.pid"  # the serve that owns the embedded database stops it at its exit
+
+
 def pgdata(data_dir: Path) -> Path:
     return data_dir.resolve() / "pgdata"
 
@@ -78,15 +82,37 @@ def start_database(data_dir: Path, *, attempts: int = 5) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     refuse_private_parents(data_dir, "DATA_DIR")
     refuse_private_parents(Path(POSTGRES_BIN_PATH), "The embedded PostgreSQL install")
-    for attempt in range(1, attempts + 1):
-        try:
-            server = get_server(pgdata(data_dir), cleanup_mode=None)
-            return str(server.get_uri()).replace("postgresql://", "postgresql+asyncpg://", 1)
-        except (AssertionError, subprocess.SubprocessError, OSError) as error:
-            if attempt == attempts:
-                raise ConfigError(f"the embedded database would not start: {error}") from None
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception_type((AssertionError, subprocess.SubprocessError, OSError)),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.4),
+            reraise=True,
+        ):
+            with attempt:
+                server = get_server(pgdata(data_dir), cleanup_mode=None)
+    except (AssertionError, subprocess.SubprocessError, OSError) as error:
+        raise ConfigError(f"the embedded database would not start: {error}") from None
+    return str(server.get_uri()).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def serving_pid(data_dir: Path) -> int | None:
+    """The `serve` process that owns this DATA_DIR's embedded database, if one is alive."""
+    try:
+        pid = int((data_dir / SERVE_PID).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def claim(data_dir: Path) -> None:
+    (data_dir / SERVE_PID).write_text(f"{os.getpid()}\n")
+
+
+def release(data_dir: Path) -> None:
+    if serving_pid(data_dir) == os.getpid():
+        (data_dir / SERVE_PID).unlink(missing_ok=True)
 
 
 def is_running(data_dir: Path) -> bool:

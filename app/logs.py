@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -18,10 +19,39 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 access_log = logging.getLogger("coldmail.access")
 
 
+# What a line says beyond its message, in this order, where the record carries it.
+FIELDS = ("method", "path", "status", "latency_ms", "event", "eventId", "outcome", "conflict")
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's copy with ANSI colours
         return True
+
+
+def iso_utc(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+class JsonLines(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return iso_utc(record)
+
+
+class ConsoleLines(logging.Formatter):
+    """Local mode's lines: time, level, logger, message, then the request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(
+            f"{name}={record.__dict__[name]}" for name in FIELDS if name in record.__dict__
+        )
+        rid = f" [{record.__dict__['request_id']}]" if record.__dict__.get("request_id") else ""
+        line = f"{iso_utc(record)} {record.levelname} {record.name}{rid} {record.getMessage()}"
+        line += f" {fields}" if fields else ""
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def configure_logging(*, level: str, fmt: str) -> None:
@@ -29,16 +59,14 @@ def configure_logging(*, level: str, fmt: str) -> None:
     handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter(
+            JsonLines(
                 "{asctime}{levelname}{name}{message}{request_id}",
                 style="{",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+        handler.setFormatter(ConsoleLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

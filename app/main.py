@@ -17,6 +17,8 @@ from app import api, metrics, ops, ui, webhooks
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.docs import add_docs
+from app.edge import HstsMiddleware
 from app.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -25,6 +27,7 @@ from app.errors import (
     handle_http_error,
     handle_validation_error,
 )
+from app.hashing import HashingKey
 from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
 from app.privacy import retention_forever
@@ -56,7 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_url or "", pool_size=READ_POOL_SIZE, statement_timeout_ms=10_000
         )
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
-        app.state.intake = intake = Intake(app.state.engine, app.state.vault, spool)
+        app.state.hashing = HashingKey(app.state.engine, app.state.vault)
+        app.state.intake = intake = Intake(
+            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+        )
         drainer = asyncio.create_task(intake.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
         retention = (
@@ -88,7 +94,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
     app.include_router(webhooks.router)
@@ -104,5 +113,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, handle_database_error)
+    app.add_middleware(HstsMiddleware)
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -12,22 +12,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
 from app.db import raw_connection
+from app.hashing import Hasher, load_or_create
 from app.ingest import Delivery, apply, effects
-from app.models import Event, Mailbox, RejectedDelivery
+from app.models import events, mailboxes, rejected
 from app.processing import process_delivery
-from app.schemas import HANDLED_EVENTS, parse_envelope, parse_handled
+from app.schemas import parse_envelope, parse_handled
 from app.signing import SignatureCheck
 from app.spool import Spool
 from app.webhooks import validation_details
 
-events: Table = Event.__table__  # type: ignore[assignment]
-mailboxes: Table = Mailbox.__table__  # type: ignore[assignment]
-rejected: Table = RejectedDelivery.__table__  # type: ignore[assignment]
 ENCRYPTED = [
     (mailboxes, ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")),
     (events, ("body_encrypted",)),
     (rejected, ("body_encrypted",)),
 ]
+
+ROTATE_SERVER_KEYS = "SELECT name, key_encrypted FROM server_keys FOR UPDATE"
+REENCRYPT_SERVER_KEY = "UPDATE server_keys SET key_encrypted = $2 WHERE name = $1"
 
 
 @dataclass
@@ -64,7 +65,22 @@ async def rotate_keys(
                         .values({column: vault.rotate(token)})
                     )
                 count.rotated += 1
+    counts["server_keys.key_encrypted"] = await rotate_server_keys(engine, vault, primary)
     return counts
+
+
+async def rotate_server_keys(engine: AsyncEngine, vault: Vault, primary: Fernet) -> RotationCount:
+    """The hashing key itself stays the same: only its encryption changes."""
+    count = RotationCount()
+    async with raw_connection(engine) as conn, conn.transaction():
+        for name, token in await conn.fetch(ROTATE_SERVER_KEYS):
+            try:
+                primary.decrypt(token)
+                count.current += 1
+            except InvalidToken:
+                await conn.execute(REENCRYPT_SERVER_KEY, name, vault.rotate(token))
+                count.rotated += 1
+    return count
 
 
 async def rotate_spool(spool: Spool, keys: list[str]) -> int:
@@ -150,74 +166,79 @@ async def replay(
             stmt = _window(rejected, "received_at", selection, selection.rejected_ids)
             stmt = stmt.where(rejected.c.replayed_at.is_(None))
             rejected_ids = list((await conn.execute(stmt)).scalars())
+    replayer = Replayer(engine, vault, Hasher(await load_or_create(engine, vault)), dry_run)
     event_report, rejected_report = ReplayReport(), ReplayReport()
     for row_id in event_ids:
-        await _replay_event(engine, vault, row_id, event_report, dry_run)
+        await replayer.event(row_id, event_report)
     for row_id in rejected_ids:
-        await _replay_rejected(engine, vault, row_id, rejected_report, dry_run)
+        await replayer.rejected(row_id, rejected_report)
     return event_report, rejected_report
 
 
-async def _replay_event(
-    engine: AsyncEngine, vault: Vault, row_id: int, report: ReplayReport, dry_run: bool
-) -> None:
-    """Re-apply a stored event at its stored time, so edits keep their order."""
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                select(events.c.body_encrypted, events.c.event_id, events.c.event_time).where(
-                    events.c.id == row_id
-                )
-            )
-        ).one()
-    if row.body_encrypted is None:  # deleted by BODY_RETENTION_DAYS
-        report.without_body += 1
-        return
-    envelope = parse_envelope(vault.decrypt(row.body_encrypted))
-    model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
-    if model is None:
-        report.unhandled += 1
-        return
-    report.applied += 1
-    if dry_run:
-        return
-    changes = effects(model, vault=vault, at=row.event_time, event_id=row.event_id)
-    async with raw_connection(engine) as conn, conn.transaction():
-        await apply(conn, changes, vault)
-        await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
+@dataclass(frozen=True)
+class Replayer:
+    """What replaying needs, once: the database, the keys, and whether to change nothing."""
 
+    engine: AsyncEngine
+    vault: Vault
+    hasher: Hasher
+    dry_run: bool
 
-async def _replay_rejected(
-    engine: AsyncEngine, vault: Vault, row_id: int, report: ReplayReport, dry_run: bool
-) -> None:
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                select(rejected.c.body_encrypted, rejected.c.signature).where(
-                    rejected.c.id == row_id
+    async def event(self, row_id: int, report: ReplayReport) -> None:
+        """Re-apply a stored event at its stored time, so edits keep their order."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(events.c.body_encrypted, events.c.event_id, events.c.event_time).where(
+                        events.c.id == row_id
+                    )
                 )
+            ).one()
+        if row.body_encrypted is None:  # deleted by BODY_RETENTION_DAYS
+            report.without_body += 1
+            return
+        envelope = parse_envelope(self.vault.decrypt(row.body_encrypted), self.hasher)
+        model = parse_handled(envelope, [])
+        if model is None:
+            report.unhandled += 1
+            return
+        report.applied += 1
+        if self.dry_run:
+            return
+        changes = effects(model, vault=self.vault, at=row.event_time, event_id=row.event_id)
+        async with raw_connection(self.engine) as conn, conn.transaction():
+            await apply(conn, changes, self.vault)
+            await conn.execute("UPDATE events SET status = 'processed' WHERE id = $1", row_id)
+
+    async def rejected(self, row_id: int, report: ReplayReport) -> None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(rejected.c.body_encrypted, rejected.c.signature).where(
+                        rejected.c.id == row_id
+                    )
+                )
+            ).one()
+        if row.body_encrypted is None:  # erased: not JSON, nothing left to replay
+            report.without_body += 1
+            return
+        raw = self.vault.decrypt(row.body_encrypted)
+        try:
+            envelope = parse_envelope(raw, self.hasher)
+            model = parse_handled(envelope, [])
+        except ValueError as error:  # includes ValidationError
+            report.still_invalid += 1
+            details = validation_details(error) if isinstance(error, ValidationError) else []
+            report.errors.append(f"rejected #{row_id}: {details or str(error)}")
+            return
+        report.applied += 1
+        if self.dry_run:
+            return
+        delivery = Delivery(envelope, raw, SignatureCheck(row.signature), hasher=self.hasher)
+        outcome = await process_delivery(self.engine, self.vault, delivery, model)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(rejected)
+                .where(rejected.c.id == row_id)
+                .values(replayed_at=func.now(), replayed_event_id=outcome.row_id)
             )
-        ).one()
-    if row.body_encrypted is None:  # erased: not JSON, nothing left to replay
-        report.without_body += 1
-        return
-    raw = vault.decrypt(row.body_encrypted)
-    try:
-        envelope = parse_envelope(raw)
-        model = parse_handled(envelope, []) if envelope["event"] in HANDLED_EVENTS else None
-    except ValueError as error:  # includes ValidationError
-        report.still_invalid += 1
-        details = validation_details(error) if isinstance(error, ValidationError) else []
-        report.errors.append(f"rejected #{row_id}: {details or str(error)}")
-        return
-    report.applied += 1
-    if dry_run:
-        return
-    delivery = Delivery(envelope=envelope, raw=raw, signature=SignatureCheck(row.signature))
-    outcome = await process_delivery(engine, vault, delivery, model)
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(rejected)
-            .where(rejected.c.id == row_id)
-            .values(replayed_at=func.now(), replayed_event_id=outcome.row_id)
-        )

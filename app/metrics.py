@@ -31,6 +31,10 @@ CONFLICTS = Counter(
     "cmr_webhook_conflicts_total", "Deliveries reusing an eventId with other content"
 )
 REJECTIONS = Counter("cmr_webhook_rejections_total", "Deliveries refused, by reason", ["reason"])
+REJECTED_BODIES_DROPPED = Counter(
+    "cmr_rejected_bodies_dropped_total",
+    "Stored bodies of rejected deliveries dropped to stay within REJECTED_MAX_BYTES",
+)
 SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", ["result"])
 POOL_IN_USE = Gauge(
     "cmr_db_pool_connections_in_use",
@@ -61,6 +65,19 @@ RECONCILE_DRIFT = Gauge(
 SPOOL_SET_ASIDE = Counter(
     "cmr_spool_set_aside_total", "Spool rows set aside as unreadable (torn or undecryptable)"
 )
+RENEWAL_RISKS = Gauge(
+    "cmr_subscriptions_at_risk",
+    "Subscriptions whose renewal is at risk, by risk (counted when /metrics is scraped)",
+    ["risk"],
+    multiprocess_mode="mostrecent",
+)
+# Every series an alert or a dashboard names exists from the start, at 0.
+for reason in ("invalid_json", "invalid_payload", "apply_failed"):
+    REJECTIONS.labels(reason)
+for result in ("valid", "invalid", "absent", "stale", "unchecked"):
+    SIGNATURES.labels(result)
+for kind in ("unknown", "missing_mailboxes", "differences"):
+    RECONCILE_DRIFT.labels(kind).set(0)
 
 
 def event_label(event: str | None) -> str:

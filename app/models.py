@@ -2,7 +2,7 @@
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
     func,
@@ -294,3 +295,42 @@ class CredentialRead(Listed, Base):
     token_fingerprint: Mapped[str] = mapped_column(String(32))
     client_address: Mapped[str | None] = mapped_column(Text)
     read_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class ServerKey(Base):
+    """Keys the server made for itself, encrypted under FERNET_KEYS (app/hashing.py)."""
+
+    __tablename__ = "server_keys"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class UiSession(Base):
+    """A dashboard sign-in. The cookie holds a random secret; only its keyed hash is kept
+    here, so sign-out (a delete) ends it and a copy of this table opens nothing."""
+
+    __tablename__ = "ui_sessions"
+
+    id_hash: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    token_fingerprint: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+def table(model: type[Base]) -> Table:
+    """A model's Core table: the service reads and writes through Core and asyncpg (no
+    Session), so this is the one place that reaches past the declarative class."""
+    return cast(Table, model.__table__)
+
+
+subscriptions = table(Subscription)
+mailboxes = table(Mailbox)
+orders = table(Order)
+order_domains = table(OrderDomain)
+events = table(Event)
+domains = table(Domain)
+reconciliations = table(Reconciliation)
+rejected = table(RejectedDelivery)
+credential_reads = table(CredentialRead)

@@ -1,7 +1,9 @@
-"""Liveness, readiness and metrics: no token needed, nothing secret exposed."""
+"""Liveness, readiness and metrics: no token needed (but METRICS_TOKEN, when set, for
+/metrics), nothing secret exposed."""
 
 import asyncio
 import logging
+import time
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -9,7 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
-from app.errors import DATABASE_ERRORS, json_response
+from app.crypto import token_matches
+from app.errors import DATABASE_ERRORS, ApiError, json_response
 from app.migrations import head_revision
 
 log = logging.getLogger("coldmail.ops")
@@ -65,13 +68,63 @@ def observe_spool(depth: int, oldest: float | None) -> None:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics",
+    summary="Prometheus metrics (a bearer token when METRICS_TOKEN is set)",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        401: {"description": "METRICS_TOKEN is set and the bearer token is not it"},
+    },
 )
 async def prometheus_metrics(request: Request) -> Response:
+    expected = request.app.state.settings.metrics_token_value
+    if expected is not None:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not token_matches(given, [expected]):
+            raise ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
     pool = request.app.state.engine.pool
     metrics.POOL_IN_USE.set(pool.checkedout())
     depth, oldest, _ = await request.app.state.intake.spool.depth()
     observe_spool(depth, oldest)
+    state = request.app.state
+    if (
+        time.monotonic() - getattr(state, "risks_counted_at", -RISKS_EVERY_SECONDS)
+        >= RISKS_EVERY_SECONDS
+    ):
+        if await observe_renewal_risks(state.read_engine):
+            state.risks_counted_at = time.monotonic()
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+RISKS = ("past_due", "renewal_failed", "domain_grace_period", "domain_expired", "overdue")
+# Per subscription, the risks that hold (overdue: its period ended and no renewal was heard).
+RENEWAL_RISKS = """
+SELECT risk, count(*) AS n FROM (
+    SELECT unnest(ARRAY[
+        CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
+        CASE WHEN d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
+        CASE WHEN d.status = 'GRACE_PERIOD' THEN 'domain_grace_period' END,
+        CASE WHEN d.status = 'EXPIRED' THEN 'domain_expired' END,
+        CASE WHEN coalesce(s.period_end, s.expiry_date) < now()
+            AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
+            THEN 'overdue' END]) AS risk
+    FROM subscriptions s LEFT JOIN LATERAL (
+        SELECT status FROM domains
+        WHERE domain_id = s.domain_id OR name = s.domain
+        ORDER BY expiry_date DESC NULLS LAST LIMIT 1) d ON true
+) AS r WHERE risk IS NOT NULL GROUP BY risk
+"""
+RISKS_EVERY_SECONDS = 60.0  # the count walks every subscription: at most once a minute
+
+
+async def observe_renewal_risks(engine: AsyncEngine) -> bool:
+    """Whether they were counted; while the database is away the last counts stay."""
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(text(RENEWAL_RISKS))
+    except DATABASE_ERRORS as error:
+        log.warning("renewal risks not counted: %s", type(error).__name__)
+        return False
+    counts: dict[str, int] = {row.risk: row.n for row in rows}
+    for risk in RISKS:
+        metrics.RENEWAL_RISKS.labels(risk).set(counts.get(risk, 0))
+    return True

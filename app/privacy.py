@@ -1,7 +1,8 @@
 """Data retention and erasure.
 
-- Retention: stored bodies of processed events older than BODY_RETENTION_DAYS are deleted;
-  the redacted copy (`payload`) stays, so the event still reads through the API.
+- Retention: stored bodies of processed events and of rejected deliveries older than
+  BODY_RETENTION_DAYS are deleted; the redacted copy (`payload`) and the rejected record
+  with its errors stay, so both still read through the API.
 - Erasure (`coldmail-webhooks erase --mailbox ID`): a mailbox's credentials and personal
   fields are removed from the mailbox, from every stored body and redacted copy that names
   it, and from rejected deliveries; the mailbox is marked erased, so no later delivery or
@@ -37,25 +38,32 @@ PERSONAL_KEYS = frozenset(
 RETENTION_BATCH = 1000
 RETENTION_EVERY_SECONDS = 3600
 
-EXPIRE_BODIES = """
-UPDATE events SET body_encrypted = NULL WHERE id IN (
+EXPIRE_BODIES = (
+    """UPDATE events SET body_encrypted = NULL WHERE id IN (
     SELECT id FROM events
     WHERE status = 'processed' AND body_encrypted IS NOT NULL
         AND first_received_at < now() - make_interval(days => $1)
-    LIMIT $2)
-"""
+    LIMIT $2)""",
+    """UPDATE rejected_deliveries SET body_encrypted = NULL WHERE id IN (
+    SELECT id FROM rejected_deliveries
+    WHERE body_encrypted IS NOT NULL AND received_at < now() - make_interval(days => $1)
+    LIMIT $2)""",
+)
 
 
 async def expire_bodies(engine: AsyncEngine, days: int) -> int:
-    """Delete the stored bodies past retention, in batches; how many were deleted."""
+    """Delete the stored bodies past retention (processed events' and rejected deliveries'),
+    in batches; how many were deleted."""
     total = 0
-    while True:
-        async with raw_connection(engine) as conn:
-            status = await conn.execute(EXPIRE_BODIES, days, RETENTION_BATCH)
-        count = int(status.split()[-1])
-        total += count
-        if count < RETENTION_BATCH:
-            return total
+    for statement in EXPIRE_BODIES:
+        while True:
+            async with raw_connection(engine) as conn:
+                status = await conn.execute(statement, days, RETENTION_BATCH)
+            count = int(status.split()[-1])
+            total += count
+            if count < RETENTION_BATCH:
+                break
+    return total
 
 
 async def retention_forever(engine: AsyncEngine, days: int) -> None:

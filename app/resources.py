@@ -205,7 +205,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the given error statuses, with their bodies."""
     described = {
         401: ("No valid bearer token", Error),
-        403: ("The token may not read this", Error),
+        403: ("The token may not read this (or not over plain HTTP: https_required)", Error),
         404: ("No such resource", Error),
         422: ("A filter, cursor or ID that is not valid", InvalidRequest),
         503: ("The database cannot answer now; retry (Retry-After)", Error),

@@ -7,7 +7,6 @@ repair is noted in the `warnings` list passed as validation context. Unknown ext
 are tolerated and kept in the stored body.
 """
 
-import hashlib
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -25,11 +24,14 @@ from pydantic import (
     ValidationInfo,
 )
 
+from app.hashing import Hasher
+
 # Longest text kept in a column (btree indexes refuse entries over about 2.7 KB).
 TEXT_LIMIT = 4096
 EMAIL_LIMIT = 320
 SUBSCRIPTION_STATES = ("ACTIVE", "RENEWING", "PAST_DUE", "EXPIRED", "CANCELLED")
 DOMAIN_STATES = ("ACTIVE", "RENEWAL_FAILED", "GRACE_PERIOD", "EXPIRED", "FAILED")
+MAX_DEPTH = 254  # orjson writes no deeper
 IGNORED_NO_ID = "stored as ignored: no recognisable {} in the payload"
 
 
@@ -458,18 +460,30 @@ def canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def normalize_envelope(value: dict[str, Any]) -> dict[str, Any]:
+def normalize_envelope(value: dict[str, Any], hasher: Hasher | None) -> dict[str, Any]:
     """`eventType` is a synonym of `event`; with no `eventId`, a stable one is derived from
-    the content, so the sender's retries still dedupe. Raises ValueError (a safe message)."""
+    the content (keyed: app/hashing.py), so the sender's retries still dedupe. Without the
+    hasher (the database away) it stays None until the spool's drainer applies it. Raises
+    ValueError (a safe message)."""
     event = value.get("event", value.get("eventType"))
     if not isinstance(event, str) or not event.strip() or len(event) > 256:
         raise ValueError("'event' (or 'eventType') must be a non-empty string of at most 256")
     event_id = value.get("eventId")
     if event_id is None:
-        event_id = "sha256:" + hashlib.sha256(canonical(value)).hexdigest()
+        if hasher is None:
+            return value | {"event": event, "eventId": None}
+        event_id = hasher.event_id(canonical(value))
     if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > 256:
         raise ValueError("'eventId' must be a non-empty string of at most 256 characters")
     return value | {"event": event, "eventId": event_id}
+
+
+def writable(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _has_nul(value: Any) -> bool:
@@ -482,7 +496,7 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def parse_envelope(raw: bytes) -> dict[str, Any]:
+def parse_envelope(raw: bytes, hasher: Hasher | None) -> dict[str, Any]:
     """The envelope every event shares, normalised; raises ValueError with a message safe
     to send back (it never quotes the body)."""
     try:
@@ -491,15 +505,23 @@ def parse_envelope(raw: bytes) -> dict[str, Any]:
         raise ValueError("body is not valid JSON (UTF-8)") from None
     if not isinstance(value, dict):
         raise ValueError("body must be a JSON object")
+    # The parser takes 1,024 levels, but what is stored must be written again (canonical
+    # form, redacted copy), which orjson stops at 254: refuse that up front, not as a 500
+    # later. Only a body with that many brackets can be that deep; most skip the check.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and not writable(value):
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
     # JSON can only carry a NUL as the escape \u0000: without one, no walk is needed
     if b"\\u0000" in raw and _has_nul(value):
         raise ValueError("strings must not contain NUL characters")
-    return normalize_envelope(value)
+    return normalize_envelope(value, hasher)
 
 
 def parse_handled(envelope: dict[str, Any], warnings: list[str]) -> HandledEvent | None:
-    """Validate a handled event (raises pydantic.ValidationError); None when it names no
-    resource this service keeps (an undocumented payload is then stored as ignored)."""
+    """Validate a handled event (raises pydantic.ValidationError); None for an event type
+    not handled, or one that names no resource this service keeps (either is stored as
+    ignored)."""
+    if envelope["event"] not in HANDLED_EVENTS:
+        return None
     model = handled_event_adapter.validate_python(envelope, context={"warnings": warnings})
     missing = None
     if isinstance(model, SubscriptionEvent) and not model.data.subscriptionId:

@@ -2,24 +2,39 @@
 
 The exact signed string and digest encoding are undocumented (provider-docs/
 DELIVERY-FACTS.md), so every plausible form is accepted and the one that matched is
-recorded on the event. Once live traffic shows the real form, retire the others in FORMS.
+recorded on the event. Once live traffic shows the real form, retire the others with
+CMR_SIGNATURE_FORMS. Whatever the form, a fresh `cmr-x-timestamp` is required: without it a
+captured signature could be replayed for ever.
 """
 
 import base64
 import hashlib
 import hmac
+import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SIGNATURE_HEADER = "cmr-x-signature"
 TIMESTAMP_HEADER = "cmr-x-timestamp"
-# (form name, whether the timestamp is part of the signed string, digest encoding)
-FORMS: tuple[tuple[str, bool, str], ...] = (
-    ("timestamp.body:hex", True, "hex"),
-    ("timestamp.body:base64", True, "base64"),
-    ("body:hex", False, "hex"),
-    ("body:base64", False, "base64"),
+UNIX_TIME = re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")
+TIMESTAMP_PREFIX = re.compile(rb"\s*[0-9]+(\.[0-9]*)?\.")
+
+
+class Form(NamedTuple):
+    name: str
+    with_timestamp: bool  # is `<timestamp>.` part of the signed string
+    encoding: str  # of the digest: hex or base64
+
+
+FORMS = (
+    Form("timestamp.body:hex", True, "hex"),
+    Form("timestamp.body:base64", True, "base64"),
+    Form("body:hex", False, "hex"),
+    Form("body:base64", False, "base64"),
 )
+ALL_FORMS = frozenset(form.name for form in FORMS)
 
 
 @dataclass(frozen=True)
@@ -48,13 +63,12 @@ def sign(key: str, body: bytes, *, timestamp: int | None = None) -> dict[str, st
 
 
 def _parse_timestamp(value: str | None) -> float | None:
-    try:
-        ts = float(value) if value else None
-    except ValueError:
+    """Unix seconds (or milliseconds); digits only, so no `nan` or `inf` slips past the
+    window check."""
+    if value is None or not UNIX_TIME.fullmatch(value.strip()):
         return None
-    if ts is not None and ts > 1e11:  # milliseconds
-        ts /= 1000
-    return ts
+    ts = float(value)
+    return ts / 1000 if ts > 1e11 else ts
 
 
 def verify(
@@ -64,19 +78,23 @@ def verify(
     signature: str | None,
     timestamp: str | None,
     tolerance: int,
+    forms: Collection[str] = ALL_FORMS,
     now: float | None = None,
 ) -> SignatureCheck:
+    """`stale` covers a missing timestamp too: every form needs a fresh one."""
     if not signature:
         return SignatureCheck("absent")
     ts = _parse_timestamp(timestamp)
-    if timestamp and (ts is None or abs((now or time.time()) - ts) > tolerance):
+    if ts is None or abs((now or time.time()) - ts) > tolerance:
         return SignatureCheck("stale")
     given = signature.strip().removeprefix("sha256=")
-    for name, with_timestamp, encoding in FORMS:
-        if with_timestamp and ts is None:
+    # `<T>.<body>` signed with a timestamp must not pass as a body of its own
+    looks_signed_with_timestamp = TIMESTAMP_PREFIX.match(body) is not None
+    for form in FORMS:
+        if form.name not in forms or (looks_signed_with_timestamp and not form.with_timestamp):
             continue
-        message = f"{timestamp}.".encode() + body if with_timestamp else body
-        expected = _digest(key, message, encoding)
+        message = f"{timestamp}.".encode() + body if form.with_timestamp else body
+        expected = _digest(key, message, form.encoding)
         if hmac.compare_digest(given.encode(), expected.encode()):
-            return SignatureCheck("valid", name, ts if with_timestamp else None)
+            return SignatureCheck("valid", form.name, ts if form.with_timestamp else None)
     return SignatureCheck("invalid")

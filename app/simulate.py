@@ -187,12 +187,30 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{key.replace('_', ' '):22}{report[key]}")
 
 
+def what_to_fix(results: Results, args: argparse.Namespace) -> str | None:
+    """The likeliest cause, when every delivery failed the same way."""
+    statuses = set(results.statuses)
+    if statuses and statuses <= {"ClientConnectorError", "ServerDisconnectedError"}:
+        return f"nothing answers at {args.url}: is `coldmail-webhooks serve` running there?"
+    if statuses == {"401"}:
+        return (
+            "every delivery was refused 401: --token must be one of the server's WEBHOOK_TOKENS"
+            " and --signing-key its CMR_SIGNING_KEY (local mode prints the webhook URL with its"
+            " token)"
+        )
+    if statuses == {"404"}:
+        return f"{args.url} is not the webhook endpoint: it ends in /webhooks/cmr"
+    return None
+
+
 def run_simulation(args: argparse.Namespace) -> int:
     results = asyncio.run(simulate(args))
     report = summary(results)
     print_table(report)
     for violation in results.violations[:20]:
         print(f"contract violation: {violation}", file=sys.stderr)
+    if hint := what_to_fix(results, args):
+        print(f"what to fix: {hint}", file=sys.stderr)
     if args.json:
         with open(args.json, "wb") as out:
             out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))

@@ -1,19 +1,19 @@
 """The ops dashboard under /ui: server-rendered pages over the read API's own queries.
 
-Sign-in takes an ops token and sets a session cookie: HMAC-signed, expiring, HttpOnly,
-SameSite=Strict (Secure behind HTTPS), bound to a fingerprint of the token so that
-removing the token from OPS_API_TOKENS ends its sessions. No page has a script, so the
-Content-Security-Policy allows none. No page shows a credential, whoever signed in.
+Sign-in takes an ops token and opens a server-side session: its cookie is HttpOnly,
+SameSite=Strict (Secure behind HTTPS); sign-out, 30 idle minutes, 8 hours, or removing the
+token from OPS_API_TOKENS end it. Sign-in and sign-out refuse cross-site posts; failed
+sign-ins are throttled per client. No page has a script, so the Content-Security-Policy
+allows none. No page shows a credential, whoever signed in.
 """
 
-import base64
-import hashlib
-import hmac
+import secrets
 import time
+from collections import OrderedDict, deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -23,12 +23,16 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select, text
 
 from app import api, resources
-from app.api import events, rejected, subscriptions
-from app.crypto import fingerprint, token_matches
+from app.crypto import token_matches
+from app.db import raw_connection
 from app.errors import ApiError
+from app.hashing import Hasher
+from app.models import subscriptions
 
 COOKIE = "cmw_session"
-SESSION_SECONDS = 8 * 3600
+SESSION_HOURS = 8
+IDLE_MINUTES = 30
+FAILURES_ALLOWED, THROTTLE_WINDOW_SECONDS = 5, 60
 EXPIRING_DAYS = 14
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -41,51 +45,95 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 # --- the session ---------------------------------------------------------------------
+# The cookie holds a random secret; the server keeps its keyed hash (ui_sessions), so
+# sign-out and the idle timeout end a session wherever its cookie was copied to.
+
+SESSION_STATEMENTS = {
+    "open": "INSERT INTO ui_sessions (id_hash, token_fingerprint) VALUES ($1, $2)",
+    # one statement checks the session and keeps it alive
+    "touch": f"""UPDATE ui_sessions SET last_seen_at = now() WHERE id_hash = $1
+        AND last_seen_at > now() - interval '{IDLE_MINUTES} minutes'
+        AND created_at > now() - interval '{SESSION_HOURS} hours'
+        RETURNING token_fingerprint""",
+    "close": "DELETE FROM ui_sessions WHERE id_hash = $1",
+    "expire": f"""DELETE FROM ui_sessions
+        WHERE last_seen_at < now() - interval '{IDLE_MINUTES} minutes'
+        OR created_at < now() - interval '{SESSION_HOURS} hours'""",
+}
 
 
-def session_key(request: Request) -> bytes:
-    """Derived from the first Fernet key: rotating keys signs everyone out."""
-    first = request.app.state.settings.fernet_key_list[0]
-    return hashlib.sha256(b"coldmail-webhooks ui session\0" + first.encode()).digest()
+class SignInThrottle:
+    """Failed sign-ins per client address (per worker): FAILURES_ALLOWED a minute, then
+    429 until the oldest failure is a minute old. Bounded: the least recent clients go."""
+
+    def __init__(self, clients: int = 10_000) -> None:
+        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.clients = clients
+
+    def wait_seconds(self, client: str) -> float:
+        recent = self._recent(client)
+        if len(recent) < FAILURES_ALLOWED:
+            return 0.0
+        return recent[0] + THROTTLE_WINDOW_SECONDS - time.monotonic()
+
+    def failed(self, client: str) -> None:
+        self._recent(client).append(time.monotonic())
+        self.failures.move_to_end(client)
+        while len(self.failures) > self.clients:
+            self.failures.popitem(last=False)
+
+    def _recent(self, client: str) -> deque[float]:
+        recent = self.failures.setdefault(client, deque())
+        while recent and recent[0] < time.monotonic() - THROTTLE_WINDOW_SECONDS:
+            recent.popleft()
+        return recent
 
 
-def mac(request: Request, payload: bytes) -> bytes:
-    return hmac.new(session_key(request), payload, hashlib.sha256).digest()
+throttle = SignInThrottle()
 
 
-def session_cookie(request: Request, token: str) -> str:
-    payload = orjson.dumps({"exp": int(time.time()) + SESSION_SECONDS, "tok": fingerprint(token)})
-    parts = (payload, mac(request, payload))
-    return ".".join(base64.urlsafe_b64encode(part).decode() for part in parts)
+async def session_statement(request: Request, name: str, *args: Any) -> Any:
+    async with raw_connection(request.app.state.read_engine) as conn:
+        return await conn.fetchval(SESSION_STATEMENTS[name], *args)
 
 
-def session_token_fingerprint(request: Request) -> str | None:
-    """The signed-in token's fingerprint, if the cookie is genuine, current, and its token
-    still configured."""
-    value = request.cookies.get(COOKIE, "")
-    try:
-        payload, given = (base64.urlsafe_b64decode(part) for part in value.split("."))
-        if not hmac.compare_digest(given, mac(request, payload)):
-            return None
-        session = orjson.loads(payload)
-    except ValueError:
-        return None
+async def hasher_of(request: Request) -> Hasher:
+    hasher: Hasher = await request.app.state.hashing.get()
+    return hasher
+
+
+def tokens(request: Request) -> list[str]:
     settings = request.app.state.settings
-    allowed = {fingerprint(t) for t in settings.ops_token_list + settings.credentials_token_list}
-    if session.get("exp", 0) < time.time() or session.get("tok") not in allowed:
-        return None
-    return str(session["tok"])
+    return list(settings.ops_token_list + settings.credentials_token_list)
 
 
 class SignInRequired(Exception):
     """Raised by a page without a session: answered with a redirect to the sign-in page."""
 
 
-def signed_in(request: Request) -> str:
-    who = session_token_fingerprint(request)
-    if who is None:
+async def signed_in(request: Request) -> str:
+    """The signed-in token's fingerprint, if the session is open, recent, and its token
+    still configured (removing a token from OPS_API_TOKENS ends its sessions)."""
+    secret = request.cookies.get(COOKIE)
+    if not secret or len(secret) > 100:
         raise SignInRequired()
-    return who
+    hasher = await hasher_of(request)
+    who = await session_statement(request, "touch", hasher.digest(secret.encode()))
+    if who is None or who not in {hasher.fingerprint(t) for t in tokens(request)}:
+        raise SignInRequired()
+    return str(who)
+
+
+def cross_site(request: Request) -> bool:
+    """A browser says where a post comes from: Sec-Fetch-Site (every current browser), else
+    Origin. A post from any other site is a forged one; clients that send neither (curl)
+    are no browser's forms."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    # the host alone: behind a TLS proxy the scheme seen here may be http
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
 
 
 def to_sign_in(request: Request, error: Exception) -> Response:
@@ -96,7 +144,9 @@ def secure(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin, not no-referrer: under no-referrer browsers send `Origin: null` even
+    # with our own forms, and sign-in could not tell them from a forged post
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -113,16 +163,31 @@ async def login_form(request: Request) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    if cross_site(request):
+        return page(request, "login.html", 403, error="Sign-in from another site refused.")
+    client = request.client.host if request.client else "unknown"
+    if (wait := throttle.wait_seconds(client)) > 0:
+        response = page(
+            request, "login.html", 429, error="Too many failed sign-ins: wait a minute."
+        )
+        response.headers["Retry-After"] = str(max(1, round(wait)))
+        return response
     form = parse_qs((await request.body()).decode(errors="replace"))
     token = (form.get("token") or [""])[0].strip()
-    settings = request.app.state.settings
-    if not token_matches(token, settings.ops_token_list + settings.credentials_token_list):
+    if not token_matches(token, tokens(request)):
+        throttle.failed(client)
         return page(request, "login.html", 401, error="That token is not an ops token.")
+    hasher = await hasher_of(request)
+    secret = secrets.token_urlsafe(32)
+    await session_statement(request, "expire")
+    await session_statement(
+        request, "open", hasher.digest(secret.encode()), hasher.fingerprint(token)
+    )
     response = RedirectResponse("/ui", status_code=303)
     response.set_cookie(
         COOKIE,
-        session_cookie(request, token),
-        max_age=SESSION_SECONDS,
+        secret,
+        max_age=SESSION_HOURS * 3600,
         path="/ui",
         httponly=True,
         samesite="strict",
@@ -133,6 +198,11 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    if cross_site(request):
+        return page(request, "login.html", 403, error="Sign-out from another site refused.")
+    if secret := request.cookies.get(COOKIE):
+        hasher = await hasher_of(request)
+        await session_statement(request, "close", hasher.digest(secret.encode()))
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
     return secure(response)
@@ -236,14 +306,7 @@ async def overview(request: Request) -> Response:
             " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
         ).bindparams(since=since)
     )
-    conflicts, rejected_total = (
-        await conn.execute(
-            select(
-                select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery(),
-                select(func.count()).select_from(rejected).scalar_subquery(),
-            )
-        )
-    ).one()
+    conflicts, rejected_total = (await conn.execute(select(api.CONFLICTS, api.REJECTED))).one()
     depth, oldest, room = await request.app.state.intake.spool.depth()
     last = await api.latest_reconciliation(conn)
     return page(

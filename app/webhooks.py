@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from app import metrics
 from app.config import Settings
@@ -20,31 +21,51 @@ from app.errors import ApiError, Unavailable, json_response
 from app.ingest import Delivery
 from app.intake import ApplyFailed, Intake, SpoolFull
 from app.processing import Rejection
-from app.schemas import HANDLED_EVENTS, parse_envelope, parse_handled
+from app.schemas import parse_envelope, parse_handled
 from app.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureCheck, verify
 
 log = logging.getLogger("coldmail.webhooks")
 router = APIRouter(tags=["webhooks"])
 
 
+# Refusals sent before the body is read also end the connection, so that nothing the client
+# is still sending is read or held.
+CLOSE = {"Connection": "close"}
+UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, CLOSE)
+TOO_LARGE = ApiError(413, {"error": "payload_too_large"}, CLOSE)
+# nginx's "client closed request": only our access log line ever sees it
+CLIENT_GONE = 499
+
+
+class ClientGone(Exception):
+    """The client went away before its whole body arrived (or took too long to send it)."""
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, {"error": "payload_too_large"})
+        raise TOO_LARGE
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, {"error": "payload_too_large"})
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise TOO_LARGE
+    except ClientDisconnect:
+        raise ClientGone() from None
     return bytes(body)
 
 
-def authenticate(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
-    """Every configured mechanism must pass; in report mode a bad signature is only noted."""
+def check_token(request: Request, settings: Settings) -> None:
+    """Before the body is read: a stranger costs one small answer and nothing held."""
     if settings.webhook_token_list:
         given = request.query_params.get("token") or request.headers.get("x-webhook-token")
         if not token_matches(given, settings.webhook_token_list):
-            raise ApiError(401, {"error": "unauthorized"})
+            raise UNAUTHORIZED
+
+
+def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
+    """In report mode a bad signature is only noted."""
     if settings.signing_key is None:
         return SignatureCheck("unchecked")
     check = verify(
@@ -53,10 +74,11 @@ def authenticate(request: Request, raw: bytes, settings: Settings) -> SignatureC
         signature=request.headers.get(SIGNATURE_HEADER),
         timestamp=request.headers.get(TIMESTAMP_HEADER),
         tolerance=settings.cmr_signature_tolerance_seconds,
+        forms=settings.signature_forms,
     )
     metrics.SIGNATURES.labels(check.result).inc()
     if not check.ok and settings.cmr_signature_mode == "enforce":
-        raise ApiError(401, {"error": "unauthorized"})
+        raise UNAUTHORIZED
     return check
 
 
@@ -86,34 +108,37 @@ async def receive_webhook(request: Request) -> Response:
     received_at = datetime.now(UTC)
     settings: Settings = request.app.state.settings
     intake: Intake = request.app.state.intake
-    raw = await read_body(request, settings.max_body_bytes)
-    signature = authenticate(request, raw, settings)
+    check_token(request, settings)
     try:
-        envelope = parse_envelope(raw)
+        raw = await read_body(request, settings.max_body_bytes)
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    signature = check_signature(request, raw, settings)
+    hasher = await intake.hasher()
+    try:
+        envelope = parse_envelope(raw, hasher)
     except ValueError as error:
         await _reject(
             intake, Rejection(raw, signature.result, "invalid_json", [], None, None, received_at)
         )
         raise ApiError(400, {"error": "invalid_json", "message": str(error)}) from None
     warnings: list[str] = []
-    model = None
-    if envelope["event"] in HANDLED_EVENTS:
-        try:
-            model = parse_handled(envelope, warnings)
-        except ValidationError as error:
-            details = validation_details(error)
-            rejection = Rejection(
-                raw,
-                signature.result,
-                "invalid_payload",
-                details,
-                envelope["event"],
-                envelope["eventId"],
-                received_at,
-            )
-            await _reject(intake, rejection)
-            raise ApiError(422, {"error": "invalid_payload", "detail": details}) from None
-    delivery = Delivery(envelope, raw, signature, received_at, warnings)
+    try:
+        model = parse_handled(envelope, warnings)
+    except ValidationError as error:
+        details = validation_details(error)
+        rejection = Rejection(
+            raw,
+            signature.result,
+            "invalid_payload",
+            details,
+            envelope["event"],
+            envelope["eventId"],
+            received_at,
+        )
+        await _reject(intake, rejection)
+        raise ApiError(422, {"error": "invalid_payload", "detail": details}) from None
+    delivery = Delivery(envelope, raw, signature, received_at, warnings, hasher=hasher)
     try:
         outcome = await intake.accept(delivery, model)
     except ApplyFailed:

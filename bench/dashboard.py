@@ -79,7 +79,7 @@ async def drop(url: str, name: str) -> None:
 
 
 async def render(url: str, renders: int) -> list[float]:
-    token = "bench-ops-token"
+    token = "bench-ops-token-0001"
     settings = load_settings(
         database_url=url,
         fernet_keys=generate_key(),

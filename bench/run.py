@@ -41,10 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from app import ingest, merge, schemas, signing, traffic  # noqa: E402
 from app.crypto import Vault, generate_key  # noqa: E402
+from app.hashing import Hasher  # noqa: E402
 from app.signing import SignatureCheck  # noqa: E402
 
 SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-KEY, TOKEN, SIGNING_KEY, OPS = generate_key(), "bench-token", "bench-signing-key", "bench-ops"
+KEY, TOKEN, SIGNING_KEY = generate_key(), "bench-webhook-token", "bench-signing-key"
+OPS = "bench-ops-token-0001"
+HASHER = Hasher(os.urandom(32))
 CLI = [sys.executable, "-m", "app.cli"]
 CONCURRENCY = 32
 PREWARMUPS = 21  # 1,000 mailboxes each; the first warms caches, the median is of the rest
@@ -261,7 +264,7 @@ def bench_service(run: Run, workers: int, events: int) -> None:
         figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
         run.add(f"service, {workers} worker(s), simulate", figures, failures)
         before = asyncio.run(count_events(url))
-        report = wrk(run, port, lines=4000 * run.seconds)
+        report = wrk(run, port, lines=8000 * run.seconds)
         figures, failures = wrk_figures(report)
         stored = asyncio.run(count_events(url)) - before
         if stored < report["requests"]:
@@ -275,7 +278,7 @@ def bench_http_ceiling(run: Run, workers: int) -> None:
     command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     log = run.out / f"http-ceiling-{workers}.log"
     with server(command, dict(os.environ), port, "/docs", log):
-        figures, failures = wrk_figures(wrk(run, port, lines=20000 * run.seconds))
+        figures, failures = wrk_figures(wrk(run, port, lines=40000 * run.seconds))
         run.add(f"HTTP ceiling, {workers} worker(s), wrk", figures, failures)
 
 
@@ -284,12 +287,13 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
     vault, writes = Vault([KEY]), []
     for _ in range(count):
         raw = orjson.dumps(traffic.mailbox_created())
-        envelope = schemas.parse_envelope(raw)
+        envelope = schemas.parse_envelope(raw, HASHER)
         model = schemas.parse_handled(envelope, [])
         assert model is not None
-        delivery = ingest.Delivery(envelope, raw, SignatureCheck("valid", None, time.time()))
+        signature = SignatureCheck("valid", None, time.time())
+        delivery = ingest.Delivery(envelope, raw, signature, hasher=HASHER)
         effects = ingest.effects(
-            model, vault=vault, at=delivery.event_time, event_id=delivery.event_id
+            model, vault=vault, at=delivery.event_time, event_id=str(delivery.event_id)
         )
         writes.append(ingest.delivery_write(delivery, effects, vault))
     return writes
@@ -403,7 +407,7 @@ def bench_spooling(run: Run) -> None:
     env = service_env("postgresql://postgres@127.0.0.1:9/nowhere", SPOOL_DIR=str(spool))
     command = [*CLI, "serve", "--port", str(port), "--no-migrate"]
     with server(command, env, port, "/healthz", run.out / "spooling.log"):
-        report = wrk(run, port, lines=4000 * run.seconds)
+        report = wrk(run, port, lines=8000 * run.seconds)
     figures, failures = wrk_figures(report)
     with sqlite3.connect(spool / "spool.sqlite3") as db:
         (kept,) = db.execute("SELECT count(*) FROM deliveries").fetchone()

@@ -5,9 +5,12 @@ copy (CREATE DATABASE ... TEMPLATE), so tests never share rows and nothing is cl
 """
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,7 +22,6 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
-from app import signing
 from app.config import Settings, load_settings, normalize_database_url
 from app.crypto import generate_key
 from app.main import create_app
@@ -137,6 +139,16 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+def sender_signature(
+    body: bytes, *, key: str = SIGNING_KEY, timestamp: int | None = None
+) -> dict[str, str]:
+    """The sender's headers, computed here and not by the service's own code: a service
+    that checked the wrong HMAC would fail every signed test."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(key.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"cmr-x-signature": digest, "cmr-x-timestamp": ts}
+
+
 def wire(payload: dict[str, Any] | bytes) -> tuple[bytes, int | None]:
     """The body as sent, and its send time if tests.streams stamped one."""
     if isinstance(payload, bytes):
@@ -158,7 +170,7 @@ async def deliver(
     body, sent_at = wire(payload)
     sent = {"content-type": "application/json"}
     if signing_key:
-        sent |= signing.sign(signing_key, body, timestamp=sent_at)
+        sent |= sender_signature(body, key=signing_key, timestamp=sent_at)
     sent |= headers or {}
     params = {"token": token} if token else {}
     return await client.post("/webhooks/cmr", content=body, params=params, headers=sent)

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from app import traffic as factories
+from tests import streams
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, WEBHOOK_TOKEN, deliver
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
@@ -316,3 +317,33 @@ async def test_openapi_declares_bearer_auth_and_documents_every_route(client):
             assert item["get"]["summary"], path
             assert item["get"]["security"] == [{"HTTPBearer": []}], path
     assert "Mailbox" in spec["components"]["schemas"]
+
+
+def at_risk(metrics_text: str, risk: str) -> float:
+    match = re.search(rf'^cmr_subscriptions_at_risk{{risk="{risk}"}} (\S+)$', metrics_text, re.M)
+    assert match, f"no cmr_subscriptions_at_risk for {risk}"
+    return float(match[1])
+
+
+async def test_metrics_count_subscriptions_whose_renewal_is_at_risk(client):
+    past_due = streams.subscription_event("subscription.past_due", "SUB-PAST-DUE")
+    lapsed = streams.subscription_event(
+        "subscription.updated",
+        "SUB-LAPSED",
+        subscriptionStatus="ACTIVE",
+        periodStart="2020-01-01T00:00:00Z",
+        periodEnd="2020-02-01T00:00:00Z",
+    )
+    healthy = streams.subscription_event(
+        "subscription.updated",
+        "SUB-FINE",
+        subscriptionStatus="ACTIVE",
+        periodStart="2026-11-01T00:00:00Z",
+        periodEnd="2099-01-01T00:00:00Z",
+    )
+    for payload in (past_due, lapsed, healthy):
+        assert (await deliver(client, payload)).status_code == 200
+    text = (await client.get("/metrics")).text
+    assert at_risk(text, "past_due") == 1
+    assert at_risk(text, "overdue") == 1  # its period ended and no renewal was heard
+    assert at_risk(text, "domain_expired") == 0

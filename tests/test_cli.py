@@ -1,5 +1,6 @@
 """The console script, run as a user would: real subprocesses, real servers."""
 
+import argparse
 import asyncio
 import re
 import subprocess
@@ -11,17 +12,20 @@ import orjson
 from cryptography.fernet import Fernet
 
 from app import traffic as factories
+from app.cli import build_parser
 from app.crypto import Vault, generate_key
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
     OPS_TOKEN,
+    SIGNING_KEY,
     WEBHOOK_TOKEN,
     app_client,
     deliver,
     make_settings,
 )
-from tests.servers import CLI, clean_env, run_cli, serving
+from tests.reliability.test_crash_and_outage import server_env
+from tests.servers import CLI, clean_env, free_port, run_cli, serving
 
 
 def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
@@ -48,10 +52,24 @@ def test_local_mode_serves_stores_and_keeps_data_across_a_restart():
         assert response.status_code == 200
         # a command run beside it uses the same database and leaves it running
         assert "applied 1" in run_cli("replay", "--all", env=env, cwd=home)
+        # a second serve, on its port or on another, and `db stop`: refused, in one line
+        for args, says in [
+            (["serve", "--port", str(port)], f"127.0.0.1:{port} is already in use"),
+            (["serve", "--port", str(free_port())], "a serve (pid"),
+            (["db", "stop"], "stop that serve"),
+        ]:
+            refused = subprocess.run(
+                [*CLI, *args], env=env, cwd=home, capture_output=True, text=True, timeout=120
+            )
+            assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
-        assert ready["database"] == "up"
-    stopped = run_cli("db", "stop", env=env, cwd=home)
-    assert "no embedded database was running" in stopped  # serve stopped it itself
+        assert ready["database"] == "up"  # the first one's database untouched
+    elsewhere = Path(tempfile.mkdtemp(prefix="cmw-elsewhere-", dir="/tmp"))
+    stopped = run_cli(
+        "db", "stop", "--data-dir", str(home / "data"), env=clean_env(), cwd=elsewhere
+    )
+    assert f"no embedded database runs under {home / 'data'}" in stopped  # serve stopped it
 
 
 def test_production_mode_refuses_to_start_without_a_secret(database_url):
@@ -137,10 +155,45 @@ async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client
     assert "rejected: applied 0" in again  # a replayed delivery is not applied twice
 
 
-def test_every_command_has_help():
+def test_every_command_and_every_option_has_help():
     out = run_cli("--help", env=clean_env())
     for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):
         assert command in out
+    undocumented = []
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+            elif not action.help:
+                undocumented.append(f"{parser.prog} {'/'.join(action.option_strings)}")
+    assert not undocumented
+
+
+def simulate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "simulate", *args, "--events", "5", "--quiet"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_simulate_says_what_to_fix(database_url, tmp_path):
+    dead = simulate(f"http://127.0.0.1:{free_port()}/webhooks/cmr")
+    assert "what to fix: nothing answers at" in dead.stderr
+    with serving(server_env(database_url), tmp_path) as server:
+        wrong = simulate(f"{server.url}/webhooks/cmr", "--token", "not-the-token-at-all")
+        right = simulate(
+            f"{server.url}/webhooks/cmr", "--token", WEBHOOK_TOKEN, "--signing-key", SIGNING_KEY
+        )
+    assert (
+        wrong.returncode == 1
+        and "--token must be one of the server's WEBHOOK_TOKENS" in wrong.stderr
+    )
+    assert right.returncode == 0 and "what to fix" not in right.stderr
 
 
 async def test_rotate_keys_leaves_spooled_deliveries_readable_under_the_new_key(database_url):

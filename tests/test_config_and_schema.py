@@ -13,8 +13,8 @@ COMPLETE = {
     "_env_file": None,
     "database_url": "postgres://u:p@db:5432/app",
     "fernet_keys": FERNET_KEY,
-    "ops_api_tokens": "ops",
-    "webhook_tokens": "hook",
+    "ops_api_tokens": "ops-token-of-16-chars",
+    "webhook_tokens": "hook-token-of-16-chars",
 }
 
 

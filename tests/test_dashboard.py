@@ -51,8 +51,7 @@ async def test_sign_in_sets_a_strict_http_only_session_and_sign_out_ends_it(clie
 async def test_a_forged_session_cookie_is_refused(client):
     await sign_in(client)
     genuine = client.cookies["cmw_session"]
-    payload, mac = genuine.split(".")
-    forged = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + mac
+    forged = genuine[:-2] + ("AA" if genuine[-2:] != "AA" else "BB")
     client.cookies.set("cmw_session", forged, path="/ui")
     assert (await client.get("/ui")).status_code == 303
 

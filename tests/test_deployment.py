@@ -25,7 +25,9 @@ from tests.servers import CLI, Server, clean_env, free_port, serving
 from tests.tls_cluster import BIN, tls_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
+# .env.example's names that compose does not hand to the app as they are
 COMPOSE_ONLY = {"POSTGRES_PASSWORD", "APP_DB_PASSWORD", "DATABASE_URL", "DATA_DIR", "SPOOL_DIR"}
+COMPOSE_ONLY |= {"SITE_ADDRESS", "HTTPS_PORT", "HTTP_PORT"}
 
 
 def env_example_names() -> set[str]:
@@ -83,6 +85,26 @@ def test_compose_app_uses_its_own_role_any_password_and_a_tcp_healthcheck(tmp_pa
     assert app["depends_on"]["db-setup"]["condition"] == "service_completed_successfully"
     assert any(v["target"] == "/var/lib/coldmail/spool" for v in app["volumes"])
     assert env_example_names() - COMPOSE_ONLY <= set(env)
+
+
+def test_compose_puts_a_tls_proxy_in_front_and_trusts_only_it(tmp_path):
+    result = compose_config(
+        tmp_path,
+        POSTGRES_PASSWORD="pw",
+        FERNET_KEYS="k",
+        OPS_API_TOKENS="o",
+        SITE_ADDRESS="h.example",
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    proxy, app = config["services"]["proxy"], config["services"]["app"]
+    address = proxy["networks"]["edge"]["ipv4_address"]
+    assert app["environment"]["FORWARDED_ALLOW_IPS"] == address
+    assert {p["target"] for p in proxy["ports"]} == {443, 80}
+    assert all(p.get("host_ip") == "127.0.0.1" for p in app["ports"])  # the app: this host only
+    assert proxy["environment"]["SITE_ADDRESS"] == "h.example"
+    caddyfile = (ROOT / "deploy/caddy/Caddyfile").read_text()
+    assert "reverse_proxy app:8000" in caddyfile and "read_header" in caddyfile
 
 
 def run(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

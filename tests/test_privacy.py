@@ -44,6 +44,29 @@ async def test_bodies_past_retention_are_deleted_and_the_redacted_copy_stays(
     assert "body deleted 1" in out
 
 
+async def test_rejected_bodies_past_retention_are_deleted_and_their_errors_stay(
+    client, db, database_url
+):
+    for _ in range(2):
+        payload = traffic.mailbox_created()
+        del payload["data"]["mailboxDetails"]["mailboxId"]
+        assert (await deliver(client, payload)).status_code == 422
+    await db.execute(
+        "update rejected_deliveries set received_at = now() - interval '91 days'"
+        " where id = (select min(id) from rejected_deliveries)"
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await expire_bodies(engine, 90) == 1
+    finally:
+        await engine.dispose()
+    rows = await db.fetch(
+        "select body_encrypted is not null as kept, errors from rejected_deliveries order by id"
+    )
+    assert [row["kept"] for row in rows] == [False, True]
+    assert all("mailboxId" in row["errors"] for row in rows)
+
+
 async def test_erase_removes_a_mailbox_everywhere_and_replay_cannot_bring_it_back(
     client, db, database_url
 ):

@@ -5,8 +5,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.api import apply_filters, mailbox_select, mailboxes
+from app.api import apply_filters, mailbox_select
 from app.merge import DERIVE_ORDER
+from app.models import mailboxes
 
 FILL = """
 INSERT INTO subscriptions (subscription_id, domain, source, status)

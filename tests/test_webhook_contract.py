@@ -1,5 +1,8 @@
 """Every row of CONTRACT section 3's status table, through the real app and database."""
 
+import base64
+import hashlib
+import hmac
 import logging
 import time
 
@@ -210,16 +213,55 @@ async def test_report_mode_records_a_bad_signature_instead_of_refusing(database_
     ]
 
 
-@pytest.mark.parametrize("form", [name for name, _, _ in signing.FORMS])
+# Fixed vectors, made with openssl (`printf '%s' "$T.$BODY" | openssl dgst -sha256 -hmac $KEY`),
+# not with the service's code.
+VECTOR_KEY, VECTOR_TS = "cmr-test-vector-key", "1764000000"
+VECTOR_BODY = b'{"event":"mailbox.created","eventId":"V1","data":{}}'
+VECTORS = {
+    "timestamp.body:hex": "7859e0d3503bfab932f42f53c267b23ef39269fe316fef1401331cec74dcce2e",
+    "timestamp.body:base64": "eFng01A7+rky9C9TwmeyPvOSaf4xb+8UATMc7HTczi4=",
+    "body:hex": "b04172040b0eebfcec3b847c4a77e1e4515a3a9c1cd28829b00654281c33fd40",
+    "body:base64": "sEFyBAsO6/zsO4R8Snfh5FFaOpwc0ogpsAZUKBwz/UA=",
+}
+
+
+@pytest.mark.parametrize("form", sorted(VECTORS))
+def test_each_signature_form_matches_its_fixed_vector(form):
+    check = signing.verify(
+        VECTOR_KEY,
+        VECTOR_BODY,
+        signature=VECTORS[form],
+        timestamp=VECTOR_TS,
+        tolerance=300,
+        now=float(VECTOR_TS),
+    )
+    assert (check.result, check.form) == ("valid", form)
+
+
+def test_an_hmac_sha1_is_not_a_signature():
+    sha1 = hmac.new(VECTOR_KEY.encode(), f"{VECTOR_TS}.".encode() + VECTOR_BODY, hashlib.sha1)
+    check = signing.verify(
+        VECTOR_KEY,
+        VECTOR_BODY,
+        signature=sha1.hexdigest(),
+        timestamp=VECTOR_TS,
+        tolerance=300,
+        now=float(VECTOR_TS),
+    )
+    assert check.result == "invalid"
+
+
+def sender_digest(message: bytes, encoding: str) -> str:
+    raw = hmac.new(SIGNING_KEY.encode(), message, hashlib.sha256).digest()
+    return raw.hex() if encoding == "hex" else base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("form", sorted(VECTORS))
 async def test_every_candidate_signature_form_is_accepted_and_recorded(client, db, form):
     body = orjson.dumps(factories.mailbox_created())
     ts = str(int(time.time()))
-    _, with_ts, encoding = next(f for f in signing.FORMS if f[0] == form)
-    message = f"{ts}.".encode() + body if with_ts else body
-    headers = {
-        "cmr-x-signature": signing._digest(SIGNING_KEY, message, encoding),
-        "cmr-x-timestamp": ts,
-    }
+    message = f"{ts}.".encode() + body if form.startswith("timestamp.") else body
+    headers = {"cmr-x-signature": sender_digest(message, form.split(":")[1]), "cmr-x-timestamp": ts}
     response = await client.post(
         "/webhooks/cmr", content=body, params={"token": WEBHOOK_TOKEN}, headers=headers
     )
@@ -231,9 +273,12 @@ async def test_logs_hold_no_secret_token_or_body(client, caplog):
     caplog.set_level(logging.DEBUG)
     payload = factories.mailbox_created(provider="MICROSOFT")
     secret = payload["data"]["mailboxDetails"]["password"]
-    await deliver(client, payload)
-    await deliver(client, factories.mailbox_created(details={"mailboxId": ""}))
-    await deliver(client, b"{broken", token="guess")
+    assert (await deliver(client, payload)).status_code == 200
+    rejected = factories.mailbox_created(details={"mailboxId": ""})
+    rejected["data"]["mailboxDetails"]["password"] = secret
+    assert (await deliver(client, rejected)).status_code == 422
+    assert (await deliver(client, b'{"broken": "' + secret.encode())).status_code == 400
+    assert (await deliver(client, b"{broken", token="guess")).status_code == 401
     server_records = [r for r in caplog.records if not r.name.startswith("httpx")]
     text = "\n".join(r.getMessage() + repr(r.__dict__) for r in server_records)
     assert payload["eventId"] in text  # the delivery was logged

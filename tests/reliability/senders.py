@@ -8,8 +8,7 @@ from typing import Any
 
 import httpx
 
-from app import signing
-from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, wire
+from tests.conftest import WEBHOOK_TOKEN, sender_signature, wire
 
 
 @dataclass
@@ -56,7 +55,7 @@ async def deliver_until_acknowledged(
 ) -> bool:
     body, sent_at = wire(payload)
     for _ in range(attempts):
-        headers = signing.sign(SIGNING_KEY, body, timestamp=sent_at)
+        headers = sender_signature(body, timestamp=sent_at)
         headers["content-type"] = "application/json"
         tally.sent += 1
         try:

@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from app import traffic
+from app.db import make_engine, raw_connection
+from app.processing import is_transient
 from tests.conftest import FERNET_KEY, OPS_TOKEN, SIGNING_KEY, WEBHOOK_TOKEN, asyncpg_dsn
 from tests.reliability.proxy import Proxy
 from tests.reliability.senders import Tally, send_all
@@ -170,3 +172,37 @@ async def test_two_servers_share_one_database_and_count_every_delivery(
         await conn.close()
     print(f"\ntwo servers: {tally.summary()}")
     assert dict(tally.answers) == {"200": len(payloads) * copies}
+
+
+async def test_once_postgresql_drops_every_connection_only_one_statement_fails(database_url):
+    """A restart (or a pooler's) kills the whole pool: the first failure must renew it all,
+    or each dead connection fails one more delivery and the drainer takes minutes."""
+    engine = make_engine(database_url, pool_size=6)
+    try:
+
+        async def hold(ready: asyncio.Barrier) -> None:
+            async with raw_connection(engine) as conn:
+                await conn.fetchval("select 1")
+                await ready.wait()
+
+        barrier = asyncio.Barrier(6)
+        await asyncio.gather(*(hold(barrier) for _ in range(6)))  # six pooled connections
+        admin = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where application_name = 'coldmail-webhooks' and datname = current_database()"
+            )
+        finally:
+            await admin.close()
+        failures = 0
+        for _ in range(6):
+            try:
+                async with raw_connection(engine) as conn:
+                    assert await conn.fetchval("select 1") == 1
+            except Exception as error:
+                assert is_transient(error), repr(error)
+                failures += 1
+        assert failures == 1
+    finally:
+        await engine.dispose()

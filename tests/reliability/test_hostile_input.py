@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from app import resources, traffic
-from tests.conftest import CREDENTIALS_TOKEN, SIGNING_KEY, WEBHOOK_TOKEN, deliver
+from tests.conftest import CREDENTIALS_TOKEN, WEBHOOK_TOKEN, deliver, sender_signature
 
 FUZZ = settings(
     max_examples=150,
@@ -219,14 +219,12 @@ def response_model(schema: dict[str, Any]) -> TypeAdapter[Any]:
 
 async def test_signature_replayed_on_another_body_or_too_late_is_refused(client, db):
     original = orjson.dumps(traffic.mailbox_created())
-    from app import signing  # noqa: PLC0415
-
-    headers = signing.sign(SIGNING_KEY, original)
+    headers = sender_signature(original)
     forged = orjson.dumps(traffic.mailbox_created())
     other_body = await client.post(
         "/webhooks/cmr", content=forged, headers=headers, params={"token": WEBHOOK_TOKEN}
     )
-    late = signing.sign(SIGNING_KEY, original, timestamp=int(math.floor(1_600_000_000)))
+    late = sender_signature(original, timestamp=int(math.floor(1_600_000_000)))
     too_late = await client.post(
         "/webhooks/cmr", content=original, headers=late, params={"token": WEBHOOK_TOKEN}
     )

@@ -1,4 +1,5 @@
-"""The final state, read through the API, is the same whatever order events arrive in."""
+"""The final state, read through the API, is the same whatever order events arrive in, and
+it is what a small model of the rules (tests/model.py) says it must be."""
 
 import time
 from typing import Any
@@ -6,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import streams
+from tests import model, streams
 from tests.conftest import app_client, deliver, fresh_database, make_settings
 from tests.state import read_state
 
@@ -78,6 +79,7 @@ async def test_any_arrival_order_gives_the_same_final_state(
     stream = events + duplicates
     expected = await final_state(server_url, template_name, stream)
     assert expected["mailboxes"] and expected["orders"]
+    model.check(events, expected)  # right, not only the same in every order
     for _ in range(2):
         shuffled = data.draw(st.permutations(stream))
         assert await final_state(server_url, template_name, shuffled) == expected

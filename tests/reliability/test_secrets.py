@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from app import signing, traffic
+from app import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     OPS_TOKEN,
@@ -15,6 +15,7 @@ from tests.conftest import (
     app_client,
     deliver,
     make_settings,
+    sender_signature,
 )
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import serving
@@ -72,7 +73,7 @@ def test_no_canary_or_token_leaks_anywhere(database_url, tmp_path):
                 "/webhooks/cmr",
                 content=body,
                 params={"token": WEBHOOK_TOKEN},
-                headers=signing.sign(SIGNING_KEY, body),
+                headers=sender_signature(body),
             )
             responses.append(answer.text)
         responses.append(

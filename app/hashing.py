@@ -1,0 +1,71 @@
+"""The server's hashing key, and the keyed digests made with it.
+
+Content hashes, derived eventIds, token fingerprints and session ids are HMACs under this
+key, never plain SHA-256: a plain hash of a body holding a password lets anyone who reads
+the hash and the redacted body test guesses offline. The key is random, made once, and
+kept in PostgreSQL encrypted under FERNET_KEYS; `rotate-keys` re-encrypts it, so it never
+changes and stored hashes stay comparable.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import os
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.crypto import Vault
+from app.db import raw_connection
+
+LOAD = "SELECT key_encrypted FROM server_keys WHERE name = 'hashing'"
+CREATE = (
+    "INSERT INTO server_keys (name, key_encrypted) VALUES ('hashing', $1) "
+    "ON CONFLICT (name) DO NOTHING"
+)
+
+
+class Hasher:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def digest(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of the data's SHA-256, so that migration 0007 could key the plain
+        hashes stored before it without reading the bodies."""
+        return self.key_sha256(hashlib.sha256(data).digest())
+
+    def key_sha256(self, sha256: bytes) -> bytes:
+        return hmac.new(self._key, sha256, hashlib.sha256).digest()
+
+    def event_id(self, canonical: bytes) -> str:
+        return "sha256:" + self.digest(canonical).hex()
+
+    def fingerprint(self, token: str) -> str:
+        """A stable name for a token, fit for audit rows and logs, that tells nothing of it."""
+        return self.digest(token.encode()).hex()[:16]
+
+
+class HashingKey:
+    """Loads the key once (making it on a first start), on first need: a service that
+    starts while PostgreSQL is away still serves, and spools."""
+
+    def __init__(self, engine: AsyncEngine, vault: Vault) -> None:
+        self.engine, self.vault = engine, vault
+        self.hasher: Hasher | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Hasher:
+        """Raises what the database raises while it cannot be reached."""
+        if self.hasher is None:
+            async with self._lock:
+                if self.hasher is None:
+                    self.hasher = Hasher(await load_or_create(self.engine, self.vault))
+        return self.hasher
+
+
+async def load_or_create(engine: AsyncEngine, vault: Vault) -> bytes:
+    async with raw_connection(engine) as conn:
+        token = await conn.fetchval(LOAD)
+        if token is None:
+            await conn.execute(CREATE, vault.encrypt(os.urandom(32)))
+            token = await conn.fetchval(LOAD)
+    return vault.decrypt(token)

@@ -1,0 +1,110 @@
+"""deploy/kubernetes, checked offline: kustomize renders it, every built-in kind passes
+kubernetes-validate's strict schema check, the pods are locked down as the README says,
+and the PrometheusRule carries exactly the tested alerts. A slow check of its own:
+`pytest -m deploy` (needs kubectl, which has kustomize built in, and Debian's promtool)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.deploy
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy/kubernetes"
+KUBERNETES = "1.30.0"
+
+
+def tool(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name  # a console script of the test extra
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", str(BASE)], capture_output=True, text=True, check=True
+    ).stdout
+    path = tmp_path_factory.mktemp("kustomize") / "all.yaml"
+    path.write_text(out)
+    return path, [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def test_every_built_in_kind_passes_the_kubernetes_schemas(rendered):
+    path, docs = rendered
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = result.stdout.count(" passed for resource ")
+    built_in = [d for d in docs if "monitoring.coreos.com" not in d["apiVersion"]]
+    assert passed == len(built_in) == 7  # 2 Services, StatefulSet, PDB, HPA, Job, NetworkPolicy
+
+
+def test_the_pods_are_locked_down_and_keep_their_spool(rendered):
+    _, docs = rendered
+    (app,) = by_kind(docs, "StatefulSet")
+    pod = app["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["lifecycle"]["preStop"]
+    # uvicorn lets requests in flight finish for 30 s after SIGTERM: the pod waits longer
+    assert pod["terminationGracePeriodSeconds"] > 30 + 5
+    assert container["envFrom"] == [{"secretRef": {"name": "coldmail-webhooks"}}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (claim,) = app["spec"]["volumeClaimTemplates"]
+    assert mounts[claim["metadata"]["name"]] == env["SPOOL_DIR"]  # one spool per replica
+    assert "--no-migrate" in container["args"]
+    (job,) = by_kind(docs, "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+
+
+def test_the_disruption_budget_and_autoscaler_never_leave_no_replica(rendered):
+    _, docs = rendered
+    (budget,) = by_kind(docs, "PodDisruptionBudget")
+    (scaler,) = by_kind(docs, "HorizontalPodAutoscaler")
+    assert budget["spec"]["minAvailable"] >= 1
+    assert scaler["spec"]["minReplicas"] >= 2
+    assert scaler["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+
+
+def test_the_prometheus_rule_is_the_tested_alerts_and_the_monitor_scrapes_them(rendered, tmp_path):
+    _, docs = rendered
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    extracted = tmp_path / "rules.yml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    subprocess.run([tool("promtool"), "check", "rules", str(extracted)], check=True)
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    selected = [
+        s
+        for s in by_kind(docs, "Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    assert len(selected) == 1  # each pod scraped once
+    ports = {p["name"] for p in selected[0]["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["port"] in ports
+    # the alerts' job="coldmail-webhooks" is the value of the monitor's job label
+    assert selected[0]["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "coldmail-webhooks"
