@@ -1,12 +1,14 @@
 """The read-only ops API under /api/v1: bearer tokens, keyset pages, camelCase JSON."""
 
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
@@ -18,17 +20,31 @@ from pydantic import (
     WithJsonSchema,
 )
 from pydantic.alias_generators import to_camel
-from sqlalchemy import Select, Table, func, insert, literal_column, or_, select, text, true
+from sqlalchemy import (
+    Select,
+    Table,
+    Text,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from app import resources
+from app import exports, renewals, resources
 from app.crypto import Vault, token_matches
 from app.edge import require_https
 from app.errors import ApiError, NotFound
 from app.merge import DOMAIN_RANKS
 from app.models import (
+    MAILBOX_SEARCH,
+    SUBSCRIPTION_SEARCH,
     credential_reads,
     domains,
     events,
@@ -132,6 +148,9 @@ class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
+    order: Literal["newest", "oldest"] = Field(
+        "oldest", description="newest: the latest first. Keep it for the whole walk."
+    )
     cursor: str | None = Field(
         None,
         max_length=1024,
@@ -181,7 +200,12 @@ async def fetch_page(
     committed before the walk began comes exactly once, whatever commits meanwhile (a
     large delivery may hold low ids and commit after smaller ones with higher ids)."""
     cursor = decode_cursor(query.cursor)
-    stmt = stmt.where(table.c.id > cursor.last_id).order_by(table.c.id)
+    if query.order == "newest":
+        stmt = stmt.order_by(table.c.id.desc())
+        if cursor.last_id:
+            stmt = stmt.where(table.c.id < cursor.last_id)
+    else:
+        stmt = stmt.where(table.c.id > cursor.last_id).order_by(table.c.id)
     if cursor.snapshot:
         visible = text(
             f"pg_visible_in_snapshot({table.name}.created_xid::text::xid8, "
@@ -215,7 +239,9 @@ def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> S
     for column, value in filters.items():
         if value is None:
             continue
-        if column == "updated_since":
+        if column == "q":
+            stmt = stmt.where(search_text(table).ilike(contains(value)))
+        elif column == "updated_since":
             stmt = stmt.where(table.c.updated_at >= value)
         else:
             stmt = stmt.where(table.c[column] == value)
@@ -223,7 +249,26 @@ def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> S
 
 
 def filter_values(query: ListQuery) -> dict[str, Any]:
-    return query.model_dump(exclude={"limit", "cursor"}, by_alias=False)
+    return query.model_dump(exclude={"limit", "cursor", "order"}, by_alias=False)
+
+
+def search_text(table: Table) -> ColumnElement[str]:
+    """The text `q` searches: the trigram index's own expression, so the index serves it."""
+    expression = {"mailboxes": MAILBOX_SEARCH, "subscriptions": SUBSCRIPTION_SEARCH}
+    return literal_column(f"({expression[table.name]})")
+
+
+def contains(value: str) -> str:
+    """An ILIKE pattern for `value` anywhere, its own % and _ taken literally (backslash is
+    PostgreSQL's default LIKE escape)."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+Search = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]+$"),
+]
 
 
 # --- subscriptions -------------------------------------------------------------------
@@ -240,6 +285,9 @@ def mailbox_count(
 
 
 class SubscriptionQuery(ListQuery):
+    q: Search | None = Field(
+        None, description="Case-insensitive substring of the domain, subscriptionId or user email"
+    )
     domain: Ident | None = None
     user_id: Ident | None = None
     user_email: Ident | None = None
@@ -311,10 +359,66 @@ async def get_subscription(
     )
 
 
+# --- renewals ------------------------------------------------------------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class RenewalQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    within_days: int = Field(
+        renewals.DEFAULT_DAYS, ge=1, le=366, description="Renewing within this many days"
+    )
+    limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
+    cursor: str | None = Field(
+        None, pattern=r"^-?[0-9]{1,16}-[0-9]{1,18}$", description="`nextCursor` of the last page"
+    )
+
+    def after(self) -> tuple[datetime, int] | None:
+        """The last row's (end, id) of the previous page."""
+        if self.cursor is None:
+            return None
+        micros, _, row_id = self.cursor.rpartition("-")
+        return EPOCH + timedelta(microseconds=int(micros)), int(row_id)
+
+
+def renewal_cursor(row: Any) -> str:
+    return f"{(row.renews_at - EPOCH) // timedelta(microseconds=1)}-{row.id}"
+
+
+@router.get("/renewals", summary="What renews within N days or is overdue, most urgent first")
+async def list_renewals(
+    conn: Conn, query: Annotated[RenewalQuery, Query()]
+) -> resources.RenewalPage:
+    """Each with its risks, mailbox count and monthly cost; `totals` per userId."""
+    try:
+        after = query.after()
+    except OverflowError:
+        raise ApiError(422, {"error": "invalid_request", "detail": []}) from None
+    params = renewals.page_params(query.within_days, after, query.limit + 1)
+    rows = (await conn.execute(renewals.PAGE.bindparams(**params))).all()
+    totals = await conn.execute(renewals.TOTALS.bindparams(days=query.within_days))
+    cursor = renewal_cursor(rows[query.limit - 1]) if len(rows) > query.limit else None
+    return resources.RenewalPage(
+        items=[resources.Renewal.model_validate(r._asdict()) for r in rows[: query.limit]],
+        next_cursor=cursor,
+        totals=[resources.RenewalTotal.model_validate(t._asdict()) for t in totals],
+    )
+
+
 # --- mailboxes -----------------------------------------------------------------------
 
 
-class MailboxQuery(ListQuery):
+class MailboxFilters(BaseModel):
+    model_config = ListQuery.model_config
+
+    q: Search | None = Field(
+        None,
+        description="Case-insensitive substring of the email, first or last name, domain or "
+        "mailboxId",
+    )
+    order_id: Ident | None = None
     updated_since: UtcTime | None = Field(None, description="ISO 8601; no offset means UTC")
     subscription_id: Ident | None = None
     domain: Ident | None = None
@@ -322,6 +426,14 @@ class MailboxQuery(ListQuery):
     user_id: Ident | None = None
     provider: resources.Provider | None = None
     source: Literal["standard", "prewarmed"] | None = None
+
+
+class MailboxQuery(ListQuery, MailboxFilters):
+    pass
+
+
+class ExportQuery(MailboxFilters):
+    format: exports.Format = Field(description="Which platform's bulk-import columns")
 
 
 def mailbox_select() -> Select[Any]:
@@ -389,6 +501,44 @@ async def get_credentials(
         password=password,
         app_password=app_password,
         authenticator_secret=secret,
+    )
+
+
+@router.get(
+    "/exports/mailboxes",
+    summary="Mailboxes with credentials as a sending platform's bulk-import CSV "
+    "(CREDENTIALS_API_TOKENS only, over HTTPS; every mailbox exported is audited)",
+    response_class=StreamingResponse,
+    responses={**resources.errors(403), 200: {"content": {"text/csv": {}}}},
+)
+async def export_mailboxes(
+    request: Request,
+    conn: Conn,
+    query: Annotated[ExportQuery, Query()],
+    token: Annotated[str, Depends(credentials_token)],
+) -> StreamingResponse:
+    require_https(request.scope)
+    export_id = uuid.uuid4().hex
+    fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
+    client = request.client.host if request.client else None
+    chosen = select(
+        mailboxes.c.mailbox_id,
+        literal(fingerprint),
+        literal(client, Text),
+        literal(export_id),
+    ).where(mailboxes.c.erased_at.is_(None))
+    chosen = apply_filters(chosen, mailboxes, query.model_dump(exclude={"format"}))
+    columns = ["mailbox_id", "token_fingerprint", "client_address", "export_id"]
+    # committed before the first byte: no mailbox leaves without its audit row
+    await conn.write(insert(credential_reads).from_select(columns, chosen.order_by(mailboxes.c.id)))
+    filename = f"mailboxes-{query.format}-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    return StreamingResponse(
+        exports.stream(conn.execute, export_id, query.format, request.app.state.vault),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        },
     )
 
 

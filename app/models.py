@@ -37,6 +37,26 @@ Money = Numeric(14, 4)
 Timestamp = DateTime(timezone=True)
 
 
+# What `q` searches (case-insensitive substring, api.py), one text per row so one trigram
+# index (migration 0008) serves it. `||` and coalesce keep the expression immutable.
+MAILBOX_SEARCH = (
+    "coalesce(email, '') || ' ' || coalesce(first_name, '') || ' ' || coalesce(last_name, '')"
+    " || ' ' || coalesce(domain, '') || ' ' || mailbox_id"
+)
+SUBSCRIPTION_SEARCH = (
+    "coalesce(domain, '') || ' ' || subscription_id || ' ' || coalesce(user_email, '')"
+)
+
+
+def search_index(table: str, expression: str) -> Index:
+    return Index(
+        f"ix_{table}_search",
+        text(f"({expression})"),
+        postgresql_using="gin",
+        postgresql_ops={"expr": "gin_trgm_ops"},
+    )
+
+
 def keyset_indexes(table: str, *columns: str) -> tuple[Index, ...]:
     """(filter column, id) indexes: a filtered page ordered by id is one index range scan."""
     return tuple(Index(f"ix_{table}_{column}_id", column, "id") for column in columns)
@@ -142,7 +162,10 @@ class Subscription(Listed, TimestampMixin, Base):
         "source",
         "status",
         "subscription_status",
-    ) + (Index("ix_subscriptions_expiry_date", "expiry_date"),)
+    ) + (
+        Index("ix_subscriptions_expiry_date", "expiry_date"),
+        search_index("subscriptions", SUBSCRIPTION_SEARCH),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     subscription_id: Mapped[str] = mapped_column(Text, unique=True)
@@ -200,8 +223,15 @@ class Mailbox(Listed, TimestampMixin, Base):
 
     __tablename__ = "mailboxes"
     __table_args__ = keyset_indexes(
-        "mailboxes", "subscription_id", "domain", "email", "user_id", "provider", "source"
-    )
+        "mailboxes",
+        "subscription_id",
+        "domain",
+        "email",
+        "user_id",
+        "provider",
+        "source",
+        "order_id",
+    ) + (search_index("mailboxes", MAILBOX_SEARCH),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     mailbox_id: Mapped[str] = mapped_column(Text, unique=True)
@@ -237,7 +267,9 @@ class Mailbox(Listed, TimestampMixin, Base):
 
 class Order(Listed, TimestampMixin, Base):
     __tablename__ = "orders"
-    __table_args__ = keyset_indexes("orders", "status", "kind", "user_id")
+    __table_args__ = keyset_indexes("orders", "status", "kind", "user_id") + (
+        Index("ix_orders_updated_at", "updated_at"),  # the overview's last 7 days
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     order_id: Mapped[str] = mapped_column(Text, unique=True)
@@ -285,16 +317,25 @@ class Erasure(Base):
 
 
 class CredentialRead(Listed, Base):
-    """Audit trail of every decrypted-credential read: who (token fingerprint), what, when."""
+    """Audit trail of every decrypted-credential read: who (token fingerprint), what, when;
+    `export_id` groups the rows of one export (api.export_mailboxes streams exactly those)."""
 
     __tablename__ = "credential_reads"
-    __table_args__ = keyset_indexes("credential_reads", "mailbox_id")
+    __table_args__ = keyset_indexes("credential_reads", "mailbox_id") + (
+        Index(
+            "ix_credential_reads_export_id_id",
+            "export_id",
+            "id",
+            postgresql_where=text("export_id IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     mailbox_id: Mapped[str] = mapped_column(Text)
     token_fingerprint: Mapped[str] = mapped_column(String(32))
     client_address: Mapped[str | None] = mapped_column(Text)
     read_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    export_id: Mapped[str | None] = mapped_column(Text)
 
 
 class ServerKey(Base):

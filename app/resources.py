@@ -87,6 +87,40 @@ class SubscriptionWithMailboxes(Subscription):
     mailboxes: list[Mailbox]
 
 
+Risk = Literal[
+    "past_due",
+    "renewal_failed",
+    "auto_renew_off",
+    "domain_grace_period",
+    "domain_expired",
+    "overdue",
+    "expired",
+    "cancelled",
+]
+
+
+class Renewal(Subscription):
+    renews_at: datetime = Field(description="When its period ends (its expiryDate)")
+    risks: list[Risk] = Field(
+        description="overdue: its period ended and no renewal was heard; the others as named"
+    )
+    monthly_cost: Money | None = Field(description="price per mailbox x quantity (or mailboxes)")
+
+
+class RenewalTotal(Resource):
+    user_id: str | None
+    user_email: str | None
+    subscriptions: int
+    mailboxes: int
+    monthly_cost: Money | None
+
+
+class RenewalPage(Resource):
+    items: list[Renewal]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")
+    totals: list[RenewalTotal] = Field(description="Per userId, over the whole list (all pages)")
+
+
 class Credentials(Resource):
     mailbox_id: str
     password: str | None

@@ -5,9 +5,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.api import apply_filters, mailbox_select
+from app.api import apply_filters, mailbox_select, subscription_select
 from app.merge import DERIVE_ORDER
-from app.models import mailboxes
+from app.models import mailboxes, subscriptions
 
 FILL = """
 INSERT INTO subscriptions (subscription_id, domain, source, status)
@@ -70,3 +70,36 @@ async def test_an_order_delivery_with_100000_order_domains_stored_reads_only_its
     await engine.dispose()
     print(f"\n{plan}")
     assert "Seq Scan on order_domains" not in plan
+
+
+MORE_SUBSCRIPTIONS = """
+INSERT INTO subscriptions (subscription_id, domain, user_email, source, status)
+SELECT 'S' || i, 'x' || i || '.net', 'buyer' || i || '@agency.com', 'standard', 'active'
+FROM generate_series(1, 100000) i;
+"""
+
+
+@pytest.mark.parametrize(
+    ("select_", "table", "typed"),
+    [
+        (mailbox_select, mailboxes, "U4242@X"),
+        (mailbox_select, mailboxes, "bx9999"),
+        (subscription_select, subscriptions, "X77777.NET"),
+    ],
+)
+async def test_a_search_among_100000_rows_reads_the_trigram_index(
+    database_url, select_, table, typed
+):
+    """`q` is a case-insensitive substring: without its trigram index each search would
+    read every row."""
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        for statement in filter(str.strip, (MORE_SUBSCRIPTIONS + FILL).split(";")):
+            await conn.execute(text(statement))
+        stmt = apply_filters(select_(), table, {"q": typed})
+        stmt = stmt.order_by(table.c.id.desc()).limit(51)
+        sql = stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        plan = "\n".join((await conn.execute(text(f"EXPLAIN {sql}"))).scalars())
+    await engine.dispose()
+    print(f"\n{typed}:\n{plan}")
+    assert f"ix_{table.name}_search" in plan

@@ -1,0 +1,174 @@
+"""Mailboxes as the sending platforms' bulk-import CSVs (Instantly, Smartlead, EmailBison)
+or our own full CSV, with each provider's IMAP/SMTP servers and the login that works there:
+the app password for Google, the password for Microsoft 365.
+
+An export is audited first (one credential_reads row per mailbox, all with one export_id,
+committed before the first byte); the rows streamed are exactly the audited ones, read in
+batches by the audit row's id, so no connection is held while the client reads.
+"""
+
+import csv
+import io
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from sqlalchemy import select
+
+from app.crypto import Vault
+from app.models import credential_reads, mailboxes
+
+Format = Literal["instantly", "smartlead", "emailbison", "csv"]
+BATCH = 1000
+# A spreadsheet runs a cell beginning with one of these as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+SERVERS = {  # imap host, imap port, smtp host, smtp port
+    "GOOGLE": ("imap.gmail.com", 993, "smtp.gmail.com", 587),
+    "MICROSOFT": ("outlook.office365.com", 993, "smtp.office365.com", 587),
+}
+# Each platform's bulk-import columns, and which of a mailbox's values fills each. The
+# daily-limit and warmup columns are left empty: the platform then applies its defaults.
+COLUMNS: dict[Format, list[tuple[str, str]]] = {
+    "instantly": [
+        ("Email", "email"),
+        ("First Name", "first_name"),
+        ("Last Name", "last_name"),
+        ("IMAP Username", "email"),
+        ("IMAP Password", "login_password"),
+        ("IMAP Host", "imap_host"),
+        ("IMAP Port", "imap_port"),
+        ("SMTP Username", "email"),
+        ("SMTP Password", "login_password"),
+        ("SMTP Host", "smtp_host"),
+        ("SMTP Port", "smtp_port"),
+        ("Daily Limit", ""),
+        ("Warmup Enabled", ""),
+    ],
+    "smartlead": [
+        ("from_name", "name"),
+        ("from_email", "email"),
+        ("user_name", "email"),
+        ("password", "login_password"),
+        ("smtp_host", "smtp_host"),
+        ("smtp_port", "smtp_port"),
+        ("imap_host", "imap_host"),
+        ("imap_port", "imap_port"),
+        ("max_email_per_day", ""),
+        ("warmup_enabled", ""),
+    ],
+    "emailbison": [
+        ("Name", "name"),
+        ("Email", "email"),
+        ("Password", "login_password"),
+        ("IMAP Server", "imap_host"),
+        ("IMAP Port", "imap_port"),
+        ("SMTP Server", "smtp_host"),
+        ("SMTP Port", "smtp_port"),
+    ],
+    "csv": [
+        ("mailboxId", "mailbox_id"),
+        ("email", "email"),
+        ("firstName", "first_name"),
+        ("lastName", "last_name"),
+        ("domain", "domain"),
+        ("subscriptionId", "subscription_id"),
+        ("orderId", "order_id"),
+        ("provider", "provider"),
+        ("imapHost", "imap_host"),
+        ("imapPort", "imap_port"),
+        ("smtpHost", "smtp_host"),
+        ("smtpPort", "smtp_port"),
+        ("password", "password"),
+        ("appPassword", "app_password"),
+        ("authenticatorSecret", "authenticator_secret"),
+    ],
+}
+SELECTED = [
+    credential_reads.c.id.label("audit_id"),
+    mailboxes.c.mailbox_id,
+    mailboxes.c.email,
+    mailboxes.c.first_name,
+    mailboxes.c.last_name,
+    mailboxes.c.domain,
+    mailboxes.c.subscription_id,
+    mailboxes.c.order_id,
+    mailboxes.c.provider,
+    mailboxes.c.password_encrypted,
+    mailboxes.c.app_password_encrypted,
+    mailboxes.c.authenticator_secret_encrypted,
+]
+
+
+def neutralise(cell: str) -> str:
+    """A cell a spreadsheet would run as a formula, made text by a leading quote."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
+
+
+def values(row: Any, vault: Vault) -> dict[str, Any]:
+    """What the columns draw on, for one mailbox."""
+    imap_host, imap_port, smtp_host, smtp_port = SERVERS.get(row.provider, ("", "", "", ""))
+    password = vault.decrypt_text(row.password_encrypted)
+    app_password = vault.decrypt_text(row.app_password_encrypted)
+    name = " ".join(part for part in (row.first_name, row.last_name) if part)
+    return {
+        **row._asdict(),
+        "name": name,
+        "imap_host": imap_host,
+        "imap_port": imap_port,
+        "smtp_host": smtp_host,
+        "smtp_port": smtp_port,
+        "password": password,
+        "app_password": app_password,
+        "authenticator_secret": vault.decrypt_text(row.authenticator_secret_encrypted),
+        # Google's IMAP and SMTP take an app password; Microsoft 365's the mailbox password
+        "login_password": app_password if row.provider == "GOOGLE" else password,
+    }
+
+
+def csv_text(rows: list[list[str]]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(rows)
+    return out.getvalue()
+
+
+def header(fmt: Format) -> str:
+    return csv_text([[title for title, _ in COLUMNS[fmt]]])
+
+
+def lines(fmt: Format, batch: list[Any], vault: Vault) -> str:
+    cells = []
+    for row in batch:
+        known = values(row, vault)
+        cells.append(
+            [
+                neutralise("" if not key or known[key] is None else str(known[key]))
+                for _, key in COLUMNS[fmt]
+            ]
+        )
+    return csv_text(cells)
+
+
+Fetch = Callable[[Any], Any]
+
+
+async def stream(fetch: Fetch, export_id: str, fmt: Format, vault: Vault) -> AsyncIterator[str]:
+    """The header, then the audited mailboxes BATCH at a time (`fetch` runs a statement and
+    returns its rows, holding a connection only while it does)."""
+    yield header(fmt)
+    after = 0
+    while True:
+        stmt = (
+            select(*SELECTED)
+            .select_from(
+                credential_reads.join(
+                    mailboxes, mailboxes.c.mailbox_id == credential_reads.c.mailbox_id
+                )
+            )
+            .where(credential_reads.c.export_id == export_id, credential_reads.c.id > after)
+            .order_by(credential_reads.c.id)
+            .limit(BATCH)
+        )
+        batch = (await fetch(stmt)).all()
+        if not batch:
+            return
+        yield lines(fmt, batch, vault)
+        after = batch[-1].audit_id

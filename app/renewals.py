@@ -1,0 +1,94 @@
+"""What renews soon and what is at risk: one definition, read by the API (`/renewals`), the
+dashboard's overview and the `cmr_subscriptions_at_risk` gauges.
+
+A subscription is due when its period ends (`expiryDate`, which a period's end sets)
+within N days, or has already ended while it is still meant to run. One that is over for
+good (EXPIRED or CANCELLED) stays on the list for N days after its end, then leaves it.
+Its monthly cost is its price per mailbox times its quantity (else its mailbox count).
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+
+from app.merge import DOMAIN_RANKS
+
+RISKS = (
+    "past_due",
+    "renewal_failed",
+    "auto_renew_off",
+    "domain_grace_period",
+    "domain_expired",
+    "overdue",
+    "expired",
+    "cancelled",
+)
+DEFAULT_DAYS = 30
+
+# Each due subscription with what the read API shows of it, its risks and its cost.
+DUE = f"""
+SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, s.provider,
+    s.source, s.status, s.order_id, s.expiry_date, s.price,
+    coalesce(s.lifecycle_quantity, s.quantity) AS quantity,
+    s.subscription_status, s.period_start, s.period_end, s.auto_renew, s.lifecycle_source,
+    s.created_at, s.updated_at,
+    d.status AS domain_status, d.expiry_date AS domain_expiry_date,
+    s.expiry_date AS renews_at, n.mailbox_count,
+    s.price * coalesce(s.lifecycle_quantity, s.quantity, n.mailbox_count) AS monthly_cost,
+    array_remove(ARRAY[
+        CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
+        CASE WHEN d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
+        CASE WHEN s.auto_renew IS FALSE
+            AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
+            THEN 'auto_renew_off' END,
+        CASE WHEN d.status = 'GRACE_PERIOD' THEN 'domain_grace_period' END,
+        CASE WHEN d.status = 'EXPIRED' THEN 'domain_expired' END,
+        CASE WHEN s.expiry_date < now()
+            AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
+            THEN 'overdue' END,
+        CASE WHEN s.subscription_status = 'EXPIRED' THEN 'expired' END,
+        CASE WHEN s.subscription_status = 'CANCELLED' THEN 'cancelled' END
+    ], NULL) AS risks
+FROM subscriptions s
+LEFT JOIN LATERAL (
+    SELECT status, expiry_date FROM domains
+    WHERE domain_id = s.domain_id OR name = s.domain
+    ORDER BY expiry_date DESC NULLS LAST,
+        array_position({DOMAIN_RANKS}, status) DESC NULLS LAST, version DESC
+    LIMIT 1
+) d ON true
+CROSS JOIN LATERAL (
+    SELECT count(*) AS mailbox_count FROM mailboxes m WHERE m.subscription_id = s.subscription_id
+) n
+WHERE s.expiry_date < now() + make_interval(days => :days)
+    AND (coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
+        OR s.expiry_date >= now() - make_interval(days => :days))
+"""
+
+# Most urgent first: the earliest end, then the row's id; a cursor is the last (end, id).
+PAGE = text(
+    f"SELECT * FROM ({DUE}) due WHERE (renews_at, id) > (:after_at, :after_id)"
+    " ORDER BY renews_at, id LIMIT :limit"
+)
+TOTALS = text(
+    f"""SELECT user_id, max(user_email) AS user_email, count(*) AS subscriptions,
+        sum(mailbox_count) AS mailboxes, sum(monthly_cost) AS monthly_cost
+    FROM ({DUE}) due GROUP BY user_id ORDER BY sum(monthly_cost) DESC NULLS LAST, user_id"""
+)
+RISK_COUNTS = text(
+    f"""SELECT risk, count(*) AS n FROM ({DUE}) due, unnest(due.risks) AS risk GROUP BY risk
+    UNION ALL SELECT 'due', count(*) FROM ({DUE}) due"""
+)
+
+
+def page_params(days: int, after: tuple[datetime, int] | None, limit: int) -> dict[str, Any]:
+    at, row_id = after or (datetime(1, 1, 1, tzinfo=UTC), 0)
+    return {"days": days, "after_at": at, "after_id": row_id, "limit": limit}
+
+
+def risk_counts(rows: list[Row[Any]]) -> dict[str, int]:
+    """Every risk (0 where none) and `due`, the number of subscriptions on the list."""
+    counts = {row.risk: int(row.n) for row in rows}
+    return {risk: counts.get(risk, 0) for risk in (*RISKS, "due")}
