@@ -43,6 +43,7 @@ from app.edge import require_https
 from app.errors import ApiError, NotFound
 from app.merge import DOMAIN_RANKS
 from app.models import (
+    EVENT_ABOUT,
     MAILBOX_SEARCH,
     SUBSCRIPTION_SEARCH,
     credential_reads,
@@ -372,7 +373,7 @@ class RenewalQuery(BaseModel):
     )
     limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
     cursor: str | None = Field(
-        None, pattern=r"^-?[0-9]{1,16}-[0-9]{1,18}$", description="`nextCursor` of the last page"
+        None, pattern=r"^-?[0-9]{1,17}-[0-9]{1,18}$", description="`nextCursor` of the last page"
     )
 
     def after(self) -> tuple[datetime, int] | None:
@@ -384,7 +385,7 @@ class RenewalQuery(BaseModel):
 
 
 def renewal_cursor(row: Any) -> str:
-    return f"{(row.renews_at - EPOCH) // timedelta(microseconds=1)}-{row.id}"
+    return f"{(row.sort_at - EPOCH) // timedelta(microseconds=1)}-{row.id}"
 
 
 @router.get("/renewals", summary="What renews within N days or is overdue, most urgent first")
@@ -517,9 +518,17 @@ async def export_mailboxes(
     query: Annotated[ExportQuery, Query()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> StreamingResponse:
+    fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
+    return await export_response(request, conn, query, fingerprint)
+
+
+async def export_response(
+    request: Request, conn: Reader, query: ExportQuery, fingerprint: str
+) -> StreamingResponse:
+    """Audit every mailbox the filters choose (committed before the first byte: none leaves
+    without its row), then stream exactly those."""
     require_https(request.scope)
     export_id = uuid.uuid4().hex
-    fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
     client = request.client.host if request.client else None
     chosen = select(
         mailboxes.c.mailbox_id,
@@ -529,7 +538,6 @@ async def export_mailboxes(
     ).where(mailboxes.c.erased_at.is_(None))
     chosen = apply_filters(chosen, mailboxes, query.model_dump(exclude={"format"}))
     columns = ["mailbox_id", "token_fingerprint", "client_address", "export_id"]
-    # committed before the first byte: no mailbox leaves without its audit row
     await conn.write(insert(credential_reads).from_select(columns, chosen.order_by(mailboxes.c.id)))
     filename = f"mailboxes-{query.format}-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
     return StreamingResponse(
@@ -642,6 +650,17 @@ async def get_event(conn: Conn, id: RowId) -> resources.Event:
     return resources.Event.model_validate(row._asdict())
 
 
+async def events_about(conn: Reader, limit: int = 50, **ids: str | None) -> list[Any]:
+    """The latest events that name any of these IDs (order=, subscription=, mailbox=)."""
+    paths = [(EVENT_ABOUT[kind], id_) for kind, id_ in ids.items() if id_]
+    if "mailbox" in ids and ids["mailbox"]:
+        paths.append((EVENT_ABOUT["updated_mailbox"], ids["mailbox"]))
+    # the indexes' own expressions, so each is an index scan
+    named = or_(*(literal_column(f"(payload #>> '{path}')") == id_ for path, id_ in paths))
+    stmt = event_select(payload=False).where(named).order_by(events.c.id.desc()).limit(limit)
+    return [resources.EventSummary.model_validate(r._asdict()) for r in await conn.execute(stmt)]
+
+
 class RejectedQuery(ListQuery):
     event_id: Ident | None = None
 
@@ -710,6 +729,7 @@ def replayable_count() -> Any:
 
 CONFLICTS = select(func.count()).select_from(events).where(events.c.conflict).scalar_subquery()
 REJECTED = select(func.count()).select_from(rejected).scalar_subquery()
+LAST_DELIVERY = select(func.max(events.c.last_received_at)).scalar_subquery()
 
 
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
@@ -719,7 +739,7 @@ async def stats(conn: Conn) -> resources.Stats:
         select(func.count()).select_from(subscriptions).scalar_subquery(),
         CONFLICTS,
         REJECTED,
-        select(func.max(events.c.last_received_at)).scalar_subquery(),
+        LAST_DELIVERY,
         replayable_count(),
     )
     subs, conflicts, rejected_count, last, replayable = (await conn.execute(scalars)).one()

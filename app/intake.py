@@ -47,6 +47,8 @@ class Intake:
     hashing: HashingKey
     rejected_max_bytes: int
     database_down_until: float = 0.0
+    # When this process first found the database away, for the dashboard's banner.
+    away_since: datetime | None = None
     spooling: bool = False
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -69,7 +71,9 @@ class Intake:
         Raises ApplyFailed (kept as rejected: answer 500) or SpoolFull (answer 503)."""
         if delivery.hasher is not None and time.monotonic() >= self.database_down_until:
             try:
-                return await self.process_or_reject(delivery, model)
+                outcome = await self.process_or_reject(delivery, model)
+                self.away_since = None
+                return outcome
             except Exception as error:
                 if not is_transient(error):
                     raise
@@ -105,6 +109,10 @@ class Intake:
     def _database_failed(self, error: Exception) -> None:
         log.warning("database unreachable: %s", type(error).__name__)
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
+        self.database_away()
+
+    def database_away(self) -> None:
+        self.away_since = self.away_since or datetime.now(UTC)
 
     async def _spool(self, raw: bytes, meta: dict[str, Any], received_at: datetime) -> None:
         await self.spool.put(
@@ -125,7 +133,9 @@ class Intake:
                 if self.spool.try_become_drainer():
                     delay = IDLE_SECONDS if await self.drain() == 0 else 0
             except Exception as error:
-                if not is_transient(error):
+                if is_transient(error):
+                    self.database_away()
+                else:
                     log.exception("the drainer failed; retrying")
                 delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
             try:
@@ -145,7 +155,7 @@ class Intake:
             else:
                 await self._set_aside(row.id, row.why)
         if rows:
-            self.database_down_until = 0.0
+            self.database_down_until, self.away_since = 0.0, None
         depth, _, _ = await self.spool.depth()
         metrics.SPOOL_DEPTH.set(depth)
         if depth == 0 and self.spooling:

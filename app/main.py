@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -44,6 +44,13 @@ def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[No
         return None
     make_api = partial(SenderApi, settings.cmr_api_url, key)
     return asyncio.create_task(run_periodically(engine, make_api, interval))
+
+
+async def database_unavailable(request: Request, error: Exception) -> Response:
+    """The API says 503 in JSON; a dashboard page says what it cannot show, as a page."""
+    if request.url.path.startswith("/ui"):
+        return await ui.database_away(request, error)
+    return await handle_database_error(request, error)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -112,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     for error in DATABASE_ERRORS:
-        app.add_exception_handler(error, handle_database_error)
+        app.add_exception_handler(error, database_unavailable)
     app.add_middleware(HstsMiddleware)
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -67,7 +67,8 @@ SPOOL_SET_ASIDE = Counter(
 )
 RENEWAL_RISKS = Gauge(
     "cmr_subscriptions_at_risk",
-    "Subscriptions whose renewal is at risk, by risk (counted when /metrics is scraped)",
+    "Subscriptions on the renewals list (within 30 days or overdue) by risk, and risk=due "
+    "for all of them; counted when /metrics is scraped, at most once a minute",
     ["risk"],
     multiprocess_mode="mostrecent",
 )

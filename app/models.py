@@ -57,6 +57,25 @@ def search_index(table: str, expression: str) -> Index:
     )
 
 
+# The IDs a detail page finds its events by (api.events_about), each indexed where present.
+EVENT_ABOUT = {
+    "order": "{data,orderId}",
+    "subscription": "{data,subscriptionId}",
+    "mailbox": "{data,mailboxDetails,mailboxId}",
+    "updated_mailbox": "{data,mailboxId}",
+}
+
+
+def about_index(name: str, path: str) -> Index:
+    expression = f"(payload #>> '{path}')"
+    return Index(
+        f"ix_events_about_{name}",
+        text(expression),
+        text("id"),
+        postgresql_where=text(f"{expression} IS NOT NULL"),
+    )
+
+
 def keyset_indexes(table: str, *columns: str) -> tuple[Index, ...]:
     """(filter column, id) indexes: a filtered page ordered by id is one index range scan."""
     return tuple(Index(f"ix_{table}_{column}_id", column, "id") for column in columns)
@@ -92,6 +111,7 @@ class Event(Listed, Base):
         Index("ix_events_status_id", "status", "id"),
         Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
         Index("ix_events_first_received_at", "first_received_at"),  # the dashboard's 24 h
+        *(about_index(name, path) for name, path in EVENT_ABOUT.items()),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

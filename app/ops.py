@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import metrics
+from app import metrics, renewals
 from app.crypto import token_matches
 from app.errors import DATABASE_ERRORS, ApiError, json_response
 from app.migrations import head_revision
@@ -95,24 +95,6 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-RISKS = ("past_due", "renewal_failed", "domain_grace_period", "domain_expired", "overdue")
-# Per subscription, the risks that hold (overdue: its period ended and no renewal was heard).
-RENEWAL_RISKS = """
-SELECT risk, count(*) AS n FROM (
-    SELECT unnest(ARRAY[
-        CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
-        CASE WHEN d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
-        CASE WHEN d.status = 'GRACE_PERIOD' THEN 'domain_grace_period' END,
-        CASE WHEN d.status = 'EXPIRED' THEN 'domain_expired' END,
-        CASE WHEN coalesce(s.period_end, s.expiry_date) < now()
-            AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
-            THEN 'overdue' END]) AS risk
-    FROM subscriptions s LEFT JOIN LATERAL (
-        SELECT status FROM domains
-        WHERE domain_id = s.domain_id OR name = s.domain
-        ORDER BY expiry_date DESC NULLS LAST LIMIT 1) d ON true
-) AS r WHERE risk IS NOT NULL GROUP BY risk
-"""
 RISKS_EVERY_SECONDS = 60.0  # the count walks every subscription: at most once a minute
 
 
@@ -120,11 +102,11 @@ async def observe_renewal_risks(engine: AsyncEngine) -> bool:
     """Whether they were counted; while the database is away the last counts stay."""
     try:
         async with engine.connect() as conn:
-            rows = await conn.execute(text(RENEWAL_RISKS))
+            query = renewals.RISK_COUNTS.bindparams(days=renewals.DEFAULT_DAYS)
+            rows = (await conn.execute(query)).all()
     except DATABASE_ERRORS as error:
         log.warning("renewal risks not counted: %s", type(error).__name__)
         return False
-    counts: dict[str, int] = {row.risk: row.n for row in rows}
-    for risk in RISKS:
-        metrics.RENEWAL_RISKS.labels(risk).set(counts.get(risk, 0))
+    for risk, n in renewals.risk_counts(rows).items():
+        metrics.RENEWAL_RISKS.labels(risk).set(n)
     return True

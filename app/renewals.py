@@ -2,11 +2,13 @@
 dashboard's overview and the `cmr_subscriptions_at_risk` gauges.
 
 A subscription is due when its period ends (`expiryDate`, which a period's end sets)
-within N days, or has already ended while it is still meant to run. One that is over for
-good (EXPIRED or CANCELLED) stays on the list for N days after its end, then leaves it.
+within N days, or has already ended while it is still meant to run, or it is PAST_DUE.
+One that is over for good (EXPIRED or CANCELLED) stays on the list for N days after its
+end, then leaves it.
 Its monthly cost is its price per mailbox times its quantity (else its mailbox count).
 """
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +37,7 @@ SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, 
     s.subscription_status, s.period_start, s.period_end, s.auto_renew, s.lifecycle_source,
     s.created_at, s.updated_at,
     d.status AS domain_status, d.expiry_date AS domain_expiry_date,
-    s.expiry_date AS renews_at, n.mailbox_count,
+    s.expiry_date AS renews_at, coalesce(s.expiry_date, 'epoch') AS sort_at, n.mailbox_count,
     s.price * coalesce(s.lifecycle_quantity, s.quantity, n.mailbox_count) AS monthly_cost,
     array_remove(ARRAY[
         CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
@@ -62,15 +64,17 @@ LEFT JOIN LATERAL (
 CROSS JOIN LATERAL (
     SELECT count(*) AS mailbox_count FROM mailboxes m WHERE m.subscription_id = s.subscription_id
 ) n
-WHERE s.expiry_date < now() + make_interval(days => :days)
+WHERE (s.expiry_date < now() + make_interval(days => :days)
+        OR s.subscription_status = 'PAST_DUE')
     AND (coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
         OR s.expiry_date >= now() - make_interval(days => :days))
 """
 
-# Most urgent first: the earliest end, then the row's id; a cursor is the last (end, id).
+# Most urgent first: the earliest end (unknown first), then the row's id; a cursor is the
+# last (end, id).
 PAGE = text(
-    f"SELECT * FROM ({DUE}) due WHERE (renews_at, id) > (:after_at, :after_id)"
-    " ORDER BY renews_at, id LIMIT :limit"
+    f"SELECT * FROM ({DUE}) due WHERE (sort_at, id) > (:after_at, :after_id)"
+    " ORDER BY sort_at, id LIMIT :limit"
 )
 TOTALS = text(
     f"""SELECT user_id, max(user_email) AS user_email, count(*) AS subscriptions,
@@ -88,7 +92,7 @@ def page_params(days: int, after: tuple[datetime, int] | None, limit: int) -> di
     return {"days": days, "after_at": at, "after_id": row_id, "limit": limit}
 
 
-def risk_counts(rows: list[Row[Any]]) -> dict[str, int]:
+def risk_counts(rows: Sequence[Row[Any]]) -> dict[str, int]:
     """Every risk (0 where none) and `due`, the number of subscriptions on the list."""
     counts = {row.risk: int(row.n) for row in rows}
     return {risk: counts.get(risk, 0) for risk in (*RISKS, "due")}

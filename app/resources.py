@@ -100,7 +100,9 @@ Risk = Literal[
 
 
 class Renewal(Subscription):
-    renews_at: datetime = Field(description="When its period ends (its expiryDate)")
+    renews_at: datetime | None = Field(
+        description="When its period ends (its expiryDate); null when never said"
+    )
     risks: list[Risk] = Field(
         description="overdue: its period ended and no renewal was heard; the others as named"
     )

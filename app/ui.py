@@ -10,6 +10,7 @@ allows none. No page shows a credential, whoever signed in.
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,25 +23,42 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select, text
 
-from app import api, resources
+from app import api, renewals
 from app.crypto import token_matches
 from app.db import raw_connection
 from app.errors import ApiError
 from app.hashing import Hasher
-from app.models import subscriptions
+from app.models import order_domains, orders, subscriptions
 
 COOKIE = "cmw_session"
 SESSION_HOURS = 8
 IDLE_MINUTES = 30
 FAILURES_ALLOWED, THROTTLE_WINDOW_SECONDS = 5, 60
-EXPIRING_DAYS = 14
+RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
+TROUBLE_DAYS = 7
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
 OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
 Q = TypeVar("Q", bound=BaseModel)
+T = TypeVar("T")
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+
+
+def ago(value: datetime) -> str:
+    """ "3 min ago" or "in 5 d": how far a time is from now, roughly (pages show the exact
+    time on hover)."""
+    seconds = (datetime.now(UTC) - value).total_seconds()
+    span = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if span >= size or unit == "s":
+            amount = f"{int(span // size)} {unit}"
+            break
+    return f"in {amount}" if seconds < 0 else f"{amount} ago"
+
+
+templates.env.filters["ago"] = ago
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
@@ -119,8 +137,10 @@ async def signed_in(request: Request) -> str:
         raise SignInRequired()
     hasher = await hasher_of(request)
     who = await session_statement(request, "touch", hasher.digest(secret.encode()))
+    request.app.state.intake.away_since = None  # the database answered
     if who is None or who not in {hasher.fingerprint(t) for t in tokens(request)}:
         raise SignInRequired()
+    request.state.signed_in = str(who)
     return str(who)
 
 
@@ -152,7 +172,11 @@ def secure(response: Response) -> Response:
 
 
 def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
-    context |= {"signed_in": name != "login.html", "path": request.url.path}
+    context |= {
+        "signed_in": name != "login.html",
+        "path": request.url.path,
+        "now": datetime.now(UTC),
+    }
     return secure(templates.TemplateResponse(request, name, context, status_code=status))
 
 
@@ -292,6 +316,33 @@ def chart(counts: dict[str, dict[datetime, int]], since: datetime) -> dict[str, 
     }
 
 
+def first_link(request: Request) -> str | None:
+    """Back to the first page, once a cursor has moved on from it."""
+    if "cursor" not in request.query_params:
+        return None
+    params = {k: v for k, v in request.query_params.items() if k != "cursor"}
+    return f"{request.url.path}?{urlencode(params)}" if params else request.url.path
+
+
+def listing(request: Request, model: type[Q]) -> Q:
+    """A list page's query: the API's, newest first unless the page asks otherwise."""
+    query = query_of(request, model)
+    if "order" in model.model_fields and "order" not in request.query_params:
+        query = query.model_copy(update={"order": "newest"})
+    return query
+
+
+def links(request: Request, cursor: str | None) -> dict[str, Any]:
+    return {"next": next_link(request, cursor), "first": first_link(request)}
+
+
+async def is_credentials_session(request: Request) -> bool:
+    """Whether the signed-in token may export credentials (CREDENTIALS_API_TOKENS)."""
+    hasher = await hasher_of(request)
+    who = getattr(request.state, "signed_in", None)
+    return who in {hasher.fingerprint(t) for t in request.app.state.settings.credentials_token_list}
+
+
 @pages.get("")
 async def overview(request: Request) -> Response:
     conn = api.reader(request)
@@ -306,96 +357,172 @@ async def overview(request: Request) -> Response:
             " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
         ).bindparams(since=since)
     )
-    conflicts, rejected_total = (await conn.execute(select(api.CONFLICTS, api.REJECTED))).one()
-    depth, oldest, room = await request.app.state.intake.spool.depth()
-    last = await api.latest_reconciliation(conn)
+    conflicts, rejected_total, last_delivery = (
+        await conn.execute(select(api.CONFLICTS, api.REJECTED, api.LAST_DELIVERY))
+    ).one()
+    due = await api.list_renewals(conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
     return page(
         request,
         "overview.html",
+        renewals=due,
+        renewal_days=renewals.DEFAULT_DAYS,
+        troubled=await api.with_domains(conn, await troubled_orders(conn)),
         chart=chart(counts, since),
         signatures=[(row.signature, int(row.n)) for row in signature_rows],
         conflicts=conflicts,
         rejected_total=rejected_total,
-        spool={"depth": depth, "oldest": round(oldest or 0.0, 1), "room": room},
-        reconcile=last,
+        last_delivery=last_delivery,
+        spool=await spool_state(request),
+        reconcile=await api.latest_reconciliation(conn),
+    )
+
+
+async def troubled_orders(conn: api.Reader) -> Any:
+    """Failed and partially failed orders of the last 7 days, the latest first."""
+    stmt = (
+        select(orders)
+        .where(orders.c.status.in_(["failed", "partially_failed"]))
+        .where(orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS))
+        .order_by(orders.c.updated_at.desc())
+        .limit(50)
+    )
+    return (await conn.execute(stmt)).all()
+
+
+async def spool_state(request: Request) -> dict[str, Any]:
+    """From the process itself: it answers while the database is away."""
+    depth, oldest, room = await request.app.state.intake.spool.depth()
+    return {"depth": depth, "oldest": round(oldest or 0.0, 1), "room": room}
+
+
+@pages.get("/renewals")
+async def renewals_page(request: Request) -> Response:
+    query = query_of(request, api.RenewalQuery)
+    result = await api.list_renewals(api.reader(request), query)
+    return page(
+        request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
     )
 
 
 @pages.get("/orders")
 async def orders_page(request: Request) -> Response:
     conn = api.reader(request)
-    query = query_of(request, api.OrderQuery)
-    partial = None
+    query = listing(request, api.OrderQuery)
+    partial, partial_count = None, 0
     if not query.cursor and not query.status:
-        partial = await api.list_orders(conn, api.OrderQuery(status="partially_failed", limit=20))
+        partial = await api.list_orders(
+            conn, api.OrderQuery(status="partially_failed", limit=20, order="newest")
+        )
+        partial_count = (
+            await conn.execute(
+                select(func.count())
+                .select_from(orders)
+                .where(orders.c.status == "partially_failed")
+            )
+        ).scalar_one()
     result = await api.list_orders(conn, query)
     return page(
         request,
         "orders.html",
         partial=partial,
+        partial_count=partial_count,
         orders=result.items,
-        next=next_link(request, result.next_cursor),
         query=query,
+        **links(request, result.next_cursor),
+    )
+
+
+@pages.get("/orders/{order_id}")
+async def order_page(request: Request, order_id: str) -> Response:
+    conn = api.reader(request)
+    order = await found(api.get_order(conn, order_id), "No such order.")
+    boxes = await api.list_mailboxes(conn, api.MailboxQuery(order_id=order_id, limit=500))
+    return page(
+        request,
+        "order.html",
+        order=order,
+        mailboxes=boxes.items,
+        more_mailboxes=boxes.next_cursor is not None,
+        events=await api.events_about(conn, order=order_id),
+        can_export=await is_credentials_session(request),
     )
 
 
 @pages.get("/subscriptions")
 async def subscriptions_page(request: Request) -> Response:
     conn = api.reader(request)
-    query = query_of(request, api.SubscriptionQuery)
-    soon = datetime.now(UTC) + timedelta(days=EXPIRING_DAYS)
-    s = subscriptions.c
-    expiring = await conn.execute(
-        api.subscription_select()
-        .where(s.expiry_date >= func.now(), s.expiry_date < soon)
-        .order_by(s.expiry_date)
-        .limit(20)
-    )
+    query = listing(request, api.SubscriptionQuery)
     result = await api.list_subscriptions(conn, query)
+    by_status = await api.counts_by(conn, subscriptions, "subscription_status")
     return page(
         request,
         "subscriptions.html",
-        by_status=await api.counts_by(conn, subscriptions, "subscription_status"),
-        expiring=[resources.Subscription.model_validate(r._asdict()) for r in expiring],
-        expiring_days=EXPIRING_DAYS,
+        by_status={("unknown" if k == "None" else k): n for k, n in by_status.items()},
         subscriptions=result.items,
-        next=next_link(request, result.next_cursor),
         query=query,
+        **links(request, result.next_cursor),
+    )
+
+
+@pages.get("/subscriptions/{subscription_id}")
+async def subscription_page(request: Request, subscription_id: str) -> Response:
+    conn = api.reader(request)
+    sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
+    stmt = select(order_domains).where(order_domains.c.subscription_id == subscription_id)
+    return page(
+        request,
+        "subscription.html",
+        sub=sub,
+        orders=(await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all(),
+        events=await api.events_about(conn, subscription=subscription_id),
+        can_export=await is_credentials_session(request),
     )
 
 
 @pages.get("/mailboxes")
 async def mailboxes_page(request: Request) -> Response:
-    """One search box: an address finds a mailbox, anything else a domain's mailboxes."""
-    search = request.query_params.get("q", "").strip()
-    found = None
-    if search:
-        field = "email" if "@" in search else "domain"
-        cursor = request.query_params.get("cursor")
-        try:
-            query = api.MailboxQuery.model_validate({field: search, "cursor": cursor})
-        except ValidationError:
-            raise PageError(422, "Search for an email address or a domain.") from None
-        found = await api.list_mailboxes(api.reader(request), query)
+    """The newest mailboxes, or those a search finds (address, name, domain or ID)."""
+    query = listing(request, api.MailboxQuery)
+    result = await api.list_mailboxes(api.reader(request), query)
     return page(
         request,
         "mailboxes.html",
-        search=search,
-        mailboxes=found.items if found else None,
-        next=next_link(request, found.next_cursor) if found else None,
+        search=query.q or "",
+        mailboxes=result.items,
+        **links(request, result.next_cursor),
     )
+
+
+@pages.get("/mailboxes/{mailbox_id}")
+async def mailbox_page(request: Request, mailbox_id: str) -> Response:
+    conn = api.reader(request)
+    box = await found(api.get_mailbox(conn, mailbox_id), "No such mailbox.")
+    return page(
+        request,
+        "mailbox.html",
+        box=box,
+        events=await api.events_about(conn, mailbox=mailbox_id, order=box.order_id),
+    )
+
+
+async def found(lookup: Awaitable[T], missing: str) -> T:
+    """The resource, or a 404 page (an ID that is not valid is not found either)."""
+    try:
+        return await lookup
+    except (ApiError, ValidationError):
+        raise PageError(404, missing) from None
 
 
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
-    query = query_of(request, api.EventQuery)
+    query = listing(request, api.EventQuery)
     result = await api.list_events(api.reader(request), query)
     return page(
         request,
         "events.html",
         events=result.items,
-        next=next_link(request, result.next_cursor),
         query=query,
+        **links(request, result.next_cursor),
     )
 
 
@@ -403,22 +530,73 @@ async def events_page(request: Request) -> Response:
 async def event_page(request: Request, id: str) -> Response:
     if not id.isdigit() or not 1 <= int(id) <= api.MAX_ROW_ID:
         raise PageError(404, "No such event.")
-    try:
-        event = await api.get_event(api.reader(request), int(id))
-    except ApiError:
-        raise PageError(404, "No such event.") from None
+    event = await found(api.get_event(api.reader(request), int(id)), "No such event.")
     payload = orjson.dumps(event.payload, option=orjson.OPT_INDENT_2).decode()
     return page(request, "event.html", event=event, payload=payload)
 
 
 @pages.get("/rejected")
 async def rejected_page(request: Request) -> Response:
-    query = query_of(request, api.RejectedQuery)
+    query = listing(request, api.RejectedQuery)
     result = await api.list_rejected(api.reader(request), query)
     return page(
         request,
         "rejected.html",
         rejected=result.items,
-        next=next_link(request, result.next_cursor),
         query=query,
+        **links(request, result.next_cursor),
+    )
+
+
+@pages.post("/exports/mailboxes")
+async def export_page(request: Request) -> Response:
+    """A download for a session signed in with a credentials token (same rules as the API)."""
+    if cross_site(request):
+        raise PageError(403, "An export asked for by another site is refused.")
+    if not await is_credentials_session(request):
+        raise PageError(403, "Exports need a session signed in with a credentials token.")
+    form = parse_qs((await request.body()).decode(errors="replace"))
+    fields = {k: v[0] for k, v in form.items() if v and v[0]}
+    try:
+        query = api.ExportQuery.model_validate(fields)
+    except ValidationError:
+        raise PageError(422, "Choose a format and a subscription or an order.") from None
+    try:
+        return await api.export_response(
+            request, api.reader(request), query, request.state.signed_in
+        )
+    except ApiError as error:
+        raise PageError(error.status, "Exports are served only over HTTPS.") from None
+
+
+# --- while the database is away ------------------------------------------------------
+
+CANNOT_SHOW = {
+    "": "renewals, orders, conflicts, rejected deliveries and the delivery chart",
+    "renewals": "renewals",
+    "orders": "orders",
+    "subscriptions": "subscriptions",
+    "mailboxes": "mailboxes",
+    "events": "events",
+    "rejected": "rejected deliveries",
+    "login": "a sign-in: sessions are kept in the database",
+    "logout": "a sign-out: sessions are kept in the database",
+    "exports": "an export",
+}
+
+
+async def database_away(request: Request, error: Exception) -> Response:
+    """Any page the database cannot answer: what the process itself knows (the spool, since
+    when it has found the database away) and what the page cannot show, as a page."""
+    intake = request.app.state.intake
+    intake.database_away()
+    section = request.url.path.removeprefix("/ui").strip("/").split("/")[0]
+    return page(
+        request,
+        "away.html",
+        503,
+        away_since=intake.away_since,
+        spool=await spool_state(request),
+        cannot_show=CANNOT_SHOW.get(section, "this page"),
+        signed_in_known=COOKIE in request.cookies,
     )

@@ -10,7 +10,15 @@ from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client
 from tests.dashboard_data import fill
 from tests.reliability.test_secrets import canaries_in
 
-PAGES = ["/ui", "/ui/orders", "/ui/subscriptions", "/ui/mailboxes", "/ui/events", "/ui/rejected"]
+PAGES = [
+    "/ui",
+    "/ui/renewals",
+    "/ui/orders",
+    "/ui/subscriptions",
+    "/ui/mailboxes",
+    "/ui/events",
+    "/ui/rejected",
+]
 
 
 async def sign_in(client: httpx.AsyncClient, token: str = OPS_TOKEN) -> httpx.Response:
@@ -72,18 +80,16 @@ async def test_every_page_has_a_strict_csp_and_no_script(client):
         assert " style=" not in response.text  # no inline style either
 
 
-async def test_pages_show_the_partial_order_first_the_expiring_subscription_and_search(
-    client,
-):
+async def test_pages_show_the_partial_order_first_the_renewal_and_search(client):
     data = await fill(client)
     await sign_in(client)
     orders = (await client.get("/ui/orders")).text
     attention = orders.split("All orders")[0]
     assert data["order_id"] in attention and data["failed_domain"] in attention
     assert "DNS not verified" in attention
-    subs = (await client.get("/ui/subscriptions")).text
-    expiring = subs.split("All subscriptions")[0].split("Expiring in the next")[1]
-    assert data["expiring"] in expiring
+    overview = (await client.get("/ui")).text
+    renewals = overview.split("Renewals in the next")[1].split("Failed and partially failed")[0]
+    assert f"/ui/subscriptions/{data['expiring']}" in renewals
     by_email = (await client.get("/ui/mailboxes", params={"q": data["email"]})).text
     assert data["email"] in by_email
     by_domain = (await client.get("/ui/mailboxes", params={"q": data["domain"]})).text
@@ -116,11 +122,19 @@ async def test_no_page_shows_a_credential_even_to_a_credentials_token(client, to
             headers={"Authorization": f"Bearer {OPS_TOKEN}"},
         )
     ).json()
+    mailboxes = (
+        await client.get(
+            "/api/v1/mailboxes", params={"limit": 100}, headers={"Authorization": f"Bearer {OPS_TOKEN}"}
+        )
+    ).json()["items"]
     paths = [
         *PAGES,
         f"/ui/mailboxes?q={data['domain']}",
         f"/ui/mailboxes?q={data['email']}",
+        f"/ui/orders/{data['order_id']}",
     ]
+    paths += [f"/ui/mailboxes/{m['mailboxId']}" for m in mailboxes]
+    paths += list({f"/ui/subscriptions/{m['subscriptionId']}" for m in mailboxes})
     paths += [f"/ui/events/{e['id']}" for e in events["items"]]
     redacted = 0
     for path in paths:

@@ -1,4 +1,5 @@
-"""search and exports: trigram indexes for `q`, exports in the credentials audit
+"""search, detail pages and exports: trigram indexes for `q`, events by the IDs they
+name, exports in the credentials audit
 
 Revision ID: 0008
 Revises: 0007
@@ -19,6 +20,13 @@ MAILBOX_SEARCH = (
 SUBSCRIPTION_SEARCH = (
     "coalesce(domain, '') || ' ' || subscription_id || ' ' || coalesce(user_email, '')"
 )
+# The IDs the dashboard's detail pages find their events by.
+EVENT_ABOUT = {
+    "order": "{data,orderId}",
+    "subscription": "{data,subscriptionId}",
+    "mailbox": "{data,mailboxDetails,mailboxId}",
+    "updated_mailbox": "{data,mailboxId}",
+}
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -34,6 +42,12 @@ def upgrade() -> None:
         ("ix_subscriptions_search", "subscriptions", SUBSCRIPTION_SEARCH),
     ):
         op.execute(f"CREATE INDEX {name} ON {table} USING gin (({expression}) gin_trgm_ops)")
+    for name, path in EVENT_ABOUT.items():
+        expression = f"(payload #>> '{path}')"
+        op.execute(
+            f"CREATE INDEX ix_events_about_{name} ON events ({expression}, id)"
+            f" WHERE {expression} IS NOT NULL"
+        )
     op.add_column("credential_reads", sa.Column("export_id", sa.Text(), nullable=True))
     op.create_index(
         "ix_credential_reads_export_id_id",
@@ -46,6 +60,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    for name in EVENT_ABOUT:
+        op.drop_index(f"ix_events_about_{name}", table_name="events")
     op.drop_index("ix_mailboxes_order_id_id", table_name="mailboxes")
     op.drop_index("ix_orders_updated_at", table_name="orders")
     op.drop_index("ix_credential_reads_export_id_id", table_name="credential_reads")

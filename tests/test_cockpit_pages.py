@@ -1,0 +1,169 @@
+"""The dashboard as the ops team's daily tool: newest first, detail pages that link each
+other, search as typed, renewals first, exports for a credentials session, and pages that
+still say something useful while the database is away."""
+
+import csv
+import io
+import re
+
+import httpx
+
+from app import traffic
+from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client, deliver, make_settings
+from tests.dashboard_data import fill
+from tests.reliability.proxy import Proxy
+from tests.test_dashboard import PAGES, sign_in
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def links(html: str) -> set[str]:
+    return set(re.findall(r'href="([^"]+)"', html))
+
+
+async def test_detail_pages_link_order_subscription_mailbox_and_their_events(client):
+    data = await fill(client)
+    await sign_in(client)
+    order = await client.get(f"/ui/orders/{data['order_id']}")
+    assert order.status_code == 200
+    assert "DNS not verified" in order.text and data["failed_domain"] in order.text
+    sub_links = [href for href in links(order.text) if href.startswith("/ui/subscriptions/")]
+    box_links = [href for href in links(order.text) if href.startswith("/ui/mailboxes/")]
+    assert len(sub_links) == 2 and len(box_links) == 4  # two domains succeeded, 2 boxes each
+    assert any(href.startswith("/ui/events/") for href in links(order.text))
+    sub = await client.get(sub_links[0])
+    assert sub.status_code == 200 and f"/ui/orders/{data['order_id']}" in links(sub.text)
+    box = await client.get(box_links[0])
+    assert box.status_code == 200
+    assert {sub_links[0], f"/ui/orders/{data['order_id']}"} & links(box.text)
+    assert any(href.startswith("/ui/events/") for href in links(box.text))
+
+
+async def test_unknown_ids_get_a_not_found_page(client):
+    await sign_in(client)
+    for path in ("/ui/orders/nope", "/ui/subscriptions/nope", "/ui/mailboxes/nope"):
+        response = await client.get(path)
+        assert response.status_code == 404 and "No such" in response.text
+
+
+async def test_an_order_level_failure_shows_its_reason(client):
+    failed = traffic.envelope(
+        "prewarmup.order.failed",
+        {"orderId": "ORDER-WHOLE-FAIL", "userId": "U1", "reason": "Payment declined by issuer"},
+    )
+    assert (await deliver(client, failed)).status_code == 200
+    await sign_in(client)
+    assert "Payment declined by issuer" in (await client.get("/ui/orders")).text
+    assert "Payment declined by issuer" in (await client.get("/ui/orders/ORDER-WHOLE-FAIL")).text
+    assert "Payment declined by issuer" in (await client.get("/ui")).text  # last 7 days
+
+
+async def test_no_page_says_none_and_users_show_their_email(client):
+    data = await fill(client)
+    await sign_in(client)
+    order = f"/ui/orders/{data['order_id']}"
+    for path in [*PAGES, order, f"/ui/subscriptions/{data['expiring']}"]:
+        text = (await client.get(path)).text
+        assert not re.search(r">\s*None\b|\bNone\s*<", text), path
+    assert "johndoe@company.com" in (await client.get("/ui/orders")).text
+    subs = (await client.get("/ui/subscriptions")).text
+    assert "johndoe@company.com" in subs and "unknown" in subs
+
+
+async def test_lists_open_newest_first_and_lead_back_to_the_first_page(client):
+    sent = [traffic.mailbox_created() for _ in range(3)]
+    for payload in sent:
+        assert (await deliver(client, payload)).status_code == 200
+    await sign_in(client)
+    page = (await client.get("/ui/events", params={"limit": 2})).text
+    assert page.index(sent[2]["eventId"]) < page.index(sent[1]["eventId"])
+    assert sent[0]["eventId"] not in page
+    next_href = re.search(r'href="([^"]+)">Next page', page)
+    assert next_href
+    second = (await client.get(next_href[1].replace("&amp;", "&"))).text
+    assert sent[0]["eventId"] in second and "First page" in second
+    assert re.search(r'<time datetime="[^"]+" title="\d{4}-\d\d-\d\d [^"]+">\d+ \w+ ago', page)
+
+
+async def test_mailboxes_open_with_the_newest_and_search_what_a_person_types(client):
+    data = await fill(client)
+    await sign_in(client)
+    assert data["email"] in (await client.get("/ui/mailboxes")).text
+    for typed in (data["email"].upper(), data["domain"].upper(), "john"):
+        assert data["email"] in (await client.get("/ui/mailboxes", params={"q": typed})).text
+
+
+async def test_rejected_malformed_json_says_so(client):
+    assert (await deliver(client, b'{"event": "mailbox.created", oops')).status_code in (400, 422)
+    await sign_in(client)
+    assert "body is not valid JSON" in (await client.get("/ui/rejected")).text
+
+
+async def test_partially_failed_orders_are_counted(client):
+    await fill(client)
+    await sign_in(client)
+    assert "Partially failed: 1" in (await client.get("/ui/orders")).text
+
+
+# --- exports from the dashboard --------------------------------------------------------
+
+
+async def test_a_credentials_session_downloads_a_subscriptions_mailboxes(client):
+    data = await fill(client)
+    await sign_in(client, CREDENTIALS_TOKEN)
+    page = (await client.get(f"/ui/subscriptions/{data['expiring']}")).text
+    assert 'action="/ui/exports/mailboxes"' in page
+    response = await client.post(
+        "/ui/exports/mailboxes",
+        content=f"subscriptionId={data['expiring']}&format=instantly",
+        headers=FORM,
+    )
+    assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
+    [row] = list(csv.DictReader(io.StringIO(response.text)))
+    assert row["IMAP Host"] == "imap.gmail.com" and row["SMTP Password"].startswith("canary-")
+
+
+async def test_an_ops_session_sees_no_download_and_may_not_export(client):
+    data = await fill(client)
+    await sign_in(client)
+    page = (await client.get(f"/ui/subscriptions/{data['expiring']}")).text
+    assert "/ui/exports/mailboxes" not in page
+    response = await client.post(
+        "/ui/exports/mailboxes", content=f"subscriptionId={data['expiring']}&format=csv", headers=FORM
+    )
+    assert response.status_code == 403 and "canary" not in response.text
+
+
+async def test_an_export_posted_from_another_site_is_refused(client):
+    data = await fill(client)
+    await sign_in(client, CREDENTIALS_TOKEN)
+    response = await client.post(
+        "/ui/exports/mailboxes",
+        content=f"subscriptionId={data['expiring']}&format=csv",
+        headers=FORM | {"sec-fetch-site": "cross-site"},
+    )
+    assert response.status_code == 403 and "canary" not in response.text
+
+
+# --- while the database is away --------------------------------------------------------
+
+
+async def test_every_page_says_the_database_is_away_and_shows_the_spool(database_url, tmp_path):
+    proxy = Proxy(database_url)
+    await proxy.start()
+    settings = make_settings(proxy.url, spool_dir=str(tmp_path / "spool"))
+    async with app_client(settings) as client:
+        assert (await sign_in(client)).status_code == 303
+        await proxy.cut()
+        queued = [await deliver(client, traffic.mailbox_created()) for _ in range(3)]
+        assert [r.json()["status"] for r in queued] == ["queued"] * 3
+        for path in [*PAGES, "/ui/orders/x", "/ui/events/1"]:
+            response = await client.get(path)
+            assert response.status_code == 503, path
+            assert response.headers["content-type"].startswith("text/html")
+            assert "The database cannot be reached" in response.text
+            assert "found it away at" in response.text
+            assert '<p class="figure">3</p>' in response.text  # the spool, from the process
+            assert "This page cannot show" in response.text
+        await proxy.restore()
+        assert isinstance(client, httpx.AsyncClient)
