@@ -9,7 +9,7 @@ import re
 import httpx
 
 from app import traffic
-from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client, deliver, make_settings
+from tests.conftest import CREDENTIALS_TOKEN, app_client, deliver, make_settings
 from tests.dashboard_data import fill
 from tests.reliability.proxy import Proxy
 from tests.test_dashboard import PAGES, sign_in
@@ -129,7 +129,9 @@ async def test_an_ops_session_sees_no_download_and_may_not_export(client):
     page = (await client.get(f"/ui/subscriptions/{data['expiring']}")).text
     assert "/ui/exports/mailboxes" not in page
     response = await client.post(
-        "/ui/exports/mailboxes", content=f"subscriptionId={data['expiring']}&format=csv", headers=FORM
+        "/ui/exports/mailboxes",
+        content=f"subscriptionId={data['expiring']}&format=csv",
+        headers=FORM,
     )
     assert response.status_code == 403 and "canary" not in response.text
 

@@ -124,7 +124,9 @@ async def test_no_page_shows_a_credential_even_to_a_credentials_token(client, to
     ).json()
     mailboxes = (
         await client.get(
-            "/api/v1/mailboxes", params={"limit": 100}, headers={"Authorization": f"Bearer {OPS_TOKEN}"}
+            "/api/v1/mailboxes",
+            params={"limit": 100},
+            headers={"Authorization": f"Bearer {OPS_TOKEN}"},
         )
     ).json()["items"]
     paths = [
