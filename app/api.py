@@ -650,13 +650,15 @@ async def get_event(conn: Conn, id: RowId) -> resources.Event:
     return resources.Event.model_validate(row._asdict())
 
 
-async def events_about(conn: Reader, limit: int = 50, **ids: str | None) -> list[Any]:
+async def events_about(conn: Reader, limit: int = 50, **ids: Sequence[str]) -> list[Any]:
     """The latest events that name any of these IDs (order=, subscription=, mailbox=)."""
-    paths = [(EVENT_ABOUT[kind], id_) for kind, id_ in ids.items() if id_]
-    if "mailbox" in ids and ids["mailbox"]:
-        paths.append((EVENT_ABOUT["updated_mailbox"], ids["mailbox"]))
+    paths = [(EVENT_ABOUT[kind], list(values)) for kind, values in ids.items() if values]
+    if ids.get("mailbox"):
+        paths.append((EVENT_ABOUT["updated_mailbox"], list(ids["mailbox"])))
+    if not paths:
+        return []
     # the indexes' own expressions, so each is an index scan
-    named = or_(*(literal_column(f"(payload #>> '{path}')") == id_ for path, id_ in paths))
+    named = or_(*(literal_column(f"(payload #>> '{path}')").in_(values) for path, values in paths))
     stmt = event_select(payload=False).where(named).order_by(events.c.id.desc()).limit(limit)
     return [resources.EventSummary.model_validate(r._asdict()) for r in await conn.execute(stmt)]
 

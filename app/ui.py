@@ -443,7 +443,7 @@ async def order_page(request: Request, order_id: str) -> Response:
         order=order,
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
-        events=await api.events_about(conn, order=order_id),
+        events=await api.events_about(conn, order=[order_id]),
         can_export=await is_credentials_session(request),
     )
 
@@ -469,12 +469,16 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
     conn = api.reader(request)
     sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
     stmt = select(order_domains).where(order_domains.c.subscription_id == subscription_id)
+    its_orders = (await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all()
+    order_ids = {o.order_id for o in its_orders} | ({sub.order_id} if sub.order_id else set())
     return page(
         request,
         "subscription.html",
         sub=sub,
-        orders=(await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all(),
-        events=await api.events_about(conn, subscription=subscription_id),
+        orders=its_orders,
+        events=await api.events_about(
+            conn, subscription=[subscription_id], order=sorted(order_ids)
+        ),
         can_export=await is_credentials_session(request),
     )
 
@@ -501,7 +505,9 @@ async def mailbox_page(request: Request, mailbox_id: str) -> Response:
         request,
         "mailbox.html",
         box=box,
-        events=await api.events_about(conn, mailbox=mailbox_id, order=box.order_id),
+        events=await api.events_about(
+            conn, mailbox=[mailbox_id], order=[box.order_id] if box.order_id else []
+        ),
     )
 
 

@@ -33,6 +33,7 @@ async def test_detail_pages_link_order_subscription_mailbox_and_their_events(cli
     assert any(href.startswith("/ui/events/") for href in links(order.text))
     sub = await client.get(sub_links[0])
     assert sub.status_code == 200 and f"/ui/orders/{data['order_id']}" in links(sub.text)
+    assert any(href.startswith("/ui/events/") for href in links(sub.text))
     box = await client.get(box_links[0])
     assert box.status_code == 200
     assert {sub_links[0], f"/ui/orders/{data['order_id']}"} & links(box.text)

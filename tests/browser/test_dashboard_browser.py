@@ -8,14 +8,19 @@ Marked `browser` and left out of the default run; CI runs it as its own step:
 import asyncio
 import os
 import tempfile
+import threading
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import OPS_TOKEN
+from app import traffic
+from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.dashboard_data import fill
+from tests.reliability.proxy import Proxy
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import serving
 
@@ -72,8 +77,39 @@ def screenshots() -> Path:
     return folder
 
 
+@contextmanager
+def proxied(database_url: str) -> Iterator[tuple[Proxy, Any]]:
+    """A cuttable proxy in front of PostgreSQL, run on a loop of its own (the browser and
+    the server are driven from this thread); yields it and a function that runs a coroutine
+    on its loop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(60)
+
+    proxy = Proxy(database_url)
+    run(proxy.start())
+    try:
+        yield proxy, run
+    finally:
+        run(proxy.cut())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def sign_in(browser: Any, url: str, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(url + "/ui/login")
+    browser.find_element(By.ID, "token").send_keys(token)
+    click_and_wait(browser, "form.login button", "Overview")
+
+
 def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     with serving(server_env(database_url), tmp_path) as server:
 
@@ -102,11 +138,14 @@ def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_p
         overview = open_page("/ui", "overview")
         assert "Deliveries per minute" in overview and "Spool" in overview
         assert browser.find_elements(By.CSS_SELECTOR, "svg.chart path.bar-processed")
+        assert "Renewals in the next" in overview
+        assert browser.find_elements(
+            By.CSS_SELECTOR, f"section.attention a[href='/ui/subscriptions/{data['expiring']}']"
+        )  # the subscription expiring in five days leads the overview
         orders = open_page("/ui/orders", "orders")
         assert orders.index(data["failed_domain"]) < orders.index("All orders")  # partial first
         subs = open_page("/ui/subscriptions", "subscriptions")
-        expiring = subs.split("Expiring in the next")[1].split("All subscriptions")[0]
-        assert data["expiring"] in expiring
+        assert data["expiring"] in subs
         browser.get(server.url + "/ui/mailboxes")
         box = browser.find_element(By.NAME, "q")
         box.send_keys(data["email"])
@@ -120,7 +159,100 @@ def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_p
         browser.save_screenshot(str(shots / "event.png"))
         saved.append("event.png")
         assert "invalid_payload" in open_page("/ui/rejected", "rejected")
+        renewals = open_page("/ui/renewals", "renewals")
+        assert "Per user" in renewals
+        browser.get(server.url + "/ui/orders")
+        click_and_wait(browser, f"a[href='/ui/orders/{data['order_id']}']", "Order ")
+        order = open_page(f"/ui/orders/{data['order_id']}", "order")
+        assert "DNS not verified" in order and "Events" in order
+        click_and_wait(browser, "main table tbody a[href^='/ui/subscriptions/']", "Subscription ")
+        browser.save_screenshot(str(shots / "subscription.png"))
+        saved.append("subscription.png")
+        click_and_wait(browser, "main table tbody a[href^='/ui/mailboxes/']", "Mailbox ")
+        browser.save_screenshot(str(shots / "mailbox.png"))
+        saved.append("mailbox.png")
+        assert "Credentials are never shown here" in browser.find_element(By.TAG_NAME, "main").text
+        browser.get(server.url + "/ui/mailboxes")
+        box = browser.find_element(By.NAME, "q")
+        box.send_keys(data["domain"].upper())
+        box.submit()
+        WebDriverWait(browser, 15).until(
+            lambda b: "Matching" in b.find_element(By.TAG_NAME, "main").text
+        )
+        assert data["email"] in browser.find_element(By.TAG_NAME, "main").text
         click_and_wait(browser, "header form button", "Sign in")
         browser.get(server.url + "/ui/orders")
         assert browser.title.startswith("Sign in")  # signed out means out
     print(f"\nscreenshots in {shots}: {', '.join(saved)}")
+
+
+def test_a_credentials_session_downloads_an_export(browser, database_url, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd(
+        "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    with serving(
+        server_env(database_url) | {"CREDENTIALS_API_TOKENS": CREDENTIALS_TOKEN}, tmp_path
+    ) as server:
+
+        async def generate() -> dict[str, Any]:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                return await fill(client)
+
+        data = asyncio.run(generate())
+        sign_in(browser, server.url, CREDENTIALS_TOKEN)
+        browser.get(f"{server.url}/ui/subscriptions/{data['expiring']}")
+        browser.find_element(
+            By.CSS_SELECTOR, "form.export select option[value='smartlead']"
+        ).click()
+        browser.save_screenshot(str(screenshots() / "export.png"))
+        browser.find_element(By.CSS_SELECTOR, "form.export button").click()
+
+        def downloaded() -> list[Path]:
+            return [p for p in downloads.iterdir() if p.suffix == ".csv"]
+
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 30).until(lambda _: downloaded())
+        [csv_file] = downloaded()
+        lines = csv_file.read_text().splitlines()
+        assert lines[0].startswith("from_name,from_email,user_name,password,smtp_host")
+        assert "smtp.gmail.com" in lines[1] and "canary-app-" in lines[1]
+
+
+def test_the_dashboard_says_the_database_is_away_while_deliveries_queue(
+    browser, database_url, tmp_path
+):
+    from selenium.webdriver.common.by import By
+
+    with proxied(database_url) as (proxy, run):
+        env = server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")}
+        with serving(env, tmp_path) as server:
+            sign_in(browser, server.url, OPS_TOKEN)
+            run(proxy.cut())
+
+            async def queue() -> list[str]:
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                    sent = [await deliver(client, traffic.mailbox_created()) for _ in range(4)]
+                return [r.json()["status"] for r in sent]
+
+            assert asyncio.run(queue()) == ["queued"] * 4
+            for path, name in (("/ui", "away-overview"), ("/ui/orders", "away-orders")):
+                browser.get(server.url + path)
+                assert browser.title.startswith("The database is away")
+                main = browser.find_element(By.TAG_NAME, "main").text
+                assert "The database cannot be reached" in main and "found it away at" in main
+                assert browser.find_element(By.CSS_SELECTOR, ".card .figure").text == "4"
+                assert "This page cannot show" in main
+                browser.save_screenshot(str(screenshots() / f"{name}.png"))
+            run(proxy.restore())
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            def back(b: Any) -> bool:
+                b.get(server.url + "/ui")
+                return bool(b.title.startswith("Overview"))
+
+            WebDriverWait(browser, 60, poll_frequency=0.5).until(back)
