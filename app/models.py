@@ -48,6 +48,9 @@ SUBSCRIPTION_SEARCH = (
 )
 
 
+RENEWS_AT = "coalesce(expiry_date, 'epoch'::timestamptz)"
+
+
 def search_index(table: str, expression: str) -> Index:
     return Index(
         f"ix_{table}_search",
@@ -185,6 +188,8 @@ class Subscription(Listed, TimestampMixin, Base):
     ) + (
         Index("ix_subscriptions_expiry_date", "expiry_date"),
         search_index("subscriptions", SUBSCRIPTION_SEARCH),
+        # renewals.PAGE's order: a page of renewals reads only its own rows
+        Index("ix_subscriptions_renews_at", text(RENEWS_AT), text("id")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

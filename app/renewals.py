@@ -5,7 +5,8 @@ A subscription is due when its period ends (`expiryDate`, which a period's end s
 within N days, or has already ended while it is still meant to run, or it is PAST_DUE.
 One that is over for good (EXPIRED or CANCELLED) stays on the list for N days after its
 end, then leaves it.
-Its monthly cost is its price per mailbox times its quantity (else its mailbox count).
+Its monthly cost is its price per mailbox times the mailboxes it is billed for: its
+quantity, else its mailbox count.
 """
 
 from collections.abc import Sequence
@@ -28,62 +29,74 @@ RISKS = (
     "cancelled",
 )
 DEFAULT_DAYS = 30
+# The registrar state of a subscription's domain (by its ID, else its name), as the read
+# API shows it.
+DOMAIN_OF = f"""
+SELECT status, expiry_date FROM domains
+WHERE domain_id = s.domain_id OR name = s.domain
+ORDER BY expiry_date DESC NULLS LAST, array_position({DOMAIN_RANKS}, status) DESC NULLS LAST,
+    version DESC
+LIMIT 1"""
+# The risks of subscription s whose domain is d (overdue: its period ended and no renewal
+# was heard).
+RISKS_OF = """array_remove(ARRAY[
+    CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
+    CASE WHEN d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
+    CASE WHEN s.auto_renew IS FALSE
+        AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
+        THEN 'auto_renew_off' END,
+    CASE WHEN d.status = 'GRACE_PERIOD' THEN 'domain_grace_period' END,
+    CASE WHEN d.status = 'EXPIRED' THEN 'domain_expired' END,
+    CASE WHEN s.expiry_date < now()
+        AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
+        THEN 'overdue' END,
+    CASE WHEN s.subscription_status = 'EXPIRED' THEN 'expired' END,
+    CASE WHEN s.subscription_status = 'CANCELLED' THEN 'cancelled' END
+], NULL)"""
 
-# Each due subscription with what the read API shows of it, its risks and its cost.
-DUE = f"""
+# Which subscriptions are on the list (see above), and how many mailboxes each is billed
+# for: its quantity, else the mailboxes stored (counted only then).
+DUE = """
+(s.expiry_date < now() + make_interval(days => :days) OR s.subscription_status = 'PAST_DUE')
+AND (coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
+    OR s.expiry_date >= now() - make_interval(days => :days))
+"""
+STORED = "(SELECT count(*) FROM mailboxes m WHERE m.subscription_id = s.subscription_id)"
+BILLED = f"coalesce(s.lifecycle_quantity, s.quantity, {STORED})"
+# Most urgent first: the earliest end (unknown first), then the row's id, as the index
+# ix_subscriptions_renews_at has them, so a page reads only its own rows; a cursor is the
+# last (end, id).
+RENEWS_AT = "coalesce(s.expiry_date, 'epoch'::timestamptz)"
+# Each subscription of a page with what the read API shows of it, its risks and its cost.
+PAGE = text(
+    f"""
 SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, s.provider,
     s.source, s.status, s.order_id, s.expiry_date, s.price,
     coalesce(s.lifecycle_quantity, s.quantity) AS quantity,
     s.subscription_status, s.period_start, s.period_end, s.auto_renew, s.lifecycle_source,
-    s.created_at, s.updated_at,
+    s.created_at, s.updated_at, s.expiry_date AS renews_at, s.sort_at,
     d.status AS domain_status, d.expiry_date AS domain_expiry_date,
-    s.expiry_date AS renews_at, coalesce(s.expiry_date, 'epoch') AS sort_at, n.mailbox_count,
-    s.price * coalesce(s.lifecycle_quantity, s.quantity, n.mailbox_count) AS monthly_cost,
-    array_remove(ARRAY[
-        CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
-        CASE WHEN d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
-        CASE WHEN s.auto_renew IS FALSE
-            AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
-            THEN 'auto_renew_off' END,
-        CASE WHEN d.status = 'GRACE_PERIOD' THEN 'domain_grace_period' END,
-        CASE WHEN d.status = 'EXPIRED' THEN 'domain_expired' END,
-        CASE WHEN s.expiry_date < now()
-            AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
-            THEN 'overdue' END,
-        CASE WHEN s.subscription_status = 'EXPIRED' THEN 'expired' END,
-        CASE WHEN s.subscription_status = 'CANCELLED' THEN 'cancelled' END
-    ], NULL) AS risks
-FROM subscriptions s
-LEFT JOIN LATERAL (
-    SELECT status, expiry_date FROM domains
-    WHERE domain_id = s.domain_id OR name = s.domain
-    ORDER BY expiry_date DESC NULLS LAST,
-        array_position({DOMAIN_RANKS}, status) DESC NULLS LAST, version DESC
-    LIMIT 1
-) d ON true
-CROSS JOIN LATERAL (
-    SELECT count(*) AS mailbox_count FROM mailboxes m WHERE m.subscription_id = s.subscription_id
-) n
-WHERE (s.expiry_date < now() + make_interval(days => :days)
-        OR s.subscription_status = 'PAST_DUE')
-    AND (coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
-        OR s.expiry_date >= now() - make_interval(days => :days))
-"""
-
-# Most urgent first: the earliest end (unknown first), then the row's id; a cursor is the
-# last (end, id).
-PAGE = text(
-    f"SELECT * FROM ({DUE}) due WHERE (sort_at, id) > (:after_at, :after_id)"
-    " ORDER BY sort_at, id LIMIT :limit"
+    {STORED} AS mailbox_count, s.price * {BILLED} AS monthly_cost,
+    {RISKS_OF} AS risks
+FROM (
+    SELECT s.*, {RENEWS_AT} AS sort_at FROM subscriptions s
+    WHERE {DUE} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
+    ORDER BY {RENEWS_AT}, s.id LIMIT :limit
+) s
+LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true
+ORDER BY s.sort_at, s.id"""
 )
 TOTALS = text(
-    f"""SELECT user_id, max(user_email) AS user_email, count(*) AS subscriptions,
-        sum(mailbox_count) AS mailboxes, sum(monthly_cost) AS monthly_cost
-    FROM ({DUE}) due GROUP BY user_id ORDER BY sum(monthly_cost) DESC NULLS LAST, user_id"""
+    f"""SELECT s.user_id, max(s.user_email) AS user_email, count(*) AS subscriptions,
+        sum({BILLED}) AS mailboxes, sum(s.price * {BILLED}) AS monthly_cost
+    FROM subscriptions s WHERE {DUE}
+    GROUP BY s.user_id ORDER BY sum(s.price * {BILLED}) DESC NULLS LAST, s.user_id"""
 )
 RISK_COUNTS = text(
-    f"""SELECT risk, count(*) AS n FROM ({DUE}) due, unnest(due.risks) AS risk GROUP BY risk
-    UNION ALL SELECT 'due', count(*) FROM ({DUE}) due"""
+    f"""SELECT risk, count(*) AS n
+    FROM subscriptions s LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true, unnest({RISKS_OF}) AS risk
+    WHERE {DUE} GROUP BY risk
+    UNION ALL SELECT 'due', count(*) FROM subscriptions s WHERE {DUE}"""
 )
 
 

@@ -106,14 +106,16 @@ class Renewal(Subscription):
     risks: list[Risk] = Field(
         description="overdue: its period ended and no renewal was heard; the others as named"
     )
-    monthly_cost: Money | None = Field(description="price per mailbox x quantity (or mailboxes)")
+    monthly_cost: Money | None = Field(
+        description="price per mailbox x quantity (else the mailboxes stored)"
+    )
 
 
 class RenewalTotal(Resource):
     user_id: str | None
     user_email: str | None
     subscriptions: int
-    mailboxes: int
+    mailboxes: int = Field(description="Billed for: each subscription's quantity, else its count")
     monthly_cost: Money | None
 
 

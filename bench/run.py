@@ -2,6 +2,7 @@
 machine, with every request checked.
 
     python bench/run.py [--seconds 10] [--memory-events 100000] [--out DIR]
+    python bench/run.py --scale    # the ops cockpit with 1M mailboxes (bench/scale.py)
 
 Needs a PostgreSQL server (BENCH_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/
 postgres; scratch databases are created and dropped), `wrk` and `pgbench` (Debian: wrk,
@@ -552,6 +553,11 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000, help="events per simulate run")
     parser.add_argument("--memory-events", type=int, default=100_000)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the ops cockpit with 1M mailboxes and 5M events (bench/scale.py)",
+    )
     args = parser.parse_args()
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
@@ -562,15 +568,22 @@ def main() -> int:
     run = Run(out, args.seconds)
     random.seed(1)
     started = time.perf_counter()
-    for workers in (1, 2):
-        bench_service(run, workers, args.events)
-    for workers in (1, 2):
-        bench_http_ceiling(run, workers)
-    bench_physical_limit(run, bench_db_ceiling(run))
-    bench_spooling(run)
-    bench_prewarmup_page_memory(run, args.memory_events)
-    print_table(run.rows)
-    result = ratios(run.rows)
+    if args.scale:
+        from bench import scale
+
+        scale.print_rows(scale.main(run))
+        print_table([r for r in run.rows if r["events_per_second"] is not None])
+        result = {}
+    else:
+        for workers in (1, 2):
+            bench_service(run, workers, args.events)
+        for workers in (1, 2):
+            bench_http_ceiling(run, workers)
+        bench_physical_limit(run, bench_db_ceiling(run))
+        bench_spooling(run)
+        bench_prewarmup_page_memory(run, args.memory_events)
+        print_table(run.rows)
+        result = ratios(run.rows)
     for label, value in result.items():
         print(f"ratio {label}: {value}")
     print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {out}")

@@ -1,5 +1,5 @@
-"""search, detail pages and exports: trigram indexes for `q`, events by the IDs they
-name, exports in the credentials audit
+"""search, renewals, detail pages and exports: trigram indexes for `q`, renewals in
+their order, events by the IDs they name, exports in the credentials audit
 
 Revision ID: 0008
 Revises: 0007
@@ -48,6 +48,10 @@ def upgrade() -> None:
             f"CREATE INDEX ix_events_about_{name} ON events ({expression}, id)"
             f" WHERE {expression} IS NOT NULL"
         )
+    op.execute(
+        "CREATE INDEX ix_subscriptions_renews_at"
+        " ON subscriptions ((coalesce(expiry_date, 'epoch'::timestamptz)), id)"
+    )
     op.add_column("credential_reads", sa.Column("export_id", sa.Text(), nullable=True))
     op.create_index(
         "ix_credential_reads_export_id_id",
@@ -60,6 +64,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_subscriptions_renews_at", table_name="subscriptions")
     for name in EVENT_ABOUT:
         op.drop_index(f"ix_events_about_{name}", table_name="events")
     op.drop_index("ix_mailboxes_order_id_id", table_name="mailboxes")
