@@ -80,9 +80,10 @@ FILL = [
                  (ARRAY['Jane','Mike','Olivia','James','Yvonne','Omar'])[1 + n % 6] AS f,
                  (ARRAY['Okafor','King','Smith','Nguyen','Garcia'])[1 + n % 5] AS l
              FROM generate_series(1, 1000000) n) g""",
-    """INSERT INTO events (event_id, event, status, content_hash, deliveries, signature,
-           payload, first_received_at, last_received_at, event_time)
-       SELECT 'EV' || n, 'mailbox.created', 'processed', sha256(n::text::bytea), 1, 'valid',
+    """INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict,
+           signature, payload, first_received_at, last_received_at, event_time)
+       SELECT 'EV' || n, 'mailbox.created', 'processed', sha256(n::text::bytea), 1, false,
+           'valid',
            jsonb_build_object('event', 'mailbox.created', 'eventId', 'EV' || n,
                'data', jsonb_build_object('orderId', 'ORD' || s, 'subscriptionId', 'SUB' || s,
                    'mailboxDetails', jsonb_build_object('mailboxId', 'MBX' || m,
@@ -103,6 +104,8 @@ async def fill(url: str, vault: Vault) -> float:
     try:
         await conn.execute("SET synchronous_commit = off; SET maintenance_work_mem = '512MB'")
         for statement in FILL:
+            print(f"  {' '.join(statement.split()[:3])}...", end="", flush=True)
+            began = time.perf_counter()
             if "$1" in statement:
                 password, app_password = (
                     vault.encrypt(traffic.canary(kind).encode()) for kind in ("pw", "app")
@@ -110,6 +113,7 @@ async def fill(url: str, vault: Vault) -> float:
                 await conn.execute(statement, password, app_password)
             else:
                 await conn.execute(statement)
+            print(f" {time.perf_counter() - began:.0f} s", flush=True)
     finally:
         await conn.close()
     return time.perf_counter() - started

@@ -1,10 +1,13 @@
 """With 100,000 mailboxes stored, a filtered page of 500 is an index range scan."""
 
+from datetime import UTC, datetime
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app import renewals
 from app.api import apply_filters, mailbox_select, subscription_select
 from app.merge import DERIVE_ORDER
 from app.models import mailboxes, subscriptions
@@ -103,3 +106,27 @@ async def test_a_search_among_100000_rows_reads_the_trigram_index(
     await engine.dispose()
     print(f"\n{typed}:\n{plan}")
     assert f"ix_{table.name}_search" in plan
+
+
+async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows(database_url):
+    """Monthly billing puts nearly every subscription on the renewals list: a page must
+    come from the index in its order, not from sorting them all."""
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO subscriptions (subscription_id, domain, status, expiry_date)"
+                " SELECT 'S' || n, 'd' || n || '.com', 'active',"
+                " now() + (n % 30) * interval '1 day' FROM generate_series(1, 100000) n"
+            )
+        )
+        await conn.execute(text("ANALYZE"))
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        sql = str(renewals.PAGE.compile(dialect=postgresql.asyncpg.dialect()))
+        rows = await driver.fetch("EXPLAIN " + sql, 30, datetime(1, 1, 1, tzinfo=UTC), 0, 51)
+        plan = "\n".join(row[0] for row in rows)
+    await engine.dispose()
+    print(f"\n{plan}")
+    assert "ix_subscriptions_renews_at" in plan
+    assert "Seq Scan on subscriptions" not in plan
