@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    union,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
@@ -652,14 +653,27 @@ async def get_event(conn: Conn, id: RowId) -> resources.Event:
 
 async def events_about(conn: Reader, limit: int = 50, **ids: Sequence[str]) -> list[Any]:
     """The latest events that name any of these IDs (order=, subscription=, mailbox=)."""
-    paths = [(EVENT_ABOUT[kind], list(values)) for kind, values in ids.items() if values]
-    if ids.get("mailbox"):
-        paths.append((EVENT_ABOUT["updated_mailbox"], list(ids["mailbox"])))
-    if not paths:
+    wanted = [(EVENT_ABOUT[kind], value) for kind, values in ids.items() for value in values]
+    wanted += [(EVENT_ABOUT["updated_mailbox"], value) for value in ids.get("mailbox", ())]
+    if not wanted:
         return []
-    # the indexes' own expressions, so each is an index scan
-    named = or_(*(literal_column(f"(payload #>> '{path}')").in_(values) for path, values in paths))
-    stmt = event_select(payload=False).where(named).order_by(events.c.id.desc()).limit(limit)
+    # One index range per ID, each read backwards from its newest (an OR of them would
+    # have the planner walk the whole table by id, hoping for an early match).
+    latest = union(
+        *(
+            select(events.c.id)
+            .where(literal_column(f"(payload #>> '{path}')") == value)
+            .order_by(events.c.id.desc())
+            .limit(limit)
+            for path, value in wanted
+        )
+    ).subquery()
+    stmt = (
+        event_select(payload=False)
+        .where(events.c.id.in_(select(latest.c.id)))
+        .order_by(events.c.id.desc())
+        .limit(limit)
+    )
     return [resources.EventSummary.model_validate(r._asdict()) for r in await conn.execute(stmt)]
 
 
