@@ -391,21 +391,28 @@ def renewal_cursor(row: Any) -> str:
 
 @router.get("/renewals", summary="What renews within N days or is overdue, most urgent first")
 async def list_renewals(
-    conn: Conn, query: Annotated[RenewalQuery, Query()]
+    request: Request, conn: Conn, query: Annotated[RenewalQuery, Query()]
 ) -> resources.RenewalPage:
-    """Each with its risks, mailbox count and monthly cost; `totals` per userId."""
+    """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
+    most once a minute: `totalsAt` says when)."""
     try:
         after = query.after()
     except OverflowError:
         raise ApiError(422, {"error": "invalid_request", "detail": []}) from None
     params = renewals.page_params(query.within_days, after, query.limit + 1)
     rows = (await conn.execute(renewals.PAGE.bindparams(**params))).all()
-    totals = await conn.execute(renewals.TOTALS.bindparams(days=query.within_days))
+
+    async def totals() -> list[Any]:
+        sums = await conn.execute(renewals.TOTALS.bindparams(days=query.within_days))
+        return [resources.RenewalTotal.model_validate(t._asdict()) for t in sums]
+
+    totals_at, per_user = await request.app.state.renewal_totals.get(query.within_days, totals)
     cursor = renewal_cursor(rows[query.limit - 1]) if len(rows) > query.limit else None
     return resources.RenewalPage(
         items=[resources.Renewal.model_validate(r._asdict()) for r in rows[: query.limit]],
         next_cursor=cursor,
-        totals=[resources.RenewalTotal.model_validate(t._asdict()) for t in totals],
+        totals=per_user,
+        totals_at=totals_at,
     )
 
 

@@ -32,6 +32,7 @@ from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
 from app.privacy import retention_forever
 from app.reconcile import SenderApi, run_periodically
+from app.renewals import TotalsCache
 from app.spool import Spool
 
 READ_POOL_SIZE = 5
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_docs(app)
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
+    app.state.renewal_totals = TotalsCache()
     app.include_router(webhooks.router)
     app.include_router(ops.router)
     app.include_router(api.router)

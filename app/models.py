@@ -114,6 +114,7 @@ class Event(Listed, Base):
         Index("ix_events_status_id", "status", "id"),
         Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
         Index("ix_events_first_received_at", "first_received_at"),  # the dashboard's 24 h
+        Index("ix_events_last_received_at", "last_received_at"),  # the last delivery
         *(about_index(name, path) for name, path in EVENT_ABOUT.items()),
     )
 

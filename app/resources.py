@@ -123,6 +123,7 @@ class RenewalPage(Resource):
     items: list[Renewal]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")
     totals: list[RenewalTotal] = Field(description="Per userId, over the whole list (all pages)")
+    totals_at: datetime = Field(description="When the totals were summed (at most a minute ago)")
 
 
 class Credentials(Resource):

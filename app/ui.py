@@ -360,7 +360,7 @@ async def overview(request: Request) -> Response:
     conflicts, rejected_total, last_delivery = (
         await conn.execute(select(api.CONFLICTS, api.REJECTED, api.LAST_DELIVERY))
     ).one()
-    due = await api.list_renewals(conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
+    due = await api.list_renewals(request, conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
     return page(
         request,
         "overview.html",
@@ -398,7 +398,7 @@ async def spool_state(request: Request) -> dict[str, Any]:
 @pages.get("/renewals")
 async def renewals_page(request: Request) -> Response:
     query = query_of(request, api.RenewalQuery)
-    result = await api.list_renewals(api.reader(request), query)
+    result = await api.list_renewals(request, api.reader(request), query)
     return page(
         request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
     )

@@ -60,6 +60,7 @@ def upgrade() -> None:
         postgresql_where=sa.text("export_id IS NOT NULL"),
     )
     op.create_index("ix_orders_updated_at", "orders", ["updated_at"])
+    op.create_index("ix_events_last_received_at", "events", ["last_received_at"])
     op.create_index("ix_mailboxes_order_id_id", "mailboxes", ["order_id", "id"])
 
 
@@ -68,6 +69,7 @@ def downgrade() -> None:
     for name in EVENT_ABOUT:
         op.drop_index(f"ix_events_about_{name}", table_name="events")
     op.drop_index("ix_mailboxes_order_id_id", table_name="mailboxes")
+    op.drop_index("ix_events_last_received_at", table_name="events")
     op.drop_index("ix_orders_updated_at", table_name="orders")
     op.drop_index("ix_credential_reads_export_id_id", table_name="credential_reads")
     op.drop_column("credential_reads", "export_id")
