@@ -48,7 +48,7 @@ FILL = [
              FROM generate_series(1, 200000) n) g""",
     """INSERT INTO domains (domain_id, name, status, expiry_date, version)
        SELECT 'DOM' || n, 'dom' || n || '.com',
-           (ARRAY['ACTIVE','ACTIVE','GRACE_PERIOD','RENEWAL_FAILED','EXPIRED'])[1 + n % 5],
+           (ARRAY['ACTIVE','ACTIVE','GRACE_PERIOD','RENEWAL_FAILED','EXPIRED'])[1 + n / 20 % 5],
            now() + (n % 300) * interval '1 day', '2026'
        FROM generate_series(20, 200000, 20) n""",
     """INSERT INTO orders (order_id, kind, user_id, user_email, provider, status,

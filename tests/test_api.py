@@ -1,6 +1,7 @@
 """The ops read API: auth, every endpoint and filter, paging, errors, audit, no leaks."""
 
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -341,9 +342,20 @@ async def test_metrics_count_subscriptions_whose_renewal_is_at_risk(client):
         periodStart="2026-11-01T00:00:00Z",
         periodEnd="2099-01-01T00:00:00Z",
     )
-    for payload in (past_due, lapsed, healthy):
+    in_grace = streams.subscription_event(
+        "subscription.updated",
+        "SUB-GRACE",
+        domain="grace.example",
+        subscriptionStatus="ACTIVE",
+        periodStart="2020-01-01T00:00:00Z",
+        periodEnd=(datetime.now(UTC) + timedelta(days=3)).isoformat(),
+    )
+    grace = factories.envelope("domain.grace_period", {"domainName": "grace.example"})
+    for payload in (past_due, lapsed, healthy, in_grace, grace):
         assert (await deliver(client, payload)).status_code == 200
     text = (await client.get("/metrics")).text
     assert at_risk(text, "past_due") == 1
     assert at_risk(text, "overdue") == 1  # its period ended and no renewal was heard
+    assert at_risk(text, "domain_grace_period") == 1
     assert at_risk(text, "domain_expired") == 0
+    assert at_risk(text, "due") == 3  # on the renewals list: all but the healthy one
