@@ -269,7 +269,7 @@ def contains(value: str) -> str:
 
 Search = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]+$"),
+    StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$"),
 ]
 
 
@@ -378,11 +378,16 @@ class RenewalQuery(BaseModel):
     )
 
     def after(self) -> tuple[datetime, int] | None:
-        """The last row's (end, id) of the previous page."""
+        """The last row's (end, id) of the previous page; a time beyond the calendar is its
+        edge (any cursor the pattern allows is a valid one)."""
         if self.cursor is None:
             return None
         micros, _, row_id = self.cursor.rpartition("-")
-        return EPOCH + timedelta(microseconds=int(micros)), int(row_id)
+        try:
+            at = EPOCH + timedelta(microseconds=int(micros))
+        except OverflowError:
+            at = datetime.min.replace(tzinfo=UTC)
+        return at, int(row_id)
 
 
 def renewal_cursor(row: Any) -> str:
@@ -395,11 +400,7 @@ async def list_renewals(
 ) -> resources.RenewalPage:
     """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
     most once a minute: `totalsAt` says when)."""
-    try:
-        after = query.after()
-    except OverflowError:
-        raise ApiError(422, {"error": "invalid_request", "detail": []}) from None
-    params = renewals.page_params(query.within_days, after, query.limit + 1)
+    params = renewals.page_params(query.within_days, query.after(), query.limit + 1)
     rows = (await conn.execute(renewals.PAGE.bindparams(**params))).all()
 
     async def totals() -> list[Any]:

@@ -336,3 +336,16 @@ async def test_an_export_of_many_mailboxes_comes_whole(client, db):
     assert Decimal(len(emails)) == await db.fetchval(
         "select count(*) from credential_reads where mailbox_id like 'bulk%'"
     )
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["cursor=-99999999999999999-5", "cursor=99999999999999999-5", "withinDays=366"],
+)
+async def test_renewals_take_every_value_their_schema_allows(client, params):
+    assert (await client.get(f"/api/v1/renewals?{params}", headers=OPS)).status_code == 200
+
+
+async def test_a_search_of_spaces_is_a_search_not_an_error(client, jane):
+    found = await client.get("/api/v1/mailboxes", params={"q": " "}, headers=OPS)
+    assert found.status_code == 200 and found.json()["items"]
