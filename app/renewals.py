@@ -13,23 +13,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 
 from app.merge import DOMAIN_RANKS
+from app.resources import Risk
 
-RISKS = (
-    "past_due",
-    "renewal_failed",
-    "auto_renew_off",
-    "domain_grace_period",
-    "domain_expired",
-    "overdue",
-    "expired",
-    "cancelled",
-)
+RISKS: tuple[str, ...] = get_args(Risk)
 DEFAULT_DAYS = 30
 # The registrar state of a subscription's domain (by its ID, else its name), as the read
 # API shows it.
