@@ -59,12 +59,13 @@ def make_engine(
     next one is opened fresh."""
     dsn, cache = asyncpg_dsn(url), statement_cache_size(url)
     pooled = cache == 0
-    # A pooler refuses statement_timeout at connection start: each transaction sets it.
-    settings = server_settings(None if pooled else statement_timeout_ms)
+    # A pooler refuses settings at connection start: there each transaction sets them.
+    settings = server_settings(statement_timeout_ms)
 
     async def connect() -> Any:
+        at_start = {"application_name": "coldmail-webhooks"} | ({} if pooled else settings)
         return await asyncpg.connect(
-            dsn, timeout=5, server_settings=settings, statement_cache_size=cache
+            dsn, timeout=5, server_settings=at_start, statement_cache_size=cache
         )
 
     def creator() -> Any:  # SQLAlchemy's own statement cache must follow asyncpg's
@@ -85,9 +86,12 @@ def make_engine(
         json_deserializer=orjson.loads,
     )
     discard_connections_opened_before_a_loss(engine.sync_engine)
-    if pooled and statement_timeout_ms:
-        timeout = f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}"
-        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(timeout))
+    if pooled:
+        each = ", ".join(
+            f"set_config('{name}', '{value}', true)" for name, value in settings.items()
+        )
+        local = f"SELECT {each}"
+        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(local))
     return engine
 
 
@@ -117,7 +121,10 @@ def lost_connection(error: BaseException) -> bool:
 
 
 def server_settings(statement_timeout_ms: int | None) -> dict[str, str]:
-    settings = {"application_name": "coldmail-webhooks"}
+    """No JIT: our statements are short, and the planner's estimate for a count over every
+    subscription (the renewal risks) made PostgreSQL spend 0.8 s compiling one that runs in
+    0.2 s."""
+    settings = {"jit": "off"}
     if statement_timeout_ms:
         settings["statement_timeout"] = str(statement_timeout_ms)
     return settings
