@@ -6,8 +6,8 @@ monthly billing, so the renewals list holds nearly all of them), 200,000 orders,
 domains with registrar states, and 5,000,000 events over 180 days, straight into the tables
 with generate_series. Then, through HTTP against `serve --workers 2`: each dashboard page and
 API list (overview, renewals, searches, every list, the detail pages) many times, p50 and
-p95 against the 150 ms target; a 10,000-mailbox export against 2 s; and deliveries a second
-with these tables beside the same run against empty ones.
+p95 against the 150 ms target; a 10,000-mailbox export against 2 s; /metrics counting the
+renewal risks; and deliveries a second, in turns with these tables and with empty ones.
 """
 
 import asyncio
