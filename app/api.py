@@ -714,8 +714,9 @@ async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
 
 
 async def counts_by(conn: Reader, table: Table, column: str) -> dict[str, int]:
+    """Rows per value; `unknown` for rows where the sender never said."""
     rows = await conn.execute(select(table.c[column], func.count()).group_by(table.c[column]))
-    return {str(key): count for key, count in rows}
+    return {"unknown" if key is None else str(key): count for key, count in rows}
 
 
 @router.get(

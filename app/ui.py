@@ -457,7 +457,7 @@ async def subscriptions_page(request: Request) -> Response:
     return page(
         request,
         "subscriptions.html",
-        by_status={("unknown" if k == "None" else k): n for k, n in by_status.items()},
+        by_status=by_status,
         subscriptions=result.items,
         query=query,
         **links(request, result.next_cursor),
