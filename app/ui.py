@@ -7,6 +7,7 @@ sign-ins are throttled per client. No page has a script, so the Content-Security
 allows none. No page shows a credential, whoever signed in.
 """
 
+import logging
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -29,7 +30,9 @@ from app.db import raw_connection
 from app.errors import ApiError
 from app.hashing import Hasher
 from app.models import order_domains, orders, subscriptions
+from app.processing import is_transient
 
+log = logging.getLogger("coldmail.ui")
 COOKIE = "cmw_session"
 SESSION_HOURS = 8
 IDLE_MINUTES = 30
@@ -593,7 +596,13 @@ CANNOT_SHOW = {
 
 async def database_away(request: Request, error: Exception) -> Response:
     """Any page the database cannot answer: what the process itself knows (the spool, since
-    when it has found the database away) and what the page cannot show, as a page."""
+    when it has found the database away) and what the page cannot show, as a page. An error
+    the database gave for a statement (a bug, not an outage) is a 500 page and a log line."""
+    if not is_transient(error):
+        log.error("page %s failed: %s", request.url.path, type(error).__name__, exc_info=error)
+        return page(
+            request, "error.html", 500, message="This page failed; the server log says why."
+        )
     intake = request.app.state.intake
     intake.database_away()
     section = request.url.path.removeprefix("/ui").strip("/").split("/")[0]

@@ -170,3 +170,12 @@ async def test_every_page_says_the_database_is_away_and_shows_the_spool(database
             assert "This page cannot show" in response.text
         await proxy.restore()
         assert isinstance(client, httpx.AsyncClient)
+
+
+async def test_a_page_the_database_refuses_is_an_error_not_an_outage(client, db, caplog):
+    await sign_in(client)
+    await db.execute("ALTER TABLE rejected_deliveries RENAME TO rejected_elsewhere")
+    response = await client.get("/ui/rejected")
+    assert response.status_code == 500 and "This page failed" in response.text
+    assert "cannot be reached" not in response.text
+    assert "page /ui/rejected failed: ProgrammingError" in caplog.text
