@@ -42,7 +42,6 @@ from app import exports, renewals, resources
 from app.crypto import Vault, token_matches
 from app.edge import require_https
 from app.errors import ApiError, NotFound
-from app.merge import DOMAIN_RANKS
 from app.models import (
     EVENT_ABOUT,
     MAILBOX_SEARCH,
@@ -305,7 +304,7 @@ def subscription_select() -> Select[Any]:
     """Subscriptions with their mailbox count and their domain's registrar state (by the
     domain's ID, else its name)."""
     s, d = subscriptions.c, domains.c
-    rank = func.array_position(literal_column(DOMAIN_RANKS), d.status)
+    rank = func.domain_rank(d.status)  # alembic/versions/0009_merge_functions.py
     domain = (
         select(d.status, d.expiry_date)
         .where(or_(d.domain_id == s.domain_id, d.name == s.domain))

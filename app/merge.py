@@ -19,12 +19,17 @@ how the stored value and the event's value combine:
                  CANCELLED); when either event has no period, the later event; CANCELLED is
                  final (only another CANCELLED can replace it). What the winner leaves out,
                  the other fills in, so the result is the same in either order
-  (erased)       a mailbox erased by `erase` keeps its personal fields and credentials
-                 empty whatever arrives later (ERASABLE)
   DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
                  ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final;
                  a domain known by ID and by name alone may have two rows: the read API
                  shows the winner of the two by the same rule
+and a declaration's `erasable` columns: a mailbox erased by `erase` keeps its personal
+fields and credentials empty whatever arrives later.
+
+Each Policy below is the SQL a column of that policy gets. The rules longer than a
+coalesce are SQL functions, created by alembic/versions/0009_merge_functions.py:
+lifecycle_wins and domain_wins (with winner_first), unless_edited, edit_wins and
+latest_versions. PostgreSQL inlines them into the statements.
 
 A version is an event's time, then its eventId (see ingest.version): the time is the signed
 `cmr-x-timestamp` when the signature was valid, else the first receipt.
@@ -46,68 +51,27 @@ from app.models import Base
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
-# The winner's value, else the other's: what the winner leaves out is still known.
-_WINNER_FIRST = (
-    "CASE WHEN {wins} THEN coalesce(new.{c}, old.{c}) ELSE coalesce(old.{c}, new.{c}) END"
-)
-
 
 class Policy(StrEnum):
-    OVERWRITE = "coalesce(new.{c}, old.{c})"
-    FILL = "coalesce(old.{c}, new.{c})"
-    LATEST = "greatest(old.{c}, new.{c})"
-    LEAST = "least(old.{c}, new.{c})"
-    SNAPSHOT = (
-        "CASE WHEN old.field_versions ? '{c}' THEN old.{c} ELSE coalesce(new.{c}, old.{c}) END"
-    )
+    """Each policy's SQL, written once: `old` is the stored row, EXCLUDED the event's. The
+    functions named here are created by alembic/versions/0009_merge_functions.py."""
+
+    OVERWRITE = "coalesce(EXCLUDED.{c}, old.{c})"
+    FILL = "coalesce(old.{c}, EXCLUDED.{c})"
+    LATEST = "greatest(old.{c}, EXCLUDED.{c})"
+    LEAST = "least(old.{c}, EXCLUDED.{c})"
+    SNAPSHOT = "unless_edited(old.field_versions, '{c}', EXCLUDED.{c}, old.{c})"
     EDIT = (
-        "CASE WHEN new.field_versions->>'{c}' COLLATE \"C\""
-        " > coalesce(old.field_versions->>'{c}', '') COLLATE \"C\" THEN new.{c} ELSE old.{c} END"
+        "CASE WHEN edit_wins(old.field_versions, EXCLUDED.field_versions, '{c}')"
+        " THEN EXCLUDED.{c} ELSE old.{c} END"
     )
-    VERSIONS = (
-        '(SELECT jsonb_object_agg(key, version) FROM (SELECT key, max(value COLLATE "C")'
-        " AS version FROM (SELECT * FROM jsonb_each_text(old.{c}) UNION ALL"
-        " SELECT * FROM jsonb_each_text(new.{c})) AS edits GROUP BY key) AS latest)"
+    VERSIONS = "latest_versions(old.{c}, EXCLUDED.{c})"
+    ACTIVE_WINS = "CASE WHEN 'active' IN (old.{c}, EXCLUDED.{c}) THEN 'active' ELSE 'failed' END"
+    SUCCESS_WINS = (
+        "CASE WHEN 'succeeded' IN (old.{c}, EXCLUDED.{c}) THEN 'succeeded' ELSE 'failed' END"
     )
-    ACTIVE_WINS = "CASE WHEN 'active' IN (old.{c}, new.{c}) THEN 'active' ELSE 'failed' END"
-    SUCCESS_WINS = "CASE WHEN 'succeeded' IN (old.{c}, new.{c}) THEN 'succeeded' ELSE 'failed' END"
-    LIFECYCLE = _WINNER_FIRST.format(wins="{lifecycle_wins}", c="{c}")
-    DOMAIN_STATE = _WINNER_FIRST.format(wins="{domain_wins}", c="{c}")
-
-
-def ranked_wins(*, period: str, state: str, version: str, ranks: str, final: str | None) -> str:
-    """SQL: does the incoming event (new) beat the stored one (old)? See LIFECYCLE."""
-    finality = (
-        f"WHEN coalesce(old.{state} = '{final}', false) <> coalesce(new.{state} = '{final}', false)"
-        f" THEN coalesce(new.{state} = '{final}', false) "
-        if final
-        else ""
-    )
-    return (
-        f"(CASE WHEN old.{version} IS NULL THEN true {finality}"
-        f"WHEN old.{period} <> new.{period} THEN new.{period} > old.{period} "
-        f"WHEN old.{period} = new.{period} AND array_position({ranks}, old.{state}) <>"
-        f" array_position({ranks}, new.{state})"
-        f" THEN array_position({ranks}, new.{state}) > array_position({ranks}, old.{state}) "
-        f'ELSE new.{version} COLLATE "C" > old.{version} COLLATE "C" END)'
-    )
-
-
-DOMAIN_RANKS = "ARRAY['ACTIVE','RENEWAL_FAILED','GRACE_PERIOD','EXPIRED','FAILED']"
-LIFECYCLE_WINS = ranked_wins(
-    period="period_end",
-    state="subscription_status",
-    version="lifecycle_version",
-    ranks="ARRAY['ACTIVE','RENEWING','PAST_DUE','EXPIRED','CANCELLED']",
-    final="CANCELLED",
-)
-DOMAIN_WINS = ranked_wins(
-    period="expiry_date",
-    state="status",
-    version="version",
-    ranks=DOMAIN_RANKS,
-    final=None,
-)
+    LIFECYCLE = "winner_first(lifecycle_wins(old, EXCLUDED), EXCLUDED.{c}, old.{c})"
+    DOMAIN_STATE = "winner_first(domain_wins(old, EXCLUDED), EXCLUDED.{c}, old.{c})"
 
 
 @dataclass(frozen=True, eq=False)  # one object per declaration: hashed by identity
@@ -119,11 +83,13 @@ class Upsert:
     table: str
     key: tuple[str, ...]
     columns: dict[str, Policy | None]  # None: a key column, or set only on insert
+    # Columns a row erased by `erase` (app/privacy.py) keeps empty, whatever arrives later.
+    erasable: tuple[str, ...] = ()
 
     def combine(self, column: str, policy: Policy) -> str:
-        expression = policy.format(c=column, lifecycle_wins=LIFECYCLE_WINS, domain_wins=DOMAIN_WINS)
-        if self.table == "mailboxes" and column in ERASABLE:
-            return f"CASE WHEN old.erased_at IS NOT NULL THEN NULL ELSE {expression} END"
+        expression = policy.format(c=column)
+        if column in self.erasable:
+            return f"CASE WHEN old.erased_at IS NULL THEN {expression} END"
         return expression
 
     @cached_property
@@ -151,9 +117,9 @@ class Upsert:
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         return (
-            f"INSERT INTO {self.table} AS old ({names}) {source} "
-            f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {', '.join(sets)}"
-        ).replace("new.", "EXCLUDED.")
+            f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
+            f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET\n    " + ",\n    ".join(sets)
+        )
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
         """The rows as parameters: one row's values, or one list per column for several
@@ -215,7 +181,7 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
 # --- mailboxes ------------------------------------------------------------------------
 
 CREDENTIALS = ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
-# A mailbox erased by `erase` (app/privacy.py) keeps these empty, whatever arrives later.
+# Personal fields and credentials: an erased mailbox keeps them empty.
 ERASABLE = ("email", "first_name", "last_name", "user_name", "profile_picture", *CREDENTIALS)
 SNAPSHOT_FIELDS = (
     "subscription_id",
@@ -242,7 +208,10 @@ SNAPSHOT_FIELDS = (
 
 def mailbox_snapshot(columns: tuple[str, ...]) -> Upsert:
     return Upsert(
-        "mailboxes", ("mailbox_id",), {"mailbox_id": None} | {c: P.SNAPSHOT for c in columns}
+        "mailboxes",
+        ("mailbox_id",),
+        {"mailbox_id": None} | {c: P.SNAPSHOT for c in columns},
+        erasable=ERASABLE,
     )
 
 
@@ -268,6 +237,7 @@ def mailbox_edit(columns: tuple[str, ...]) -> Upsert:
         | {c: P.FILL for c in ("domain", "email", "user_id", "user_email", "provider")}
         | {c: P.EDIT for c in columns}
         | {"exported_at": P.LATEST, "field_versions": P.VERSIONS},
+        erasable=ERASABLE,
     )
 
 

@@ -18,17 +18,16 @@ from typing import Any, get_args
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 
-from app.merge import DOMAIN_RANKS
 from app.resources import Risk
 
 RISKS: tuple[str, ...] = get_args(Risk)
 DEFAULT_DAYS = 30
 # The registrar state of a subscription's domain (by its ID, else its name), as the read
 # API shows it.
-DOMAIN_OF = f"""
+DOMAIN_OF = """
 SELECT status, expiry_date FROM domains
 WHERE domain_id = s.domain_id OR name = s.domain
-ORDER BY expiry_date DESC NULLS LAST, array_position({DOMAIN_RANKS}, status) DESC NULLS LAST,
+ORDER BY expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST,
     version DESC
 LIMIT 1"""
 # A domain's registrar states that put its subscriptions at risk.
