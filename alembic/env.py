@@ -1,4 +1,5 @@
-"""Async Alembic environment. The URL comes from the caller (app.migrations) or settings."""
+"""Async Alembic environment. The URL comes from the caller (app.operations.migrations)
+or from the settings."""
 
 import asyncio
 

@@ -14,12 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app import local
 from app.config import ConfigError, Settings, get_settings, load_settings
 from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.logs import configure_logging
-from app.schemas import assume_utc
+from app.operations import local
+from app.receiving.payloads import assume_utc
 
 LOCAL_SECRET_FIELDS = {name: name.lower() for name in local.GENERATED}
 
@@ -96,13 +96,13 @@ def announce_local_mode(settings: Settings, host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.edge import GuardedHttp
-    from app.migrations import upgrade
-    from app.startup import (
+    from app.operations.migrations import upgrade
+    from app.operations.startup import (
         check_spool_writable,
         prepare_multiprocess_metrics,
         wait_for_database,
     )
+    from app.receiving.edge import GuardedHttp
 
     check_port_free(args.host, args.port)
     loaded = load_settings()
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
             forwarded_allow_ips=settings.forwarded_allow_ips,
             timeout_graceful_shutdown=30,
-            # deadlines on headers and body (REQUEST_TIMEOUT_SECONDS): app/edge.py
+            # deadlines on headers and body (REQUEST_TIMEOUT_SECONDS): app/receiving/edge.py
             http=GuardedHttp,
         )
     finally:
@@ -163,7 +163,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from app.migrations import upgrade
+    from app.operations.migrations import upgrade
 
     with database_settings() as settings:
         upgrade(settings.database_url or "", args.revision)
@@ -185,8 +185,8 @@ async def _with_engine(settings: Settings, job: Any) -> Any:
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
-    from app.maintenance import rotate_keys, rotate_spool
-    from app.spool import SPOOL_FILE, Spool
+    from app.operations.keys import rotate_keys, rotate_spool
+    from app.receiving.spool import SPOOL_FILE, Spool
 
     with database_settings() as settings:
         keys = fernet_keys(settings)
@@ -207,7 +207,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from app.maintenance import Selection, replay
+    from app.operations.replay import Selection, replay
 
     selection = Selection(
         event_ids=args.event,
@@ -236,7 +236,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """0: no drift; 1: drift remains (the report says what to do); 2: could not run."""
-    from app.reconcile import ReconcileError, SenderApi, reconcile
+    from app.operations.reconcile import ReconcileError, SenderApi, reconcile
 
     if not load_settings().api_key:
         raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
@@ -279,7 +279,7 @@ def print_report(report: Any) -> None:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from app.privacy import erase_mailbox
+    from app.operations.privacy import erase_mailbox
 
     with database_settings() as settings:
         vault = Vault(fernet_keys(settings))
@@ -296,7 +296,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from app.simulate import run_simulation
+    from app.simulation.simulate import run_simulation
 
     return run_simulation(args)
 

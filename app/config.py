@@ -8,7 +8,7 @@ from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.signing import FORMS
+from app.receiving.signing import FORMS
 
 URL_PREFIXES = ("postgres://", "postgresql://", "postgresql+asyncpg://")
 SIGNATURE_FORMS = tuple(form.name for form in FORMS)  # in the order of FORMS

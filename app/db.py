@@ -1,5 +1,7 @@
-"""Engine construction. One engine per process, built in the app's lifespan."""
+"""Engine construction (one engine per process, built in the app's lifespan), and what a
+database failure means: a lost connection, a race lost, or any failure a retry can cure."""
 
+import asyncio
 import time
 import uuid
 import weakref
@@ -10,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+import sqlalchemy.exc
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -55,8 +58,8 @@ def make_engine(
     url: str, *, pool_size: int = 20, statement_timeout_ms: int | None = None
 ) -> AsyncEngine:
     """No pre-ping (a round trip per delivery): a delivery whose connection was dropped is
-    spooled (app/intake.py), the failed connection is discarded (raw_connection), and the
-    next one is opened fresh."""
+    spooled (app/receiving/receiver.py), the failed connection is discarded
+    (raw_connection), and the next one is opened fresh."""
     dsn, cache = asyncpg_dsn(url), statement_cache_size(url)
     pooled = cache == 0
     # A pooler refuses settings at connection start: there each transaction sets them.
@@ -118,6 +121,38 @@ def lost_connection(error: BaseException) -> bool:
     return isinstance(error, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError) or (
         isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P"))
     )
+
+
+RETRYABLE_SQLSTATES = {"40P01", "40001"}  # deadlock detected, serialization failure
+# Failures a later attempt can cure: the database unreachable, shutting down, out of
+# connections, or a transaction that lost a race. Deliveries hit by these are spooled.
+TRANSIENT_SQLSTATE_PREFIXES = ("08", "57P", "53", "40", "55000", "57014")
+TRANSIENT_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    sqlalchemy.exc.TimeoutError,  # the pool had no connection to give
+    asyncpg.InterfaceError,  # the connection was closed or left mid-protocol
+    asyncpg.InternalClientError,
+)
+
+
+def lost_a_race(error: BaseException) -> bool:
+    """A deadlock or serialization failure: the same statement at once again will do."""
+    return isinstance(error, asyncpg.PostgresError) and error.sqlstate in RETRYABLE_SQLSTATES
+
+
+def is_transient(error: BaseException) -> bool:
+    """Does this failure (or one it wraps) mean "the database cannot do this now"?"""
+    seen: BaseException | None = error
+    while seen is not None:
+        sqlstate = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(seen, TRANSIENT_ERRORS) or (
+            isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_SQLSTATE_PREFIXES)
+        ):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
 
 
 def server_settings(statement_timeout_ms: int | None) -> dict[str, str]:

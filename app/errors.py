@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 RETRY_AFTER_SECONDS = 5
 # A read the database did not answer (unreachable, timed out) or refused (an error of its
 # own): 503 with Retry-After, never a 500 with a traceback. Deliveries do not get here:
-# app/intake.py spools them or keeps them as rejected.
+# app/receiving/receiver.py spools them or keeps them as rejected.
 DATABASE_ERRORS = (
     SQLAlchemyError,
     asyncpg.PostgresError,

@@ -13,12 +13,10 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import api, metrics, ops, ui, webhooks
+from app import metrics
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
-from app.docs import add_docs
-from app.edge import HstsMiddleware
 from app.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -28,12 +26,17 @@ from app.errors import (
     handle_validation_error,
 )
 from app.hashing import HashingKey
-from app.intake import Intake
 from app.logs import AccessLogMiddleware, configure_logging
-from app.privacy import retention_forever
-from app.reconcile import SenderApi, run_periodically
-from app.renewals import TotalsCache
-from app.spool import Spool
+from app.operations import health
+from app.operations.privacy import retention_forever
+from app.operations.reconcile import SenderApi, run_periodically
+from app.reading import api, ui
+from app.reading.docs import add_docs
+from app.reading.renewals import TotalsCache
+from app.receiving import route
+from app.receiving.edge import HstsMiddleware
+from app.receiving.receiver import Receiver
+from app.receiving.spool import Spool
 
 READ_POOL_SIZE = 5
 
@@ -68,10 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
-        app.state.intake = intake = Intake(
+        app.state.receiver = receiver = Receiver(
             app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
         )
-        drainer = asyncio.create_task(intake.drain_forever())
+        drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
         retention = (
             asyncio.create_task(retention_forever(app.state.engine, settings.body_retention_days))
@@ -86,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            intake.stop()
+            receiver.stop()
             await drainer
             for task in (reconciler, retention):
                 if task:
@@ -109,8 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
-    app.include_router(webhooks.router)
-    app.include_router(ops.router)
+    app.include_router(route.router)
+    app.include_router(health.router)
     app.include_router(api.router)
     app.include_router(ui.router)
     app.include_router(ui.pages)

@@ -16,7 +16,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app.schemas import HANDLED_EVENTS
+from app.receiving.payloads import HANDLED_EVENTS
 
 DELIVERIES = Counter(
     "cmr_webhook_deliveries_total", "Webhook deliveries by event and outcome", ["event", "outcome"]

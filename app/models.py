@@ -141,7 +141,7 @@ class Event(Listed, Base):
 
 class EventKey(Base):
     """One row per eventId: deliveries of one eventId wait for each other on it, and it
-    knows whether two contents were seen (see app/ingest.py)."""
+    knows whether two contents were seen (see app/recording/record.py)."""
 
     __tablename__ = "event_keys"
 
@@ -174,7 +174,7 @@ class RejectedDelivery(Listed, Base):
 class Subscription(Listed, TimestampMixin, Base):
     """One domain's mailboxes. `quantity`, `order_id` and `price` are derived from the
     subscription's succeeded orders; the lifecycle columns from subscription.* events
-    (`lifecycle_version` is the winning event's time, see app/merge.py)."""
+    (`lifecycle_version` is the winning event's time, see app/recording/merge.py)."""
 
     __tablename__ = "subscriptions"
     __table_args__ = keyset_indexes(
@@ -216,7 +216,7 @@ class Subscription(Listed, TimestampMixin, Base):
 
 
 class Reconciliation(Base):
-    """The report of each `reconcile` run (app/reconcile.py); the API serves the last."""
+    """The report of each `reconcile` run (app/operations/reconcile.py); the API serves the last."""
 
     __tablename__ = "reconciliations"
 

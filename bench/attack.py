@@ -29,8 +29,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import traffic  # noqa: E402
 from app.crypto import generate_key  # noqa: E402
+from app.simulation import traffic  # noqa: E402
 
 SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TOKEN, SIGNING_KEY, OPS = "attack-webhook-token", "attack-signing-key", "attack-ops-token-01"

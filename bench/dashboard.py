@@ -19,7 +19,7 @@ import httpx
 from app.config import load_settings, normalize_database_url
 from app.crypto import generate_key
 from app.main import create_app
-from app.migrations import upgrade
+from app.operations.migrations import upgrade
 
 FILL = [
     """INSERT INTO subscriptions (subscription_id, domain, status, provider, source,

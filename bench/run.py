@@ -40,10 +40,12 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import ingest, merge, schemas, signing, traffic  # noqa: E402
 from app.crypto import Vault, generate_key  # noqa: E402
 from app.hashing import Hasher  # noqa: E402
-from app.signing import SignatureCheck  # noqa: E402
+from app.receiving import payloads, signing  # noqa: E402
+from app.receiving.signing import SignatureCheck  # noqa: E402
+from app.recording import effects, merge, record  # noqa: E402
+from app.simulation import traffic  # noqa: E402
 
 SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY, TOKEN, SIGNING_KEY = generate_key(), "bench-webhook-token", "bench-signing-key"
@@ -288,15 +290,13 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
     vault, writes = Vault([KEY]), []
     for _ in range(count):
         raw = orjson.dumps(traffic.mailbox_created())
-        envelope = schemas.parse_envelope(raw, HASHER)
-        model = schemas.parse_handled(envelope, [])
+        envelope = payloads.parse_envelope(raw, HASHER)
+        model = payloads.parse_handled(envelope, [])
         assert model is not None
         signature = SignatureCheck("valid", None, time.time())
-        delivery = ingest.Delivery(envelope, raw, signature, hasher=HASHER)
-        effects = ingest.effects(
-            model, vault=vault, at=delivery.event_time, event_id=str(delivery.event_id)
-        )
-        writes.append(ingest.delivery_write(delivery, effects, vault))
+        delivery = record.Delivery(envelope, raw, signature, hasher=HASHER)
+        changes = effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        writes.append(record.delivery_write(delivery, changes, vault))
     return writes
 
 
@@ -364,8 +364,8 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
     sql, args = write
     # the keys: the eventId, the subscription's ID (the first effect's first column) and
     # the mailbox's ID (the second effect's first column)
-    second = ingest.RECORD_PARAMETERS + len(merge.SUBSCRIPTION_MAILBOX_CREATED.names)
-    keys = {args[0]: "ev", args[ingest.RECORD_PARAMETERS]: "sub", args[second]: "mbx"}
+    second = record.RECORD_PARAMETERS + len(merge.SUBSCRIPTION_MAILBOX_CREATED.names)
+    keys = {args[0]: "ev", args[record.RECORD_PARAMETERS]: "sub", args[second]: "mbx"}
     rendered = re.sub(r"\$(\d+)", lambda m: f"({literal(args[int(m[1]) - 1], keys)})", sql)
     script = run.out / "pgbench.sql"
     script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")

@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from app import traffic
 from app.crypto import Vault
+from app.simulation import traffic
 from bench import run as bench
 
 SUBSCRIPTIONS, MAILBOXES, EVENTS = 200_000, 1_000_000, 5_000_000

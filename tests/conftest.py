@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from app.config import Settings, load_settings, normalize_database_url
 from app.crypto import generate_key
 from app.main import create_app
-from app.migrations import upgrade
+from app.operations.migrations import upgrade
 from tests.streams import SENT_AT
 
 FERNET_KEY = generate_key()

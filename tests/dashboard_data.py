@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import deliver
 from tests.streams import subscription_event
 

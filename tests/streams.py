@@ -8,7 +8,7 @@ delivered), so edits keep their order whatever order the stream arrives in.
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from app import traffic
+from app.simulation import traffic
 
 SENT_AT = "_sentAt"  # taken off the payload by the sender and signed as its timestamp
 # Streams span hours of send times: the apps they are sent to accept timestamps this old.

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app import traffic as factories
+from app.simulation import traffic as factories
 from tests import streams
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, WEBHOOK_TOKEN, deliver
 

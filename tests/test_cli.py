@@ -11,9 +11,9 @@ import httpx
 import orjson
 from cryptography.fernet import Fernet
 
-from app import traffic as factories
 from app.cli import build_parser
 from app.crypto import Vault, generate_key
+from app.simulation import traffic as factories
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,

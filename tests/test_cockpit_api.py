@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
 

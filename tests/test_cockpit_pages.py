@@ -8,7 +8,7 @@ import re
 
 import httpx
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, app_client, deliver, make_settings
 from tests.dashboard_data import fill
 from tests.reliability.proxy import Proxy

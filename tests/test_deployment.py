@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from app import traffic
-from app.migrations import head_revision
+from app.operations.migrations import head_revision
+from app.simulation import traffic
 from tests.conftest import _admin, asyncpg_dsn, deliver, with_database
 from tests.reliability.proxy import Proxy
 from tests.reliability.test_crash_and_outage import server_env

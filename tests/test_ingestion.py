@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 from cryptography.fernet import Fernet
 
-from app import traffic as factories
+from app.simulation import traffic as factories
 from tests.conftest import FERNET_KEY, deliver
 from tests.streams import sent
 

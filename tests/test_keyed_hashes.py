@@ -12,10 +12,10 @@ import asyncpg
 import orjson
 import pytest
 
-from app import traffic
 from app.config import get_settings
 from app.crypto import generate_key
-from app.migrations import upgrade
+from app.operations.migrations import upgrade
+from app.simulation import traffic
 from tests.conftest import (
     FERNET_KEY,
     app_client,

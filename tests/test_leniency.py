@@ -6,7 +6,7 @@ from typing import Any
 import orjson
 import pytest
 
-from app import traffic as factories
+from app.simulation import traffic as factories
 from tests.conftest import OPS_TOKEN, deliver
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}

@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
-from app import traffic
 from app.crypto import Vault
 from app.db import make_engine
-from app.maintenance import Selection, replay
+from app.operations.replay import Selection, replay
+from app.simulation import traffic
 from tests import streams
 from tests.conftest import (
     CREDENTIALS_TOKEN,

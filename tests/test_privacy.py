@@ -1,9 +1,9 @@
 """Retention deletes old bodies; erase removes one mailbox's personal data for good."""
 
-from app import traffic
 from app.crypto import Vault
 from app.db import make_engine
-from app.privacy import expire_bodies
+from app.operations.privacy import expire_bodies
+from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,

@@ -7,10 +7,10 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import renewals
-from app.api import apply_filters, mailbox_select, subscription_select
-from app.merge import DERIVE_ORDER
 from app.models import mailboxes, subscriptions
+from app.reading import renewals
+from app.reading.api import apply_filters, mailbox_select, subscription_select
+from app.recording.merge import DERIVE_ORDER
 
 FILL = """
 INSERT INTO subscriptions (subscription_id, domain, source, status)

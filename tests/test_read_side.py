@@ -7,9 +7,9 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from app import traffic
 from app.config import ConfigError
 from app.main import READ_POOL_SIZE
+from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     app_client,

@@ -5,9 +5,9 @@ import subprocess
 import time
 from typing import Any
 
-from app import traffic
 from app.db import make_engine
-from app.reconcile import SenderApi, reconcile
+from app.operations.reconcile import SenderApi, reconcile
+from app.simulation import traffic
 from tests import streams
 from tests.conftest import app_client, deliver, fresh_database, make_settings
 from tests.fake_sender import API_KEY, FakeSender, remote_subscription, serving

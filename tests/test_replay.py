@@ -1,10 +1,15 @@
-"""`replay --all` rebuilds what the live deliveries built: wipe every table the events
-write to, replay, and ops read the same subscriptions, mailboxes and orders."""
+"""`replay` rebuilds what the live deliveries built: wipe every table the events write to,
+replay (all at once, or one by one in any order), and ops read the same subscriptions,
+mailboxes and orders."""
 
 import time
 
+from app.crypto import Vault
+from app.db import make_engine
+from app.operations.replay import Selection, replay
+from app.simulation import traffic
 from tests import streams
-from tests.conftest import app_client, deliver, make_settings
+from tests.conftest import FERNET_KEY, app_client, deliver, make_settings
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import run_cli
 from tests.state import read_state
@@ -40,3 +45,64 @@ async def test_replay_after_losing_every_derived_table_restores_what_ops_saw(db,
         assert (await read_state(client))["mailboxes"] == []
         run_cli("replay", "--all", env=server_env(database_url))
         assert await read_state(client) == before
+
+
+async def replay_one_by_one(database_url: str, row_ids: list[int]) -> None:
+    """`replay --event-id` for each stored event, in the order given."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        for row_id in row_ids:
+            report, _ = await replay(
+                engine, Vault([FERNET_KEY]), Selection(event_ids=[row_id]), dry_run=False
+            )
+            assert report.applied == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_replaying_the_events_newest_first_restores_what_the_live_arrivals_built(
+    db, database_url
+):
+    settings = make_settings(database_url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
+    async with app_client(settings) as client:
+        for payload in mixed_stream():
+            assert (await deliver(client, payload)).status_code == 200
+        before = await read_state(client)
+        await db.execute(f"TRUNCATE {DERIVED}")
+        newest_first = [
+            row["id"] for row in await db.fetch("SELECT id FROM events ORDER BY id DESC")
+        ]
+        await replay_one_by_one(database_url, newest_first)
+        assert await read_state(client) == before
+
+
+async def test_two_contents_of_one_event_end_the_same_whichever_is_replayed_last(db, database_url):
+    """The sender sent one eventId twice, at the same second, with different first names."""
+    created = traffic.mailbox_created()
+    mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
+    at = time.time() - 600
+    same = {"userId": "USR94KD7S2LQ8X5M1Z0", "eventId": "EVT-SENT-TWICE"}
+    ann, bea = (
+        streams.sent(
+            traffic.envelope(
+                "mailbox.updated",
+                traffic.mailbox_updated(mailbox_id, {"firstName": name}, userId=same["userId"])[
+                    "data"
+                ],
+                same["eventId"],
+            ),
+            at,
+        )
+        for name in ("Ann", "Bea")
+    )
+    settings = make_settings(database_url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
+    async with app_client(settings) as client:
+        for payload in (streams.sent(created, at - 60), ann, bea):
+            assert (await deliver(client, payload)).status_code == 200
+        live = await read_state(client)
+        ids = [row["id"] for row in await db.fetch("SELECT id FROM events ORDER BY id")]
+        assert len(ids) == 3, "both contents are stored"
+        for order in ([ids[0], ids[1], ids[2]], [ids[0], ids[2], ids[1]]):
+            await db.execute(f"TRUNCATE {DERIVED}")
+            await replay_one_by_one(database_url, order)
+            assert await read_state(client) == live

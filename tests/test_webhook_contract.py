@@ -10,8 +10,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import signing
-from app import traffic as factories
+from app.receiving import signing
+from app.simulation import traffic as factories
 from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, app_client, deliver, make_settings
 
 

@@ -4,7 +4,7 @@ Revision ID: 0009
 Revises: 0008
 Create Date: 2026-12-04 23:00:00
 
-app/merge.py declares which policy each column follows; the policies that are more than a
+app/recording/merge.py declares which policy each column follows; the policies that are more than a
 coalesce are these functions. All are plain SQL, IMMUTABLE, so PostgreSQL inlines them into
 the upserts (the plan is what the written-out expressions gave). `old` is the stored row,
 `new` the event's (EXCLUDED in an upsert).

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.dashboard_data import fill
 from tests.reliability.proxy import Proxy

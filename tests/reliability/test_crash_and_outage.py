@@ -7,9 +7,8 @@ import asyncpg
 import httpx
 import pytest
 
-from app import traffic
-from app.db import make_engine, raw_connection
-from app.processing import is_transient
+from app.db import is_transient, make_engine, raw_connection
+from app.simulation import traffic
 from tests.conftest import FERNET_KEY, OPS_TOKEN, SIGNING_KEY, WEBHOOK_TOKEN, asyncpg_dsn
 from tests.reliability.proxy import Proxy
 from tests.reliability.senders import Tally, send_all

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from app import traffic
+from app.simulation import traffic
 from bench.attack import established, rss_mib
 from tests.conftest import (
     CREDENTIALS_TOKEN,

@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app import traffic
+from app.simulation import traffic
 from tests.reliability.senders import Tally, send_all
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import Server, free_port

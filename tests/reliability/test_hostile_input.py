@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from app import resources, traffic
+from app.reading import resources
+from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, WEBHOOK_TOKEN, deliver, sender_signature
 
 FUZZ = settings(

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from app import traffic
+from app.simulation import traffic
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_edge import post, sign
 from tests.servers import Server, free_port

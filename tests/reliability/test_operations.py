@@ -7,7 +7,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import traffic
+from app.simulation import traffic
 from bench.attack import server_sockets
 from tests.conftest import WEBHOOK_TOKEN, deliver, sender_signature
 from tests.reliability.test_crash_and_outage import server_env

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, asyncpg_dsn
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_edge import post, sign

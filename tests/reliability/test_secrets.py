@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from app import traffic
+from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     OPS_TOKEN,

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from app import traffic
+from app.simulation import traffic
 from tests import streams
 from tests.conftest import app_client, asyncpg_dsn, deliver, fresh_database, make_settings
 from tests.reliability.proxy import Proxy

@@ -31,10 +31,11 @@ coalesce are SQL functions, created by alembic/versions/0009_merge_functions.py:
 lifecycle_wins and domain_wins (with winner_first), unless_edited, edit_wins and
 latest_versions. PostgreSQL inlines them into the statements.
 
-A version is an event's time, then its eventId (see ingest.version): the time is the signed
-`cmr-x-timestamp` when the signature was valid, else the first receipt.
+A version is an event's time, then its eventId, then its content (effects.version): the
+time is the signed `cmr-x-timestamp` when the signature was valid, else the first receipt;
+`replay` applies a stored event at its stored time.
 A delivery is written by one statement: the event's record, and each upsert below for all
-its rows, applied only when the record is new (app/ingest.py); a prewarmup order's mailbox
+its rows, applied only when the record is new (record.py); a prewarmup order's mailbox
 snapshots follow in a few parts, in the same transaction. Derived values (an order's
 status, a subscription's quantity and first order) are then recomputed from their parts by
 the plain statement at the end of this module, in the same transaction.
@@ -83,7 +84,8 @@ class Upsert:
     table: str
     key: tuple[str, ...]
     columns: dict[str, Policy | None]  # None: a key column, or set only on insert
-    # Columns a row erased by `erase` (app/privacy.py) keeps empty, whatever arrives later.
+    # Columns a row erased by `erase` (app/operations/privacy.py) keeps empty, whatever
+    # arrives later.
     erasable: tuple[str, ...] = ()
 
     def combine(self, column: str, policy: Policy) -> str:
@@ -173,7 +175,7 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
         "auto_renew": P.LIFECYCLE,
         "lifecycle_quantity": P.LIFECYCLE,
         "lifecycle_version": P.LIFECYCLE,
-        "lifecycle_source": P.LIFECYCLE,  # "event", or "reconciliation" (app/reconcile.py)
+        "lifecycle_source": P.LIFECYCLE,  # "event", or "reconciliation" (see reconcile.py)
         "expiry_date": P.LATEST,  # periodEnd becomes the expiry date
     },
 )

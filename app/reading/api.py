@@ -38,9 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
-from app import exports, renewals, resources
 from app.crypto import Vault, token_matches
-from app.edge import require_https
 from app.errors import ApiError, NotFound
 from app.models import (
     EVENT_ABOUT,
@@ -56,7 +54,9 @@ from app.models import (
     rejected,
     subscriptions,
 )
-from app.schemas import HANDLED_EVENTS, assume_utc
+from app.reading import exports, renewals, resources
+from app.receiving.edge import require_https
+from app.receiving.payloads import HANDLED_EVENTS, assume_utc
 
 bearer = HTTPBearer(
     auto_error=False, description="A token from OPS_API_TOKENS or CREDENTIALS_API_TOKENS"

@@ -1,7 +1,7 @@
 """Making every accepted delivery durable: PostgreSQL when it answers, else the spool.
 
 `accept` serves the webhook route; `drain` applies what the spool holds, oldest first,
-through the same `process_or_reject` as live deliveries, and deletes each row only after
+through the same `record_or_reject` as live deliveries, and deletes each row only after
 its commit, so a kill -9 at any point loses nothing and applies nothing twice (a row
 applied but not yet deleted comes back as a duplicate, which has no effect).
 """
@@ -19,14 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.crypto import Vault
+from app.db import is_transient
 from app.hashing import Hasher, HashingKey
-from app.ingest import Delivery
-from app.processing import Outcome, Rejection, is_transient, process_delivery, store_rejected
-from app.schemas import HandledEvent, parse_envelope, parse_handled
-from app.signing import SignatureCheck
-from app.spool import Entry, Spool, SpoolFull
+from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
+from app.receiving.signing import SignatureCheck
+from app.receiving.spool import Entry, Spool, SpoolFull
+from app.recording.record import Delivery, Outcome, Rejection, record, store_rejected
 
-log = logging.getLogger("coldmail.intake")
+log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
 # each waiting out a connection attempt; the drainer's first success ends it early.
 CIRCUIT_SECONDS = 2.0
@@ -40,7 +40,7 @@ class ApplyFailed(Exception):
 
 
 @dataclass
-class Intake:
+class Receiver:
     engine: AsyncEngine
     vault: Vault
     spool: Spool
@@ -71,7 +71,7 @@ class Intake:
         Raises ApplyFailed (kept as rejected: answer 500) or SpoolFull (answer 503)."""
         if delivery.hasher is not None and time.monotonic() >= self.database_down_until:
             try:
-                outcome = await self.process_or_reject(delivery, model)
+                outcome = await self.record_or_reject(delivery, model)
                 self.away_since = None
                 return outcome
             except Exception as error:
@@ -79,11 +79,11 @@ class Intake:
                     raise
                 self._database_failed(error)
         await self._spool(delivery.raw, delivery_meta(delivery), delivery.received_at)
-        return Outcome("queued", False, 0)
+        return Outcome("queued")
 
-    async def process_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
+    async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await process_delivery(self.engine, self.vault, delivery, model)
+            return await record(self.engine, self.vault, delivery, model)
         except Exception as error:
             if is_transient(error):
                 raise
@@ -198,7 +198,7 @@ class Intake:
             model = None
         delivery = Delivery(envelope, raw, signature, received, warnings, True, hasher)
         try:
-            await self.process_or_reject(delivery, model)
+            await self.record_or_reject(delivery, model)
         except ApplyFailed:
             pass  # kept among rejected deliveries
 
@@ -246,4 +246,4 @@ def _ids(delivery: Delivery) -> dict[str, str | None]:
     return {"eventId": delivery.event_id, "event": delivery.event}
 
 
-__all__ = ["ApplyFailed", "Intake", "SpoolFull"]
+__all__ = ["ApplyFailed", "Receiver", "SpoolFull"]

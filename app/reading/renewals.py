@@ -18,7 +18,7 @@ from typing import Any, get_args
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 
-from app.resources import Risk
+from app.reading.resources import Risk
 
 RISKS: tuple[str, ...] = get_args(Risk)
 DEFAULT_DAYS = 30

@@ -1,8 +1,8 @@
 """POST /webhooks/cmr: authenticate, validate, make durable, then answer.
 
 A 2xx is sent only once the delivery is durable: committed to PostgreSQL, or fsynced to
-the spool while the database cannot be reached (app/intake.py). Nothing the sender sent is
-echoed back or logged.
+the spool while the database cannot be reached (app/receiving/receiver.py). Nothing the
+sender sent is echoed back or logged.
 """
 
 import logging
@@ -18,11 +18,10 @@ from app import metrics
 from app.config import Settings
 from app.crypto import token_matches
 from app.errors import ApiError, Unavailable, json_response
-from app.ingest import Delivery
-from app.intake import ApplyFailed, Intake, SpoolFull
-from app.processing import Rejection
-from app.schemas import parse_envelope, parse_handled
-from app.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureCheck, verify
+from app.receiving.payloads import parse_envelope, parse_handled, validation_details
+from app.receiving.receiver import ApplyFailed, Receiver, SpoolFull
+from app.receiving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureCheck, verify
+from app.recording.record import Delivery, Rejection
 
 log = logging.getLogger("coldmail.webhooks")
 router = APIRouter(tags=["webhooks"])
@@ -82,14 +81,6 @@ def check_signature(request: Request, raw: bytes, settings: Settings) -> Signatu
     return check
 
 
-def validation_details(error: ValidationError) -> list[dict[str, Any]]:
-    """loc/msg/type only: pydantic's `input` and `ctx` would echo what was sent."""
-    return [
-        {"loc": list(item["loc"][1:]), "msg": item["msg"], "type": item["type"]}
-        for item in error.errors(include_url=False, include_context=False, include_input=False)
-    ]
-
-
 @router.post(
     "/webhooks/cmr",
     summary="Receive a Cold Mail Reseller webhook",
@@ -107,19 +98,19 @@ async def receive_webhook(request: Request) -> Response:
     started = time.perf_counter()
     received_at = datetime.now(UTC)
     settings: Settings = request.app.state.settings
-    intake: Intake = request.app.state.intake
+    receiver: Receiver = request.app.state.receiver
     check_token(request, settings)
     try:
         raw = await read_body(request, settings.max_body_bytes)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
     signature = check_signature(request, raw, settings)
-    hasher = await intake.hasher()
+    hasher = await receiver.hasher()
     try:
         envelope = parse_envelope(raw, hasher)
     except ValueError as error:
         await _reject(
-            intake, Rejection(raw, signature.result, "invalid_json", [], None, None, received_at)
+            receiver, Rejection(raw, signature.result, "invalid_json", [], None, None, received_at)
         )
         raise ApiError(400, {"error": "invalid_json", "message": str(error)}) from None
     warnings: list[str] = []
@@ -136,11 +127,11 @@ async def receive_webhook(request: Request) -> Response:
             envelope["eventId"],
             received_at,
         )
-        await _reject(intake, rejection)
+        await _reject(receiver, rejection)
         raise ApiError(422, {"error": "invalid_payload", "detail": details}) from None
     delivery = Delivery(envelope, raw, signature, received_at, warnings, hasher=hasher)
     try:
-        outcome = await intake.accept(delivery, model)
+        outcome = await receiver.accept(delivery, model)
     except ApplyFailed:
         _observe(delivery, "apply_failed", False, started)
         raise ApiError(500, {"error": "apply_failed"}) from None
@@ -154,11 +145,11 @@ async def receive_webhook(request: Request) -> Response:
     return json_response(200, body)
 
 
-async def _reject(intake: Intake, rejection: Rejection) -> None:
+async def _reject(receiver: Receiver, rejection: Rejection) -> None:
     metrics.REJECTIONS.labels(rejection.reason).inc()
     metrics.DELIVERIES.labels(metrics.event_label(rejection.event), rejection.reason).inc()
     try:
-        await intake.keep_rejected(rejection)
+        await receiver.keep_rejected(rejection)
     except SpoolFull:
         raise Unavailable() from None
     log.info(

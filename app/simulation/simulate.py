@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app import signing, traffic
+from app.receiving import signing
+from app.simulation import traffic
 
 EXPECTED = {"processed", "duplicate", "ignored", "queued"}
 

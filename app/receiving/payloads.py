@@ -534,3 +534,11 @@ def parse_handled(envelope: dict[str, Any], warnings: list[str]) -> HandledEvent
         warnings.append(IGNORED_NO_ID.format(missing))
         return None
     return model
+
+
+def validation_details(error: ValidationError) -> list[dict[str, Any]]:
+    """loc/msg/type only: pydantic's `input` and `ctx` would echo what was sent."""
+    return [
+        {"loc": list(item["loc"][1:]), "msg": item["msg"], "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=False, include_input=False)
+    ]

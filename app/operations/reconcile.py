@@ -29,10 +29,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from app import merge, metrics
+from app import metrics
 from app.db import raw_connection
-from app.ingest import upsert, version
-from app.schemas import SUBSCRIPTION_STATES, known_state, parse_time
+from app.receiving.payloads import SUBSCRIPTION_STATES, known_state, parse_time
+from app.recording import merge
+from app.recording.effects import version
+from app.recording.record import upsert
 
 log = logging.getLogger("coldmail.reconcile")
 SUBSCRIPTIONS_PATH = "/subscriptions"

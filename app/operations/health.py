@@ -10,10 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import metrics, renewals
+from app import metrics
 from app.crypto import token_matches
 from app.errors import DATABASE_ERRORS, ApiError, json_response
-from app.migrations import head_revision
+from app.operations.migrations import head_revision
+from app.reading import renewals
 
 log = logging.getLogger("coldmail.ops")
 router = APIRouter(tags=["operations"])
@@ -37,7 +38,7 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
 )
 async def readyz(request: Request) -> Response:
     database, revision = await database_state(request.app.state.engine)
-    depth, oldest, room = await request.app.state.intake.spool.depth()
+    depth, oldest, room = await request.app.state.receiver.spool.depth()
     observe_spool(depth, oldest)
     body = {
         "database": database,
@@ -83,7 +84,7 @@ async def prometheus_metrics(request: Request) -> Response:
             raise ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
     pool = request.app.state.engine.pool
     metrics.POOL_IN_USE.set(pool.checkedout())
-    depth, oldest, _ = await request.app.state.intake.spool.depth()
+    depth, oldest, _ = await request.app.state.receiver.spool.depth()
     observe_spool(depth, oldest)
     state = request.app.state
     if (

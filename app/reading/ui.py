@@ -24,13 +24,12 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select, text
 
-from app import api, renewals
 from app.crypto import token_matches
-from app.db import raw_connection
+from app.db import is_transient, raw_connection
 from app.errors import ApiError
 from app.hashing import Hasher
 from app.models import order_domains, orders, subscriptions
-from app.processing import is_transient
+from app.reading import api, renewals
 
 log = logging.getLogger("coldmail.ui")
 COOKIE = "cmw_session"
@@ -140,7 +139,7 @@ async def signed_in(request: Request) -> str:
         raise SignInRequired()
     hasher = await hasher_of(request)
     who = await session_statement(request, "touch", hasher.digest(secret.encode()))
-    request.app.state.intake.away_since = None  # the database answered
+    request.app.state.receiver.away_since = None  # the database answered
     if who is None or who not in {hasher.fingerprint(t) for t in tokens(request)}:
         raise SignInRequired()
     request.state.signed_in = str(who)
@@ -394,7 +393,7 @@ async def troubled_orders(conn: api.Reader) -> Any:
 
 async def spool_state(request: Request) -> dict[str, Any]:
     """From the process itself: it answers while the database is away."""
-    depth, oldest, room = await request.app.state.intake.spool.depth()
+    depth, oldest, room = await request.app.state.receiver.spool.depth()
     return {"depth": depth, "oldest": round(oldest or 0.0, 1), "room": room}
 
 
@@ -603,14 +602,14 @@ async def database_away(request: Request, error: Exception) -> Response:
         return page(
             request, "error.html", 500, message="This page failed; the server log says why."
         )
-    intake = request.app.state.intake
-    intake.database_away()
+    receiver = request.app.state.receiver
+    receiver.database_away()
     section = request.url.path.removeprefix("/ui").strip("/").split("/")[0]
     return page(
         request,
         "away.html",
         503,
-        away_since=intake.away_since,
+        away_since=receiver.away_since,
         spool=await spool_state(request),
         cannot_show=CANNOT_SHOW.get(section, "this page"),
         signed_in_known=COOKIE in request.cookies,

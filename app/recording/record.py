@@ -1,0 +1,302 @@
+"""Recording a delivery: the one statement that records it once per (eventId, content) and,
+when it is new, applies its effects by the rules in app/recording/merge.py. Live
+deliveries, the spool's drainer and `replay` all come through `record`.
+
+A delivery is one statement, one round trip: the record and every upsert, each upsert
+applied only when the record is new. A prewarmup order's mailboxes follow in a few parts,
+and its derived values (merge.DERIVE_ORDER), in the same transaction.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property, lru_cache
+from typing import Any
+
+import asyncpg
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from app import metrics
+from app.crypto import Vault, redact
+from app.db import lost_a_race, raw_connection
+from app.hashing import Hasher
+from app.receiving import payloads
+from app.receiving.signing import SignatureCheck
+from app.recording import effects, merge
+from app.recording.effects import Effects, Mailbox, Row
+from app.recording.merge import Upsert
+
+log = logging.getLogger("coldmail.recording")
+ATTEMPTS = 3
+# A bulk delivery's mailboxes (a prewarmup order's thousand) are written in up to PARTS
+# statements (MIN_PART rows or more each, but the last), each part's credentials encrypted
+# while the database runs the statement before it (see write_with_mailboxes).
+PARTS, MIN_PART = 4, 100
+
+
+@dataclass(frozen=True)
+class Stored:
+    row_id: int
+    event_time: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An authenticated, parsed delivery, ready to record (live, from the spool, or replayed)."""
+
+    envelope: dict[str, Any]  # normalised: `event` and `eventId` always present
+    raw: bytes
+    signature: SignatureCheck
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    warnings: list[str] = field(default_factory=list)
+    spooled: bool = False
+    # None only while the database is away (no hashing key yet): such a delivery is spooled
+    hasher: Hasher | None = None
+    # A stored event applied again by `replay`: its row and its original time.
+    stored: Stored | None = None
+
+    @property
+    def event_id(self) -> str | None:
+        """None for a delivery without eventId received while the key was out of reach."""
+        event_id = self.envelope["eventId"]
+        return None if event_id is None else str(event_id)
+
+    @property
+    def event(self) -> str:
+        return str(self.envelope["event"])
+
+    @cached_property
+    def content_hash(self) -> bytes:
+        assert self.hasher is not None, "recorded without the hashing key"
+        return self.hasher.digest(payloads.canonical(self.envelope))
+
+    @property
+    def event_time(self) -> datetime:
+        """The signed time when the signature was valid, else the first receipt."""
+        if self.stored is not None:
+            return self.stored.event_time
+        signed = self.signature.signed_at if self.signature.ok else None
+        return datetime.fromtimestamp(signed, UTC) if signed is not None else self.received_at
+
+    @property
+    def version(self) -> str:
+        assert self.event_id is not None, "a delivery without its eventId is spooled"
+        return effects.version(self.event_time, self.event_id, self.content_hash)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a delivery, from the recording to the answer."""
+
+    status: str  # processed | ignored | duplicate | queued (in the spool)
+    conflict: bool = False  # a second content for an eventId already recorded
+    row_id: int = 0
+
+
+# The event's key row serialises deliveries of one eventId: a second one waits for the
+# first to commit, then sees it (ON CONFLICT reads the latest row, whatever the snapshot).
+# `conflict` is true once two contents have been seen for the eventId.
+RECORD = """
+key AS (
+    INSERT INTO event_keys AS old (event_id, content_hash) VALUES ($1, $4)
+    ON CONFLICT (event_id) DO UPDATE
+    SET conflict = old.conflict OR old.content_hash <> EXCLUDED.content_hash
+    RETURNING conflict),
+recorded AS (
+    INSERT INTO events AS e (event_id, event, status, content_hash, deliveries, conflict,
+        signature, signature_form, payload, body_encrypted, first_received_at,
+        last_received_at, event_time, warnings, spooled)
+    SELECT $1, $2, $3, $4, 1, key.conflict, $5, $6, $7::jsonb, $8, $9, $9, $10, $11::jsonb, $12
+    FROM key
+    ON CONFLICT (event_id, content_hash) DO UPDATE SET deliveries = e.deliveries + 1,
+        last_received_at = greatest(e.last_received_at, EXCLUDED.last_received_at)
+    RETURNING id, xmax = 0 AS inserted, conflict)"""
+RECORD_PARAMETERS = 12
+# A stored event replayed: its record is the stored one, and its effects apply again.
+REAPPLY = """
+recorded AS (
+    UPDATE events SET status = 'processed' WHERE id = $1
+    RETURNING id, true AS inserted, false AS conflict)"""
+# Rows written before the eventId's second content arrived (rare); run again on every
+# later delivery of a conflicting eventId, so a crash in between is mended by the retry.
+MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT conflict"
+
+
+@lru_cache(maxsize=256)
+def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False) -> str:
+    """The record and every upsert (for one row or `many`), in one statement: one round
+    trip per delivery."""
+    parts, first = [REAPPLY if replay else RECORD], 2 if replay else RECORD_PARAMETERS + 1
+    for i, (statement, many) in enumerate(upserts):
+        parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
+        first += len(statement.names)
+    return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
+
+
+def delivery_write(
+    delivery: Delivery, changes: Effects | None, vault: Vault
+) -> tuple[str, list[Any]]:
+    """The one statement that records the delivery and, when it is new (or replayed),
+    applies its effects; and its arguments."""
+    if delivery.stored is not None:
+        args: list[Any] = [delivery.stored.row_id]
+    else:
+        args = [
+            delivery.event_id,
+            delivery.event,
+            "processed" if changes else "ignored",
+            delivery.content_hash,
+            delivery.signature.result,
+            delivery.signature.form,
+            orjson.dumps(redact(delivery.envelope)).decode(),
+            vault.encrypt(delivery.raw),
+            delivery.received_at,
+            delivery.event_time,
+            orjson.dumps(delivery.warnings).decode(),
+            delivery.spooled,
+        ]
+    upserts = changes.upserts if changes else []
+    for statement, rows in upserts:
+        args += statement.parameters(rows)
+    shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
+    return delivery_statement(shape, replay=delivery.stored is not None), args
+
+
+async def record(
+    engine: AsyncEngine, vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None
+) -> Outcome:
+    """Record the delivery and apply its event (`model`; None for an event we do not
+    handle), retried at once when it lost a race with a concurrent delivery."""
+    changes = (
+        None
+        if model is None
+        else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+    )
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(lost_a_race),
+        stop=stop_after_attempt(ATTEMPTS),
+        before_sleep=lambda state: log.info("retrying a delivery that lost a race"),
+        reraise=True,
+    ):
+        with attempt:
+            async with raw_connection(engine) as conn:
+                row = await write(conn, delivery, changes, vault)
+    if not row["inserted"]:
+        return Outcome("duplicate", False, row["id"])
+    conflict = bool(row["conflict"])
+    return Outcome("processed" if model else "ignored", conflict, row["id"])
+
+
+async def write(
+    conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None, vault: Vault
+) -> asyncpg.Record:
+    """One statement (its own transaction), unless the event is an order, whose mailboxes
+    and derived values follow in the same transaction."""
+    sql, args = delivery_write(delivery, changes, vault)
+    if changes is None or changes.order_id is None:
+        row = await conn.fetchrow(sql, *args)
+    else:
+        async with conn.transaction():
+            row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
+            if row["inserted"]:
+                await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+    if row["conflict"]:
+        await conn.execute(MARK_CONFLICT, delivery.event_id)
+    return row
+
+
+async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -> None:
+    """Any number of rows in one round trip."""
+    await conn.execute(statement.sql(many=len(rows) > 1), *statement.parameters(rows))
+
+
+async def write_with_mailboxes(
+    conn: asyncpg.Connection, first: tuple[str, list[Any]], mailboxes: list[Mailbox], vault: Vault
+) -> asyncpg.Record:
+    """Run the statement `first` (one row with `inserted`), then, if it inserted, upsert the
+    mailboxes in parts. Each part's credentials are encrypted while the database runs the
+    statement before it: asyncpg sends a statement it has prepared before it first waits,
+    so the encryption that then holds the event loop overlaps the database's work, and a
+    thousand mailboxes cost about the larger of the two rather than their sum."""
+    recording = asyncio.ensure_future(conn.fetchrow(first[0], *first[1]))
+    pending: asyncio.Future[Any] = recording
+    try:
+        for part in parts(mailboxes):
+            await asyncio.sleep(0)  # the statement goes out before the loop is held
+            rows = sealed(vault, part)
+            await pending
+            if not recording.result()["inserted"]:
+                break
+            pending = asyncio.ensure_future(upsert(conn, merge.PREWARMED_SNAPSHOT, rows))
+        await pending
+    except BaseException:
+        await asyncio.gather(pending, return_exceptions=True)  # the connection is free again
+        raise
+    return recording.result()
+
+
+def sealed(vault: Vault, mailboxes: list[Mailbox]) -> list[Row]:
+    return [row | effects.credentials(vault, given) for row, given in mailboxes]
+
+
+def parts(mailboxes: list[Mailbox]) -> list[list[Mailbox]]:
+    """The mailboxes in key order (the last given per mailbox), in up to PARTS parts."""
+    unique = {row["mailbox_id"]: (row, given) for row, given in mailboxes}
+    ordered = [unique[key] for key in sorted(unique)]
+    size = max(MIN_PART, -(-len(ordered) // PARTS))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A delivery refused (400, 422) or that failed to apply (500): kept, encrypted."""
+
+    raw: bytes
+    signature: str
+    reason: str  # invalid_json | invalid_payload | apply_failed
+    errors: list[dict[str, Any]]
+    event: str | None = None
+    event_id: str | None = None
+    received_at: datetime | None = None
+
+
+STORE_REJECTED = """
+INSERT INTO rejected_deliveries (reason, event, event_id, errors, signature, body_encrypted,
+    received_at)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, coalesce($7, now()))
+"""
+
+
+# Past REJECTED_MAX_BYTES of stored bodies, the oldest bodies go (record and errors stay).
+# octet_length of an uncompressed (EXTERNAL) column reads its size, not its value.
+DROP_OLDEST_REJECTED = """
+UPDATE rejected_deliveries r SET body_encrypted = NULL FROM (
+    SELECT id, sum(octet_length(body_encrypted)) OVER (ORDER BY id DESC) AS newer_and_own
+    FROM rejected_deliveries WHERE body_encrypted IS NOT NULL) AS kept
+WHERE r.id = kept.id AND kept.newer_and_own > $1
+"""
+
+
+async def store_rejected(
+    engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+) -> None:
+    """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed;
+    within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk."""
+    async with raw_connection(engine) as raw:
+        await raw.execute(
+            STORE_REJECTED,
+            rejection.reason,
+            rejection.event,
+            rejection.event_id,
+            orjson.dumps(rejection.errors).decode(),
+            rejection.signature,
+            vault.encrypt(rejection.raw),
+            rejection.received_at or datetime.now(UTC),
+        )
+        status = await raw.execute(DROP_OLDEST_REJECTED, max_bytes)
+    if dropped := int(status.split()[-1]):
+        metrics.REJECTED_BODIES_DROPPED.inc(dropped)
+        log.warning("dropped the %s oldest rejected bodies: over REJECTED_MAX_BYTES", dropped)
