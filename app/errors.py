@@ -1,6 +1,7 @@
 """Error answers shared by the webhook and the read API: always JSON, never an echo."""
 
 import asyncio
+import logging
 from typing import Any
 
 import asyncpg
@@ -10,10 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import is_transient
+
+log = logging.getLogger("coldmail.errors")
+
 RETRY_AFTER_SECONDS = 5
-# A read the database did not answer (unreachable, timed out) or refused (an error of its
-# own): 503 with Retry-After, never a 500 with a traceback. Deliveries do not get here:
-# app/receiving/receiver.py spools them or keeps them as rejected.
+# A read the database could not answer now (unreachable, shutting down, timed out): 503 with
+# Retry-After. One it refused for a reason of its own (an error in the statement): 500 and
+# a log line, as a retry would fail the same way. Never a traceback in the answer.
+# Deliveries do not get here: app/receiving/receiver.py spools them or keeps them as rejected.
 DATABASE_ERRORS = (
     SQLAlchemyError,
     asyncpg.PostgresError,
@@ -61,7 +67,10 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def handle_database_error(request: Request, exc: Exception) -> Response:
-    return await handle_api_error(request, Unavailable())
+    if is_transient(exc):
+        return await handle_api_error(request, Unavailable())
+    log.error("%s failed: %s", request.url.path, type(exc).__name__, exc_info=exc)
+    return json_response(500, {"error": "internal_error"})
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> Response:

@@ -51,7 +51,8 @@ def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[No
 
 
 async def database_unavailable(request: Request, error: Exception) -> Response:
-    """The API says 503 in JSON; a dashboard page says what it cannot show, as a page."""
+    """The API answers in JSON (503, or 500 for a statement's own error); a dashboard page
+    says what it cannot show, as a page."""
     if request.url.path.startswith("/ui"):
         return await ui.database_away(request, error)
     return await handle_database_error(request, error)

@@ -349,3 +349,12 @@ async def test_renewals_take_every_value_their_schema_allows(client, params):
 async def test_a_search_of_spaces_is_a_search_not_an_error(client, jane):
     found = await client.get("/api/v1/mailboxes", params={"q": " "}, headers=OPS)
     assert found.status_code == 200 and found.json()["items"]
+
+
+async def test_a_read_the_database_refuses_is_an_error_not_a_retry_later(client, db, caplog):
+    """An error in the statement itself fails the same way on every retry: 500, not 503."""
+    await db.execute("ALTER TABLE rejected_deliveries RENAME TO rejected_elsewhere")
+    response = await client.get("/api/v1/rejected", headers=OPS)
+    assert response.status_code == 500 and "retry-after" not in response.headers
+    assert response.json() == {"error": "internal_error"}
+    assert "/api/v1/rejected failed: ProgrammingError" in caplog.text

@@ -45,7 +45,7 @@ async def test_credentials_are_never_sent_unless_their_audit_row_committed(clien
         """
     )
     refused = await client.get(url, headers=CREDS)
-    assert refused.status_code == 503
+    assert refused.status_code == 500  # the audit store raised an error: not an outage
     assert box["appPassword"] not in refused.text
     assert await db.fetchval("select count(*) from credential_reads") == 1
 

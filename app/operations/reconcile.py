@@ -241,12 +241,12 @@ async def reconcile(engine: AsyncEngine, api: SenderApi, *, dry_run: bool) -> Re
             await reconcile_page(conn, items, report, at=at)
     report.finished_at = datetime.now(UTC).isoformat()
     if not dry_run:
-        await store(engine, report)
+        await save_report(engine, report)
     observe(report)
     return report
 
 
-async def store(engine: AsyncEngine, report: Report) -> None:
+async def save_report(engine: AsyncEngine, report: Report) -> None:
     async with raw_connection(engine) as conn:
         await conn.execute(
             "INSERT INTO reconciliations (report) VALUES ($1::jsonb)",

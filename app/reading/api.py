@@ -135,7 +135,7 @@ def reader(request: Request) -> Reader:
     return Reader(request.app.state.read_engine)
 
 
-Conn = Annotated[Reader, Depends(reader)]
+ReadConnection = Annotated[Reader, Depends(reader)]
 router = APIRouter(
     prefix="/api/v1",
     dependencies=[Depends(ops_token)],
@@ -324,7 +324,7 @@ def subscription_select() -> Select[Any]:
 
 @router.get("/subscriptions", summary="List subscriptions (one per domain)")
 async def list_subscriptions(
-    conn: Conn, query: Annotated[SubscriptionQuery, Query()]
+    conn: ReadConnection, query: Annotated[SubscriptionQuery, Query()]
 ) -> resources.Page[resources.Subscription]:
     filters = filter_values(query)
     expires_before = filters.pop("expires_before")
@@ -341,7 +341,7 @@ async def list_subscriptions(
     "/subscriptions/{subscription_id}", summary="One subscription with its mailboxes", responses=ONE
 )
 async def get_subscription(
-    conn: Conn, subscription_id: Annotated[Ident, Path()]
+    conn: ReadConnection, subscription_id: Annotated[Ident, Path()]
 ) -> resources.SubscriptionWithMailboxes:
     stmt = subscription_select().where(subscriptions.c.subscription_id == subscription_id)
     row = (await conn.execute(stmt)).first()
@@ -395,7 +395,7 @@ def renewal_cursor(row: Any) -> str:
 
 @router.get("/renewals", summary="What renews within N days or is overdue, most urgent first")
 async def list_renewals(
-    request: Request, conn: Conn, query: Annotated[RenewalQuery, Query()]
+    request: Request, conn: ReadConnection, query: Annotated[RenewalQuery, Query()]
 ) -> resources.RenewalPage:
     """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
     most once a minute: `totalsAt` says when)."""
@@ -460,13 +460,15 @@ def mailbox_select() -> Select[Any]:
 
 @router.get("/mailboxes", summary="List mailboxes")
 async def list_mailboxes(
-    conn: Conn, query: Annotated[MailboxQuery, Query()]
+    conn: ReadConnection, query: Annotated[MailboxQuery, Query()]
 ) -> resources.Page[resources.Mailbox]:
     return await list_page(conn, mailbox_select(), mailboxes, query, resources.Mailbox)
 
 
 @router.get("/mailboxes/{mailbox_id}", summary="One mailbox (never its credentials)", responses=ONE)
-async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resources.Mailbox:
+async def get_mailbox(
+    conn: ReadConnection, mailbox_id: Annotated[Ident, Path()]
+) -> resources.Mailbox:
     row = (await conn.execute(mailbox_select().where(mailboxes.c.mailbox_id == mailbox_id))).first()
     if row is None:
         raise NotFound()
@@ -482,7 +484,7 @@ async def get_mailbox(conn: Conn, mailbox_id: Annotated[Ident, Path()]) -> resou
 async def get_credentials(
     request: Request,
     response: Response,
-    conn: Conn,
+    conn: ReadConnection,
     mailbox_id: Annotated[Ident, Path()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> resources.Credentials:
@@ -522,7 +524,7 @@ async def get_credentials(
 )
 async def export_mailboxes(
     request: Request,
-    conn: Conn,
+    conn: ReadConnection,
     query: Annotated[ExportQuery, Query()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> StreamingResponse:
@@ -569,7 +571,7 @@ class AuditQuery(ListQuery):
     dependencies=[Depends(credentials_token)],
 )
 async def list_credential_reads(
-    conn: Conn, query: Annotated[AuditQuery, Query()]
+    conn: ReadConnection, query: Annotated[AuditQuery, Query()]
 ) -> resources.Page[resources.CredentialRead]:
     return await list_page(
         conn, select(credential_reads), credential_reads, query, resources.CredentialRead
@@ -607,7 +609,7 @@ async def with_domains(conn: Reader, rows: Sequence[Any]) -> list[resources.Orde
 
 @router.get("/orders", summary="List orders with each domain's outcome")
 async def list_orders(
-    conn: Conn, query: Annotated[OrderQuery, Query()]
+    conn: ReadConnection, query: Annotated[OrderQuery, Query()]
 ) -> resources.Page[resources.Order]:
     stmt = apply_filters(select(orders), orders, filter_values(query))
     rows, cursor = await fetch_page(conn, stmt, orders, query)
@@ -615,7 +617,7 @@ async def list_orders(
 
 
 @router.get("/orders/{order_id}", summary="One order with each domain's outcome", responses=ONE)
-async def get_order(conn: Conn, order_id: Annotated[Ident, Path()]) -> resources.Order:
+async def get_order(conn: ReadConnection, order_id: Annotated[Ident, Path()]) -> resources.Order:
     row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
     if row is None:
         raise NotFound()
@@ -639,7 +641,7 @@ def event_select(*, payload: bool = True) -> Select[Any]:
 
 @router.get("/events", summary="List stored events (payloads redacted)")
 async def list_events(
-    conn: Conn, query: Annotated[EventQuery, Query()]
+    conn: ReadConnection, query: Annotated[EventQuery, Query()]
 ) -> resources.Page[resources.EventSummary]:
     """Without payloads (up to MAX_BODY_BYTES each): `GET /events/{id}` has it."""
     select_ = event_select(payload=False)
@@ -651,7 +653,7 @@ async def list_events(
     summary="One stored event: redacted payload, deliveries, signature",
     responses=ONE,
 )
-async def get_event(conn: Conn, id: RowId) -> resources.Event:
+async def get_event(conn: ReadConnection, id: RowId) -> resources.Event:
     row = (await conn.execute(event_select().where(events.c.id == id))).first()
     if row is None:
         raise NotFound()
@@ -694,7 +696,7 @@ def rejected_select() -> Select[Any]:
 
 @router.get("/rejected", summary="List rejected deliveries with their errors (no body)")
 async def list_rejected(
-    conn: Conn, query: Annotated[RejectedQuery, Query()]
+    conn: ReadConnection, query: Annotated[RejectedQuery, Query()]
 ) -> resources.Page[resources.Rejected]:
     return await list_page(conn, rejected_select(), rejected, query, resources.Rejected)
 
@@ -702,7 +704,7 @@ async def list_rejected(
 @router.get(
     "/rejected/{id}", summary="One rejected delivery with its errors (no body)", responses=ONE
 )
-async def get_rejected(conn: Conn, id: RowId) -> resources.Rejected:
+async def get_rejected(conn: ReadConnection, id: RowId) -> resources.Rejected:
     row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
     if row is None:
         raise NotFound()
@@ -723,7 +725,7 @@ async def counts_by(conn: Reader, table: Table, column: str) -> dict[str, int]:
     summary="The last reconcile's report: drift against the sender's subscriptions API",
     responses=resources.errors(404),
 )
-async def last_reconciliation(conn: Conn) -> dict[str, Any]:
+async def last_reconciliation(conn: ReadConnection) -> dict[str, Any]:
     row = await latest_reconciliation(conn)
     if row is None:
         raise NotFound()
@@ -757,7 +759,7 @@ LAST_DELIVERY = select(func.max(events.c.last_received_at)).scalar_subquery()
 
 
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
-async def stats(conn: Conn) -> resources.Stats:
+async def stats(conn: ReadConnection) -> resources.Stats:
     by_provider = await counts_by(conn, mailboxes, "provider")
     scalars = select(
         select(func.count()).select_from(subscriptions).scalar_subquery(),

@@ -207,13 +207,13 @@ class MailboxOrderFailedData(Owner):
     reason: Text = None
 
 
-class Credentials(Wire):
+class SentCredentials(Wire):
     password: Secret | None = None
     appPassword: Secret | None = None
     authenticatorSecret: Secret | None = None
 
 
-class CreatedMailbox(Credentials):
+class CreatedMailbox(SentCredentials):
     mailboxId: Id
     email: Email = None
     firstName: Text = None
@@ -250,7 +250,7 @@ class MailboxUpdatedData(Owner):
     workspaceType: Provider = None
 
 
-class PrewarmedMailbox(Credentials):
+class PrewarmedMailbox(SentCredentials):
     mailboxId: Id
     email: Email = None
     firstName: Text = None
@@ -313,7 +313,7 @@ class DomainData(Owner):
     domainStatus: DomainState = Field(None, validation_alias=AliasChoices("domainStatus", "status"))
 
 
-class MailboxStateData(Credentials):
+class MailboxStateData(SentCredentials):
     """mailbox.exported and mailbox.warmup.*: undocumented; the mailbox ID is looked for
     where the documented mailbox events keep it."""
 
@@ -325,7 +325,7 @@ class MailboxStateData(Credentials):
         return self.mailboxId or (self.mailboxDetails.mailboxId if self.mailboxDetails else None)
 
     @property
-    def credentials(self) -> Credentials:
+    def credentials(self) -> SentCredentials:
         given = self.model_fields_set & {"password", "appPassword", "authenticatorSecret"}
         return self if given else (self.mailboxDetails or self)
 

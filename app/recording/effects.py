@@ -16,7 +16,7 @@ from app.recording import merge
 from app.recording.merge import Upsert
 
 Row = dict[str, Any]
-Mailbox = tuple[Row, payloads.Credentials]  # a snapshot row, and the credentials to encrypt
+Unsealed = tuple[Row, payloads.SentCredentials]  # a mailbox row, its credentials not yet encrypted
 
 
 def version(at: datetime, event_id: str, content: bytes = b"") -> str:
@@ -34,7 +34,7 @@ class Effects:
     upserts), then, for an order, its derived values recomputed (merge.DERIVE_ORDER)."""
 
     upserts: list[tuple[Upsert, list[Row]]] = field(default_factory=list)
-    mailboxes: list[Mailbox] = field(default_factory=list)
+    mailboxes: list[Unsealed] = field(default_factory=list)
     order_id: str | None = None
     subscriptions: list[str] = field(default_factory=list)
 
@@ -48,7 +48,7 @@ def order_row(order_id: str, kind: str, owner: Row) -> Row:
     return {"order_id": order_id, "kind": kind, "status": "succeeded"} | owner
 
 
-def credentials(vault: Vault, given: payloads.Credentials) -> dict[str, bytes | None]:
+def credentials(vault: Vault, given: payloads.SentCredentials) -> dict[str, bytes | None]:
     return {
         "password_encrypted": vault.encrypt_text(given.password),
         "app_password_encrypted": vault.encrypt_text(given.appPassword),

@@ -26,7 +26,7 @@ from app.hashing import Hasher
 from app.receiving import payloads
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, merge
-from app.recording.effects import Effects, Mailbox, Row
+from app.recording.effects import Effects, Row, Unsealed
 from app.recording.merge import Upsert
 
 log = logging.getLogger("coldmail.recording")
@@ -214,7 +214,7 @@ async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -
 
 
 async def write_with_mailboxes(
-    conn: asyncpg.Connection, first: tuple[str, list[Any]], mailboxes: list[Mailbox], vault: Vault
+    conn: asyncpg.Connection, first: tuple[str, list[Any]], mailboxes: list[Unsealed], vault: Vault
 ) -> asyncpg.Record:
     """Run the statement `first` (one row with `inserted`), then, if it inserted, upsert the
     mailboxes in parts. Each part's credentials are encrypted while the database runs the
@@ -238,11 +238,11 @@ async def write_with_mailboxes(
     return recording.result()
 
 
-def sealed(vault: Vault, mailboxes: list[Mailbox]) -> list[Row]:
+def sealed(vault: Vault, mailboxes: list[Unsealed]) -> list[Row]:
     return [row | effects.credentials(vault, given) for row, given in mailboxes]
 
 
-def parts(mailboxes: list[Mailbox]) -> list[list[Mailbox]]:
+def parts(mailboxes: list[Unsealed]) -> list[list[Unsealed]]:
     """The mailboxes in key order (the last given per mailbox), in up to PARTS parts."""
     unique = {row["mailbox_id"]: (row, given) for row, given in mailboxes}
     ordered = [unique[key] for key in sorted(unique)]
