@@ -39,6 +39,8 @@ PARTS, MIN_PART = 4, 100
 
 @dataclass(frozen=True)
 class Stored:
+    """A stored event that `replay` applies again: its row, and the time it was sent."""
+
     row_id: int
     event_time: datetime
 
@@ -55,7 +57,6 @@ class Delivery:
     spooled: bool = False
     # None only while the database is away (no hashing key yet): such a delivery is spooled
     hasher: Hasher | None = None
-    # A stored event applied again by `replay`: its row and its original time.
     stored: Stored | None = None
 
     @property
