@@ -108,6 +108,7 @@ def sign_in(browser: Any, url: str, token: str) -> None:
 
 
 def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -176,7 +177,8 @@ def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_p
         box = browser.find_element(By.NAME, "q")
         box.send_keys(data["domain"].upper())
         box.submit()
-        WebDriverWait(browser, 15).until(
+        # the old page's <main> may go stale under the wait while the search loads
+        WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException]).until(
             lambda b: "Matching" in b.find_element(By.TAG_NAME, "main").text
         )
         assert data["email"] in browser.find_element(By.TAG_NAME, "main").text
