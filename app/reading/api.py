@@ -140,7 +140,7 @@ router = APIRouter(
     prefix="/api/v1",
     dependencies=[Depends(ops_token)],
     tags=["read API"],
-    responses=resources.errors(401, 422, 503),
+    responses=resources.errors(401, 422, 500, 503),
 )
 ONE = resources.errors(404)  # for the routes that name one resource
 
