@@ -43,6 +43,11 @@ class Effects:
             self.upserts.append((statement, rows))
 
 
+def owner_row(user_id: str | None, user_email: str | None, provider: str | None) -> Row:
+    """Whose it is, as every order and mailbox event says."""
+    return {"user_id": user_id, "user_email": user_email, "provider": provider}
+
+
 def order_row(order_id: str, kind: str, owner: Row) -> Row:
     # The status is derived from the order's domains right after (merge.DERIVE_ORDER).
     return {"order_id": order_id, "kind": kind, "status": "succeeded"} | owner
@@ -67,11 +72,7 @@ def effects_of_mailbox_order(
     data = model.data
     succeeded = isinstance(data, payloads.MailboxOrderSuccessData)
     domain = data.domainName if isinstance(data, payloads.MailboxOrderSuccessData) else data.domain
-    owner: Row = {
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "provider": data.workspaceType,
-    }
+    owner = owner_row(data.userId, data.userEmail, data.workspaceType)
     if data.subscriptionId:
         sub: Row = {"subscription_id": data.subscriptionId, "domain": domain, "source": "standard"}
         sub |= owner | {"order_id": data.orderId, "status": "active" if succeeded else "failed"}
@@ -101,11 +102,7 @@ def effects_of_mailbox_created(
     effects: Effects, model: payloads.MailboxCreated, vault: Vault
 ) -> None:
     data, box = model.data, model.data.mailboxDetails
-    owner: Row = {
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "provider": data.workspaceType,
-    }
+    owner = owner_row(data.userId, data.userEmail, data.workspaceType)
     common: Row = {
         "subscription_id": data.subscriptionId,
         "domain": data.domain,
@@ -176,11 +173,7 @@ def effects_of_prewarmup_success(
     effects: Effects, model: payloads.PrewarmupOrderSuccess, at: str
 ) -> None:
     data = model.data
-    owner: Row = {
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "provider": data.serviceProvider,
-    }
+    owner = owner_row(data.userId, data.userEmail, data.serviceProvider)
     effects.add(merge.ORDER, [order_row(data.orderId, "prewarmup", owner)])
     subs, outcomes = [], []
     for group in data.mailboxDetails:
@@ -220,11 +213,7 @@ def _prewarmed(common: dict[str, Any], box: payloads.PrewarmedMailbox) -> dict[s
 
 def effects_of_prewarmup_failed(effects: Effects, model: payloads.PrewarmupOrderFailed) -> None:
     data = model.data
-    owner: Row = {
-        "user_id": data.userId,
-        "user_email": data.userEmail,
-        "provider": data.serviceProvider,
-    }
+    owner = owner_row(data.userId, data.userEmail, data.serviceProvider)
     order = order_row(data.orderId, "prewarmup", owner)
     if not data.failedOrders:  # an order-level failure
         order["failure_reason"] = data.reason or "order failed"

@@ -117,6 +117,7 @@ recorded AS (
     RETURNING id, xmax = 0 AS inserted, conflict)"""
 RECORD_PARAMETERS = 12
 # A stored event replayed: its record is the stored one, and its effects apply again.
+REAPPLY_PARAMETERS = 1
 REAPPLY = """
 recorded AS (
     UPDATE events SET status = 'processed' WHERE id = $1
@@ -130,7 +131,8 @@ MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT c
 def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False) -> str:
     """The record and every upsert (for one row or `many`), in one statement: one round
     trip per delivery."""
-    parts, first = [REAPPLY if replay else RECORD], 2 if replay else RECORD_PARAMETERS + 1
+    head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
+    parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
         parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
