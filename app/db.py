@@ -87,6 +87,8 @@ def make_engine(
         pool_timeout=10,
         json_serializer=json_serializer,
         json_deserializer=orjson.loads,
+        # A failed statement's error, logged with its traceback, names no bound value.
+        hide_parameters=True,
     )
     discard_connections_opened_before_a_loss(engine.sync_engine)
     if pooled:
