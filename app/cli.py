@@ -4,6 +4,7 @@ simulate, db stop."""
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -76,18 +77,21 @@ def fernet_keys(settings: Settings) -> list[str]:
 
 def announce_local_mode(settings: Settings, host: str, port: int) -> None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    simulate = "coldmail-webhooks simulate" + ("" if port == 8000 else f" {base}/webhooks/cmr")
+    if settings.data_dir != Path(".data"):
+        simulate = f"DATA_DIR={shlex.quote(str(settings.data_dir))} {simulate}"
     print(
         "coldmail-webhooks is running in LOCAL MODE: embedded PostgreSQL and generated secrets\n"
         f"under {settings.data_dir.resolve()} (not for production: set DATABASE_URL and the\n"
         "secrets for that).\n"
-        f"  Webhook URL on this machine: "
-        f"http://{shown}:{port}/webhooks/cmr?token={settings.webhook_token_list[0]}\n"
+        f"  Dashboard: {base}/ui  (sign in with the ops token)\n"
+        f"  Ops API token: {settings.ops_token_list[0]}\n"
+        f"  Credentials token: {settings.credentials_token_list[0]}\n"
+        f"  Send demo traffic: {simulate}\n"
+        f"  Webhook URL: {base}/webhooks/cmr?token={settings.webhook_token_list[0]}\n"
         "  Cold Mail Reseller cannot reach that loopback address: give it a public HTTPS URL\n"
         "  (a tunnel or a TLS proxy in front of this port) with the same path and token.\n"
-        f"  Ops API token:         {settings.ops_token_list[0]}\n"
-        f"  Credentials API token: {settings.credentials_token_list[0]}\n"
-        f"  Try: curl -H 'Authorization: Bearer {settings.ops_token_list[0]}' "
-        f"http://{shown}:{port}/api/v1/stats\n"
         f"  Stop the database after a crash: coldmail-webhooks db stop",
         flush=True,
     )
@@ -298,7 +302,24 @@ def cmd_erase(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from app.simulation.simulate import run_simulation
 
+    if args.token is None:
+        args.token = local_webhook_token()
     return run_simulation(args)
+
+
+def local_webhook_token() -> str | None:
+    """Without --token: the first of WEBHOOK_TOKENS, else the one local mode generated, so
+    that `coldmail-webhooks simulate` next to a local `serve` works as typed."""
+    settings = load_settings()
+    if settings.webhook_token_list:
+        return settings.webhook_token_list[0]
+    secrets_file = settings.data_dir / local.SECRETS_FILE
+    if secrets_file.exists():
+        for line in secrets_file.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name == "WEBHOOK_TOKENS" and value:
+                return value.split(",")[0]
+    return None
 
 
 def cmd_db_stop(args: argparse.Namespace) -> int:
@@ -404,8 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="the webhook URL, e.g. http://127.0.0.1:8000/webhooks/cmr")
-    parser.add_argument("--token", help="webhook token (sent as ?token=)")
+    parser.add_argument(
+        "url",
+        nargs="?",
+        default="http://127.0.0.1:8000/webhooks/cmr",
+        help="the webhook URL (default http://127.0.0.1:8000/webhooks/cmr)",
+    )
+    parser.add_argument(
+        "--token",
+        help="webhook token, sent as ?token= (default: WEBHOOK_TOKENS, else local mode's)",
+    )
     parser.add_argument("--signing-key", help="sign deliveries with this CMR API key")
     parser.add_argument("--events", type=int, default=1000, help="deliveries to send")
     parser.add_argument("--duration", type=float, help="send for this many seconds instead")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -118,6 +119,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ui.router)
     app.include_router(ui.pages)
+    app.add_api_route(
+        "/", lambda: RedirectResponse("/ui", status_code=307), include_in_schema=False
+    )
     app.mount("/ui/static", StaticFiles(directory=Path(ui.__file__).parent / "static"), "static")
     app.add_exception_handler(ui.SignInRequired, ui.to_sign_in)
     app.add_exception_handler(ui.PageError, ui.show_error)
