@@ -211,7 +211,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from app.operations.replay import Selection, replay
+    from app.operations.replay import Selection, UnknownIds, replay
 
     selection = Selection(
         event_ids=args.event,
@@ -224,9 +224,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise ConfigError("say what to replay: --event, --rejected, --since/--until or --all")
     with database_settings() as settings:
         vault = Vault(fernet_keys(settings))
-        events, rejected = asyncio.run(
-            _with_engine(settings, lambda e: replay(e, vault, selection, dry_run=args.dry_run))
-        )
+        try:
+            events, rejected = asyncio.run(
+                _with_engine(settings, lambda e: replay(e, vault, selection, dry_run=args.dry_run))
+            )
+        except UnknownIds as error:
+            raise ConfigError(f"{error}; nothing replayed") from None
     verb = "would apply" if args.dry_run else "applied"
     print(
         f"events:   {verb} {events.applied}, not handled yet {events.unhandled}, "

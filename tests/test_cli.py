@@ -155,6 +155,18 @@ async def test_replay_applies_a_rejected_delivery_once_its_cause_is_fixed(client
     assert "rejected: applied 0" in again  # a replayed delivery is not applied twice
 
 
+def test_a_command_given_an_unknown_id_says_so_and_exits_non_zero(database_url):
+    env = clean_env(DATABASE_URL=database_url, FERNET_KEYS=FERNET_KEY)
+    for args, says in [
+        (["replay", "--event", "999999"], "no event 999999 (GET /api/v1/events lists them)"),
+        (["replay", "--rejected", "999998"], "no rejected delivery 999998"),
+        (["erase", "--mailbox", "no-such-mailbox"], "no mailbox 'no-such-mailbox'"),
+    ]:
+        result = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stdout)
+        assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
 def test_every_command_and_every_option_has_help():
     out = run_cli("--help", env=clean_env())
     for command in ("serve", "migrate", "generate-key", "rotate-keys", "replay", "simulate", "db"):

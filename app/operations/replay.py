@@ -28,6 +28,10 @@ class ReplayReport:
     errors: list[str] = field(default_factory=list)
 
 
+class UnknownIds(Exception):
+    """IDs asked for by name that are not stored: nothing is replayed."""
+
+
 @dataclass(frozen=True)
 class Selection:
     event_ids: list[int] = field(default_factory=list)
@@ -61,8 +65,15 @@ async def replay(
             event_ids = list((await conn.execute(stmt)).scalars())
         if selection.everything or selection.rejected_ids or (by_time and not selection.event_ids):
             stmt = _window(rejected, "received_at", selection, selection.rejected_ids)
-            stmt = stmt.where(rejected.c.replayed_at.is_(None))
             rejected_ids = list((await conn.execute(stmt)).scalars())
+        missing = missing_ids(selection, event_ids, rejected_ids)
+        if missing:
+            raise UnknownIds("; ".join(missing))
+        if rejected_ids:  # those replayed before became events: replay those instead
+            stmt = select(rejected.c.id).where(
+                rejected.c.id.in_(rejected_ids), rejected.c.replayed_at.is_(None)
+            )
+            rejected_ids = sorted((await conn.execute(stmt)).scalars())
     replayer = Replayer(engine, vault, Hasher(await load_or_create(engine, vault)), dry_run)
     event_report, rejected_report = ReplayReport(), ReplayReport()
     for row_id in event_ids:
@@ -70,6 +81,15 @@ async def replay(
     for row_id in rejected_ids:
         await replayer.rejected(row_id, rejected_report)
     return event_report, rejected_report
+
+
+def missing_ids(selection: Selection, event_ids: list[int], rejected_ids: list[int]) -> list[str]:
+    """What was asked for by ID and is not stored, as the operator should read it."""
+    events_missing = sorted(set(selection.event_ids) - set(event_ids))
+    rejected_missing = sorted(set(selection.rejected_ids) - set(rejected_ids))
+    return [f"no event {i} (GET /api/v1/events lists them)" for i in events_missing] + [
+        f"no rejected delivery {i} (GET /api/v1/rejected lists them)" for i in rejected_missing
+    ]
 
 
 @dataclass(frozen=True)
