@@ -102,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.operations.migrations import upgrade
     from app.operations.startup import (
+        check_keys,
         check_spool_writable,
         prepare_multiprocess_metrics,
         wait_for_database,
@@ -129,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             url = settings.database_url or ""
             asyncio.run(wait_for_database(url, settings.database_wait_seconds))
             upgrade(url)
+            asyncio.run(check_keys(url, settings.fernet_key_list))
         if is_local:
             announce_local_mode(settings, args.host, args.port)
         prepare_multiprocess_metrics(args.workers)
@@ -189,14 +191,26 @@ async def _with_engine(settings: Settings, job: Any) -> Any:
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from cryptography.fernet import InvalidToken
+
+    from app.hashing import KEYS_DO_NOT_FIT
     from app.operations.keys import rotate_keys, rotate_spool
     from app.receiving.spool import SPOOL_FILE, Spool
 
+    is_local = not load_settings().database_url
     with database_settings() as settings:
         keys = fernet_keys(settings)
-        counts = asyncio.run(
-            _with_engine(settings, lambda e: rotate_keys(e, keys, batch=args.batch))
-        )
+        try:
+            counts = asyncio.run(
+                _with_engine(settings, lambda e: rotate_keys(e, keys, batch=args.batch))
+            )
+        except InvalidToken:
+            raise ConfigError(f"{KEYS_DO_NOT_FIT}; what was re-encrypted stays so") from None
+        if is_local and local.save_fernet_keys(settings.data_dir, keys):
+            print(
+                f"{settings.data_dir / local.SECRETS_FILE} now holds these FERNET_KEYS "
+                "(local mode): restart serve to use them"
+            )
     for column, count in counts.items():
         print(f"{column:45} re-encrypted {count.rotated:8}   already current {count.current:8}")
     if (settings.spool_path / SPOOL_FILE).exists():
@@ -484,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
 def describe_failure(error: Exception) -> str:
     """One line for an error no command expected: the database's own words if it was the
     database, never a traceback (LOG_LEVEL=DEBUG prints one)."""
+    from app.db import pooler_hint
+
+    if hint := pooler_hint(error):
+        return hint
     cause = getattr(error, "orig", None) or error
     first = (str(cause).strip().splitlines() or [""])[0]
     if isinstance(cause, OSError | TimeoutError) or "asyncpg" in type(cause).__module__:

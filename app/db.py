@@ -157,6 +157,37 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+POOLER_HINT = (
+    "DATABASE_URL leads to a transaction pooler (PgBouncer or the like), which refuses the "
+    "settings and prepared statements of a direct connection: add "
+    "?prepared_statement_cache_size=0 to DATABASE_URL"
+)
+# What a transaction pooler answers a client that takes it for PostgreSQL: a startup
+# setting refused (PgBouncer), or a prepared statement missing on, or left behind on, the
+# server connection this transaction got (26000, 42P05).
+POOLER_SIGNS = ("unsupported startup parameter", "prepared statement")
+POOLER_SQLSTATES = {"26000", "42P05"}
+
+
+def pooler_hint(error: BaseException) -> str | None:
+    """POOLER_HINT when this failure (or one it wraps) is a pooler refusing us."""
+    seen: BaseException | None = error
+    while seen is not None:
+        sqlstate = getattr(seen, "sqlstate", None)
+        if sqlstate in POOLER_SQLSTATES or any(sign in str(seen) for sign in POOLER_SIGNS):
+            return POOLER_HINT
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+def describe(error: BaseException) -> str:
+    """A failure in one short line for the log: the driver's class and first line (the
+    statement's parameters are hidden by the engine, so no value a client sent)."""
+    cause = getattr(error, "orig", None) or error
+    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 def server_settings(statement_timeout_ms: int | None) -> dict[str, str]:
     """No JIT: our statements are short, and the planner's estimate for a count over every
     subscription (the renewal risks) made PostgreSQL spend 0.8 s compiling one that runs in

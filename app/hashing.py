@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 
+from cryptography.fernet import InvalidToken
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
@@ -69,3 +70,30 @@ async def load_or_create(engine: AsyncEngine, vault: Vault) -> bytes:
             await conn.execute(CREATE, vault.encrypt(os.urandom(32)))
             token = await conn.fetchval(LOAD)
     return vault.decrypt(token)
+
+
+KEYS_DO_NOT_FIT = (
+    "FERNET_KEYS cannot decrypt what the database stores: list the key it was encrypted "
+    "with in FERNET_KEYS (newest first; local mode keeps them in DATA_DIR/secrets.env)"
+)
+# The hashing key, and the oldest and newest stored bodies: a key list that lost the key of
+# either end (FERNET_KEYS=NEW before `rotate-keys` has run, or the old key after it) fails.
+STORED_SAMPLES = (
+    "SELECT key_encrypted FROM server_keys",
+    "(SELECT body_encrypted FROM events WHERE body_encrypted IS NOT NULL ORDER BY id LIMIT 1)"
+    " UNION ALL "
+    "(SELECT body_encrypted FROM events WHERE body_encrypted IS NOT NULL ORDER BY id DESC"
+    " LIMIT 1)",
+)
+
+
+async def keys_fit(engine: AsyncEngine, vault: Vault) -> bool:
+    """Whether FERNET_KEYS decrypts what is stored (True while nothing is)."""
+    async with raw_connection(engine) as conn:
+        tokens = [token for sql in STORED_SAMPLES for (token,) in await conn.fetch(sql)]
+    try:
+        for token in tokens:
+            vault.decrypt(token)
+    except InvalidToken:
+        return False
+    return True

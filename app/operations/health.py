@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.crypto import token_matches
+from app.db import describe, pooler_hint
 from app.errors import DATABASE_ERRORS, ApiError, json_response
+from app.hashing import KEYS_DO_NOT_FIT
 from app.operations.migrations import head_revision
 from app.reading import renewals
 
@@ -37,29 +39,50 @@ async def schema_revision(engine: AsyncEngine) -> str | None:
     responses={503: {"description": "Neither the database nor the spool can take a delivery"}},
 )
 async def readyz(request: Request) -> Response:
-    database, revision = await database_state(request.app.state.engine)
-    depth, oldest, room = await request.app.state.receiver.spool.depth()
+    receiver = request.app.state.receiver
+    database, revision, problem = await database_state(request.app.state.engine)
+    depth, oldest, room = await receiver.spool.depth()
     observe_spool(depth, oldest)
-    body = {
+    body: dict[str, object] = {
         "database": database,
         "revision": revision,
         "spool": {"depth": depth, "oldestSeconds": round(oldest or 0.0, 3), "room": room},
     }
+    if problem:  # nothing spooled would ever be applied: not ready
+        body["error"] = problem
+        return json_response(503, body)
+    # A service whose keys cannot read what is stored cannot apply a delivery: not ready.
+    if database == "up" and not await receiver.check_keys():
+        body["error"] = KEYS_DO_NOT_FIT
+        return json_response(503, body)
     return json_response(200 if database == "up" or room else 503, body)
 
 
-async def database_state(engine: AsyncEngine) -> tuple[str, str | None]:
-    """ "up" when the database answers with the schema at head, else "down"; and the
-    schema revision it reported."""
+_last_logged: list[str] = ["up"]  # readiness is logged when it changes, not per probe
+
+
+def log_change(state: str, line: str) -> None:
+    if _last_logged[0] != state:
+        _last_logged[0] = state
+        log.warning("%s", line)
+
+
+async def database_state(engine: AsyncEngine) -> tuple[str, str | None, str | None]:
+    """ "up" when the database answers with the schema at head, else "down"; the schema
+    revision it reported; and a setting to fix, when the failure says which."""
     try:
         revision = await asyncio.wait_for(schema_revision(engine), READY_TIMEOUT_SECONDS)
     except (*DATABASE_ERRORS, TimeoutError) as error:
-        log.warning("database not ready: %s", type(error).__name__)
-        return "down", None
+        if hint := pooler_hint(error):
+            log_change("misconfigured", hint)
+            return "down", None, hint
+        log_change("down", f"database not ready: {describe(error)}")
+        return "down", None, None
     if revision != head_revision():
-        log.warning("database schema %s is not at head %s", revision, head_revision())
-        return "down", revision
-    return "up", revision
+        log_change("old", f"database schema {revision} is not at head {head_revision()}")
+        return "down", revision, None
+    log_change("up", "database ready")
+    return "up", revision, None
 
 
 def observe_spool(depth: int, oldest: float | None) -> None:

@@ -66,6 +66,20 @@ def load_or_create_secrets(data_dir: Path) -> dict[str, str]:
     return values
 
 
+def save_fernet_keys(data_dir: Path, keys: list[str]) -> bool:
+    """After `rotate-keys` in local mode: the keys it used become local mode's, or the next
+    `serve` would start with keys that no longer decrypt what is stored. Whether it changed."""
+    path = data_dir / SECRETS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    wanted = f"FERNET_KEYS={','.join(keys)}"
+    if wanted in lines:
+        return False
+    kept = [line for line in lines if not line.startswith("FERNET_KEYS=")]
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in [wanted, *kept]))
+    return True
+
+
 SERVE_PID = "serve.pid"  # the serve that owns the embedded database stops it at its exit
 
 

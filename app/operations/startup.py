@@ -16,7 +16,9 @@ from tenacity import (
 )
 
 from app.config import ConfigError
-from app.db import asyncpg_dsn
+from app.crypto import Vault
+from app.db import asyncpg_dsn, make_engine
+from app.hashing import KEYS_DO_NOT_FIT, keys_fit
 
 log = logging.getLogger("coldmail.startup")
 
@@ -91,3 +93,15 @@ def check_spool_writable(directory: Path) -> None:
             f"SPOOL_DIR {directory} is not writable by uid {os.getuid()} ({error.strerror}): "
             "mount a volume this user can write there, or run as the image's user"
         ) from None
+
+
+async def check_keys(url: str, keys: list[str]) -> None:
+    """Refuse to serve with keys that cannot read what is stored: every delivery would need
+    the hashing key they cannot decrypt."""
+    engine = make_engine(url, pool_size=1)
+    try:
+        fit = await keys_fit(engine, Vault(keys))
+    finally:
+        await engine.dispose()
+    if not fit:
+        raise ConfigError(KEYS_DO_NOT_FIT)

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.crypto import Vault
-from app.db import is_transient
-from app.hashing import Hasher, HashingKey
+from app.db import describe, is_transient, pooler_hint
+from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
 from app.receiving.spool import Entry, Spool, SpoolFull
@@ -33,6 +33,7 @@ CIRCUIT_SECONDS = 2.0
 DRAIN_BATCH = 100
 IDLE_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 10.0
+KEYS_CHECK_SECONDS = 30.0
 
 
 class ApplyFailed(Exception):
@@ -50,15 +51,29 @@ class Receiver:
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
     spooling: bool = False
+    # The outage being logged: its cause, and what the drain has applied since it began.
+    outage: str | None = None
+    drained: int = 0
+    drain_started: float | None = None
+    # FERNET_KEYS cannot decrypt what is stored: deliveries wait in the spool until a
+    # restart with the right keys (keys do not change in a running process).
+    keys_wrong: bool = False
+    keys_fit_until: float = 0.0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     # --- live deliveries ------------------------------------------------------------------
 
     async def hasher(self) -> Hasher | None:
         """The hashing key, or None while the database (which keeps it) cannot be reached."""
-        if self.hashing.hasher is None and time.monotonic() >= self.database_down_until:
+        if (
+            self.hashing.hasher is None
+            and not self.keys_wrong
+            and time.monotonic() >= self.database_down_until
+        ):
             try:
                 await self.hashing.get()
+            except InvalidToken:
+                self.keys_failed()
             except Exception as error:
                 if not is_transient(error):
                     raise
@@ -72,11 +87,15 @@ class Receiver:
         if delivery.hasher is not None and time.monotonic() >= self.database_down_until:
             try:
                 outcome = await self.record_or_reject(delivery, model)
-                self.away_since = None
+                self.database_back()
                 return outcome
+            except ApplyFailed:
+                raise
             except Exception as error:
-                if not is_transient(error):
-                    raise
+                if not is_transient(error):  # not even kept as rejected: keep it here
+                    log.error("keeping the delivery failed (%s); spooled", describe(error))
+                    await self._spool(delivery.raw, delivery_meta(delivery), delivery.received_at)
+                    raise ApplyFailed() from None
                 self._database_failed(error)
         await self._spool(delivery.raw, delivery_meta(delivery), delivery.received_at)
         return Outcome("queued")
@@ -88,7 +107,8 @@ class Receiver:
             if is_transient(error):
                 raise
             kind = getattr(error, "sqlstate", None) or type(error).__name__
-            log.error("applying failed (%s); kept as rejected", kind, extra=_ids(delivery))
+            why = pooler_hint(error) or kind
+            log.error("applying failed (%s); kept as rejected", why, extra=_ids(delivery))
             await self.store_rejected(apply_failed(delivery, kind))
             raise ApplyFailed() from None
 
@@ -107,20 +127,50 @@ class Receiver:
         await store_rejected(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
 
     def _database_failed(self, error: Exception) -> None:
-        log.warning("database unreachable: %s", type(error).__name__)
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
         self.database_away()
+        if self.outage is not None:  # one line per outage, with its cause
+            return
+        self.outage = describe(error)
+        if hint := pooler_hint(error):  # not an outage: a setting to fix
+            log.error("%s; deliveries go to the spool until then", hint)
+        else:
+            log.warning(
+                "database unreachable (%s): deliveries go to the spool until it answers",
+                self.outage,
+            )
 
     def database_away(self) -> None:
         self.away_since = self.away_since or datetime.now(UTC)
+
+    def database_back(self) -> None:
+        self.away_since = None
+        if self.outage is not None and not self.spooling:
+            self.outage = None
+            log.warning("the database answers again; nothing was spooled")
+
+    def keys_failed(self) -> None:
+        if not self.keys_wrong:
+            log.error("%s; deliveries wait in the spool", KEYS_DO_NOT_FIT)
+        self.keys_wrong = True
+
+    async def check_keys(self) -> bool:
+        """For /readyz: whether FERNET_KEYS decrypts what is stored. A success holds for
+        KEYS_CHECK_SECONDS: a `rotate-keys` run elsewhere under a key this process lacks
+        shows within that."""
+        if time.monotonic() < self.keys_fit_until:
+            return True
+        if await keys_fit(self.engine, self.vault):
+            self.keys_fit_until = time.monotonic() + KEYS_CHECK_SECONDS
+            return True
+        self.keys_failed()
+        return False
 
     async def _spool(self, raw: bytes, meta: dict[str, Any], received_at: datetime) -> None:
         await self.spool.put(
             body=self.vault.encrypt(raw), meta=meta, received_at=received_at.timestamp()
         )
-        if not self.spooling:
-            self.spooling = True
-            log.warning("spooling deliveries until the database is back")
+        self.spooling = True
 
     # --- the drainer ------------------------------------------------------------------------
 
@@ -132,6 +182,9 @@ class Receiver:
             try:
                 if self.spool.try_become_drainer():
                     delay = IDLE_SECONDS if await self.drain() == 0 else 0
+            except InvalidToken:
+                self.keys_failed()
+                delay = MAX_BACKOFF_SECONDS
             except Exception as error:
                 if is_transient(error):
                     self.database_away()
@@ -148,20 +201,34 @@ class Receiver:
 
     async def drain(self) -> int:
         """Apply one batch of spooled rows, oldest first; how many were taken out."""
+        if self.keys_wrong:
+            return 0
         rows = await self.spool.oldest(DRAIN_BATCH)
+        if rows and self.drain_started is None:
+            self.drain_started = time.monotonic()
         for row in rows:
             if isinstance(row, Entry):
                 await self._drain_one(row)
             else:
                 await self._set_aside(row.id, row.why)
+            self.drained += 1
         if rows:
             self.database_down_until, self.away_since = 0.0, None
         depth, _, _ = await self.spool.depth()
         metrics.SPOOL_DEPTH.set(depth)
-        if depth == 0 and self.spooling:
-            self.spooling = False
-            log.warning("the spool is empty again: every spooled delivery is applied")
+        if depth == 0 and self.drain_started is not None:
+            self._drained()
         return len(rows)
+
+    def _drained(self) -> None:
+        seconds = time.monotonic() - (self.drain_started or time.monotonic())
+        log.warning(
+            "the spool is empty again: %d spooled deliveries applied in %.1f s",
+            self.drained,
+            seconds,
+        )
+        self.spooling, self.outage = False, None
+        self.drained, self.drain_started = 0, None
 
     async def _drain_one(self, entry: Entry) -> None:
         try:
