@@ -19,13 +19,22 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.simulation import traffic
-from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, asyncpg_dsn
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    OPS_TOKEN,
+    app_client,
+    asyncpg_dsn,
+    deliver,
+    make_settings,
+)
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_edge import post, sign
-from tests.servers import Server, free_port, run_cli
+from tests.reliability.test_spool import events_by_id, wait_until_drained
+from tests.servers import CLI, Server, free_port, run_cli
 
 pytestmark = pytest.mark.pgbouncer
 PATIENCE = 60
+POOLER_FIX = "add ?prepared_statement_cache_size=0 to DATABASE_URL"
 
 
 class PgBouncer:
@@ -171,3 +180,44 @@ def test_the_pooler_sees_no_prepared_statement_errors(pgbouncer, server):
     assert "prepared statement" not in log.lower()
     assert "does not exist" not in server.output()
     assert os.path.exists(pgbouncer.ini)
+
+
+def without_the_flag(pgbouncer: PgBouncer, database_url: str) -> str:
+    return pgbouncer.url(database_url).replace("?prepared_statement_cache_size=0", "")
+
+
+async def test_a_pooler_without_its_flag_is_named_and_loses_nothing(
+    pgbouncer, database_url, capsys
+):
+    payloads = [traffic.mailbox_created() for _ in range(10)]
+    wrong = make_settings(without_the_flag(pgbouncer, database_url))
+    async with app_client(wrong) as client:
+        answers = [await deliver(client, payload) for payload in payloads]
+        ready = await client.get("/readyz")
+    assert {a.json()["status"] for a in answers} == {"queued"}  # kept, in the spool
+    assert ready.status_code == 503 and POOLER_FIX in ready.json()["error"]
+    err = capsys.readouterr().err
+    receiver_lines = [line for line in err.splitlines() if "coldmail.receiver" in line]
+    assert len(receiver_lines) == 1 and POOLER_FIX in receiver_lines[0], receiver_lines
+    assert "database unreachable" not in err
+    fixed = make_settings(pgbouncer.url(database_url), spool_dir=str(wrong.spool_path))
+    async with app_client(fixed) as client:
+        await wait_until_drained(client)
+    assert set(await events_by_id(database_url)) == {p["eventId"] for p in payloads}
+
+
+def test_serve_through_a_pooler_without_its_flag_stops_in_one_line(
+    pgbouncer, database_url, tmp_path
+):
+    env = server_env(without_the_flag(pgbouncer, database_url))
+    result = subprocess.run(
+        [*CLI, "serve", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    stderr = result.stderr.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].endswith(POOLER_FIX), stderr
