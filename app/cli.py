@@ -426,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--mailbox", required=True, metavar="ID", help="the mailboxId")
     erase.set_defaults(func=cmd_erase)
 
-    simulate = commands.add_parser("simulate", help="send realistic signed traffic to a URL")
+    simulate = commands.add_parser(
+        "simulate", help="send a realistic story (or load) of signed deliveries to a URL"
+    )
     add_simulate_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
@@ -453,8 +455,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="webhook token, sent as ?token= (default: WEBHOOK_TOKENS, else local mode's)",
     )
     parser.add_argument("--signing-key", help="sign deliveries with this CMR API key")
-    parser.add_argument("--events", type=int, default=1000, help="deliveries to send")
-    parser.add_argument("--duration", type=float, help="send for this many seconds instead")
+    parser.add_argument(
+        "--story",
+        action="store_true",
+        help="tell the demo story (the default without --events, --duration, --single-mailbox)",
+    )
+    parser.add_argument(
+        "--events", type=int, help="send load: about this many deliveries, in whole orders"
+    )
+    parser.add_argument("--duration", type=float, help="send load for this many seconds instead")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent senders")
     parser.add_argument(
         "--mix", default="standard=70,prewarmup=30", help="share of standard and prewarmup orders"

@@ -1,5 +1,7 @@
 """`coldmail-webhooks simulate`: realistic, signed CMR traffic against a URL, with a report.
 
+By default it tells app/simulation/story.py's story; with --events, --duration or
+--single-mailbox it sends load: random whole orders until the count or time is reached.
 Exit status 1 if any answer is not what the contract promises for what was sent.
 """
 
@@ -17,7 +19,7 @@ import aiohttp
 import orjson
 
 from app.receiving import signing
-from app.simulation import traffic
+from app.simulation import story, traffic
 
 EXPECTED = {"processed", "duplicate", "ignored", "queued"}
 
@@ -72,8 +74,8 @@ def prewarmup_order(args: argparse.Namespace) -> list[dict[str, Any]]:
     return events
 
 
-def deliveries(args: argparse.Namespace) -> Iterator[bytes]:
-    """Endless realistic deliveries: orders, some shuffled, some sent twice."""
+def orders(args: argparse.Namespace) -> Iterator[list[bytes]]:
+    """Endless realistic orders, each whole: some shuffled, some deliveries sent twice."""
     weights = dict(part.split("=") for part in args.mix.split(","))
     kinds, shares = list(weights), [float(v) for v in weights.values()]
     while True:
@@ -85,11 +87,23 @@ def deliveries(args: argparse.Namespace) -> Iterator[bytes]:
             batch = standard_order(args)
         if random.random() < args.shuffle:
             random.shuffle(batch)
+        bodies = []
         for payload in batch:
-            body = orjson.dumps(payload)
-            yield body
+            bodies.append(orjson.dumps(payload))
             if random.random() < args.duplicates:
-                yield body
+                bodies.append(bodies[-1])
+        yield bodies
+
+
+def story_mode(args: argparse.Namespace) -> bool:
+    return bool(args.story) or (
+        args.events is None and args.duration is None and not args.single_mailbox
+    )
+
+
+def told(agencies: list[story.Agency]) -> list[list[bytes]]:
+    """Each agency's deliveries in its story's order; the agencies side by side."""
+    return [[orjson.dumps(payload) for payload in agency.sent] for agency in agencies]
 
 
 async def send(
@@ -118,28 +132,40 @@ async def send(
 
 async def simulate(args: argparse.Namespace) -> Results:
     results = Results()
-    source = deliveries(args)
+    if story_mode(args):
+        batches = told(story.story())
+        source: Iterator[list[bytes]] = iter(batches)
+        limit: int | None = None
+        concurrency = len(batches)
+        args.total = sum(len(batch) for batch in batches)
+    else:
+        source, concurrency = orders(args), args.concurrency
+        limit = None if args.duration else (args.events or 1000)
+        args.total = limit or 0
     deadline = time.perf_counter() + args.duration if args.duration else None
-    remaining = [args.events]
+    remaining = [limit]
 
-    def next_body() -> bytes | None:
+    def next_batch() -> list[bytes] | None:
+        """Whole orders only: a count or a deadline never cuts one in two."""
         if deadline is not None and time.perf_counter() >= deadline:
             return None
-        if deadline is None:
-            if remaining[0] <= 0:
-                return None
-            remaining[0] -= 1
-        return next(source)
+        if remaining[0] is not None and remaining[0] <= 0:
+            return None
+        batch = next(source, None)
+        if batch is not None and remaining[0] is not None:
+            remaining[0] -= len(batch)
+        return batch
 
     async def sender(client: aiohttp.ClientSession) -> None:
-        while (body := next_body()) is not None:
-            await send(client, args, body, results)
+        while (batch := next_batch()) is not None:
+            for body in batch:
+                await send(client, args, body, results)
 
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         progress = None if args.quiet else asyncio.create_task(show_progress(args, results))
-        await asyncio.gather(*(sender(client) for _ in range(args.concurrency)))
+        await asyncio.gather(*(sender(client) for _ in range(concurrency)))
         if progress:
             progress.cancel()
     results.elapsed = time.perf_counter() - results.started
@@ -154,7 +180,7 @@ async def show_progress(args: argparse.Namespace, results: Results) -> None:
         if args.duration:
             share = min(1.0, (time.perf_counter() - results.started) / args.duration)
         else:
-            share = done / max(args.events, 1)
+            share = min(1.0, done / max(args.total, 1))
         bar = "#" * int(share * 30)
         print(f"\r[{bar:<30}] {done} sent", end="", file=sys.stderr, flush=True)
         await asyncio.sleep(0.25)
@@ -215,4 +241,8 @@ def run_simulation(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "wb") as out:
             out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    if story_mode(args) and report["by_status"].get("200 processed"):
+        dashboard = args.url.split("/webhooks/")[0] + "/ui"
+        print(f"\nthe story of {len(story.CHAPTERS)} agencies is told; open {dashboard} for:")
+        print(f"  {story.WHAT_TO_SEE}")
     return 1 if results.violations else 0
