@@ -1,6 +1,8 @@
 """`coldmail-webhooks`: serve, migrate, generate-key, rotate-keys, replay, reconcile, erase,
 simulate, db stop."""
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import os
@@ -13,16 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.config import ConfigError, Settings, get_settings, load_settings
-from app.crypto import Vault, generate_key
-from app.db import make_engine
-from app.logs import configure_logging
-from app.operations import local
-from app.receiving.payloads import assume_utc
-
-LOCAL_SECRET_FIELDS = {name: name.lower() for name in local.GENERATED}
+# Each command imports what it uses, so that `--help` answers at once (pydantic,
+# SQLAlchemy and asyncpg take most of a second to import).
+if TYPE_CHECKING:
+    from app.config import Settings
 
 
 def resolve(settings: Settings) -> tuple[Settings, bool]:
@@ -30,6 +28,9 @@ def resolve(settings: Settings) -> tuple[Settings, bool]:
 
     The values go into the environment so that every uvicorn worker sees the same ones.
     """
+    from app.config import ConfigError, get_settings
+    from app.operations import local
+
     if settings.database_url:
         settings.check_complete()
         return settings, False
@@ -41,7 +42,7 @@ def resolve(settings: Settings) -> tuple[Settings, bool]:
     url = local.start_database(settings.data_dir)
     generated = local.load_or_create_secrets(settings.data_dir)
     env = {"DATABASE_URL": url, "DATA_DIR": str(settings.data_dir)}
-    env |= {k: v for k, v in generated.items() if not getattr(settings, LOCAL_SECRET_FIELDS[k])}
+    env |= {k: v for k, v in generated.items() if not getattr(settings, k.lower())}
     if "LOG_FORMAT" not in os.environ:
         env["LOG_FORMAT"] = "console"
     os.environ.update(env)
@@ -56,6 +57,9 @@ def database_settings() -> Iterator[Settings]:
     """For commands that need only the database: DATABASE_URL, or else local mode's
     embedded database, stopped afterwards if this command started it (a `serve` already
     running on it keeps it)."""
+    from app.config import load_settings
+    from app.operations import local
+
     settings = load_settings()
     if settings.database_url:
         yield settings
@@ -70,6 +74,8 @@ def database_settings() -> Iterator[Settings]:
 
 
 def fernet_keys(settings: Settings) -> list[str]:
+    from app.config import ConfigError
+
     if not settings.fernet_key_list:
         raise ConfigError("FERNET_KEYS is not set (make a key: coldmail-webhooks generate-key)")
     return settings.fernet_key_list
@@ -100,6 +106,9 @@ def announce_local_mode(settings: Settings, host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.config import ConfigError, load_settings
+    from app.logs import configure_logging
+    from app.operations import local
     from app.operations.migrations import upgrade
     from app.operations.startup import (
         check_keys,
@@ -157,6 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def check_port_free(host: str, port: int) -> None:
     """Before anything starts: a second serve must not touch the first one's database."""
+    from app.config import ConfigError
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -178,11 +189,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_key(args: argparse.Namespace) -> int:
+    from app.crypto import generate_key
+
     print(generate_key())
     return 0
 
 
 async def _with_engine(settings: Settings, job: Any) -> Any:
+    from app.db import make_engine
+
     engine = make_engine(settings.database_url or "", pool_size=2)
     try:
         return await job(engine)
@@ -193,7 +208,9 @@ async def _with_engine(settings: Settings, job: Any) -> Any:
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from cryptography.fernet import InvalidToken
 
+    from app.config import ConfigError, load_settings
     from app.hashing import KEYS_DO_NOT_FIT
+    from app.operations import local
     from app.operations.keys import rotate_keys, rotate_spool
     from app.receiving.spool import SPOOL_FILE, Spool
 
@@ -225,6 +242,8 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from app.config import ConfigError
+    from app.crypto import Vault
     from app.operations.replay import Selection, UnknownIds, replay
 
     selection = Selection(
@@ -257,6 +276,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """0: no drift; 1: drift remains (the report says what to do); 2: could not run."""
+    from app.config import ConfigError, load_settings
     from app.operations.reconcile import ReconcileError, SenderApi, reconcile
 
     if not load_settings().api_key:
@@ -300,6 +320,8 @@ def print_report(report: Any) -> None:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from app.config import ConfigError
+    from app.crypto import Vault
     from app.operations.privacy import erase_mailbox
 
     with database_settings() as settings:
@@ -327,6 +349,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def local_webhook_token() -> str | None:
     """Without --token: the first of WEBHOOK_TOKENS, else the one local mode generated, so
     that `coldmail-webhooks simulate` next to a local `serve` works as typed."""
+    from app.config import load_settings
+    from app.operations import local
+
     settings = load_settings()
     if settings.webhook_token_list:
         return settings.webhook_token_list[0]
@@ -340,6 +365,9 @@ def local_webhook_token() -> str | None:
 
 
 def cmd_db_stop(args: argparse.Namespace) -> int:
+    from app.config import ConfigError, load_settings
+    from app.operations import local
+
     data_dir = args.data_dir or load_settings().data_dir
     if (pid := local.serving_pid(data_dir)) and not args.force:
         raise ConfigError(
@@ -357,6 +385,8 @@ def cmd_db_stop(args: argparse.Namespace) -> int:
 
 
 def utc_time(text: str) -> datetime:
+    from app.receiving.payloads import assume_utc
+
     return assume_utc(datetime.fromisoformat(text))
 
 
@@ -490,6 +520,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from app.config import ConfigError
+
     try:
         return int(args.func(args))
     except ConfigError as error:
