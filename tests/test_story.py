@@ -3,6 +3,7 @@ is there, dated around today, whoever runs it and whenever."""
 
 from datetime import UTC, datetime, timedelta
 
+from app.simulation.simulate import whole_orders
 from app.simulation.story import story
 from tests.conftest import OPS_TOKEN, deliver
 
@@ -59,3 +60,9 @@ def test_every_agency_sends_whole_orders_only_with_its_own_names():
         for index, event in enumerate(events):
             if event == "mailbox.created":
                 assert "mailbox.order.success" in events[:index]
+
+
+def test_load_stops_at_a_whole_order_never_inside_one():
+    orders = iter([[b"a1", b"a2", b"a3"], [b"b1", b"b2"], [b"c1"], [b"d1", b"d2"]])
+    sent = list(whole_orders(orders, 4, None))
+    assert sent == [[b"a1", b"a2", b"a3"], [b"b1", b"b2"]]  # 5: the second order kept whole

@@ -95,6 +95,20 @@ def orders(args: argparse.Namespace) -> Iterator[list[bytes]]:
         yield bodies
 
 
+def whole_orders(
+    source: Iterator[list[bytes]], limit: int | None, deadline: float | None
+) -> Iterator[list[bytes]]:
+    """Orders until `limit` deliveries or the deadline: never one cut in two."""
+    sent = 0
+    for batch in source:
+        if limit is not None and sent >= limit:
+            return
+        if deadline is not None and time.perf_counter() >= deadline:
+            return
+        sent += len(batch)
+        yield batch
+
+
 def story_mode(args: argparse.Namespace) -> bool:
     return bool(args.story) or (
         args.events is None and args.duration is None and not args.single_mailbox
@@ -133,31 +147,20 @@ async def send(
 async def simulate(args: argparse.Namespace) -> Results:
     results = Results()
     if story_mode(args):
-        batches = told(story.story())
-        source: Iterator[list[bytes]] = iter(batches)
+        agencies = told(story.story())
+        source: Iterator[list[bytes]] = iter(agencies)
         limit: int | None = None
-        concurrency = len(batches)
-        args.total = sum(len(batch) for batch in batches)
+        concurrency = len(agencies)
+        args.total = sum(len(batch) for batch in agencies)
     else:
         source, concurrency = orders(args), args.concurrency
         limit = None if args.duration else (args.events or 1000)
         args.total = limit or 0
     deadline = time.perf_counter() + args.duration if args.duration else None
-    remaining = [limit]
-
-    def next_batch() -> list[bytes] | None:
-        """Whole orders only: a count or a deadline never cuts one in two."""
-        if deadline is not None and time.perf_counter() >= deadline:
-            return None
-        if remaining[0] is not None and remaining[0] <= 0:
-            return None
-        batch = next(source, None)
-        if batch is not None and remaining[0] is not None:
-            remaining[0] -= len(batch)
-        return batch
+    batches = whole_orders(source, limit, deadline)
 
     async def sender(client: aiohttp.ClientSession) -> None:
-        while (batch := next_batch()) is not None:
+        while (batch := next(batches, None)) is not None:
             for body in batch:
                 await send(client, args, body, results)
 

@@ -118,6 +118,14 @@ def test_rotate_keys_in_local_mode_updates_secrets_env_so_serve_restarts_readabl
     assert "events:   applied 2" in run_cli("replay", "--all", env=env, cwd=home)
     assert "secrets.env now holds these FERNET_KEYS (local mode)" in rotated
     assert f"FERNET_KEYS={new},{old}\n" in secrets_file.read_text()
+    # a key list that cannot decrypt what is stored: one line naming FERNET_KEYS
+    stranger = env | {"FERNET_KEYS": generate_key()}
+    refused = subprocess.run(
+        [*CLI, "rotate-keys"], env=stranger, cwd=home, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"coldmail-webhooks: {KEYS_LINE}")
+    assert refused.stderr.count("\n") == 1, refused.stderr
 
 
 async def test_an_outage_logs_one_line_with_its_cause_and_one_with_the_drain(database_url, capsys):
