@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -60,7 +60,14 @@ def ago(value: datetime) -> str:
     return f"in {amount}" if seconds < 0 else f"{amount} ago"
 
 
+def segment(value: str) -> str:
+    """An ID as one path segment: the sender's `../x` or `a/b` stays inside the link it is in
+    (the routes take IDs with `/` in them)."""
+    return quote(value, safe="")
+
+
 templates.env.filters["ago"] = ago
+templates.env.filters["segment"] = segment
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
@@ -434,7 +441,7 @@ async def orders_page(request: Request) -> Response:
     )
 
 
-@pages.get("/orders/{order_id}")
+@pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
     conn = api.reader(request)
     order = await found(api.get_order(conn, order_id), "No such order.")
@@ -466,7 +473,7 @@ async def subscriptions_page(request: Request) -> Response:
     )
 
 
-@pages.get("/subscriptions/{subscription_id}")
+@pages.get("/subscriptions/{subscription_id:path}")
 async def subscription_page(request: Request, subscription_id: str) -> Response:
     conn = api.reader(request)
     sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
@@ -499,7 +506,7 @@ async def mailboxes_page(request: Request) -> Response:
     )
 
 
-@pages.get("/mailboxes/{mailbox_id}")
+@pages.get("/mailboxes/{mailbox_id:path}")
 async def mailbox_page(request: Request, mailbox_id: str) -> Response:
     conn = api.reader(request)
     box = await found(api.get_mailbox(conn, mailbox_id), "No such mailbox.")
