@@ -8,7 +8,10 @@ from decimal import Decimal
 from traceback import format_exception
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
+from app.reading import api
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
@@ -289,7 +292,8 @@ async def test_an_ops_token_may_not_export(client, two_providers):
 
 async def test_exports_only_over_https(client, two_providers):
     response = await client.get(
-        "/api/v1/exports/mailboxes?format=csv", headers=CREDS | {"x-forwarded-for": "203.0.113.9"}
+        "/api/v1/exports/mailboxes?format=csv&all=true",
+        headers=CREDS | {"x-forwarded-for": "203.0.113.9"},
     )
     assert response.status_code == 403 and response.json() == {"error": "https_required"}
 
@@ -337,6 +341,65 @@ async def test_an_export_of_many_mailboxes_comes_whole(client, db):
     assert Decimal(len(emails)) == await db.fetchval(
         "select count(*) from credential_reads where mailbox_id like 'bulk%'"
     )
+
+
+@pytest.fixture
+def audit_statements():
+    """The statements that write credential_reads, as the engine sends them."""
+    sent: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if "INSERT INTO credential_reads" in statement:
+            sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    yield sent
+    event.remove(Engine, "before_cursor_execute", seen)
+
+
+@pytest.mark.parametrize("count", [2000, 2345])
+async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audited(
+    client, db, monkeypatch, audit_statements, count
+):
+    monkeypatch.setattr(api, "AUDIT_BATCH", 1000)
+    order, other = traffic.mailbox_order_success(quantity=count), traffic.mailbox_order_success()
+    data = order["data"]
+    await delivered(client, order, other)
+    await db.execute(  # this subscription's, a few erased, and another subscription's
+        "insert into mailboxes (mailbox_id, subscription_id, domain, email, provider, source,"
+        " erased_at) select 'bulk' || i, case when i % 97 = 0 then $4 else $1 end, $2,"
+        " 'u' || i || '@' || $2, 'MICROSOFT', 'standard', case when i % 89 = 0 then now() end"
+        " from generate_series(1, $3::int) i",
+        data["subscriptionId"],
+        data["domainName"],
+        count,
+        other["data"]["subscriptionId"],
+    )
+    expected = await db.fetch(
+        "select email from mailboxes where subscription_id = $1 and erased_at is null order by id",
+        data["subscriptionId"],
+    )
+    response = await export(client, "emailbison", subscriptionId=data["subscriptionId"])
+    assert response.status_code == 200
+    audited = await db.fetch(
+        "select m.email from credential_reads r join mailboxes m using (mailbox_id) order by r.id"
+    )
+    streamed = [r["Email"] for r in rows(response)]
+    assert streamed == [r["email"] for r in audited] == [r["email"] for r in expected]
+    assert len(streamed) > count * 0.97
+    assert len(audit_statements) == -(-len(streamed) // 1000) + 1  # the last finds none left
+
+
+async def test_an_export_needs_a_filter_or_all(client, two_providers, db):
+    refused = await export(client, "csv")
+    assert refused.status_code == 422
+    assert "all=true" in refused.json()["detail"][0]["msg"]
+    assert await db.fetchval("select count(*) from credential_reads") == 0
+    assert (await export(client, "csv", all="false")).status_code == 422
+    everything = await export(client, "csv", all="true")
+    assert everything.status_code == 200 and len(rows(everything)) == 3
+    one = await export(client, "csv", subscriptionId=two_providers["subscription"])
+    assert one.status_code == 200 and len(rows(one)) == 2
 
 
 @pytest.mark.parametrize(

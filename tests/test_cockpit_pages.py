@@ -156,6 +156,21 @@ async def test_a_credentials_session_downloads_a_subscriptions_mailboxes(client)
     assert row["IMAP Host"] == "imap.gmail.com" and row["SMTP Password"].startswith("canary-")
 
 
+async def test_an_export_form_with_only_a_format_exports_nothing(client, db):
+    await fill(client)
+    await sign_in(client, CREDENTIALS_TOKEN)
+    for form in ("format=csv", "format=csv&subscriptionId=", "format=csv&all=false"):
+        response = await client.post("/ui/exports/mailboxes", content=form, headers=FORM)
+        assert response.status_code == 422, form
+        assert "Choose a format and a subscription or an order" in response.text
+        assert "canary" not in response.text
+    assert await db.fetchval("select count(*) from credential_reads") == 0
+    everything = await client.post(
+        "/ui/exports/mailboxes", content="format=csv&all=true", headers=FORM
+    )
+    assert everything.status_code == 200 and len(everything.text.splitlines()) > 2
+
+
 async def test_an_ops_session_sees_no_download_and_may_not_export(client):
     data = await fill(client)
     await sign_in(client)
