@@ -276,6 +276,58 @@ async def test_each_platform_gets_its_own_columns_and_each_provider_its_servers(
         assert microsoft["Password"] == password
 
 
+FORMULAS_BEHIND = [
+    " =1+1",
+    "\u200b=cmd()",
+    "\ufeff+1",
+    "\u202e-2",
+    "\u3000@x",
+    "＝1",
+    "＋1",
+    "－1",
+    "＠x",
+]
+HARMLESS = ["Anne-Marie", " Jane", "O'Neil", "\u200bZoe", "1+1"]
+LOGINS = ["=SUM(A1)", "\u200b+pw", " -pw", "＠pw", "\tpw"]
+
+
+async def test_formulas_behind_spaces_invisible_or_fullwidth_characters_are_neutralised(client):
+    order = traffic.mailbox_order_success()
+    common = {"subscriptionId": order["data"]["subscriptionId"]}
+    names = FORMULAS_BEHIND + HARMLESS
+    boxes = [
+        traffic.mailbox_created(
+            provider=provider,
+            details={"firstName": name, "authenticatorSecret": LOGINS[i % len(LOGINS)]}
+            | ({"password": LOGINS[i % len(LOGINS)]} if provider == "MICROSOFT" else {})
+            | ({"appPassword": LOGINS[-1 - i % len(LOGINS)]} if provider == "GOOGLE" else {}),
+            **common,
+        )
+        for i, name in enumerate(names)
+        for provider in ("GOOGLE", "MICROSOFT")
+    ]
+    await delivered(client, order, *boxes)
+    sent = {b["data"]["mailboxDetails"]["email"]: b["data"]["mailboxDetails"] for b in boxes}
+    ours = rows(await export(client, "csv", subscriptionId=common["subscriptionId"]))
+    instantly = rows(await export(client, "instantly", subscriptionId=common["subscriptionId"]))
+    assert len(ours) == len(instantly) == len(boxes)
+    for row in ours:
+        box = sent[row["email"]]
+        if box["firstName"] in FORMULAS_BEHIND:
+            assert row["firstName"] == "'" + box["firstName"]
+        else:
+            assert row["firstName"] == box["firstName"]  # nothing to neutralise
+        # credentials exactly as stored: the platform must receive the password unchanged
+        assert row["password"] == box.get("password", "")
+        assert row["appPassword"] == box.get("appPassword", "")
+        assert row["authenticatorSecret"] == box["authenticatorSecret"]
+    for row in instantly:
+        box = sent[row["Email"]]
+        login = box["appPassword"] if "appPassword" in box else box["password"]
+        assert row["IMAP Password"] == row["SMTP Password"] == login
+        assert row["First Name"].startswith("'") == (box["firstName"] in FORMULAS_BEHIND)
+
+
 async def test_our_own_csv_carries_every_credential(client, two_providers):
     response = await export(client, "csv", q=two_providers["google"]["email"].upper())
     [row] = rows(response)
