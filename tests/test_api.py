@@ -362,6 +362,20 @@ async def test_no_response_but_credentials_holds_a_secret(client, seeded):
     assert "[REDACTED]" in everything
 
 
+async def test_docs_are_served_from_this_origin_under_a_csp(client):
+    page = await client.get("/docs")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self' 'sha256-" in csp
+    fetched = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert fetched and all(url.startswith("/docs/assets/") for url in fetched)
+    assert "url: '/openapi.json'" in page.text
+    bundle = await client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "petstore.swagger.io" not in bundle.text
+    for sample in ("index.html", "swagger-initializer.js", "oauth2-redirect.html"):
+        assert (await client.get(f"/docs/assets/{sample}")).status_code == 404, sample
+    assert (await client.get("/openapi.json")).json()["openapi"].startswith("3.1")
+
+
 async def test_openapi_declares_bearer_auth_and_documents_every_route(client):
     spec = (await client.get("/openapi.json")).json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
