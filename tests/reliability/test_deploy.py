@@ -26,14 +26,29 @@ def tool(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def render(directory: Path, folder: Path) -> tuple[Path, list[dict[str, Any]]]:
     out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(BASE)], capture_output=True, text=True, check=True
+        [tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, check=True
     ).stdout
-    path = tmp_path_factory.mktemp("kustomize") / "all.yaml"
+    path = folder / "all.yaml"
     path.write_text(out)
     return path, [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    return render(BASE, tmp_path_factory.mktemp("kustomize"))
+
+
+def validate(path: Path) -> int:
+    """How many resources passed kubernetes-validate's strict check (all must)."""
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.count(" passed for resource ")
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -42,15 +57,39 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def test_every_built_in_kind_passes_the_kubernetes_schemas(rendered):
     path, docs = rendered
-    result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES, str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    passed = result.stdout.count(" passed for resource ")
     built_in = [d for d in docs if "monitoring.coreos.com" not in d["apiVersion"]]
-    assert passed == len(built_in) == 7  # 2 Services, StatefulSet, PDB, HPA, Job, NetworkPolicy
+    assert (
+        validate(path) == len(built_in) == 7
+    )  # 2 Services, StatefulSet, PDB, HPA, Job, NetworkPolicy
+
+
+def env_of(docs: list[dict[str, Any]]) -> dict[str, str | None]:
+    (app,) = by_kind(docs, "StatefulSet")
+    (container,) = app["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def egress_ports(docs: list[dict[str, Any]]) -> set[int]:
+    """The policy's ports out, each rule naming its destinations: no rule with a port alone
+    (that is every address in the world)."""
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])
+    assert all(rule.get("to") for rule in policy["spec"]["egress"])
+    return {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+
+
+def test_the_base_trusts_no_proxy_and_reaches_only_the_cluster_dns(rendered):
+    _, docs = rendered
+    assert "FORWARDED_ALLOW_IPS" not in env_of(docs)  # the app's default: loopback only
+    assert egress_ports(docs) == {53}
+
+
+def test_the_example_overlay_says_which_proxy_and_which_destinations(tmp_path):
+    path, docs = render(ROOT / "deploy/kubernetes-example", tmp_path)
+    assert validate(path) == 7
+    assert env_of(docs)["FORWARDED_ALLOW_IPS"] == "10.244.7.0/24"
+    assert egress_ports(docs) == {53, 5432, 443}
+    assert {doc["metadata"].get("namespace") for doc in docs} == {"coldmail"}
 
 
 def test_the_pods_are_locked_down_and_keep_their_spool(rendered):
