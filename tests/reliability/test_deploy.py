@@ -1,16 +1,23 @@
 """deploy/kubernetes, checked offline: kustomize renders it, every built-in kind passes
 kubernetes-validate's strict schema check, the pods are locked down as the README says,
-and the PrometheusRule carries exactly the tested alerts. A slow check of its own:
-`pytest -m deploy` (needs kubectl, which has kustomize built in, and Debian's promtool)."""
+the PrometheusRule carries exactly the tested alerts, and compose's Caddyfile keeps /metrics
+from the world. A slow check of its own:
+`pytest -m deploy` (needs kubectl, which has kustomize built in, Debian's promtool and caddy)."""
 
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
+
+from tests.reliability.test_crash_and_outage import server_env
+from tests.servers import clean_env, free_port, serving
 
 pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +154,46 @@ def test_the_prometheus_rule_is_the_tested_alerts_and_the_monitor_scrapes_them(r
     assert monitor["spec"]["endpoints"][0]["port"] in ports
     # the alerts' job="coldmail-webhooks" is the value of the monitor's job label
     assert selected[0]["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "coldmail-webhooks"
+
+
+def listening(process: subprocess.Popen[bytes], url: str) -> httpx.Response:
+    """The first answer of a process that is starting, within 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None, "it stopped"
+        try:
+            return httpx.get(url)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_compose_proxy_keeps_metrics_from_the_world(database_url, tmp_path):
+    """deploy/caddy/Caddyfile run by Debian's Caddy in front of a real serve, plain HTTP
+    (SITE_ADDRESS http://...) and without its admin endpoint, otherwise as compose runs it."""
+    caddyfile = (ROOT / "deploy/caddy/Caddyfile").read_text()
+    with serving(server_env(database_url), tmp_path) as server:
+        adapted = caddyfile.replace("{\n\tservers", "{\n\tadmin off\n\tservers", 1)
+        adapted = adapted.replace("app:8000", urlsplit(server.url).netloc)
+        (tmp_path / "Caddyfile").write_text(adapted)
+        port = free_port()
+        env = clean_env(SITE_ADDRESS=f"http://127.0.0.1:{port}", XDG_DATA_HOME=str(tmp_path))
+        env |= {"XDG_CONFIG_HOME": str(tmp_path)}
+        caddy = subprocess.Popen(
+            [tool("caddy"), "run", "--config", str(tmp_path / "Caddyfile")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            proxy = f"http://127.0.0.1:{port}"
+            assert listening(caddy, proxy + "/healthz").status_code == 200  # the rest passes
+            assert httpx.get(proxy + "/docs").status_code == 200
+            for path in ("/metrics", "/metrics/", "/METRICS", "/%6Detrics", "/metrics?x=1"):
+                answer = httpx.get(proxy + path)
+                assert answer.status_code == 404 and "cmr_" not in answer.text, path
+            assert "cmr_webhook" in httpx.get(server.url + "/metrics").text  # the host's scraper
+        finally:
+            caddy.terminate()
+            caddy.wait(10)
