@@ -93,9 +93,10 @@ SESSION_STATEMENTS = {
 class SignInThrottle:
     """Failed sign-ins per client address (per worker): after the n-th failure in a row the
     address waits min(2**(n-1), 30) s for its next try; tries within the wait get 429 and do
-    not lengthen it, and a success starts over. A short back-off, not a lock-out: one client
-    guessing holds the others behind its address (an office, a NAT) up for 30 s at most,
-    while it gets two guesses a minute. Bounded: the least recent addresses go."""
+    not lengthen it, and a success starts over. A short back-off, not a minute's lock-out that
+    five tries renew: a mistyped token costs a second, each wait is 30 s at most, and a client
+    guessing gets two tries a minute (one that retries exactly on Retry-After still sets the
+    pace for the others behind its address). Bounded: the least recent addresses go."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, clients: int = 10_000):
         self.clock, self.clients = clock, clients
