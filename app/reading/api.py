@@ -543,6 +543,7 @@ async def export_mailboxes(
     query: Annotated[ExportQuery, Query()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> StreamingResponse:
+    """The mailboxes a filter chooses, or every one with `all=true` (neither: 422)."""
     fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
     return await export_response(request, conn, query, fingerprint)
 
