@@ -107,7 +107,7 @@ def neutralise(cell: str) -> str:
     and invisible characters (zero-width, BOM, bidi controls: Unicode's format category)
     before the start do not hide it."""
     for char in cell:
-        if unicodedata.normalize("NFKC", char) in FORMULA_STARTS:
+        if unicodedata.normalize("NFKC", char).startswith(FORMULA_STARTS):
             return f"'{cell}"
         if not (char.isspace() or unicodedata.category(char) == "Cf"):
             break
