@@ -16,6 +16,7 @@ cleanup() { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; dropdb -h 12
 trap cleanup EXIT
 for _ in $(seq 60); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 1; done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { tail -5 "$spool/serve.log"; exit 1; }
+config="$(cd "$(dirname "$0")" && pwd)/schemathesis.toml"
 cd "$spool"  # schemathesis keeps a cache in the working folder: not in the checkout
-st run "http://127.0.0.1:$port/openapi.json" --checks all -H "Authorization: Bearer st-credentials-token-1" \
+st --config-file "$config" run "http://127.0.0.1:$port/openapi.json" --checks all -H "Authorization: Bearer st-credentials-token-1" \
   --max-time "${SCHEMATHESIS_SECONDS:-120}" --seed 20261123 --no-color

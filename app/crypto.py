@@ -19,6 +19,9 @@ DESCRIPTIVE = frozenset(
         "autoRenew", "mailboxDetails", "preWarmedUpMailboxes", "failedOrders", "updatedFields",
     }
 )  # fmt: skip
+# Keys whose lists hold descriptive values themselves: none of the sender's so far (its lists
+# hold objects), so under any key a list's bare values are redacted.
+DESCRIPTIVE_LIST_ITEMS: frozenset[str] = frozenset()
 
 
 class Vault:
@@ -62,7 +65,22 @@ def redact(value: Any) -> Any:
     are shown: a credential under a name nobody foresaw (`pwd`, `smtpPass`) is hidden too.
     Keys stay visible; a container under an unknown key is hidden whole."""
     if isinstance(value, dict):
-        return {k: redact(item) if k in DESCRIPTIVE else REDACTED for k, item in value.items()}
-    if isinstance(value, list):
-        return [redact(item) for item in value]
+        return {k: field(k, item) if k in DESCRIPTIVE else REDACTED for k, item in value.items()}
     return value
+
+
+def field(key: str, value: Any) -> Any:
+    """A descriptive field's value: the objects of a list are weighed field by field, its
+    bare values shown only for DESCRIPTIVE_LIST_ITEMS (`"failedOrders": ["hunter2"]` is no
+    list the sender documents)."""
+    if isinstance(value, list):
+        return [list_item(key, item) for item in value]
+    return redact(value)
+
+
+def list_item(key: str, item: Any) -> Any:
+    if isinstance(item, list):
+        return [list_item(key, inner) for inner in item]
+    if isinstance(item, dict) or key in DESCRIPTIVE_LIST_ITEMS:
+        return redact(item)
+    return REDACTED

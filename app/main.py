@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
+    app.state.sign_in_throttle = ui.SignInThrottle()
     app.include_router(route.router)
     app.include_router(health.router)
     app.include_router(api.router)

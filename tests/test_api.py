@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
+from app import crypto
 from app.simulation import traffic as factories
 from tests import streams
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, WEBHOOK_TOKEN, deliver
+from tests.test_dashboard import sign_in
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
@@ -278,6 +280,56 @@ async def test_unknown_ids_are_404(client, path):
     assert response.json() == {"error": "not_found"}
 
 
+async def test_bare_values_in_lists_are_redacted_in_the_api_the_event_page_and_the_table(
+    client, db
+):
+    processed = factories.mailbox_created()
+    processed["data"]["description"] = ["canary-list-1", 7]  # a descriptive key, a list
+    ignored = factories.envelope(
+        "dns-record.updated",
+        {
+            "domain": "listed.example",
+            "failedOrders": [
+                "canary-list-2",
+                [["canary-list-3"]],
+                {"domain": "kept.example", "reason": "Pool empty", "pwd": "canary-list-4"},
+            ],
+        },
+    )
+    for payload in (processed, ignored):
+        assert (await deliver(client, payload)).status_code == 200
+    await sign_in(client)
+    for payload in (processed, ignored):
+        found = await client.get(
+            "/api/v1/events", headers=OPS, params={"eventId": payload["eventId"]}
+        )
+        event_id = found.json()["items"][0]["id"]
+        shown = (await client.get(f"/api/v1/events/{event_id}", headers=OPS)).json()["payload"]
+        page = (await client.get(f"/ui/events/{event_id}")).text
+        stored = await db.fetchval("SELECT payload::text FROM events WHERE id = $1", event_id)
+        for where in (str(shown), page, stored):
+            assert "canary-" not in where
+        assert shown["eventId"] == payload["eventId"]  # what describes stays readable
+    assert shown["data"]["failedOrders"] == [
+        "[REDACTED]",
+        [["[REDACTED]"]],
+        {"domain": "kept.example", "reason": "Pool empty", "pwd": "[REDACTED]"},
+    ]
+    assert shown["data"]["domain"] == "listed.example"
+
+
+def test_a_list_of_descriptive_values_shows_only_where_the_allowlist_says(monkeypatch):
+    payload = {"data": {"domainNames": ["a.example", "b.example"], "email": ["x@a.example"]}}
+    assert crypto.redact(payload) == {
+        "data": {"domainNames": "[REDACTED]", "email": ["[REDACTED]"]}
+    }
+    monkeypatch.setattr(crypto, "DESCRIPTIVE", crypto.DESCRIPTIVE | {"domainNames"})
+    monkeypatch.setattr(crypto, "DESCRIPTIVE_LIST_ITEMS", frozenset({"domainNames"}))
+    assert crypto.redact(payload) == {
+        "data": {"domainNames": ["a.example", "b.example"], "email": ["[REDACTED]"]}
+    }
+
+
 async def test_no_response_but_credentials_holds_a_secret(client, seeded):
     secrets = secrets_of(seeded)
     assert len(secrets) == 14
@@ -308,6 +360,20 @@ async def test_no_response_but_credentials_holds_a_secret(client, seeded):
     everything = "\n".join(bodies)
     assert "canary-" not in everything
     assert "[REDACTED]" in everything
+
+
+async def test_docs_are_served_from_this_origin_under_a_csp(client):
+    page = await client.get("/docs")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self' 'sha256-" in csp
+    fetched = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert fetched and all(url.startswith("/docs/assets/") for url in fetched)
+    assert "url: '/openapi.json'" in page.text
+    bundle = await client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "petstore.swagger.io" not in bundle.text
+    for sample in ("index.html", "swagger-initializer.js", "oauth2-redirect.html"):
+        assert (await client.get(f"/docs/assets/{sample}")).status_code == 404, sample
+    assert (await client.get("/openapi.json")).json()["openapi"].startswith("3.1")
 
 
 async def test_openapi_declares_bearer_auth_and_documents_every_route(client):

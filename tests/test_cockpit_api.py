@@ -8,7 +8,10 @@ from decimal import Decimal
 from traceback import format_exception
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
+from app.reading import api
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
@@ -273,6 +276,58 @@ async def test_each_platform_gets_its_own_columns_and_each_provider_its_servers(
         assert microsoft["Password"] == password
 
 
+FORMULAS_BEHIND = [
+    " =1+1",
+    "\u200b=cmd()",
+    "\ufeff+1",
+    "\u202e-2",
+    "\u3000@x",
+    "＝1",
+    "＋1",
+    "－1",
+    "＠x",
+]
+HARMLESS = ["Anne-Marie", " Jane", "O'Neil", "\u200bZoe", "1+1"]
+LOGINS = ["=SUM(A1)", "\u200b+pw", " -pw", "＠pw", "\tpw"]
+
+
+async def test_formulas_behind_spaces_invisible_or_fullwidth_characters_are_neutralised(client):
+    order = traffic.mailbox_order_success()
+    common = {"subscriptionId": order["data"]["subscriptionId"]}
+    names = FORMULAS_BEHIND + HARMLESS
+    boxes = [
+        traffic.mailbox_created(
+            provider=provider,
+            details={"firstName": name, "authenticatorSecret": LOGINS[i % len(LOGINS)]}
+            | ({"password": LOGINS[i % len(LOGINS)]} if provider == "MICROSOFT" else {})
+            | ({"appPassword": LOGINS[-1 - i % len(LOGINS)]} if provider == "GOOGLE" else {}),
+            **common,
+        )
+        for i, name in enumerate(names)
+        for provider in ("GOOGLE", "MICROSOFT")
+    ]
+    await delivered(client, order, *boxes)
+    sent = {b["data"]["mailboxDetails"]["email"]: b["data"]["mailboxDetails"] for b in boxes}
+    ours = rows(await export(client, "csv", subscriptionId=common["subscriptionId"]))
+    instantly = rows(await export(client, "instantly", subscriptionId=common["subscriptionId"]))
+    assert len(ours) == len(instantly) == len(boxes)
+    for row in ours:
+        box = sent[row["email"]]
+        if box["firstName"] in FORMULAS_BEHIND:
+            assert row["firstName"] == "'" + box["firstName"]
+        else:
+            assert row["firstName"] == box["firstName"]  # nothing to neutralise
+        # credentials exactly as stored: the platform must receive the password unchanged
+        assert row["password"] == box.get("password", "")
+        assert row["appPassword"] == box.get("appPassword", "")
+        assert row["authenticatorSecret"] == box["authenticatorSecret"]
+    for row in instantly:
+        box = sent[row["Email"]]
+        login = box["appPassword"] if "appPassword" in box else box["password"]
+        assert row["IMAP Password"] == row["SMTP Password"] == login
+        assert row["First Name"].startswith("'") == (box["firstName"] in FORMULAS_BEHIND)
+
+
 async def test_our_own_csv_carries_every_credential(client, two_providers):
     response = await export(client, "csv", q=two_providers["google"]["email"].upper())
     [row] = rows(response)
@@ -289,7 +344,8 @@ async def test_an_ops_token_may_not_export(client, two_providers):
 
 async def test_exports_only_over_https(client, two_providers):
     response = await client.get(
-        "/api/v1/exports/mailboxes?format=csv", headers=CREDS | {"x-forwarded-for": "203.0.113.9"}
+        "/api/v1/exports/mailboxes?format=csv&all=true",
+        headers=CREDS | {"x-forwarded-for": "203.0.113.9"},
     )
     assert response.status_code == 403 and response.json() == {"error": "https_required"}
 
@@ -337,6 +393,65 @@ async def test_an_export_of_many_mailboxes_comes_whole(client, db):
     assert Decimal(len(emails)) == await db.fetchval(
         "select count(*) from credential_reads where mailbox_id like 'bulk%'"
     )
+
+
+@pytest.fixture
+def audit_statements():
+    """The statements that write credential_reads, as the engine sends them."""
+    sent: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if "INSERT INTO credential_reads" in statement:
+            sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    yield sent
+    event.remove(Engine, "before_cursor_execute", seen)
+
+
+@pytest.mark.parametrize("count", [2000, 2345])
+async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audited(
+    client, db, monkeypatch, audit_statements, count
+):
+    monkeypatch.setattr(api, "AUDIT_BATCH", 1000)
+    order, other = traffic.mailbox_order_success(quantity=count), traffic.mailbox_order_success()
+    data = order["data"]
+    await delivered(client, order, other)
+    await db.execute(  # this subscription's, a few erased, and another subscription's
+        "insert into mailboxes (mailbox_id, subscription_id, domain, email, provider, source,"
+        " erased_at) select 'bulk' || i, case when i % 97 = 0 then $4 else $1 end, $2,"
+        " 'u' || i || '@' || $2, 'MICROSOFT', 'standard', case when i % 89 = 0 then now() end"
+        " from generate_series(1, $3::int) i",
+        data["subscriptionId"],
+        data["domainName"],
+        count,
+        other["data"]["subscriptionId"],
+    )
+    expected = await db.fetch(
+        "select email from mailboxes where subscription_id = $1 and erased_at is null order by id",
+        data["subscriptionId"],
+    )
+    response = await export(client, "emailbison", subscriptionId=data["subscriptionId"])
+    assert response.status_code == 200
+    audited = await db.fetch(
+        "select m.email from credential_reads r join mailboxes m using (mailbox_id) order by r.id"
+    )
+    streamed = [r["Email"] for r in rows(response)]
+    assert streamed == [r["email"] for r in audited] == [r["email"] for r in expected]
+    assert len(streamed) > count * 0.97
+    assert len(audit_statements) == -(-len(streamed) // 1000) + 1  # the last finds none left
+
+
+async def test_an_export_needs_a_filter_or_all(client, two_providers, db):
+    refused = await export(client, "csv")
+    assert refused.status_code == 422
+    assert "all=true" in refused.json()["detail"][0]["msg"]
+    assert await db.fetchval("select count(*) from credential_reads") == 0
+    assert (await export(client, "csv", all="false")).status_code == 422
+    everything = await export(client, "csv", all="true")
+    assert everything.status_code == 200 and len(rows(everything)) == 3
+    one = await export(client, "csv", subscriptionId=two_providers["subscription"])
+    assert one.status_code == 200 and len(rows(one)) == 2
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ still say something useful while the database is away."""
 import csv
 import io
 import re
+from html import escape
+from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
@@ -38,6 +40,36 @@ async def test_detail_pages_link_order_subscription_mailbox_and_their_events(cli
     assert box.status_code == 200
     assert {sub_links[0], f"/ui/orders/{data['order_id']}"} & links(box.text)
     assert any(href.startswith("/ui/events/") for href in links(box.text))
+
+
+async def test_sender_ids_become_links_to_their_own_pages_whatever_they_hold(client):
+    sub_id, order_id = "../../api/v1/stats", "%2e%2e/orders?x#y"
+    box_ids = ["a/b", "50%off", "x..y/..", "../../ui", "PLAIN42"]
+    success = traffic.mailbox_order_success(subscriptionId=sub_id, orderId=order_id, quantity=5)
+    assert (await deliver(client, success)).status_code == 200
+    for box_id in box_ids:
+        box = traffic.mailbox_created(
+            details={"mailboxId": box_id}, subscriptionId=sub_id, orderId=order_id
+        )
+        assert (await deliver(client, box)).status_code == 200
+    await sign_in(client)
+    listed = links((await client.get("/ui/subscriptions")).text)
+    sub_link = "/ui/subscriptions/..%2F..%2Fapi%2Fv1%2Fstats"
+    assert sub_link in listed
+    sub_page = (await client.get(sub_link)).text
+    assert "/ui/orders/%252e%252e%2Forders%3Fx%23y" in links(sub_page)
+    order_page = await client.get("/ui/orders/%252e%252e%2Forders%3Fx%23y")
+    assert order_page.status_code == 200 and sub_link in links(order_page.text)
+    box_links = sorted(h for h in links(order_page.text) if h.startswith("/ui/mailboxes/"))
+    assert "/ui/mailboxes/PLAIN42" in box_links  # a plain ID reads as it did
+    assert "/ui/mailboxes/a%2Fb" in box_links and "/ui/mailboxes/50%25off" in box_links
+    for href in box_links:
+        # as a browser resolves it: every link stays on a mailbox's page
+        assert urlsplit(urljoin("http://test" + sub_link, href)).path == href
+        page = await client.get(href)
+        shown = unquote(href.removeprefix("/ui/mailboxes/"))
+        assert page.status_code == 200 and f"<code>{escape(shown)}</code>" in page.text, href
+    assert sorted(unquote(h.removeprefix("/ui/mailboxes/")) for h in box_links) == sorted(box_ids)
 
 
 async def test_unknown_ids_get_a_not_found_page(client):
@@ -122,6 +154,21 @@ async def test_a_credentials_session_downloads_a_subscriptions_mailboxes(client)
     assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
     [row] = list(csv.DictReader(io.StringIO(response.text)))
     assert row["IMAP Host"] == "imap.gmail.com" and row["SMTP Password"].startswith("canary-")
+
+
+async def test_an_export_form_with_only_a_format_exports_nothing(client, db):
+    await fill(client)
+    await sign_in(client, CREDENTIALS_TOKEN)
+    for form in ("format=csv", "format=csv&subscriptionId=", "format=csv&all=false"):
+        response = await client.post("/ui/exports/mailboxes", content=form, headers=FORM)
+        assert response.status_code == 422, form
+        assert "Choose a format and a subscription or an order" in response.text
+        assert "canary" not in response.text
+    assert await db.fetchval("select count(*) from credential_reads") == 0
+    everything = await client.post(
+        "/ui/exports/mailboxes", content="format=csv&all=true", headers=FORM
+    )
+    assert everything.status_code == 200 and len(everything.text.splitlines()) > 2
 
 
 async def test_an_ops_session_sees_no_download_and_may_not_export(client):

@@ -6,6 +6,8 @@ import re
 import httpx
 import pytest
 
+from app.main import create_app
+from app.reading import ui
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client
 from tests.dashboard_data import fill
 from tests.reliability.test_secrets import canaries_in
@@ -42,6 +44,50 @@ async def test_a_wrong_token_is_refused_and_gets_no_session(client):
     assert "not an ops token" in response.text
     assert "set-cookie" not in response.headers
     assert (await client.get("/ui")).status_code == 303
+
+
+class Clock:
+    """The throttle's clock, moved by hand: no test waits for real time to pass."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_failed_sign_ins_back_off_briefly_per_address_and_a_success_starts_over(settings):
+    clock = Clock()
+    application = create_app(settings)
+    application.state.sign_in_throttle = ui.SignInThrottle(clock=clock)
+
+    def at(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=application, client=(address, 50_000))
+        return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+    async with application.router.lifespan_context(application):
+        office, home = at("198.51.100.7"), at("203.0.113.9")
+        assert (await sign_in(office, "guess-" + OPS_TOKEN)).status_code == 401
+        held = await sign_in(office)  # the right token waits too: no oracle
+        assert held.status_code == 429 and held.headers["retry-after"] == "1"
+        assert "set-cookie" not in held.headers
+        assert (await sign_in(home)).status_code == 303  # another address is not held up
+        clock.now += 1
+        assert (await sign_in(office)).status_code == 303  # the wait was short
+        waits = []
+        for _ in range(7):  # a success started over: 1 s, doubling, 30 s at most
+            assert (await sign_in(office, "guess-" + OPS_TOKEN)).status_code == 401
+            waits.append(int((await sign_in(office, "guess")).headers["retry-after"]))
+            clock.now += waits[-1]
+        assert waits == [1, 2, 4, 8, 16, 30, 30]
+        assert (await sign_in(office, "guess-" + OPS_TOKEN)).status_code == 401
+        for _ in range(20):  # guesses within the wait are refused and do not lengthen it
+            refused = await sign_in(office, "guess")
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "30"
+        clock.now += 29
+        assert (await sign_in(office)).headers["retry-after"] == "1"
+        clock.now += 1
+        assert (await sign_in(office)).status_code == 303
 
 
 async def test_sign_in_sets_a_strict_http_only_session_and_sign_out_ends_it(client):

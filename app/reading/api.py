@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 from sqlalchemy import (
@@ -93,6 +94,7 @@ UtcTime = Annotated[
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
+AUDIT_BATCH = 10_000  # mailboxes audited a statement (an export's audit, below)
 
 
 def ops_token(
@@ -443,6 +445,19 @@ class MailboxQuery(ListQuery, MailboxFilters):
 
 class ExportQuery(MailboxFilters):
     format: exports.Format = Field(description="Which platform's bulk-import columns")
+    all: bool = Field(False, description="Every mailbox: needed when no filter is given")
+
+    def filters(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"format", "all"})
+
+    @model_validator(mode="after")
+    def chosen(self) -> "ExportQuery":
+        """An export of every mailbox is asked for, never the default of a form left empty."""
+        if not self.all and all(value is None for value in self.filters().values()):
+            raise ValueError(
+                "choose the mailboxes: give a filter (e.g. subscriptionId) or all=true"
+            )
+        return self
 
 
 def mailbox_select() -> Select[Any]:
@@ -528,6 +543,7 @@ async def export_mailboxes(
     query: Annotated[ExportQuery, Query()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> StreamingResponse:
+    """The mailboxes a filter chooses, or every one with `all=true` (neither: 422)."""
     fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
     return await export_response(request, conn, query, fingerprint)
 
@@ -541,14 +557,13 @@ async def export_response(
     export_id = uuid.uuid4().hex
     client = request.client.host if request.client else None
     chosen = select(
+        mailboxes.c.id,
         mailboxes.c.mailbox_id,
-        literal(fingerprint),
-        literal(client, Text),
-        literal(export_id),
+        literal(fingerprint).label("token_fingerprint"),
+        literal(client, Text).label("client_address"),
+        literal(export_id).label("export_id"),
     ).where(mailboxes.c.erased_at.is_(None))
-    chosen = apply_filters(chosen, mailboxes, query.model_dump(exclude={"format"}))
-    columns = ["mailbox_id", "token_fingerprint", "client_address", "export_id"]
-    await conn.write(insert(credential_reads).from_select(columns, chosen.order_by(mailboxes.c.id)))
+    await audit_export(conn, apply_filters(chosen, mailboxes, query.filters()))
     filename = f"mailboxes-{query.format}-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
     return StreamingResponse(
         exports.stream(conn.execute, export_id, query.format, request.app.state.vault),
@@ -558,6 +573,25 @@ async def export_response(
             "Content-Disposition": f'attachment; filename="{filename}"',
         },
     )
+
+
+async def audit_export(conn: Reader, chosen: Select[Any]) -> None:
+    """One credential_reads row per chosen mailbox, in mailbox order, AUDIT_BATCH mailboxes
+    a statement: each well inside the read pool's statement timeout however many mailboxes
+    an export holds (one statement for a million took 9.2 of its 10 s). One transaction:
+    the rows appear, and the export streams, all or none."""
+    columns = ["mailbox_id", "token_fingerprint", "client_address", "export_id"]
+    async with conn.engine.begin() as db:
+        after: int | None = 0
+        while after is not None:
+            batch = chosen.where(mailboxes.c.id > after).order_by(mailboxes.c.id)
+            batch_cte = batch.limit(AUDIT_BATCH).cte("batch")
+            written = insert(credential_reads).from_select(
+                columns, select(*(batch_cte.c[name] for name in columns)).order_by(batch_cte.c.id)
+            )
+            after = (
+                await db.execute(select(func.max(batch_cte.c.id)).add_cte(written.cte("audit")))
+            ).scalar_one()
 
 
 class AuditQuery(ListQuery):

@@ -1,14 +1,16 @@
-"""/docs served from the service itself: Swagger UI from a pinned package, no CDN, and a
-Content-Security-Policy that allows its own files and its one inline script, nothing else."""
+"""/docs served from the service itself: Swagger UI 5 (it reads OpenAPI 3.1, which FastAPI
+serves) from the fastapi-offline package's files, no CDN, and a Content-Security-Policy that
+allows its own files and its one inline script, nothing else. Only those files are served
+(no sample page of the Swagger UI distribution, which would fetch a third-party example)."""
 
 import base64
 import hashlib
 import re
+from importlib.resources import files
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 ASSETS = "/docs/assets"
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
@@ -32,7 +34,7 @@ def add_docs(app: FastAPI) -> None:
         title=f"{app.title} - API",
         swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
         swagger_css_url=f"{ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
+        swagger_favicon_url=f"{ASSETS}/favicon.png",
     )
     html = bytes(page.body).decode()
     headers = {"Content-Security-Policy": csp_for(html), "X-Content-Type-Options": "nosniff"}
@@ -41,4 +43,6 @@ def add_docs(app: FastAPI) -> None:
     async def docs(request: Request) -> Response:
         return Response(html, media_type="text/html", headers=headers)
 
-    app.mount(ASSETS, StaticFiles(directory=str(swagger_ui_path)), "docs-assets")
+    # Swagger UI's JS and CSS, a favicon, and ReDoc's JS (unused); no HTML page
+    swagger_ui = files("fastapi_offline") / "static"
+    app.mount(ASSETS, StaticFiles(directory=str(swagger_ui)), "docs-assets")

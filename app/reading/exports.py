@@ -9,6 +9,7 @@ batches by the audit row's id, so no connection is held while the client reads.
 
 import csv
 import io
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -19,8 +20,11 @@ from app.models import credential_reads, mailboxes
 
 Format = Literal["instantly", "smartlead", "emailbison", "csv"]
 BATCH = 1000
-# A spreadsheet runs a cell beginning with one of these as a formula.
+# A spreadsheet runs a cell beginning with one of these as a formula (the fullwidth ＝＋－＠
+# too, compared after NFKC), even behind leading whitespace or invisible characters.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Columns the platform logs in with: exported exactly as stored, never neutralised.
+CREDENTIALS = frozenset({"login_password", "password", "app_password", "authenticator_secret"})
 SERVERS = {  # imap host, imap port, smtp host, smtp port
     "GOOGLE": ("imap.gmail.com", 993, "smtp.gmail.com", 587),
     "MICROSOFT": ("outlook.office365.com", 993, "smtp.office365.com", 587),
@@ -99,8 +103,15 @@ SELECTED = [
 
 
 def neutralise(cell: str) -> str:
-    """A cell a spreadsheet would run as a formula, made text by a leading quote."""
-    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
+    """A cell a spreadsheet would run as a formula, made text by a leading quote. Whitespace
+    and invisible characters (zero-width, BOM, bidi controls: Unicode's format category)
+    before the start do not hide it."""
+    for char in cell:
+        if unicodedata.normalize("NFKC", char).startswith(FORMULA_STARTS):
+            return f"'{cell}"
+        if not (char.isspace() or unicodedata.category(char) == "Cf"):
+            break
+    return cell
 
 
 def values(row: Any, vault: Vault) -> dict[str, Any]:
@@ -134,16 +145,16 @@ def header(fmt: Format) -> str:
     return csv_text([[title for title, _ in COLUMNS[fmt]]])
 
 
+def cell(key: str, known: dict[str, Any]) -> str:
+    value = "" if not key or known[key] is None else str(known[key])
+    return value if key in CREDENTIALS else neutralise(value)
+
+
 def lines(fmt: Format, batch: list[Any], vault: Vault) -> str:
     cells = []
     for row in batch:
         known = values(row, vault)
-        cells.append(
-            [
-                neutralise("" if not key or known[key] is None else str(known[key]))
-                for _, key in COLUMNS[fmt]
-            ]
-        )
+        cells.append([cell(key, known) for _, key in COLUMNS[fmt]])
     return csv_text(cells)
 
 

@@ -8,14 +8,15 @@ allows none. No page shows a credential, whoever signed in.
 """
 
 import logging
+import math
 import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import Awaitable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -35,7 +36,7 @@ log = logging.getLogger("coldmail.ui")
 COOKIE = "cmw_session"
 SESSION_HOURS = 8
 IDLE_MINUTES = 30
-FAILURES_ALLOWED, THROTTLE_WINDOW_SECONDS = 5, 60
+FIRST_WAIT_SECONDS, LONGEST_WAIT_SECONDS = 1, 30  # after failed sign-ins
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
 TROUBLE_DAYS = 7
 CSP = (
@@ -60,7 +61,14 @@ def ago(value: datetime) -> str:
     return f"in {amount}" if seconds < 0 else f"{amount} ago"
 
 
+def segment(value: str) -> str:
+    """An ID as one path segment: the sender's `../x` or `a/b` stays inside the link it is in
+    (the routes take IDs with `/` in them)."""
+    return quote(value, safe="")
+
+
 templates.env.filters["ago"] = ago
+templates.env.filters["segment"] = segment
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
@@ -83,33 +91,30 @@ SESSION_STATEMENTS = {
 
 
 class SignInThrottle:
-    """Failed sign-ins per client address (per worker): FAILURES_ALLOWED a minute, then
-    429 until the oldest failure is a minute old. Bounded: the least recent clients go."""
+    """Failed sign-ins per client address (per worker): after the n-th failure in a row the
+    address waits min(2**(n-1), 30) s for its next try; tries within the wait get 429 and do
+    not lengthen it, and a success starts over. A short back-off, not a minute's lock-out that
+    five tries renew: a mistyped token costs a second, each wait is 30 s at most, and a client
+    guessing gets two tries a minute (one that retries exactly on Retry-After still sets the
+    pace for the others behind its address). Bounded: the least recent addresses go."""
 
-    def __init__(self, clients: int = 10_000) -> None:
-        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self.clients = clients
+    def __init__(self, clock: Callable[[], float] = time.monotonic, clients: int = 10_000):
+        self.clock, self.clients = clock, clients
+        self.failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, until
 
     def wait_seconds(self, client: str) -> float:
-        recent = self._recent(client)
-        if len(recent) < FAILURES_ALLOWED:
-            return 0.0
-        return recent[0] + THROTTLE_WINDOW_SECONDS - time.monotonic()
+        _, until = self.failures.get(client, (0, 0.0))
+        return max(0.0, until - self.clock())
 
     def failed(self, client: str) -> None:
-        self._recent(client).append(time.monotonic())
-        self.failures.move_to_end(client)
+        count = self.failures.pop(client, (0, 0.0))[0] + 1
+        wait = min(FIRST_WAIT_SECONDS * 2 ** (count - 1), LONGEST_WAIT_SECONDS)
+        self.failures[client] = (count, self.clock() + wait)
         while len(self.failures) > self.clients:
             self.failures.popitem(last=False)
 
-    def _recent(self, client: str) -> deque[float]:
-        recent = self.failures.setdefault(client, deque())
-        while recent and recent[0] < time.monotonic() - THROTTLE_WINDOW_SECONDS:
-            recent.popleft()
-        return recent
-
-
-throttle = SignInThrottle()
+    def succeeded(self, client: str) -> None:
+        self.failures.pop(client, None)
 
 
 async def session_statement(request: Request, name: str, *args: Any) -> Any:
@@ -192,17 +197,18 @@ async def login(request: Request) -> Response:
     if cross_site(request):
         return page(request, "login.html", 403, error="Sign-in from another site refused.")
     client = request.client.host if request.client else "unknown"
-    if (wait := throttle.wait_seconds(client)) > 0:
-        response = page(
-            request, "login.html", 429, error="Too many failed sign-ins: wait a minute."
-        )
-        response.headers["Retry-After"] = str(max(1, round(wait)))
+    throttle: SignInThrottle = request.app.state.sign_in_throttle
+    if (wait := math.ceil(throttle.wait_seconds(client))) > 0:
+        error = f"A sign-in failed from here just now: try again in {wait} s."
+        response = page(request, "login.html", 429, error=error)
+        response.headers["Retry-After"] = str(wait)
         return response
     form = parse_qs((await request.body()).decode(errors="replace"))
     token = (form.get("token") or [""])[0].strip()
     if not token_matches(token, tokens(request)):
         throttle.failed(client)
         return page(request, "login.html", 401, error="That token is not an ops token.")
+    throttle.succeeded(client)
     hasher = await hasher_of(request)
     secret = secrets.token_urlsafe(32)
     await session_statement(request, "expire")
@@ -434,7 +440,7 @@ async def orders_page(request: Request) -> Response:
     )
 
 
-@pages.get("/orders/{order_id}")
+@pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
     conn = api.reader(request)
     order = await found(api.get_order(conn, order_id), "No such order.")
@@ -466,7 +472,7 @@ async def subscriptions_page(request: Request) -> Response:
     )
 
 
-@pages.get("/subscriptions/{subscription_id}")
+@pages.get("/subscriptions/{subscription_id:path}")
 async def subscription_page(request: Request, subscription_id: str) -> Response:
     conn = api.reader(request)
     sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
@@ -499,7 +505,7 @@ async def mailboxes_page(request: Request) -> Response:
     )
 
 
-@pages.get("/mailboxes/{mailbox_id}")
+@pages.get("/mailboxes/{mailbox_id:path}")
 async def mailbox_page(request: Request, mailbox_id: str) -> Response:
     conn = api.reader(request)
     box = await found(api.get_mailbox(conn, mailbox_id), "No such mailbox.")

@@ -313,13 +313,13 @@ def test_cross_site_sign_in_and_sign_out_are_refused(server):
 def test_guessing_tokens_is_throttled_per_client(server):
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as http:
         answers = [
-            http.post(f"{server.url}/ui/login", data={"token": f"guess-{i:012d}"}).status_code
-            for i in range(8)
+            http.post(f"{server.url}/ui/login", data={"token": f"guess-{i:012d}"}) for i in range(8)
         ]
-        # even the right token waits while the client is throttled
-        right = http.post(f"{server.url}/ui/login", data={"token": OPS_TOKEN})
-    assert answers[:5] == [401] * 5 and set(answers[5:]) == {429}
-    assert right.status_code == 429 and int(right.headers["retry-after"]) >= 1
+    codes = [answer.status_code for answer in answers]
+    # back-off after each failure (1 s, 2 s, 4 s...): most guesses are not even weighed
+    assert codes[0] == 401 and 429 in codes and codes.count(401) <= 3
+    waits = [int(a.headers["retry-after"]) for a in answers if a.status_code == 429]
+    assert all(1 <= wait <= 30 for wait in waits)
     assert sign_in(server).status_code == 303  # another client is not held up
 
 
