@@ -84,7 +84,10 @@ SESSION_STATEMENTS = {
 
 class SignInThrottle:
     """Failed sign-ins per client address (per worker): FAILURES_ALLOWED a minute, then
-    429 until the oldest failure is a minute old. Bounded: the least recent clients go."""
+    429 until the oldest failure is a minute old. Bounded: the least recent clients go.
+
+    A sign-in counts as failed from before its body is read until its token is found good:
+    guesses sent at once, and posts that never finish or are too large, count too."""
 
     def __init__(self, clients: int = 10_000) -> None:
         self.failures: OrderedDict[str, deque[float]] = OrderedDict()
@@ -101,6 +104,10 @@ class SignInThrottle:
         self.failures.move_to_end(client)
         while len(self.failures) > self.clients:
             self.failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        if recent := self.failures.get(client):
+            recent.pop()
 
     def _recent(self, client: str) -> deque[float]:
         recent = self.failures.setdefault(client, deque())
@@ -198,11 +205,12 @@ async def login(request: Request) -> Response:
         )
         response.headers["Retry-After"] = str(max(1, round(wait)))
         return response
-    form = parse_qs((await request.body()).decode(errors="replace"))
+    throttle.failed(client)
+    form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     token = (form.get("token") or [""])[0].strip()
     if not token_matches(token, tokens(request)):
-        throttle.failed(client)
         return page(request, "login.html", 401, error="That token is not an ops token.")
+    throttle.succeeded(client)
     hasher = await hasher_of(request)
     secret = secrets.token_urlsafe(32)
     await session_statement(request, "expire")
@@ -563,7 +571,7 @@ async def export_page(request: Request) -> Response:
         raise PageError(403, "An export asked for by another site is refused.")
     if not await is_credentials_session(request):
         raise PageError(403, "Exports need a session signed in with a credentials token.")
-    form = parse_qs((await request.body()).decode(errors="replace"))
+    form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     fields = {k: v[0] for k, v in form.items() if v and v[0]}
     try:
         query = api.ExportQuery.model_validate(fields)
