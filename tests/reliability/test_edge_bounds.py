@@ -150,22 +150,28 @@ def test_300_clients_leaving_a_sign_in_post_mid_body_write_one_info_line_each(se
 # --- connections: bounded both ways -------------------------------------------------------
 
 
-def non_reader(server: Server) -> socket.socket:
-    """A client with a 4 KiB receive window that pipelines requests for a large document
-    and never reads a byte of the answers."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
-    return sock
+@contextmanager
+def non_readers(server: Server, count: int) -> Iterator[list[socket.socket]]:
+    """Clients with a 4 KiB receive window that pipeline requests for a large document and
+    never read a byte of the answers."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_clients_that_never_read_their_answers_are_dropped(server):
     before = len(server.output().splitlines())
-    sockets = [non_reader(server) for _ in range(300)]
-    wait_for(lambda: established(server.port) == 0, "every non-reading client dropped")
-    for sock in sockets:
-        sock.close()
+    with non_readers(server, 300):
+        wait_for(lambda: established(server.port) == 0, "every non-reading client dropped")
     new = "\n".join(server.output().splitlines()[before:])
     assert "Traceback" not in new and '"level": "ERROR"' not in new
     assert httpx.get(f"{server.url}/healthz").status_code == 200
@@ -226,16 +232,13 @@ def test_a_worker_at_its_file_limit_still_answers_every_delivery(database, tmp_p
         )
         serve.start()
     try:
-        sockets = [non_reader(serve) for _ in range(250)]
-        answers = []
-        with httpx.Client(timeout=PATIENCE) as http:
+        with non_readers(serve, 250), httpx.Client(timeout=PATIENCE) as http:
+            answers = []
             for _ in range(20):
                 body = orjson.dumps(traffic.mailbox_created())
                 answers.append(deliver(http, serve, body))
             assert http.get(f"{serve.url}/healthz").status_code == 200
         assert answers == [200] * 20
-        for sock in sockets:
-            sock.close()
         log = serve.output()
         assert "Too many open files" not in log and "Traceback" not in log
     finally:
