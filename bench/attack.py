@@ -68,6 +68,11 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_limit_of(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    return int(re.search(r"Max open files\s+(\d+)", limits)[1])  # type: ignore[index]
+
+
 def healthz_ms(base: str) -> float:
     """How long /healthz takes to answer (PATIENCE, recorded as a failure, if it does not)."""
     started = time.monotonic()
@@ -231,8 +236,8 @@ def non_readers(port: int, pid: int, base: str, *, count: int) -> str:
     for sock in sockets:
         sock.close()
     return (
-        f"{count} non-reading clients ({len(sockets)} connected), fd limit"
-        f" {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} here: worker fds {fds_before} ->"
+        f"{count} non-reading clients ({len(sockets)} connected), worker's fd limit"
+        f" {fd_limit_of(pid)}: its fds {fds_before} ->"
         f" peak {peak_fds}; {open_at_end} still open {cleared:.0f} s in; deliveries answered"
         f" meanwhile {answers}"
     )

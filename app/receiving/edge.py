@@ -5,8 +5,10 @@
   connection, for the first request), else the connection is dropped; the request line and
   headers together stay under MAX_HEADER_BYTES (else 400, and closed); the answer must be
   out, taken by the client's TCP stack, within RESPONSE_TIMEOUT_SECONDS of the request's
-  end, else the connection is aborted; and a worker holds at most `connection_cap()`
-  connections, answering 503 to any beyond. Without them a client sending a header line
+  end, else the connection is aborted; a request sent before the last one was answered
+  (HTTP pipelining, which no browser or webhook sender uses) ends the connection once that
+  answer is out; and a worker holds at most `connection_cap()` connections, answering 503
+  to any beyond. Without them a client sending a header line
   every few seconds, or never reading its answer, holds a connection, its memory and a
   file descriptor for ever, and enough of them leave the worker no descriptor to reach
   the database with.
@@ -23,7 +25,8 @@ from functools import lru_cache
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app import metrics
 from app.config import get_settings
@@ -88,6 +91,7 @@ class GuardedHttp(HttpToolsProtocol):
         self.response_timeout = settings.response_timeout_seconds
         self.deadline: asyncio.TimerHandle | None = None  # the request's
         self.answer_deadline: asyncio.TimerHandle | None = None
+        self.answering: RequestResponseCycle | None = None  # the request being answered
         self.header_bytes = 0  # received since the last request's headers ended
         self.in_headers = True
 
@@ -114,6 +118,10 @@ class GuardedHttp(HttpToolsProtocol):
         self._disarm()
         if self.answer_deadline is not None:
             self.answer_deadline.cancel()
+        if self.answering is not None and not self.answering.response_complete:
+            # uvicorn tells only the newest request; the one being answered would write to
+            # a closed transport, which uvloop refuses with an error
+            self.answering.disconnected = True
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -126,6 +134,15 @@ class GuardedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.in_headers, self.header_bytes = False, 0
         super().on_headers_complete()
+        if self.pipeline and self.answering is not None:
+            # Pipelined: answered no further. Otherwise a client that never reads has every
+            # answer it queued computed into the kernel's send buffer (megabytes of them).
+            self.pipeline.clear()
+            self.answering.keep_alive = False
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self.answering = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -156,8 +173,8 @@ class GuardedHttp(HttpToolsProtocol):
     def _answered(self) -> bool:
         """Every answer asked for is complete, and out of this process (with the kernel or
         the client): nothing waits on the client to read."""
-        complete = self.cycle is None or self.cycle.response_complete
-        return complete and not self.pipeline and not self.transport.get_write_buffer_size()
+        complete = self.answering is None or self.answering.response_complete
+        return complete and not self.transport.get_write_buffer_size()
 
     def _unanswered(self) -> None:
         """Aborted, not closed: a close waits for the unread answer to be sent, for ever."""

@@ -177,6 +177,14 @@ def test_clients_that_never_read_their_answers_are_dropped(server):
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
+def test_pipelined_requests_get_one_answer_and_the_connection_ends(server):
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    reply = answer(sock)  # no keep-alive wait: the server closes after the first answer
+    sock.close()
+    assert reply.count(b"HTTP/1.1 200") == 1 and b"connection: close" in reply.lower()
+
+
 def test_connections_past_the_cap_are_answered_503_and_logged_once(database, tmp_path):
     cap = 20
     settings = {"MAX_CONNECTIONS": str(cap), "KEEP_ALIVE_TIMEOUT_SECONDS": SLOW}
