@@ -170,14 +170,14 @@ def sign_ins_left_mid_body(port: int, log: Path) -> str:
 
 
 def non_reader(port: int) -> socket.socket | None:
-    """A client with a 4 KiB receive window that pipelines 50 requests for /openapi.json
-    and never reads; None if the server would not take the connection."""
+    """A client with a 4 KiB receive window that pipelines four requests for a 1.5 MB static
+    asset and never reads; None if the server would not take the connection."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
     try:
         sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        sock.sendall(b"GET /docs/assets/swagger-ui-bundle.js.map HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
     except OSError:
         sock.close()
         return None

@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import resource
+import socket
 from functools import lru_cache
 from typing import Any
 
@@ -40,6 +41,11 @@ FORM_MAX_BYTES = 8 * 1024
 # read pool, the spool, logs, metrics files, and connections accepted in one burst before
 # any of them could be refused.
 FD_RESERVE = 160
+# The kernel's buffer for a connection's unsent answer. Left to itself Linux grows it to
+# megabytes: a client that never reads would park that much kernel memory per connection,
+# and its answer would look sent, out of RESPONSE_TIMEOUT_SECONDS' reach. At 128 KiB
+# (256 KiB as Linux counts) an answer still streams at 20 Mbit/s over a 100 ms path.
+SEND_BUFFER_BYTES = 128 * 1024
 HSTS = (b"strict-transport-security", b"max-age=31536000")
 PROXY_HEADERS = (b"x-forwarded-proto", b"x-forwarded-for", b"forwarded")
 CLOSE = {"Connection": "close"}
@@ -100,6 +106,9 @@ class GuardedHttp(HttpToolsProtocol):
         if len(self.connections) > connection_cap():
             self._refuse()
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         if GuardedHttp.refused_in_a_row:
             log.info("connections under the cap again, %d refused", GuardedHttp.refused_in_a_row)
             GuardedHttp.refused_in_a_row = 0
