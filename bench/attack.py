@@ -214,32 +214,40 @@ def deliveries(base: str, running: threading.Event, answers: dict[str, int]) -> 
 
 def non_readers(port: int, pid: int, base: str, *, count: int) -> str:
     """`count` clients that never read their answers, while a sender keeps delivering."""
-    fds_before = open_fds(pid)
+    fds_before, peak_fds = open_fds(pid), [0]
     answers = {"unanswered": 0}
     running = threading.Event()
     running.set()
-    sender = threading.Thread(target=deliveries, args=(base, running, answers))
-    sender.start()
+
+    def sample_fds() -> None:
+        while running.is_set():
+            peak_fds[0] = max(peak_fds[0], open_fds(pid))
+            time.sleep(0.01)
+
+    helpers = [
+        threading.Thread(target=deliveries, args=(base, running, answers)),
+        threading.Thread(target=sample_fds),
+    ]
+    for helper in helpers:
+        helper.start()
     started = time.monotonic()
     sockets = [sock for _ in range(count) if (sock := non_reader(port))]
-    peak_fds, open_at_end = open_fds(pid), 0
-    while time.monotonic() - started < PATIENCE:
-        peak_fds = max(peak_fds, open_fds(pid))
-        if (open_at_end := established(port)) <= 2:  # the sender's own, at most
-            break
+    open_at_end = established(port)
+    while open_at_end > 2 and time.monotonic() - started < PATIENCE:  # 2: the sender's
         healthz_ms(base)
         time.sleep(0.2)
+        open_at_end = established(port)
     cleared = time.monotonic() - started
     time.sleep(1)  # a second of deliveries after the attack
     running.clear()
-    sender.join(PATIENCE)
+    for helper in helpers:
+        helper.join(PATIENCE)
     for sock in sockets:
         sock.close()
     return (
         f"{count} non-reading clients ({len(sockets)} connected), worker's fd limit"
-        f" {fd_limit_of(pid)}: its fds {fds_before} ->"
-        f" peak {peak_fds}; {open_at_end} still open {cleared:.0f} s in; deliveries answered"
-        f" meanwhile {answers}"
+        f" {fd_limit_of(pid)}: its fds {fds_before} -> peak {peak_fds[0]}; {open_at_end}"
+        f" still open {cleared:.0f} s in; deliveries answered meanwhile {answers}"
     )
 
 
