@@ -41,6 +41,7 @@ BODY = 5 * 1024 * 1024
 PATIENCE = 120
 FORM = 100 * 1024 * 1024  # the sign-in post of issue 27
 failures: list[str] = []  # requests that went unanswered: the run fails
+healthz: dict[str, int] = {}
 
 
 def rss_mib(pid: int) -> float:
@@ -74,12 +75,15 @@ def fd_limit_of(pid: int) -> int:
 
 
 def healthz_ms(base: str) -> float:
-    """How long /healthz takes to answer (PATIENCE, recorded as a failure, if it does not)."""
+    """How long /healthz takes to answer (a 503 past the connection cap is an answer; none
+    within PATIENCE is a failure). Its statuses are tallied in `healthz`."""
     started = time.monotonic()
     try:
-        httpx.get(f"{base}/healthz", timeout=PATIENCE).raise_for_status()
+        status = str(httpx.get(f"{base}/healthz", timeout=PATIENCE).status_code)
     except httpx.HTTPError as error:
         failures.append(f"/healthz: {error!r}")
+        status = "unanswered"
+    healthz[status] = healthz.get(status, 0) + 1
     return (time.monotonic() - started) * 1000
 
 
@@ -215,6 +219,7 @@ def deliveries(base: str, running: threading.Event, answers: dict[str, int]) -> 
 def non_readers(port: int, pid: int, base: str, *, count: int) -> str:
     """`count` clients that never read their answers, while a sender keeps delivering."""
     fds_before, peak_fds = open_fds(pid), [0]
+    healthz.clear()
     answers = {"unanswered": 0}
     running = threading.Event()
     running.set()
@@ -247,7 +252,8 @@ def non_readers(port: int, pid: int, base: str, *, count: int) -> str:
     return (
         f"{count} non-reading clients ({len(sockets)} connected), worker's fd limit"
         f" {fd_limit_of(pid)}: its fds {fds_before} -> peak {peak_fds[0]}; {open_at_end}"
-        f" still open {cleared:.0f} s in; deliveries answered meanwhile {answers}"
+        f" still open {cleared:.0f} s in; deliveries answered meanwhile {answers}, /healthz"
+        f" {healthz}"
     )
 
 

@@ -66,12 +66,14 @@ def fd_limit() -> int | None:
 @lru_cache
 def connection_cap() -> int:
     """MAX_CONNECTIONS, lowered to what the worker's file limit (ulimit -n) leaves: a worker
-    out of descriptors can neither reach the database nor write the spool."""
+    out of descriptors can neither reach the database nor write the spool. A connection may
+    hold two: its socket, and a file it is being sent (a static asset)."""
     settings = get_settings()
     limit = fd_limit()
     if limit is None:
         return settings.max_connections
-    return max(1, min(settings.max_connections, limit - FD_RESERVE - settings.db_pool_size))
+    room = (limit - FD_RESERVE - settings.db_pool_size) // 2
+    return max(1, min(settings.max_connections, room))
 
 
 def say_if_capped() -> None:
