@@ -111,13 +111,23 @@ def post_form(port: int, size: int, source: str = "127.0.0.1") -> str:
 
 
 def watch(pid: int, base: str, running: threading.Event) -> tuple[float, float]:
-    """Peak RSS (MiB) and slowest /healthz (ms) while `running` is set."""
-    peak_rss, slowest = rss_mib(pid), 0.0
+    """Peak RSS (MiB, sampled every 10 ms) and slowest /healthz (ms) while `running` is
+    set."""
+    peak_rss = [rss_mib(pid)]
+
+    def sample_rss() -> None:
+        while running.is_set():
+            peak_rss[0] = max(peak_rss[0], rss_mib(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    slowest = 0.0
     while running.is_set():
-        peak_rss = max(peak_rss, rss_mib(pid))
         slowest = max(slowest, healthz_ms(base))
         time.sleep(0.02)
-    return peak_rss, slowest
+    sampler.join(PATIENCE)
+    return peak_rss[0], slowest
 
 
 def big_sign_ins(port: int, pid: int, base: str, *, at_once: int) -> str:
