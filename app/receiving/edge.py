@@ -8,10 +8,9 @@
   end, else the connection is aborted; a request sent before the last one was answered
   (HTTP pipelining, which no browser or webhook sender uses) ends the connection once that
   answer is out; and a worker holds at most `connection_cap()` connections, answering 503
-  to any beyond. Without them a client sending a header line
-  every few seconds, or never reading its answer, holds a connection, its memory and a
-  file descriptor for ever, and enough of them leave the worker no descriptor to reach
-  the database with.
+  to any beyond. Without them a client sending a header line every few seconds, or never
+  reading its answer, holds a connection, its memory and a file descriptor for ever, and
+  enough of them leave the worker no descriptor to reach the database with.
 - `BodyLimit` caps every request's body before a route reads it.
 - Credentials travel only over HTTPS (CONTRACT section 5): `require_https`.
 - Every HTTPS response carries Strict-Transport-Security: `HstsMiddleware`.
