@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_multiprocess_metrics,
         wait_for_database,
     )
-    from app.receiving.edge import GuardedHttp
+    from app.receiving.edge import GuardedHttp, say_if_capped
 
     check_port_free(args.host, args.port)
     loaded = load_settings()
@@ -143,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if is_local:
             announce_local_mode(settings, args.host, args.port)
         prepare_multiprocess_metrics(args.workers)
+        say_if_capped()
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -154,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
             forwarded_allow_ips=settings.forwarded_allow_ips,
             timeout_graceful_shutdown=30,
-            # deadlines on headers and body (REQUEST_TIMEOUT_SECONDS): app/receiving/edge.py
+            timeout_keep_alive=settings.keep_alive_timeout_seconds,
+            # deadlines on request and answer, the connection cap: app/receiving/edge.py
             http=GuardedHttp,
         )
     finally:

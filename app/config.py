@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     database_wait_seconds: float = Field(default=60, ge=0)
     forwarded_allow_ips: str = "127.0.0.1"
     request_timeout_seconds: float = Field(default=15, gt=0, le=600)
+    response_timeout_seconds: float = Field(default=30, gt=0, le=3600)
+    keep_alive_timeout_seconds: int = Field(default=5, ge=1, le=600)
+    max_connections: int = Field(default=1000, ge=1)
     cmr_signature_forms: str = ",".join(SIGNATURE_FORMS)
     rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
     metrics_token: SecretStr | None = None

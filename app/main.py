@@ -35,7 +35,7 @@ from app.reading import api, ui
 from app.reading.docs import add_docs
 from app.reading.renewals import TotalsCache
 from app.receiving import route
-from app.receiving.edge import HstsMiddleware
+from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
 
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, database_unavailable)
+    app.add_middleware(BodyLimit, limits={route.PATH: settings.max_body_bytes})
     app.add_middleware(HstsMiddleware)
     app.add_middleware(AccessLogMiddleware)
     return app

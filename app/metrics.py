@@ -35,6 +35,9 @@ REJECTED_BODIES_DROPPED = Counter(
     "cmr_rejected_bodies_dropped_total",
     "Stored bodies of rejected deliveries dropped to stay within REJECTED_MAX_BYTES",
 )
+CONNECTIONS_REFUSED = Counter(
+    "cmr_connections_refused_total", "Connections answered 503 past the connection cap"
+)
 SIGNATURES = Counter("cmr_webhook_signatures_total", "Signature check results", ["result"])
 POOL_IN_USE = Gauge(
     "cmr_db_pool_connections_in_use",

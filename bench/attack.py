@@ -1,12 +1,14 @@
 """The edge review's attacks, measured: what an unauthenticated or hostile client costs a
-real `serve` (production mode, one worker) on this machine.
+real `serve` (production mode, one worker, a file limit of 1,024) on this machine.
 
-    python bench/attack.py [--python PYTHON]
+    python bench/attack.py [--python PYTHON] [--fd-limit N]
 
 Starts `PYTHON -m app.cli serve` (default: this interpreter) on a scratch database of
 BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/postgres), runs each
 attack, prints one line of figures per attack, and drops the database. --python lets the
-same attacks run against another checkout's environment, for a before/after.
+same attacks run against another checkout's environment, for a before/after. A request
+that should have been answered and was not (a delivery, /healthz) is a failed run: the
+run says which and exits 1.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import hashlib
 import hmac
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -36,6 +39,9 @@ SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5
 TOKEN, SIGNING_KEY, OPS = "attack-webhook-token", "attack-signing-key", "attack-ops-token-01"
 BODY = 5 * 1024 * 1024
 PATIENCE = 120
+FORM = 100 * 1024 * 1024  # the sign-in post of issue 27
+failures: list[str] = []  # requests that went unanswered: the run fails
+healthz: dict[str, int] = {}
 
 
 def rss_mib(pid: int) -> float:
@@ -57,6 +63,208 @@ def server_sockets(port: int) -> list[tuple[int, int]]:
 
 def established(port: int) -> int:
     return len(server_sockets(port))
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit_of(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    return int(re.search(r"Max open files\s+(\d+)", limits)[1])  # type: ignore[index]
+
+
+def healthz_ms(base: str) -> float:
+    """How long /healthz takes to answer (a 503 past the connection cap is an answer; none
+    within PATIENCE is a failure). Its statuses are tallied in `healthz`."""
+    started = time.monotonic()
+    try:
+        status = str(httpx.get(f"{base}/healthz", timeout=PATIENCE).status_code)
+    except httpx.HTTPError as error:
+        failures.append(f"/healthz: {error!r}")
+        status = "unanswered"
+    healthz[status] = healthz.get(status, 0) + 1
+    return (time.monotonic() - started) * 1000
+
+
+def post_form(port: int, size: int, source: str = "127.0.0.1") -> str:
+    """POST /ui/login with a `size`-byte form, sent whole unless the server answers first;
+    the answer's status line, or what ended the exchange."""
+    sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    sock.settimeout(PATIENCE)
+    head = b"POST /ui/login HTTP/1.1\r\nHost: x\r\n"
+    head += b"Content-Type: application/x-www-form-urlencoded\r\n"
+    head += f"Content-Length: {size}\r\n\r\ntoken=".encode()
+    chunk = b"a" * (1024 * 1024)
+    try:
+        sock.sendall(head)
+        for sent in range(6, size, len(chunk)):
+            sock.sendall(chunk[: size - sent])
+    except OSError:
+        pass  # the server answered and closed before the whole body was sent
+    try:
+        return sock.recv(64).split(b"\r\n")[0].decode() or "closed"
+    except OSError as error:
+        return type(error).__name__
+    finally:
+        sock.close()
+
+
+def watch(pid: int, base: str, running: threading.Event) -> tuple[float, float]:
+    """Peak RSS (MiB, sampled every 10 ms) and slowest /healthz (ms) while `running` is
+    set."""
+    peak_rss = [rss_mib(pid)]
+
+    def sample_rss() -> None:
+        while running.is_set():
+            peak_rss[0] = max(peak_rss[0], rss_mib(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    slowest = 0.0
+    while running.is_set():
+        slowest = max(slowest, healthz_ms(base))
+        time.sleep(0.02)
+    sampler.join(PATIENCE)
+    return peak_rss[0], slowest
+
+
+def big_sign_ins(port: int, pid: int, base: str, *, at_once: int) -> str:
+    """`at_once` 100 MB sign-in posts from one address, all at the same time."""
+    before = rss_mib(pid)
+    statuses: list[str] = []
+    posts = [
+        threading.Thread(target=lambda: statuses.append(post_form(port, FORM, "127.0.0.5")))
+        for _ in range(at_once)
+    ]
+    running = threading.Event()
+    running.set()
+    figures: list[tuple[float, float]] = []
+    watcher = threading.Thread(target=lambda: figures.append(watch(pid, base, running)))
+    watcher.start()
+    for post in posts:
+        post.start()
+    for post in posts:
+        post.join(PATIENCE)
+    running.clear()
+    watcher.join(PATIENCE)
+    peak, slowest = figures[0]
+    return (
+        f"{at_once} x 100 MB sign-in post(s) from one address: {sorted(statuses)}, RSS"
+        f" {before:.0f} -> peak {peak:.0f} MiB (+{peak - before:.0f}), slowest /healthz"
+        f" {slowest:.0f} ms"
+    )
+
+
+def sign_ins_left_mid_body(port: int, log: Path) -> str:
+    """300 clients (60 addresses, so that the throttle does not answer them first) each
+    leave a sign-in post after 9 of its 4,000 bytes."""
+    before = log.stat().st_size
+    logged = log.read_text().count('"path": "/ui/login"')
+    for n in range(300):
+        sock = socket.create_connection(
+            ("127.0.0.1", port), source_address=(f"127.0.1.{n % 60 + 1}", 0)
+        )
+        sock.sendall(b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\ntoken=abc")
+        sock.close()
+    deadline = time.monotonic() + PATIENCE  # each is logged once the server sees it gone
+    while log.read_text().count('"path": "/ui/login"') < logged + 300:
+        if time.monotonic() > deadline:
+            failures.append("300 sign-ins left mid-body: not all logged")
+            break
+        time.sleep(0.1)
+    text = log.read_text()[before:]
+    errors = text.count('"level": "ERROR"')
+    statuses = sorted(set(re.findall(r'"status": (\d+)', text)))
+    return (
+        f"300 clients leaving a sign-in mid-body: {log.stat().st_size - before:,} log bytes,"
+        f" {text.count('Traceback')} tracebacks, {errors} ERROR lines, statuses {statuses}"
+    )
+
+
+def non_reader(port: int) -> socket.socket | None:
+    """A client with a 4 KiB receive window that pipelines four requests for a 1.5 MB static
+    asset and never reads; None if the server would not take the connection."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /docs/assets/swagger-ui-bundle.js.map HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def deliveries(base: str, running: threading.Event, answers: dict[str, int]) -> None:
+    """A sender delivering one event after another, each on a new connection, until
+    `running` is cleared: a 503 is retried (CMR waits 30 s; here 0.1 s), no answer is a
+    failure."""
+    while running.is_set():
+        body = orjson.dumps(traffic.mailbox_created())
+        status = 503
+        while status == 503:
+            ts = str(int(time.time()))
+            signature = hmac.new(SIGNING_KEY.encode(), f"{ts}.".encode() + body, hashlib.sha256)
+            headers = {"cmr-x-signature": signature.hexdigest(), "cmr-x-timestamp": ts}
+            try:
+                status = httpx.post(
+                    f"{base}/webhooks/cmr",
+                    params={"token": TOKEN},
+                    content=body,
+                    headers=headers,
+                    timeout=60,  # how long CMR waits for an answer
+                ).status_code
+            except httpx.HTTPError as error:
+                failures.append(f"a delivery: {error!r}")
+                answers["unanswered"] += 1
+                break
+            answers[str(status)] = answers.get(str(status), 0) + 1
+            if status == 503:
+                time.sleep(0.1)
+
+
+def non_readers(port: int, pid: int, base: str, *, count: int) -> str:
+    """`count` clients that never read their answers, while a sender keeps delivering."""
+    fds_before, peak_fds = open_fds(pid), [0]
+    healthz.clear()
+    answers = {"unanswered": 0}
+    running = threading.Event()
+    running.set()
+
+    def sample_fds() -> None:
+        while running.is_set():
+            peak_fds[0] = max(peak_fds[0], open_fds(pid))
+            time.sleep(0.01)
+
+    helpers = [
+        threading.Thread(target=deliveries, args=(base, running, answers)),
+        threading.Thread(target=sample_fds),
+    ]
+    for helper in helpers:
+        helper.start()
+    started = time.monotonic()
+    sockets = [sock for _ in range(count) if (sock := non_reader(port))]
+    open_at_end = established(port)
+    while open_at_end > 2 and time.monotonic() - started < PATIENCE:  # 2: the sender's
+        healthz_ms(base)
+        time.sleep(0.2)
+        open_at_end = established(port)
+    cleared = time.monotonic() - started
+    time.sleep(1)  # a second of deliveries after the attack
+    running.clear()
+    for helper in helpers:
+        helper.join(PATIENCE)
+    for sock in sockets:
+        sock.close()
+    return (
+        f"{count} non-reading clients ({len(sockets)} connected), worker's fd limit"
+        f" {fd_limit_of(pid)}: its fds {fds_before} -> peak {peak_fds[0]}; {open_at_end}"
+        f" still open {cleared:.0f} s in; deliveries answered meanwhile {answers}, /healthz"
+        f" {healthz}"
+    )
 
 
 def free_port() -> int:
@@ -180,7 +388,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--python", default=sys.executable, help="the interpreter that serves")
     parser.add_argument("--rejected-max-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--fd-limit", type=int, default=1024, help="the worker's ulimit -n")
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this process holds 1,000 sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     import asyncio
 
     name = f"cmw_attack_{os.getpid()}"
@@ -206,6 +417,9 @@ def main() -> None:
             cwd=home,
             stdout=sink,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (args.fd_limit, args.fd_limit)
+            ),
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -221,12 +435,19 @@ def main() -> None:
         print(flood(port, proc.pid), flush=True)
         print(slow_headers(port), flush=True)
         print(disconnects(port, log), flush=True)
+        print(big_sign_ins(port, proc.pid, base, at_once=1), flush=True)
+        print(big_sign_ins(port, proc.pid, base, at_once=3), flush=True)
+        print(sign_ins_left_mid_body(port, log), flush=True)
+        print(non_readers(port, proc.pid, base, count=1000), flush=True)
         print(rejected(base, url), flush=True)
         print(rejected(base, url, vacuum=True), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
         asyncio.run(_admin(SERVER, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    if failures:
+        print(f"FAILED: {len(failures)} request(s) unanswered, e.g. {failures[:3]}")
+        sys.exit(1)
 
 
 async def _admin(url: str, sql: str) -> None:

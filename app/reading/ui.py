@@ -96,7 +96,10 @@ class SignInThrottle:
     not lengthen it, and a success starts over. A short back-off, not a minute's lock-out that
     five tries renew: a mistyped token costs a second, each wait is 30 s at most, and a client
     guessing gets two tries a minute (one that retries exactly on Retry-After still sets the
-    pace for the others behind its address). Bounded: the least recent addresses go."""
+    pace for the others behind its address). Bounded: the least recent addresses go.
+
+    A sign-in counts as failed from before its body is read until its token is found good:
+    guesses sent at once, and posts that never finish or are too large, count too."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, clients: int = 10_000):
         self.clock, self.clients = clock, clients
@@ -203,10 +206,10 @@ async def login(request: Request) -> Response:
         response = page(request, "login.html", 429, error=error)
         response.headers["Retry-After"] = str(wait)
         return response
-    form = parse_qs((await request.body()).decode(errors="replace"))
+    throttle.failed(client)
+    form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     token = (form.get("token") or [""])[0].strip()
     if not token_matches(token, tokens(request)):
-        throttle.failed(client)
         return page(request, "login.html", 401, error="That token is not an ops token.")
     throttle.succeeded(client)
     hasher = await hasher_of(request)
@@ -569,7 +572,7 @@ async def export_page(request: Request) -> Response:
         raise PageError(403, "An export asked for by another site is refused.")
     if not await is_credentials_session(request):
         raise PageError(403, "Exports need a session signed in with a credentials token.")
-    form = parse_qs((await request.body()).decode(errors="replace"))
+    form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     fields = {k: v[0] for k, v in form.items() if v and v[0]}
     try:
         query = api.ExportQuery.model_validate(fields)

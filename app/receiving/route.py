@@ -12,12 +12,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
 
 from app import metrics
 from app.config import Settings
 from app.crypto import token_matches
 from app.errors import ApiError, Unavailable, json_response
+from app.receiving.edge import CLOSE
 from app.receiving.payloads import parse_envelope, parse_handled, validation_details
 from app.receiving.receiver import ApplyFailed, Receiver, SpoolFull
 from app.receiving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureCheck, verify
@@ -25,34 +25,12 @@ from app.recording.record import Delivery, Rejection
 
 log = logging.getLogger("coldmail.webhooks")
 router = APIRouter(tags=["webhooks"])
+PATH = "/webhooks/cmr"
 
 
-# Refusals sent before the body is read also end the connection, so that nothing the client
-# is still sending is read or held.
-CLOSE = {"Connection": "close"}
+# A refusal sent before the body is read also ends the connection, so that nothing the
+# client is still sending is read or held.
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, CLOSE)
-TOO_LARGE = ApiError(413, {"error": "payload_too_large"}, CLOSE)
-# nginx's "client closed request": only our access log line ever sees it
-CLIENT_GONE = 499
-
-
-class ClientGone(Exception):
-    """The client went away before its whole body arrived (or took too long to send it)."""
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise TOO_LARGE
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise TOO_LARGE
-    except ClientDisconnect:
-        raise ClientGone() from None
-    return bytes(body)
 
 
 def check_token(request: Request, settings: Settings) -> None:
@@ -82,7 +60,7 @@ def check_signature(request: Request, raw: bytes, settings: Settings) -> Signatu
 
 
 @router.post(
-    "/webhooks/cmr",
+    PATH,
     summary="Receive a Cold Mail Reseller webhook",
     responses={
         200: {"description": "Durable: processed, duplicate, ignored, or queued in the spool"},
@@ -100,10 +78,7 @@ async def receive_webhook(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     receiver: Receiver = request.app.state.receiver
     check_token(request, settings)
-    try:
-        raw = await read_body(request, settings.max_body_bytes)
-    except ClientGone:
-        return Response(status_code=CLIENT_GONE)
+    raw = await request.body()  # at most MAX_BODY_BYTES: edge.BodyLimit
     signature = check_signature(request, raw, settings)
     hasher = await receiver.hasher()
     try:

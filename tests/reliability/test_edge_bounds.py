@@ -1,0 +1,263 @@
+"""Issue 27's attacks on a real `serve`: bodies read before authentication, answers nobody
+reads, and more connections than a worker has file descriptors.
+
+Each server here is configured with small timeouts for what a test waits out, and generous
+ones for what it must not; every wait is for a condition, bounded by PATIENCE.
+"""
+
+import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import orjson
+import pytest
+
+from app.simulation import traffic
+from bench.attack import established, rss_mib
+from tests.conftest import OPS_TOKEN, WEBHOOK_TOKEN
+from tests.reliability.test_edge import PATIENCE, env_for, sign, wait_for
+from tests.servers import Server
+
+SLOW = "600"  # REQUEST_TIMEOUT_SECONDS where a test holds a connection on purpose
+FORM = b"application/x-www-form-urlencoded"
+LARGE = b"/docs/assets/swagger-ui-bundle.js.map"
+
+
+@contextmanager
+def serving(database: str, home: object, **settings: str) -> Iterator[Server]:
+    serve = Server(env_for(database, **settings), home)  # type: ignore[arg-type]
+    serve.start()
+    try:
+        yield serve
+    finally:
+        serve.stop()
+
+
+@pytest.fixture(scope="module")
+def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("bounds")
+    with serving(
+        database,
+        home,
+        SPOOL_DIR=str(home / "spool"),
+        REQUEST_TIMEOUT_SECONDS=SLOW,
+        RESPONSE_TIMEOUT_SECONDS="1",
+    ) as serve:
+        yield serve
+
+
+def connect(server: Server, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
+    sock.settimeout(PATIENCE)
+    return sock
+
+
+def answer(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (a reset ends it too)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def login_head(length: int | None, source_headers: bytes = b"") -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        + FORM
+        + b"\r\n"
+        + framing.encode()
+        + b"\r\n"
+        + source_headers
+        + b"\r\n"
+    )
+
+
+# --- bodies: read no more than a route needs, before it authenticates ------------------
+
+
+def test_a_sign_in_post_declaring_100_mb_is_answered_413_unread(server):
+    sock = connect(server)
+    sock.sendall(login_head(100 * 1024 * 1024))  # and not one byte of the body
+    reply = answer(sock)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert reply.endswith(b'{"error":"payload_too_large"}')
+
+
+def test_a_streamed_100_mb_sign_in_post_is_stopped_at_a_few_kb(server):
+    pid = server.proc.pid if server.proc else 0
+    before = rss_mib(pid)
+    sock = connect(server)
+    sock.sendall(login_head(None))
+    chunk = b"%x\r\n" % (1024 * 1024) + b"token=" + b"a" * (1024 * 1024 - 6) + b"\r\n"
+
+    def send_100_mb() -> None:
+        try:
+            for _ in range(100):
+                sock.sendall(chunk)
+        except OSError:
+            pass  # refused: the server closed the connection
+
+    sender = threading.Thread(target=send_100_mb)
+    sender.start()
+    reply = answer(sock)
+    sender.join(PATIENCE)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    grown = rss_mib(pid) - before
+    assert grown < 20, f"RSS grew by {grown:.0f} MiB under one streamed 100 MB sign-in post"
+
+
+def test_sign_in_posts_count_against_the_throttle_before_their_body_arrives(server):
+    source = "127.0.0.4"
+    pending = []
+    for _ in range(5):  # five sign-ins whose bodies never finish
+        sock = connect(server, source)
+        sock.sendall(login_head(100) + b"token=guess")
+        pending.append(sock)
+    wait_for(lambda: established(server.port) >= 5, "the five posts connected")
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as http:
+        wait_for(
+            lambda: (
+                http.post(f"{server.url}/ui/login", data={"token": OPS_TOKEN}).status_code == 429
+            ),
+            "a sixth sign-in from the same client throttled",
+        )
+    for sock in pending:
+        sock.close()
+    gone = '"status": 499,'
+
+    def logged() -> int:
+        return sum(gone in line and source in line for line in server.output().splitlines())
+
+    wait_for(lambda: logged() == 5, "the five logged")  # before the next test counts lines
+
+
+def test_300_clients_leaving_a_sign_in_post_mid_body_write_one_info_line_each(server):
+    before = len(server.output().splitlines())
+    for n in range(300):  # from 60 addresses, so that the throttle lets each one in
+        sock = connect(server, f"127.0.1.{n % 60 + 1}")
+        sock.sendall(login_head(4000) + b"token=abc")
+        sock.close()
+    wait_for(
+        lambda: "\n".join(server.output().splitlines()[before:]).count('"status": 499') >= 300,
+        "300 disconnects logged",
+    )
+    new = server.output().splitlines()[before:]
+    assert "Traceback" not in "\n".join(new)
+    assert all('"level": "INFO"' in line for line in new), [x for x in new if "INFO" not in x]
+    assert len(new) <= 300 + 5
+
+
+# --- connections: bounded both ways -------------------------------------------------------
+
+
+@contextmanager
+def non_readers(server: Server, count: int) -> Iterator[list[socket.socket]]:
+    """Clients with a 4 KiB receive window that pipeline four requests for a 1.5 MB document,
+    more than the kernel buffers, and never read a byte of the answers."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % LARGE * 4)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_clients_that_never_read_their_answers_are_dropped(server):
+    before = len(server.output().splitlines())
+    with non_readers(server, 300):
+        wait_for(lambda: established(server.port) == 0, "every non-reading client dropped")
+    new = "\n".join(server.output().splitlines()[before:])
+    assert "Traceback" not in new and '"level": "ERROR"' not in new
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_pipelined_requests_get_one_answer_and_the_connection_ends(server):
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    reply = answer(sock)  # no keep-alive wait: the server closes after the first answer
+    sock.close()
+    assert reply.count(b"HTTP/1.1 200") == 1 and b"connection: close" in reply.lower()
+
+
+def test_connections_past_the_cap_are_answered_503_and_logged_once(database, tmp_path):
+    cap = 20
+    settings = {"MAX_CONNECTIONS": str(cap), "KEEP_ALIVE_TIMEOUT_SECONDS": SLOW}
+    with serving(database, tmp_path, SPOOL_DIR=str(tmp_path / "spool"), **settings) as serve:
+        holders = [httpx.Client() for _ in range(cap)]
+        for http in holders:  # each keeps its (idle, kept-alive) connection open
+            assert http.get(f"{serve.url}/healthz").status_code == 200
+        before = len(serve.output().splitlines())
+        for _ in range(30):
+            refused = httpx.get(f"{serve.url}/healthz")
+            assert refused.status_code == 503, refused.text
+            assert refused.json() == {"error": "unavailable"}
+            assert refused.headers["retry-after"] and refused.headers["connection"] == "close"
+        holders.pop().close()
+        wait_for(lambda: httpx.get(f"{serve.url}/healthz").status_code == 200, "room again")
+        for http in holders:
+            http.close()
+        said = [line for line in serve.output().splitlines()[before:] if "cap" in line]
+        assert 1 <= len(said) <= 2, said  # refusing began (and ended), not once per refusal
+
+
+def deliver(http: httpx.Client, server: Server, body: bytes) -> int:
+    """The status of one delivery, retried on 503 as CMR retries (without its pauses)."""
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        status = http.post(
+            f"{server.url}/webhooks/cmr",
+            params={"token": WEBHOOK_TOKEN},
+            content=body,
+            headers=sign(body),
+        ).status_code
+        if status != 503 or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+@contextmanager
+def fd_limit(limit: int) -> Iterator[None]:
+    """Processes started inside may open at most `limit` files (this one keeps its own)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_worker_at_its_file_limit_still_answers_every_delivery(database, tmp_path):
+    with fd_limit(256):
+        serve = Server(
+            env_for(database, SPOOL_DIR=str(tmp_path / "spool"), RESPONSE_TIMEOUT_SECONDS="1"),
+            tmp_path,
+        )
+        serve.start()
+    try:
+        with non_readers(serve, 250), httpx.Client(timeout=PATIENCE) as http:
+            answers = []
+            for _ in range(20):
+                body = orjson.dumps(traffic.mailbox_created())
+                answers.append(deliver(http, serve, body))
+            assert http.get(f"{serve.url}/healthz").status_code == 200
+        assert answers == [200] * 20
+        log = serve.output()
+        assert "Too many open files" not in log and "Traceback" not in log
+    finally:
+        serve.stop()
