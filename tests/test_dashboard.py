@@ -1,7 +1,9 @@
 """The ops dashboard through the HTTP app: sign-in, headers, what each page shows, and
 that no page ever carries a credential."""
 
+import asyncio
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -88,6 +90,49 @@ async def test_failed_sign_ins_back_off_briefly_per_address_and_a_success_starts
         assert (await sign_in(office)).headers["retry-after"] == "1"
         clock.now += 1
         assert (await sign_in(office)).status_code == 303
+
+
+async def test_a_sign_in_counts_as_failed_before_its_body_arrives(settings):
+    """Posts that never finish are counted too: while one from an address is still sending
+    its body, the right token from that address waits, and another address does not."""
+    clock = Clock()
+    application = create_app(settings)
+    throttle = application.state.sign_in_throttle = ui.SignInThrottle(clock=clock)
+    left, answered = asyncio.Event(), []
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        answered.append(message)
+
+    head = [(b"host", b"test"), (b"content-type", b"application/x-www-form-urlencoded")]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/ui/login", "raw_path": b"/ui/login", "query_string": b"",
+        "root_path": "", "headers": [*head, (b"content-length", b"100")],
+        "client": ("198.51.100.7", 50_000), "server": ("test", 80),
+    }  # fmt: skip
+
+    def at(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=application, client=(address, 50_000))
+        return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+    async with application.router.lifespan_context(application):
+        unfinished = asyncio.create_task(application(scope, receive, send))
+        for _ in range(1_000):
+            if throttle.wait_seconds("198.51.100.7"):
+                break
+            await asyncio.sleep(0)
+        held = await sign_in(at("198.51.100.7"))
+        assert held.status_code == 429 and "set-cookie" not in held.headers
+        assert (await sign_in(at("203.0.113.9"))).status_code == 303
+        left.set()  # the client leaves mid-body: no answer, no error
+        await unfinished
+        assert not any(m.get("status") == 500 for m in answered)
+        clock.now += 1
+        assert (await sign_in(at("198.51.100.7"))).status_code == 303
 
 
 async def test_sign_in_sets_a_strict_http_only_session_and_sign_out_ends_it(client):

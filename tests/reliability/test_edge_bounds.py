@@ -18,7 +18,7 @@ import pytest
 
 from app.simulation import traffic
 from bench.attack import established, rss_mib
-from tests.conftest import OPS_TOKEN, WEBHOOK_TOKEN
+from tests.conftest import WEBHOOK_TOKEN
 from tests.reliability.test_edge import PATIENCE, env_for, sign, wait_for
 from tests.servers import Server
 
@@ -116,35 +116,10 @@ def test_a_streamed_100_mb_sign_in_post_is_stopped_at_a_few_kb(server):
     assert grown < 20, f"RSS grew by {grown:.0f} MiB under one streamed 100 MB sign-in post"
 
 
-def test_sign_in_posts_count_against_the_throttle_before_their_body_arrives(server):
-    source = "127.0.0.4"
-    pending = []
-    for _ in range(5):  # five sign-ins whose bodies never finish
-        sock = connect(server, source)
-        sock.sendall(login_head(100) + b"token=guess")
-        pending.append(sock)
-    wait_for(lambda: established(server.port) >= 5, "the five posts connected")
-    with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as http:
-        wait_for(
-            lambda: (
-                http.post(f"{server.url}/ui/login", data={"token": OPS_TOKEN}).status_code == 429
-            ),
-            "a sixth sign-in from the same client throttled",
-        )
-    for sock in pending:
-        sock.close()
-    gone = '"status": 499,'
-
-    def logged() -> int:
-        return sum(gone in line and source in line for line in server.output().splitlines())
-
-    wait_for(lambda: logged() == 5, "the five logged")  # before the next test counts lines
-
-
 def test_300_clients_leaving_a_sign_in_post_mid_body_write_one_info_line_each(server):
     before = len(server.output().splitlines())
-    for n in range(300):  # from 60 addresses, so that the throttle lets each one in
-        sock = connect(server, f"127.0.1.{n % 60 + 1}")
+    for n in range(300):  # each from an address of its own, so the throttle weighs each one
+        sock = connect(server, f"127.0.{n // 200 + 1}.{n % 200 + 1}")
         sock.sendall(login_head(4000) + b"token=abc")
         sock.close()
     wait_for(
