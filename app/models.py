@@ -213,6 +213,10 @@ class Subscription(Listed, TimestampMixin, Base):
     lifecycle_quantity: Mapped[int | None] = mapped_column(Integer)
     lifecycle_version: Mapped[str | None] = mapped_column(Text)
     lifecycle_source: Mapped[str | None] = mapped_column(String(16))
+    # The subscription's own renewal outcomes (app/reading/renewals.py, risk renewal_failed)
+    renewal_failed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    renewal_failed_period_end: Mapped[datetime | None] = mapped_column(Timestamp)
+    renewal_succeeded_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Reconciliation(Base):

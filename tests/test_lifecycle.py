@@ -5,6 +5,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -220,6 +221,58 @@ async def test_a_subscription_first_heard_of_by_its_lifecycle_is_created(client)
         "PAST_DUE",
         0,
     )
+
+
+# --- renewal failures -------------------------------------------------------------------
+
+
+def near(ends_in_days: int) -> dict[str, str]:
+    """A period ending that many days from now (on the renewals list within 30 days)."""
+    end = datetime.now(UTC) + timedelta(days=ends_in_days)
+    return {
+        "periodStart": (end - timedelta(days=30)).isoformat(),
+        "periodEnd": end.isoformat(),
+    }
+
+
+# One period ending in three days, and the next (both on the renewals list)
+THIS_PERIOD, NEXT_PERIOD = near(3), near(25)
+
+
+async def risks(client, sub: str) -> list[str]:
+    listed = (await get(client, "renewals", withinDays=30))["items"]
+    return next(r["risks"] for r in listed if r["subscriptionId"] == sub)
+
+
+@pytest.mark.parametrize(
+    ("then", "at", "data", "expected"),
+    [
+        # stays: later steps of the same period, or an edit, say nothing of a renewal
+        ("subscription.past_due", FRIDAY, THIS_PERIOD, ["past_due", "renewal_failed"]),
+        ("subscription.updated", FRIDAY, {"autoRenew": False},
+         ["past_due", "renewal_failed", "auto_renew_off"]),
+        # stays: a success heard before the failure
+        ("subscription.renewal.success", MONDAY - 60, THIS_PERIOD,
+         ["past_due", "renewal_failed"]),
+        # changes: a later success, with its next period or with no period at all
+        ("subscription.renewal.success", FRIDAY, NEXT_PERIOD, []),
+        ("subscription.renewal.success", FRIDAY, {}, []),
+        # changes: a later period, however it was heard
+        ("subscription.updated", FRIDAY, {"subscriptionStatus": "ACTIVE"} | NEXT_PERIOD, []),
+    ],
+    ids=["past_due", "edit", "earlier_success", "success", "success_no_period", "next_period"],
+)  # fmt: skip
+async def test_a_failed_renewal_is_a_risk_until_a_later_success_or_period(
+    server_url, template_name, then, at, data, expected
+):
+    sub = traffic.provider_id()
+    failed = lifecycle_event("subscription.renewal.failed", sub, MONDAY, **THIS_PERIOD)
+    other = lifecycle_event(then, sub, at, **data)
+
+    async def read(client):
+        return await risks(client, sub)
+
+    assert await in_both_orders(server_url, template_name, [failed, other], read) == expected
 
 
 # --- domains ----------------------------------------------------------------------------

@@ -183,6 +183,13 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
         "lifecycle_version": P.LIFECYCLE,
         "lifecycle_source": P.LIFECYCLE,  # "event", or "reconciliation" (see reconcile.py)
         "expiry_date": P.LATEST,  # periodEnd becomes the expiry date
+        # The latest renewal.failed (its time and the latest period one was for) and the
+        # latest renewal.success (its time). The renewal failed (risk renewal_failed, see
+        # app/reading/renewals.py) while the failure is later than any success and no
+        # later period is known.
+        "renewal_failed_at": P.LATEST,
+        "renewal_failed_period_end": P.LATEST,
+        "renewal_succeeded_at": P.LATEST,
     },
 )
 
