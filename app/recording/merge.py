@@ -25,7 +25,7 @@ how the stored value and the event's value combine:
                  A name may so have several rows (registered again under a new domainId,
                  or also heard of by name alone): a subscription shows the winner among
                  the rows of its domainId and of its domain name, by the later expiry
-                 date, then the further state, then the later event
+                 date (a known one first), then the further state, then the later event
 and a declaration's `erasable` columns: a mailbox erased by `erase` keeps its personal
 fields and credentials empty whatever arrives later.
 
