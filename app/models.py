@@ -213,6 +213,10 @@ class Subscription(Listed, TimestampMixin, Base):
     lifecycle_quantity: Mapped[int | None] = mapped_column(Integer)
     lifecycle_version: Mapped[str | None] = mapped_column(Text)
     lifecycle_source: Mapped[str | None] = mapped_column(String(16))
+    # The subscription's own renewal outcomes (app/reading/renewals.py, risk renewal_failed)
+    renewal_failed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    renewal_failed_period_end: Mapped[datetime | None] = mapped_column(Timestamp)
+    renewal_succeeded_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Reconciliation(Base):
@@ -226,14 +230,26 @@ class Reconciliation(Base):
 
 
 class Domain(TimestampMixin, Base):
-    """A domain's registrar state from domain.* events, keyed by domainId or else by name;
-    subscriptions show it by their domain_id, else their domain name."""
+    """A domain's registrar state from domain.* events: one row per domainId, and one per
+    name for the events that carry no domainId. A name may have several rows (registered
+    again under a new domainId, or heard of by name alone); a subscription shows the winner
+    among the rows of its domain_id and its domain name (app/recording/merge.py)."""
 
     __tablename__ = "domains"
+    __table_args__ = (
+        Index("ix_domains_name", "name"),
+        # merge.DOMAIN_BY_NAME's key: events without a domainId share one row per name
+        Index(
+            "uq_domains_name_without_id",
+            "name",
+            unique=True,
+            postgresql_where=text("domain_id IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     domain_id: Mapped[str | None] = mapped_column(Text, unique=True)
-    name: Mapped[str | None] = mapped_column(Text, unique=True)
+    name: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str | None] = mapped_column(String(16))
     expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
     version: Mapped[str | None] = mapped_column(Text)

@@ -3,6 +3,7 @@ what renews and what is at risk, and mailboxes handed to the sending platforms a
 
 import csv
 import io
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from traceback import format_exception
@@ -15,6 +16,8 @@ from app.reading import api
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
+from tests.test_api import at_risk
+from tests.test_dashboard import sign_in
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
@@ -153,7 +156,7 @@ async def test_renewals_list_what_renews_soon_with_its_risks_most_urgent_first(c
         grace["subscriptionId"],
     ]
     assert listed[overdue["subscriptionId"]]["risks"] == ["overdue"]
-    assert listed[failing["subscriptionId"]]["risks"] == ["past_due"]
+    assert listed[failing["subscriptionId"]]["risks"] == ["past_due", "renewal_failed"]
     assert listed[manual["subscriptionId"]]["risks"] == ["auto_renew_off"]
     assert listed[grace["subscriptionId"]]["risks"] == ["domain_grace_period"]
     assert listed[overdue["subscriptionId"]]["mailboxCount"] == 2
@@ -197,6 +200,29 @@ async def test_a_subscription_cancelled_long_ago_is_no_longer_a_renewal(client):
     await lifecycle(client, recent["subscriptionId"], "subscription.expired", -3)
     body = (await client.get("/api/v1/renewals?withinDays=30", headers=OPS)).json()
     assert [r["risks"] for r in body["items"]] == [["expired"]]
+
+
+async def test_a_renewal_failed_of_its_own_or_its_domain_shows_and_counts_once(client):
+    """On the API, the dashboard and the gauge: the subscription's own renewal failed, its
+    domain's, or both (one risk, counted once)."""
+    own, both, domain_only = "SUB-OWN-FAILED", "SUB-BOTH-FAILED", "SUB-DOMAIN-FAILED"
+    await lifecycle(client, own, "subscription.renewal.failed", 3, domain="own.example")
+    await lifecycle(client, both, "subscription.renewal.failed", 3, domain="both.example")
+    await lifecycle(client, domain_only, "subscription.updated", 3, domain="domain.example")
+    for name in ("both.example", "domain.example"):
+        await delivered(client, traffic.envelope("domain.renewal.failed", {"domainName": name}))
+
+    body = (await client.get("/api/v1/renewals", headers=OPS)).json()
+    assert {r["subscriptionId"]: r["risks"] for r in body["items"]} == {
+        own: ["past_due", "renewal_failed"],
+        both: ["past_due", "renewal_failed"],
+        domain_only: ["renewal_failed"],
+    }
+    assert at_risk((await client.get("/metrics")).text, "renewal_failed") == 3
+    await sign_in(client)
+    page = (await client.get("/ui/renewals")).text
+    row = re.search(r"<tr>\s*<td><a [^>]*>own\.example</a>.*?</tr>", page, re.S)
+    assert row and "renewal failed" in row[0]
 
 
 # --- exports ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -222,6 +223,58 @@ async def test_a_subscription_first_heard_of_by_its_lifecycle_is_created(client)
     )
 
 
+# --- renewal failures -------------------------------------------------------------------
+
+
+def near(ends_in_days: int) -> dict[str, str]:
+    """A period ending that many days from now (on the renewals list within 30 days)."""
+    end = datetime.now(UTC) + timedelta(days=ends_in_days)
+    return {
+        "periodStart": (end - timedelta(days=30)).isoformat(),
+        "periodEnd": end.isoformat(),
+    }
+
+
+# One period ending in three days, and the next (both on the renewals list)
+THIS_PERIOD, NEXT_PERIOD = near(3), near(25)
+
+
+async def risks(client, sub: str) -> list[str]:
+    listed = (await get(client, "renewals", withinDays=30))["items"]
+    return next(r["risks"] for r in listed if r["subscriptionId"] == sub)
+
+
+@pytest.mark.parametrize(
+    ("then", "at", "data", "expected"),
+    [
+        # stays: later steps of the same period, or an edit, say nothing of a renewal
+        ("subscription.past_due", FRIDAY, THIS_PERIOD, ["past_due", "renewal_failed"]),
+        ("subscription.updated", FRIDAY, {"autoRenew": False},
+         ["past_due", "renewal_failed", "auto_renew_off"]),
+        # stays: a success heard before the failure
+        ("subscription.renewal.success", MONDAY - 60, THIS_PERIOD,
+         ["past_due", "renewal_failed"]),
+        # changes: a later success, with its next period or with no period at all
+        ("subscription.renewal.success", FRIDAY, NEXT_PERIOD, []),
+        ("subscription.renewal.success", FRIDAY, {}, []),
+        # changes: a later period, however it was heard
+        ("subscription.updated", FRIDAY, {"subscriptionStatus": "ACTIVE"} | NEXT_PERIOD, []),
+    ],
+    ids=["past_due", "edit", "earlier_success", "success", "success_no_period", "next_period"],
+)  # fmt: skip
+async def test_a_failed_renewal_is_a_risk_until_a_later_success_or_period(
+    server_url, template_name, then, at, data, expected
+):
+    sub = traffic.provider_id()
+    failed = lifecycle_event("subscription.renewal.failed", sub, MONDAY, **THIS_PERIOD)
+    other = lifecycle_event(then, sub, at, **data)
+
+    async def read(client):
+        return await risks(client, sub)
+
+    assert await in_both_orders(server_url, template_name, [failed, other], read) == expected
+
+
 # --- domains ----------------------------------------------------------------------------
 
 
@@ -254,6 +307,72 @@ async def test_domain_events_set_the_domain_state_on_its_subscriptions(server_ur
         "ACTIVE",
         streams.expiry(1)["expiryDate"][:10],
     )
+
+
+def domain_event(event: str, at: float, k: int, **data: str) -> dict[str, Any]:
+    return streams.sent(traffic.envelope(event, data | streams.expiry(k)), at)
+
+
+async def domain_state(client, *subscriptions: str) -> list[Any]:
+    """Each subscription's domain state, and every delivery processed, none rejected."""
+    shown = [await get(client, f"subscriptions/{sub}") for sub in subscriptions]
+    events = (await get(client, "events"))["items"]
+    return [
+        [(s["domainStatus"], s["domainExpiryDate"][:10]) for s in shown],
+        sorted(e["status"] for e in events),
+        (await get(client, "rejected"))["items"],
+    ]
+
+
+async def test_a_re_registered_domain_takes_the_later_registration_in_either_order(
+    server_url, template_name
+):
+    """A name registered again under a new domainId: both registrations are kept, and the
+    subscriptions of either (by ID) and of the name alone show the later expiry's."""
+    old = streams.sent(traffic.mailbox_order_success(), MONDAY)
+    name, old_id = old["data"]["domainName"], old["data"]["domainId"]
+    new = streams.sent(traffic.mailbox_order_success(domainName=name), MONDAY + 1)
+    by_name = streams.sent(traffic.mailbox_created(domain=name), MONDAY + 2)
+    lapsed = domain_event("domain.expired", MONDAY + 3, 0, domainId=old_id, domainName=name)
+    again = domain_event(
+        "domain.order.success", MONDAY + 4, 2, domainId=new["data"]["domainId"], domainName=name
+    )
+    subs = [p["data"]["subscriptionId"] for p in (old, new, by_name)]
+
+    async def read(client):
+        return await domain_state(client, *subs)
+
+    stream = [old, new, by_name, lapsed, again]
+    later = ("ACTIVE", streams.expiry(2)["expiryDate"][:10])
+    assert await in_both_orders(server_url, template_name, stream, read) == [
+        [later] * 3,
+        ["processed"] * 5,
+        [],
+    ]
+
+
+async def test_a_domain_first_known_by_name_then_by_id_ends_the_same_in_either_order(
+    server_url, template_name
+):
+    """A domain.* event by name alone, then one with a domainId for that name (or the other
+    way round): neither is refused, and the later period wins."""
+    created = streams.sent(traffic.mailbox_created(), MONDAY)  # knows the name only
+    name = created["data"]["domain"]
+    grace = domain_event("domain.grace_period", MONDAY + 1, 0, domainName=name)
+    renewed = domain_event(
+        "domain.renewal.success", MONDAY + 2, 1, domainId=traffic.provider_id(), domainName=name
+    )
+    expired = domain_event("domain.expired", FRIDAY, 0, domainName=name)  # the earlier period
+
+    async def read(client):
+        return await domain_state(client, created["data"]["subscriptionId"])
+
+    stream = [created, grace, renewed, expired]
+    assert await in_both_orders(server_url, template_name, stream, read) == [
+        [("ACTIVE", streams.expiry(1)["expiryDate"][:10])],
+        ["processed"] * 4,
+        [],
+    ]
 
 
 # --- export and warmup ------------------------------------------------------------------

@@ -18,7 +18,7 @@ async def test_the_story_shows_renewals_at_risk_failed_orders_and_mailbox_work(c
             assert (await deliver(client, payload)).status_code == 200
     renewals = (await client.get("/api/v1/renewals?withinDays=30", headers=HEADERS)).json()
     risks = {item["domain"]: set(item["risks"]) for item in renewals["items"]}
-    assert risks["brightline-mail.com"] == {"past_due", "domain_grace_period"}
+    assert risks["brightline-mail.com"] == {"past_due", "renewal_failed", "domain_grace_period"}
     assert risks["trysummit.io"] == {"past_due"}
     assert risks["summitsales-team.com"] == {"auto_renew_off"}
     assert risks["kestrelmail.co"] == {"renewal_failed", "cancelled"}

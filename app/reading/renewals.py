@@ -36,17 +36,23 @@ DOMAIN_RISKS = {
     "GRACE_PERIOD": "domain_grace_period",
     "EXPIRED": "domain_expired",
 }
-DOMAIN_CASES = " ".join(f"WHEN '{state}' THEN '{risk}'" for state, risk in DOMAIN_RISKS.items())
 RISKY_STATES = ", ".join(f"'{state}'" for state in DOMAIN_RISKS)
 DOMAIN_RISK_NAMES = ", ".join(f"'{risk}'" for risk in DOMAIN_RISKS.values())
-# The risks of subscription s whose domain is d (overdue: its period ended and no renewal
-# was heard).
+# The subscription's own renewal failed: its latest renewal.failed is later than its
+# latest renewal.success, and no period after the failed one's is known (the columns are
+# kept by merge.SUBSCRIPTION_LIFECYCLE).
+OWN_RENEWAL_FAILED = """(s.renewal_failed_at > coalesce(s.renewal_succeeded_at, '-infinity')
+    AND coalesce(s.period_end <= s.renewal_failed_period_end, true))"""
+# The risks of subscription s whose domain is d (renewal_failed: its own renewal or its
+# domain's; overdue: its period ended and no renewal was heard).
 RISKS_OF = f"""array_remove(ARRAY[
     CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
+    CASE WHEN {OWN_RENEWAL_FAILED} OR d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
     CASE WHEN s.auto_renew IS FALSE
         AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
         THEN 'auto_renew_off' END,
-    CASE d.status {DOMAIN_CASES} END,
+    CASE d.status WHEN 'GRACE_PERIOD' THEN 'domain_grace_period'
+        WHEN 'EXPIRED' THEN 'domain_expired' END,
     CASE WHEN s.expiry_date < now()
         AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
         THEN 'overdue' END,
@@ -109,7 +115,8 @@ TOTALS = text(
 )
 # For the gauges: the risks counted without the domains (d has no status), then the
 # domains' risks for only the subscriptions that have a risky domain by ID or name (the
-# domain lookup for all 200,000 took 3 s), then the whole list.
+# domain lookup for all 200,000 took 3 s), but a renewal_failed of the subscription's own,
+# counted in the first part; then the whole list.
 RISK_COUNTS = text(
     f"""SELECT risk, count(*) AS n
     FROM subscriptions s CROSS JOIN (SELECT NULL::varchar AS status) d, unnest({RISKS_OF}) risk
@@ -118,6 +125,7 @@ RISK_COUNTS = text(
     SELECT risk, count(*)
     FROM subscriptions s LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true, unnest({RISKS_OF}) risk
     WHERE {DUE} AND risk IN ({DOMAIN_RISK_NAMES})
+        AND NOT (risk = 'renewal_failed' AND coalesce({OWN_RENEWAL_FAILED}, false))
         AND (s.domain_id IN (SELECT domain_id FROM domains WHERE status IN ({RISKY_STATES}))
             OR s.domain IN (SELECT name FROM domains WHERE status IN ({RISKY_STATES})))
     GROUP BY risk
@@ -153,6 +161,9 @@ def page_params(days: int, after: tuple[datetime, int] | None, limit: int) -> di
 
 
 def risk_counts(rows: Sequence[Row[Any]]) -> dict[str, int]:
-    """Every risk (0 where none) and `due`, the number of subscriptions on the list."""
-    counts = {row.risk: int(row.n) for row in rows}
-    return {risk: counts.get(risk, 0) for risk in (*RISKS, "due")}
+    """Every risk (0 where none) and `due`, the number of subscriptions on the list. A risk
+    may come in two rows (renewal_failed: of the subscriptions' own, and of their domains')."""
+    counts = dict.fromkeys((*RISKS, "due"), 0)
+    for row in rows:
+        counts[row.risk] += int(row.n)
+    return counts

@@ -229,8 +229,12 @@ def effects_of_prewarmup_failed(effects: Effects, model: payloads.PrewarmupOrder
 # --- subscription and domain lifecycles -----------------------------------------------
 
 
-def effects_of_subscription(effects: Effects, model: payloads.SubscriptionEvent, at: str) -> None:
+def effects_of_subscription(
+    effects: Effects, model: payloads.SubscriptionEvent, at: str, when: datetime
+) -> None:
     data = model.data
+    failed = model.event == "subscription.renewal.failed"
+    succeeded = model.event == "subscription.renewal.success"
     row = {
         "subscription_id": data.subscriptionId,
         "domain": data.domain,
@@ -247,6 +251,9 @@ def effects_of_subscription(effects: Effects, model: payloads.SubscriptionEvent,
         "lifecycle_version": at,
         "lifecycle_source": "event",
         "expiry_date": data.periodEnd,
+        "renewal_failed_at": when if failed else None,
+        "renewal_failed_period_end": data.periodEnd if failed else None,
+        "renewal_succeeded_at": when if succeeded else None,
     }
     effects.add(merge.SUBSCRIPTION_LIFECYCLE, [row])
 
@@ -282,7 +289,7 @@ def of(model: payloads.HandledEvent, *, vault: Vault, at: datetime, version: str
         case payloads.PrewarmupOrderFailed():
             effects_of_prewarmup_failed(result, model)
         case payloads.SubscriptionEvent():
-            effects_of_subscription(result, model, version)
+            effects_of_subscription(result, model, version, at)
         case payloads.DomainEvent():
             effects_of_domain(result, model, version)
     return result

@@ -21,8 +21,11 @@ how the stored value and the event's value combine:
                  the other fills in, so the result is the same in either order
   DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
                  ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final;
-                 a domain known by ID and by name alone may have two rows: the read API
-                 shows the winner of the two by the same rule
+                 events combine per domainId, and per name when they carry no domainId.
+                 A name may so have several rows (registered again under a new domainId,
+                 or also heard of by name alone): a subscription shows the winner among
+                 the rows of its domainId and of its domain name, by the later expiry
+                 date (a known one first), then the further state, then the later event
 and a declaration's `erasable` columns: a mailbox erased by `erase` keeps its personal
 fields and credentials empty whatever arrives later.
 
@@ -87,6 +90,8 @@ class Upsert:
     # Columns a row erased by `erase` (app/operations/privacy.py) keeps empty, whatever
     # arrives later.
     erasable: tuple[str, ...] = ()
+    # When the key is a partial unique index: its predicate (ON CONFLICT ... WHERE).
+    key_where: str = ""
 
     def combine(self, column: str, policy: Policy) -> str:
         expression = policy.format(c=column)
@@ -118,9 +123,10 @@ class Upsert:
             source += f" FROM {gate} WHERE {gate}.inserted" if gate else ""
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
+        where = f" WHERE {self.key_where}" if self.key_where else ""
         return (
             f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
-            f"ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET\n    " + ",\n    ".join(sets)
+            f"ON CONFLICT ({', '.join(self.key)}){where} DO UPDATE SET\n    " + ",\n    ".join(sets)
         )
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
@@ -177,6 +183,13 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
         "lifecycle_version": P.LIFECYCLE,
         "lifecycle_source": P.LIFECYCLE,  # "event", or "reconciliation" (see reconcile.py)
         "expiry_date": P.LATEST,  # periodEnd becomes the expiry date
+        # The latest renewal.failed (its time and the latest period one was for) and the
+        # latest renewal.success (its time). The renewal failed (risk renewal_failed, see
+        # app/reading/renewals.py) while the failure is later than any success and no
+        # later period is known.
+        "renewal_failed_at": P.LATEST,
+        "renewal_failed_period_end": P.LATEST,
+        "renewal_succeeded_at": P.LATEST,
     },
 )
 
@@ -266,10 +279,14 @@ _DOMAIN_COLUMNS: dict[str, Policy | None] = {
     "expiry_date": P.DOMAIN_STATE,
     "version": P.DOMAIN_STATE,
 }
+# One row per domainId; a name registered again under a new domainId gets a row of its own.
 DOMAIN_BY_ID = Upsert(
     "domains", ("domain_id",), {"domain_id": None, "name": P.FILL, **_DOMAIN_COLUMNS}
 )
-DOMAIN_BY_NAME = Upsert("domains", ("name",), {"name": None, **_DOMAIN_COLUMNS})
+# An event without a domainId: one row per name among such events (models.Domain).
+DOMAIN_BY_NAME = Upsert(
+    "domains", ("name",), {"name": None, **_DOMAIN_COLUMNS}, key_where="domain_id IS NULL"
+)
 
 # --- derived values -------------------------------------------------------------------
 
