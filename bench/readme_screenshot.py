@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.browser.test_dashboard_browser import CHROMEDRIVER, CHROMIUM  # noqa: E402
+from tests.browser.conftest import CHROMEDRIVER, CHROMIUM  # noqa: E402
 from tests.servers import CLI, clean_env, serving  # noqa: E402
 
 

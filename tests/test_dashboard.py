@@ -3,6 +3,7 @@ that no page ever carries a credential."""
 
 import asyncio
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -104,7 +105,7 @@ async def test_a_sign_in_counts_as_failed_before_its_body_arrives(settings):
         await left.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         answered.append(message)
 
     head = [(b"host", b"test"), (b"content-type", b"application/x-www-form-urlencoded")]
