@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from traceback import format_exception
+from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import event
@@ -227,13 +228,36 @@ async def test_a_renewal_failed_of_its_own_or_its_domain_shows_and_counts_once(c
 
 # --- exports ---------------------------------------------------------------------------
 
+# Each platform's whole bulk-import column list, as its own template spells it (sources
+# in docs/api.md), written out here rather than read from the code under test.
 HEADERS = {
     "instantly": "Email,First Name,Last Name,IMAP Username,IMAP Password,IMAP Host,IMAP Port,"
-    "SMTP Username,SMTP Password,SMTP Host,SMTP Port,Daily Limit,Warmup Enabled",
+    "SMTP Username,SMTP Password,SMTP Host,SMTP Port,Daily Limit,Warmup Enabled,Warmup Limit,"
+    "Warmup Increment",
     "smartlead": "from_name,from_email,user_name,password,smtp_host,smtp_port,imap_host,"
-    "imap_port,max_email_per_day,warmup_enabled",
-    "emailbison": "Name,Email,Password,IMAP Server,IMAP Port,SMTP Server,SMTP Port",
+    "imap_port,max_email_per_day,custom_tracking_url,warmup_enabled,total_warmup_per_day,"
+    "daily_rampup,reply_rate_percentage,bcc,signature,different_reply_to_address,"
+    "imap_user_name,imap_password",
+    "emailbison": "Name,Email,Password,IMAP Server,IMAP Port,SMTP Server,SMTP Port,Daily Limit,"
+    "SMTP Secure,IMAP Secure",
 }
+# Columns whose value we do not know: left empty, so the platform applies its default.
+DEFAULTED = {
+    "instantly": ["Daily Limit", "Warmup Enabled", "Warmup Limit", "Warmup Increment"],
+    "smartlead": [
+        "max_email_per_day",
+        "custom_tracking_url",
+        "warmup_enabled",
+        "total_warmup_per_day",
+        "daily_rampup",
+        "reply_rate_percentage",
+        "bcc",
+        "signature",
+        "different_reply_to_address",
+    ],
+    "emailbison": ["Daily Limit", "SMTP Secure", "IMAP Secure"],
+}
+BOM = b"\xef\xbb\xbf"
 
 
 @pytest.fixture
@@ -260,7 +284,7 @@ async def export(client, fmt, **params):
 
 
 def rows(response) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(response.text)))
+    return list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
 
 
 @pytest.mark.parametrize("fmt", sorted(HEADERS))
@@ -272,9 +296,11 @@ async def test_each_platform_gets_its_own_columns_and_each_provider_its_servers(
     assert response.headers["content-type"].startswith("text/csv")
     assert response.headers["cache-control"] == "no-store"
     assert "attachment" in response.headers["content-disposition"]
-    assert response.text.splitlines()[0] == HEADERS[fmt]
+    assert response.content.startswith(BOM + HEADERS[fmt].encode() + b"\r\n")
     by_email = {r.get("Email") or r.get("from_email"): r for r in rows(response)}
     assert len(by_email) == 2
+    for row in by_email.values():
+        assert [row[column] for column in DEFAULTED[fmt]] == [""] * len(DEFAULTED[fmt])
     google = by_email[two_providers["google"]["email"]]
     microsoft = by_email[two_providers["microsoft"]["email"]]
     app_password = two_providers["google"]["appPassword"]
@@ -291,6 +317,8 @@ async def test_each_platform_gets_its_own_columns_and_each_provider_its_servers(
     elif fmt == "smartlead":
         assert (google["smtp_host"], google["imap_host"]) == ("smtp.gmail.com", "imap.gmail.com")
         assert google["password"] == app_password and microsoft["password"] == password
+        assert google["imap_password"] == app_password and microsoft["imap_password"] == password
+        assert google["imap_user_name"] == google["user_name"] == google["from_email"]
         assert microsoft["from_name"] == '\'=HYPERLINK("x") @Doe'
     else:
         assert (google["SMTP Server"], google["SMTP Port"]) == ("smtp.gmail.com", "587")
@@ -413,8 +441,8 @@ async def test_an_export_of_many_mailboxes_comes_whole(client, db):
         data["subscriptionId"],
         data["domainName"],
     )
-    response = await export(client, "emailbison", subscriptionId=data["subscriptionId"])
-    emails = [r["Email"] for r in rows(response)]
+    response = await export(client, "csv", subscriptionId=data["subscriptionId"])
+    emails = [r["email"] for r in rows(response)]
     assert len(emails) == len(set(emails)) == 2500
     assert Decimal(len(emails)) == await db.fetchval(
         "select count(*) from credential_reads where mailbox_id like 'bulk%'"
@@ -457,12 +485,12 @@ async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audi
         "select email from mailboxes where subscription_id = $1 and erased_at is null order by id",
         data["subscriptionId"],
     )
-    response = await export(client, "emailbison", subscriptionId=data["subscriptionId"])
+    response = await export(client, "csv", subscriptionId=data["subscriptionId"])
     assert response.status_code == 200
     audited = await db.fetch(
         "select m.email from credential_reads r join mailboxes m using (mailbox_id) order by r.id"
     )
-    streamed = [r["Email"] for r in rows(response)]
+    streamed = [r["email"] for r in rows(response)]
     assert streamed == [r["email"] for r in audited] == [r["email"] for r in expected]
     assert len(streamed) > count * 0.97
     assert len(audit_statements) == -(-len(streamed) // 1000) + 1  # the last finds none left
@@ -478,6 +506,103 @@ async def test_an_export_needs_a_filter_or_all(client, two_providers, db):
     assert everything.status_code == 200 and len(rows(everything)) == 3
     one = await export(client, "csv", subscriptionId=two_providers["subscription"])
     assert one.status_code == 200 and len(rows(one)) == 2
+
+
+NAMES = [("Müller", "Zoë_50%"), ("Łukasz", "O'Brien_%"), ("Søren", "Ærø")]
+
+
+@pytest.mark.parametrize("fmt", ["instantly", "smartlead", "emailbison", "csv"])
+async def test_a_bom_by_default_none_when_asked_and_names_stay_utf8(client, fmt):
+    order = traffic.mailbox_order_success()
+    common = {"subscriptionId": order["data"]["subscriptionId"]}
+    boxes = [
+        traffic.mailbox_created(
+            provider=provider, details={"firstName": first, "lastName": last}, **common
+        )
+        for (first, last), provider in zip(NAMES, ["GOOGLE", "MICROSOFT", "GOOGLE"], strict=True)
+    ]
+    await delivered(client, order, *boxes)
+    with_bom = await export(client, fmt, **common)
+    without = await export(client, fmt, bom="false", **common)
+    assert with_bom.status_code == without.status_code == 200
+    assert with_bom.content.startswith(BOM) and not without.content.startswith(BOM)
+    assert with_bom.content == BOM + without.content  # the same file, but for the BOM
+    text = with_bom.content.decode("utf-8-sig")
+    assert "\ufeff" not in text and "Ã" not in text  # one BOM, nothing encoded twice
+    for first, last in NAMES:
+        assert first in text and last in text
+        assert first in without.content.decode("utf-8")
+
+
+async def box_without_login(db, subscription_id: str, mailbox_id: str, provider: str | None):
+    """A mailbox stored as older deliveries could leave it: no usable login."""
+    await db.execute(
+        "insert into mailboxes (mailbox_id, subscription_id, domain, email, first_name,"
+        " provider, source) values ($1, $2, 'x.test', $3, 'Jürgen', $4, 'standard')",
+        mailbox_id,
+        subscription_id,
+        f"{mailbox_id.encode('ascii', 'ignore').decode()[:20]}@x.test",
+        provider,
+    )
+
+
+async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
+    client, two_providers, db
+):
+    subscription = two_providers["subscription"]
+    google_without = traffic.mailbox_created(provider="GOOGLE", subscriptionId=subscription)
+    del google_without["data"]["mailboxDetails"]["appPassword"]
+    unknown = traffic.mailbox_created(provider="YAHOO", subscriptionId=subscription)
+    await delivered(client, google_without, unknown)
+    odd_ids = ["50%_off,ü", "a b/c"]  # an ID a header could not carry as it is
+    await box_without_login(db, subscription, odd_ids[0], "GOOGLE")
+    await box_without_login(db, subscription, odd_ids[1], None)
+    skipped = {
+        google_without["data"]["mailboxDetails"]["mailboxId"],
+        unknown["data"]["mailboxDetails"]["mailboxId"],
+        *odd_ids,
+    }
+    exportable = {two_providers["google"]["email"], two_providers["microsoft"]["email"]}
+
+    for fmt in ("instantly", "smartlead", "emailbison"):
+        before = await db.fetchval("select count(*) from credential_reads")
+        response = await export(client, fmt, subscriptionId=subscription)
+        assert response.status_code == 200
+        # what must change: the four are left out and named, count and IDs
+        assert response.headers["x-export-skipped"] == "4"
+        named = response.headers["x-export-skipped-mailboxes"].split(",")
+        assert {unquote(n) for n in named} == skipped
+        assert "canary" not in str(response.headers)  # no credential value in a header
+        # what must stay: the others export whole, each with its login and its audit row
+        exported = rows(response)
+        assert {r.get("Email") or r.get("from_email") for r in exported} == exportable
+        assert all(r.get("Password") or r.get("password") or r["IMAP Password"] for r in exported)
+        audited = await db.fetch(
+            "select m.email from credential_reads r join mailboxes m using (mailbox_id)"
+            " order by r.id offset $1",
+            before,
+        )
+        assert {r["email"] for r in audited} == exportable and len(audited) == 2
+
+    # our own CSV carries every field, so it leaves none out (and audits all six)
+    everything = await export(client, "csv", subscriptionId=subscription)
+    assert everything.headers["x-export-skipped"] == "0"
+    assert "x-export-skipped-mailboxes" not in everything.headers
+    assert {r["mailboxId"] for r in rows(everything)} >= skipped
+
+
+async def test_the_skipped_list_in_the_header_is_bounded(client, db):
+    order = traffic.mailbox_order_success()
+    subscription = order["data"]["subscriptionId"]
+    await delivered(client, order, traffic.mailbox_created(subscriptionId=subscription))
+    for i in range(40):
+        await box_without_login(db, subscription, f"{i:02d}-" + "ü" * 30, None)
+    response = await export(client, "instantly", subscriptionId=subscription)
+    assert response.status_code == 200 and len(rows(response)) == 1
+    assert response.headers["x-export-skipped"] == "40"
+    named = response.headers["x-export-skipped-mailboxes"]
+    assert 0 < len(named) <= 1024 and named.count(",") < 20
+    assert unquote(named.split(",")[0]) == "00-" + "ü" * 30
 
 
 @pytest.mark.parametrize(

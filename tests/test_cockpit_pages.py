@@ -156,6 +156,39 @@ async def test_a_credentials_session_downloads_a_subscriptions_mailboxes(client)
     assert row["IMAP Host"] == "imap.gmail.com" and row["SMTP Password"].startswith("canary-")
 
 
+async def test_the_page_offering_a_download_names_the_mailboxes_left_out(client):
+    order = traffic.mailbox_order_success()
+    subscription = order["data"]["subscriptionId"]
+    ok = traffic.mailbox_created(subscriptionId=subscription, details={"firstName": "Zoë_%"})
+    no_app_password = traffic.mailbox_created(subscriptionId=subscription)
+    del no_app_password["data"]["mailboxDetails"]["appPassword"]
+    unknown = traffic.mailbox_created(provider="YAHOO", subscriptionId=subscription)
+    for payload in (order, ok, no_app_password, unknown):
+        assert (await deliver(client, payload)).status_code == 200
+    await sign_in(client, CREDENTIALS_TOKEN)
+    page = (await client.get(f"/ui/subscriptions/{subscription}")).text
+    assert "2 mailboxes left out of the Instantly, Smartlead and EmailBison files" in page
+    for box, reason in [
+        (no_app_password, "Google without an app password"),
+        (unknown, "unknown provider"),
+    ]:
+        details = box["data"]["mailboxDetails"]
+        assert (
+            f"{escape(details['email'])}</a> <code>{details['mailboxId']}</code>: {reason}" in page
+        )
+    assert f"<code>{ok['data']['mailboxDetails']['mailboxId']}</code>:" not in page
+    assert 'name="bom" value="false"' in page
+    response = await client.post(
+        "/ui/exports/mailboxes",
+        content=f"subscriptionId={subscription}&format=smartlead&bom=false",
+        headers=FORM,
+    )
+    assert response.status_code == 200 and response.headers["x-export-skipped"] == "2"
+    assert not response.content.startswith(b"\xef\xbb\xbf")
+    [row] = list(csv.DictReader(io.StringIO(response.text)))
+    assert row["from_email"] == ok["data"]["mailboxDetails"]["email"]
+
+
 async def test_an_export_form_with_only_a_format_exports_nothing(client, db):
     await fill(client)
     await sign_in(client, CREDENTIALS_TOKEN)
@@ -175,7 +208,7 @@ async def test_an_ops_session_sees_no_download_and_may_not_export(client):
     data = await fill(client)
     await sign_in(client)
     page = (await client.get(f"/ui/subscriptions/{data['expiring']}")).text
-    assert "/ui/exports/mailboxes" not in page
+    assert "/ui/exports/mailboxes" not in page and "left out of" not in page
     response = await client.post(
         "/ui/exports/mailboxes",
         content=f"subscriptionId={data['expiring']}&format=csv",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -95,6 +96,8 @@ RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 R = TypeVar("R", bound=resources.Resource)
 UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, {"WWW-Authenticate": "Bearer"})
 AUDIT_BATCH = 10_000  # mailboxes audited a statement (an export's audit, below)
+SKIPPED_NAMED = 20  # mailboxes an export names in X-Export-Skipped-Mailboxes, at most
+SKIPPED_HEADER_CHARS = 1024  # and their IDs together: proxies cap a response's headers
 
 
 def ops_token(
@@ -446,9 +449,10 @@ class MailboxQuery(ListQuery, MailboxFilters):
 class ExportQuery(MailboxFilters):
     format: exports.Format = Field(description="Which platform's bulk-import columns")
     all: bool = Field(False, description="Every mailbox: needed when no filter is given")
+    bom: bool = Field(True, description="Begin with a UTF-8 byte-order mark (for Excel)")
 
     def filters(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"format", "all"})
+        return self.model_dump(exclude={"format", "all", "bom"})
 
     @model_validator(mode="after")
     def chosen(self) -> "ExportQuery":
@@ -530,12 +534,30 @@ async def get_credentials(
     )
 
 
+SKIPPED_HEADERS = {
+    "X-Export-Skipped": {
+        "description": "How many chosen mailboxes were left out: they cannot log in on the "
+        "platform (Google without an app password, unknown provider); always 0 for csv",
+        "schema": {"type": "integer"},
+    },
+    "X-Export-Skipped-Mailboxes": {
+        "description": f"The first of them (at most {SKIPPED_NAMED}, about "
+        f"{SKIPPED_HEADER_CHARS} characters): their mailboxIds, each percent-encoded, "
+        "comma-separated; present when any was left out",
+        "schema": {"type": "string"},
+    },
+}
+
+
 @router.get(
     "/exports/mailboxes",
     summary="Mailboxes with credentials as a sending platform's bulk-import CSV "
     "(CREDENTIALS_API_TOKENS only, over HTTPS; every mailbox exported is audited)",
     response_class=StreamingResponse,
-    responses={**resources.errors(403), 200: {"content": {"text/csv": {}}}},
+    responses={
+        **resources.errors(403),
+        200: {"content": {"text/csv": {}}, "headers": SKIPPED_HEADERS},
+    },
 )
 async def export_mailboxes(
     request: Request,
@@ -543,7 +565,9 @@ async def export_mailboxes(
     query: Annotated[ExportQuery, Query()],
     token: Annotated[str, Depends(credentials_token)],
 ) -> StreamingResponse:
-    """The mailboxes a filter chooses, or every one with `all=true` (neither: 422)."""
+    """The mailboxes a filter chooses, or every one with `all=true` (neither: 422). For a
+    platform's format, mailboxes that cannot log in there are left out and named in the
+    X-Export-Skipped headers."""
     fingerprint = (await request.app.state.hashing.get()).fingerprint(token)
     return await export_response(request, conn, query, fingerprint)
 
@@ -551,8 +575,9 @@ async def export_mailboxes(
 async def export_response(
     request: Request, conn: Reader, query: ExportQuery, fingerprint: str
 ) -> StreamingResponse:
-    """Audit every mailbox the filters choose (committed before the first byte: none leaves
-    without its row), then stream exactly those."""
+    """Audit every mailbox the filters choose that the file can carry (committed before the
+    first byte: none leaves without its row), then stream exactly those. A mailbox left out
+    is not audited: nothing secret of it is sent."""
     require_https(request.scope)
     export_id = uuid.uuid4().hex
     client = request.client.host if request.client else None
@@ -563,16 +588,54 @@ async def export_response(
         literal(client, Text).label("client_address"),
         literal(export_id).label("export_id"),
     ).where(mailboxes.c.erased_at.is_(None))
+    skipped: tuple[int, list[Any]] = (0, [])
+    if query.format in exports.PLATFORMS:
+        chosen = chosen.where(exports.missing_login().is_(None))
+        skipped = await cannot_export(conn, query.filters(), limit=SKIPPED_NAMED)
     await audit_export(conn, apply_filters(chosen, mailboxes, query.filters()))
     filename = f"mailboxes-{query.format}-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    vault = request.app.state.vault
     return StreamingResponse(
-        exports.stream(conn.execute, export_id, query.format, request.app.state.vault),
+        exports.stream(conn.execute, export_id, query.format, vault, bom=query.bom),
         media_type="text/csv; charset=utf-8",
         headers={
             "Cache-Control": "no-store",
             "Content-Disposition": f'attachment; filename="{filename}"',
+            **skipped_headers(*skipped),
         },
     )
+
+
+async def cannot_export(
+    conn: Reader, filters: dict[str, Any], *, limit: int
+) -> tuple[int, list[Any]]:
+    """The chosen mailboxes that cannot log in on a sending platform: how many, and the
+    first `limit` of them (mailbox_id, email, reason) in mailbox order."""
+    reason = exports.missing_login()
+    stmt = select(mailboxes.c.mailbox_id, mailboxes.c.email, reason.label("reason")).where(
+        mailboxes.c.erased_at.is_(None), reason.is_not(None)
+    )
+    stmt = apply_filters(stmt, mailboxes, filters)
+    first = list((await conn.execute(stmt.order_by(mailboxes.c.id).limit(limit))).all())
+    if len(first) < limit:
+        return len(first), first
+    counted = select(func.count()).select_from(stmt.subquery())
+    return (await conn.execute(counted)).scalar_one(), first
+
+
+def skipped_headers(count: int, first: list[Any]) -> dict[str, str]:
+    """X-Export-Skipped, and the IDs that fit in SKIPPED_HEADER_CHARS (percent-encoded:
+    an ID may hold a comma or characters a header cannot)."""
+    named: list[str] = []
+    for row in first:
+        quoted = quote(row.mailbox_id, safe="")
+        if len(",".join([*named, quoted])) > SKIPPED_HEADER_CHARS:
+            break
+        named.append(quoted)
+    headers = {"X-Export-Skipped": str(count)}
+    if named:
+        headers["X-Export-Skipped-Mailboxes"] = ",".join(named)
+    return headers
 
 
 async def audit_export(conn: Reader, chosen: Select[Any]) -> None:

@@ -1,6 +1,8 @@
 """Mailboxes as the sending platforms' bulk-import CSVs (Instantly, Smartlead, EmailBison)
 or our own full CSV, with each provider's IMAP/SMTP servers and the login that works there:
-the app password for Google, the password for Microsoft 365.
+the app password for Google, the password for Microsoft 365. A mailbox that cannot log in
+that way (Google without an app password, an unknown provider...) is left out of a
+platform's file and named instead (`missing_login`); our own CSV carries every mailbox.
 
 An export is audited first (one credential_reads row per mailbox, all with one export_id,
 committed before the first byte); the rows streamed are exactly the audited ones, read in
@@ -13,13 +15,15 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, case, or_, select
 
 from app.crypto import Vault
 from app.models import credential_reads, mailboxes
 
 Format = Literal["instantly", "smartlead", "emailbison", "csv"]
+PLATFORMS = ("instantly", "smartlead", "emailbison")  # the formats that log in somewhere
 BATCH = 1000
+BOM = "\ufeff"  # tells Excel the file is UTF-8 (without it "Müller" shows as "MÃ¼ller")
 # A spreadsheet runs a cell beginning with one of these as a formula (the fullwidth ＝＋－＠
 # too, compared after NFKC), even behind leading whitespace or invisible characters.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -29,8 +33,9 @@ SERVERS = {  # imap host, imap port, smtp host, smtp port
     "GOOGLE": ("imap.gmail.com", 993, "smtp.gmail.com", 587),
     "MICROSOFT": ("outlook.office365.com", 993, "smtp.office365.com", 587),
 }
-# Each platform's bulk-import columns, and which of a mailbox's values fills each. The
-# daily-limit and warmup columns are left empty: the platform then applies its defaults.
+# Each platform's whole bulk-import column list (sources in docs/api.md, "Exports"), and
+# which of a mailbox's values fills each. A column whose value we do not know (limits,
+# warmup, tracking, signature...) is left empty: the platform then applies its default.
 COLUMNS: dict[Format, list[tuple[str, str]]] = {
     "instantly": [
         ("Email", "email"),
@@ -46,6 +51,8 @@ COLUMNS: dict[Format, list[tuple[str, str]]] = {
         ("SMTP Port", "smtp_port"),
         ("Daily Limit", ""),
         ("Warmup Enabled", ""),
+        ("Warmup Limit", ""),
+        ("Warmup Increment", ""),
     ],
     "smartlead": [
         ("from_name", "name"),
@@ -57,7 +64,16 @@ COLUMNS: dict[Format, list[tuple[str, str]]] = {
         ("imap_host", "imap_host"),
         ("imap_port", "imap_port"),
         ("max_email_per_day", ""),
+        ("custom_tracking_url", ""),
         ("warmup_enabled", ""),
+        ("total_warmup_per_day", ""),
+        ("daily_rampup", ""),
+        ("reply_rate_percentage", ""),
+        ("bcc", ""),
+        ("signature", ""),
+        ("different_reply_to_address", ""),
+        ("imap_user_name", "email"),
+        ("imap_password", "login_password"),
     ],
     "emailbison": [
         ("Name", "name"),
@@ -67,6 +83,9 @@ COLUMNS: dict[Format, list[tuple[str, str]]] = {
         ("IMAP Port", "imap_port"),
         ("SMTP Server", "smtp_host"),
         ("SMTP Port", "smtp_port"),
+        ("Daily Limit", ""),
+        ("SMTP Secure", ""),
+        ("IMAP Secure", ""),
     ],
     "csv": [
         ("mailboxId", "mailbox_id"),
@@ -100,6 +119,25 @@ SELECTED = [
     mailboxes.c.app_password_encrypted,
     mailboxes.c.authenticator_secret_encrypted,
 ]
+
+
+def missing_login() -> ColumnElement[str | None]:
+    """Why a mailbox cannot log in on a sending platform, or NULL when it can. Such a
+    mailbox is left out of the platforms' files and named instead: an empty password
+    would be imported without a word and fail later."""
+    provider = mailboxes.c.provider
+    return case(
+        (
+            and_(provider == "GOOGLE", mailboxes.c.app_password_encrypted.is_(None)),
+            "Google without an app password",
+        ),
+        (
+            and_(provider == "MICROSOFT", mailboxes.c.password_encrypted.is_(None)),
+            "Microsoft 365 without a password",
+        ),
+        (or_(provider.is_(None), provider.not_in(list(SERVERS))), "unknown provider"),
+        else_=None,
+    )
 
 
 def neutralise(cell: str) -> str:
@@ -161,10 +199,13 @@ def lines(fmt: Format, batch: list[Any], vault: Vault) -> str:
 Fetch = Callable[[Any], Any]
 
 
-async def stream(fetch: Fetch, export_id: str, fmt: Format, vault: Vault) -> AsyncIterator[str]:
-    """The header, then the audited mailboxes BATCH at a time (`fetch` runs a statement and
-    returns its rows, holding a connection only while it does)."""
-    yield header(fmt)
+async def stream(
+    fetch: Fetch, export_id: str, fmt: Format, vault: Vault, *, bom: bool
+) -> AsyncIterator[str]:
+    """The header (behind a BOM unless `bom` is false), then the audited mailboxes BATCH at
+    a time (`fetch` runs a statement and returns its rows, holding a connection only while
+    it does)."""
+    yield (BOM if bom else "") + header(fmt)
     after = 0
     while True:
         stmt = (

@@ -39,6 +39,7 @@ IDLE_MINUTES = 30
 FIRST_WAIT_SECONDS, LONGEST_WAIT_SECONDS = 1, 30  # after failed sign-ins
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
 TROUBLE_DAYS = 7
+SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
@@ -354,6 +355,17 @@ async def is_credentials_session(request: Request) -> bool:
     return who in {hasher.fingerprint(t) for t in request.app.state.settings.credentials_token_list}
 
 
+async def export_offer(
+    request: Request, conn: api.Reader, filters: dict[str, Any]
+) -> dict[str, Any]:
+    """For a page that offers the download: whether this session may, and which of the
+    mailboxes the platforms' files leave out (they cannot log in there)."""
+    if not await is_credentials_session(request):
+        return {"can_export": False, "skipped": (0, [])}
+    skipped = await api.cannot_export(conn, filters, limit=SKIPPED_SHOWN)
+    return {"can_export": True, "skipped": skipped}
+
+
 @pages.get("")
 async def overview(request: Request) -> Response:
     conn = api.reader(request)
@@ -455,7 +467,7 @@ async def order_page(request: Request, order_id: str) -> Response:
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
         events=await api.events_about(conn, order=[order_id]),
-        can_export=await is_credentials_session(request),
+        **await export_offer(request, conn, {"order_id": order_id}),
     )
 
 
@@ -490,7 +502,7 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
         events=await api.events_about(
             conn, subscription=[subscription_id], order=sorted(order_ids)
         ),
-        can_export=await is_credentials_session(request),
+        **await export_offer(request, conn, {"subscription_id": subscription_id}),
     )
 
 

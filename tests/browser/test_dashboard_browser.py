@@ -169,14 +169,23 @@ def test_a_credentials_session_downloads_an_export(browser, database_url, tmp_pa
     with serving(
         server_env(database_url) | {"CREDENTIALS_API_TOKENS": CREDENTIALS_TOKEN}, tmp_path
     ) as server:
+        no_app_password: dict[str, Any] = {}
 
         async def generate() -> dict[str, Any]:
             async with httpx.AsyncClient(base_url=server.url) as client:
-                return await fill(client)
+                data = await fill(client)
+                box = traffic.mailbox_created(subscriptionId=data["expiring"])
+                del box["data"]["mailboxDetails"]["appPassword"]
+                no_app_password.update(box["data"]["mailboxDetails"])
+                assert (await deliver(client, box)).status_code == 200
+                return data
 
         data = asyncio.run(generate())
         sign_in(browser, server.url, CREDENTIALS_TOKEN)
         browser.get(f"{server.url}/ui/subscriptions/{data['expiring']}")
+        left_out = browser.find_element(By.ID, "export-skipped").text
+        assert "1 mailbox left out" in left_out and no_app_password["email"] in left_out
+        assert "Google without an app password" in left_out
         browser.find_element(
             By.CSS_SELECTOR, "form.export select option[value='smartlead']"
         ).click()
@@ -190,9 +199,11 @@ def test_a_credentials_session_downloads_an_export(browser, database_url, tmp_pa
 
         WebDriverWait(browser, 30).until(lambda _: downloaded())
         [csv_file] = downloaded()
-        lines = csv_file.read_text().splitlines()
+        assert csv_file.read_bytes().startswith(b"\xef\xbb\xbf")  # for Excel
+        lines = csv_file.read_text(encoding="utf-8-sig").splitlines()
         assert lines[0].startswith("from_name,from_email,user_name,password,smtp_host")
         assert "smtp.gmail.com" in lines[1] and "canary-app-" in lines[1]
+        assert len(lines) == 2  # the mailbox without an app password is left out
 
 
 def test_the_dashboard_says_the_database_is_away_while_deliveries_queue(
