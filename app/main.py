@@ -35,6 +35,7 @@ from app.reading.docs import add_docs
 from app.reading.renewals import TotalsCache
 from app.receiving import route
 from app.receiving.edge import HstsMiddleware
+from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.read_engine = make_engine(
             settings.database_url or "", pool_size=READ_POOL_SIZE, statement_timeout_ms=10_000
         )
+        app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(

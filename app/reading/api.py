@@ -759,7 +759,7 @@ LAST_DELIVERY = select(func.max(events.c.last_received_at)).scalar_subquery()
 
 
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
-async def stats(conn: ReadConnection) -> resources.Stats:
+async def stats(request: Request, conn: ReadConnection) -> resources.Stats:
     by_provider = await counts_by(conn, mailboxes, "provider")
     scalars = select(
         select(func.count()).select_from(subscriptions).scalar_subquery(),
@@ -780,4 +780,7 @@ async def stats(conn: ReadConnection) -> resources.Stats:
         rejected_deliveries=rejected_count,
         replayable_events=replayable,
         last_delivery_at=last,
+        signature_forms=sorted(await request.app.state.signature_forms.accepted())
+        if request.app.state.settings.signing_key
+        else [],
     )

@@ -216,6 +216,11 @@ class Stats(Resource):
         "`coldmail-webhooks replay --all` applies them"
     )
     last_delivery_at: AwareDatetime | None
+    signature_forms: list[str] = Field(
+        description="The signature forms deliveries are checked against now: those of "
+        "CMR_SIGNATURE_FORMS, else the one live traffic pinned, else all four; empty without "
+        "CMR_SIGNING_KEY"
+    )
 
 
 class Page(Resource, Generic[T]):

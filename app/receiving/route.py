@@ -63,7 +63,7 @@ def check_token(request: Request, settings: Settings) -> None:
             raise UNAUTHORIZED
 
 
-def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
+async def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
     """In report mode a bad signature is only noted."""
     if settings.signing_key is None:
         return SignatureCheck("unchecked")
@@ -73,7 +73,7 @@ def check_signature(request: Request, raw: bytes, settings: Settings) -> Signatu
         signature=request.headers.get(SIGNATURE_HEADER),
         timestamp=request.headers.get(TIMESTAMP_HEADER),
         tolerance=settings.cmr_signature_tolerance_seconds,
-        forms=settings.signature_forms,
+        forms=await request.app.state.signature_forms.accepted(),
     )
     metrics.SIGNATURES.labels(check.result).inc()
     if not check.ok and settings.cmr_signature_mode == "enforce":
@@ -104,7 +104,7 @@ async def receive_webhook(request: Request) -> Response:
         raw = await read_body(request, settings.max_body_bytes)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
-    signature = check_signature(request, raw, settings)
+    signature = await check_signature(request, raw, settings)
     hasher = await receiver.hasher()
     try:
         envelope = parse_envelope(raw, hasher)

@@ -333,6 +333,8 @@ def test_guessing_tokens_is_throttled_per_client(server):
         ({"CREDENTIALS_API_TOKENS": OPS_TOKEN}, "CREDENTIALS_API_TOKENS"),
         ({"WEBHOOK_TOKENS": OPS_TOKEN}, "OPS_API_TOKENS"),
         ({"CMR_SIGNATURE_FORMS": "body:hex,sha1"}, "CMR_SIGNATURE_FORMS"),
+        ({"WEBHOOK_TOKENS": ""}, "WEBHOOK_TOKENS"),
+        ({"CMR_SIGNING_KEY": CREDENTIALS_TOKEN}, "CMR_SIGNING_KEY"),
     ],
 )
 def test_weak_or_shared_tokens_stop_start_up_in_one_line(database, tmp_path, variables, named):
