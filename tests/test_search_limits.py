@@ -3,13 +3,15 @@ a length cap, are limited per token, and read statements run with custom plans a
 timeout of their own."""
 
 import asyncio
+import time
 
 import asyncpg
 import pytest
 
-from app.main import READ_STATEMENT_TIMEOUT_MS, create_app
+from app.main import create_app
 from tests.conftest import OPS_TOKEN, app_client, make_settings
 
+READ_TIMEOUT_MS = 10_000  # the read pool's statement timeout (app/main.py)
 OPS_TOKENS = [OPS_TOKEN, "ops-token-second-0123456789"]
 
 
@@ -32,12 +34,13 @@ async def test_three_letters_or_digits_in_a_row_can_be_searched(client, q):
     assert answer.status_code == 200
 
 
-async def waiting_on(db: asyncpg.Connection, table: str) -> int:
-    return int(
-        await db.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1::regclass", table
-        )
-    )
+async def until_waiting(db: asyncpg.Connection, count: int) -> None:
+    """Until `count` statements wait for the lock on mailboxes (bounded: a minute)."""
+    waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'mailboxes'::regclass"
+    deadline = time.monotonic() + 60
+    while await db.fetchval(waiting) < count:
+        assert time.monotonic() < deadline, f"{count} searches never waited together"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_token_gets_429_past_its_concurrent_searches_and_others_do_not(database_url, db):
@@ -50,14 +53,12 @@ async def test_a_token_gets_429_past_its_concurrent_searches_and_others_do_not(d
             return asyncio.ensure_future(request)
 
         held = [search(OPS_TOKENS[0]), search(OPS_TOKENS[0])]
-        while await waiting_on(db, "mailboxes") < 2:
-            await asyncio.sleep(0.02)
+        await until_waiting(db, 2)
         refused = await client.get(
             "/api/v1/mailboxes", params={"q": "okafor"}, headers=bearer(OPS_TOKENS[0])
         )
         other = search(OPS_TOKENS[1])  # another token's search still reaches the database
-        while await waiting_on(db, "mailboxes") < 3:
-            await asyncio.sleep(0.02)
+        await until_waiting(db, 3)
         listing = await client.get("/api/v1/rejected", headers=bearer(OPS_TOKENS[0]))
         await db.execute("ROLLBACK")
         answers = await asyncio.gather(*held, other)
@@ -80,7 +81,7 @@ async def test_every_read_runs_with_custom_plans_and_the_read_timeout(database_u
                 "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
             )
             assert plans.scalar() == "force_custom_plan"
-            assert int(timeout.scalar()) == READ_STATEMENT_TIMEOUT_MS
+            assert int(timeout.scalar()) == READ_TIMEOUT_MS
         async with app.state.engine.connect() as conn:  # deliveries keep their plans
             plans = await conn.exec_driver_sql("SELECT current_setting('plan_cache_mode')")
             assert plans.scalar() == "auto"
