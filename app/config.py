@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     response_timeout_seconds: float = Field(default=30, gt=0, le=3600)
     keep_alive_timeout_seconds: int = Field(default=5, ge=1, le=600)
     max_connections: int = Field(default=1000, ge=1)
-    cmr_signature_forms: str = ",".join(SIGNATURE_FORMS)
+    # empty: every form, until live traffic pins one (app/receiving/pinning.py)
+    cmr_signature_forms: str = ""
     rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
     metrics_token: SecretStr | None = None
 
@@ -98,14 +99,16 @@ class Settings(BaseSettings):
     def _known_forms(cls, value: str) -> str:
         forms = [form.strip() for form in value.split(",") if form.strip()]
         unknown = sorted(set(forms) - set(SIGNATURE_FORMS))
-        if unknown or not forms:
-            given = ", ".join(unknown) or "empty"
-            raise ValueError(f"{given}: accepted forms are " + ", ".join(SIGNATURE_FORMS))
+        if unknown:
+            raise ValueError(
+                ", ".join(unknown) + ": accepted forms are " + ", ".join(SIGNATURE_FORMS)
+            )
         return ",".join(forms)
 
     @property
-    def signature_forms(self) -> frozenset[str]:
-        return frozenset(self.cmr_signature_forms.split(","))
+    def signature_forms(self) -> frozenset[str] | None:
+        """The forms CMR_SIGNATURE_FORMS names; None when it is not set."""
+        return frozenset(self.cmr_signature_forms.split(",")) if self.cmr_signature_forms else None
 
     @property
     def metrics_token_value(self) -> str | None:
@@ -150,12 +153,12 @@ class Settings(BaseSettings):
             raise ConfigError("FERNET_KEYS is not set (make a key: coldmail-webhooks generate-key)")
         if not self.ops_token_list:
             raise ConfigError("OPS_API_TOKENS is not set")
-        if not self.webhook_token_list and not self.signing_key:
-            raise ConfigError("neither WEBHOOK_TOKENS nor CMR_SIGNING_KEY is set; set at least one")
-        if self.cmr_signature_mode == "report" and not self.webhook_token_list:
+        if not self.webhook_token_list:
+            # A signing key alone is checked only once the body is read: every stranger's
+            # body would be read (and could fire the signature-failure alert).
             raise ConfigError(
-                "CMR_SIGNATURE_MODE=report needs WEBHOOK_TOKENS: without a token anyone could "
-                "post deliveries"
+                "WEBHOOK_TOKENS is not set: without a token the service would read every "
+                "stranger's body before refusing it"
             )
         self.check_tokens()
 
@@ -181,6 +184,11 @@ class Settings(BaseSettings):
                         f"{name}: a token is also configured in {seen[token]}; "
                         "give each role its own"
                     )
+        if self.signing_key and self.signing_key in seen:
+            raise ConfigError(
+                f"CMR_SIGNING_KEY: equals a token in {seen[self.signing_key]}; the signing key "
+                "must be secret from whoever holds a token"
+            )
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -32,14 +32,17 @@ from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
 from app.reading import api, ui
+from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
 from app.reading.renewals import TotalsCache
 from app.receiving import route
 from app.receiving.edge import BodyLimit, HstsMiddleware
+from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
 
 READ_POOL_SIZE = 5
+READ_STATEMENT_TIMEOUT_MS = 10_000
 
 
 def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[None] | None:
@@ -69,8 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = make_engine(settings.database_url or "", pool_size=settings.db_pool_size)
         # The read API's own pool: slow or many reads never take a delivery's connection.
         app.state.read_engine = make_engine(
-            settings.database_url or "", pool_size=READ_POOL_SIZE, statement_timeout_ms=10_000
+            settings.database_url or "",
+            pool_size=READ_POOL_SIZE,
+            statement_timeout_ms=READ_STATEMENT_TIMEOUT_MS,
+            custom_plans=True,
         )
+        app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(
@@ -115,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
     app.state.sign_in_throttle = ui.SignInThrottle()
+    app.state.searches = api.SearchSlots()
     app.include_router(route.router)
     app.include_router(health.router)
     app.include_router(api.router)
@@ -132,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, database_unavailable)
     app.add_middleware(BodyLimit, limits={route.PATH: settings.max_body_bytes})
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(HstsMiddleware)
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -35,11 +35,6 @@ def test_a_missing_required_secret_stops_start_up_naming_it(missing, variable):
     assert variable in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_signing_key_alone_is_enough_authentication():
-    values = {k: v for k, v in COMPLETE.items() if k != "webhook_tokens"}
-    load_settings(**values, cmr_signing_key="key").check_complete()
-
-
 def test_a_malformed_fernet_key_is_named_without_echoing_it():
     with pytest.raises(ConfigError) as error:
         load_settings(**COMPLETE | {"fernet_keys": f"{FERNET_KEY},not-a-key-zzz"})

@@ -61,6 +61,9 @@ def test_compose_refuses_to_start_without_its_secrets(tmp_path):
     result = compose_config(tmp_path)
     assert result.returncode != 0
     assert "set POSTGRES_PASSWORD in .env" in result.stderr
+    no_token = compose_config(tmp_path, POSTGRES_PASSWORD="pw", FERNET_KEYS="k", OPS_API_TOKENS="o")
+    assert no_token.returncode != 0
+    assert "set WEBHOOK_TOKENS in .env" in no_token.stderr
 
 
 def test_compose_app_uses_its_own_role_any_password_and_a_tcp_healthcheck(tmp_path):
@@ -71,6 +74,7 @@ def test_compose_app_uses_its_own_role_any_password_and_a_tcp_healthcheck(tmp_pa
         APP_DB_PASSWORD=password,
         FERNET_KEYS="k",
         OPS_API_TOKENS="o",
+        WEBHOOK_TOKENS="w",
         FORWARDED_ALLOW_IPS="10.0.0.1",
     )
     assert result.returncode == 0, result.stderr
@@ -93,6 +97,7 @@ def test_compose_puts_a_tls_proxy_in_front_and_trusts_only_it(tmp_path):
         POSTGRES_PASSWORD="pw",
         FERNET_KEYS="k",
         OPS_API_TOKENS="o",
+        WEBHOOK_TOKENS="w",
         SITE_ADDRESS="h.example",
     )
     assert result.returncode == 0, result.stderr

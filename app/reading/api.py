@@ -2,7 +2,9 @@
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
@@ -100,7 +102,7 @@ SKIPPED_NAMED = 20  # mailboxes an export names in X-Export-Skipped-Mailboxes, a
 SKIPPED_HEADER_CHARS = 1024  # and their IDs together: proxies cap a response's headers
 
 
-def ops_token(
+async def ops_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
     settings = request.app.state.settings
@@ -109,6 +111,8 @@ def ops_token(
     if not token_matches(token, allowed):
         raise UNAUTHORIZED
     assert token is not None
+    # who reads, as the dashboard's sessions know it: searches are counted per token
+    request.state.signed_in = (await request.app.state.hashing.get()).fingerprint(token)
     return token
 
 
@@ -118,17 +122,43 @@ def credentials_token(request: Request, token: Annotated[str, Depends(ops_token)
     return token
 
 
+SEARCHES_PER_TOKEN = 2  # of the read pool's 5 connections (per worker)
+TOO_MANY_SEARCHES = ApiError(429, {"error": "too_many_searches"}, {"Retry-After": "1"})
+
+
+class SearchSlots:
+    """Searches under way per token (its fingerprint) in this process: one token cannot
+    hold the read pool with them, and its searches beyond SEARCHES_PER_TOKEN get a 429."""
+
+    def __init__(self) -> None:
+        self.running: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def hold(self, who: str) -> AsyncIterator[None]:
+        if self.running[who] >= SEARCHES_PER_TOKEN:
+            raise TOO_MANY_SEARCHES
+        self.running[who] += 1
+        try:
+            yield
+        finally:
+            self.running[who] -= 1
+            if not self.running[who]:
+                del self.running[who]
+
+
 class Reader:
-    """The read API's access to the database: each statement checks a connection out of
-    the read pool (its own, small, with a statement_timeout, so no read can starve
-    deliveries) and gives it back with the rows, so none is held while a response is sent."""
+    """The read API's access to the database, for one token: each statement checks a
+    connection out of the read pool (its own, small, with a statement_timeout and custom
+    plans, so no read can starve deliveries) and gives it back with the rows, so none is
+    held while a response is sent."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, searches: SearchSlots, who: str) -> None:
+        self.engine, self.searches, self.who = engine, searches, who
 
-    async def execute(self, stmt: Executable) -> Any:
-        async with self.engine.connect() as conn:
-            return await conn.execute(stmt)  # buffered: every row is fetched here
+    async def execute(self, stmt: Executable, *, search: bool = False) -> Any:
+        async with self.searches.hold(self.who) if search else nullcontext():
+            async with self.engine.connect() as conn:
+                return await conn.execute(stmt)  # buffered: every row is fetched here
 
     async def write(self, stmt: Executable) -> None:
         """Committed on return."""
@@ -137,7 +167,9 @@ class Reader:
 
 
 def reader(request: Request) -> Reader:
-    return Reader(request.app.state.read_engine)
+    """For the token that ops_token (or the dashboard's session) identified."""
+    state = request.app.state
+    return Reader(state.read_engine, state.searches, request.state.signed_in)
 
 
 ReadConnection = Annotated[Reader, Depends(reader)]
@@ -222,7 +254,8 @@ async def fetch_page(
         stmt = stmt.add_columns(
             literal_column("pg_current_snapshot()::text").label("walk_snapshot")
         )
-    rows = (await conn.execute(stmt.limit(query.limit + 1))).all()
+    searching = bool(getattr(query, "q", None))
+    rows = (await conn.execute(stmt.limit(query.limit + 1), search=searching)).all()
     if len(rows) <= query.limit:
         return rows, None
     rows = rows[: query.limit]
@@ -271,9 +304,30 @@ def contains(value: str) -> str:
     return f"%{escaped}%"
 
 
+SEARCH_MAX = 100
+# The trigram index finds a substring by its 3-character pieces of letters or digits; a
+# term with none would have PostgreSQL read every row.
+SEARCHABLE = r"[^\W_]{3}"
+
+
+def searchable(value: str) -> str:
+    if not re.search(SEARCHABLE, value):
+        raise ValueError("needs at least 3 letters or digits in a row")
+    return value
+
+
 Search = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]+$"),
+    StringConstraints(min_length=3, max_length=SEARCH_MAX, pattern=r"^[^\x00]+$"),
+    AfterValidator(searchable),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 3,
+            "maxLength": SEARCH_MAX,
+            "pattern": f"^[^\\x00]*{SEARCHABLE}[^\\x00]*$",
+        }
+    ),
 ]
 
 
@@ -292,7 +346,9 @@ def mailbox_count(
 
 class SubscriptionQuery(ListQuery):
     q: Search | None = Field(
-        None, description="Case-insensitive substring of the domain, subscriptionId or user email"
+        None,
+        description="Case-insensitive substring of the domain, subscriptionId or user email; "
+        "3 to 100 characters, 3 letters or digits in a row among them",
     )
     domain: Ident | None = None
     user_id: Ident | None = None
@@ -327,7 +383,10 @@ def subscription_select() -> Select[Any]:
     ).select_from(subscriptions.outerjoin(domain, true()))
 
 
-@router.get("/subscriptions", summary="List subscriptions (one per domain)")
+SEARCHED = resources.errors(429)  # for the lists that take `q`
+
+
+@router.get("/subscriptions", summary="List subscriptions (one per domain)", responses=SEARCHED)
 async def list_subscriptions(
     conn: ReadConnection, query: Annotated[SubscriptionQuery, Query()]
 ) -> resources.Page[resources.Subscription]:
@@ -430,7 +489,7 @@ class MailboxFilters(BaseModel):
     q: Search | None = Field(
         None,
         description="Case-insensitive substring of the email, first or last name, domain or "
-        "mailboxId",
+        "mailboxId; 3 to 100 characters, 3 letters or digits in a row among them",
     )
     order_id: Ident | None = None
     updated_since: UtcTime | None = Field(None, description="ISO 8601; no offset means UTC")
@@ -477,7 +536,7 @@ def mailbox_select() -> Select[Any]:
     )
 
 
-@router.get("/mailboxes", summary="List mailboxes")
+@router.get("/mailboxes", summary="List mailboxes", responses=SEARCHED)
 async def list_mailboxes(
     conn: ReadConnection, query: Annotated[MailboxQuery, Query()]
 ) -> resources.Page[resources.Mailbox]:
@@ -856,7 +915,7 @@ LAST_DELIVERY = select(func.max(events.c.last_received_at)).scalar_subquery()
 
 
 @router.get("/stats", summary="What ops checks first: counts and the last delivery time")
-async def stats(conn: ReadConnection) -> resources.Stats:
+async def stats(request: Request, conn: ReadConnection) -> resources.Stats:
     by_provider = await counts_by(conn, mailboxes, "provider")
     scalars = select(
         select(func.count()).select_from(subscriptions).scalar_subquery(),
@@ -877,4 +936,7 @@ async def stats(conn: ReadConnection) -> resources.Stats:
         rejected_deliveries=rejected_count,
         replayable_events=replayable,
         last_delivery_at=last,
+        signature_forms=sorted(await request.app.state.signature_forms.accepted())
+        if request.app.state.settings.signing_key
+        else [],
     )

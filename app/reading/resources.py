@@ -216,6 +216,11 @@ class Stats(Resource):
         "`coldmail-webhooks replay --all` applies them"
     )
     last_delivery_at: AwareDatetime | None
+    signature_forms: list[str] = Field(
+        description="The signature forms deliveries are checked against now: those of "
+        "CMR_SIGNATURE_FORMS, else the one live traffic pinned, else all four; empty without "
+        "CMR_SIGNING_KEY"
+    )
 
 
 class Page(Resource, Generic[T]):
@@ -247,6 +252,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: ("The token may not read this (or not over plain HTTP: https_required)", Error),
         404: ("No such resource", Error),
         422: ("A filter, cursor or ID that is not valid", InvalidRequest),
+        429: ("This token has as many searches under way as allowed; retry (Retry-After)", Error),
         500: ("The database refused the read for a reason of its own (logged)", Error),
         503: ("The database cannot answer now; retry (Retry-After)", Error),
     }

@@ -41,7 +41,7 @@ def check_token(request: Request, settings: Settings) -> None:
             raise UNAUTHORIZED
 
 
-def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
+async def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
     """In report mode a bad signature is only noted."""
     if settings.signing_key is None:
         return SignatureCheck("unchecked")
@@ -51,7 +51,7 @@ def check_signature(request: Request, raw: bytes, settings: Settings) -> Signatu
         signature=request.headers.get(SIGNATURE_HEADER),
         timestamp=request.headers.get(TIMESTAMP_HEADER),
         tolerance=settings.cmr_signature_tolerance_seconds,
-        forms=settings.signature_forms,
+        forms=await request.app.state.signature_forms.accepted(),
     )
     metrics.SIGNATURES.labels(check.result).inc()
     if not check.ok and settings.cmr_signature_mode == "enforce":
@@ -79,7 +79,7 @@ async def receive_webhook(request: Request) -> Response:
     receiver: Receiver = request.app.state.receiver
     check_token(request, settings)
     raw = await request.body()  # at most MAX_BODY_BYTES: edge.BodyLimit
-    signature = check_signature(request, raw, settings)
+    signature = await check_signature(request, raw, settings)
     hasher = await receiver.hasher()
     try:
         envelope = parse_envelope(raw, hasher)

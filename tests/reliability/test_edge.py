@@ -5,6 +5,7 @@ Every wait here is for a condition (an answer, a closed socket, a log line), bou
 generously; nothing depends on how fast this machine is.
 """
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -323,6 +324,61 @@ def test_guessing_tokens_is_throttled_per_client(server):
     assert sign_in(server).status_code == 303  # another client is not held up
 
 
+# --- reads -------------------------------------------------------------------------------
+
+
+async def test_a_read_whose_client_left_is_cancelled_in_postgresql(server, database):
+    """Not left to run until its statement timeout: PostgreSQL is told at once, and the
+    connection goes back to the read pool."""
+    db = await asyncpg.connect(asyncpg_dsn(database))
+    observer = await asyncpg.connect(asyncpg_dsn(database))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'coldmail-webhooks' AND wait_event_type = 'Lock'"
+    )
+
+    async def until(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while not await condition():
+            assert time.monotonic() < deadline, f"still not: {what}"
+            await asyncio.sleep(0.05)
+
+    def gone_lines() -> list[dict[str, Any]]:
+        lines = [orjson.loads(x) for x in server.output().splitlines() if x.startswith("{")]
+        return [x for x in lines if x.get("path") == "/api/v1/mailboxes" and x["status"] >= 499]
+
+    async def left() -> bool:
+        return bool(gone_lines())
+
+    async def searching() -> bool:  # observed outside the locking transaction's snapshot
+        return bool(await observer.fetchval(waiting) == 1)
+
+    async def cancelled() -> bool:
+        return bool(await observer.fetchval(waiting) == 0)
+
+    try:
+        await db.execute("BEGIN; LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")
+        with connect(server) as sock:
+            sock.sendall(
+                b"GET /api/v1/mailboxes?q=okafor HTTP/1.1\r\nHost: edge\r\n"
+                + f"Authorization: Bearer {OPS_TOKEN}\r\n\r\n".encode()
+            )
+            await until(searching, "the search waits in PostgreSQL")
+        await until(cancelled, "the search is cancelled while the lock is still held")
+        await until(left, "the access line")
+        assert [line["status"] for line in gone_lines()] == [499]  # never a 503 of a timeout
+        await db.execute("ROLLBACK")
+    finally:
+        await db.close()
+        await observer.close()
+    again = httpx.get(
+        f"{server.url}/api/v1/mailboxes",
+        params={"q": "okafor"},
+        headers={"authorization": f"Bearer {OPS_TOKEN}"},
+    )
+    assert again.status_code == 200
+
+
 # --- configuration ----------------------------------------------------------------------
 
 
@@ -333,6 +389,8 @@ def test_guessing_tokens_is_throttled_per_client(server):
         ({"CREDENTIALS_API_TOKENS": OPS_TOKEN}, "CREDENTIALS_API_TOKENS"),
         ({"WEBHOOK_TOKENS": OPS_TOKEN}, "OPS_API_TOKENS"),
         ({"CMR_SIGNATURE_FORMS": "body:hex,sha1"}, "CMR_SIGNATURE_FORMS"),
+        ({"WEBHOOK_TOKENS": ""}, "WEBHOOK_TOKENS"),
+        ({"CMR_SIGNING_KEY": CREDENTIALS_TOKEN}, "CMR_SIGNING_KEY"),
     ],
 )
 def test_weak_or_shared_tokens_stop_start_up_in_one_line(database, tmp_path, variables, named):
