@@ -136,7 +136,7 @@ async def client_at(
     application = create_app(settings)
     served: Any = application
     if proxy:
-        served = ProxyHeadersMiddleware(application, trusted_hosts=settings.forwarded_allow_ips)
+        served = ProxyHeadersMiddleware(served, trusted_hosts=settings.forwarded_allow_ips)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=served, client=(address, 40000))
         async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://test") as http:
@@ -202,7 +202,8 @@ async def test_a_session_ends_after_its_idle_timeout_and_after_its_lifetime(
     )
     assert signed.status_code == 303 and (await client.get("/ui")).status_code == 200
     await db.execute(
-        "update ui_sessions set created_at = now() - $1::interval, last_seen_at = now() - $2::interval",
+        "update ui_sessions set created_at = now() - $1::interval,"
+        " last_seen_at = now() - $2::interval",
         created,
         seen,
     )
