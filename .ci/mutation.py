@@ -9,10 +9,11 @@
 It copies the checkout (tracked files, as they are now) to a scratch folder, so mutmut's
 `mutants/` never lands in the checkout, and runs `mutmut run` there on the modules, with
 the tests TESTS names for each (else all of tests/), under the budget. Then, per module:
-killed / (killed + survived + reached by no test), mutants listed in .ci/mutation-equivalent.txt (one name a
-line, `# why` after it) left out. .ci/mutation-scores.json is the ratchet: a module
-measured in full (every mutant checked within the budget) may not score below it; one cut
-short by the budget is reported, not judged. Exit 1 when a score went down.
+killed / (killed + survived + reached by no test), leaving out the mutants listed in
+.ci/mutation-equivalent.txt (one name a line, `# why` after it).
+.ci/mutation-scores.json is the ratchet: a module measured in full (every mutant checked
+within the budget) may not score below it; one cut short by the budget is reported, not
+judged. Exit 1 when a score went down.
 Needs TEST_DATABASE_URL like the tests (a PostgreSQL server).
 """
 
@@ -32,7 +33,10 @@ RATCHET = ROOT / ".ci" / "mutation-scores.json"
 EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.txt"
 # The tests that pin each module's promises; mutmut runs, per mutant, those that reach it.
 TESTS = {
-    "app/config.py": ["tests/test_config_and_schema.py", "tests/test_promises_edge.py"],
+    "app/config.py": [
+        "tests/test_config_and_schema.py",
+        "tests/test_promises_edge.py::test_every_token_of_a_list_typed_with_spaces_works_in_its_role",
+    ],
     "app/hashing.py": ["tests/test_vectors.py", "tests/test_keyed_hashes.py"],
     "app/crypto.py": ["tests/test_vectors.py"],
     "app/receiving/signing.py": ["tests/test_vectors.py", "tests/test_promises_edge.py"],
