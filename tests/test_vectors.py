@@ -92,9 +92,11 @@ def test_a_timestamp_signature_resent_as_a_body_is_not_a_body_signature():
     assert check(mac(f"{TS}.".encode() + body).hex(), body=body).ok  # the timestamp form
 
 
-def test_sign_makes_what_the_sender_sends():
+def test_sign_makes_what_the_sender_sends_stamped_now_unless_told(monkeypatch):
     headers = sign(KEY, BODY, timestamp=int(TS))
     assert headers == {"cmr-x-signature": SIGNED["timestamp.body:hex"], "cmr-x-timestamp": TS}
+    monkeypatch.setattr("app.receiving.signing.time.time", lambda: int(TS) + 0.7)  # now
+    assert sign(KEY, BODY) == headers
 
 
 # --- keyed hashes ---------------------------------------------------------------------
