@@ -35,6 +35,7 @@ EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.txt"
 TESTS = {
     "app/config.py": [
         "tests/test_config_and_schema.py",
+        "tests/test_config_promises.py",
         "tests/test_promises_edge.py::test_every_token_of_a_list_typed_with_spaces_works_in_its_role",
     ],
     "app/hashing.py": ["tests/test_vectors.py", "tests/test_keyed_hashes.py"],
