@@ -257,3 +257,42 @@ async def test_a_prewarmup_domains_quantity_counts_its_own_mailboxes(client):
         sub = await client.get(f"/api/v1/subscriptions/{group['subscriptionId']}", headers=OPS)
         body = sub.json()
         assert (body["quantity"], body["mailboxCount"]) == (expected, expected), group["domain"]
+
+
+async def test_rotation_walks_every_batch_and_a_second_run_finds_everything_current(
+    client, db, database_url
+):
+    prewarm = traffic.prewarmup_success(domains=1, per_domain=5)  # all three credentials
+    google = [traffic.mailbox_created() for _ in range(2)]  # an app password only
+    await delivered(client, prewarm, *google)
+    refused = traffic.mailbox_created()
+    del refused["data"]["mailboxDetails"]["mailboxId"]
+    assert (await deliver(client, refused)).status_code == 422
+    new_key = generate_key()
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        first = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=2)
+        again = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=2)
+    finally:
+        await engine.dispose()
+    expected = {
+        "mailboxes.password_encrypted": 5,
+        "mailboxes.app_password_encrypted": 7,
+        "mailboxes.authenticator_secret_encrypted": 5,
+        "events.body_encrypted": 3,
+        "rejected_deliveries.body_encrypted": 1,
+        "server_keys.key_encrypted": 1,
+    }
+    assert {k: (c.rotated, c.current) for k, c in first.items()} == {
+        k: (n, 0) for k, n in expected.items()
+    }
+    assert {k: (c.rotated, c.current) for k, c in again.items()} == {
+        k: (0, n) for k, n in expected.items()
+    }
+    only_new = Vault([new_key])
+    rows = await db.fetch(
+        "select app_password_encrypted as t from mailboxes union all "
+        "select body_encrypted from events union all select body_encrypted "
+        "from rejected_deliveries union all select key_encrypted from server_keys"
+    )
+    assert len(rows) == 7 + 3 + 1 + 1 and all(only_new.decrypt(row["t"]) for row in rows)
