@@ -271,8 +271,8 @@ async def test_rotation_walks_every_batch_and_a_second_run_finds_everything_curr
     new_key = generate_key()
     engine = make_engine(database_url, pool_size=1)
     try:
-        first = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=2)
-        again = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=2)
+        first = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=3)
+        again = await keys.rotate_keys(engine, [new_key, FERNET_KEY], batch=3)
     finally:
         await engine.dispose()
     expected = {
