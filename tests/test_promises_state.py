@@ -268,6 +268,7 @@ async def test_rotation_walks_every_batch_and_a_second_run_finds_everything_curr
     refused = traffic.mailbox_created()
     del refused["data"]["mailboxDetails"]["mailboxId"]
     assert (await deliver(client, refused)).status_code == 422
+    await db.execute("update mailboxes set updated_at = '2026-01-02T03:04:05Z'")
     new_key = generate_key()
     engine = make_engine(database_url, pool_size=1)
     try:
@@ -296,3 +297,5 @@ async def test_rotation_walks_every_batch_and_a_second_run_finds_everything_curr
         "from rejected_deliveries union all select key_encrypted from server_keys"
     )
     assert len(rows) == 7 + 3 + 1 + 1 and all(only_new.decrypt(row["t"]) for row in rows)
+    stamps = await db.fetch("select distinct updated_at::text as at from mailboxes")
+    assert [row["at"] for row in stamps] == ["2026-01-02 03:04:05+00"]  # not a change to read
