@@ -251,3 +251,25 @@ async def test_rotate_keys_leaves_spooled_deliveries_readable_under_the_new_key(
             headers={"Authorization": f"Bearer {CREDENTIALS_TOKEN}"},
         )
     assert got.json()["appPassword"] == box["appPassword"]
+
+
+async def test_rotate_keys_changes_no_updated_at_so_updated_since_readers_see_no_change(
+    client, database_url, db
+):
+    payload = factories.prewarmup_success(domains=1, per_domain=3)
+    assert (await deliver(client, payload)).status_code == 200
+    await db.execute("update mailboxes set updated_at = '2026-01-02T03:04:05Z'")
+    before = dict(await db.fetch("select mailbox_id, password_encrypted from mailboxes"))
+    new_key = generate_key()
+    env = clean_env(DATABASE_URL=database_url, FERNET_KEYS=f"{new_key},{FERNET_KEY}")
+    out = run_cli("rotate-keys", env=env)
+    assert re.search(r"mailboxes.password_encrypted\s+re-encrypted\s+3", out)
+    after = dict(await db.fetch("select mailbox_id, password_encrypted from mailboxes"))
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in after)
+    stamps = await db.fetch("select distinct updated_at::text as at from mailboxes")
+    assert [row["at"] for row in stamps] == ["2026-01-02 03:04:05+00"]
+    ops = {"Authorization": f"Bearer {OPS_TOKEN}"}
+    since = await client.get(
+        "/api/v1/mailboxes", params={"updatedSince": "2026-06-01T00:00:00Z"}, headers=ops
+    )
+    assert since.status_code == 200 and since.json()["items"] == []

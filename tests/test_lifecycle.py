@@ -129,9 +129,12 @@ async def subscription(client, sub: str) -> dict[str, Any]:
         # within one period the further state wins: a late retry never undoes a later step
         (("subscription.renewing", 1, "RENEWING"), ("subscription.past_due", 1, "PAST_DUE"),
          "PAST_DUE", 1),
-        # CANCELLED is final, even against a later period
+        # CANCELLED is final, even against a later period; the period stays the latest known
         (("subscription.cancelled", 0, "CANCELLED"), ("subscription.renewal.success", 1, "ACTIVE"),
-         "CANCELLED", 0),
+         "CANCELLED", 1),
+        # a late cancellation of the older period does not roll the renewal's period back
+        (("subscription.renewal.success", 1, "ACTIVE"), ("subscription.cancelled", 0, "CANCELLED"),
+         "CANCELLED", 1),
     ],
 )  # fmt: skip
 async def test_lifecycle_rules_hold_in_either_order(
@@ -149,6 +152,7 @@ async def test_lifecycle_rules_hold_in_either_order(
     state = await in_both_orders(server_url, template_name, stream, read)
     assert state["subscriptionStatus"] == expected_status
     assert state["periodEnd"].startswith(streams.period(expected_period)["periodEnd"][:10])
+    assert state["expiryDate"] == state["periodEnd"]
 
 
 async def test_without_period_data_the_later_event_wins_and_the_name_implies_the_state(

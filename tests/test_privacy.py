@@ -1,13 +1,18 @@
 """Retention deletes old bodies; erase removes one mailbox's personal data for good."""
 
+import pytest
+
+from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.operations import privacy
 from app.operations.privacy import expire_bodies
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
     deliver,
+    make_settings,
 )
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_secrets import pg_dump
@@ -15,6 +20,13 @@ from tests.servers import run_cli
 from tests.state import OPS
 
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    """The app without its own retention task: these tests call expire_bodies themselves,
+    and a task deleting the same bodies first made that call's count a race."""
+    return make_settings(database_url, body_retention_days=0)
 
 
 async def test_bodies_past_retention_are_deleted_and_the_redacted_copy_stays(
@@ -113,3 +125,67 @@ async def test_erase_removes_a_mailbox_everywhere_and_replay_cannot_bring_it_bac
     assert (await deliver(client, again)).json()["status"] == "processed"
     box = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
     assert (box["email"], box["firstName"], box["hasAppPassword"]) == (None, None, False)
+
+
+async def test_retention_goes_on_past_its_first_batch(client, db, database_url, monkeypatch):
+    monkeypatch.setattr(privacy, "RETENTION_BATCH", 2)
+    payloads = [traffic.mailbox_created() for _ in range(6)]
+    for payload in payloads:
+        assert (await deliver(client, payload)).status_code == 200
+    old = [payload["eventId"] for payload in payloads[:5]]  # two full batches and a part
+    await db.execute(
+        "update events set first_received_at = now() - interval '91 days' where event_id = any($1)",
+        old,
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await expire_bodies(engine, 90) == 5
+    finally:
+        await engine.dispose()
+    kept = await db.fetch("select event_id from events where body_encrypted is not null")
+    assert [row["event_id"] for row in kept] == [payloads[5]["eventId"]]
+
+
+def personal(tag: str) -> dict[str, str]:
+    """Every personal field and credential, each value this mailbox's own."""
+    return {
+        "email": f"{tag}.person@erase-{tag}.example",
+        "firstName": f"First-{tag}",
+        "lastName": f"Last-{tag}",
+        "userName": f"user-{tag}",
+        "profilePicture": f"https://cdn.example/pictures/{tag}.jpg",
+        "password": f"pw-{tag}-secret",
+        "appPassword": f"app-{tag}-secret",
+        "authenticatorSecret": f"totp-{tag}-secret",
+    }
+
+
+async def test_erase_removes_every_personal_field_and_no_later_delivery_restores_one(
+    client, db, database_url
+):
+    gone, kept = personal("gone7q"), personal("kept3z")
+    created = {
+        tag: traffic.mailbox_created(provider="MICROSOFT", details=fields)
+        for tag, fields in (("gone", gone), ("kept", kept))
+    }
+    ids = {tag: payload["data"]["mailboxDetails"]["mailboxId"] for tag, payload in created.items()}
+    for payload in created.values():
+        assert (await deliver(client, payload)).status_code == 200
+    run_cli("erase", "--mailbox", ids["gone"], env=server_env(database_url))
+    fields = ("email", "firstName", "lastName", "userName", "profilePicture")
+    dump = pg_dump(database_url)
+    assert all(value in dump for value in (kept["profilePicture"], kept["userName"]))
+    assert [v for k, v in gone.items() if k in fields and v in dump] == []
+
+    # again, with a new eventId, and an edit of every editable field: nothing comes back
+    again = traffic.mailbox_created(provider="MICROSOFT", details=gone | {"mailboxId": ids["gone"]})
+    edit = traffic.mailbox_updated(
+        ids["gone"], {k: gone[k] for k in ("firstName", "lastName", "userName", "profilePicture")}
+    )
+    for payload in (again, edit):
+        assert (await deliver(client, payload)).status_code == 200
+
+    box = (await client.get(f"/api/v1/mailboxes/{ids['gone']}", headers=OPS)).json()
+    assert {f: box[f] for f in fields} == dict.fromkeys(fields)
+    other = (await client.get(f"/api/v1/mailboxes/{ids['kept']}", headers=OPS)).json()
+    assert {f: other[f] for f in fields} == {f: kept[f] for f in fields}

@@ -4,6 +4,8 @@ mailboxes and orders."""
 
 import time
 
+import orjson
+
 from app.crypto import Vault
 from app.db import make_engine
 from app.operations.replay import Selection, replay
@@ -12,7 +14,7 @@ from tests import streams
 from tests.conftest import FERNET_KEY, app_client, deliver, make_settings
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import run_cli
-from tests.state import read_state
+from tests.state import OPS, read_state
 
 DERIVED = "mailboxes, order_domains, orders, subscriptions, domains"
 
@@ -106,3 +108,42 @@ async def test_two_contents_of_one_event_end_the_same_whichever_is_replayed_last
             await db.execute(f"TRUNCATE {DERIVED}")
             await replay_one_by_one(database_url, order)
             assert await read_state(client) == live
+
+
+async def test_a_rejected_edit_replayed_later_keeps_its_receipt_time_and_loses_to_a_later_edit(
+    db, database_url
+):
+    """An edit refused an hour ago (apply_failed, say) and a live edit ten minutes ago:
+    replaying the refused one now must not make it the later edit."""
+    created = traffic.mailbox_created()
+    mailbox_id = created["data"]["mailboxDetails"]["mailboxId"]
+    old_edit = traffic.mailbox_updated(mailbox_id, {"firstName": "Refused-An-Hour-Ago"})
+    new_edit = traffic.mailbox_updated(mailbox_id, {"firstName": "Live-Ten-Minutes-Ago"})
+    settings = make_settings(database_url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
+    async with app_client(settings) as client:
+        assert (await deliver(client, streams.sent(created, time.time() - 7200))).status_code == 200
+        assert (await deliver(client, streams.sent(new_edit, time.time() - 600))).status_code == 200
+        row_id = await db.fetchval(
+            "insert into rejected_deliveries (reason, event, event_id, errors, signature, "
+            "body_encrypted, received_at) values ('apply_failed', $1, $2, '[]', 'valid', $3, "
+            "now() - interval '1 hour') returning id",
+            old_edit["event"],
+            old_edit["eventId"],
+            Vault([FERNET_KEY]).encrypt(orjson.dumps(old_edit)),
+        )
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            _, report = await replay(
+                engine, Vault([FERNET_KEY]), Selection(rejected_ids=[row_id]), dry_run=False
+            )
+        finally:
+            await engine.dispose()
+        assert report.applied == 1
+        box = (await client.get(f"/api/v1/mailboxes/{mailbox_id}", headers=OPS)).json()
+        assert box["firstName"] == "Live-Ten-Minutes-Ago"
+        replayed = await db.fetchrow(
+            "select first_received_at, event_time from events where event_id = $1",
+            old_edit["eventId"],
+        )
+        received = await db.fetchval("select received_at from rejected_deliveries")
+        assert replayed["first_received_at"] == replayed["event_time"] == received

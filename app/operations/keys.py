@@ -2,6 +2,7 @@
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import Table, select, update
@@ -49,11 +50,16 @@ async def rotate_keys(
                     continue
                 except InvalidToken:
                     pass
+                # updated_at set to itself: re-encrypting is not a change a reader of
+                # `updatedSince` should see (the model's onupdate would stamp now()).
+                values: dict[str, Any] = {column: vault.rotate(token)}
+                if "updated_at" in table.c:
+                    values["updated_at"] = table.c.updated_at
                 async with engine.begin() as conn:
                     await conn.execute(
                         update(table)
                         .where(table.c.id == row_id, table.c[column] == token)
-                        .values({column: vault.rotate(token)})
+                        .values(values)
                     )
                 count.rotated += 1
     counts["server_keys.key_encrypted"] = await rotate_server_keys(engine, vault, primary)

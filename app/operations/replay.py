@@ -133,9 +133,9 @@ class Replayer:
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(rejected.c.body_encrypted, rejected.c.signature).where(
-                        rejected.c.id == row_id
-                    )
+                    select(
+                        rejected.c.body_encrypted, rejected.c.signature, rejected.c.received_at
+                    ).where(rejected.c.id == row_id)
                 )
             ).one()
         if row.body_encrypted is None:  # erased: not JSON, nothing left to replay
@@ -153,7 +153,15 @@ class Replayer:
         report.applied += 1
         if self.dry_run:
             return
-        delivery = Delivery(envelope, raw, SignatureCheck(row.signature), hasher=self.hasher)
+        # At its receipt time, as spooled and stored events are: an edit refused an hour
+        # ago must not beat a later live edit by being replayed now.
+        delivery = Delivery(
+            envelope,
+            raw,
+            SignatureCheck(row.signature),
+            received_at=row.received_at,
+            hasher=self.hasher,
+        )
         outcome = await record(self.engine, self.vault, delivery, model)
         async with self.engine.begin() as conn:
             await conn.execute(

@@ -14,11 +14,16 @@ how the stored value and the event's value combine:
   VERSIONS       keeps, per column, the greatest edit version seen (goes with EDIT)
   ACTIVE_WINS    a subscription that succeeded once stays active; a failure never demotes it
   SUCCESS_WINS   a domain reported both ways stays succeeded; the failure reason is kept
-  LIFECYCLE      the subscription.* rule: a later period (greater periodEnd) wins; within one
-                 period the further state (ACTIVE < RENEWING < PAST_DUE < EXPIRED <
-                 CANCELLED); when either event has no period, the later event; CANCELLED is
-                 final (only another CANCELLED can replace it). What the winner leaves out,
-                 the other fills in, so the result is the same in either order
+  PERIOD         the subscription.* rule for the period (periodStart, periodEnd): a later
+                 period (greater periodEnd) wins; within one period the further state
+                 (ACTIVE < RENEWING < PAST_DUE < EXPIRED < CANCELLED); when either event has
+                 no period, the later event. What the winner leaves out, the other fills in,
+                 so the result is the same in either order
+  LIFECYCLE      the same for the state (status, autoRenew, quantity), except that
+                 CANCELLED is final (only another CANCELLED can replace it). So a cancelled
+                 subscription shows CANCELLED with the latest period known, whichever
+                 arrived first, and its expiryDate is that periodEnd: a late cancellation
+                 of an older period does not roll back a renewal's period
   DOMAIN_STATE   the domain.* rule: the same with the domain's expiry date and states
                  ACTIVE < RENEWAL_FAILED < GRACE_PERIOD < EXPIRED < FAILED, nothing final;
                  events combine per domainId, and per name when they carry no domainId.
@@ -30,9 +35,11 @@ and a declaration's `erasable` columns: a mailbox erased by `erase` keeps its pe
 fields and credentials empty whatever arrives later.
 
 Each Policy below is the SQL a column of that policy gets. The rules longer than a
-coalesce are SQL functions, created by alembic/versions/0009_merge_functions.py:
-lifecycle_wins and domain_wins (with winner_first), unless_edited, edit_wins and
-latest_versions. PostgreSQL inlines them into the statements.
+coalesce are SQL functions, written once in app/recording/merge_functions.sql:
+period_wins, lifecycle_wins and domain_wins (with winner_first), unless_edited, edit_wins
+and latest_versions. PostgreSQL inlines them into the statements. A migration applies that
+file (CREATE OR REPLACE); a change to it needs a new migration that applies it again
+(see apply_functions below).
 
 A version is an event's time, then its eventId, then its content (effects.version): the
 time is the signed `cmr-x-timestamp` when the signature was valid, else the first receipt;
@@ -44,9 +51,12 @@ status, a subscription's quantity and first order) are then recomputed from thei
 the plain statement at the end of this module, in the same transaction.
 """
 
+import hashlib
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.dialects import postgresql
@@ -54,11 +64,33 @@ from sqlalchemy.dialects import postgresql
 from app.models import Base
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+FUNCTIONS_FILE = Path(__file__).with_name("merge_functions.sql")
+
+
+def functions_sha256() -> str:
+    return hashlib.sha256(FUNCTIONS_FILE.read_bytes()).hexdigest()
+
+
+def function_statements() -> list[str]:
+    """merge_functions.sql, one CREATE OR REPLACE FUNCTION statement each (each ends with
+    a line `$$;`)."""
+    parts = re.split(r"^\$\$;$", FUNCTIONS_FILE.read_text(), flags=re.MULTILINE)
+    return [part.strip() + "\n$$" for part in parts if "CREATE OR REPLACE" in part]
+
+
+def apply_functions(execute: Any, sha256: str) -> None:
+    """For a migration written when the file's SHA-256 was `sha256`: (re)create the
+    functions. If the file has changed since, a later migration applies it (the newest
+    one names its SHA-256: tests/test_migrations.py), so this one leaves them alone: the
+    new file may need columns that a migration after this one adds."""
+    if functions_sha256() == sha256:
+        for statement in function_statements():
+            execute(statement)
 
 
 class Policy(StrEnum):
     """Each policy's SQL, written once: `old` is the stored row, EXCLUDED the event's. The
-    functions named here are created by alembic/versions/0009_merge_functions.py."""
+    functions named here are in app/recording/merge_functions.sql."""
 
     OVERWRITE = "coalesce(EXCLUDED.{c}, old.{c})"
     FILL = "coalesce(old.{c}, EXCLUDED.{c})"
@@ -74,6 +106,7 @@ class Policy(StrEnum):
     SUCCESS_WINS = (
         "CASE WHEN 'succeeded' IN (old.{c}, EXCLUDED.{c}) THEN 'succeeded' ELSE 'failed' END"
     )
+    PERIOD = "winner_first(period_wins(old, EXCLUDED), EXCLUDED.{c}, old.{c})"
     LIFECYCLE = "winner_first(lifecycle_wins(old, EXCLUDED), EXCLUDED.{c}, old.{c})"
     DOMAIN_STATE = "winner_first(domain_wins(old, EXCLUDED), EXCLUDED.{c}, old.{c})"
 
@@ -176,8 +209,8 @@ SUBSCRIPTION_LIFECYCLE = Upsert(
     {"subscription_id": None, **IDENTITY_FILL, "status": P.ACTIVE_WINS}
     | {
         "subscription_status": P.LIFECYCLE,
-        "period_start": P.LIFECYCLE,
-        "period_end": P.LIFECYCLE,
+        "period_start": P.PERIOD,
+        "period_end": P.PERIOD,
         "auto_renew": P.LIFECYCLE,
         "lifecycle_quantity": P.LIFECYCLE,
         "lifecycle_version": P.LIFECYCLE,

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Mutation testing (mutmut 3) of the modules a change touches, within a time budget.
+
+    python .ci/mutation.py                       # the app/ modules changed since main
+    python .ci/mutation.py --base HEAD~3         # ... since another base
+    python .ci/mutation.py app/config.py         # these modules
+    python .ci/mutation.py --budget 600 --update # raise the ratchet where a score went up
+
+It copies the checkout (tracked files, as they are now) to a scratch folder, so mutmut's
+`mutants/` never lands in the checkout, and runs `mutmut run` there on the modules, with
+the tests TESTS names for each (else all of tests/), under the budget. Then, per module:
+killed / (killed + survived + reached by no test), leaving out the mutants listed in
+.ci/mutation-equivalent.txt (one name a line, `# why` after it).
+.ci/mutation-scores.json is the ratchet: a module measured in full (every mutant checked
+within the budget) may not score below it; one cut short by the budget is reported, not
+judged. Exit 1 when a score went down.
+Needs TEST_DATABASE_URL like the tests (a PostgreSQL server).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RATCHET = ROOT / ".ci" / "mutation-scores.json"
+EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.txt"
+# The tests that pin each module's promises; mutmut runs, per mutant, those that reach it.
+TESTS = {
+    "app/config.py": [
+        "tests/test_config_and_schema.py",
+        "tests/test_config_promises.py",
+        "tests/test_promises_edge.py::test_every_token_of_a_list_typed_with_spaces_works_in_its_role",
+    ],
+    "app/hashing.py": ["tests/test_vectors.py", "tests/test_keyed_hashes.py"],
+    "app/crypto.py": ["tests/test_vectors.py"],
+    "app/receiving/signing.py": ["tests/test_vectors.py", "tests/test_promises_edge.py"],
+    # Tests that run the CLI in a subprocess do not see mutants: name in-process ones here.
+    "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
+    "app/operations/replay.py": ["tests/test_replay.py", "tests/test_lifecycle.py"],
+    "app/recording/merge.py": ["tests/test_lifecycle.py", "tests/test_migrations.py"],
+}
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def changed_modules(base: str) -> list[str]:
+    out = subprocess.run(
+        ["git", "diff", "--name-only", f"{base}...HEAD", "--", "app/"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [p for p in out.split() if p.endswith(".py") and (ROOT / p).is_file()]
+
+
+def scratch_copy() -> Path:
+    """The tracked files as they are in the checkout now, in a folder of their own."""
+    folder = Path(tempfile.mkdtemp(prefix="cmw-mutation-"))
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = folder / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return folder
+
+
+def configure(folder: Path, modules: list[str]) -> None:
+    """mutmut reads [tool.mutmut] from pyproject.toml: this run's modules and tests."""
+    tests = sorted({t for m in modules for t in TESTS.get(m, ["tests/"])})
+    table = (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["app"]\n'
+        f"only_mutate = {json.dumps(modules)}\n"
+        'also_copy = ["alembic", "alembic.ini"]\n'
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:randomly", "-x", "-q"]\n'
+    )
+    pyproject = folder / "pyproject.toml"
+    text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
+    pyproject.write_text(text + table)
+
+
+def run(folder: Path, budget: int) -> dict[str, Counter[str]]:
+    mutmut = [sys.executable, "-m", "mutmut"]
+    try:
+        subprocess.run([*mutmut, "run", "--max-children", "2"], cwd=folder, timeout=budget)
+    except subprocess.TimeoutExpired:
+        print(f"budget of {budget}s spent: unchecked mutants count as such")
+    out = subprocess.run(
+        [*mutmut, "results", "--all", "true"], cwd=folder, capture_output=True, text=True
+    ).stdout
+    equivalent = {line.split("#")[0].strip() for line in EQUIVALENT.read_text().splitlines()}
+    by_module: dict[str, Counter[str]] = {}
+    for name, status in re.findall(r"^\s+(\S+): (.+)$", out, flags=re.MULTILINE):
+        module = name.split(".x")[0].split(".x_")[0]
+        path = module.replace(".", "/") + ".py"
+        counts = by_module.setdefault(path, Counter())
+        counts["equivalent" if name in equivalent and status == "survived" else status] += 1
+        if status == "survived" and name not in equivalent:
+            print(f"survived: {name}  (mutmut show {name})")
+    return by_module
+
+
+def score(counts: Counter[str]) -> float:
+    """Mutants no test reaches ("no tests") count as survivors: nothing pins that code."""
+    killed = sum(counts[s] for s in KILLED)
+    judged = killed + counts["survived"] + counts["no tests"]
+    return round(100 * killed / judged, 1) if judged else 100.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help="default: app/ modules changed since --base")
+    parser.add_argument("--base", default="main")
+    parser.add_argument("--budget", type=int, default=900, help="seconds for mutmut run")
+    parser.add_argument("--update", action="store_true", help="raise the ratchet")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args()
+    modules = args.modules or changed_modules(args.base)
+    if not modules:
+        print("no app/ module changed: nothing to mutate")
+        return 0
+    folder = scratch_copy()
+    try:
+        configure(folder, modules)
+        by_module = run(folder, args.budget)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    ratchet = json.loads(RATCHET.read_text()) if RATCHET.exists() else {}
+    worse = []
+    for module in modules:
+        counts = by_module.get(module, Counter())
+        unchecked = counts["not checked"]
+        measured = score(counts)
+        floor = ratchet.get(module)
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        print(f"{module}: {measured}% (ratchet {floor}) [{detail}]")
+        if unchecked:
+            print(f"  {unchecked} mutants unchecked within the budget: not judged")
+            continue
+        if floor is not None and measured < floor:
+            worse.append(module)
+        elif args.update and (floor is None or measured > floor):
+            ratchet[module] = measured
+    if args.update:
+        RATCHET.write_text(json.dumps(dict(sorted(ratchet.items())), indent=2) + "\n")
+    if worse:
+        print("mutation score went down: " + ", ".join(worse))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    sys.exit(main())
