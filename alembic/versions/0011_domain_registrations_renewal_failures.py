@@ -5,10 +5,9 @@ subscription keeps its own renewal outcomes, so a subscription.renewal.failed is
 renewal_failed risk until a later renewal.success or a later period
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-05 16:00:00
 
-Another branch adds 0010 at the same time: whoever merges second sets down_revision to it.
 """
 
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0009"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
