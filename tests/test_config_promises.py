@@ -42,13 +42,13 @@ def test_a_complete_configuration_starts():
         ({"ops_api_tokens": None}, "OPS_API_TOKENS is not set"),
         (
             {"webhook_tokens": None},
-            "neither WEBHOOK_TOKENS nor CMR_SIGNING_KEY is set; set at least one",
+            "WEBHOOK_TOKENS is not set: without a token the service would read every "
+            "stranger's body before refusing it",
         ),
         (
-            {"webhook_tokens": None, "cmr_signing_key": "cmr-key-0123456789",
-             "cmr_signature_mode": "report"},
-            "CMR_SIGNATURE_MODE=report needs WEBHOOK_TOKENS: without a token anyone could "
-            "post deliveries",
+            {"webhook_tokens": None, "cmr_signing_key": "cmr-key-0123456789"},
+            "WEBHOOK_TOKENS is not set: without a token the service would read every "
+            "stranger's body before refusing it",
         ),
         (
             {"database_url": "mysql://h/db"},

@@ -224,11 +224,10 @@ async def test_every_list_pages_across_its_boundaries_in_either_order(client, pa
     [
         ("100%", ["100% Reply"]),
         ("100_", ["100_Reply"]),
-        ("\\d", ["Back\\dash"]),
-        ("0%", ["100% Reply"]),
+        ("ack\\d", ["Back\\dash"]),
+        ("100% R", ["100% Reply"]),
         ("Zoë", ["Zoë"]),
         ("1000", ["1000 Reply"]),
-        ("%", ["100% Reply"]),
     ],
 )
 async def test_a_search_takes_percent_underscore_and_backslash_literally(client, typed, found):
