@@ -9,10 +9,11 @@ import asyncpg
 import pytest
 
 from app.main import create_app
-from tests.conftest import OPS_TOKEN, app_client, make_settings
+from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client, make_settings
 
 READ_TIMEOUT_MS = 10_000  # the read pool's statement timeout (app/main.py)
 OPS_TOKENS = [OPS_TOKEN, "ops-token-second-0123456789"]
+CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -85,3 +86,17 @@ async def test_every_read_runs_with_custom_plans_and_the_read_timeout(database_u
         async with app.state.engine.connect() as conn:  # deliveries keep their plans
             plans = await conn.exec_driver_sql("SELECT current_setting('plan_cache_mode')")
             assert plans.scalar() == "auto"
+
+
+@pytest.mark.parametrize(
+    ("path", "other"),
+    [("/api/v1/mailboxes", "limit=5"), ("/api/v1/exports/mailboxes", "format=csv")],
+)
+async def test_a_parameter_given_twice_is_refused_not_settled_by_the_last(client, path, other):
+    """`q=ab&q=abc` would pass if only the last value were weighed; each key is named."""
+    key = other.split("=")[0]
+    both = await client.get(f"{path}?{other}&q=ab&q=abcd&{other}", headers=CREDS)
+    assert both.status_code == 422
+    assert [d["loc"] for d in both.json()["detail"]] == sorted([["query", key], ["query", "q"]])
+    once = await client.get(f"{path}?{other}&q=abcd", headers=CREDS)
+    assert once.status_code == 200

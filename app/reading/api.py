@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
@@ -173,9 +174,22 @@ def reader(request: Request) -> Reader:
 
 
 ReadConnection = Annotated[Reader, Depends(reader)]
+
+
+def one_value_each(request: Request) -> None:
+    """Every parameter takes one value: `?q=abc&q=x` is refused, not settled by quietly
+    taking the last one (which the client may not have meant, and the schema forbids)."""
+    given = Counter(key for key, _ in request.query_params.multi_items())
+    if repeated := sorted(key for key, count in given.items() if count > 1):
+        raise RequestValidationError(
+            [{"loc": ("query", key), "msg": "given more than once", "type": "repeated"}
+             for key in repeated]
+        )  # fmt: skip
+
+
 router = APIRouter(
     prefix="/api/v1",
-    dependencies=[Depends(ops_token)],
+    dependencies=[Depends(ops_token), Depends(one_value_each)],
     tags=["read API"],
     responses=resources.errors(401, 422, 500, 503),
 )
