@@ -74,14 +74,14 @@ def post(server: Server, body: bytes, headers: dict[str, str], token: str = WEBH
     )
 
 
-def connect(server: Server) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port))
+def connect(server: Server, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
     sock.settimeout(PATIENCE)
     return sock
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
+    """Everything the server sends until it closes the connection (a reset ends it too)."""
     data = b""
     try:
         while chunk := sock.recv(65536):

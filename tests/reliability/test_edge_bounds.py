@@ -19,7 +19,14 @@ import pytest
 from app.simulation import traffic
 from bench.attack import established, rss_mib
 from tests.conftest import WEBHOOK_TOKEN
-from tests.reliability.test_edge import PATIENCE, env_for, sign, wait_for
+from tests.reliability.test_edge import (
+    PATIENCE,
+    connect,
+    env_for,
+    read_until_closed,
+    sign,
+    wait_for,
+)
 from tests.servers import Server
 
 SLOW = "600"  # REQUEST_TIMEOUT_SECONDS where a test holds a connection on purpose
@@ -50,23 +57,6 @@ def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield serve
 
 
-def connect(server: Server, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
-    sock.settimeout(PATIENCE)
-    return sock
-
-
-def answer(sock: socket.socket) -> bytes:
-    """What the server sends until it closes the connection (a reset ends it too)."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def login_head(length: int | None, source_headers: bytes = b"") -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
     return (
@@ -86,7 +76,7 @@ def login_head(length: int | None, source_headers: bytes = b"") -> bytes:
 def test_a_sign_in_post_declaring_100_mb_is_answered_413_unread(server):
     sock = connect(server)
     sock.sendall(login_head(100 * 1024 * 1024))  # and not one byte of the body
-    reply = answer(sock)
+    reply = read_until_closed(sock)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert reply.endswith(b'{"error":"payload_too_large"}')
@@ -108,7 +98,7 @@ def test_a_streamed_100_mb_sign_in_post_is_stopped_at_a_few_kb(server):
 
     sender = threading.Thread(target=send_100_mb)
     sender.start()
-    reply = answer(sock)
+    reply = read_until_closed(sock)
     sender.join(PATIENCE)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
@@ -165,7 +155,7 @@ def test_clients_that_never_read_their_answers_are_dropped(server):
 def test_pipelined_requests_get_one_answer_and_the_connection_ends(server):
     sock = connect(server)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
-    reply = answer(sock)  # no keep-alive wait: the server closes after the first answer
+    reply = read_until_closed(sock)  # no keep-alive wait: the server closes after the first answer
     sock.close()
     assert reply.count(b"HTTP/1.1 200") == 1 and b"connection: close" in reply.lower()
 
