@@ -3,7 +3,9 @@ a length cap, are limited per token, and read statements run with custom plans a
 timeout of their own."""
 
 import asyncio
+import re
 import time
+from typing import Any
 
 import asyncpg
 import pytest
@@ -33,6 +35,28 @@ async def test_a_search_the_index_cannot_serve_is_a_clear_422(client, path, q):
 async def test_three_letters_or_digits_in_a_row_can_be_searched(client, q):
     answer = await client.get("/api/v1/mailboxes", params={"q": q}, headers=bearer(OPS_TOKEN))
     assert answer.status_code == 200
+
+
+def patterns(schema: Any) -> list[str]:
+    if isinstance(schema, dict):
+        own = [schema["pattern"]] if "pattern" in schema else []
+        return own + [p for value in schema.values() for p in patterns(value)]
+    return [p for value in schema for p in patterns(value)] if isinstance(schema, list) else []
+
+
+@pytest.mark.parametrize("q", ["¤xÑh", "¤¤¤", "张伟明", "Zoë", "ab_c", "×××", "Ωμέγα"])
+async def test_the_served_schema_states_the_search_rule_the_service_applies(client, q):
+    """The OpenAPI document's pattern for `q` accepts exactly what the service accepts, in
+    any regex dialect: without `\\w`, which ECMA 262 reads as ASCII and Python as Unicode
+    (schemathesis found the two disagreeing on `xÑh`)."""
+    document = (await client.get("/openapi.json")).json()
+    (parameter,) = [
+        p for p in document["paths"]["/api/v1/mailboxes"]["get"]["parameters"] if p["name"] == "q"
+    ]
+    (pattern,) = patterns(parameter["schema"])
+    assert "\\w" not in pattern.lower()
+    answer = await client.get("/api/v1/mailboxes", params={"q": q}, headers=bearer(OPS_TOKEN))
+    assert (answer.status_code == 200) == bool(re.search(pattern, q)), answer.text
 
 
 async def until_waiting(db: asyncpg.Connection, count: int) -> None:

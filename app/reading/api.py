@@ -320,8 +320,15 @@ def contains(value: str) -> str:
 
 SEARCH_MAX = 100
 # The trigram index finds a substring by its 3-character pieces of letters or digits; a
-# term with none would have PostgreSQL read every row.
-SEARCHABLE = r"[^\W_]{3}"
+# term with none would have PostgreSQL read every row. The letters are spelled out (Latin,
+# Greek, Cyrillic, Hebrew, Arabic, kana, CJK, Hangul) rather than `\w`, which Python reads
+# as Unicode and the OpenAPI document's readers (ECMA 262) as ASCII: both must agree.
+LETTERS = (
+    r"0-9A-Za-z\u00AA\u00B5\u00BA\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u02AF"
+    r"\u0370-\u03FF\u0400-\u052F\u05D0-\u05EA\u0620-\u064A\u3041-\u30FF"
+    r"\u4E00-\u9FFF\uAC00-\uD7A3"
+)
+SEARCHABLE = f"[{LETTERS}]{{3}}"
 
 
 def searchable(value: str) -> str:
