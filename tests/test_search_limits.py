@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from app.main import create_app
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, app_client, make_settings
@@ -97,7 +98,8 @@ async def test_a_token_gets_429_past_its_concurrent_searches_and_others_do_not(d
 async def test_every_read_runs_with_custom_plans_and_the_read_timeout(database_url, pooler):
     """A generic plan (kept after five runs of one prepared search) walked every mailbox
     for `q=zzzz`; through a pooler the settings are made per transaction."""
-    url = database_url + ("?prepared_statement_cache_size=0" if pooler else "")
+    pooled = make_url(database_url).update_query_dict({"prepared_statement_cache_size": "0"})
+    url = pooled.render_as_string(hide_password=False) if pooler else database_url
     app = create_app(make_settings(url))
     async with app.router.lifespan_context(app):
         async with app.state.read_engine.connect() as conn:
