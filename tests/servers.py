@@ -34,6 +34,18 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
+def serve_to_its_end(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`serve` that is expected to refuse to start: its exit and its one line."""
+    return subprocess.run(
+        [*CLI, "serve", "--port", "0"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 class Server:
     """One `serve` process; its output (logs included) is kept in a file for inspection."""
 

@@ -21,7 +21,7 @@ from tests.conftest import app_client, deliver, make_settings
 from tests.reliability.proxy import Proxy
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_spool import events_by_id, wait_until_drained
-from tests.servers import CLI, clean_env, run_cli, serving
+from tests.servers import CLI, clean_env, run_cli, serve_to_its_end, serving
 
 KEYS_LINE = "FERNET_KEYS cannot decrypt what the database stores"
 
@@ -78,15 +78,7 @@ async def test_serve_with_keys_that_cannot_decrypt_what_is_stored_stops_in_one_l
     async with app_client(make_settings(database_url)) as client:
         assert (await deliver(client, traffic.mailbox_created())).status_code == 200
     env = server_env(database_url) | {"FERNET_KEYS": generate_key()}
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [*CLI, "serve", "--port", "0"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = await asyncio.to_thread(serve_to_its_end, env, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"coldmail-webhooks: {KEYS_LINE}: "

@@ -30,7 +30,7 @@ from tests.conftest import (
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_edge import post, sign
 from tests.reliability.test_spool import events_by_id, wait_until_drained
-from tests.servers import CLI, Server, free_port, run_cli
+from tests.servers import Server, free_port, run_cli, serve_to_its_end
 
 pytestmark = pytest.mark.pgbouncer
 PATIENCE = 60
@@ -210,14 +210,7 @@ def test_serve_through_a_pooler_without_its_flag_stops_in_one_line(
     pgbouncer, database_url, tmp_path
 ):
     env = server_env(without_the_flag(pgbouncer, database_url))
-    result = subprocess.run(
-        [*CLI, "serve", "--port", "0"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = serve_to_its_end(env, tmp_path)
     assert result.returncode == 2
     stderr = result.stderr.strip().splitlines()
     assert len(stderr) == 1 and stderr[0].endswith(POOLER_FIX), stderr
