@@ -3,6 +3,7 @@ machine, with every request checked.
 
     python bench/run.py [--seconds 10] [--memory-events 100000] [--out DIR]
     python bench/run.py --scale    # the ops cockpit with 1M mailboxes (bench/scale.py)
+    python bench/run.py --baseline 4f460bf --pairs 2   # that commit against the work tree
 
 Needs a PostgreSQL server (BENCH_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/
 postgres; scratch databases are created and dropped), `wrk` and `pgbench` (Debian: wrk,
@@ -558,7 +559,19 @@ def main() -> int:
         action="store_true",
         help="instead: the ops cockpit with 1M mailboxes and 5M events (bench/scale.py)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="instead: COMMIT and the work tree in alternating runs (bench/compare.py)",
+    )
+    parser.add_argument("--pairs", type=int, default=2, help="with --baseline: runs per side")
     args = parser.parse_args()
+    if args.baseline:
+        from bench import compare
+
+        passed = [f"--seconds={args.seconds}", f"--events={args.events}"]
+        passed.append(f"--memory-events={args.memory_events}")
+        return compare.compare(args.baseline, args.pairs, passed, args.out)
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
         print(f"FAILED: {' and '.join(missing)} not found (Debian: wrk, postgresql-client)")

@@ -209,6 +209,24 @@ async def test_stats_count_what_ops_checks_first(client, seeded):
     assert stats["lastDeliveryAt"] is not None
 
 
+async def test_last_delivery_is_the_latest_receipt_a_duplicate_included(client, db):
+    first, second = factories.mailbox_created(), factories.mailbox_created()
+    for payload in (first, second):
+        assert (await deliver(client, payload)).status_code == 200
+
+    async def shown() -> datetime:
+        stats = (await client.get("/api/v1/stats", headers=OPS)).json()
+        return datetime.fromisoformat(stats["lastDeliveryAt"])
+
+    newest = await db.fetchval("SELECT max(first_received_at) FROM events")
+    assert await shown() == newest
+    assert (await deliver(client, first)).json()["status"] == "duplicate"
+    duplicate = await db.fetchval(
+        "SELECT last_received_at FROM events WHERE event_id = $1", first["eventId"]
+    )
+    assert duplicate > newest and await shown() == duplicate
+
+
 async def walk(client, path: str, *, limit: int, during=None) -> list[dict[str, Any]]:
     """Every item of a list, page by page; `during()` runs after the first page."""
     items, cursor = [], None

@@ -1,0 +1,91 @@
+"""What a delivery's one statement costs the database, pinned: the issue-31 regression came
+from costs added one at a time (an index here, a check there) that no single before/after
+run could see on a noisy box. Each index on these tables is maintained by every delivery
+that writes a row: adding one is a decision to take with bench/run.py --baseline figures."""
+
+import os
+import time
+
+import orjson
+import pytest
+
+from app.crypto import Vault, generate_key
+from app.hashing import Hasher
+from app.receiving import payloads
+from app.receiving.signing import SignatureCheck
+from app.recording import effects, record
+from app.simulation import traffic
+
+# Every index a mailbox.created delivery maintains (event_keys, events, subscriptions,
+# mailboxes): the unique keys, the read API's keyset filters, the detail pages' lookups,
+# the trigram search indexes (docs/benchmark.md says what each costs).
+INDEXES = {
+    "event_keys": {"pk_event_keys"},
+    "events": {
+        "pk_events",
+        "uq_events_event_id_content_hash",
+        "ix_events_event_type_id",
+        "ix_events_status_id",
+        "ix_events_conflict_id",
+        "ix_events_first_received_at",
+        "ix_events_last_received_at",
+        "ix_events_about_order",
+        "ix_events_about_subscription",
+        "ix_events_about_mailbox",
+        "ix_events_about_updated_mailbox",
+    },
+    "subscriptions": {
+        "pk_subscriptions",
+        "uq_subscriptions_subscription_id",
+        *(f"ix_subscriptions_{c}_id" for c in ("domain", "user_id", "user_email", "provider")),
+        *(f"ix_subscriptions_{c}_id" for c in ("source", "status", "subscription_status")),
+        "ix_subscriptions_expiry_date",
+        "ix_subscriptions_search",
+        "ix_subscriptions_renews_at",
+    },
+    "mailboxes": {
+        "pk_mailboxes",
+        "uq_mailboxes_mailbox_id",
+        *(f"ix_mailboxes_{c}_id" for c in ("subscription_id", "domain", "email", "user_id")),
+        *(f"ix_mailboxes_{c}_id" for c in ("provider", "source", "order_id")),
+        "ix_mailboxes_search",
+    },
+}
+
+
+def mailbox_created_statement() -> tuple[str, list[object]]:
+    """The service's own statement for a new mailbox.created delivery, as record.py runs it."""
+    vault, hasher = Vault([generate_key()]), Hasher(os.urandom(32))
+    raw = orjson.dumps(traffic.mailbox_created())
+    envelope = payloads.parse_envelope(raw, hasher)
+    model = payloads.parse_handled(envelope, [])
+    assert model is not None
+    delivery = record.Delivery(
+        envelope, raw, SignatureCheck("valid", None, time.time()), hasher=hasher
+    )
+    changes = effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+    return record.delivery_write(delivery, changes, vault)
+
+
+async def test_a_delivery_runs_no_trigger(db):
+    """A trigger (a foreign key's check is one) runs a query per row written: the mailbox's
+    check on its subscription was a third of the statement's time (migration 0012)."""
+    sql, args = mailbox_created_statement()
+    async with db.transaction():
+        plan = await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        stored = await db.fetchval("SELECT count(*) FROM mailboxes")
+    assert stored == 1  # the statement did write the mailbox
+    assert orjson.loads(plan)[0].get("Triggers", []) == []
+
+
+@pytest.mark.parametrize("table", sorted(INDEXES))
+async def test_the_indexes_each_delivery_maintains_are_these(db, table):
+    names = await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename = $1", table)
+    assert {row["indexname"] for row in names} == INDEXES[table]
+
+
+async def test_the_last_delivery_index_holds_only_duplicates(db):
+    definition = await db.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_events_last_received_at'"
+    )
+    assert definition.endswith("WHERE (deliveries > 1)")
