@@ -10,6 +10,7 @@ run is printed side by side; a run with any failed request (or that did not fini
 the comparison exit 1.
 """
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def baseline_checkout(commit: str, folder: Path) -> Iterator[Side]:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
         )
+        shutil.rmtree(folder / "baseline-venv", ignore_errors=True)
 
 
 def run_side(side: Side, out: Path, passed: list[str]) -> Result:
