@@ -36,8 +36,8 @@ class SignatureCheck:
 
 
 def _digest(key: str, message: bytes, encoding: str) -> str:
-    raw = hmac.new(key.encode(), message, hashlib.sha256).digest()
-    return raw.hex() if encoding == "hex" else base64.b64encode(raw).decode()
+    digest = hmac.new(key.encode(), message, hashlib.sha256).digest()
+    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
 def sign(key: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:
