@@ -1,7 +1,9 @@
 """What each event does, as rows for the upserts declared in app/recording/merge.py.
 
-Credentials are carried as given and encrypted only when written (app/recording/record.py),
-so that a prewarmup order's thousand are encrypted while the database works.
+The credentials of a mailbox.created or mailbox state event are encrypted here, into its
+row. A prewarmup order's mailboxes (a thousand at a time) are the exception: they are
+carried with their credentials as given (`Effects.mailboxes`) and encrypted only when
+written (app/recording/record.py), each part while the database runs the part before.
 """
 
 from dataclasses import dataclass, field
