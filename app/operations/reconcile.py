@@ -1,12 +1,13 @@
-"""Reconciliation with the sender's REST API (CONTRACT section 7).
+"""Reconciliation with the sender's REST API (docs/operations.md, "Reconciliation").
 
 The sender has no "list events" call, so this compares state: its `GET /subscriptions`
 against ours. What it says of a subscription's status, period and auto-renew is applied
 through the same lifecycle rule as `subscription.*` events (merge.SUBSCRIPTION_LIFECYCLE),
 recorded as coming from reconciliation, so a run racing the webhooks ends as either order
 would; mailboxes are never invented. What remains
-different is the drift report. Only the documented response shape is relied on
-(provider-docs/REST-API.md): change `SUBSCRIPTIONS_PATH` and `remote_row` if it changes.
+different is the drift report. Only the response shape the sender documents is relied on
+(tests/fake_sender.py serves its example): change `SUBSCRIPTIONS_PATH` and `remote_row` if
+it changes.
 """
 
 import asyncio
