@@ -117,7 +117,7 @@ class Event(Listed, Base):
         Index("ix_events_status_id", "status", "id"),
         Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
         Index("ix_events_first_received_at", "first_received_at"),  # the dashboard's 24 h
-        # the last delivery (queries/counts.py LAST_DELIVERY): only rows whose last differs from the first
+        # the last delivery (queries/counts.py): only rows whose last differs from the first
         Index(
             "ix_events_last_received_at",
             "last_received_at",

@@ -12,6 +12,7 @@ import pytest
 from app.crypto import Vault, generate_key
 from app.hashing import Hasher
 from app.receiving import payloads
+from app.receiving.delivery import Delivery
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, record
 from app.simulation import traffic
@@ -60,10 +61,9 @@ def mailbox_created_statement() -> tuple[str, list[object]]:
     envelope = payloads.parse_envelope(raw, hasher)
     model = payloads.parse_handled(envelope, [])
     assert model is not None
-    delivery = record.Delivery(
-        envelope, raw, SignatureCheck("valid", None, time.time()), hasher=hasher
-    )
-    changes = effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+    delivery = Delivery(envelope, raw, SignatureCheck("valid", None, time.time()), hasher=hasher)
+    version = record.delivery_version(delivery)
+    changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
     return record.delivery_write(delivery, changes, vault)
 
 
