@@ -81,7 +81,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(
-            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+            app.state.engine,
+            app.state.vault,
+            spool,
+            app.state.hashing,
+            settings.rejected_max_bytes,
+            group_window=settings.group_commit_window_ms / 1000,
         )
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
