@@ -58,7 +58,8 @@ async def test_duplicates_and_a_conflict_inside_one_group_are_told_apart(databas
     )
     assert [(r["deliveries"], r["conflict"]) for r in rows] == [(1, True), (4, True)]
     boxes = [p["data"]["mailboxDetails"]["mailboxId"] for p in (original, other)]
-    assert await db.fetchval("select count(*) from mailboxes where mailbox_id = any($1)", boxes) == 2
+    count = "select count(*) from mailboxes where mailbox_id = any($1)"
+    assert await db.fetchval(count, boxes) == 2
 
 
 async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db):

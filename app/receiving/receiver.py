@@ -204,9 +204,10 @@ class Receiver:
         delay, away = IDLE_SECONDS, False
         while not self._stopping.is_set():
             try:
-                if self.spool.try_become_drainer() and (not away or await self._answers()):
-                    delay = IDLE_SECONDS if await self.drain() == 0 else 0
-                    away = False
+                if self.spool.try_become_drainer():
+                    if away:  # one cheap statement, before a batch is decrypted for nothing
+                        await self._probe()
+                    delay, away = (IDLE_SECONDS if await self.drain() == 0 else 0), False
             except InvalidToken:
                 self.keys_failed()
                 delay = KEYS_WRONG_SECONDS
@@ -219,17 +220,10 @@ class Receiver:
                 delay = min(max(delay * 2, FIRST_RETRY_SECONDS), MAX_BACKOFF_SECONDS)
             await (self.pause or self._wait)(delay)
 
-    async def _answers(self) -> bool:
-        """Whether the database answers again: one cheap statement before a batch is read
-        and decrypted for nothing."""
-        try:
-            async with raw_connection(self.engine) as conn:
-                await conn.fetchval("SELECT 1")
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            return False
-        return True
+    async def _probe(self) -> None:
+        """Raises what the database raises while it cannot be reached."""
+        async with raw_connection(self.engine) as conn:
+            await conn.fetchval("SELECT 1")
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
