@@ -581,6 +581,9 @@ def main() -> int:
             bench_http_ceiling(run, workers)
         bench_physical_limit(run, bench_db_ceiling(run))
         bench_spooling(run)
+        from bench.drain import bench_drain  # it builds on this module
+
+        bench_drain(run)
         bench_prewarmup_page_memory(run, args.memory_events)
         print_table(run.rows)
         result = ratios(run.rows)
