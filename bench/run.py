@@ -2,7 +2,6 @@
 machine, with every request checked.
 
     python bench/run.py [--seconds 10] [--memory-events 100000] [--out DIR]
-    python bench/run.py --scale    # the ops cockpit with 1M mailboxes (bench/scale.py)
 
 Needs a PostgreSQL server (BENCH_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/
 postgres; scratch databases are created and dropped), `wrk` and `pgbench` (Debian: wrk,
@@ -43,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 from app.crypto import Vault, generate_key  # noqa: E402
 from app.hashing import Hasher  # noqa: E402
 from app.receiving import payloads, signing  # noqa: E402
+from app.receiving.delivery import Delivery  # noqa: E402
 from app.receiving.signing import SignatureCheck  # noqa: E402
+from app.receiving.spool import SPOOL_FILE, Spool  # noqa: E402
 from app.recording import effects, merge, record  # noqa: E402
 from app.simulation import traffic  # noqa: E402
 
@@ -294,8 +295,9 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
         model = payloads.parse_handled(envelope, [])
         assert model is not None
         signature = SignatureCheck("valid", None, time.time())
-        delivery = record.Delivery(envelope, raw, signature, hasher=HASHER)
-        changes = effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        delivery = Delivery(envelope, raw, signature, hasher=HASHER)
+        version = record.delivery_version(delivery)
+        changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
         writes.append(record.delivery_write(delivery, changes, vault))
     return writes
 
@@ -415,6 +417,73 @@ def bench_spooling(run: Run) -> None:
     if kept < report["requests"]:
         failures.append(f"{report['requests']} answered, {kept} in the spool")
     run.add("spooling, database away, wrk", figures, failures)
+
+
+# The drain row: spooled deliveries written this many at once (one transaction).
+SPOOL_CHUNK = 1000
+
+
+async def fill_spool(directory: Path, deliveries: int) -> None:
+    """What `serve` spools while the database is away: encrypted bodies and their checks."""
+    vault, spool = Vault([KEY]), Spool(directory, max_bytes=2**40)
+
+    async def put() -> None:
+        meta: dict[str, Any] = {"kind": "delivery", "signature": "valid", "warnings": []}
+        meta |= {"form": "timestamp.body:hex", "signedAt": time.time()}
+        body = vault.encrypt(orjson.dumps(traffic.mailbox_created()))
+        await spool.put(body=body, meta=meta, received_at=time.time())
+
+    try:
+        for start in range(0, deliveries, SPOOL_CHUNK):
+            await asyncio.gather(*(put() for _ in range(min(SPOOL_CHUNK, deliveries - start))))
+    finally:
+        spool.close()
+
+
+def spool_depth(path: Path) -> int:
+    with sqlite3.connect(path, timeout=30) as db:
+        return int(db.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+
+
+def timed_drain(path: Path, deliveries: int, proc: subprocess.Popen[bytes]) -> float:
+    """Deliveries a second, from the first batch out of the spool to the last (those of
+    the first batch not counted)."""
+    while (first := spool_depth(path)) == deliveries:
+        if proc.poll() is not None:
+            raise RuntimeError("serve exited before draining")
+        time.sleep(0.05)
+    started = time.perf_counter()
+    while spool_depth(path):
+        if proc.poll() is not None:
+            raise RuntimeError("serve exited while draining")
+        time.sleep(0.05)
+    return first / (time.perf_counter() - started)
+
+
+def bench_drain(run: Run, deliveries: int) -> None:
+    """`serve` on a scratch database, started with a spool of `deliveries` single-mailbox
+    deliveries, timed from its first committed batch to an empty spool; every delivery
+    must be processed."""
+    spool = Path(tempfile.mkdtemp(prefix="drain-", dir=run.out))
+    asyncio.run(fill_spool(spool, deliveries))
+    port, failures, figures = free_port(), [], {}
+    log = run.out / "drain.log"
+    with scratch_database("cmw_bench_drain", migrated=True) as url, log.open("wb") as output:
+        env = service_env(url, SPOOL_DIR=str(spool))
+        command = [*CLI, "serve", "--port", str(port), "--no-migrate"]
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, cwd=ROOT)
+        try:
+            rate = timed_drain(spool / SPOOL_FILE, deliveries, proc)
+            figures = {"events_per_second": round(rate, 1)}
+        except RuntimeError as error:
+            failures.append(f"{error} (see {log})")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        processed = asyncio.run(count_events(url))
+    if processed != deliveries:
+        failures.append(f"{deliveries} spooled, {processed} processed")
+    run.add(f"drain: {deliveries:,} spooled deliveries", figures, failures)
 
 
 def bench_prewarmup_page_memory(run: Run, memory_events: int) -> None:
@@ -552,12 +621,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--events", type=int, default=10_000, help="events per simulate run")
     parser.add_argument("--memory-events", type=int, default=100_000)
+    parser.add_argument("--drain-deliveries", type=int, default=50_000)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
-    parser.add_argument(
-        "--scale",
-        action="store_true",
-        help="instead: the ops cockpit with 1M mailboxes and 5M events (bench/scale.py)",
-    )
     args = parser.parse_args()
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
@@ -568,30 +633,25 @@ def main() -> int:
     run = Run(out, args.seconds)
     random.seed(1)
     started = time.perf_counter()
-    if args.scale:
-        from bench import scale
+    for workers in (1, 2):
+        bench_service(run, workers, args.events)
+    for workers in (1, 2):
+        bench_http_ceiling(run, workers)
+    bench_physical_limit(run, bench_db_ceiling(run))
+    bench_spooling(run)
+    bench_drain(run, args.drain_deliveries)
+    bench_prewarmup_page_memory(run, args.memory_events)
+    print_table(run.rows)
+    return report(run, ratios(run.rows), started)
 
-        scale.print_rows(scale.main(run))
-        print_table([r for r in run.rows if r["events_per_second"] is not None])
-        result = {}
-    else:
-        for workers in (1, 2):
-            bench_service(run, workers, args.events)
-        for workers in (1, 2):
-            bench_http_ceiling(run, workers)
-        bench_physical_limit(run, bench_db_ceiling(run))
-        bench_spooling(run)
-        from bench.drain import bench_drain  # it builds on this module
 
-        bench_drain(run)
-        bench_prewarmup_page_memory(run, args.memory_events)
-        print_table(run.rows)
-        result = ratios(run.rows)
+def report(run: Run, result: dict[str, float], started: float) -> int:
+    """Print the ratios and any failure, write results.json; 1 if a request failed."""
     for label, value in result.items():
         print(f"ratio {label}: {value}")
-    print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {out}")
-    report = {"rows": run.rows, "ratios": result, "failures": run.failures}
-    (out / "results.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {run.out}")
+    results = {"rows": run.rows, "ratios": result, "failures": run.failures}
+    (run.out / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     for failure in run.failures:
         print(f"FAILED {failure}", file=sys.stderr)
     if run.failures:

@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
@@ -24,11 +24,10 @@ from app import metrics
 from app.crypto import Vault
 from app.db import describe, is_transient, pooler_hint, raw_connection
 from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
+from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
 from app.receiving.spool import Entry, Spool, SpoolFull, TornEntry
-from app.recording.batches import GroupCommit, Prepared, prepare, record_many
-from app.recording.record import Delivery, Outcome, Rejection, store_rejected
 
 log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
@@ -50,6 +49,29 @@ class ApplyFailed(Exception):
     """Applying failed for a reason a retry will not cure; the delivery is kept as rejected."""
 
 
+# Recording's entry points (app/recording/batches.py and record.py), handed to the
+# Receiver by app/main.py: recording sits above receiving, so receiving never imports it.
+class Record(Protocol):
+    """One live delivery: its outcome once committed (with others that came with it)."""
+
+    async def __call__(self, delivery: Delivery, model: HandledEvent | None) -> Outcome: ...
+
+
+class RecordMany(Protocol):
+    """Many deliveries in one transaction: each one's outcome, or the error that kept it
+    out (one failing never keeps the others out)."""
+
+    async def __call__(
+        self, items: Sequence[tuple[Delivery, HandledEvent | None]]
+    ) -> list[Outcome | Exception]: ...
+
+
+class StoreRejected(Protocol):
+    async def __call__(
+        self, engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+    ) -> None: ...
+
+
 @dataclass
 class Receiver:
     engine: AsyncEngine
@@ -57,6 +79,9 @@ class Receiver:
     spool: Spool
     hashing: HashingKey
     rejected_max_bytes: int
+    record: Record
+    record_many: RecordMany
+    store: StoreRejected
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
@@ -69,16 +94,10 @@ class Receiver:
     # restart with the right keys (keys do not change in a running process).
     keys_wrong: bool = False
     keys_fit_until: float = 0.0
-    # GROUP_COMMIT_WINDOW_MS, in seconds (0: each live delivery commits alone).
-    group_window: float = 0.0
     # How the drainer waits between tries (tests pass a clock of their own); None: real
     # time, cut short by stop().
     pause: Callable[[float], Awaitable[None]] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    committer: GroupCommit = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.committer = GroupCommit(self.engine, self.vault, self.group_window)
 
     # --- live deliveries ------------------------------------------------------------------
 
@@ -121,7 +140,7 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await self.committer.record(delivery, model)
+            return await self.record(delivery, model)
         except Exception as error:
             await self._reject_failed(delivery, error)
 
@@ -148,7 +167,7 @@ class Receiver:
             await self._spool(rejection.raw, rejected_meta(rejection), received)
 
     async def store_rejected(self, rejection: Rejection) -> None:
-        await store_rejected(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
+        await self.store(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
 
     def _database_failed(self, error: Exception) -> None:
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
@@ -255,7 +274,7 @@ class Receiver:
 
     async def _drain_rows(self, rows: list[Entry | TornEntry], done: list[int]) -> None:
         """Apply the rows; `done` gets the id of each one committed (or set aside)."""
-        batch: list[tuple[int, Prepared]] = []
+        batch: list[tuple[int, tuple[Delivery, HandledEvent | None]]] = []
         for row in rows:
             if isinstance(row, TornEntry):
                 await self._set_aside(row.id, row.why)
@@ -270,13 +289,12 @@ class Receiver:
                 done.append(row.id)
             else:
                 batch.append((row.id, await self._spooled_delivery(row, raw)))
-                await asyncio.sleep(0)  # live deliveries are served meanwhile
-        results = await record_many(self.engine, self.vault, [item for _, item in batch])
+        results = await self.record_many([item for _, item in batch])
         waiting: Exception | None = None
-        for (row_id, item), result in zip(batch, results, strict=True):
+        for (row_id, (delivery, _)), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 try:
-                    await self._reject_failed(item.delivery, result)
+                    await self._reject_failed(delivery, result)
                 except ApplyFailed:
                     pass  # kept among rejected deliveries
                 except Exception as error:  # the database went away: the row waits
@@ -296,7 +314,9 @@ class Receiver:
         self.spooling, self.outage = False, None
         self.drained, self.drain_started = 0, None
 
-    async def _spooled_delivery(self, entry: Entry, raw: bytes) -> Prepared:
+    async def _spooled_delivery(
+        self, entry: Entry, raw: bytes
+    ) -> tuple[Delivery, HandledEvent | None]:
         meta = entry.meta
         signature = SignatureCheck(meta["signature"], meta.get("form"), meta.get("signedAt"))
         received = datetime.fromtimestamp(entry.received_at, UTC)
@@ -308,7 +328,7 @@ class Receiver:
             model = None
         warnings = meta.get("warnings", [])
         delivery = Delivery(envelope, raw, signature, received, warnings, True, hasher)
-        return prepare(self.vault, delivery, model)
+        return delivery, model
 
     async def _set_aside(self, row_id: int, why: str) -> None:
         log.error("spool row %s set aside: %s", row_id, why)

@@ -21,9 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.crypto import Vault
 from app.db import describe, is_transient, lost_a_race, raw_connection
 from app.receiving import payloads
+from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
 from app.recording.effects import Effects
-from app.recording.record import Delivery, Outcome, delivery_write, record
+from app.recording.record import delivery_version, delivery_write, record
 
 log = logging.getLogger("coldmail.recording")
 # record.MARK_CONFLICT for every conflicting eventId of a group at once.
@@ -55,13 +56,29 @@ def prepare(vault: Vault, delivery: Delivery, model: payloads.HandledEvent | Non
     changes = (
         None
         if model is None
-        else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        else effects.of(
+            model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
+        )
     )
     return Prepared(delivery, model, changes)
 
 
-async def record_many(engine: AsyncEngine, vault: Vault, items: Sequence[Prepared]) -> list[Result]:
-    """Each delivery's outcome, or the error that kept it from being recorded, in order."""
+Item = tuple[Delivery, payloads.HandledEvent | None]
+
+
+async def record_many(engine: AsyncEngine, vault: Vault, items: Sequence[Item]) -> list[Result]:
+    """Each delivery's outcome, or the error that kept it from being recorded, in order
+    (the spool's drain: the event loop serves live deliveries between two preparations)."""
+    prepared = []
+    for delivery, model in items:
+        prepared.append(prepare(vault, delivery, model))
+        await asyncio.sleep(0)
+    return await record_prepared(engine, vault, prepared)
+
+
+async def record_prepared(
+    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared]
+) -> list[Result]:
     together = [i for i, item in enumerate(items) if not item.alone]
     results: dict[int, Result] = {}
     try:
@@ -126,6 +143,9 @@ class GroupCommit:
     _writers: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WRITERS))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
+    async def record_many(self, items: Sequence[Item]) -> list[Result]:
+        return await record_many(self.engine, self.vault, items)
+
     async def record(self, delivery: Delivery, model: payloads.HandledEvent | None) -> Outcome:
         """Like `record`: the outcome once committed, or the error that kept it out."""
         if self.window <= 0:
@@ -158,7 +178,7 @@ class GroupCommit:
             else:
                 self._gathering = False
             try:
-                results: list[Result] = await record_many(
+                results: list[Result] = await record_prepared(
                     self.engine, self.vault, [item for item, _ in group]
                 )
             except Exception as error:  # not one delivery's failure: all of them hear it

@@ -16,6 +16,8 @@ from app.db import make_engine
 from app.hashing import HashingKey
 from app.receiving.receiver import DRAIN_BATCH, Receiver
 from app.receiving.spool import SPOOL_FILE, Spool
+from app.recording.batches import GroupCommit
+from app.recording.record import store_rejected
 from app.simulation import traffic
 from tests.conftest import (
     FERNET_KEY,
@@ -88,7 +90,18 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
     clock, vault = Clock(settings.spool_path), Vault([FERNET_KEY])
     engine = make_engine(proxy.url)
     spool = Spool(settings.spool_path, max_bytes=2**30)
-    receiver = Receiver(engine, vault, spool, HashingKey(engine, vault), 2**20, pause=clock.pause)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=clock.pause,
+    )
     drainer = asyncio.create_task(receiver.drain_forever())
     try:
         await until(lambda: asyncio.sleep(0, clock.now > 120))  # two minutes away
