@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     credentials_api_tokens: SecretStr | None = None
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     db_pool_size: int = Field(default=20, ge=1, le=200)
+    # Live deliveries arriving this close together are committed in one transaction.
+    group_commit_window_ms: float = Field(default=2, ge=0, le=1000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     data_dir: Path = Path(".data")

@@ -40,7 +40,8 @@ from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
-from app.recording.record import record, store_rejected
+from app.recording.batches import GroupCommit
+from app.recording.record import store_rejected
 
 READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
@@ -81,13 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
+        window = settings.group_commit_window_ms / 1000
+        committer = GroupCommit(app.state.engine, app.state.vault, window)
         app.state.receiver = receiver = Receiver(
             app.state.engine,
             app.state.vault,
             spool,
             app.state.hashing,
             settings.rejected_max_bytes,
-            record=record,
+            record=committer.record,
+            record_many=committer.record_many,
             store=store_rejected,
         )
         drainer = asyncio.create_task(receiver.drain_forever())

@@ -45,6 +45,7 @@ from app.hashing import Hasher  # noqa: E402
 from app.receiving import payloads, signing  # noqa: E402
 from app.receiving.delivery import Delivery  # noqa: E402
 from app.receiving.signing import SignatureCheck  # noqa: E402
+from app.receiving.spool import SPOOL_FILE, Spool  # noqa: E402
 from app.recording import effects, merge, record  # noqa: E402
 from app.simulation import traffic  # noqa: E402
 
@@ -419,6 +420,73 @@ def bench_spooling(run: Run) -> None:
     run.add("spooling, database away, wrk", figures, failures)
 
 
+# The drain row: spooled deliveries written this many at once (one transaction).
+SPOOL_CHUNK = 1000
+
+
+async def fill_spool(directory: Path, deliveries: int) -> None:
+    """What `serve` spools while the database is away: encrypted bodies and their checks."""
+    vault, spool = Vault([KEY]), Spool(directory, max_bytes=2**40)
+
+    async def put() -> None:
+        meta: dict[str, Any] = {"kind": "delivery", "signature": "valid", "warnings": []}
+        meta |= {"form": "timestamp.body:hex", "signedAt": time.time()}
+        body = vault.encrypt(orjson.dumps(traffic.mailbox_created()))
+        await spool.put(body=body, meta=meta, received_at=time.time())
+
+    try:
+        for start in range(0, deliveries, SPOOL_CHUNK):
+            await asyncio.gather(*(put() for _ in range(min(SPOOL_CHUNK, deliveries - start))))
+    finally:
+        spool.close()
+
+
+def spool_depth(path: Path) -> int:
+    with sqlite3.connect(path, timeout=30) as db:
+        return int(db.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+
+
+def timed_drain(path: Path, deliveries: int, proc: subprocess.Popen[bytes]) -> float:
+    """Deliveries a second, from the first batch out of the spool to the last (those of
+    the first batch not counted)."""
+    while (first := spool_depth(path)) == deliveries:
+        if proc.poll() is not None:
+            raise RuntimeError("serve exited before draining")
+        time.sleep(0.05)
+    started = time.perf_counter()
+    while spool_depth(path):
+        if proc.poll() is not None:
+            raise RuntimeError("serve exited while draining")
+        time.sleep(0.05)
+    return first / (time.perf_counter() - started)
+
+
+def bench_drain(run: Run, deliveries: int) -> None:
+    """`serve` on a scratch database, started with a spool of `deliveries` single-mailbox
+    deliveries, timed from its first committed batch to an empty spool; every delivery
+    must be processed."""
+    spool = Path(tempfile.mkdtemp(prefix="drain-", dir=run.out))
+    asyncio.run(fill_spool(spool, deliveries))
+    port, failures, figures = free_port(), [], {}
+    log = run.out / "drain.log"
+    with scratch_database("cmw_bench_drain", migrated=True) as url, log.open("wb") as output:
+        env = service_env(url, SPOOL_DIR=str(spool))
+        command = [*CLI, "serve", "--port", str(port), "--no-migrate"]
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, cwd=ROOT)
+        try:
+            rate = timed_drain(spool / SPOOL_FILE, deliveries, proc)
+            figures = {"events_per_second": round(rate, 1)}
+        except RuntimeError as error:
+            failures.append(f"{error} (see {log})")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        processed = asyncio.run(count_events(url))
+    if processed != deliveries:
+        failures.append(f"{deliveries} spooled, {processed} processed")
+    run.add(f"drain: {deliveries:,} spooled deliveries", figures, failures)
+
+
 def bench_prewarmup_page_memory(run: Run, memory_events: int) -> None:
     port = free_port()
     log = run.out / "api.log"
@@ -554,6 +622,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--events", type=int, default=10_000, help="events per simulate run")
     parser.add_argument("--memory-events", type=int, default=100_000)
+    parser.add_argument("--drain-deliveries", type=int, default=50_000)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
     parser.add_argument(
         "--baseline",
@@ -583,6 +652,7 @@ def main() -> int:
         bench_http_ceiling(run, workers)
     bench_physical_limit(run, bench_db_ceiling(run))
     bench_spooling(run)
+    bench_drain(run, args.drain_deliveries)
     bench_prewarmup_page_memory(run, args.memory_events)
     print_table(run.rows)
     return report(run, ratios(run.rows), started)

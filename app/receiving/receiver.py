@@ -1,17 +1,20 @@
 """Making every accepted delivery durable: PostgreSQL when it answers, else the spool.
 
-`accept` serves the webhook route; `drain` applies what the spool holds, oldest first,
-through the same `record_or_reject` as live deliveries, and deletes each row only after
-its commit, so a kill -9 at any point loses nothing and applies nothing twice (a row
-applied but not yet deleted comes back as a duplicate, which has no effect).
+`accept` serves the webhook route, committing concurrent deliveries together
+(recording/batches.py); `drain` applies what the spool holds, oldest first, a batch at a
+time in one transaction, and deletes the batch's rows only after its commit, so a kill -9
+at any point loses nothing and applies nothing twice (a row applied but not yet deleted
+comes back as a duplicate, which has no effect).
 """
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
@@ -19,20 +22,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
 from app.crypto import Vault
-from app.db import describe, is_transient, pooler_hint
+from app.db import describe, is_transient, pooler_hint, raw_connection
 from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
 from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
-from app.receiving.spool import Entry, Spool, SpoolFull
+from app.receiving.spool import Entry, Spool, SpoolFull, TornEntry
 
 log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
 # each waiting out a connection attempt; the drainer's first success ends it early.
 CIRCUIT_SECONDS = 2.0
-DRAIN_BATCH = 100
+# Spooled deliveries applied in one transaction (and deleted from the spool in one).
+DRAIN_BATCH = 500
 IDLE_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 10.0
+# While the database is away the drainer asks it again after 0.1 s, doubling up to this:
+# the drain starts within a second of its answering again.
+FIRST_RETRY_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 0.5
+# With FERNET_KEYS unable to decrypt, nothing changes until a restart: no hurry.
+KEYS_WRONG_SECONDS = 10.0
 KEYS_CHECK_SECONDS = 30.0
 
 
@@ -40,12 +49,21 @@ class ApplyFailed(Exception):
     """Applying failed for a reason a retry will not cure; the delivery is kept as rejected."""
 
 
-# Recording's two entry points (app/recording/record.py), handed to the Receiver by
-# app/main.py: recording sits above receiving, so receiving never imports it.
+# Recording's entry points (app/recording/batches.py and record.py), handed to the
+# Receiver by app/main.py: recording sits above receiving, so receiving never imports it.
 class Record(Protocol):
+    """One live delivery: its outcome once committed (with others that came with it)."""
+
+    async def __call__(self, delivery: Delivery, model: HandledEvent | None) -> Outcome: ...
+
+
+class RecordMany(Protocol):
+    """Many deliveries in one transaction: each one's outcome, or the error that kept it
+    out (one failing never keeps the others out)."""
+
     async def __call__(
-        self, engine: AsyncEngine, vault: Vault, delivery: Delivery, model: HandledEvent | None
-    ) -> Outcome: ...
+        self, items: Sequence[tuple[Delivery, HandledEvent | None]]
+    ) -> list[Outcome | Exception]: ...
 
 
 class StoreRejected(Protocol):
@@ -62,6 +80,7 @@ class Receiver:
     hashing: HashingKey
     rejected_max_bytes: int
     record: Record
+    record_many: RecordMany
     store: StoreRejected
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
@@ -75,6 +94,9 @@ class Receiver:
     # restart with the right keys (keys do not change in a running process).
     keys_wrong: bool = False
     keys_fit_until: float = 0.0
+    # How the drainer waits between tries (tests pass a clock of their own); None: real
+    # time, cut short by stop().
+    pause: Callable[[float], Awaitable[None]] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     # --- live deliveries ------------------------------------------------------------------
@@ -118,15 +140,20 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await self.record(self.engine, self.vault, delivery, model)
+            return await self.record(delivery, model)
         except Exception as error:
-            if is_transient(error):
-                raise
-            kind = getattr(error, "sqlstate", None) or type(error).__name__
-            why = pooler_hint(error) or kind
-            log.error("applying failed (%s); kept as rejected", why, extra=_ids(delivery))
-            await self.store_rejected(apply_failed(delivery, kind))
-            raise ApplyFailed() from None
+            await self._reject_failed(delivery, error)
+
+    async def _reject_failed(self, delivery: Delivery, error: Exception) -> NoReturn:
+        """Raises `error` when a retry may cure it; else keeps the delivery among rejected
+        deliveries and raises ApplyFailed."""
+        if is_transient(error):
+            raise error
+        kind = getattr(error, "sqlstate", None) or type(error).__name__
+        why = pooler_hint(error) or kind
+        log.error("applying failed (%s); kept as rejected", why, extra=_ids(delivery))
+        await self.store_rejected(apply_failed(delivery, kind))
+        raise ApplyFailed() from None
 
     async def keep_rejected(self, rejection: Rejection) -> None:
         """Store a refused delivery; spooled while the database cannot be reached."""
@@ -191,26 +218,35 @@ class Receiver:
     # --- the drainer ------------------------------------------------------------------------
 
     async def drain_forever(self) -> None:
-        """Runs inside `serve`: drains when there is work, backs off while the database is
-        away, and leaves every row it has not committed where it is."""
-        delay = IDLE_SECONDS
+        """Runs inside `serve`: drains when there is work, asks again soon while the
+        database is away, and leaves every row it has not committed where it is."""
+        delay, away = IDLE_SECONDS, False
         while not self._stopping.is_set():
             try:
                 if self.spool.try_become_drainer():
-                    delay = IDLE_SECONDS if await self.drain() == 0 else 0
+                    if away:  # one cheap statement, before a batch is decrypted for nothing
+                        await self._probe()
+                    delay, away = (IDLE_SECONDS if await self.drain() == 0 else 0), False
             except InvalidToken:
                 self.keys_failed()
-                delay = MAX_BACKOFF_SECONDS
+                delay = KEYS_WRONG_SECONDS
             except Exception as error:
                 if is_transient(error):
                     self.database_away()
                 else:
                     log.exception("the drainer failed; retrying")
-                delay = min(max(delay * 2, 0.5), MAX_BACKOFF_SECONDS)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            except TimeoutError:
-                pass
+                away = True
+                delay = min(max(delay * 2, FIRST_RETRY_SECONDS), MAX_BACKOFF_SECONDS)
+            await (self.pause or self._wait)(delay)
+
+    async def _probe(self) -> None:
+        """Raises what the database raises while it cannot be reached."""
+        async with raw_connection(self.engine) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -222,12 +258,12 @@ class Receiver:
         rows = await self.spool.oldest(DRAIN_BATCH)
         if rows and self.drain_started is None:
             self.drain_started = time.monotonic()
-        for row in rows:
-            if isinstance(row, Entry):
-                await self._drain_one(row)
-            else:
-                await self._set_aside(row.id, row.why)
-            self.drained += 1
+        done: list[int] = []
+        try:
+            await self._drain_rows(rows, done)
+        finally:  # what was committed leaves the spool, even when the rest could not
+            await self.spool.delete_many(done)
+            self.drained += len(done)
         if rows:
             self.database_down_until, self.away_since = 0.0, None
         depth, _, _ = await self.spool.depth()
@@ -235,6 +271,38 @@ class Receiver:
         if depth == 0 and self.drain_started is not None:
             self._drained()
         return len(rows)
+
+    async def _drain_rows(self, rows: list[Entry | TornEntry], done: list[int]) -> None:
+        """Apply the rows; `done` gets the id of each one committed (or set aside)."""
+        batch: list[tuple[int, tuple[Delivery, HandledEvent | None]]] = []
+        for row in rows:
+            if isinstance(row, TornEntry):
+                await self._set_aside(row.id, row.why)
+                continue
+            try:
+                raw = self.vault.decrypt(row.body)
+            except InvalidToken:
+                await self._set_aside(row.id, "body cannot be decrypted with FERNET_KEYS")
+                continue
+            if row.meta["kind"] == "rejected":
+                await self.store_rejected(spooled_rejection(row, raw))
+                done.append(row.id)
+            else:
+                batch.append((row.id, await self._spooled_delivery(row, raw)))
+        results = await self.record_many([item for _, item in batch])
+        waiting: Exception | None = None
+        for (row_id, (delivery, _)), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                try:
+                    await self._reject_failed(delivery, result)
+                except ApplyFailed:
+                    pass  # kept among rejected deliveries
+                except Exception as error:  # the database went away: the row waits
+                    waiting = error
+                    continue
+            done.append(row_id)
+        if waiting is not None:
+            raise waiting
 
     def _drained(self) -> None:
         seconds = time.monotonic() - (self.drain_started or time.monotonic())
@@ -246,44 +314,21 @@ class Receiver:
         self.spooling, self.outage = False, None
         self.drained, self.drain_started = 0, None
 
-    async def _drain_one(self, entry: Entry) -> None:
-        try:
-            raw = self.vault.decrypt(entry.body)
-        except InvalidToken:
-            await self._set_aside(entry.id, "body cannot be decrypted with FERNET_KEYS")
-            return
-        received = datetime.fromtimestamp(entry.received_at, UTC)
+    async def _spooled_delivery(
+        self, entry: Entry, raw: bytes
+    ) -> tuple[Delivery, HandledEvent | None]:
         meta = entry.meta
         signature = SignatureCheck(meta["signature"], meta.get("form"), meta.get("signedAt"))
-        if meta["kind"] == "rejected":
-            rejection = Rejection(
-                raw,
-                meta["signature"],
-                meta["reason"],
-                meta["errors"],
-                meta.get("event"),
-                meta.get("eventId"),
-                received,
-            )
-            await self.store_rejected(rejection)
-        else:
-            await self._apply_spooled(raw, signature, received, meta.get("warnings", []))
-        await self.spool.delete(entry.id)
-
-    async def _apply_spooled(
-        self, raw: bytes, signature: SignatureCheck, received: datetime, warnings: list[str]
-    ) -> None:
+        received = datetime.fromtimestamp(entry.received_at, UTC)
         hasher = await self.hashing.get()
         envelope = parse_envelope(raw, hasher)
         try:
             model = parse_handled(envelope, [])
         except ValidationError:  # valid when spooled: only a change of schema gets here
             model = None
+        warnings = meta.get("warnings", [])
         delivery = Delivery(envelope, raw, signature, received, warnings, True, hasher)
-        try:
-            await self.record_or_reject(delivery, model)
-        except ApplyFailed:
-            pass  # kept among rejected deliveries
+        return delivery, model
 
     async def _set_aside(self, row_id: int, why: str) -> None:
         log.error("spool row %s set aside: %s", row_id, why)
@@ -310,6 +355,20 @@ def rejected_meta(rejection: Rejection) -> dict[str, Any]:
         "event": rejection.event,
         "eventId": rejection.event_id,
     }
+
+
+def spooled_rejection(entry: Entry, raw: bytes) -> Rejection:
+    meta = entry.meta
+    received = datetime.fromtimestamp(entry.received_at, UTC)
+    return Rejection(
+        raw,
+        meta["signature"],
+        meta["reason"],
+        meta["errors"],
+        meta.get("event"),
+        meta.get("eventId"),
+        received,
+    )
 
 
 def apply_failed(delivery: Delivery, kind: str) -> Rejection:

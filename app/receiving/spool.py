@@ -166,23 +166,40 @@ class Spool:
         except (ValueError, TypeError) as error:
             return TornEntry(row_id, str(error))
 
-    async def delete(self, row_id: int) -> None:
-        await self._run(self._move, row_id, None)
+    async def delete_many(self, row_ids: list[int]) -> None:
+        """Take applied rows out, in one transaction (one fsync for a drained batch)."""
+        if row_ids:
+            await self._run(self._delete_many, row_ids)
+
+    def _delete_many(self, row_ids: list[int]) -> None:
+        db = self._connect()
+        ids = [(row_id,) for row_id in row_ids]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE usage SET bytes = bytes - "
+                "coalesce((SELECT size FROM deliveries WHERE id = ?), 0)",
+                ids,
+            )
+            db.executemany("DELETE FROM deliveries WHERE id = ?", ids)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     async def set_aside(self, row_id: int, why: str) -> None:
         """Keep an unreadable row apart (for an operator to inspect), out of the drain."""
         await self._run(self._move, row_id, why)
 
-    def _move(self, row_id: int, why: str | None) -> None:
+    def _move(self, row_id: int, why: str) -> None:
         db = self._connect()
         db.execute("BEGIN IMMEDIATE")
         try:
-            if why is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO set_aside SELECT id, received_at, body, meta, ? "
-                    "FROM deliveries WHERE id = ?",
-                    (why, row_id),
-                )
+            db.execute(
+                "INSERT OR REPLACE INTO set_aside SELECT id, received_at, body, meta, ? "
+                "FROM deliveries WHERE id = ?",
+                (why, row_id),
+            )
             db.execute(
                 "UPDATE usage SET bytes = bytes - "
                 "coalesce((SELECT size FROM deliveries WHERE id = ?), 0)",

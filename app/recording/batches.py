@@ -1,0 +1,188 @@
+"""Recording many deliveries in one transaction: the spool's drain applies its rows so,
+and concurrent live deliveries are committed together (group commit).
+
+A group is one transaction and one WAL flush, its statements sent in a pipeline, one
+`fetchmany` per statement shape. Should any statement fail, nothing of the group is kept
+and each of its deliveries is recorded again on its own (`record`, its own transaction):
+one bad delivery answers only its own sender, and every outcome is still known only
+after its commit. A delivery that writes an order's mailboxes in parts is always recorded
+on its own, as its parts are written while the next are encrypted.
+"""
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.crypto import Vault
+from app.db import describe, is_transient, lost_a_race, raw_connection
+from app.receiving import payloads
+from app.receiving.delivery import Delivery, Outcome
+from app.recording import effects
+from app.recording.effects import Effects
+from app.recording.record import delivery_version, delivery_write, record
+
+log = logging.getLogger("coldmail.recording")
+# record.MARK_CONFLICT for every conflicting eventId of a group at once.
+MARK_CONFLICTS = "UPDATE events SET conflict = true WHERE event_id = any($1) AND NOT conflict"
+# The most deliveries one live group takes: a larger backlog is split into several.
+MAX_GROUP = 256
+# Groups written at once, each on a connection of its own.
+WRITERS = 4
+
+Result = Outcome | Exception
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A delivery with its effects worked out (and its credentials encrypted) in the
+    sender's own task, ready to join a group."""
+
+    delivery: Delivery
+    model: payloads.HandledEvent | None
+    changes: Effects | None
+
+    @property
+    def alone(self) -> bool:
+        """An order: its mailboxes and derived values take more than one statement."""
+        return self.changes is not None and self.changes.order_id is not None
+
+
+def prepare(vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None) -> Prepared:
+    changes = (
+        None
+        if model is None
+        else effects.of(
+            model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
+        )
+    )
+    return Prepared(delivery, model, changes)
+
+
+Item = tuple[Delivery, payloads.HandledEvent | None]
+
+
+async def record_many(engine: AsyncEngine, vault: Vault, items: Sequence[Item]) -> list[Result]:
+    """Each delivery's outcome, or the error that kept it from being recorded, in order
+    (the spool's drain: the event loop serves live deliveries between two preparations)."""
+    prepared = []
+    for delivery, model in items:
+        prepared.append(prepare(vault, delivery, model))
+        await asyncio.sleep(0)
+    return await record_prepared(engine, vault, prepared)
+
+
+async def record_prepared(
+    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared]
+) -> list[Result]:
+    together = [i for i, item in enumerate(items) if not item.alone]
+    results: dict[int, Result] = {}
+    try:
+        results = dict(zip(together, await _together(engine, vault, items, together), strict=True))
+    except Exception as error:
+        if is_transient(error) and not lost_a_race(error):  # the database is away: for all
+            results = dict.fromkeys(together, error)
+        else:
+            log.info("a group failed (%s); its deliveries are recorded one by one", describe(error))
+    for i, item in enumerate(items):
+        if i not in results:
+            results[i] = await _alone(engine, vault, item)
+    return [results[i] for i in range(len(items))]
+
+
+async def _alone(engine: AsyncEngine, vault: Vault, item: Prepared) -> Result:
+    try:
+        return await record(engine, vault, item.delivery, item.model)
+    except Exception as error:
+        return error
+
+
+async def _together(
+    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared], chosen: list[int]
+) -> list[Outcome]:
+    """The chosen deliveries in one transaction, one pipelined `fetchmany` per statement
+    shape (in eventId order, so that concurrent groups take the events' locks in one
+    order); their outcomes in the order chosen."""
+    if not chosen:
+        return []
+    shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
+    for i in sorted(chosen, key=lambda i: items[i].delivery.event_id or ""):
+        sql, args = delivery_write(items[i].delivery, items[i].changes, vault)
+        shapes[sql].append((i, args))
+    rows: dict[int, Any] = {}
+    async with raw_connection(engine) as conn, conn.transaction():
+        for sql, calls in shapes.items():
+            found = await conn.fetchmany(sql, [args for _, args in calls])
+            rows.update(zip((i for i, _ in calls), found, strict=True))
+        conflicts = [items[i].delivery.event_id for i, row in rows.items() if row["conflict"]]
+        if conflicts:
+            await conn.execute(MARK_CONFLICTS, conflicts)
+    return [_outcome(items[i], rows[i]) for i in chosen]
+
+
+def _outcome(item: Prepared, row: Any) -> Outcome:
+    if not row["inserted"]:
+        return Outcome("duplicate", False, row["id"])
+    return Outcome("processed" if item.model else "ignored", bool(row["conflict"]), row["id"])
+
+
+@dataclass
+class GroupCommit:
+    """Live deliveries that arrive within `window` seconds of each other are committed
+    together, up to WRITERS groups at once; a window of 0 records each on its own."""
+
+    engine: AsyncEngine
+    vault: Vault
+    window: float
+    _pending: list[tuple[Prepared, asyncio.Future[Result]]] = field(default_factory=list)
+    _gathering: bool = False
+    _writers: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WRITERS))
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def record_many(self, items: Sequence[Item]) -> list[Result]:
+        return await record_many(self.engine, self.vault, items)
+
+    async def record(self, delivery: Delivery, model: payloads.HandledEvent | None) -> Outcome:
+        """Like `record`: the outcome once committed, or the error that kept it out."""
+        if self.window <= 0:
+            return await record(self.engine, self.vault, delivery, model)
+        item = prepare(self.vault, delivery, model)
+        if item.alone:  # an order's effects are made in its own statements (cheaply again)
+            return await record(self.engine, self.vault, delivery, model)
+        waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, waiter))
+        if not self._gathering:
+            self._gathering = True
+            self._start(self._write_next(self.window))
+        result = await waiter
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _start(self, job: Any) -> None:
+        # a task of its own: a sender that leaves cannot strand the rest of its group
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_next(self, window: float) -> None:
+        await asyncio.sleep(window)
+        async with self._writers:
+            group, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            if self._pending:
+                self._start(self._write_next(0))
+            else:
+                self._gathering = False
+            try:
+                results: list[Result] = await record_prepared(
+                    self.engine, self.vault, [item for item, _ in group]
+                )
+            except Exception as error:  # not one delivery's failure: all of them hear it
+                results = [error] * len(group)
+        for (_, waiter), result in zip(group, results, strict=True):
+            if not waiter.done():
+                waiter.set_result(result)

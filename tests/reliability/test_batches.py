@@ -1,0 +1,277 @@
+"""Batching keeps the promises: the drain starts as soon as the database answers, and a
+kill -9 inside a group being committed, or inside a batched drain, loses no acknowledged
+delivery and applies none twice."""
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.crypto import Vault
+from app.db import make_engine
+from app.hashing import HashingKey
+from app.receiving.receiver import DRAIN_BATCH, Receiver
+from app.receiving.spool import SPOOL_FILE, Spool
+from app.recording.batches import GroupCommit
+from app.recording.record import store_rejected
+from app.simulation import traffic
+from tests.conftest import (
+    FERNET_KEY,
+    WEBHOOK_TOKEN,
+    app_client,
+    asyncpg_dsn,
+    deliver,
+    make_settings,
+    sender_signature,
+    wire,
+)
+from tests.reliability.proxy import Proxy
+from tests.reliability.test_crash_and_outage import server_env
+from tests.servers import Server
+
+
+def spool_depth(directory: Path) -> int:
+    with sqlite3.connect(directory / SPOOL_FILE) as db:
+        return int(db.execute("select count(*) from deliveries").fetchone()[0])
+
+
+@dataclass
+class Clock:
+    """The drainer's pauses, on a clock of the test's own: each pause moves it on at once
+    and notes the spool's depth when it began; `hold` keeps the drainer in its next pause
+    until `release`."""
+
+    spool: Path
+    now: float = 0.0
+    pauses: list[tuple[float, int]] = field(default_factory=list)  # (seconds, depth)
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.released.set()
+
+    async def pause(self, seconds: float) -> None:
+        self.pauses.append((seconds, spool_depth(self.spool)))
+        self.now += seconds
+        if not self.released.is_set():
+            self.holding.set()
+            await self.released.wait()
+        await asyncio.sleep(0)
+
+    async def hold(self) -> int:
+        """Wait until the drainer is in a pause; that pause's index."""
+        self.released.clear()
+        await self.holding.wait()
+        return len(self.pauses) - 1
+
+    def release(self) -> None:
+        self.holding.clear()
+        self.released.set()
+
+
+async def until(condition: Any) -> None:
+    while not await condition():
+        await asyncio.sleep(0.02)
+
+
+async def test_the_drain_starts_within_a_second_of_the_database_answering_again(database_url):
+    proxy = Proxy(database_url)
+    await proxy.start()
+    settings = make_settings(proxy.url)
+    payloads = [traffic.mailbox_created() for _ in range(3)]
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+    clock, vault = Clock(settings.spool_path), Vault([FERNET_KEY])
+    engine = make_engine(proxy.url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=clock.pause,
+    )
+    drainer = asyncio.create_task(receiver.drain_forever())
+    try:
+        await until(lambda: asyncio.sleep(0, clock.now > 120))  # two minutes away
+        restored = await clock.hold()  # it comes back at the start of a pause
+        await proxy.restore()
+        clock.release()
+        await until(lambda: asyncio.sleep(0, spool_depth(settings.spool_path) == 0))
+        await until(lambda: asyncio.sleep(0, clock.pauses[-1][1] == 0))
+    finally:
+        receiver.stop()
+        await drainer
+        spool.close()
+        await engine.dispose()
+    waited = 0.0
+    for seconds, depth in clock.pauses[restored:]:
+        if depth == 0:
+            break
+        waited += seconds
+    assert waited <= 1.0, clock.pauses[restored - 3 :]
+    assert len(clock.pauses) > 100  # it did keep asking while the database was away
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = {r["event_id"] for r in await conn.fetch("select event_id from events")}
+    finally:
+        await conn.close()
+    assert stored == {p["eventId"] for p in payloads}
+
+
+# --- kill -9 inside a group, inside a batched drain ------------------------------------
+
+
+@dataclass
+class Answers:
+    """Each delivery's answers, in order: 'no answer', a status code, or the 2xx body's status."""
+
+    by_event: dict[str, list[str]] = field(default_factory=dict)
+
+
+async def send_until_acknowledged(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], answers: Answers
+) -> None:
+    body, sent_at = wire(payload)
+    seen = answers.by_event.setdefault(payload["eventId"], [])
+    while True:
+        headers = sender_signature(body, timestamp=sent_at) | {"content-type": "application/json"}
+        try:
+            response = await client.post(
+                url, content=body, headers=headers, params={"token": WEBHOOK_TOKEN}
+            )
+        except httpx.HTTPError:
+            seen.append("no answer")
+        else:
+            if response.is_success:
+                seen.append(response.json()["status"])
+                return
+            seen.append(str(response.status_code))
+        await asyncio.sleep(0.1)
+
+
+async def backend_waiting_on_a_lock(admin: asyncpg.Connection) -> bool:
+    return bool(
+        await admin.fetchval(
+            "select count(*) from pg_stat_activity where datname = current_database() "
+            "and application_name = 'coldmail-webhooks' and wait_event_type = 'Lock'"
+        )
+    )
+
+
+async def stored_once(admin: asyncpg.Connection, payloads: list[dict[str, Any]]) -> None:
+    """Every delivery stored exactly once, each mailbox created, the edit applied."""
+    rows = await admin.fetch("select event_id, count(*) n from events group by event_id")
+    assert {r["event_id"]: r["n"] for r in rows} == {p["eventId"]: 1 for p in payloads}
+    boxes = [box(p) for p in payloads if p["event"] == "mailbox.created"]
+    count = "select count(*) from mailboxes where mailbox_id = any($1)"
+    assert await admin.fetchval(count, boxes) == len(boxes)
+    edited = await admin.fetchval("select count(*) from mailboxes where first_name = 'Edited'")
+    assert edited == 1
+
+
+def box(created: dict[str, Any]) -> str:
+    return str(created["data"]["mailboxDetails"]["mailboxId"])
+
+
+def edit_of(created: dict[str, Any]) -> dict[str, Any]:
+    """A mailbox.updated for the mailbox a mailbox.created made."""
+    return traffic.mailbox_updated(box(created), {"firstName": "Edited"})
+
+
+async def lock_mailbox(holder: asyncpg.Connection, created: dict[str, Any]) -> None:
+    """Hold the mailbox's row, as a long transaction would, until `rollback`."""
+    await holder.execute("begin")
+    await holder.execute("select 1 from mailboxes where mailbox_id = $1 for update", box(created))
+
+
+async def test_kill_9_inside_a_group_being_committed_leaves_none_of_it_half_applied(
+    database_url, tmp_path
+):
+    """A group waits on a row the test holds locked, its commit not yet made: the kill must
+    leave nothing of it, and the senders' retries apply each delivery once."""
+    first = traffic.mailbox_created()
+    group = [traffic.mailbox_created() for _ in range(15)] + [edit_of(first)]
+    # wide enough for the sixteen concurrent senders to meet in one group
+    env = server_env(database_url) | {"GROUP_COMMIT_WINDOW_MS": "1000"}
+    server = Server(env, tmp_path)
+    await asyncio.to_thread(server.start)
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    answers = Answers()
+    url = f"{server.url}/webhooks/cmr"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await send_until_acknowledged(client, url, first, answers)
+            await lock_mailbox(holder, first)
+            senders = [
+                asyncio.create_task(send_until_acknowledged(client, url, p, answers)) for p in group
+            ]
+            await until(lambda: backend_waiting_on_a_lock(admin))
+            assert await admin.fetchval("select count(*) from events") == 1  # none committed
+            server.kill()
+            await holder.execute("rollback")
+            await asyncio.to_thread(server.start)
+            await asyncio.gather(*senders)
+        await stored_once(admin, [first, *group])
+    finally:
+        server.stop()
+        await admin.close()
+        await holder.close()
+    for payload in group:  # cut short by the kill, then applied by a retry, not before
+        *cut_short, last = answers.by_event[payload["eventId"]]
+        assert cut_short and set(cut_short) == {"no answer"} and last == "processed"
+
+
+async def test_kill_9_inside_a_batched_drain_applies_each_spooled_delivery_once(
+    database_url, tmp_path
+):
+    """The first batch commits; the second waits on a row the test holds locked. The kill
+    must leave the first batch applied once and nothing of the second, which the restarted
+    drainer then applies."""
+    first = traffic.mailbox_created()
+    spooled = [traffic.mailbox_created() for _ in range(DRAIN_BATCH + 20)]
+    spooled.insert(DRAIN_BATCH + 10, edit_of(first))  # in the second batch
+    proxy = Proxy(database_url)
+    await proxy.start()
+    env = server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")}
+    server = Server(env, tmp_path)
+    await asyncio.to_thread(server.start)
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    answers = Answers()
+    url = f"{server.url}/webhooks/cmr"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await send_until_acknowledged(client, url, first, answers)
+            await proxy.cut()
+            for payload in spooled:  # in order: the spool drains oldest first
+                await send_until_acknowledged(client, url, payload, answers)
+            await lock_mailbox(holder, first)
+            await proxy.restore()
+            await until(lambda: backend_waiting_on_a_lock(admin))
+            applied_at_kill = await admin.fetchval("select count(*) from events") - 1
+            depth_at_kill = spool_depth(tmp_path / "spool")
+            server.kill()
+            await holder.execute("rollback")
+            server.options = ["--no-migrate"]
+            await asyncio.to_thread(server.start)
+            await until(lambda: asyncio.sleep(0, spool_depth(tmp_path / "spool") == 0))
+        await stored_once(admin, [first, *spooled])
+    finally:
+        await asyncio.to_thread(server.stop)
+        await admin.close()
+        await holder.close()
+    assert applied_at_kill == DRAIN_BATCH and depth_at_kill == len(spooled) - DRAIN_BATCH
+    assert {tuple(seen) for seen in answers.by_event.values()} == {("processed",), ("queued",)}

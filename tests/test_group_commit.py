@@ -1,0 +1,83 @@
+"""Concurrent live deliveries are committed together: one transaction for a group, each
+delivery still answered for itself, after the commit."""
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import httpx
+
+from app.simulation import traffic
+from tests.conftest import app_client, deliver, make_settings
+
+# Long enough for a burst of concurrent requests in one process to meet in one group.
+WIDE_WINDOW_MS = 300
+
+
+async def burst(client: httpx.AsyncClient, payloads: list[Any]) -> list[httpx.Response]:
+    return list(await asyncio.gather(*(deliver(client, p) for p in payloads)))
+
+
+async def transactions(db: asyncpg.Connection) -> int:
+    """How many transactions wrote the stored events (xmin is the writing transaction)."""
+    return int(await db.fetchval("select count(distinct xmin::text) from events"))
+
+
+async def test_concurrent_deliveries_are_committed_in_one_transaction(database_url, db):
+    payloads = [traffic.mailbox_created() for _ in range(12)]
+    async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
+        answers = await burst(c, payloads)
+    assert [a.json()["status"] for a in answers] == ["processed"] * 12
+    assert await transactions(db) == 1
+    ids = [p["data"]["mailboxDetails"]["mailboxId"] for p in payloads]
+    assert await db.fetchval("select count(*) from mailboxes where mailbox_id = any($1)", ids) == 12
+
+
+async def test_without_a_window_each_delivery_commits_alone(database_url, db):
+    payloads = [traffic.mailbox_created() for _ in range(12)]
+    async with app_client(make_settings(database_url, group_commit_window_ms=0)) as client:
+        answers = await burst(client, payloads)
+    assert [a.json()["status"] for a in answers] == ["processed"] * 12
+    assert await transactions(db) == 12
+
+
+async def test_duplicates_and_a_conflict_inside_one_group_are_told_apart(database_url, db):
+    original = traffic.mailbox_created()
+    other = traffic.mailbox_created()
+    other["eventId"] = original["eventId"]  # same eventId, another content
+    sends = [original] * 4 + [other]
+    async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
+        answers = [a.json() for a in await burst(c, sends)]
+    assert await transactions(db) == 1  # all five met in one group
+    statuses = sorted(a["status"] for a in answers[:4])
+    assert statuses == ["duplicate", "duplicate", "duplicate", "processed"]
+    assert answers[4]["status"] == "processed" and answers[4].get("conflict") is True
+    rows = await db.fetch(
+        "select deliveries, conflict from events where event_id = $1 order by deliveries",
+        original["eventId"],
+    )
+    assert [(r["deliveries"], r["conflict"]) for r in rows] == [(1, True), (4, True)]
+    boxes = [p["data"]["mailboxDetails"]["mailboxId"] for p in (original, other)]
+    count = "select count(*) from mailboxes where mailbox_id = any($1)"
+    assert await db.fetchval(count, boxes) == 2
+
+
+async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db):
+    await db.execute(
+        """
+        create function refuse_box() returns trigger language plpgsql as $$
+        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
+        create trigger refuse before insert on mailboxes
+        for each row when (new.email like 'doomed%') execute function refuse_box();
+        """
+    )
+    good = [traffic.mailbox_created() for _ in range(8)]
+    doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
+    async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
+        answers = await burst(c, [*good[:4], doomed, *good[4:]])
+    assert [a.status_code for a in answers] == [200] * 4 + [500] + [200] * 4
+    assert answers[4].json() == {"error": "apply_failed"}
+    stored = await db.fetch("select event_id from events")
+    assert {r["event_id"] for r in stored} == {p["eventId"] for p in good}
+    rejected = await db.fetch("select reason, event_id from rejected_deliveries")
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
