@@ -402,6 +402,18 @@ class UiSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
+class OutboundState(Base):
+    """The state a derived outbound event was last written for, per topic and subject
+    (app/outbound/derived.py): an event is written again only when the state changes."""
+
+    __tablename__ = "outbound_states"
+
+    topic: Mapped[str] = mapped_column(Text, primary_key=True)
+    subject: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
 def table(model: type[Base]) -> Table:
     """A model's Core table: the service reads and writes through Core and asyncpg (no
     Session), so this is the one place that reaches past the declarative class."""

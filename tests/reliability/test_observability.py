@@ -58,7 +58,7 @@ def promtool(*args: str) -> str:
 
 
 def test_the_alert_rules_are_valid_and_pass_their_unit_tests():
-    assert "SUCCESS: 10 rules found" in promtool("check", "rules", RULES.name)
+    assert "SUCCESS: 14 rules found" in promtool("check", "rules", RULES.name)
     assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml")
 
 
@@ -67,6 +67,8 @@ def test_the_rules_and_the_dashboard_name_what_an_operator_must_watch():
     for watched in ("up", "cmr_spool_oldest_seconds", "cmr_webhook_signatures_total"):
         assert watched in names
     assert {"cmr_reconcile_drift", "cmr_subscriptions_at_risk"} <= names
+    outbound = ("backlog", "backlog_oldest_seconds", "circuit_state", "dead_letters", "sent_total")
+    assert {f"cmr_outbound_{name}" for name in outbound} <= names
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +141,7 @@ def test_a_real_prometheus_scrapes_every_named_metric_and_loads_the_rules(server
         time.sleep(0.5)
     assert not missing, f"named by rules or dashboard, never scraped: {sorted(missing)}"
     rules = query(prometheus, "/api/v1/rules")["groups"][0]["rules"]
-    assert len(rules) == 10
+    assert len(rules) == 14
     deadline = time.monotonic() + PATIENCE
     while any(rule.get("health") != "ok" for rule in rules):
         assert time.monotonic() < deadline, [(r["name"], r.get("lastError")) for r in rules]
