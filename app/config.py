@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     cmr_signature_forms: str = ""
     rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
     metrics_token: SecretStr | None = None
+    # outbound messages (app/outbound): the destinations, and where links in them point
+    destinations_file: Path | None = None
+    public_url: str | None = None
 
     @field_validator("database_url")
     @classmethod

@@ -1,2 +1,2 @@
-"""Telling the agency's own systems: outbound messages to the destinations declared in
-DESTINATIONS_FILE, derived events, and how the sending is seen."""
+"""Outbound: telling the agency's systems (CONTRACT section 9). `messages` writes messages in
+the caller's transaction and sits below recording; the rest (dispatch, formats) sits above."""
