@@ -18,6 +18,7 @@ from app import metrics
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.destinations import load as load_destinations
 from app.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -31,6 +32,10 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
+from app.outbound import api as outbound_api
+from app.outbound import pages as outbound_pages
+from app.outbound import queries as outbound_queries
+from app.outbound.outbox import DestinationsOutbox
 from app.reading import api, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
@@ -45,13 +50,15 @@ READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
 
 
-def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[None] | None:
+def start_reconciler(
+    engine: AsyncEngine, settings: Settings, outbox: DestinationsOutbox
+) -> asyncio.Task[None] | None:
     """Reconcile every RECONCILE_INTERVAL_SECONDS when CMR_API_KEY is set."""
     key, interval = settings.api_key, settings.reconcile_interval_seconds
     if not (key and interval):
         return None
     make_api = partial(SenderApi, settings.cmr_api_url, key)
-    return asyncio.create_task(run_periodically(engine, make_api, interval))
+    return asyncio.create_task(run_periodically(engine, make_api, interval, outbox))
 
 
 async def database_unavailable(request: Request, error: Exception) -> Response:
@@ -80,11 +87,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
+        outbox = DestinationsOutbox(app.state.engine, app.state.destinations)
         app.state.receiver = receiver = Receiver(
-            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+            app.state.engine,
+            app.state.vault,
+            spool,
+            app.state.hashing,
+            settings.rejected_max_bytes,
+            outbox,
         )
+        names = [d.name for d in app.state.destinations]
+        outbound_queries.declare_series(names)
+        observe = partial(outbound_queries.observe, app.state.read_engine, names)
+        app.state.scrape_observers = [observe]
         drainer = asyncio.create_task(receiver.drain_forever())
-        reconciler = start_reconciler(app.state.engine, settings)
+        reconciler = start_reconciler(app.state.engine, settings, outbox)
         retention = (
             asyncio.create_task(retention_forever(app.state.engine, settings.body_retention_days))
             if settings.body_retention_days
@@ -119,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
+    app.state.destinations = load_destinations(settings.destinations_file)
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
     app.state.sign_in_throttle = ui.SignInThrottle()
@@ -128,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ui.router)
     app.include_router(ui.pages)
+    app.include_router(outbound_api.router)
+    app.include_router(outbound_pages.pages)
     app.add_api_route(
         "/", lambda: RedirectResponse("/ui", status_code=307), include_in_schema=False
     )

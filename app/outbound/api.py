@@ -101,9 +101,7 @@ def resource(destination: Any, state: queries.DestinationState) -> Destination:
     )
 
 
-@router.get(
-    "/destinations", summary="The outbound destinations: backlog, dead letters, circuit"
-)
+@router.get("/destinations", summary="The outbound destinations: backlog, dead letters, circuit")
 async def list_destinations(request: Request) -> resources.Page[Destination]:
     return resources.Page(items=await destinations_with_state(request), next_cursor=None)
 

@@ -81,7 +81,7 @@ async def order_outcome(conn: asyncpg.Connection, order_id: str) -> list[Derived
     row = await conn.fetchrow(ORDER, order_id)
     if row is None:
         return []
-    failed = orjson.loads(row["failed"])
+    failed = row["failed"]  # jsonb, decoded by the engine's codec (app/db.py)
     state = row["status"]
     if state != "succeeded":
         state += " " + orjson.dumps([row["failure_reason"], failed]).decode()
@@ -97,7 +97,7 @@ async def order_outcome(conn: asyncpg.Connection, order_id: str) -> list[Derived
         "provider": row["provider"],
         "reason": row["failure_reason"],
         "failedDomains": failed,
-        "succeededDomains": orjson.loads(row["succeeded"]),
+        "succeededDomains": row["succeeded"],
     }
     return [Derived(f"order.{row['status']}", data, row["user_id"])]
 
@@ -246,7 +246,10 @@ async def of_delivery(
             found += await subscription_mailboxes_ready(conn, subscription_id)
     if (risky or domain_ids or domains) and wanted("subscription.at_risk"):
         found += await at_risk(
-            conn, subscriptions=sorted(risky), domain_ids=sorted(domain_ids), domains=sorted(domains)
+            conn,
+            subscriptions=sorted(risky),
+            domain_ids=sorted(domain_ids),
+            domains=sorted(domains),
         )
     return found
 

@@ -13,7 +13,8 @@ SHOWN = 50  # attempts, and dead letters, on a destination's page
 
 @pages.get("/destinations")
 async def destinations_page(request: Request) -> Response:
-    return ui.page(request, "destinations.html", destinations=await destinations_with_state(request))
+    destinations = await destinations_with_state(request)
+    return ui.page(request, "destinations.html", destinations=destinations)
 
 
 @pages.get("/destinations/{name}")

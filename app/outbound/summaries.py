@@ -45,7 +45,8 @@ def mailboxes_ready(data: dict[str, Any]) -> Summary:
 
 def at_risk(data: dict[str, Any]) -> Summary:
     risks = ", ".join(risk.replace("_", " ") for risk in data["newRisks"])
-    text = f"Subscription {escape(data['domain'] or data['subscriptionId'])}{whose(data)} at risk: {risks}"
+    name = escape(data["domain"] or data["subscriptionId"])
+    text = f"Subscription {name}{whose(data)} at risk: {risks}"
     return text, page("subscriptions", data["subscriptionId"])
 
 
@@ -55,7 +56,8 @@ def rejected(data: dict[str, Any]) -> Summary:
 
 
 def spool_started(data: dict[str, Any]) -> Summary:
-    text = f"The database was away: {escape(data['replica'])} spooled deliveries since {data['since']}"
+    replica = escape(data["replica"])
+    text = f"The database was away: {replica} spooled deliveries since {data['since']}"
     return text, "/ui"
 
 

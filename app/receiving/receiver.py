@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import InvalidToken
@@ -24,7 +24,7 @@ from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
 from app.receiving.spool import Entry, Spool, SpoolFull
-from app.recording.record import Delivery, Outcome, Rejection, record, store_rejected
+from app.recording.record import Delivery, Outbox, Outcome, Rejection, record, store_rejected
 
 log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
@@ -47,6 +47,8 @@ class Receiver:
     spool: Spool
     hashing: HashingKey
     rejected_max_bytes: int
+    # told of what is recorded and rejected (app/outbound), and of the spool's outages
+    outbox: Outbox | None = None
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
@@ -102,7 +104,7 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await record(self.engine, self.vault, delivery, model)
+            return await record(self.engine, self.vault, delivery, model, self.outbox)
         except Exception as error:
             if is_transient(error):
                 raise
@@ -124,7 +126,13 @@ class Receiver:
             await self._spool(rejection.raw, rejected_meta(rejection), received)
 
     async def store_rejected(self, rejection: Rejection) -> None:
-        await store_rejected(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
+        await store_rejected(
+            self.engine,
+            self.vault,
+            rejection,
+            max_bytes=self.rejected_max_bytes,
+            outbox=self.outbox,
+        )
 
     def _database_failed(self, error: Exception) -> None:
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
@@ -205,6 +213,10 @@ class Receiver:
             return 0
         rows = await self.spool.oldest(DRAIN_BATCH)
         if rows and self.drain_started is None:
+            if self.outbox is not None:
+                depth, oldest, _ = await self.spool.depth()
+                since = datetime.now(UTC) - timedelta(seconds=oldest or 0.0)
+                await self.outbox.spool_started(since=since, depth=depth)
             self.drain_started = time.monotonic()
         for row in rows:
             if isinstance(row, Entry):
@@ -217,11 +229,13 @@ class Receiver:
         depth, _, _ = await self.spool.depth()
         metrics.SPOOL_DEPTH.set(depth)
         if depth == 0 and self.drain_started is not None:
-            self._drained()
+            seconds = time.monotonic() - self.drain_started
+            if self.outbox is not None:
+                await self.outbox.spool_drained(applied=self.drained, seconds=seconds)
+            self._drained(seconds)
         return len(rows)
 
-    def _drained(self) -> None:
-        seconds = time.monotonic() - (self.drain_started or time.monotonic())
+    def _drained(self, seconds: float) -> None:
         log.warning(
             "the spool is empty again: %d spooled deliveries applied in %.1f s",
             self.drained,

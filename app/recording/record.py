@@ -9,10 +9,11 @@ and its derived values (merge.DERIVE_ORDER), in the same transaction.
 
 import asyncio
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -86,6 +87,34 @@ class Delivery:
     def version(self) -> str:
         assert self.event_id is not None, "a delivery without its eventId is spooled"
         return effects.version(self.event_time, self.event_id, self.content_hash)
+
+
+class Outbox(Protocol):
+    """What is told outside (app/outbound), written in the transaction of its cause (no
+    dual write). The assembler (app/main.py, app/cli.py) gives one to recording, which so
+    needs to know neither the destinations nor what they are told."""
+
+    @property
+    def telling(self) -> bool:
+        """Whether anything may be told: without destinations, no transaction is opened."""
+
+    async def applied(
+        self, conn: asyncpg.Connection, delivery: "Delivery", changes: Effects | None
+    ) -> None:
+        """A delivery newly recorded (and its effects applied), in its transaction."""
+
+    async def rejected(self, conn: asyncpg.Connection, rejection: "Rejection") -> None:
+        """A rejected delivery stored, in its transaction."""
+
+    async def spool_started(self, *, since: datetime, depth: int) -> None:
+        """The drainer found spooled deliveries (waiting since `since`): the database was
+        away, and can be told now that it is back."""
+
+    async def spool_drained(self, *, applied: int, seconds: float) -> None:
+        """The drainer emptied the spool."""
+
+    async def reconciled(self, conn: asyncpg.Connection, report: dict[str, Any]) -> None:
+        """A reconcile's report stored (app/operations/reconcile.py), in its transaction."""
 
 
 @dataclass(frozen=True)
@@ -169,10 +198,15 @@ def delivery_write(
 
 
 async def record(
-    engine: AsyncEngine, vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None
+    engine: AsyncEngine,
+    vault: Vault,
+    delivery: Delivery,
+    model: payloads.HandledEvent | None,
+    outbox: Outbox | None = None,
 ) -> Outcome:
     """Record the delivery and apply its event (`model`; None for an event we do not
-    handle), retried at once when it lost a race with a concurrent delivery."""
+    handle), retried at once when it lost a race with a concurrent delivery; what it
+    causes to be told goes to `outbox` in the same transaction."""
     changes = (
         None
         if model is None
@@ -186,7 +220,7 @@ async def record(
     ):
         with attempt:
             async with raw_connection(engine) as conn:
-                row = await write(conn, delivery, changes, vault)
+                row = await write(conn, delivery, changes, vault, outbox)
     if not row["inserted"]:
         return Outcome("duplicate", False, row["id"])
     conflict = bool(row["conflict"])
@@ -194,18 +228,29 @@ async def record(
 
 
 async def write(
-    conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None, vault: Vault
+    conn: asyncpg.Connection,
+    delivery: Delivery,
+    changes: Effects | None,
+    vault: Vault,
+    outbox: Outbox | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction."""
+    and derived values follow in the same transaction, or the outbox may be told of it."""
     sql, args = delivery_write(delivery, changes, vault)
-    if changes is None or changes.order_id is None:
+    ordered = changes is not None and changes.order_id is not None
+    telling = outbox is not None and outbox.telling
+    if not ordered and not telling:
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
-            row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
-            if row["inserted"]:
-                await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            if changes is not None and changes.order_id is not None:
+                row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
+                if row["inserted"]:
+                    await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            else:
+                row = await conn.fetchrow(sql, *args)
+            if row["inserted"] and outbox is not None and telling:
+                await outbox.applied(conn, delivery, changes)
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
     return row
@@ -284,21 +329,31 @@ WHERE r.id = kept.id AND kept.newer_and_own > $1
 
 
 async def store_rejected(
-    engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+    engine: AsyncEngine,
+    vault: Vault,
+    rejection: Rejection,
+    *,
+    max_bytes: int,
+    outbox: Outbox | None = None,
 ) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed;
-    within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk."""
+    within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk. What
+    it causes to be told goes to `outbox` in the same transaction."""
+    telling = outbox is not None and outbox.telling
     async with raw_connection(engine) as raw:
-        await raw.execute(
-            STORE_REJECTED,
-            rejection.reason,
-            rejection.event,
-            rejection.event_id,
-            orjson.dumps(rejection.errors).decode(),
-            rejection.signature,
-            vault.encrypt(rejection.raw),
-            rejection.received_at or datetime.now(UTC),
-        )
+        async with raw.transaction() if telling else nullcontext():
+            await raw.execute(
+                STORE_REJECTED,
+                rejection.reason,
+                rejection.event,
+                rejection.event_id,
+                orjson.dumps(rejection.errors).decode(),
+                rejection.signature,
+                vault.encrypt(rejection.raw),
+                rejection.received_at or datetime.now(UTC),
+            )
+            if outbox is not None and telling:
+                await outbox.rejected(raw, rejection)
         status = await raw.execute(DROP_OLDEST_REJECTED, max_bytes)
     if dropped := int(status.split()[-1]):
         metrics.REJECTED_BODIES_DROPPED.inc(dropped)
