@@ -151,6 +151,8 @@ async def test_mailboxes_ready_is_told_when_the_last_mailbox_of_an_order_is_stor
     [ready] = await told(db, "mailboxes.ready")
     assert (ready["orderId"], ready["mailboxCount"]) == (order_id, 3)
     await send(client, events[3], events[0])  # duplicates
+    # the last mailbox sent again under a new eventId: stored already, nothing new is ready
+    await send(client, events[3] | {"eventId": traffic.provider_id()})
     assert len(await told(db, "mailboxes.ready")) == 1
 
 
@@ -164,7 +166,7 @@ async def test_mailboxes_ready_waits_for_the_order_when_the_mailboxes_come_first
 
 async def test_a_prewarmup_order_is_ready_with_its_one_delivery(client, db):
     order = traffic.prewarmup_success(domains=2, per_domain=3)
-    await send(client, order, order)
+    await send(client, order, order, order | {"eventId": traffic.provider_id()})
     [ready] = await told(db, "mailboxes.ready")
     assert ready["mailboxCount"] == 6
     assert len(ready["domains"]) == 2
