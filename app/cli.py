@@ -285,9 +285,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
 
     async def run(engine: Any, settings: Settings) -> Any:
+        from app.destinations import load
+        from app.outbound.outbox import DestinationsOutbox
+
         api = SenderApi(settings.cmr_api_url, settings.api_key or "")
+        outbox = DestinationsOutbox(engine, load(settings.destinations_file))
         try:
-            return await reconcile(engine, api, dry_run=args.dry_run)
+            return await reconcile(engine, api, dry_run=args.dry_run, outbox=outbox)
         finally:
             await api.close()
 

@@ -2,10 +2,11 @@
 of state; not again on a duplicate delivery or an older event arriving late. Read from
 the outbound_messages rows the service wrote, through the real HTTP app."""
 
+import asyncio
 import base64
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from app.outbound import summaries
 from app.outbound.derived import AT_RISK
 from app.simulation import traffic
 from tests import streams
-from tests.conftest import app_client, deliver, make_settings
+from tests.conftest import app_client, asyncpg_dsn, deliver, make_settings
 from tests.state import OPS
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -241,3 +242,70 @@ async def test_rejected_deliveries_are_told_once_per_cause_and_window(client, db
     assert sorted(m["reason"] for m in told_rejections) == ["invalid_json", "invalid_payload"]
     stored = await db.fetchval("SELECT count(*) FROM rejected_deliveries")
     assert stored == 5
+
+
+# --- reconciliation and the spool -----------------------------------------------------
+
+
+async def test_reconcile_drift_is_told_when_it_changes_not_when_found_again(
+    client, db, database_url, tmp_path, monkeypatch
+):
+    from app.db import make_engine
+    from app.destinations import load
+    from app.operations.reconcile import SenderApi, reconcile
+    from app.outbound.outbox import DestinationsOutbox
+    from tests.fake_sender import API_KEY, FakeSender, remote_subscription, serving
+
+    engine = make_engine(database_url)
+    outbox = DestinationsOutbox(engine, load(destinations_file(tmp_path, monkeypatch)))
+
+    async def run(remote: list[dict[str, Any]]) -> None:
+        with serving(FakeSender(remote)) as url:
+            api = SenderApi(url, API_KEY)
+            try:
+                await reconcile(engine, api, dry_run=False, outbox=outbox)
+            finally:
+                await api.close()
+
+    lost = remote_subscription("NEVERHEARDOF00000000000000000", domain="lost.com")
+    try:
+        await run([lost])
+        await run([lost])  # the same drift again
+        assert [m["unknown"] for m in await told(db, "reconcile.drift")] == [1]
+        other = remote_subscription("ALSONEVERHEARDOF0000000000000", domain="gone.com")
+        await run([lost, other])
+        assert [m["unknown"] for m in await told(db, "reconcile.drift")] == [1, 2]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_spool_is_told_once_started_and_once_drained(database_url, tmp_path, monkeypatch):
+    from tests.reliability.proxy import Proxy
+    from tests.reliability.test_spool import wait_until_drained
+
+    proxy = Proxy(database_url)
+    await proxy.start()
+    settings = make_settings(proxy.url, destinations_file=destinations_file(tmp_path, monkeypatch))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with app_client(settings) as client:
+            await proxy.cut()
+            for _ in range(3):
+                assert (await deliver(client, traffic.mailbox_created())).status_code == 200
+            await proxy.restore()
+            await wait_until_drained(client)
+            [started] = await told(conn, "spool.started")
+            [drained] = await eventually(lambda: told(conn, "spool.drained"))
+        assert started["depth"] == 3 and drained["applied"] == 3
+        assert started["replica"] == drained["replica"]
+    finally:
+        await conn.close()
+
+
+async def eventually(read: Callable[[], Awaitable[list[Any]]], patience: float = 30) -> list[Any]:
+    """What `read` returns once it is not empty (the drainer writes after it empties)."""
+    deadline = time.monotonic() + patience
+    while not (found := await read()):
+        assert time.monotonic() < deadline, "never written"
+        await asyncio.sleep(0.05)
+    return found
