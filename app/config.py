@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # outbound messages (app/outbound): the destinations, and where links in them point
     destinations_file: Path | None = None
     public_url: str | None = None
+    # false: serve records messages but leaves sending to `coldmail-webhooks outbound dispatch`
+    outbound_dispatch: bool = True
 
     @field_validator("database_url")
     @classmethod

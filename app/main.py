@@ -18,6 +18,8 @@ from app import metrics
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.destinations import Destination
+from app.destinations import load as load_destinations
 from app.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -31,6 +33,7 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
+from app.outbound import dispatch
 from app.reading import api, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
@@ -54,6 +57,14 @@ def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[No
     return asyncio.create_task(run_periodically(engine, make_api, interval))
 
 
+def start_dispatcher(settings: Settings, destinations: list[Destination]) -> dispatch.Running:
+    """Send outbound messages from this process, unless none is declared or
+    OUTBOUND_DISPATCH=false leaves it to `coldmail-webhooks outbound dispatch`."""
+    if not (destinations and settings.outbound_dispatch):
+        return dispatch.Running()
+    return dispatch.start(settings.database_url or "", destinations, public_url=settings.public_url)
+
+
 async def database_unavailable(request: Request, error: Exception) -> Response:
     """The API answers in JSON (503, or 500 for a statement's own error); a dashboard page
     says what it cannot show, as a page."""
@@ -65,6 +76,7 @@ async def database_unavailable(request: Request, error: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.check_complete()
+    destinations = load_destinations(settings.destinations_file)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
     @asynccontextmanager
@@ -81,8 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(
-            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+            app.state.engine,
+            app.state.vault,
+            spool,
+            app.state.hashing,
+            settings.rejected_max_bytes,
+            destinations,
         )
+        dispatching = start_dispatcher(settings, destinations)
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
         retention = (
@@ -100,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             receiver.stop()
             await drainer
+            await dispatching.stop()
             for task in (reconciler, retention):
                 if task:
                     task.cancel()

@@ -9,6 +9,7 @@ and its derived values (merge.DERIVE_ORDER), in the same transaction.
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
@@ -22,11 +23,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
+from app.destinations import Destination
 from app.hashing import Hasher
 from app.receiving import payloads
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, merge
 from app.recording.effects import Effects, Row, Unsealed
+from app.recording.forwarding import Forwarded, forwarded
 from app.recording.merge import Upsert
 
 log = logging.getLogger("coldmail.recording")
@@ -169,15 +172,22 @@ def delivery_write(
 
 
 async def record(
-    engine: AsyncEngine, vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None
+    engine: AsyncEngine,
+    vault: Vault,
+    delivery: Delivery,
+    model: payloads.HandledEvent | None,
+    destinations: Sequence[Destination] = (),
 ) -> Outcome:
     """Record the delivery and apply its event (`model`; None for an event we do not
-    handle), retried at once when it lost a race with a concurrent delivery."""
+    handle), retried at once when it lost a race with a concurrent delivery. A new event is
+    forwarded to the `destinations` that want it, in the same transaction (a replayed one
+    is not: it was forwarded when it was first recorded)."""
     changes = (
         None
         if model is None
         else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
     )
+    outbound = None if delivery.stored is not None else forwarding_of(delivery, model, destinations)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
         stop=stop_after_attempt(ATTEMPTS),
@@ -186,26 +196,51 @@ async def record(
     ):
         with attempt:
             async with raw_connection(engine) as conn:
-                row = await write(conn, delivery, changes, vault)
+                row = await write(conn, delivery, changes, vault, outbound)
     if not row["inserted"]:
         return Outcome("duplicate", False, row["id"])
     conflict = bool(row["conflict"])
     return Outcome("processed" if model else "ignored", conflict, row["id"])
 
 
+def forwarding_of(
+    delivery: Delivery, model: payloads.HandledEvent | None, destinations: Sequence[Destination]
+) -> Forwarded | None:
+    if not destinations:
+        return None
+    return forwarded(
+        destinations,
+        event=delivery.event,
+        event_id=delivery.event_id,
+        event_time=delivery.event_time,
+        envelope=delivery.envelope,
+        model=model,
+    )
+
+
 async def write(
-    conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None, vault: Vault
+    conn: asyncpg.Connection,
+    delivery: Delivery,
+    changes: Effects | None,
+    vault: Vault,
+    outbound: Forwarded | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction."""
+    and derived values follow in the same transaction, or is forwarded (its outbound
+    messages are written in the same transaction, when the event is new)."""
     sql, args = delivery_write(delivery, changes, vault)
-    if changes is None or changes.order_id is None:
+    if outbound is None and (changes is None or changes.order_id is None):
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
-            row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
-            if row["inserted"]:
-                await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            if changes is not None and changes.order_id is not None:
+                row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
+                if row["inserted"]:
+                    await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            else:
+                row = await conn.fetchrow(sql, *args)
+            if outbound is not None and row["inserted"]:
+                await outbound.enqueue(conn)
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
     return row
