@@ -1,5 +1,6 @@
 """Configuration from the environment (or `.env`), validated once at start-up."""
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -75,6 +76,20 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_url(cls, value: str | None) -> str | None:
         return normalize_database_url(value) if value else None
+
+    @field_validator("destinations_file", "public_url", mode="before")
+    @classmethod
+    def _none_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be the dashboard's base URL, e.g. https://coldmail.example.com")
+        return value.rstrip("/")
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -7,8 +7,8 @@ import base64
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +332,32 @@ async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+async def test_a_slack_message_is_one_short_line_linking_to_the_page_it_names(
+    database_url, db, tmp_path, monkeypatch
+):
+    async with receiving() as slack:
+        monkeypatch.setenv("SLACK_URL", slack.url)
+        path = destinations_file(
+            tmp_path,
+            {
+                "name": "ops",
+                "urlEnv": "SLACK_URL",
+                "format": "slack",
+                "events": ["prewarmup.order.*"],
+                "allowPrivateNetwork": True,
+            },
+        )
+        failed = traffic.prewarmup_failed(order_id="ord/1", failures={"a.com": "DNS <unset>"})
+        public = "https://ops.example.com"
+        async with recording(database_url, path, public_url=public) as (client, destinations):
+            await deliver_all(client, [failed, traffic.mailbox_created()])
+        async with dispatching(database_url, destinations, Clock(), public_url=public) as d:
+            assert await d.step() == 1
+    ((headers, body),) = slack.requests
+    assert orjson.loads(body) == {
+        "text": "prewarmup.order.failed: orderId ord/1 <https://ops.example.com/ui/orders/ord%2F1|open>"
+    }
+    assert "webhook-signature" not in headers
+    assert slack.url.encode() not in orjson.dumps([dict(r) for r in await messages(db)], default=str)
