@@ -18,6 +18,7 @@ from app import metrics
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.destinations import Destination
 from app.destinations import load as load_destinations
 from app.errors import (
     DATABASE_ERRORS,
@@ -33,6 +34,7 @@ from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
 from app.outbound import api as outbound_api
+from app.outbound import dispatch
 from app.outbound import pages as outbound_pages
 from app.outbound import queries as outbound_queries
 from app.outbound.outbox import DestinationsOutbox
@@ -61,6 +63,14 @@ def start_reconciler(
     return asyncio.create_task(run_periodically(engine, make_api, interval, outbox))
 
 
+def start_dispatcher(settings: Settings, destinations: list[Destination]) -> dispatch.Running:
+    """Send outbound messages from this process, unless none is declared or
+    OUTBOUND_DISPATCH=false leaves it to `coldmail-webhooks outbound dispatch`."""
+    if not (destinations and settings.outbound_dispatch):
+        return dispatch.Running()
+    return dispatch.start(settings.database_url or "", destinations, public_url=settings.public_url)
+
+
 async def database_unavailable(request: Request, error: Exception) -> Response:
     """The API answers in JSON (503, or 500 for a statement's own error); a dashboard page
     says what it cannot show, as a page."""
@@ -72,6 +82,7 @@ async def database_unavailable(request: Request, error: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.check_complete()
+    destinations = load_destinations(settings.destinations_file)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
     @asynccontextmanager
@@ -87,19 +98,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
-        outbox = DestinationsOutbox(app.state.engine, app.state.destinations)
+        outbox = DestinationsOutbox(app.state.engine, destinations)
         app.state.receiver = receiver = Receiver(
             app.state.engine,
             app.state.vault,
             spool,
             app.state.hashing,
             settings.rejected_max_bytes,
+            destinations,
             outbox,
         )
-        names = [d.name for d in app.state.destinations]
+        names = [d.name for d in destinations]
         outbound_queries.declare_series(names)
         observe = partial(outbound_queries.observe, app.state.read_engine, names)
         app.state.scrape_observers = [observe]
+        dispatching = start_dispatcher(settings, destinations)
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings, outbox)
         retention = (
@@ -117,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             receiver.stop()
             await drainer
+            await dispatching.stop()
             for task in (reconciler, retention):
                 if task:
                     task.cancel()
@@ -136,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
-    app.state.destinations = load_destinations(settings.destinations_file)
+    app.state.destinations = destinations
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
     app.state.sign_in_throttle = ui.SignInThrottle()

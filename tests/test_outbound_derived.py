@@ -33,9 +33,9 @@ def destinations_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`crm` takes every derived event; `everything` every type (the CMR events too)."""
     monkeypatch.setenv("CRM_SECRET", SECRET)
     path = tmp_path / "destinations.yaml"
-    crm = {"name": "crm", "url": "https://crm.example.com/hooks", "format": "standard-webhooks"}
-    crm |= {"events": DERIVED, "secretEnv": "CRM_SECRET"}
-    slack = {"name": "slack", "url": "https://hooks.slack.com/services/T0/B0/x"}
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks", "events": DERIVED, "secretEnv": "CRM_SECRET"}
+    slack: dict[str, Any] = {"name": "slack", "url": "https://hooks.slack.com/services/T0/B0/x"}
     slack |= {"format": "slack", "events": ["order.*", "subscription.at_risk"]}
     path.write_text(orjson.dumps({"destinations": [crm, slack]}).decode())
     return path

@@ -87,11 +87,11 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], Summary]] = {
 DERIVED_TYPES = tuple(SUMMARIES)
 
 
-def slack_text(event_type: str, data: dict[str, Any], dashboard: str) -> str | None:
+def slack_text(event_type: str, data: dict[str, Any], dashboard: str | None) -> str | None:
     """The Slack line of a derived event, with a link to its page at `dashboard` (the
-    dashboard's public address); None for a type that is not derived."""
+    dashboard's public address, PUBLIC_URL) when known; None for a type not derived."""
     summarise = SUMMARIES.get(event_type)
     if summarise is None:
         return None
     text, path = summarise(data)
-    return f"{text} <{dashboard.rstrip('/')}{path}|open>"
+    return f"{text} <{dashboard.rstrip('/')}{path}|open>" if dashboard else text

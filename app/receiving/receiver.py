@@ -9,6 +9,7 @@ applied but not yet deleted comes back as a duplicate, which has no effect).
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import metrics
 from app.crypto import Vault
 from app.db import describe, is_transient, pooler_hint
+from app.destinations import Destination
 from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
@@ -47,6 +49,8 @@ class Receiver:
     spool: Spool
     hashing: HashingKey
     rejected_max_bytes: int
+    # where each new event is forwarded (app/recording/forwarding.py)
+    destinations: Sequence[Destination] = ()
     # told of what is recorded and rejected (app/outbound), and of the spool's outages
     outbox: Outbox | None = None
     database_down_until: float = 0.0
@@ -104,7 +108,9 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await record(self.engine, self.vault, delivery, model, self.outbox)
+            return await record(
+                self.engine, self.vault, delivery, model, self.destinations, self.outbox
+            )
         except Exception as error:
             if is_transient(error):
                 raise

@@ -9,6 +9,7 @@ and its derived values (merge.DERIVE_ORDER), in the same transaction.
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,11 +24,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
+from app.destinations import Destination
 from app.hashing import Hasher
 from app.receiving import payloads
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, merge
 from app.recording.effects import Effects, Row, Unsealed
+from app.recording.forwarding import Forwarded, forwarded
 from app.recording.merge import Upsert
 
 log = logging.getLogger("coldmail.recording")
@@ -202,16 +205,20 @@ async def record(
     vault: Vault,
     delivery: Delivery,
     model: payloads.HandledEvent | None,
+    destinations: Sequence[Destination] = (),
     outbox: Outbox | None = None,
 ) -> Outcome:
     """Record the delivery and apply its event (`model`; None for an event we do not
-    handle), retried at once when it lost a race with a concurrent delivery; what it
-    causes to be told goes to `outbox` in the same transaction."""
+    handle), retried at once when it lost a race with a concurrent delivery. A new event is
+    forwarded to the `destinations` that want it, in the same transaction (a replayed one
+    is not: it was forwarded when it was first recorded); the derived events it causes go
+    to `outbox`, in the same transaction too."""
     changes = (
         None
         if model is None
         else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
     )
+    outbound = None if delivery.stored is not None else forwarding_of(delivery, model, destinations)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
         stop=stop_after_attempt(ATTEMPTS),
@@ -220,11 +227,26 @@ async def record(
     ):
         with attempt:
             async with raw_connection(engine) as conn:
-                row = await write(conn, delivery, changes, vault, outbox)
+                row = await write(conn, delivery, changes, vault, outbound, outbox)
     if not row["inserted"]:
         return Outcome("duplicate", False, row["id"])
     conflict = bool(row["conflict"])
     return Outcome("processed" if model else "ignored", conflict, row["id"])
+
+
+def forwarding_of(
+    delivery: Delivery, model: payloads.HandledEvent | None, destinations: Sequence[Destination]
+) -> Forwarded | None:
+    if not destinations:
+        return None
+    return forwarded(
+        destinations,
+        event=delivery.event,
+        event_id=delivery.event_id,
+        event_time=delivery.event_time,
+        envelope=delivery.envelope,
+        model=model,
+    )
 
 
 async def write(
@@ -232,14 +254,16 @@ async def write(
     delivery: Delivery,
     changes: Effects | None,
     vault: Vault,
+    outbound: Forwarded | None = None,
     outbox: Outbox | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction, or the outbox may be told of it."""
+    and derived values follow in the same transaction, or is forwarded or may cause derived
+    events (their outbound messages are written in the same transaction, when it is new)."""
     sql, args = delivery_write(delivery, changes, vault)
     ordered = changes is not None and changes.order_id is not None
     telling = outbox is not None and outbox.telling
-    if not ordered and not telling:
+    if outbound is None and not ordered and not telling:
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
@@ -249,7 +273,9 @@ async def write(
                     await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
             else:
                 row = await conn.fetchrow(sql, *args)
-            if row["inserted"] and outbox is not None and telling:
+            if outbound is not None and row["inserted"]:
+                await outbound.enqueue(conn)
+            if outbox is not None and telling and row["inserted"]:
                 await outbox.applied(conn, delivery, changes)
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
