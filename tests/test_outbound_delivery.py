@@ -121,13 +121,19 @@ async def test_every_event_is_forwarded_once_signed_in_our_names_without_credent
         unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1", "pwd": "canary-x1"})
         async with recording(database_url, path) as (client, destinations):
             await deliver_all(client, [created, prewarmed, unknown, created])  # one duplicate
-        assert len(await messages(db)) == 3
+        # the three events, and the prewarmup order's derived mailboxes.ready (`*` takes all)
+        assert len(await messages(db)) == 4
         clock = Clock()
         async with dispatching(database_url, destinations, clock) as dispatcher:
-            assert await dispatcher.step() == 3
-    assert receiver.bad_signatures == 0 and len(receiver.requests) == 3
+            assert await dispatcher.step() == 4
+    assert receiver.bad_signatures == 0 and len(receiver.requests) == 4
     bodies = {body["type"]: body for body in receiver.applied.values()}
-    assert set(bodies) == {"mailbox.created", "prewarmup.order.success", "mailbox.frozen"}
+    assert set(bodies) == {
+        "mailbox.created",
+        "prewarmup.order.success",
+        "mailbox.frozen",
+        "mailboxes.ready",
+    }
     forwarded = bodies["mailbox.created"]
     assert forwarded["data"]["eventId"] == created["eventId"]
     assert forwarded["data"]["domain"] == created["data"]["domain"]

@@ -49,6 +49,7 @@ async def client(
         database_url,
         destinations_file=destinations_file(tmp_path, monkeypatch),
         cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,  # what is written is read here; nothing is sent
     )
     async with app_client(settings) as http:
         yield http
@@ -285,7 +286,11 @@ async def test_the_spool_is_told_once_started_and_once_drained(database_url, tmp
 
     proxy = Proxy(database_url)
     await proxy.start()
-    settings = make_settings(proxy.url, destinations_file=destinations_file(tmp_path, monkeypatch))
+    settings = make_settings(
+        proxy.url,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        outbound_dispatch=False,
+    )
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         async with app_client(settings) as client:

@@ -24,7 +24,9 @@ async def client(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(
-        database_url, destinations_file=destinations_file(tmp_path, monkeypatch)
+        database_url,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        outbound_dispatch=False,  # this test writes what a failing dispatcher would
     )
     async with app_client(settings) as http:
         yield http
@@ -54,6 +56,7 @@ async def failing_crm(client: httpx.AsyncClient, db: asyncpg.Connection) -> int:
     )
     await db.execute(
         "INSERT INTO outbound_destinations (name, failures, opened_at) VALUES ('crm', 5, now())"
+        " ON CONFLICT (name) DO UPDATE SET failures = 5, opened_at = now()"
     )
     return int(oldest)
 
