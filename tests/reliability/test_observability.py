@@ -75,6 +75,13 @@ def test_the_rules_and_the_dashboard_name_what_an_operator_must_watch():
 def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("observed")
     env = server_env(database) | {"METRICS_TOKEN": METRICS_TOKEN, "SPOOL_DIR": str(home / "s")}
+    # a destination, so the per-destination cmr_outbound_* series exist (nothing listens)
+    destinations = home / "destinations.yaml"
+    destinations.write_text(
+        "destinations: [{name: crm, url: 'http://127.0.0.1:9/hook', format: standard-webhooks,"
+        " events: ['*'], secretEnv: CRM_SECRET, allowPrivateNetwork: true}]\n"
+    )
+    env |= {"DESTINATIONS_FILE": str(destinations), "CRM_SECRET": "whsec_" + "A" * 44}
     serve = Server(env, home, workers=2)
     serve.start()
     yield serve
