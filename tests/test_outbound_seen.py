@@ -149,3 +149,49 @@ async def test_the_destination_page_shows_its_attempts_backlog_and_circuit(clien
     healthy = await client.get("/ui/destinations/slack")
     assert "closed" in healthy.text and "No attempts yet." in healthy.text
     assert (await client.get("/ui/destinations/nobody")).status_code == 404
+
+
+async def test_a_real_dispatch_to_a_failing_receiver_is_counted_and_opens_the_circuit(
+    database_url, db, tmp_path, monkeypatch
+):
+    """The dispatcher's attempts against a receiver that answers 503, then 200: the
+    counters, the backlog and the circuit on /metrics follow."""
+    from tests.receivers import receiving
+    from tests.test_outbound_delivery import (
+        SECRET,
+        Clock,
+        declared,
+        dispatching,
+        recording,
+    )
+    from tests.test_outbound_delivery import destinations_file as declared_file
+
+    monkeypatch.setenv("CRM_SECRET", SECRET)
+    async with receiving(SECRET) as receiver:
+        path = declared_file(tmp_path, declared("hook", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            for _ in range(6):
+                assert (await deliver(client, traffic.mailbox_created())).status_code == 200
+            before = (await client.get("/metrics")).text
+            clock = Clock()
+            async with dispatching(database_url, destinations, clock) as dispatcher:
+                receiver.answer = 503
+                assert await dispatcher.step() == 6
+                failing = (await client.get("/metrics")).text
+                receiver.answer = 200
+                clock.advance(120)  # past the retry and the circuit's cool-down
+                # the probe closes the circuit, and the rest go in the same round
+                assert await dispatcher.step() == 6
+            after = (await client.get("/metrics")).text
+
+    def delta(text: str, name: str) -> float:
+        return gauge(text, name, "hook") - gauge(before, name, "hook")
+
+    assert gauge(before, "cmr_outbound_backlog", "hook") == 6
+    assert delta(failing, "cmr_outbound_failed_total") == 6
+    assert delta(failing, "cmr_outbound_sent_total") == 0
+    assert gauge(failing, "cmr_outbound_circuit_state", "hook") == 1
+    assert gauge(failing, "cmr_outbound_backlog", "hook") == 6
+    assert delta(after, "cmr_outbound_sent_total") == 6
+    assert gauge(after, "cmr_outbound_circuit_state", "hook") == 0
+    assert gauge(after, "cmr_outbound_backlog", "hook") == 0

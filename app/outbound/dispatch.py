@@ -28,6 +28,7 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import metrics
 from app.db import describe, is_transient, make_engine, raw_connection
 from app.destinations import Destination
 from app.outbound.formats import Message, request
@@ -302,6 +303,7 @@ class Dispatcher:
         await conn.execute(RECORD_MESSAGES, *columns(updates, 6))
         await conn.execute(RECORD_DESTINATIONS, *destination_outcomes(messages, results), now)
         for m, r in zip(messages, results, strict=True):
+            (metrics.OUTBOUND_SENT if r.ok else metrics.OUTBOUND_FAILED).labels(m.destination).inc()
             if not r.ok:
                 log.info("outbound: %s to %s failed: %s", m.webhook_id, m.destination, r.error)
             if r.gone:
