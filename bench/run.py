@@ -544,6 +544,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     ):
         if service and rate.get(name):
             result[label] = round(service / rate[name], 2)
+    for r in rows:  # bench/outbound.py: with two destinations, against none (in turns)
+        if "vs_none" in r:
+            result["ingest with two destinations / none, events/s"] = r["vs_none"]
+            result["ingest with two destinations / none, p99"] = r["p99_vs_none"]
     return result
 
 
@@ -582,6 +586,10 @@ def main() -> int:
         bench_physical_limit(run, bench_db_ceiling(run))
         bench_spooling(run)
         bench_prewarmup_page_memory(run, args.memory_events)
+        from bench import outbound
+
+        outbound.bench_ingest(run)
+        outbound.bench_dispatch(run)
         print_table(run.rows)
         result = ratios(run.rows)
     for label, value in result.items():
