@@ -171,14 +171,17 @@ async def subscription_mailboxes_ready(
 
 # --- subscriptions at risk ------------------------------------------------------------
 
+# The subscriptions given (by ID: a subscription.* event) or of the domains given (a
+# domain.* event, by domainId or name), each condition present only when given, so a
+# subscription's event reads its one row by its unique index.
 SUBSCRIPTION_RISKS = f"""
 SELECT s.subscription_id, s.domain, s.user_id, s.user_email, s.subscription_status,
     s.period_end, s.auto_renew, d.status AS domain_status, {RISKS_OF} AS risks
 FROM subscriptions s LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true
-WHERE s.subscription_id = ANY($1::text[])
-    OR s.domain_id = ANY($2::text[]) OR s.domain = ANY($3::text[])
+WHERE {{which}}
 ORDER BY s.subscription_id
 """
+WHICH: tuple[str, ...] = ("s.subscription_id", "s.domain_id", "s.domain")
 
 
 async def at_risk(
@@ -190,10 +193,13 @@ async def at_risk(
 ) -> list[Derived]:
     """subscription.at_risk for each subscription (given, or of the domains given) that
     gained a risk; a risk gone is remembered, so its return is told again."""
+    asked = zip(WHICH, (subscriptions, domain_ids, domains), strict=True)
+    given = [(condition, list(values)) for condition, values in asked if values]
+    if not given:
+        return []
+    which = " OR ".join(f"{c} = ANY(${n}::text[])" for n, (c, _) in enumerate(given, start=1))
     found = []
-    for row in await conn.fetch(
-        SUBSCRIPTION_RISKS, list(subscriptions), list(domain_ids), list(domains)
-    ):
+    for row in await conn.fetch(SUBSCRIPTION_RISKS.format(which=which), *(v for _, v in given)):
         risks = [risk for risk in AT_RISK if risk in row["risks"]]
         sid = row["subscription_id"]
         is_new, before = await changed(conn, "subscription.at_risk", sid, ",".join(risks))
@@ -233,7 +239,9 @@ async def of_delivery(
     for statement, rows in changes.upserts:
         if statement is merge.MAILBOX_SNAPSHOT:
             orders |= {r["order_id"] for r in rows if r["order_id"]}
-            subscriptions |= {r["subscription_id"] for r in rows if not r["order_id"]}
+            subscriptions |= {
+                r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
+            }
         elif statement is merge.SUBSCRIPTION_LIFECYCLE:
             risky |= {r["subscription_id"] for r in rows}
         elif statement in (merge.DOMAIN_BY_ID, merge.DOMAIN_BY_NAME):
