@@ -25,6 +25,7 @@ from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
 from app.destinations import Destination
 from app.hashing import Hasher
+from app.outbound.messages import enqueue_sql
 from app.receiving import payloads
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, merge
@@ -131,22 +132,26 @@ MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT c
 
 
 @lru_cache(maxsize=256)
-def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False) -> str:
-    """The record and every upsert (for one row or `many`), in one statement: one round
-    trip per delivery."""
+def delivery_statement(
+    upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False, forwarded: bool = False
+) -> str:
+    """The record and every upsert (for one row or `many`), and the outbound messages
+    when it is `forwarded`, in one statement: one round trip per delivery."""
     head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
     parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
         parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
+    if forwarded:
+        parts.append(f"outbound AS ({enqueue_sql(first, gate='recorded')})")
     return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
 
 
 def delivery_write(
-    delivery: Delivery, changes: Effects | None, vault: Vault
+    delivery: Delivery, changes: Effects | None, vault: Vault, outbound: Forwarded | None = None
 ) -> tuple[str, list[Any]]:
     """The one statement that records the delivery and, when it is new (or replayed),
-    applies its effects; and its arguments."""
+    applies its effects and writes its outbound messages; and its arguments."""
     if delivery.stored is not None:
         args: list[Any] = [delivery.stored.row_id]
     else:
@@ -167,8 +172,11 @@ def delivery_write(
     upserts = changes.upserts if changes else []
     for statement, rows in upserts:
         args += statement.parameters(rows)
+    if outbound is not None:
+        args += outbound.arguments()
     shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
-    return delivery_statement(shape, replay=delivery.stored is not None), args
+    replay = delivery.stored is not None
+    return delivery_statement(shape, replay=replay, forwarded=outbound is not None), args
 
 
 async def record(
@@ -187,7 +195,7 @@ async def record(
         if model is None
         else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
     )
-    outbound = None if delivery.stored is not None else forwarding_of(delivery, model, destinations)
+    outbound = forwarding_of(delivery, model, destinations)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
         stop=stop_after_attempt(ATTEMPTS),
@@ -206,7 +214,8 @@ async def record(
 def forwarding_of(
     delivery: Delivery, model: payloads.HandledEvent | None, destinations: Sequence[Destination]
 ) -> Forwarded | None:
-    if not destinations:
+    """A new event's outbound messages (app/recording/forwarding.py), or None."""
+    if not destinations or delivery.stored is not None:
         return None
     return forwarded(
         destinations,
@@ -226,21 +235,15 @@ async def write(
     outbound: Forwarded | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction, or is forwarded (its outbound
-    messages are written in the same transaction, when the event is new)."""
-    sql, args = delivery_write(delivery, changes, vault)
-    if outbound is None and (changes is None or changes.order_id is None):
+    and derived values follow in the same transaction."""
+    sql, args = delivery_write(delivery, changes, vault, outbound)
+    if changes is None or changes.order_id is None:
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
-            if changes is not None and changes.order_id is not None:
-                row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
-                if row["inserted"]:
-                    await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
-            else:
-                row = await conn.fetchrow(sql, *args)
-            if outbound is not None and row["inserted"]:
-                await outbound.enqueue(conn)
+            row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
+            if row["inserted"]:
+                await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
     return row
