@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
+    app.state.destinations = destinations  # DESTINATIONS_FILE's, secrets resolved
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
     app.state.sign_in_throttle = ui.SignInThrottle()
