@@ -22,6 +22,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -85,7 +86,13 @@ class Destination(BaseModel):
 
 
 def matches(pattern: str, type: str) -> bool:
-    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), type) is not None
+    return compiled(pattern).fullmatch(type) is not None
+
+
+@lru_cache(maxsize=1024)
+def compiled(pattern: str) -> re.Pattern[str]:
+    """`*` matches any run of characters; everything else is itself."""
+    return re.compile(".*".join(map(re.escape, pattern.split("*"))))
 
 
 def check_url(url: str) -> None:
