@@ -128,6 +128,8 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> list[De
         raise ConfigError(
             f"DESTINATIONS_FILE: cannot read {path}: {type(error).__name__}"
         ) from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"DESTINATIONS_FILE: {path} must hold a mapping with a destinations list")
     try:
         parsed = DestinationsFile.model_validate(document)
     except ValidationError as error:
@@ -142,7 +144,7 @@ def describe(error: ValidationError, document: Any) -> str:
     loc = list(first["loc"])
     where = "the file"
     if len(loc) >= 2 and loc[0] == "destinations" and isinstance(loc[1], int):
-        entry = document["destinations"][loc[1]]
+        entry = document["destinations"][loc[1]]  # pydantic found it there
         name = entry.get("name") if isinstance(entry, dict) else None
         where = f"destination {name!r}" if isinstance(name, str) else f"destination #{loc[1] + 1}"
         loc = loc[2:]
