@@ -181,6 +181,7 @@ def cmd_outbound_dispatch(args: argparse.Namespace) -> int:
     """Send outbound messages until SIGTERM or SIGINT: Kubernetes' own deployment (serve
     then runs with OUTBOUND_DISPATCH=false)."""
     from app.config import ConfigError, load_settings
+    from app.db import make_engine
     from app.logs import configure_logging
     from app.outbound.dispatch import Dispatcher
 
@@ -192,26 +193,20 @@ def cmd_outbound_dispatch(args: argparse.Namespace) -> int:
         raise ConfigError("DESTINATIONS_FILE declares no destination: nothing to dispatch")
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
-    async def run(engine: Any) -> None:
+    async def run() -> None:
+        engine = make_engine(settings.database_url or "", pool_size=args.workers + 1)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         dispatcher = Dispatcher(
             engine, destinations, public_url=settings.public_url, workers=args.workers
         )
-        await dispatcher.run(stop)
-
-    from app.db import make_engine
-
-    async def with_pool() -> None:
-        engine = make_engine(settings.database_url or "", pool_size=args.workers + 1)
         try:
-            await run(engine)
+            await dispatcher.run(stop)
         finally:
             await engine.dispose()
 
-    asyncio.run(with_pool())
+    asyncio.run(run())
     return 0
 
 

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -85,7 +86,13 @@ class Destination(BaseModel):
 
 
 def matches(pattern: str, type: str) -> bool:
-    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), type) is not None
+    return compiled(pattern).fullmatch(type) is not None
+
+
+@lru_cache(maxsize=1024)
+def compiled(pattern: str) -> re.Pattern[str]:
+    """`*` matches any run of characters; everything else is itself."""
+    return re.compile(".*".join(map(re.escape, pattern.split("*"))))
 
 
 def check_url(url: str) -> None:
@@ -121,6 +128,8 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> list[De
         raise ConfigError(
             f"DESTINATIONS_FILE: cannot read {path}: {type(error).__name__}"
         ) from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"DESTINATIONS_FILE: {path} must hold a mapping with a destinations list")
     try:
         parsed = DestinationsFile.model_validate(document)
     except ValidationError as error:
@@ -135,7 +144,7 @@ def describe(error: ValidationError, document: Any) -> str:
     loc = list(first["loc"])
     where = "the file"
     if len(loc) >= 2 and loc[0] == "destinations" and isinstance(loc[1], int):
-        entry = document["destinations"][loc[1]]
+        entry = document["destinations"][loc[1]]  # pydantic found it there
         name = entry.get("name") if isinstance(entry, dict) else None
         where = f"destination {name!r}" if isinstance(name, str) else f"destination #{loc[1] + 1}"
         loc = loc[2:]

@@ -38,7 +38,7 @@ from app.outbound import dispatch
 from app.outbound import pages as outbound_pages
 from app.outbound import queries as outbound_queries
 from app.outbound.outbox import DestinationsOutbox
-from app.reading import api, ui
+from app.reading import api, reader, sessions, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
 from app.reading.renewals import TotalsCache
@@ -47,6 +47,7 @@ from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
+from app.recording.record import record, store_rejected
 
 READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
@@ -105,8 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             spool,
             app.state.hashing,
             settings.rejected_max_bytes,
-            destinations,
-            outbox,
+            # each new event's outbound messages are written as it is recorded, and the
+            # derived events it causes (the outbox) in the same transaction
+            record=partial(record, destinations=destinations, outbox=outbox),
+            store=partial(store_rejected, outbox=outbox),
+            spool_events=outbox,
         )
         names = [d.name for d in destinations]
         outbound_queries.declare_series(names)
@@ -150,11 +154,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
-    app.state.destinations = destinations
+    app.state.destinations = destinations  # DESTINATIONS_FILE's, secrets resolved
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
-    app.state.sign_in_throttle = ui.SignInThrottle()
-    app.state.searches = api.SearchSlots()
+    app.state.sign_in_throttle = sessions.SignInThrottle()
+    app.state.searches = reader.SearchSlots()
     app.include_router(route.router)
     app.include_router(health.router)
     app.include_router(api.router)
@@ -166,7 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/", lambda: RedirectResponse("/ui", status_code=307), include_in_schema=False
     )
     app.mount("/ui/static", StaticFiles(directory=Path(ui.__file__).parent / "static"), "static")
-    app.add_exception_handler(ui.SignInRequired, ui.to_sign_in)
+    app.add_exception_handler(sessions.SignInRequired, ui.to_sign_in)
     app.add_exception_handler(ui.PageError, ui.show_error)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)

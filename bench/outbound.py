@@ -236,14 +236,11 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-outbound-"))
     out.mkdir(parents=True, exist_ok=True)
     run = bench.Run(out, args.seconds)
+    started = time.perf_counter()
     bench_ingest(run, args.turns)
     bench_dispatch(run, args.backlog)
     bench.print_table(run.rows)
-    for label, value in bench.ratios(run.rows).items():
-        print(f"ratio {label}: {value}")
-    for failure in run.failures:
-        print(f"FAILED {failure}", file=sys.stderr)
-    return 1 if run.failures else 0
+    return bench.report(run, bench.ratios(run.rows), started)
 
 
 if __name__ == "__main__":

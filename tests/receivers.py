@@ -69,7 +69,7 @@ class Receiver:
 async def receiving(secret: str | None = None):
     receiver = Receiver(secret)
     app = web.Application()
-    app.router.add_post("/{tail:.*}", receiver.handle)
+    app.router.add_route("*", "/{tail:.*}", receiver.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -4,6 +4,8 @@ one line, and a kill -9 while it is sending loses no message."""
 import asyncio
 import base64
 import os
+import signal
+import subprocess
 
 import httpx
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from app.simulation import traffic
 from tests.conftest import FERNET_KEY, OPS_TOKEN, SIGNING_KEY, WEBHOOK_TOKEN, deliver
 from tests.receivers import receiving
-from tests.servers import Server, clean_env, serve_to_its_end
+from tests.servers import CLI, Server, clean_env, run_cli, serve_to_its_end, serving
 from tests.test_outbound_delivery import declared, destinations_file, messages, until
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -78,3 +80,34 @@ async def test_kill_9_of_serve_while_it_dispatches_loses_nothing(database_url, d
     # what was in flight came again under its own webhook-id, and was applied once
     assert all(receiver.received[webhook_id] == 2 for webhook_id in in_flight)
     assert receiver.bad_signatures == 0
+
+
+async def test_outbound_dispatch_sends_until_sigterm_and_replay_brings_dead_letters_back(
+    database_url, db, tmp_path
+):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        env = server_env(database_url, path, OUTBOUND_DISPATCH="false")
+        with serving(env, tmp_path) as server:  # records, but leaves sending to dispatch
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                for payload in [traffic.mailbox_created() for _ in range(3)]:
+                    assert (await deliver(client, payload)).status_code == 200
+        assert {r["status"] for r in await messages(db)} == {"pending"} and not receiver.requests
+        await db.execute("UPDATE outbound_messages SET status = 'dead' WHERE id = 1")
+        dispatch = subprocess.Popen(
+            [*CLI, "outbound", "dispatch", "--workers", "2"],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            await until(lambda: len(receiver.applied) == 2)
+        finally:
+            dispatch.send_signal(signal.SIGTERM)
+            _, err = await asyncio.to_thread(dispatch.communicate, timeout=60)
+        assert dispatch.returncode == 0, err
+        replay = ["outbound", "replay", "--destination", "crm", "--until", "2999-01-01"]
+        assert run_cli(*replay, "--dry-run", env=env) == "crm: 1 dead letters would be sent again\n"
+        assert run_cli(*replay, env=env) == "crm: 1 dead letters pending again, due now\n"
+    assert [r["status"] for r in await messages(db)] == ["pending", "delivered", "delivered"]

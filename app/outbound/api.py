@@ -12,7 +12,8 @@ from pydantic.alias_generators import to_camel
 from app.errors import NotFound
 from app.outbound import queries
 from app.reading import resources
-from app.reading.api import ONE, one_value_each, ops_token
+from app.reading.api import ONE, one_value_each
+from app.reading.auth import ops_token
 
 router = APIRouter(
     prefix="/api/v1",

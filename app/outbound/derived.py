@@ -11,7 +11,7 @@ The row's lock serialises two transactions changing one subject's state.
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -225,28 +225,59 @@ async def at_risk(
 # --- a delivery's derived events -----------------------------------------------------
 
 
+@dataclass
+class Subjects:
+    """What a delivery's effects may have changed the derived state of."""
+
+    orders: set[str] = field(default_factory=set)  # outcome (changes.order_id) and mailboxes
+    subscriptions: set[str] = field(default_factory=set)  # mailboxes heard of without an order
+    risky: set[str] = field(default_factory=set)  # subscriptions whose lifecycle changed
+    domain_ids: set[str] = field(default_factory=set)  # domains whose state changed
+    domains: set[str] = field(default_factory=set)
+
+
+def subjects(changes: Effects) -> Subjects:
+    found = Subjects()
+    if changes.order_id:
+        found.orders.add(changes.order_id)
+    for statement, rows in changes.upserts:
+        if statement is merge.MAILBOX_SNAPSHOT:
+            found.orders |= {r["order_id"] for r in rows if r["order_id"]}
+            found.subscriptions |= {
+                r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
+            }
+        elif statement is merge.SUBSCRIPTION_LIFECYCLE:
+            found.risky |= {r["subscription_id"] for r in rows}
+        elif statement in (merge.DOMAIN_BY_ID, merge.DOMAIN_BY_NAME):
+            found.domain_ids |= {r["domain_id"] for r in rows if r.get("domain_id")}
+            found.domains |= {r["name"] for r in rows if r.get("name")}
+    return found
+
+
+def may_derive(changes: Effects, wanted: Callable[[str], bool]) -> bool:
+    """Whether these effects may cause a derived event of a type some destination wants
+    (without reading anything): the others stay one statement, without a transaction."""
+    found = subjects(changes)
+    return (
+        bool(changes.order_id and (wanted("order.failed") or wanted("order.partially_failed")))
+        or bool((found.orders or found.subscriptions) and wanted("mailboxes.ready"))
+        or bool(
+            (found.risky or found.domain_ids or found.domains) and wanted("subscription.at_risk")
+        )
+    )
+
+
 async def of_delivery(
     conn: asyncpg.Connection, changes: Effects, wanted: Callable[[str], bool]
 ) -> list[Derived]:
     """The derived events a newly applied delivery causes (only the types some destination
     wants are derived: a state nobody is told of is not kept)."""
     found: list[Derived] = []
-    orders, subscriptions, risky, domain_ids, domains = set(), set(), set(), set(), set()
-    if changes.order_id:
-        orders.add(changes.order_id)
-        if wanted("order.failed") or wanted("order.partially_failed"):
-            found += await order_outcome(conn, changes.order_id)
-    for statement, rows in changes.upserts:
-        if statement is merge.MAILBOX_SNAPSHOT:
-            orders |= {r["order_id"] for r in rows if r["order_id"]}
-            subscriptions |= {
-                r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
-            }
-        elif statement is merge.SUBSCRIPTION_LIFECYCLE:
-            risky |= {r["subscription_id"] for r in rows}
-        elif statement in (merge.DOMAIN_BY_ID, merge.DOMAIN_BY_NAME):
-            domain_ids |= {r["domain_id"] for r in rows if r.get("domain_id")}
-            domains |= {r["name"] for r in rows if r.get("name")}
+    about = subjects(changes)
+    orders, subscriptions, risky = about.orders, about.subscriptions, about.risky
+    domain_ids, domains = about.domain_ids, about.domains
+    if changes.order_id and (wanted("order.failed") or wanted("order.partially_failed")):
+        found += await order_outcome(conn, changes.order_id)
     if wanted("mailboxes.ready"):
         for order_id in sorted(orders):
             found += await order_mailboxes_ready(conn, order_id)

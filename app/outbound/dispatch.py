@@ -173,7 +173,6 @@ class Dispatcher:
         batch: int = 50,
         workers: int = 4,
         poll_seconds: float = 1.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.engine = engine
         self.destinations = {d.name: d for d in destinations}
@@ -186,7 +185,6 @@ class Dispatcher:
         self.client = httpx.AsyncClient(
             timeout=TIMEOUT,
             follow_redirects=False,
-            transport=transport,
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
             headers={"user-agent": "coldmail-webhooks"},
         )
@@ -302,12 +300,15 @@ class Dispatcher:
         await conn.execute(RECORD_ATTEMPTS, *columns(attempt_rows(messages, results), 6))
         await conn.execute(RECORD_MESSAGES, *columns(updates, 6))
         await conn.execute(RECORD_DESTINATIONS, *destination_outcomes(messages, results), now)
+        failures: dict[str, list[str]] = {}
         for m, r in zip(messages, results, strict=True):
             (metrics.OUTBOUND_SENT if r.ok else metrics.OUTBOUND_FAILED).labels(m.destination).inc()
             if not r.ok:
-                log.info("outbound: %s to %s failed: %s", m.webhook_id, m.destination, r.error)
-            if r.gone:
-                log.warning("outbound: %s answered 410 Gone; it is disabled", m.destination)
+                failures.setdefault(m.destination, []).append(str(r.error))
+        for name, errors in failures.items():
+            log.info("outbound: %s: %d attempts failed (%s)", name, len(errors), errors[0])
+            if any(r.gone for m, r in zip(messages, results, strict=True) if m.destination == name):
+                log.warning("outbound: %s answered 410 Gone; it is disabled", name)
 
 
 def message(row: asyncpg.Record) -> Message:

@@ -29,10 +29,24 @@ from app.destinations import Destination
 # anything named like one).
 CREDENTIAL_FIELD = re.compile(r"pass|secret|token|api_?key|credential|otp|totp", re.IGNORECASE)
 
-ENQUEUE = """
-INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at)
-SELECT name, $2, $3::jsonb, $4, coalesce($5, now()) FROM unnest($1::text[]) AS name
-"""
+ENQUEUE_PARAMETERS = 5
+
+
+def enqueue_sql(first: int = 1, *, gate: str | None = None) -> str:
+    """The INSERT of `enqueue`, its parameters numbered from `first` (`enqueue_arguments`);
+    with `gate` (a CTE whose one row has `inserted`), only when that row was inserted: a
+    statement that records an event can write its messages in the same round trip."""
+    names, type, data, user_id, at = (f"${first + i}" for i in range(ENQUEUE_PARAMETERS))
+    source = f"unnest({names}::text[]) AS name"
+    source += f", {gate} WHERE {gate}.inserted" if gate else ""
+    return (
+        "INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at) "
+        f"SELECT name, {type}, {data}::jsonb, {user_id}, coalesce({at}::timestamptz, now()) "
+        f"FROM {source}"
+    )
+
+
+ENQUEUE = enqueue_sql()
 
 
 def wanted(destinations: Sequence[Destination], type: str, user_id: str | None) -> list[str]:
@@ -67,6 +81,17 @@ async def enqueue(
     names = wanted(destinations, type, user_id)
     if not names:
         return 0
-    body = orjson.dumps(without_credentials(data)).decode()
-    await conn.execute(ENQUEUE, names, type, body, user_id, occurred_at)
+    await conn.execute(ENQUEUE, *enqueue_arguments(names, type, data, user_id, occurred_at))
     return len(names)
+
+
+def enqueue_arguments(
+    names: list[str],
+    type: str,
+    data: dict[str, Any],
+    user_id: str | None,
+    occurred_at: datetime | None,
+) -> list[Any]:
+    """`enqueue_sql`'s arguments: the destinations' names (`wanted`), and the message."""
+    body = orjson.dumps(without_credentials(data)).decode()
+    return [names, type, body, user_id, occurred_at]

@@ -1,6 +1,6 @@
-"""The outbox recording, the drainer and reconcile are given (app/recording/record.py's
-Outbox): the derived events each cause, enqueued for the destinations that want them in
-the transaction of their cause."""
+"""The outbox recording and reconcile are handed (app/recording/record.py's Outbox), and the
+drainer (app/receiving/receiver.py's SpoolEvents): the derived events each cause, enqueued
+for the destinations that want them in the transaction of their cause."""
 
 import logging
 import socket
@@ -17,8 +17,8 @@ from app.destinations import Destination, matches
 from app.outbound import derived
 from app.outbound.derived import Derived
 from app.outbound.messages import enqueue
+from app.receiving.delivery import Delivery, Rejection
 from app.recording.effects import Effects
-from app.recording.record import Delivery, Rejection
 
 log = logging.getLogger("coldmail.outbound")
 
@@ -37,6 +37,9 @@ class DestinationsOutbox:
     def wanted(self, type: str) -> bool:
         """Whether any destination takes this type (for some customer)."""
         return any(matches(p, type) for d in self.destinations for p in d.events)
+
+    def tells(self, changes: Effects | None) -> bool:
+        return changes is not None and derived.may_derive(changes, self.wanted)
 
     async def tell(self, conn: asyncpg.Connection, found: list[Derived]) -> None:
         for event in found:

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.outbound import queries
 from app.outbound.api import declared, destinations_with_state
 from app.reading import ui
+from app.reading.sessions import signed_in
 
-pages = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(ui.signed_in)])
+pages = APIRouter(prefix="/ui", include_in_schema=False, dependencies=[Depends(signed_in)])
 SHOWN = 50  # attempts, and dead letters, on a destination's page
 
 

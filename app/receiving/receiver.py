@@ -9,10 +9,9 @@ applied but not yet deleted comes back as a duplicate, which has no effect).
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
@@ -21,12 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import metrics
 from app.crypto import Vault
 from app.db import describe, is_transient, pooler_hint
-from app.destinations import Destination
 from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
+from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
 from app.receiving.spool import Entry, Spool, SpoolFull
-from app.recording.record import Delivery, Outbox, Outcome, Rejection, record, store_rejected
 
 log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
@@ -42,6 +40,32 @@ class ApplyFailed(Exception):
     """Applying failed for a reason a retry will not cure; the delivery is kept as rejected."""
 
 
+# Recording's two entry points (app/recording/record.py), handed to the Receiver by
+# app/main.py: recording sits above receiving, so receiving never imports it.
+class Record(Protocol):
+    async def __call__(
+        self, engine: AsyncEngine, vault: Vault, delivery: Delivery, model: HandledEvent | None
+    ) -> Outcome: ...
+
+
+class StoreRejected(Protocol):
+    async def __call__(
+        self, engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+    ) -> None: ...
+
+
+class SpoolEvents(Protocol):
+    """Told of the spool's outages by the drainer (app/outbound/outbox.py), handed to the
+    Receiver by app/main.py."""
+
+    async def spool_started(self, *, since: datetime, depth: int) -> None:
+        """The drainer found spooled deliveries (waiting since `since`): the database was
+        away, and can be told now that it is back."""
+
+    async def spool_drained(self, *, applied: int, seconds: float) -> None:
+        """The drainer emptied the spool."""
+
+
 @dataclass
 class Receiver:
     engine: AsyncEngine
@@ -49,10 +73,10 @@ class Receiver:
     spool: Spool
     hashing: HashingKey
     rejected_max_bytes: int
-    # where each new event is forwarded (app/recording/forwarding.py)
-    destinations: Sequence[Destination] = ()
-    # told of what is recorded and rejected (app/outbound), and of the spool's outages
-    outbox: Outbox | None = None
+    record: Record
+    store: StoreRejected
+    # told when a drain begins and ends (app/outbound: spool.started, spool.drained)
+    spool_events: SpoolEvents | None = None
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
@@ -108,9 +132,7 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await record(
-                self.engine, self.vault, delivery, model, self.destinations, self.outbox
-            )
+            return await self.record(self.engine, self.vault, delivery, model)
         except Exception as error:
             if is_transient(error):
                 raise
@@ -132,13 +154,7 @@ class Receiver:
             await self._spool(rejection.raw, rejected_meta(rejection), received)
 
     async def store_rejected(self, rejection: Rejection) -> None:
-        await store_rejected(
-            self.engine,
-            self.vault,
-            rejection,
-            max_bytes=self.rejected_max_bytes,
-            outbox=self.outbox,
-        )
+        await self.store(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
 
     def _database_failed(self, error: Exception) -> None:
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS
@@ -219,10 +235,10 @@ class Receiver:
             return 0
         rows = await self.spool.oldest(DRAIN_BATCH)
         if rows and self.drain_started is None:
-            if self.outbox is not None:
+            if self.spool_events is not None:
                 depth, oldest, _ = await self.spool.depth()
                 since = datetime.now(UTC) - timedelta(seconds=oldest or 0.0)
-                await self.outbox.spool_started(since=since, depth=depth)
+                await self.spool_events.spool_started(since=since, depth=depth)
             self.drain_started = time.monotonic()
         for row in rows:
             if isinstance(row, Entry):
@@ -236,8 +252,8 @@ class Receiver:
         metrics.SPOOL_DEPTH.set(depth)
         if depth == 0 and self.drain_started is not None:
             seconds = time.monotonic() - self.drain_started
-            if self.outbox is not None:
-                await self.outbox.spool_drained(applied=self.drained, seconds=seconds)
+            if self.spool_events is not None:
+                await self.spool_events.spool_drained(applied=self.drained, seconds=seconds)
             self._drained(seconds)
         return len(rows)
 

@@ -14,26 +14,13 @@ import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import NamedTuple
+
+from app.config import FORMS
 
 SIGNATURE_HEADER = "cmr-x-signature"
 TIMESTAMP_HEADER = "cmr-x-timestamp"
 UNIX_TIME = re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")
 TIMESTAMP_PREFIX = re.compile(rb"\s*[0-9]+(\.[0-9]*)?\.")
-
-
-class Form(NamedTuple):
-    name: str
-    with_timestamp: bool  # is `<timestamp>.` part of the signed string
-    encoding: str  # of the digest: hex or base64
-
-
-FORMS = (
-    Form("timestamp.body:hex", True, "hex"),
-    Form("timestamp.body:base64", True, "base64"),
-    Form("body:hex", False, "hex"),
-    Form("body:base64", False, "base64"),
-)
 ALL_FORMS = frozenset(form.name for form in FORMS)
 
 

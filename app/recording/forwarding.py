@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from app.crypto import REDACTED, redact
 from app.destinations import Destination
-from app.outbound.messages import enqueue, wanted
+from app.outbound.messages import enqueue_arguments, wanted
 from app.receiving import payloads
 
 CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
@@ -23,23 +22,17 @@ CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
 
 @dataclass(frozen=True)
 class Forwarded:
-    """A stored event's message, ready to be written in the recording's transaction."""
+    """A stored event's messages, written by the statement that records the event
+    (`enqueue_sql` gated on it being new)."""
 
-    destinations: Sequence[Destination]
+    names: list[str]  # the destinations that want it
     type: str
     data: dict[str, Any]
     user_id: str | None
     occurred_at: datetime
 
-    async def enqueue(self, conn: asyncpg.Connection) -> None:
-        await enqueue(
-            conn,
-            self.destinations,
-            self.type,
-            self.data,
-            user_id=self.user_id,
-            occurred_at=self.occurred_at,
-        )
+    def arguments(self) -> list[Any]:
+        return enqueue_arguments(self.names, self.type, self.data, self.user_id, self.occurred_at)
 
 
 def forwarded(
@@ -56,11 +49,12 @@ def forwarded(
     user_id = getattr(model.data, "userId", None) if model is not None else None
     if user_id is None and isinstance(data, dict) and isinstance(data.get("userId"), str):
         user_id = data["userId"]
-    if not wanted(destinations, event, user_id):
+    names = wanted(destinations, event, user_id)
+    if not names:
         return None
     fields = declared(model.data) if model is not None else unmodelled(data)
     body = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)} | fields
-    return Forwarded(destinations, event, body, user_id, event_time)
+    return Forwarded(names, event, body, user_id, event_time)
 
 
 def declared(model: BaseModel) -> dict[str, Any]:

@@ -11,9 +11,8 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any, Protocol
 
 import asyncpg
@@ -25,9 +24,9 @@ from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
 from app.destinations import Destination
-from app.hashing import Hasher
+from app.outbound.messages import enqueue_sql
 from app.receiving import payloads
-from app.receiving.signing import SignatureCheck
+from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.recording import effects, merge
 from app.recording.effects import Effects, Row, Unsealed
 from app.recording.forwarding import Forwarded, forwarded
@@ -41,92 +40,36 @@ ATTEMPTS = 3
 PARTS, MIN_PART = 4, 100
 
 
-@dataclass(frozen=True)
-class Stored:
-    """A stored event that `replay` applies again: its row, and the time it was sent."""
-
-    row_id: int
-    event_time: datetime
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """An authenticated, parsed delivery, ready to record (live, from the spool, or replayed)."""
-
-    envelope: dict[str, Any]  # normalised: `event` and `eventId` always present
-    raw: bytes
-    signature: SignatureCheck
-    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    warnings: list[str] = field(default_factory=list)
-    spooled: bool = False
-    # None only while the database is away (no hashing key yet): such a delivery is spooled
-    hasher: Hasher | None = None
-    stored: Stored | None = None
-
-    @property
-    def event_id(self) -> str | None:
-        """None for a delivery without eventId received while the key was out of reach."""
-        event_id = self.envelope["eventId"]
-        return None if event_id is None else str(event_id)
-
-    @property
-    def event(self) -> str:
-        return str(self.envelope["event"])
-
-    @cached_property
-    def content_hash(self) -> bytes:
-        assert self.hasher is not None, "recorded without the hashing key"
-        return self.hasher.digest(payloads.canonical(self.envelope))
-
-    @property
-    def event_time(self) -> datetime:
-        """The signed time when the signature was valid, else the first receipt."""
-        if self.stored is not None:
-            return self.stored.event_time
-        signed = self.signature.signed_at if self.signature.ok else None
-        return datetime.fromtimestamp(signed, UTC) if signed is not None else self.received_at
-
-    @property
-    def version(self) -> str:
-        assert self.event_id is not None, "a delivery without its eventId is spooled"
-        return effects.version(self.event_time, self.event_id, self.content_hash)
-
-
 class Outbox(Protocol):
-    """What is told outside (app/outbound), written in the transaction of its cause (no
-    dual write). The assembler (app/main.py, app/cli.py) gives one to recording, which so
-    needs to know neither the destinations nor what they are told."""
+    """What is told outside (app/outbound): the derived events, written in the transaction
+    of their cause (no dual write). The assembler (app/main.py, app/cli.py) hands one to
+    recording and reconcile, which so need to know neither the destinations nor what they
+    are told."""
 
     @property
     def telling(self) -> bool:
         """Whether anything may be told: without destinations, no transaction is opened."""
 
+    def tells(self, changes: Effects | None) -> bool:
+        """Whether these effects may cause an event a destination wants: a delivery that
+        cannot stays one statement, without a transaction."""
+
     async def applied(
-        self, conn: asyncpg.Connection, delivery: "Delivery", changes: Effects | None
+        self, conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None
     ) -> None:
         """A delivery newly recorded (and its effects applied), in its transaction."""
 
-    async def rejected(self, conn: asyncpg.Connection, rejection: "Rejection") -> None:
+    async def rejected(self, conn: asyncpg.Connection, rejection: Rejection) -> None:
         """A rejected delivery stored, in its transaction."""
-
-    async def spool_started(self, *, since: datetime, depth: int) -> None:
-        """The drainer found spooled deliveries (waiting since `since`): the database was
-        away, and can be told now that it is back."""
-
-    async def spool_drained(self, *, applied: int, seconds: float) -> None:
-        """The drainer emptied the spool."""
 
     async def reconciled(self, conn: asyncpg.Connection, report: dict[str, Any]) -> None:
         """A reconcile's report stored (app/operations/reconcile.py), in its transaction."""
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a delivery, from the recording to the answer."""
-
-    status: str  # processed | ignored | duplicate | queued (in the spool)
-    conflict: bool = False  # a second content for an eventId already recorded
-    row_id: int = 0
+def delivery_version(delivery: Delivery) -> str:
+    """The delivery's place in 'the later event wins' (effects.version)."""
+    assert delivery.event_id is not None, "a delivery without its eventId is spooled"
+    return effects.version(delivery.event_time, delivery.event_id, delivery.content_hash)
 
 
 # The event's key row serialises deliveries of one eventId: a second one waits for the
@@ -160,22 +103,26 @@ MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT c
 
 
 @lru_cache(maxsize=256)
-def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False) -> str:
-    """The record and every upsert (for one row or `many`), in one statement: one round
-    trip per delivery."""
+def delivery_statement(
+    upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False, forwarded: bool = False
+) -> str:
+    """The record and every upsert (for one row or `many`), and the outbound messages
+    when it is `forwarded`, in one statement: one round trip per delivery."""
     head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
     parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
         parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
+    if forwarded:
+        parts.append(f"outbound AS ({enqueue_sql(first, gate='recorded')})")
     return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
 
 
 def delivery_write(
-    delivery: Delivery, changes: Effects | None, vault: Vault
+    delivery: Delivery, changes: Effects | None, vault: Vault, outbound: Forwarded | None = None
 ) -> tuple[str, list[Any]]:
     """The one statement that records the delivery and, when it is new (or replayed),
-    applies its effects; and its arguments."""
+    applies its effects and writes its outbound messages; and its arguments."""
     if delivery.stored is not None:
         args: list[Any] = [delivery.stored.row_id]
     else:
@@ -196,8 +143,11 @@ def delivery_write(
     upserts = changes.upserts if changes else []
     for statement, rows in upserts:
         args += statement.parameters(rows)
+    if outbound is not None:
+        args += outbound.arguments()
     shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
-    return delivery_statement(shape, replay=delivery.stored is not None), args
+    replay = delivery.stored is not None
+    return delivery_statement(shape, replay=replay, forwarded=outbound is not None), args
 
 
 async def record(
@@ -216,9 +166,11 @@ async def record(
     changes = (
         None
         if model is None
-        else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        else effects.of(
+            model, vault=vault, at=delivery.event_time, version=delivery_version(delivery)
+        )
     )
-    outbound = None if delivery.stored is not None else forwarding_of(delivery, model, destinations)
+    outbound = forwarding_of(delivery, model, destinations)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
         stop=stop_after_attempt(ATTEMPTS),
@@ -237,7 +189,8 @@ async def record(
 def forwarding_of(
     delivery: Delivery, model: payloads.HandledEvent | None, destinations: Sequence[Destination]
 ) -> Forwarded | None:
-    if not destinations:
+    """A new event's outbound messages (app/recording/forwarding.py), or None."""
+    if not destinations or delivery.stored is not None:
         return None
     return forwarded(
         destinations,
@@ -258,12 +211,12 @@ async def write(
     outbox: Outbox | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction, or is forwarded or may cause derived
-    events (their outbound messages are written in the same transaction, when it is new)."""
-    sql, args = delivery_write(delivery, changes, vault)
+    and derived values follow in the same transaction, or may cause a derived event (the
+    outbox writes it in the same transaction, when the event is new)."""
+    sql, args = delivery_write(delivery, changes, vault, outbound)
     ordered = changes is not None and changes.order_id is not None
-    telling = outbox is not None and outbox.telling
-    if outbound is None and not ordered and not telling:
+    telling = outbox is not None and outbox.tells(changes)
+    if not ordered and not telling:
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
@@ -273,8 +226,6 @@ async def write(
                     await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
             else:
                 row = await conn.fetchrow(sql, *args)
-            if outbound is not None and row["inserted"]:
-                await outbound.enqueue(conn)
             if outbox is not None and telling and row["inserted"]:
                 await outbox.applied(conn, delivery, changes)
     if row["conflict"]:
@@ -322,19 +273,6 @@ def parts(mailboxes: list[Unsealed]) -> list[list[Unsealed]]:
     ordered = [unique[key] for key in sorted(unique)]
     size = max(MIN_PART, -(-len(ordered) // PARTS))
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A delivery refused (400, 422) or that failed to apply (500): kept, encrypted."""
-
-    raw: bytes
-    signature: str
-    reason: str  # invalid_json | invalid_payload | apply_failed
-    errors: list[dict[str, Any]]
-    event: str | None = None
-    event_id: str | None = None
-    received_at: datetime | None = None
 
 
 STORE_REJECTED = """
