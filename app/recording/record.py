@@ -167,7 +167,7 @@ async def record(
         None
         if model is None
         else effects.of(
-            model, vault=vault, at=delivery.event_time, version=delivery_version(delivery)
+            model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
         )
     )
     outbound = forwarding_of(delivery, model, destinations)
@@ -304,9 +304,9 @@ async def store_rejected(
     within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk. What
     it causes to be told goes to `outbox` in the same transaction."""
     telling = outbox is not None and outbox.telling
-    async with raw_connection(engine) as raw:
-        async with raw.transaction() if telling else nullcontext():
-            await raw.execute(
+    async with raw_connection(engine) as conn:
+        async with conn.transaction() if telling else nullcontext():
+            await conn.execute(
                 STORE_REJECTED,
                 rejection.reason,
                 rejection.event,
@@ -317,8 +317,8 @@ async def store_rejected(
                 rejection.received_at or datetime.now(UTC),
             )
             if outbox is not None and telling:
-                await outbox.rejected(raw, rejection)
-        status = await raw.execute(DROP_OLDEST_REJECTED, max_bytes)
+                await outbox.rejected(conn, rejection)
+        status = await conn.execute(DROP_OLDEST_REJECTED, max_bytes)
     if dropped := int(status.split()[-1]):
         metrics.REJECTED_BODIES_DROPPED.inc(dropped)
         log.warning("dropped the %s oldest rejected bodies: over REJECTED_MAX_BYTES", dropped)
