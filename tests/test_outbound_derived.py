@@ -133,12 +133,27 @@ async def test_the_slack_message_of_a_partially_failed_order_names_each_domain_a
     order_id, stream = partial_order()
     await send(client, *stream)
     [data] = await told(db, "order.partially_failed", destination="slack")
-    text = summaries.slack_text("order.partially_failed", data, "https://ops.example.com")
-    assert text is not None
+    # the body the dispatcher sends to the Slack destination
+    text = slack_body("order.partially_failed", data, "https://ops.example.com")
     assert "bad.com: Domain not verified" in text
     assert "worse.com: DNS &lt;records&gt; missing" in text  # Slack's mrkdwn, escaped
     assert "good.com" not in text.split("Failed:")[1]
     assert f"<https://ops.example.com/ui/orders/{order_id}|open>" in text
+
+
+def slack_body(type: str, data: dict[str, Any], public_url: str) -> str:
+    from app.destinations import Destination
+    from app.outbound.formats import Message, request
+
+    slack = Destination.model_validate(
+        {"name": "slack", "url": "https://hooks.slack.com/services/T0/B0/x", "format": "slack"}
+        | {"events": ["*"]}
+    )
+    message = Message(1, "slack", type, "msg_1", data, datetime.now(UTC), 0)
+    body, _ = request(slack, message, public_url=public_url, sent_at=datetime.now(UTC))
+    text: str = orjson.loads(body)["text"]
+    assert "\n" not in text and len(text) < 300  # one short line
+    return text
 
 
 # --- mailboxes ready ------------------------------------------------------------------
