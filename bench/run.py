@@ -296,7 +296,7 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
         signature = SignatureCheck("valid", None, time.time())
         delivery = Delivery(envelope, raw, signature, hasher=HASHER)
         version = record.delivery_version(delivery)
-        changes = effects.of(model, vault=vault, at=delivery.event_time, version=version)
+        changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
         writes.append(record.delivery_write(delivery, changes, vault))
     return writes
 

@@ -1,7 +1,7 @@
 """The sender's delivery signature (`cmr-x-signature`, `cmr-x-timestamp`).
 
-The exact signed string and digest encoding are undocumented (provider-docs/
-DELIVERY-FACTS.md), so every plausible form is accepted and the one that matched is
+The sender does not document the exact signed string or the digest's encoding
+(docs/webhooks.md, step 2), so every plausible form is accepted and the one that matched is
 recorded on the event. Once live traffic shows the real form, retire the others with
 CMR_SIGNATURE_FORMS. Whatever the form, a fresh `cmr-x-timestamp` is required: without it a
 captured signature could be replayed for ever.
@@ -36,8 +36,8 @@ class SignatureCheck:
 
 
 def _digest(key: str, message: bytes, encoding: str) -> str:
-    raw = hmac.new(key.encode(), message, hashlib.sha256).digest()
-    return raw.hex() if encoding == "hex" else base64.b64encode(raw).decode()
+    digest = hmac.new(key.encode(), message, hashlib.sha256).digest()
+    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
 def sign(key: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:

@@ -138,7 +138,7 @@ async def record(
         None
         if model is None
         else effects.of(
-            model, vault=vault, at=delivery.event_time, version=delivery_version(delivery)
+            model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
         )
     )
     outbound = forwarding_of(delivery, model, destinations)
@@ -259,8 +259,8 @@ async def store_rejected(
 ) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed;
     within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk."""
-    async with raw_connection(engine) as raw:
-        await raw.execute(
+    async with raw_connection(engine) as conn:
+        await conn.execute(
             STORE_REJECTED,
             rejection.reason,
             rejection.event,
@@ -270,7 +270,7 @@ async def store_rejected(
             vault.encrypt(rejection.raw),
             rejection.received_at or datetime.now(UTC),
         )
-        status = await raw.execute(DROP_OLDEST_REJECTED, max_bytes)
+        status = await conn.execute(DROP_OLDEST_REJECTED, max_bytes)
     if dropped := int(status.split()[-1]):
         metrics.REJECTED_BODIES_DROPPED.inc(dropped)
         log.warning("dropped the %s oldest rejected bodies: over REJECTED_MAX_BYTES", dropped)
