@@ -1,7 +1,6 @@
 """The read API of the outbound side: `GET /api/v1/destinations` and
 `GET /api/v1/destinations/{name}/messages`, same tokens and errors as every read route."""
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -25,44 +24,6 @@ MAX_ID = 2**63 - 1
 DestinationName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
-class Destination(resources.Resource):
-    """A destination as declared (never its URL's path or query, which may hold a secret:
-    only its host) and its state, shared by every replica."""
-
-    name: str
-    format: Literal["standard-webhooks", "slack"]
-    events: list[str]
-    user_ids: list[str] | None
-    host: str | None
-    circuit: Literal["closed", "open", "disabled"] = Field(
-        description="open: failing, only a probe is sent until one succeeds; disabled: it "
-        "answered 410 Gone"
-    )
-    failures: int = Field(description="Failed attempts in a row since the last success")
-    backlog: int = Field(description="Messages waiting to be sent")
-    oldest_at: datetime | None = Field(description="When the oldest waiting message was written")
-    oldest_seconds: float
-    dead_letters: int = Field(description="Messages whose retries are exhausted (replayable)")
-    opened_at: datetime | None
-    disabled_at: datetime | None
-    last_attempt_at: datetime | None
-
-
-class Message(resources.Resource):
-    id: int
-    webhook_id: str = Field(description="The `webhook-id` header, the same on every attempt")
-    type: str
-    status: Literal["pending", "delivered", "dead"]
-    attempts: int
-    next_attempt_at: datetime | None = Field(description="The next retry (pending messages)")
-    last_attempt_at: datetime | None
-    last_status: int | None = Field(description="The HTTP status of the last attempt, if any")
-    last_error: str | None
-    occurred_at: datetime
-    created_at: datetime
-    delivered_at: datetime | None
-
-
 class MessagesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
@@ -82,17 +43,17 @@ def host_of(destination: Any) -> str | None:
     return urlsplit(destination.url).hostname if destination.url else None
 
 
-async def destinations_with_state(request: Request) -> list[Destination]:
+async def destinations_with_state(request: Request) -> list[resources.Destination]:
     """Every declared destination with its state, in name order (the API and the page)."""
     given = {d.name: d for d in declared(request)}
     states = await queries.destination_states(request.app.state.read_engine, sorted(given))
     return [resource(given[state.name], state) for state in states]
 
 
-def resource(destination: Any, state: queries.DestinationState) -> Destination:
+def resource(destination: Any, state: queries.DestinationState) -> resources.Destination:
     fields = {k: v for k, v in vars(state).items() if k != "name"}
     user_ids = sorted(destination.user_ids) if destination.user_ids is not None else None
-    return Destination(
+    return resources.Destination(
         name=destination.name,
         format=destination.format,
         events=list(destination.events),
@@ -103,13 +64,13 @@ def resource(destination: Any, state: queries.DestinationState) -> Destination:
 
 
 @router.get("/destinations", summary="The outbound destinations: backlog, dead letters, circuit")
-async def list_destinations(request: Request) -> resources.Page[Destination]:
+async def list_destinations(request: Request) -> resources.Page[resources.Destination]:
     return resources.Page(items=await destinations_with_state(request), next_cursor=None)
 
 
 async def destination_messages(
     request: Request, name: str, query: MessagesQuery
-) -> resources.Page[Message]:
+) -> resources.Page[resources.OutboundMessage]:
     if name not in {d.name for d in declared(request)}:
         raise NotFound()
     before = int(query.cursor) if query.cursor else MAX_ID
@@ -120,7 +81,7 @@ async def destination_messages(
         before=before,
         limit=query.limit + 1,
     )
-    items = [Message.model_validate(row._asdict()) for row in rows[: query.limit]]
+    items = [resources.OutboundMessage.model_validate(row._asdict()) for row in rows[: query.limit]]
     more = len(rows) > query.limit
     return resources.Page(items=items, next_cursor=str(items[-1].id) if more else None)
 
@@ -132,5 +93,5 @@ async def destination_messages(
 )
 async def list_destination_messages(
     request: Request, name: DestinationName, query: Annotated[MessagesQuery, Query()]
-) -> resources.Page[Message]:
+) -> resources.Page[resources.OutboundMessage]:
     return await destination_messages(request, name, query)
