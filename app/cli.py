@@ -1,5 +1,5 @@
 """`coldmail-webhooks`: serve, migrate, generate-key, rotate-keys, replay, reconcile, erase,
-simulate, db stop."""
+simulate, outbound (dispatch, replay, enable), db stop."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_local:
         local.claim(settings.data_dir)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    usable_destinations(settings)
     # uvicorn re-raises SIGTERM once it has shut down; exit normally then, so that the
     # finally below stops the embedded database instead of the signal killing us first.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -163,6 +164,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if is_local:
             local.stop_database(settings.data_dir)
             local.release(settings.data_dir)
+    return 0
+
+
+def usable_destinations(settings: Settings) -> list[Any]:
+    """DESTINATIONS_FILE's destinations, each checked down to the addresses its host
+    resolves to; ConfigError (one line) for the first that cannot be used."""
+    from app.destinations import check_network, load
+
+    destinations = load(settings.destinations_file)
+    check_network(destinations)
+    return destinations
+
+
+def cmd_outbound_dispatch(args: argparse.Namespace) -> int:
+    """Send outbound messages until SIGTERM or SIGINT: Kubernetes' own deployment (serve
+    then runs with OUTBOUND_DISPATCH=false)."""
+    from app.config import ConfigError, load_settings
+    from app.db import make_engine
+    from app.logs import configure_logging
+    from app.outbound.dispatch import Dispatcher
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL is not set")
+    destinations = usable_destinations(settings)
+    if not destinations:
+        raise ConfigError("DESTINATIONS_FILE declares no destination: nothing to dispatch")
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+
+    async def run() -> None:
+        engine = make_engine(settings.database_url or "", pool_size=args.workers + 1)
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        dispatcher = Dispatcher(
+            engine, destinations, public_url=settings.public_url, workers=args.workers
+        )
+        try:
+            await dispatcher.run(stop)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_outbound_replay(args: argparse.Namespace) -> int:
+    from app.outbound.dead_letters import Window, replay
+
+    window = Window(since=args.since, until=args.until)
+    with database_settings() as settings:
+        count = asyncio.run(
+            _with_engine(
+                settings, lambda e: replay(e, args.destination, window, dry_run=args.dry_run)
+            )
+        )
+    verb = "would be sent again" if args.dry_run else "pending again, due now"
+    print(f"{args.destination}: {count} dead letters {verb}")
+    return 0
+
+
+def cmd_outbound_enable(args: argparse.Namespace) -> int:
+    from app.outbound.dead_letters import enable
+
+    with database_settings() as settings:
+        changed = asyncio.run(_with_engine(settings, lambda e: enable(e, args.destination)))
+    state = "enabled, circuit closed" if changed else "was neither disabled nor open"
+    print(f"{args.destination}: {state}")
     return 0
 
 
@@ -285,9 +354,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         raise ConfigError("CMR_API_KEY is not set (your partner API key, for the sender's API)")
 
     async def run(engine: Any, settings: Settings) -> Any:
+        from app.destinations import load
+        from app.outbound.outbox import DestinationsOutbox
+
         api = SenderApi(settings.cmr_api_url, settings.api_key or "")
+        outbox = DestinationsOutbox(engine, load(settings.destinations_file))
         try:
-            return await reconcile(engine, api, dry_run=args.dry_run)
+            return await reconcile(engine, api, dry_run=args.dry_run, outbox=outbox)
         finally:
             await api.close()
 
@@ -464,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
+    add_outbound_commands(commands)
+
     db = commands.add_parser("db", help="the local mode's embedded database")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     stop = db_commands.add_parser("stop", help="stop the embedded database under DATA_DIR")
@@ -473,6 +548,27 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--force", action="store_true", help="stop it even while a serve is using it")
     stop.set_defaults(func=cmd_db_stop)
     return parser
+
+
+def add_outbound_commands(commands: Any) -> None:
+    outbound = commands.add_parser(
+        "outbound", help="outbound messages to DESTINATIONS_FILE's destinations"
+    )
+    actions = outbound.add_subparsers(dest="outbound_command", required=True, metavar="ACTION")
+    dispatch = actions.add_parser("dispatch", help="send outbound messages until stopped")
+    dispatch.add_argument("--workers", type=int, default=4, help="concurrent batches (default 4)")
+    dispatch.set_defaults(func=cmd_outbound_dispatch)
+    replay = actions.add_parser("replay", help="send a destination's dead letters again")
+    replay.add_argument("--destination", required=True, metavar="NAME", help="its name")
+    replay.add_argument("--since", type=utc_time, help="created at or after (UTC if no offset)")
+    replay.add_argument("--until", type=utc_time, help="created before (UTC if no offset)")
+    replay.add_argument("--dry-run", action="store_true", help="count them, change nothing")
+    replay.set_defaults(func=cmd_outbound_replay)
+    enable = actions.add_parser(
+        "enable", help="send to a destination again after it answered 410 Gone"
+    )
+    enable.add_argument("--destination", required=True, metavar="NAME", help="its name")
+    enable.set_defaults(func=cmd_outbound_enable)
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:

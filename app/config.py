@@ -1,5 +1,6 @@
 """Configuration from the environment (or `.env`), validated once at start-up."""
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -81,11 +82,30 @@ class Settings(BaseSettings):
     cmr_signature_forms: str = ""
     rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
     metrics_token: SecretStr | None = None
+    # outbound messages (app/outbound): the destinations, and where links in them point
+    destinations_file: Path | None = None
+    public_url: str | None = None
+    # false: serve records messages but leaves sending to `coldmail-webhooks outbound dispatch`
+    outbound_dispatch: bool = True
 
     @field_validator("database_url")
     @classmethod
     def _normalize_url(cls, value: str | None) -> str | None:
         return normalize_database_url(value) if value else None
+
+    @field_validator("destinations_file", "public_url", mode="before")
+    @classmethod
+    def _none_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be the dashboard's base URL, e.g. https://coldmail.example.com")
+        return value.rstrip("/")
 
     @field_validator("forwarded_allow_ips")
     @classmethod

@@ -18,6 +18,8 @@ from app import metrics
 from app.config import Settings, get_settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.destinations import Destination
+from app.destinations import load as load_destinations
 from app.errors import (
     DATABASE_ERRORS,
     ApiError,
@@ -31,6 +33,11 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
+from app.outbound import api as outbound_api
+from app.outbound import dispatch
+from app.outbound import pages as outbound_pages
+from app.outbound import queries as outbound_queries
+from app.outbound.outbox import DestinationsOutbox
 from app.reading import api, reader, sessions, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
@@ -40,20 +47,30 @@ from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
-from app.recording.batches import GroupCommit
+from app.recording.batches import GroupCommit, Telling
 from app.recording.record import store_rejected
 
 READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
 
 
-def start_reconciler(engine: AsyncEngine, settings: Settings) -> asyncio.Task[None] | None:
+def start_reconciler(
+    engine: AsyncEngine, settings: Settings, outbox: DestinationsOutbox
+) -> asyncio.Task[None] | None:
     """Reconcile every RECONCILE_INTERVAL_SECONDS when CMR_API_KEY is set."""
     key, interval = settings.api_key, settings.reconcile_interval_seconds
     if not (key and interval):
         return None
     make_api = partial(SenderApi, settings.cmr_api_url, key)
-    return asyncio.create_task(run_periodically(engine, make_api, interval))
+    return asyncio.create_task(run_periodically(engine, make_api, interval, outbox))
+
+
+def start_dispatcher(settings: Settings, destinations: list[Destination]) -> dispatch.Running:
+    """Send outbound messages from this process, unless none is declared or
+    OUTBOUND_DISPATCH=false leaves it to `coldmail-webhooks outbound dispatch`."""
+    if not (destinations and settings.outbound_dispatch):
+        return dispatch.Running()
+    return dispatch.start(settings.database_url or "", destinations, public_url=settings.public_url)
 
 
 async def database_unavailable(request: Request, error: Exception) -> Response:
@@ -67,6 +84,7 @@ async def database_unavailable(request: Request, error: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.check_complete()
+    destinations = load_destinations(settings.destinations_file)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
     @asynccontextmanager
@@ -82,8 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.signature_forms = SignatureForms(app.state.engine, settings.signature_forms)
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
+        outbox = DestinationsOutbox(app.state.engine, destinations)
         window = settings.group_commit_window_ms / 1000
-        committer = GroupCommit(app.state.engine, app.state.vault, window)
+        # each new event's outbound messages are written as it is recorded, and the derived
+        # events it causes (the outbox) in the same transaction
+        telling = Telling(destinations, outbox)
+        committer = GroupCommit(app.state.engine, app.state.vault, window, telling)
         app.state.receiver = receiver = Receiver(
             app.state.engine,
             app.state.vault,
@@ -92,10 +114,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.rejected_max_bytes,
             record=committer.record,
             record_many=committer.record_many,
-            store=store_rejected,
+            store=partial(store_rejected, outbox=outbox),
+            spool_events=outbox,
         )
+        names = [d.name for d in destinations]
+        outbound_queries.declare_series(names)
+        observe = partial(outbound_queries.observe, app.state.read_engine, names)
+        app.state.scrape_observers = [observe]
+        dispatching = start_dispatcher(settings, destinations)
         drainer = asyncio.create_task(receiver.drain_forever())
-        reconciler = start_reconciler(app.state.engine, settings)
+        reconciler = start_reconciler(app.state.engine, settings, outbox)
         retention = (
             asyncio.create_task(retention_forever(app.state.engine, settings.body_retention_days))
             if settings.body_retention_days
@@ -111,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             receiver.stop()
             await drainer
+            await dispatching.stop()
             for task in (reconciler, retention):
                 if task:
                     task.cancel()
@@ -130,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_docs(app)
     app.state.settings = settings
+    app.state.destinations = destinations  # DESTINATIONS_FILE's, secrets resolved
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
     app.state.sign_in_throttle = sessions.SignInThrottle()
@@ -139,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(ui.router)
     app.include_router(ui.pages)
+    app.include_router(outbound_api.router)
+    app.include_router(outbound_pages.pages)
     app.add_api_route(
         "/", lambda: RedirectResponse("/ui", status_code=307), include_in_schema=False
     )

@@ -73,6 +73,42 @@ RENEWAL_RISKS = Gauge(
     ["risk"],
     multiprocess_mode="mostrecent",
 )
+# Outbound (app/outbound), per destination (the names in DESTINATIONS_FILE: a fixed set).
+# Attempts are counted by the dispatcher that made them; the backlog, dead letters and
+# circuit are read from PostgreSQL when /metrics is scraped, so every replica reports the
+# same values (alert on max by destination, not sum).
+OUTBOUND_SENT = Counter(
+    "cmr_outbound_sent_total", "Outbound messages delivered (2xx)", ["destination"]
+)
+OUTBOUND_FAILED = Counter(
+    "cmr_outbound_failed_total",
+    "Outbound attempts that failed (no answer, or not 2xx)",
+    ["destination"],
+)
+OUTBOUND_BACKLOG = Gauge(
+    "cmr_outbound_backlog",
+    "Outbound messages waiting to be sent (pending), read from PostgreSQL at scrape",
+    ["destination"],
+    multiprocess_mode="mostrecent",
+)
+OUTBOUND_OLDEST = Gauge(
+    "cmr_outbound_backlog_oldest_seconds",
+    "Age of the oldest outbound message waiting to be sent, read from PostgreSQL at scrape",
+    ["destination"],
+    multiprocess_mode="mostrecent",
+)
+OUTBOUND_DEAD = Gauge(
+    "cmr_outbound_dead_letters",
+    "Outbound messages that exhausted their retries (replayable), read at scrape",
+    ["destination"],
+    multiprocess_mode="mostrecent",
+)
+OUTBOUND_CIRCUIT = Gauge(
+    "cmr_outbound_circuit_state",
+    "A destination's circuit, shared by every replica: 0 closed, 1 open, 2 disabled (410)",
+    ["destination"],
+    multiprocess_mode="mostrecent",
+)
 # Every series an alert or a dashboard names exists from the start, at 0.
 for reason in ("invalid_json", "invalid_payload", "apply_failed"):
     REJECTIONS.labels(reason)

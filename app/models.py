@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -411,6 +412,102 @@ class UiSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
+class OutboundDestination(Base):
+    """A destination's state shared by every replica (app/outbound): its circuit and
+    whether a 410 disabled it. What it is (URL, format, events) lives in DESTINATIONS_FILE;
+    a row is made the first time a dispatcher sees the name."""
+
+    __tablename__ = "outbound_destinations"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    # consecutive failed attempts since the last success; the circuit opens at a threshold
+    failures: Mapped[int] = mapped_column(Integer, server_default="0")
+    # set while the circuit is open (no message is sent but one probe after a cool-down)
+    opened_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # set when the destination answered 410 Gone: nothing more is sent until re-enabled
+    disabled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_success_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_failure_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class OutboundMessage(Base):
+    """One message for one destination, written in the transaction of its cause.
+
+    `payload` is the body's `data` (never a credential value); `webhook_id` is the same on
+    every attempt. `status`: pending (to send at `next_attempt_at`), delivered, or dead
+    (the retry schedule is exhausted, or the destination answered 410 to it)."""
+
+    __tablename__ = "outbound_messages"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", name="uq_outbound_messages_webhook_id"),
+        # what the dispatcher claims: due pending messages, oldest first
+        Index(
+            "ix_outbound_messages_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_outbound_messages_destination_id", "destination", "id"),
+        Index(
+            "ix_outbound_messages_destination_status_created_at",
+            "destination",
+            "status",
+            "created_at",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    destination: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(Text)
+    webhook_id: Mapped[str] = mapped_column(
+        Text, server_default=text("'msg_' || replace(gen_random_uuid()::text, '-', '')")
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    user_id: Mapped[str | None] = mapped_column(Text)
+    # the body's `timestamp`: when what it tells happened
+    occurred_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp, server_default=func.now())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # the HTTP status, if any
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class OutboundAttempt(Base):
+    """One attempt to send a message: its answer (or why there was none) and latency."""
+
+    __tablename__ = "outbound_attempts"
+    __table_args__ = (
+        Index("ix_outbound_attempts_message_id", "message_id"),
+        Index("ix_outbound_attempts_destination_id", "destination", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("outbound_messages.id", ondelete="CASCADE")
+    )
+    destination: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class OutboundState(Base):
+    """The state a derived outbound event was last written for, per topic and subject
+    (app/outbound/derived.py): an event is written again only when the state changes."""
+
+    __tablename__ = "outbound_states"
+
+    topic: Mapped[str] = mapped_column(Text, primary_key=True)
+    subject: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
 def table(model: type[Base]) -> Table:
     """A model's Core table: the service reads and writes through Core and asyncpg (no
     Session), so this is the one place that reaches past the declarative class."""
@@ -426,3 +523,6 @@ domains = table(Domain)
 reconciliations = table(Reconciliation)
 rejected = table(RejectedDelivery)
 credential_reads = table(CredentialRead)
+outbound_destinations = table(OutboundDestination)
+outbound_messages = table(OutboundMessage)
+outbound_attempts = table(OutboundAttempt)

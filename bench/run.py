@@ -614,6 +614,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     ):
         if service and rate.get(name):
             result[label] = round(service / rate[name], 2)
+    for r in rows:  # bench/outbound.py: with two destinations, against none (in turns)
+        if "vs_none" in r:
+            result["ingest with two destinations / none, events/s"] = r["vs_none"]
+            result["ingest with two destinations / none, p99"] = r["p99_vs_none"]
     return result
 
 
@@ -654,8 +658,25 @@ def main() -> int:
     bench_spooling(run)
     bench_drain(run, args.drain_deliveries)
     bench_prewarmup_page_memory(run, args.memory_events)
+    bench_outbound(run)
     print_table(run.rows)
     return report(run, ratios(run.rows), started)
+
+
+def bench_outbound(run: Run) -> None:
+    """bench/outbound.py's rows (ingest with destinations against none, in turns; a
+    100,000-message backlog dispatched), run as its own command: it builds on this one."""
+    out = run.out / "outbound"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "outbound.py")]
+        + ["--seconds", str(run.seconds), "--out", str(out)],
+        cwd=ROOT,
+    )
+    results = orjson.loads((out / "results.json").read_bytes())
+    run.rows += results["rows"]
+    run.failures += results["failures"]
+    if done.returncode and not results["failures"]:
+        run.failures.append(f"bench/outbound.py exited {done.returncode}")
 
 
 def report(run: Run, result: dict[str, float], started: float) -> int:

@@ -11,11 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # A module may import from its own layer and the layers below it, never from above.
 LAYERS = {
+    # written in the transaction of what causes a message (recording's, among others)
+    "app.outbound.messages": 0,
     "app.receiving": 1,
     "app.recording": 2,
     "app.reading": 3,
     "app.operations": 3,
     "app.simulation": 3,
+    "app.outbound": 3,
     "app.main": 4,
     "app.cli": 4,
 }

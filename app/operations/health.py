@@ -116,6 +116,8 @@ async def prometheus_metrics(request: Request) -> Response:
     ):
         if await observe_renewal_risks(state.read_engine):
             state.risks_counted_at = time.monotonic()
+    for observe in getattr(state, "scrape_observers", ()):  # read at scrape (app/outbound)
+        await observe()
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

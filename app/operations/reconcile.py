@@ -35,7 +35,7 @@ from app.db import raw_connection
 from app.receiving.payloads import SUBSCRIPTION_STATES, known_state, parse_time
 from app.recording import merge
 from app.recording.effects import version
-from app.recording.record import upsert
+from app.recording.record import Outbox, upsert
 
 log = logging.getLogger("coldmail.reconcile")
 SUBSCRIPTIONS_PATH = "/subscriptions"
@@ -235,8 +235,11 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-async def reconcile(engine: AsyncEngine, api: SenderApi, *, dry_run: bool) -> Report:
-    """One run: page through the sender's subscriptions, apply, report, store the report."""
+async def reconcile(
+    engine: AsyncEngine, api: SenderApi, *, dry_run: bool, outbox: Outbox | None = None
+) -> Report:
+    """One run: page through the sender's subscriptions, apply, report, store the report
+    (and, in its transaction, what the drift causes to be told: `outbox`)."""
     started = datetime.now(UTC)
     report = Report(started_at=started.isoformat(), dry_run=dry_run)
     lifecycle_version = version(started, "reconciliation")
@@ -246,17 +249,19 @@ async def reconcile(engine: AsyncEngine, api: SenderApi, *, dry_run: bool) -> Re
             await reconcile_page(conn, items, report, lifecycle_version=lifecycle_version)
     report.finished_at = datetime.now(UTC).isoformat()
     if not dry_run:
-        await save_report(engine, report)
+        await save_report(engine, report, outbox)
     observe(report)
     return report
 
 
-async def save_report(engine: AsyncEngine, report: Report) -> None:
-    async with raw_connection(engine) as conn:
+async def save_report(engine: AsyncEngine, report: Report, outbox: Outbox | None = None) -> None:
+    async with raw_connection(engine) as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO reconciliations (report) VALUES ($1::jsonb)",
             orjson.dumps(report.as_json()).decode(),
         )
+        if outbox is not None and outbox.telling:
+            await outbox.reconciled(conn, report.as_json())
 
 
 def observe(report: Report) -> None:
@@ -266,7 +271,9 @@ def observe(report: Report) -> None:
     metrics.RECONCILE_DRIFT.labels("differences").set(len(report.differences))
 
 
-async def run_periodically(engine: AsyncEngine, make_api: Any, interval: float) -> None:
+async def run_periodically(
+    engine: AsyncEngine, make_api: Any, interval: float, outbox: Outbox | None = None
+) -> None:
     """Inside `serve`: every `interval` seconds, if no other worker or replica is running
     one (the advisory lock), reconcile. A failed run is logged and tried next time."""
     while True:
@@ -278,7 +285,7 @@ async def run_periodically(engine: AsyncEngine, make_api: Any, interval: float) 
                 try:
                     api = make_api()
                     try:
-                        report = await reconcile(engine, api, dry_run=False)
+                        report = await reconcile(engine, api, dry_run=False, outbox=outbox)
                     finally:
                         await api.close()
                     log.info("reconciled: drift %s", report.drift)

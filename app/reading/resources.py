@@ -223,6 +223,47 @@ class Stats(Resource):
     )
 
 
+# --- outbound (app/outbound/api.py) ---------------------------------------------------
+
+
+class Destination(Resource):
+    """A destination as declared (never its URL's path or query, which may hold a secret:
+    only its host) and its state, shared by every replica."""
+
+    name: str
+    format: Literal["standard-webhooks", "slack"]
+    events: list[str]
+    user_ids: list[str] | None
+    host: str | None
+    circuit: Literal["closed", "open", "disabled"] = Field(
+        description="open: failing, only a probe is sent until one succeeds; disabled: it "
+        "answered 410 Gone"
+    )
+    failures: int = Field(description="Failed attempts in a row since the last success")
+    backlog: int = Field(description="Messages waiting to be sent")
+    oldest_at: datetime | None = Field(description="When the oldest waiting message was written")
+    oldest_seconds: float
+    dead_letters: int = Field(description="Messages whose retries are exhausted (replayable)")
+    opened_at: datetime | None
+    disabled_at: datetime | None
+    last_attempt_at: datetime | None
+
+
+class OutboundMessage(Resource):
+    id: int
+    webhook_id: str = Field(description="The `webhook-id` header, the same on every attempt")
+    type: str
+    status: Literal["pending", "delivered", "dead"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="The next retry (pending messages)")
+    last_attempt_at: datetime | None
+    last_status: int | None = Field(description="The HTTP status of the last attempt, if any")
+    last_error: str | None
+    occurred_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+
+
 class Page(Resource, Generic[T]):
     items: list[T]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")

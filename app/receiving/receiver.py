@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol
 
 from cryptography.fernet import InvalidToken
@@ -72,6 +72,18 @@ class StoreRejected(Protocol):
     ) -> None: ...
 
 
+class SpoolEvents(Protocol):
+    """Told of the spool's outages by the drainer (app/outbound/outbox.py), handed to the
+    Receiver by app/main.py."""
+
+    async def spool_started(self, *, since: datetime, depth: int) -> None:
+        """The drainer found spooled deliveries (waiting since `since`): the database was
+        away, and can be told now that it is back."""
+
+    async def spool_drained(self, *, applied: int, seconds: float) -> None:
+        """The drainer emptied the spool."""
+
+
 @dataclass
 class Receiver:
     engine: AsyncEngine
@@ -82,6 +94,8 @@ class Receiver:
     record: Record
     record_many: RecordMany
     store: StoreRejected
+    # told when a drain begins and ends (app/outbound: spool.started, spool.drained)
+    spool_events: SpoolEvents | None = None
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
@@ -257,6 +271,10 @@ class Receiver:
             return 0
         rows = await self.spool.oldest(DRAIN_BATCH)
         if rows and self.drain_started is None:
+            if self.spool_events is not None:
+                depth, oldest, _ = await self.spool.depth()
+                since = datetime.now(UTC) - timedelta(seconds=oldest or 0.0)
+                await self.spool_events.spool_started(since=since, depth=depth)
             self.drain_started = time.monotonic()
         done: list[int] = []
         try:
@@ -269,7 +287,10 @@ class Receiver:
         depth, _, _ = await self.spool.depth()
         metrics.SPOOL_DEPTH.set(depth)
         if depth == 0 and self.drain_started is not None:
-            self._drained()
+            seconds = time.monotonic() - self.drain_started
+            if self.spool_events is not None:
+                await self.spool_events.spool_drained(applied=self.drained, seconds=seconds)
+            self._drained(seconds)
         return len(rows)
 
     async def _drain_rows(self, rows: list[Entry | TornEntry], done: list[int]) -> None:
@@ -304,8 +325,7 @@ class Receiver:
         if waiting is not None:
             raise waiting
 
-    def _drained(self) -> None:
-        seconds = time.monotonic() - (self.drain_started or time.monotonic())
+    def _drained(self, seconds: float) -> None:
         log.warning(
             "the spool is empty again: %d spooled deliveries applied in %.1f s",
             self.drained,

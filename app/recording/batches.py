@@ -24,7 +24,15 @@ from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
 from app.recording.effects import Effects
-from app.recording.record import delivery_version, delivery_write, record
+from app.destinations import Destination
+from app.recording.forwarding import Forwarded
+from app.recording.record import (
+    Outbox,
+    delivery_version,
+    delivery_write,
+    forwarding_of,
+    record,
+)
 
 log = logging.getLogger("coldmail.recording")
 # record.MARK_CONFLICT for every conflicting eventId of a group at once.
@@ -45,6 +53,7 @@ class Prepared:
     delivery: Delivery
     model: payloads.HandledEvent | None
     changes: Effects | None
+    outbound: Forwarded | None = None
 
     @property
     def alone(self) -> bool:
@@ -52,7 +61,12 @@ class Prepared:
         return self.changes is not None and self.changes.order_id is not None
 
 
-def prepare(vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None) -> Prepared:
+def prepare(
+    vault: Vault,
+    delivery: Delivery,
+    model: payloads.HandledEvent | None,
+    destinations: Sequence[Destination] = (),
+) -> Prepared:
     changes = (
         None
         if model is None
@@ -60,29 +74,44 @@ def prepare(vault: Vault, delivery: Delivery, model: payloads.HandledEvent | Non
             model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
         )
     )
-    return Prepared(delivery, model, changes)
+    return Prepared(delivery, model, changes, forwarding_of(delivery, model, destinations))
 
 
 Item = tuple[Delivery, payloads.HandledEvent | None]
 
 
-async def record_many(engine: AsyncEngine, vault: Vault, items: Sequence[Item]) -> list[Result]:
+@dataclass(frozen=True)
+class Telling:
+    """Whom a recorded delivery is told to: the destinations its event is forwarded to,
+    and the outbox its derived events go to (record.record's last two arguments)."""
+
+    destinations: Sequence[Destination] = ()
+    outbox: Outbox | None = None
+
+
+NOBODY = Telling()
+
+
+async def record_many(
+    engine: AsyncEngine, vault: Vault, items: Sequence[Item], telling: Telling = NOBODY
+) -> list[Result]:
     """Each delivery's outcome, or the error that kept it from being recorded, in order
     (the spool's drain: the event loop serves live deliveries between two preparations)."""
     prepared = []
     for delivery, model in items:
-        prepared.append(prepare(vault, delivery, model))
+        prepared.append(prepare(vault, delivery, model, telling.destinations))
         await asyncio.sleep(0)
-    return await record_prepared(engine, vault, prepared)
+    return await record_prepared(engine, vault, prepared, telling)
 
 
 async def record_prepared(
-    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared]
+    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared], telling: Telling = NOBODY
 ) -> list[Result]:
     together = [i for i, item in enumerate(items) if not item.alone]
     results: dict[int, Result] = {}
     try:
-        results = dict(zip(together, await _together(engine, vault, items, together), strict=True))
+        written = await _together(engine, vault, items, together, telling.outbox)
+        results = dict(zip(together, written, strict=True))
     except Exception as error:
         if is_transient(error) and not lost_a_race(error):  # the database is away: for all
             results = dict.fromkeys(together, error)
@@ -90,34 +119,46 @@ async def record_prepared(
             log.info("a group failed (%s); its deliveries are recorded one by one", describe(error))
     for i, item in enumerate(items):
         if i not in results:
-            results[i] = await _alone(engine, vault, item)
+            results[i] = await _alone(engine, vault, item, telling)
     return [results[i] for i in range(len(items))]
 
 
-async def _alone(engine: AsyncEngine, vault: Vault, item: Prepared) -> Result:
+async def _alone(engine: AsyncEngine, vault: Vault, item: Prepared, telling: Telling) -> Result:
     try:
-        return await record(engine, vault, item.delivery, item.model)
+        return await record(
+            engine, vault, item.delivery, item.model, telling.destinations, telling.outbox
+        )
     except Exception as error:
         return error
 
 
 async def _together(
-    engine: AsyncEngine, vault: Vault, items: Sequence[Prepared], chosen: list[int]
+    engine: AsyncEngine,
+    vault: Vault,
+    items: Sequence[Prepared],
+    chosen: list[int],
+    outbox: Outbox | None,
 ) -> list[Outcome]:
     """The chosen deliveries in one transaction, one pipelined `fetchmany` per statement
     shape (in eventId order, so that concurrent groups take the events' locks in one
-    order); their outcomes in the order chosen."""
+    order), then the derived events of those newly recorded; their outcomes in the order
+    chosen."""
     if not chosen:
         return []
     shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
     for i in sorted(chosen, key=lambda i: items[i].delivery.event_id or ""):
-        sql, args = delivery_write(items[i].delivery, items[i].changes, vault)
+        sql, args = delivery_write(items[i].delivery, items[i].changes, vault, items[i].outbound)
         shapes[sql].append((i, args))
     rows: dict[int, Any] = {}
     async with raw_connection(engine) as conn, conn.transaction():
         for sql, calls in shapes.items():
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
+        if outbox is not None:
+            for i in chosen:
+                item = items[i]
+                if rows[i]["inserted"] and outbox.tells(item.changes):
+                    await outbox.applied(conn, item.delivery, item.changes)
         conflicts = [items[i].delivery.event_id for i, row in rows.items() if row["conflict"]]
         if conflicts:
             await conn.execute(MARK_CONFLICTS, conflicts)
@@ -138,21 +179,27 @@ class GroupCommit:
     engine: AsyncEngine
     vault: Vault
     window: float
+    telling: Telling = NOBODY
     _pending: list[tuple[Prepared, asyncio.Future[Result]]] = field(default_factory=list)
     _gathering: bool = False
     _writers: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(WRITERS))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def record_many(self, items: Sequence[Item]) -> list[Result]:
-        return await record_many(self.engine, self.vault, items)
+        return await record_many(self.engine, self.vault, items, self.telling)
 
     async def record(self, delivery: Delivery, model: payloads.HandledEvent | None) -> Outcome:
         """Like `record`: the outcome once committed, or the error that kept it out."""
+        told = self.telling
         if self.window <= 0:
-            return await record(self.engine, self.vault, delivery, model)
-        item = prepare(self.vault, delivery, model)
+            return await record(
+                self.engine, self.vault, delivery, model, told.destinations, told.outbox
+            )
+        item = prepare(self.vault, delivery, model, told.destinations)
         if item.alone:  # an order's effects are made in its own statements (cheaply again)
-            return await record(self.engine, self.vault, delivery, model)
+            return await record(
+                self.engine, self.vault, delivery, model, told.destinations, told.outbox
+            )
         waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((item, waiter))
         if not self._gathering:
@@ -179,7 +226,7 @@ class GroupCommit:
                 self._gathering = False
             try:
                 results: list[Result] = await record_prepared(
-                    self.engine, self.vault, [item for item, _ in group]
+                    self.engine, self.vault, [item for item, _ in group], self.telling
                 )
             except Exception as error:  # not one delivery's failure: all of them hear it
                 results = [error] * len(group)

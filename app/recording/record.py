@@ -9,9 +9,11 @@ and its derived values (merge.DERIVE_ORDER), in the same transaction.
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -21,10 +23,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
+from app.destinations import Destination
+from app.outbound.messages import enqueue_sql
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.recording import effects, merge
 from app.recording.effects import Effects, Row, Unsealed
+from app.recording.forwarding import Forwarded, forwarded
 from app.recording.merge import Upsert
 
 log = logging.getLogger("coldmail.recording")
@@ -33,6 +38,32 @@ ATTEMPTS = 3
 # statements (MIN_PART rows or more each, but the last), each part's credentials encrypted
 # while the database runs the statement before it (see write_with_mailboxes).
 PARTS, MIN_PART = 4, 100
+
+
+class Outbox(Protocol):
+    """What is told outside (app/outbound): the derived events, written in the transaction
+    of their cause (no dual write). The assembler (app/main.py, app/cli.py) hands one to
+    recording and reconcile, which so need to know neither the destinations nor what they
+    are told."""
+
+    @property
+    def telling(self) -> bool:
+        """Whether anything may be told: without destinations, no transaction is opened."""
+
+    def tells(self, changes: Effects | None) -> bool:
+        """Whether these effects may cause an event a destination wants: a delivery that
+        cannot stays one statement, without a transaction."""
+
+    async def applied(
+        self, conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None
+    ) -> None:
+        """A delivery newly recorded (and its effects applied), in its transaction."""
+
+    async def rejected(self, conn: asyncpg.Connection, rejection: Rejection) -> None:
+        """A rejected delivery stored, in its transaction."""
+
+    async def reconciled(self, conn: asyncpg.Connection, report: dict[str, Any]) -> None:
+        """A reconcile's report stored (app/operations/reconcile.py), in its transaction."""
 
 
 def delivery_version(delivery: Delivery) -> str:
@@ -72,22 +103,26 @@ MARK_CONFLICT = "UPDATE events SET conflict = true WHERE event_id = $1 AND NOT c
 
 
 @lru_cache(maxsize=256)
-def delivery_statement(upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False) -> str:
-    """The record and every upsert (for one row or `many`), in one statement: one round
-    trip per delivery."""
+def delivery_statement(
+    upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False, forwarded: bool = False
+) -> str:
+    """The record and every upsert (for one row or `many`), and the outbound messages
+    when it is `forwarded`, in one statement: one round trip per delivery."""
     head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
     parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
         parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
+    if forwarded:
+        parts.append(f"outbound AS ({enqueue_sql(first, gate='recorded')})")
     return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
 
 
 def delivery_write(
-    delivery: Delivery, changes: Effects | None, vault: Vault
+    delivery: Delivery, changes: Effects | None, vault: Vault, outbound: Forwarded | None = None
 ) -> tuple[str, list[Any]]:
     """The one statement that records the delivery and, when it is new (or replayed),
-    applies its effects; and its arguments."""
+    applies its effects and writes its outbound messages; and its arguments."""
     if delivery.stored is not None:
         args: list[Any] = [delivery.stored.row_id]
     else:
@@ -108,15 +143,26 @@ def delivery_write(
     upserts = changes.upserts if changes else []
     for statement, rows in upserts:
         args += statement.parameters(rows)
+    if outbound is not None:
+        args += outbound.arguments()
     shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
-    return delivery_statement(shape, replay=delivery.stored is not None), args
+    replay = delivery.stored is not None
+    return delivery_statement(shape, replay=replay, forwarded=outbound is not None), args
 
 
 async def record(
-    engine: AsyncEngine, vault: Vault, delivery: Delivery, model: payloads.HandledEvent | None
+    engine: AsyncEngine,
+    vault: Vault,
+    delivery: Delivery,
+    model: payloads.HandledEvent | None,
+    destinations: Sequence[Destination] = (),
+    outbox: Outbox | None = None,
 ) -> Outcome:
     """Record the delivery and apply its event (`model`; None for an event we do not
-    handle), retried at once when it lost a race with a concurrent delivery."""
+    handle), retried at once when it lost a race with a concurrent delivery. A new event is
+    forwarded to the `destinations` that want it, in the same transaction (a replayed one
+    is not: it was forwarded when it was first recorded); the derived events it causes go
+    to `outbox`, in the same transaction too."""
     changes = (
         None
         if model is None
@@ -124,6 +170,7 @@ async def record(
             model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
         )
     )
+    outbound = forwarding_of(delivery, model, destinations)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
         stop=stop_after_attempt(ATTEMPTS),
@@ -132,26 +179,55 @@ async def record(
     ):
         with attempt:
             async with raw_connection(engine) as conn:
-                row = await write(conn, delivery, changes, vault)
+                row = await write(conn, delivery, changes, vault, outbound, outbox)
     if not row["inserted"]:
         return Outcome("duplicate", False, row["id"])
     conflict = bool(row["conflict"])
     return Outcome("processed" if model else "ignored", conflict, row["id"])
 
 
+def forwarding_of(
+    delivery: Delivery, model: payloads.HandledEvent | None, destinations: Sequence[Destination]
+) -> Forwarded | None:
+    """A new event's outbound messages (app/recording/forwarding.py), or None."""
+    if not destinations or delivery.stored is not None:
+        return None
+    return forwarded(
+        destinations,
+        event=delivery.event,
+        event_id=delivery.event_id,
+        event_time=delivery.event_time,
+        envelope=delivery.envelope,
+        model=model,
+    )
+
+
 async def write(
-    conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None, vault: Vault
+    conn: asyncpg.Connection,
+    delivery: Delivery,
+    changes: Effects | None,
+    vault: Vault,
+    outbound: Forwarded | None = None,
+    outbox: Outbox | None = None,
 ) -> asyncpg.Record:
     """One statement (its own transaction), unless the event is an order, whose mailboxes
-    and derived values follow in the same transaction."""
-    sql, args = delivery_write(delivery, changes, vault)
-    if changes is None or changes.order_id is None:
+    and derived values follow in the same transaction, or may cause a derived event (the
+    outbox writes it in the same transaction, when the event is new)."""
+    sql, args = delivery_write(delivery, changes, vault, outbound)
+    ordered = changes is not None and changes.order_id is not None
+    telling = outbox is not None and outbox.tells(changes)
+    if not ordered and not telling:
         row = await conn.fetchrow(sql, *args)
     else:
         async with conn.transaction():
-            row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
-            if row["inserted"]:
-                await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            if changes is not None and changes.order_id is not None:
+                row = await write_with_mailboxes(conn, (sql, args), changes.mailboxes, vault)
+                if row["inserted"]:
+                    await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
+            else:
+                row = await conn.fetchrow(sql, *args)
+            if outbox is not None and telling and row["inserted"]:
+                await outbox.applied(conn, delivery, changes)
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
     return row
@@ -217,21 +293,31 @@ WHERE r.id = kept.id AND kept.newer_and_own > $1
 
 
 async def store_rejected(
-    engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+    engine: AsyncEngine,
+    vault: Vault,
+    rejection: Rejection,
+    *,
+    max_bytes: int,
+    outbox: Outbox | None = None,
 ) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed;
-    within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk."""
+    within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk. What
+    it causes to be told goes to `outbox` in the same transaction."""
+    telling = outbox is not None and outbox.telling
     async with raw_connection(engine) as conn:
-        await conn.execute(
-            STORE_REJECTED,
-            rejection.reason,
-            rejection.event,
-            rejection.event_id,
-            orjson.dumps(rejection.errors).decode(),
-            rejection.signature,
-            vault.encrypt(rejection.raw),
-            rejection.received_at or datetime.now(UTC),
-        )
+        async with conn.transaction() if telling else nullcontext():
+            await conn.execute(
+                STORE_REJECTED,
+                rejection.reason,
+                rejection.event,
+                rejection.event_id,
+                orjson.dumps(rejection.errors).decode(),
+                rejection.signature,
+                vault.encrypt(rejection.raw),
+                rejection.received_at or datetime.now(UTC),
+            )
+            if outbox is not None and telling:
+                await outbox.rejected(conn, rejection)
         status = await conn.execute(DROP_OLDEST_REJECTED, max_bytes)
     if dropped := int(status.split()[-1]):
         metrics.REJECTED_BODIES_DROPPED.inc(dropped)

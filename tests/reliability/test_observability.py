@@ -58,7 +58,7 @@ def promtool(*args: str) -> str:
 
 
 def test_the_alert_rules_are_valid_and_pass_their_unit_tests():
-    assert "SUCCESS: 10 rules found" in promtool("check", "rules", RULES.name)
+    assert "SUCCESS: 14 rules found" in promtool("check", "rules", RULES.name)
     assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml")
 
 
@@ -67,12 +67,21 @@ def test_the_rules_and_the_dashboard_name_what_an_operator_must_watch():
     for watched in ("up", "cmr_spool_oldest_seconds", "cmr_webhook_signatures_total"):
         assert watched in names
     assert {"cmr_reconcile_drift", "cmr_subscriptions_at_risk"} <= names
+    outbound = ("backlog", "backlog_oldest_seconds", "circuit_state", "dead_letters", "sent_total")
+    assert {f"cmr_outbound_{name}" for name in outbound} <= names
 
 
 @pytest.fixture(scope="module")
 def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("observed")
     env = server_env(database) | {"METRICS_TOKEN": METRICS_TOKEN, "SPOOL_DIR": str(home / "s")}
+    # a destination, so the per-destination cmr_outbound_* series exist (nothing listens)
+    destinations = home / "destinations.yaml"
+    destinations.write_text(
+        "destinations: [{name: crm, url: 'http://127.0.0.1:9/hook', format: standard-webhooks,"
+        " events: ['*'], secretEnv: CRM_SECRET, allowPrivateNetwork: true}]\n"
+    )
+    env |= {"DESTINATIONS_FILE": str(destinations), "CRM_SECRET": "whsec_" + "A" * 44}
     serve = Server(env, home, workers=2)
     serve.start()
     yield serve
@@ -139,7 +148,7 @@ def test_a_real_prometheus_scrapes_every_named_metric_and_loads_the_rules(server
         time.sleep(0.5)
     assert not missing, f"named by rules or dashboard, never scraped: {sorted(missing)}"
     rules = query(prometheus, "/api/v1/rules")["groups"][0]["rules"]
-    assert len(rules) == 10
+    assert len(rules) == 14
     deadline = time.monotonic() + PATIENCE
     while any(rule.get("health") != "ok" for rule in rules):
         assert time.monotonic() < deadline, [(r["name"], r.get("lastError")) for r in rules]

@@ -1,0 +1,370 @@
+"""Outbound messages delivered to real HTTP receivers (CONTRACT section 9): forwarded in the
+transaction of their event, signed, retried on the Standard Webhooks schedule (an injected
+clock, never a sleep), a circuit per destination, 410, Retry-After, redirects, replicas."""
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from app.db import make_engine
+from app.destinations import Destination, load
+from app.outbound import dead_letters
+from app.outbound.dispatch import CIRCUIT_COOLDOWN, RETRY_DELAYS, Dispatcher, Result
+from app.simulation import traffic
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    FERNET_KEY,
+    OPS_TOKEN,
+    SIGNING_KEY,
+    WEBHOOK_TOKEN,
+    app_client,
+    deliver,
+    make_settings,
+)
+from tests.receivers import receiving
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+class Clock:
+    """The dispatcher's now, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def destinations_file(tmp_path: Path, *declared: dict[str, Any]) -> Path:
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": list(declared)}).decode())
+    return path
+
+
+def declared(name: str, url: str, **more: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "url": url,
+        "format": "standard-webhooks",
+        "events": ["*"],
+        "secretEnv": "CRM_SECRET",
+        "allowPrivateNetwork": True,
+    } | more
+
+
+@pytest.fixture(autouse=True)
+def secrets_in_environment(monkeypatch):
+    monkeypatch.setenv("CRM_SECRET", SECRET)
+    monkeypatch.setenv("OTHER_SECRET", OTHER_SECRET)
+
+
+@asynccontextmanager
+async def recording(
+    database_url: str, path: Path, **settings: Any
+) -> AsyncIterator[tuple[Any, list[Destination]]]:
+    """The real app recording deliveries with these destinations (its own dispatcher off:
+    the test drives one with its clock)."""
+    configured = make_settings(
+        database_url, destinations_file=path, outbound_dispatch=False, **settings
+    )
+    async with app_client(configured) as client:
+        yield client, load(path)
+
+
+@asynccontextmanager
+async def dispatching(
+    database_url: str, destinations: list[Destination], clock: Callable[[], datetime], **more: Any
+) -> AsyncIterator[Dispatcher]:
+    engine = make_engine(database_url, pool_size=4)
+    dispatcher = Dispatcher(engine, destinations, clock=clock, random=lambda: 0.5, **more)
+    await dispatcher.register()
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.client.aclose()
+        await engine.dispose()
+
+
+async def messages(db, destination: str | None = None):
+    return await db.fetch(
+        "SELECT * FROM outbound_messages WHERE $1::text IS NULL OR destination = $1 ORDER BY id",
+        destination,
+    )
+
+
+async def deliver_all(client, payloads: list[dict[str, Any]]) -> None:
+    for payload in payloads:
+        assert (await deliver(client, payload)).status_code == 200
+
+
+async def test_every_event_is_forwarded_once_signed_in_our_names_without_credentials(
+    database_url, db, tmp_path
+):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        created = traffic.mailbox_created()
+        prewarmed = traffic.prewarmup_success(domains=2, per_domain=2)
+        unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1", "pwd": "canary-x1"})
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [created, prewarmed, unknown, created])  # one duplicate
+        # the three events, and the prewarmup order's derived mailboxes.ready (`*` takes all)
+        assert len(await messages(db)) == 4
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            assert await dispatcher.step() == 4
+    assert receiver.bad_signatures == 0 and len(receiver.requests) == 4
+    bodies = {body["type"]: body for body in receiver.applied.values()}
+    assert set(bodies) == {
+        "mailbox.created",
+        "prewarmup.order.success",
+        "mailbox.frozen",
+        "mailboxes.ready",
+    }
+    forwarded = bodies["mailbox.created"]
+    assert forwarded["data"]["eventId"] == created["eventId"]
+    assert forwarded["data"]["domain"] == created["data"]["domain"]
+    box = forwarded["data"]["mailboxDetails"]
+    assert box["mailboxId"] == created["data"]["mailboxDetails"]["mailboxId"]
+    assert box["email"] == created["data"]["mailboxDetails"]["email"]
+    assert forwarded["timestamp"].endswith("Z") and "eventTime" in forwarded["data"]
+    assert bodies["mailbox.frozen"]["data"]["mailboxId"] == "mb1"
+    for raw in receiver.bodies():
+        assert traffic.CANARY_PREFIX.encode() not in raw
+        assert SECRET.encode() not in raw and SIGNING_KEY.encode() not in raw
+        for token in (WEBHOOK_TOKEN, OPS_TOKEN, CREDENTIALS_TOKEN, FERNET_KEY):
+            assert token.encode() not in raw
+    stored = orjson.dumps([dict(r) for r in await messages(db)], default=str)
+    assert traffic.CANARY_PREFIX.encode() not in stored
+    assert all(r["status"] == "delivered" for r in await messages(db))
+
+
+async def test_types_wildcards_and_customers_choose_what_each_destination_gets(
+    database_url, db, tmp_path
+):
+    order = traffic.mailbox_order_success()
+    mine = traffic.mailbox_created(userId="u-mine")
+    path = destinations_file(
+        tmp_path,
+        declared("orders", "https://orders.example.com/h", events=["mailbox.order.*"]),
+        declared("mine", "https://mine.example.com/h", userIds=["u-mine"]),
+        declared("none", "https://none.example.com/h", events=["domain.*"]),
+    )
+    async with recording(database_url, path) as (client, _):
+        await deliver_all(client, [order, mine])
+    sent = [(r["destination"], r["type"]) for r in await messages(db)]
+    assert sorted(sent) == [("mine", "mailbox.created"), ("orders", "mailbox.order.success")]
+
+
+async def test_a_destination_down_longer_than_its_first_retries_gets_everything_once_back(
+    database_url, db, tmp_path
+):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created() for _ in range(6)])
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            receiver.answer = 503
+            assert await dispatcher.step() == 6  # all fail: the circuit opens (5 failures)
+            clock.advance(RETRY_DELAYS[0])
+            assert await dispatcher.step() == 0  # due again, but the circuit is open
+            clock.advance(CIRCUIT_COOLDOWN.total_seconds())
+            assert await dispatcher.step() == 1  # one probe: still down
+            receiver.answer = 200
+            clock.advance(CIRCUIT_COOLDOWN.total_seconds())
+            assert await dispatcher.step() == 6  # the probe closes it; the rest go at once
+            assert await dispatcher.step() == 0
+    rows = await messages(db)
+    assert {r["status"] for r in rows} == {"delivered"}
+    assert set(receiver.applied) == {r["webhook_id"] for r in rows}
+    assert len(receiver.requests) == 6 + 1 + 6
+    # every attempt of a message carried its one webhook-id
+    assert receiver.received == {r["webhook_id"]: 2 + (r["attempts"] == 3) for r in rows}
+    assert receiver.bad_signatures == 0
+    state = await db.fetchrow("SELECT * FROM outbound_destinations WHERE name = 'crm'")
+    assert state["opened_at"] is None and state["failures"] == 0
+
+
+async def test_retries_follow_the_standard_webhooks_schedule_then_dead_letters_replay(
+    database_url, db, tmp_path
+):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        receiver.answer = 500
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            waits = []
+            for _ in range(8):
+                assert await dispatcher.step() == 1
+                (row,) = await messages(db)
+                if row["next_attempt_at"] is not None:
+                    waits.append((row["next_attempt_at"] - clock.now).total_seconds())
+                    clock.now = row["next_attempt_at"]
+            assert waits == list(RETRY_DELAYS)  # jitter drawn at its middle
+            assert row["status"] == "dead" and row["attempts"] == 8
+            clock.advance(36000 * 2)
+            assert await dispatcher.step() == 0
+            receiver.answer = 200
+            replayed = await dead_letters.replay(
+                dispatcher.engine, "crm", dead_letters.Window(until=datetime.now(UTC))
+            )
+            assert replayed == 1
+            assert await dispatcher.step() == 1
+    (row,) = await messages(db)
+    assert row["status"] == "delivered" and list(receiver.applied) == [row["webhook_id"]]
+    assert set(receiver.received) == {row["webhook_id"]}
+
+
+async def test_jitter_moves_a_retry_by_at_most_a_tenth(database_url, db, tmp_path):
+    destination = load(destinations_file(tmp_path, declared("crm", "http://127.0.0.1:9/h")))
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        for draw, expected in ((0.0, 0.9), (1.0, 1.1)):
+            dispatcher = Dispatcher(engine, destination, random=partial(float, draw))
+            now = datetime.now(UTC)
+            failed = Result(now, 1.0, status=500)
+            later = dispatcher.next_attempt(2, failed, now)
+            assert later is not None
+            assert (later - now).total_seconds() == pytest.approx(300 * expected)
+            await dispatcher.client.aclose()
+    finally:
+        await engine.dispose()
+
+
+async def test_429_and_503_are_retried_when_retry_after_says(database_url, db, tmp_path):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            receiver.answer, receiver.answer_headers = 429, {"Retry-After": "120"}
+            assert await dispatcher.step() == 1
+            (row,) = await messages(db)
+            assert (row["next_attempt_at"] - clock.now).total_seconds() == 120
+            assert row["last_status"] == 429
+            clock.advance(119)
+            assert await dispatcher.step() == 0
+            receiver.answer = 200
+            clock.advance(1)
+            assert await dispatcher.step() == 1
+    assert (await messages(db))[0]["status"] == "delivered"
+
+
+async def test_a_410_stops_that_destination_and_no_other(database_url, db, tmp_path):
+    async with receiving(SECRET) as gone, receiving(OTHER_SECRET) as other:
+        path = destinations_file(
+            tmp_path,
+            declared("gone", gone.url),
+            declared("other", other.url, secretEnv="OTHER_SECRET"),
+        )
+        gone.answer = 410
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+            clock = Clock()
+            async with dispatching(database_url, destinations, clock) as dispatcher:
+                assert await dispatcher.step() == 2
+                await deliver_all(client, [traffic.mailbox_created() for _ in range(3)])
+                clock.advance(3600)
+                assert await dispatcher.step() == 3  # only the other destination's
+                assert len(gone.requests) == 1 and len(other.applied) == 4
+                state = await db.fetchrow("SELECT * FROM outbound_destinations WHERE name='gone'")
+                assert state["disabled_at"] is not None
+                first = (await messages(db, "gone"))[0]
+                assert first["status"] == "dead" and first["last_status"] == 410
+                gone.answer = 200
+                assert await dead_letters.enable(dispatcher.engine, "gone")
+                assert await dispatcher.step() == 3
+    assert len(gone.applied) == 3 and other.bad_signatures == gone.bad_signatures == 0
+
+
+async def test_a_redirect_is_never_followed_to_a_private_address(database_url, db, tmp_path):
+    async with receiving(SECRET) as redirecting, receiving(SECRET) as internal:
+        redirecting.answer = 302
+        redirecting.answer_headers = {"Location": internal.url}
+        path = destinations_file(tmp_path, declared("crm", redirecting.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        async with dispatching(database_url, destinations, Clock()) as dispatcher:
+            assert await dispatcher.step() == 1
+    assert len(redirecting.requests) == 1 and internal.requests == []
+    (row,) = await messages(db)
+    assert row["status"] == "pending" and row["last_status"] == 302
+    assert row["last_error"] == "redirect (302) not followed"
+    attempt = await db.fetchrow("SELECT * FROM outbound_attempts")
+    assert attempt["status_code"] == 302 and attempt["error"] == "redirect (302) not followed"
+
+
+async def test_two_replicas_never_send_one_message_twice_at_once(database_url, db, tmp_path):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created() for _ in range(120)])
+        receiver.hold = asyncio.Event()  # slow: requests wait until released
+        stop = asyncio.Event()
+        async with (
+            dispatching(database_url, destinations, Clock(), batch=10, workers=3) as first,
+            dispatching(database_url, destinations, Clock(), batch=10, workers=3) as second,
+        ):
+            runs = [asyncio.create_task(d.run(stop)) for d in (first, second)]
+            # both replicas' six batches are being sent at once
+            await until(lambda: len(receiver.requests) == 60)
+            receiver.hold.set()
+            await until(lambda: len(receiver.applied) == 120)
+            stop.set()
+            await asyncio.gather(*runs)
+    assert receiver.concurrent_duplicates == []
+    assert set(receiver.received.values()) == {1}
+    assert {r["status"] for r in await messages(db)} == {"delivered"}
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_slack_message_is_one_short_line_linking_to_the_page_it_names(
+    database_url, db, tmp_path, monkeypatch
+):
+    async with receiving() as slack:
+        monkeypatch.setenv("SLACK_URL", slack.url)
+        path = destinations_file(
+            tmp_path,
+            {
+                "name": "ops",
+                "urlEnv": "SLACK_URL",
+                "format": "slack",
+                "events": ["prewarmup.order.*"],
+                "allowPrivateNetwork": True,
+            },
+        )
+        failed = traffic.prewarmup_failed(order_id="ord/1", failures={"a.com": "DNS <unset>"})
+        public = "https://ops.example.com"
+        async with recording(database_url, path, public_url=public) as (client, destinations):
+            await deliver_all(client, [failed, traffic.mailbox_created()])
+        async with dispatching(database_url, destinations, Clock(), public_url=public) as d:
+            assert await d.step() == 1
+    ((headers, body),) = slack.requests
+    assert orjson.loads(body) == {
+        "text": "prewarmup.order.failed: orderId ord/1 <https://ops.example.com/ui/orders/ord%2F1|open>"
+    }
+    assert "webhook-signature" not in headers
+    stored = orjson.dumps([dict(r) for r in await messages(db)], default=str)
+    assert slack.url.encode() not in stored

@@ -1,0 +1,122 @@
+"""Destinations as declared (DESTINATIONS_FILE) and messages written in the caller's
+transaction (app/outbound/messages.py)."""
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from app.config import ConfigError
+from app.destinations import Destination, check_network, load
+from app.outbound.messages import enqueue
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def destination(**given) -> Destination:
+    fields = {"name": "crm", "url": "https://crm.example.com/h", "format": "standard-webhooks"}
+    fields |= {"events": ["*"], "secretEnv": "CRM_SECRET"} | given
+    return load_one(fields)
+
+
+def load_one(fields, env=None) -> Destination:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump({"destinations": [fields]}, file)
+    try:
+        return load(Path(file.name), {"CRM_SECRET": SECRET} if env is None else env)[0]
+    finally:
+        os.unlink(file.name)
+
+
+def refusal(fields, env=None) -> str:
+    with pytest.raises(ConfigError) as error:
+        load_one(fields, env)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("DESTINATIONS_FILE: ")
+    return message
+
+
+BASE = {
+    "name": "crm",
+    "url": "https://crm.example.com/h",
+    "format": "standard-webhooks",
+    "events": ["order.*"],
+    "secretEnv": "CRM_SECRET",
+}
+
+
+def test_a_declared_destination_takes_its_secret_from_the_environment(tmp_path):
+    path = tmp_path / "destinations.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - name: crm\n    url: https://crm.example.com/h\n    format: standard-webhooks\n"
+        "    events: ['order.*']\n    secretEnv: CRM_SECRET\n    userIds: [u1]\n"
+        "  - name: ops\n    urlEnv: SLACK_URL\n    format: slack\n    events: ['*']\n"
+    )
+    crm, ops = load(path, {"CRM_SECRET": SECRET, "SLACK_URL": "https://hooks.slack.com/x"})
+    assert crm.secret is not None and crm.secret.get_secret_value() == SECRET
+    assert crm.user_ids == frozenset({"u1"}) and not crm.allow_private_network
+    assert ops.url == "https://hooks.slack.com/x" and ops.secret is None
+    assert load(None) == []
+
+
+@pytest.mark.parametrize(
+    "change, env, says",
+    [
+        ({"url": "ftp://crm.example.com"}, None, "destination 'crm': url must be an http"),
+        ({"format": "xml"}, None, "destination 'crm': format"),
+        ({}, {}, "CRM_SECRET (its secretEnv) is not set"),
+        ({}, {"CRM_SECRET": "hunter2hunter2"}, "CRM_SECRET is not a whsec_ secret"),
+        ({"secretEnv": None}, None, "needs secretEnv"),
+        ({"events": []}, None, "events"),
+        ({"colour": "red"}, None, "colour"),
+    ],
+)
+def test_an_unusable_destination_is_refused_in_one_line(change, env, says):
+    message = refusal(BASE | change, env)
+    assert says in message
+    assert "hunter2" not in message
+
+
+def test_an_internal_address_is_refused_unless_allowed():
+    for url in ("http://127.0.0.1:9/h", "http://10.1.2.3/h", "http://169.254.169.254/x"):
+        with pytest.raises(ConfigError, match="internal address"):
+            check_network([load_one(BASE | {"url": url})])
+    check_network([load_one(BASE | {"url": "http://127.0.0.1:9/h", "allowPrivateNetwork": True})])
+    with pytest.raises(ConfigError, match="does not resolve"):
+        check_network([load_one(BASE | {"url": "https://no-such-host.invalid/h"})])
+
+
+def test_wildcards_and_user_filters_choose_the_destinations():
+    orders = destination(events=["order.*"])
+    assert orders.wants("order.failed", None) and orders.wants("order.partially_failed", "u")
+    assert not orders.wants("mailbox.created", None) and not orders.wants("orders", None)
+    mailbox = destination(events=["mailbox.*", "spool.started"], userIds=["u1"])
+    assert mailbox.wants("mailbox.order.success", "u1")
+    assert not mailbox.wants("mailbox.order.success", "u2")
+    assert not mailbox.wants("spool.started", None)
+
+
+async def test_messages_are_written_with_their_cause_and_never_without_it(db):
+    wanted = [destination(name="a", events=["order.*"]), destination(name="b", events=["*"])]
+    data = {"orderId": "o1", "mailboxes": [{"email": "x@y.z", "password": "hunter2"}]}
+    async with db.transaction():
+        assert await enqueue(db, wanted, "order.failed", data, user_id="u1") == 2
+    with pytest.raises(RuntimeError):
+        async with db.transaction():
+            await enqueue(db, wanted, "order.failed", {"orderId": "o2"})
+            raise RuntimeError("the cause failed")
+    assert await enqueue(db, wanted, "mailbox.created", {}) == 1
+    rows = await db.fetch("SELECT * FROM outbound_messages ORDER BY id")
+    assert [(r["destination"], r["type"]) for r in rows] == [
+        ("a", "order.failed"),
+        ("b", "order.failed"),
+        ("b", "mailbox.created"),
+    ]
+    assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rows)
+    assert len({r["webhook_id"] for r in rows}) == 3
+    assert json.loads(rows[0]["payload"]) == {"orderId": "o1", "mailboxes": [{"email": "x@y.z"}]}
+    assert rows[0]["user_id"] == "u1"
