@@ -13,16 +13,17 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, get_args
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from sqlalchemy import func, select, text
 
 from app.crypto import token_matches
@@ -30,7 +31,8 @@ from app.db import is_transient, raw_connection
 from app.errors import ApiError
 from app.hashing import Hasher
 from app.models import order_domains, orders, subscriptions
-from app.reading import api, renewals
+from app.reading import api, delivery_chart, renewals
+from app.reading.queries import deliveries, event_search, failed_domains, right_now
 
 log = logging.getLogger("coldmail.ui")
 COOKIE = "cmw_session"
@@ -39,12 +41,13 @@ IDLE_MINUTES = 30
 FIRST_WAIT_SECONDS, LONGEST_WAIT_SECONDS = 1, 30  # after failed sign-ins
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
 TROUBLE_DAYS = 7
+FIRST_SHOWN = 10  # of a list on the overview, with a link to all of them
+LAST_VISIT = "cmw_seen"  # when this browser last saw the overview: "rejected since"
 SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
 Q = TypeVar("Q", bound=BaseModel)
 T = TypeVar("T")
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -278,56 +281,6 @@ def next_link(request: Request, cursor: str | None) -> str | None:
     return f"{request.url.path}?{urlencode(params)}"
 
 
-async def per_minute(conn: api.Reader, since: datetime) -> dict[str, dict[datetime, int]]:
-    """Deliveries a minute by outcome. A duplicate counts at its event's last receipt (the
-    sender retries within minutes, so events first seen in the 24 h before suffice)."""
-    minute = "date_trunc('minute', {})"
-    stmt = text(
-        f"SELECT {minute.format('first_received_at')} AS m, status AS outcome, count(*) AS n"
-        " FROM events WHERE first_received_at >= :since GROUP BY 1, 2"
-        f" UNION ALL SELECT {minute.format('last_received_at')}, 'duplicate', sum(deliveries - 1)"
-        " FROM events WHERE first_received_at >= :since - interval '1 day'"
-        " AND last_received_at >= :since AND deliveries > 1 GROUP BY 1"
-        f" UNION ALL SELECT {minute.format('received_at')}, 'rejected', count(*)"
-        " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1"
-    ).bindparams(since=since)
-    counts: dict[str, dict[datetime, int]] = {outcome: {} for outcome in OUTCOMES}
-    for row in await conn.execute(stmt):
-        counts[row.outcome][row.m] = int(row.n)
-    return counts
-
-
-def chart(counts: dict[str, dict[datetime, int]], since: datetime) -> dict[str, Any]:
-    """Stacked bars, one a minute, as one SVG path per outcome (drawn server-side)."""
-    height, minutes = 120, 24 * 60
-    totals = [
-        sum(counts[o].get(since + timedelta(minutes=i), 0) for o in OUTCOMES)
-        for i in range(minutes)
-    ]
-    peak = max(totals) or 1
-    paths: dict[str, list[str]] = {outcome: [] for outcome in OUTCOMES}
-    for i in range(minutes):
-        at, base = since + timedelta(minutes=i), 0.0
-        for outcome in OUTCOMES:
-            n = counts[outcome].get(at, 0)
-            if n:
-                h = n / peak * height
-                paths[outcome].append(f"M{i} {height - base - h:.1f}h1v{h:.1f}h-1z")
-                base += h
-    ticks = [
-        {"x": i, "label": (since + timedelta(minutes=i)).strftime("%H:%M")}
-        for i in range(0, minutes + 1, 180)
-    ]
-    return {
-        "paths": {o: "".join(p) for o, p in paths.items()},
-        "height": height,
-        "width": minutes,
-        "peak": peak,
-        "ticks": ticks,
-        "totals": {o: sum(counts[o].values()) for o in OUTCOMES},
-    }
-
-
 def first_link(request: Request) -> str | None:
     """Back to the first page, once a cursor has moved on from it."""
     if "cursor" not in request.query_params:
@@ -369,9 +322,11 @@ async def export_offer(
 @pages.get("")
 async def overview(request: Request) -> Response:
     conn = api.reader(request)
-    # 1,440 minutes, the current one last
-    since = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=24 * 60 - 1)
-    counts = await per_minute(conn, since)
+    spool = await spool_state(request)
+    tiles = await right_now.right_now(conn, spool, last_visit(request))
+    since, step, buckets, counts = await deliveries.deliveries(
+        conn, "24h", settled_buckets(request)
+    )
     signature_rows = await conn.execute(
         text(
             "SELECT signature, sum(n) AS n FROM ("
@@ -380,36 +335,69 @@ async def overview(request: Request) -> Response:
             " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
         ).bindparams(since=since)
     )
-    conflicts, rejected_total, last_delivery = (
-        await conn.execute(select(api.CONFLICTS, api.REJECTED, api.LAST_DELIVERY))
-    ).one()
     due = await api.list_renewals(request, conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
-    return page(
+    troubled, troubled_counts = await troubled_orders(conn)
+    response = page(
         request,
         "overview.html",
+        tiles=tiles,
         renewals=due,
         renewal_days=renewals.DEFAULT_DAYS,
-        troubled=await api.with_domains(conn, await troubled_orders(conn)),
-        chart=chart(counts, since),
+        troubled=await api.with_domains(conn, troubled),
+        troubled_counts=troubled_counts,
+        shown=FIRST_SHOWN,
+        chart=delivery_chart.chart(counts, since, step, buckets),
+        span="24h",
         signatures=[(row.signature, int(row.n)) for row in signature_rows],
-        conflicts=conflicts,
-        rejected_total=rejected_total,
-        last_delivery=last_delivery,
-        spool=await spool_state(request),
+        spool=spool,
         reconcile=await api.latest_reconciliation(conn),
     )
+    remember_visit(request, response)
+    return response
 
 
-async def troubled_orders(conn: api.Reader) -> Any:
-    """Failed and partially failed orders of the last 7 days, the latest first."""
-    stmt = (
-        select(orders)
-        .where(orders.c.status.in_(["failed", "partially_failed"]))
-        .where(orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS))
-        .order_by(orders.c.updated_at.desc())
-        .limit(50)
+def last_visit(request: Request) -> datetime | None:
+    """When this browser last saw the overview (its cookie), if it has and recently."""
+    try:
+        seen = datetime.fromtimestamp(float(request.cookies.get(LAST_VISIT, "")), UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    now = datetime.now(UTC)
+    return seen if now - timedelta(days=31) < seen <= now else None
+
+
+def remember_visit(request: Request, response: Response) -> None:
+    response.set_cookie(
+        LAST_VISIT,
+        f"{time.time():.3f}",
+        max_age=31 * 86400,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
     )
-    return (await conn.execute(stmt)).all()
+
+
+def settled_buckets(request: Request) -> deliveries.SettledBuckets:
+    """This process's settled chart buckets (see queries/deliveries.py)."""
+    state = request.app.state
+    if not hasattr(state, "settled_buckets"):
+        state.settled_buckets = deliveries.SettledBuckets()
+    cache: deliveries.SettledBuckets = state.settled_buckets
+    return cache
+
+
+async def troubled_orders(conn: api.Reader) -> tuple[Any, dict[str, int]]:
+    """Failed and partially failed orders of the last 7 days: the latest FIRST_SHOWN, and
+    how many of each status there are."""
+    recent = orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS)
+    troubled = orders.c.status.in_(["failed", "partially_failed"])
+    stmt = select(orders).where(troubled, recent).order_by(orders.c.updated_at.desc())
+    rows = (await conn.execute(stmt.limit(FIRST_SHOWN))).all()
+    counted = (
+        select(orders.c.status, func.count()).where(troubled, recent).group_by(orders.c.status)
+    )
+    return rows, {status: n for status, n in await conn.execute(counted)}
 
 
 async def spool_state(request: Request) -> dict[str, Any]:
@@ -427,10 +415,35 @@ async def renewals_page(request: Request) -> Response:
     )
 
 
+class OrderPageQuery(api.OrderQuery):
+    """The orders page's filters: the API's, and the days (UTC, both included) the order
+    was placed in."""
+
+    from_: date | None = Field(None, alias="from")
+    to: date | None = None
+
+    @model_validator(mode="after")
+    def in_order(self) -> "OrderPageQuery":
+        if self.from_ and self.to and self.to < self.from_:
+            raise ValueError("`to` is before `from`")
+        return self
+
+
+def placed_between(query: OrderPageQuery) -> list[Any]:
+    where = []
+    if query.from_:
+        where.append(orders.c.created_at >= datetime.combine(query.from_, dt_time(), UTC))
+    if query.to:
+        end = datetime.combine(query.to + timedelta(days=1), dt_time(), UTC)
+        where.append(orders.c.created_at < end)
+    return where
+
+
 @pages.get("/orders")
 async def orders_page(request: Request) -> Response:
     conn = api.reader(request)
-    query = listing(request, api.OrderQuery)
+    query = listing(request, OrderPageQuery)
+    api_query = api.OrderQuery.model_validate(query.model_dump(exclude={"from_", "to"}))
     partial, partial_count = None, 0
     if not query.cursor and not query.status:
         partial = await api.list_orders(
@@ -443,27 +456,93 @@ async def orders_page(request: Request) -> Response:
                 .where(orders.c.status == "partially_failed")
             )
         ).scalar_one()
-    result = await api.list_orders(conn, query)
+    stmt = api.apply_filters(select(orders), orders, api.filter_values(api_query))
+    rows, cursor = await api.fetch_page(conn, stmt.where(*placed_between(query)), orders, query)
+    incomplete = await right_now.incomplete_orders(conn, FIRST_SHOWN)
     return page(
         request,
         "orders.html",
         partial=partial,
         partial_count=partial_count,
-        orders=result.items,
+        incomplete=incomplete,
+        yesterday=datetime.now(UTC).date() - timedelta(days=1),
+        orders=await api.with_domains(conn, rows),
         query=query,
-        **links(request, result.next_cursor),
+        **links(request, cursor),
     )
+
+
+@pages.get("/incomplete-orders")
+async def incomplete_orders_page(request: Request) -> Response:
+    total, items = await right_now.incomplete_orders(api.reader(request), 1000)
+    return page(
+        request,
+        "incomplete_orders.html",
+        total=total,
+        items=items,
+        days=right_now.RECENT_DAYS,
+    )
+
+
+def quick_ranges(query: failed_domains.FailedDomainQuery) -> list[tuple[str, str, str]]:
+    """Yesterday, today and the last 7 days, keeping the other filters."""
+    today = datetime.now(UTC).date()
+    kept = {k: v for k, v in {"kind": query.kind, "userId": query.user_id}.items() if v}
+    ranges = [
+        ("yesterday", "Yesterday", today - timedelta(days=1), today - timedelta(days=1)),
+        ("today", "Today", today, today),
+        ("week", "Last 7 days", today - timedelta(days=6), today),
+    ]
+    return [
+        (key, label, urlencode(kept | {"from": str(start), "to": str(end)}))
+        for key, label, start, end in ranges
+    ]
+
+
+def failed_domain_query(request: Request) -> failed_domains.FailedDomainQuery:
+    return query_of(request, failed_domains.FailedDomainQuery)
+
+
+@pages.get("/failed-domains")
+async def failed_domains_page(request: Request) -> Response:
+    query = failed_domain_query(request)
+    total, rows = await failed_domains.failed_domains(api.reader(request), query)
+    return page(
+        request,
+        "failed_domains.html",
+        query=query,
+        total=total,
+        rows=rows,
+        quick=quick_ranges(query),
+        csv_params=urlencode({k: v for k, v in request.query_params.items() if v}),
+    )
+
+
+@pages.get("/failed-domains.csv")
+async def failed_domains_csv(request: Request) -> Response:
+    query = failed_domain_query(request)
+    body = await failed_domains.failed_domains_csv(api.reader(request), query, bom=True)
+    filename = f"failed-domains-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    response = PlainTextResponse(body, media_type="text/csv; charset=utf-8")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return secure(response)
 
 
 @pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
     conn = api.reader(request)
-    order = await found(api.get_order(conn, order_id), "No such order.")
     boxes = await api.list_mailboxes(conn, api.MailboxQuery(order_id=order_id, limit=500))
+    try:
+        order: Any = await api.get_order(conn, order_id)
+    except (ApiError, ValidationError):
+        if not boxes.items:
+            raise PageError(404, "No such order.") from None
+        order = None  # known only from its mailboxes: no order event has come
     return page(
         request,
         "order.html",
         order=order,
+        order_id=order_id,
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
         events=await api.events_about(conn, order=[order_id]),
@@ -544,14 +623,31 @@ async def found(lookup: Awaitable[T], missing: str) -> T:
 
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
-    query = listing(request, api.EventQuery)
-    result = await api.list_events(api.reader(request), query)
+    query = listing(request, event_search.EventPageQuery)
+    items, cursor = await event_search.list_events(api.reader(request), query)
     return page(
         request,
         "events.html",
-        events=result.items,
+        events=items,
         query=query,
-        **links(request, result.next_cursor),
+        **links(request, cursor),
+    )
+
+
+@pages.get("/deliveries")
+async def deliveries_page(request: Request) -> Response:
+    span = request.query_params.get("range", "24h")
+    if span not in get_args(deliveries.Range):
+        raise PageError(422, "Bad filter: range is one of 24h, 7d, 30d.")
+    since, step, buckets, counts = await deliveries.deliveries(
+        api.reader(request), cast(deliveries.Range, span), settled_buckets(request)
+    )
+    return page(
+        request,
+        "deliveries.html",
+        span=span,
+        chart=delivery_chart.chart(counts, since, step, buckets),
+        spool=await spool_state(request),
     )
 
 
@@ -611,6 +707,10 @@ CANNOT_SHOW = {
     "login": "a sign-in: sessions are kept in the database",
     "logout": "a sign-out: sessions are kept in the database",
     "exports": "an export",
+    "failed-domains": "failed domains",
+    "failed-domains.csv": "failed domains",
+    "incomplete-orders": "incomplete orders",
+    "deliveries": "the delivery chart",
 }
 
 

@@ -1,0 +1,118 @@
+"""Which domains failed, when, why, and for which order and customer: the orders' failed
+domains as one list, with a date range, and as a CSV."""
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+from sqlalchemy import Select, func, or_, select
+
+from app.models import order_domains, orders
+from app.reading.api import Reader
+from app.reading.exports import BOM, csv_text, neutralise
+
+SHOWN = 100  # on the page; the CSV holds every one
+CSV_ROWS = 100_000  # a CSV's bound: far beyond any real range, short of holding the pool
+CSV_COLUMNS = [
+    ("failed_at", "failed_at"),
+    ("domain", "domain"),
+    ("reason", "reason"),
+    ("order_id", "order_id"),
+    ("kind", "kind"),
+    ("order_status", "order_status"),
+    ("domain_status", "status"),
+    ("user_id", "user_id"),
+    ("user_email", "user_email"),
+    ("subscription_id", "subscription_id"),
+]
+
+
+class FailedDomainQuery(BaseModel):
+    """From and to are days (UTC), both included: `from=to=yesterday` is yesterday."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    kind: Literal["mailbox", "prewarmup"] | None = None
+    from_: date | None = Field(None, alias="from")
+    to: date | None = None
+    user_id: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^\x00]+$")
+
+    @model_validator(mode="after")
+    def in_order(self) -> "FailedDomainQuery":
+        if self.from_ and self.to and self.to < self.from_:
+            raise ValueError("`to` is before `from`")
+        return self
+
+    def bounds(self) -> tuple[datetime | None, datetime | None]:
+        start = datetime.combine(self.from_, time(), UTC) if self.from_ else None
+        end = datetime.combine(self.to + timedelta(days=1), time(), UTC) if self.to else None
+        return start, end
+
+
+def failed_select(query: FailedDomainQuery) -> Select[Any]:
+    """A domain's failure stays on record when it later succeeds (its reason is kept):
+    such a domain is listed too, with its status `succeeded`."""
+    d, o = order_domains.c, orders.c
+    stmt = (
+        select(
+            d.id,
+            d.updated_at.label("failed_at"),
+            d.domain,
+            d.reason,
+            d.status,
+            d.order_id,
+            d.subscription_id,
+            o.kind,
+            o.status.label("order_status"),
+            o.user_id,
+            o.user_email,
+            o.failure_reason,
+        )
+        .join(orders, o.order_id == d.order_id)
+        .where(or_(d.status == "failed", d.reason.is_not(None)))
+    )
+    start, end = query.bounds()
+    if start:
+        stmt = stmt.where(d.updated_at >= start)
+    if end:
+        stmt = stmt.where(d.updated_at < end)
+    if query.kind:
+        stmt = stmt.where(o.kind == query.kind)
+    if query.user_id:
+        stmt = stmt.where(o.user_id == query.user_id)
+    return stmt
+
+
+async def failed_domains(conn: Reader, query: FailedDomainQuery) -> tuple[int, list[Any]]:
+    """How many, and the latest SHOWN of them."""
+    stmt = failed_select(query)
+    rows = (
+        await conn.execute(
+            stmt.order_by(order_domains.c.updated_at.desc(), order_domains.c.id.desc()).limit(SHOWN)
+        )
+    ).all()
+    if len(rows) < SHOWN:
+        return len(rows), list(rows)
+    total = (await conn.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
+    return total, list(rows)
+
+
+def reason_of(row: Any) -> str:
+    return row.reason or row.failure_reason or ""
+
+
+async def failed_domains_csv(conn: Reader, query: FailedDomainQuery, *, bom: bool) -> str:
+    """Every failed domain the filters choose, the latest first, as a CSV (cells a
+    spreadsheet would run as formulas made text)."""
+    stmt = failed_select(query).order_by(
+        order_domains.c.updated_at.desc(), order_domains.c.id.desc()
+    )
+    rows = (await conn.execute(stmt.limit(CSV_ROWS))).all()
+    lines = [[title for title, _ in CSV_COLUMNS]]
+    for row in rows:
+        known = row._asdict() | {"reason": reason_of(row), "failed_at": row.failed_at.isoformat()}
+        lines.append(
+            [neutralise("" if known[key] is None else str(known[key])) for _, key in CSV_COLUMNS]
+        )
+    return (BOM if bom else "") + csv_text(lines)
