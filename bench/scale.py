@@ -13,6 +13,7 @@ renewal risks; and deliveries a second, in turns with these tables and with empt
 import asyncio
 import statistics
 import time
+from datetime import date, timedelta
 from typing import Any
 
 import asyncpg
@@ -151,11 +152,26 @@ def targets() -> list[tuple[str, list[str]]]:
         ("detail /ui/subscriptions/{id}", [f"/ui/subscriptions/SUB{n}" for n in (7, 123_456)]),
         ("detail /ui/mailboxes/{id}", [f"/ui/mailboxes/MBX{n}" for n in (7, 654_321)]),
     ]
-    return ui + searches + lists + details
+    day = str(date.today() - timedelta(days=1))
+    dashboard = [
+        ("failed domains /ui/failed-domains", ["/ui/failed-domains"]),
+        (
+            "failed prewarmup domains, yesterday",
+            [f"/ui/failed-domains?kind=prewarmup&from={day}&to={day}"],
+        ),
+        ("failed domains CSV, yesterday", [f"/ui/failed-domains.csv?from={day}&to={day}"]),
+        ("incomplete orders /ui/incomplete-orders", ["/ui/incomplete-orders"]),
+        ("orders placed yesterday /ui/orders", [f"/ui/orders?from={day}&to={day}"]),
+        ("event search, last 24 h", [f"/ui/events?q={q}" for q in EVENT_SEARCHES]),
+        ("events of a day /ui/events", [f"/ui/events?since={day}T00:00&until={day}T23:59"]),
+        ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
+    ]
+    return ui + searches + lists + details + dashboard
 
 
 SEARCHES = ["OKAFOR7777", "dom4242.com", "MBX98765", "yvonne.smith"]
 SUB_SEARCHES = ["DOM1234.COM", "sub77777", "buyer42@agency"]
+EVENT_SEARCHES = ["MBX999998", "ORD199999", "no-such-text"]
 
 
 def measure(client: httpx.Client, name: str, paths: list[str]) -> tuple[dict[str, Any], list[str]]:
