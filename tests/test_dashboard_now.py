@@ -148,6 +148,11 @@ async def failures(client: httpx.AsyncClient) -> dict[str, Any]:
     await ok(client, traffic.prewarmup_failed(order_id=order_id, failures={broken: reason}))
     refused = traffic.mailbox_order_failed(domain="standard-order.com")
     await ok(client, refused)
+    whole = traffic.envelope(
+        "prewarmup.order.failed",
+        {"orderId": "WHOLE-ORDER-1", "serviceProvider": "GOOGLE", "reason": "Insufficient wallet"},
+    )
+    await ok(client, whole)
     return {"order_id": order_id, "domain": broken, "reason": reason, "prewarm": prewarm}
 
 
@@ -161,18 +166,24 @@ async def test_failed_domains_say_which_when_why_and_for_whom(client):
     assert f"/ui/orders/{found['order_id']}" in table
     assert found["prewarm"]["data"]["userEmail"] in table
     assert "standard-order.com" not in table  # a mailbox order's failure is not prewarmup
+    whole = row_of(table, "WHOLE-ORDER-1")  # failed as a whole, naming no domain
+    assert "Insufficient wallet" in whole and "the whole order" in whole
     assert "standard-order.com" in (await client.get("/ui/failed-domains")).text
     yesterday = str(datetime.now(UTC).date() - timedelta(days=1))
     before = await client.get("/ui/failed-domains", params={"from": yesterday, "to": yesterday})
     assert found["domain"] not in before.text and "No domain failed" in before.text
+    assert "WHOLE-ORDER-1" not in before.text
 
     download = await client.get("/ui/failed-domains.csv", params={"kind": "prewarmup"})
     assert download.status_code == 200 and download.headers["content-type"].startswith("text/csv")
     assert download.text.startswith("\ufeff")
     rows = list(csv.DictReader(io.StringIO(download.text.lstrip("\ufeff"))))
-    assert [r["domain"] for r in rows] == [found["domain"]]
-    assert rows[0]["reason"] == "'" + found["reason"]  # a formula stays text
-    assert rows[0]["order_id"] == found["order_id"] and rows[0]["kind"] == "prewarmup"
+    by_order = {r["order_id"]: r for r in rows}
+    assert set(by_order) == {found["order_id"], "WHOLE-ORDER-1"}
+    domain = by_order[found["order_id"]]
+    assert domain["domain"] == found["domain"] and domain["kind"] == "prewarmup"
+    assert domain["reason"] == "'" + found["reason"]  # a formula stays text
+    assert by_order["WHOLE-ORDER-1"]["reason"] == "Insufficient wallet"
     assert (await client.get("/ui/failed-domains", params={"from": "yesterday"})).status_code == 422
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, null, or_, select, union_all
 
 from app.models import order_domains, orders
 from app.reading.api import Reader
@@ -50,48 +50,67 @@ class FailedDomainQuery(BaseModel):
         return start, end
 
 
-def failed_select(query: FailedDomainQuery) -> Select[Any]:
-    """A domain's failure stays on record when it later succeeds (its reason is kept):
-    such a domain is listed too, with its status `succeeded`."""
-    d, o = order_domains.c, orders.c
-    stmt = (
-        select(
-            d.id,
-            d.updated_at.label("failed_at"),
-            d.domain,
-            d.reason,
-            d.status,
-            d.order_id,
-            d.subscription_id,
-            o.kind,
-            o.status.label("order_status"),
-            o.user_id,
-            o.user_email,
-            o.failure_reason,
-        )
-        .join(orders, o.order_id == d.order_id)
-        .where(or_(d.status == "failed", d.reason.is_not(None)))
-    )
+def filtered(stmt: Select[Any], at: Any, query: FailedDomainQuery) -> Select[Any]:
     start, end = query.bounds()
     if start:
-        stmt = stmt.where(d.updated_at >= start)
+        stmt = stmt.where(at >= start)
     if end:
-        stmt = stmt.where(d.updated_at < end)
+        stmt = stmt.where(at < end)
     if query.kind:
-        stmt = stmt.where(o.kind == query.kind)
+        stmt = stmt.where(orders.c.kind == query.kind)
     if query.user_id:
-        stmt = stmt.where(o.user_id == query.user_id)
+        stmt = stmt.where(orders.c.user_id == query.user_id)
     return stmt
+
+
+def failed_select(query: FailedDomainQuery) -> Select[Any]:
+    """Each failed domain of an order, and each order that failed as a whole without naming
+    a domain (its domain is None). A domain's failure stays on record when it later
+    succeeds (its reason is kept): such a domain is listed too, with its status
+    `succeeded`. Each filter is applied inside both halves, so each reads its own index."""
+    d, o = order_domains.c, orders.c
+    order_columns = (
+        o.kind,
+        o.status.label("order_status"),
+        o.user_id,
+        o.user_email,
+        o.failure_reason,
+    )
+    domains = select(
+        d.updated_at.label("failed_at"),
+        d.domain,
+        d.reason,
+        d.status,
+        d.order_id,
+        d.subscription_id,
+        *order_columns,
+    ).join(orders, o.order_id == d.order_id)
+    domains = filtered(
+        domains.where(or_(d.status == "failed", d.reason.is_not(None))), d.updated_at, query
+    )
+    named = select(order_domains.c.id).where(d.order_id == o.order_id).exists()
+    whole = select(
+        o.updated_at.label("failed_at"),
+        null().label("domain"),
+        o.failure_reason.label("reason"),
+        o.status,
+        o.order_id,
+        null().label("subscription_id"),
+        *order_columns,
+    ).where(o.status == "failed", ~named)
+    both = union_all(domains, filtered(whole, o.updated_at, query)).subquery("failed")
+    return select(both)
+
+
+def latest_first(stmt: Select[Any]) -> Select[Any]:
+    columns = stmt.selected_columns
+    return stmt.order_by(columns.failed_at.desc(), columns.order_id, columns.domain)
 
 
 async def failed_domains(conn: Reader, query: FailedDomainQuery) -> tuple[int, list[Any]]:
     """How many, and the latest SHOWN of them."""
     stmt = failed_select(query)
-    rows = (
-        await conn.execute(
-            stmt.order_by(order_domains.c.updated_at.desc(), order_domains.c.id.desc()).limit(SHOWN)
-        )
-    ).all()
+    rows = (await conn.execute(latest_first(stmt).limit(SHOWN))).all()
     if len(rows) < SHOWN:
         return len(rows), list(rows)
     total = (await conn.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
@@ -105,10 +124,7 @@ def reason_of(row: Any) -> str:
 async def failed_domains_csv(conn: Reader, query: FailedDomainQuery, *, bom: bool) -> str:
     """Every failed domain the filters choose, the latest first, as a CSV (cells a
     spreadsheet would run as formulas made text)."""
-    stmt = failed_select(query).order_by(
-        order_domains.c.updated_at.desc(), order_domains.c.id.desc()
-    )
-    rows = (await conn.execute(stmt.limit(CSV_ROWS))).all()
+    rows = (await conn.execute(latest_first(failed_select(query)).limit(CSV_ROWS))).all()
     lines = [[title for title, _ in CSV_COLUMNS]]
     for row in rows:
         known = row._asdict() | {"reason": reason_of(row), "failed_at": row.failed_at.isoformat()}
