@@ -1,46 +1,59 @@
-"""The ops dashboard under /ui: server-rendered pages over the read API's own queries.
+"""The ops dashboard under /ui: server-rendered pages over the same query functions as
+the read API (app/reading/queries/); sessions are in sessions.py, the chart in chart.py.
 
-Sign-in takes an ops token and opens a server-side session: its cookie is HttpOnly,
-SameSite=Strict (Secure behind HTTPS); sign-out, 30 idle minutes, 8 hours, or removing the
-token from OPS_API_TOKENS end it. Sign-in and sign-out refuse cross-site posts; failed
-sign-ins are throttled per client. No page has a script, so the Content-Security-Policy
-allows none. No page shows a credential, whoever signed in.
+No page has a script, so the Content-Security-Policy allows none. No page shows a
+credential, whoever signed in.
 """
 
 import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dt_time
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field, ValidationError, model_validator
-from sqlalchemy import func, select, text
+from pydantic import BaseModel, ValidationError
 
 from app.crypto import token_matches
-from app.db import is_transient, raw_connection
+from app.db import is_transient
 from app.errors import ApiError
-from app.hashing import Hasher
-from app.models import order_domains, orders, subscriptions
-from app.reading import api, delivery_chart, renewals
-from app.reading.queries import deliveries, event_search, failed_domains, right_now
+from app.reading import chart, exporting, renewals
+from app.reading.queries import (
+    counts,
+    deliveries,
+    event_search,
+    events,
+    failed_domains,
+    mailboxes,
+    orders,
+    right_now,
+    subscriptions,
+)
+from app.reading.queries.paging import MAX_ROW_ID
+from app.reading.reader import Reader, reader
+from app.reading.sessions import (
+    COOKIE,
+    SESSION_HOURS,
+    cross_site,
+    hasher_of,
+    is_credentials_session,
+    session_statement,
+    signed_in,
+    tokens,
+)
+from app.reading.sessions import (
+    SignInThrottle as SignInThrottle,  # tests/test_dashboard.py builds one with its clock
+)
 
 log = logging.getLogger("coldmail.ui")
-COOKIE = "cmw_session"
-SESSION_HOURS = 8
-IDLE_MINUTES = 30
-FIRST_WAIT_SECONDS, LONGEST_WAIT_SECONDS = 1, 30  # after failed sign-ins
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
-TROUBLE_DAYS = 7
 FIRST_SHOWN = 10  # of a list on the overview, with a link to all of them
 LAST_VISIT = "cmw_seen"  # when this browser last saw the overview: "rejected since"
 SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
@@ -74,100 +87,6 @@ def segment(value: str) -> str:
 templates.env.filters["ago"] = ago
 templates.env.filters["segment"] = segment
 router = APIRouter(prefix="/ui", include_in_schema=False)
-
-
-# --- the session ---------------------------------------------------------------------
-# The cookie holds a random secret; the server keeps its keyed hash (ui_sessions), so
-# sign-out and the idle timeout end a session wherever its cookie was copied to.
-
-SESSION_STATEMENTS = {
-    "open": "INSERT INTO ui_sessions (id_hash, token_fingerprint) VALUES ($1, $2)",
-    # one statement checks the session and keeps it alive
-    "touch": f"""UPDATE ui_sessions SET last_seen_at = now() WHERE id_hash = $1
-        AND last_seen_at > now() - interval '{IDLE_MINUTES} minutes'
-        AND created_at > now() - interval '{SESSION_HOURS} hours'
-        RETURNING token_fingerprint""",
-    "close": "DELETE FROM ui_sessions WHERE id_hash = $1",
-    "expire": f"""DELETE FROM ui_sessions
-        WHERE last_seen_at < now() - interval '{IDLE_MINUTES} minutes'
-        OR created_at < now() - interval '{SESSION_HOURS} hours'""",
-}
-
-
-class SignInThrottle:
-    """Failed sign-ins per client address (per worker): after the n-th failure in a row the
-    address waits min(2**(n-1), 30) s for its next try; tries within the wait get 429 and do
-    not lengthen it, and a success starts over. A short back-off, not a minute's lock-out that
-    five tries renew: a mistyped token costs a second, each wait is 30 s at most, and a client
-    guessing gets two tries a minute (one that retries exactly on Retry-After still sets the
-    pace for the others behind its address). Bounded: the least recent addresses go.
-
-    A sign-in counts as failed from before its body is read until its token is found good:
-    guesses sent at once, and posts that never finish or are too large, count too."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, clients: int = 10_000):
-        self.clock, self.clients = clock, clients
-        self.failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, until
-
-    def wait_seconds(self, client: str) -> float:
-        _, until = self.failures.get(client, (0, 0.0))
-        return max(0.0, until - self.clock())
-
-    def failed(self, client: str) -> None:
-        count = self.failures.pop(client, (0, 0.0))[0] + 1
-        wait = min(FIRST_WAIT_SECONDS * 2 ** (count - 1), LONGEST_WAIT_SECONDS)
-        self.failures[client] = (count, self.clock() + wait)
-        while len(self.failures) > self.clients:
-            self.failures.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self.failures.pop(client, None)
-
-
-async def session_statement(request: Request, name: str, *args: Any) -> Any:
-    async with raw_connection(request.app.state.read_engine) as conn:
-        return await conn.fetchval(SESSION_STATEMENTS[name], *args)
-
-
-async def hasher_of(request: Request) -> Hasher:
-    hasher: Hasher = await request.app.state.hashing.get()
-    return hasher
-
-
-def tokens(request: Request) -> list[str]:
-    settings = request.app.state.settings
-    return list(settings.ops_token_list + settings.credentials_token_list)
-
-
-class SignInRequired(Exception):
-    """Raised by a page without a session: answered with a redirect to the sign-in page."""
-
-
-async def signed_in(request: Request) -> str:
-    """The signed-in token's fingerprint, if the session is open, recent, and its token
-    still configured (removing a token from OPS_API_TOKENS ends its sessions)."""
-    secret = request.cookies.get(COOKIE)
-    if not secret or len(secret) > 100:
-        raise SignInRequired()
-    hasher = await hasher_of(request)
-    who = await session_statement(request, "touch", hasher.digest(secret.encode()))
-    request.app.state.receiver.away_since = None  # the database answered
-    if who is None or who not in {hasher.fingerprint(t) for t in tokens(request)}:
-        raise SignInRequired()
-    request.state.signed_in = str(who)
-    return str(who)
-
-
-def cross_site(request: Request) -> bool:
-    """A browser says where a post comes from: Sec-Fetch-Site (every current browser), else
-    Origin. A post from any other site is a forged one; clients that send neither (curl)
-    are no browser's forms."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None:
-        return site not in ("same-origin", "none")
-    origin = request.headers.get("origin")
-    # the host alone: behind a TLS proxy the scheme seen here may be http
-    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
 
 
 def to_sign_in(request: Request, error: Exception) -> Response:
@@ -301,56 +220,39 @@ def links(request: Request, cursor: str | None) -> dict[str, Any]:
     return {"next": next_link(request, cursor), "first": first_link(request)}
 
 
-async def is_credentials_session(request: Request) -> bool:
-    """Whether the signed-in token may export credentials (CREDENTIALS_API_TOKENS)."""
-    hasher = await hasher_of(request)
-    who = getattr(request.state, "signed_in", None)
-    return who in {hasher.fingerprint(t) for t in request.app.state.settings.credentials_token_list}
-
-
-async def export_offer(
-    request: Request, conn: api.Reader, filters: dict[str, Any]
-) -> dict[str, Any]:
+async def export_offer(request: Request, conn: Reader, filters: dict[str, Any]) -> dict[str, Any]:
     """For a page that offers the download: whether this session may, and which of the
     mailboxes the platforms' files leave out (they cannot log in there)."""
     if not await is_credentials_session(request):
         return {"can_export": False, "skipped": (0, [])}
-    skipped = await api.cannot_export(conn, filters, limit=SKIPPED_SHOWN)
+    skipped = await exporting.cannot_export(conn, filters, limit=SKIPPED_SHOWN)
     return {"can_export": True, "skipped": skipped}
 
 
 @pages.get("")
 async def overview(request: Request) -> Response:
-    conn = api.reader(request)
+    conn = reader(request)
     spool = await spool_state(request)
     tiles = await right_now.right_now(conn, spool, last_visit(request))
-    since, step, buckets, counts = await deliveries.deliveries(
-        conn, "24h", settled_buckets(request)
+    since, step, buckets, tally = await deliveries.deliveries(conn, "24h", settled_buckets(request))
+    due = await renewals.list_renewals(
+        conn, renewals.RenewalQuery(limit=RENEWALS_SHOWN), request.app.state.renewal_totals
     )
-    signature_rows = await conn.execute(
-        text(
-            "SELECT signature, sum(n) AS n FROM ("
-            " SELECT signature, count(*) AS n FROM events WHERE first_received_at >= :since"
-            " GROUP BY 1 UNION ALL SELECT signature, count(*) FROM rejected_deliveries"
-            " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
-        ).bindparams(since=since)
-    )
-    due = await api.list_renewals(request, conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
-    troubled, troubled_counts = await troubled_orders(conn)
+    troubled, troubled_counts = await orders.troubled_orders(conn, FIRST_SHOWN)
     response = page(
         request,
         "overview.html",
         tiles=tiles,
         renewals=due,
         renewal_days=renewals.DEFAULT_DAYS,
-        troubled=await api.with_domains(conn, troubled),
+        troubled=await orders.with_domains(conn, troubled),
         troubled_counts=troubled_counts,
         shown=FIRST_SHOWN,
-        chart=delivery_chart.chart(counts, since, step, buckets),
+        chart=chart.chart(tally, since, step, buckets),
         span="24h",
-        signatures=[(row.signature, int(row.n)) for row in signature_rows],
+        signatures=await events.signatures_since(conn, since),
         spool=spool,
-        reconcile=await api.latest_reconciliation(conn),
+        reconcile=await counts.latest_reconciliation(conn),
     )
     remember_visit(request, response)
     return response
@@ -387,19 +289,6 @@ def settled_buckets(request: Request) -> deliveries.SettledBuckets:
     return cache
 
 
-async def troubled_orders(conn: api.Reader) -> tuple[Any, dict[str, int]]:
-    """Failed and partially failed orders of the last 7 days: the latest FIRST_SHOWN, and
-    how many of each status there are."""
-    recent = orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS)
-    troubled = orders.c.status.in_(["failed", "partially_failed"])
-    stmt = select(orders).where(troubled, recent).order_by(orders.c.updated_at.desc())
-    rows = (await conn.execute(stmt.limit(FIRST_SHOWN))).all()
-    counted = (
-        select(orders.c.status, func.count()).where(troubled, recent).group_by(orders.c.status)
-    )
-    return rows, {status: n for status, n in await conn.execute(counted)}
-
-
 async def spool_state(request: Request) -> dict[str, Any]:
     """From the process itself: it answers while the database is away."""
     depth, oldest, room = await request.app.state.receiver.spool.depth()
@@ -408,56 +297,24 @@ async def spool_state(request: Request) -> dict[str, Any]:
 
 @pages.get("/renewals")
 async def renewals_page(request: Request) -> Response:
-    query = query_of(request, api.RenewalQuery)
-    result = await api.list_renewals(request, api.reader(request), query)
+    query = query_of(request, renewals.RenewalQuery)
+    result = await renewals.list_renewals(reader(request), query, request.app.state.renewal_totals)
     return page(
         request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
     )
 
 
-class OrderPageQuery(api.OrderQuery):
-    """The orders page's filters: the API's, and the days (UTC, both included) the order
-    was placed in."""
-
-    from_: date | None = Field(None, alias="from")
-    to: date | None = None
-
-    @model_validator(mode="after")
-    def in_order(self) -> "OrderPageQuery":
-        if self.from_ and self.to and self.to < self.from_:
-            raise ValueError("`to` is before `from`")
-        return self
-
-
-def placed_between(query: OrderPageQuery) -> list[Any]:
-    where = []
-    if query.from_:
-        where.append(orders.c.created_at >= datetime.combine(query.from_, dt_time(), UTC))
-    if query.to:
-        end = datetime.combine(query.to + timedelta(days=1), dt_time(), UTC)
-        where.append(orders.c.created_at < end)
-    return where
-
-
 @pages.get("/orders")
 async def orders_page(request: Request) -> Response:
-    conn = api.reader(request)
-    query = listing(request, OrderPageQuery)
-    api_query = api.OrderQuery.model_validate(query.model_dump(exclude={"from_", "to"}))
+    conn = reader(request)
+    query = listing(request, orders.OrderPageQuery)
     partial, partial_count = None, 0
     if not query.cursor and not query.status:
-        partial = await api.list_orders(
-            conn, api.OrderQuery(status="partially_failed", limit=20, order="newest")
+        partial = await orders.list_orders(
+            conn, orders.OrderQuery(status="partially_failed", limit=20, order="newest")
         )
-        partial_count = (
-            await conn.execute(
-                select(func.count())
-                .select_from(orders)
-                .where(orders.c.status == "partially_failed")
-            )
-        ).scalar_one()
-    stmt = api.apply_filters(select(orders), orders, api.filter_values(api_query))
-    rows, cursor = await api.fetch_page(conn, stmt.where(*placed_between(query)), orders, query)
+        partial_count = await orders.count_with_status(conn, "partially_failed")
+    result = await orders.list_orders(conn, query)
     incomplete = await right_now.incomplete_orders(conn, FIRST_SHOWN)
     return page(
         request,
@@ -466,15 +323,15 @@ async def orders_page(request: Request) -> Response:
         partial_count=partial_count,
         incomplete=incomplete,
         yesterday=datetime.now(UTC).date() - timedelta(days=1),
-        orders=await api.with_domains(conn, rows),
+        orders=result.items,
         query=query,
-        **links(request, cursor),
+        **links(request, result.next_cursor),
     )
 
 
 @pages.get("/incomplete-orders")
 async def incomplete_orders_page(request: Request) -> Response:
-    total, items = await right_now.incomplete_orders(api.reader(request), 1000)
+    total, items = await right_now.incomplete_orders(reader(request), 1000)
     return page(
         request,
         "incomplete_orders.html",
@@ -506,7 +363,7 @@ def failed_domain_query(request: Request) -> failed_domains.FailedDomainQuery:
 @pages.get("/failed-domains")
 async def failed_domains_page(request: Request) -> Response:
     query = failed_domain_query(request)
-    total, rows = await failed_domains.failed_domains(api.reader(request), query)
+    total, rows = await failed_domains.failed_domains(reader(request), query)
     return page(
         request,
         "failed_domains.html",
@@ -521,7 +378,7 @@ async def failed_domains_page(request: Request) -> Response:
 @pages.get("/failed-domains.csv")
 async def failed_domains_csv(request: Request) -> Response:
     query = failed_domain_query(request)
-    body = await failed_domains.failed_domains_csv(api.reader(request), query, bom=True)
+    body = await failed_domains.failed_domains_csv(reader(request), query, bom=True)
     filename = f"failed-domains-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
     response = PlainTextResponse(body, media_type="text/csv; charset=utf-8")
     response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
@@ -530,10 +387,12 @@ async def failed_domains_csv(request: Request) -> Response:
 
 @pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
-    conn = api.reader(request)
-    boxes = await api.list_mailboxes(conn, api.MailboxQuery(order_id=order_id, limit=500))
+    conn = reader(request)
+    boxes = await mailboxes.list_mailboxes(
+        conn, mailboxes.MailboxQuery(order_id=order_id, limit=500)
+    )
     try:
-        order: Any = await api.get_order(conn, order_id)
+        order: Any = await orders.get_order(conn, order_id)
     except (ApiError, ValidationError):
         if not boxes.items:
             raise PageError(404, "No such order.") from None
@@ -545,17 +404,17 @@ async def order_page(request: Request, order_id: str) -> Response:
         order_id=order_id,
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
-        events=await api.events_about(conn, order=[order_id]),
+        events=await events.events_about(conn, order=[order_id]),
         **await export_offer(request, conn, {"order_id": order_id}),
     )
 
 
 @pages.get("/subscriptions")
 async def subscriptions_page(request: Request) -> Response:
-    conn = api.reader(request)
-    query = listing(request, api.SubscriptionQuery)
-    result = await api.list_subscriptions(conn, query)
-    by_status = await api.counts_by(conn, subscriptions, "subscription_status")
+    conn = reader(request)
+    query = listing(request, subscriptions.SubscriptionQuery)
+    result = await subscriptions.list_subscriptions(conn, query)
+    by_status = await subscriptions.count_by_status(conn)
     return page(
         request,
         "subscriptions.html",
@@ -568,17 +427,18 @@ async def subscriptions_page(request: Request) -> Response:
 
 @pages.get("/subscriptions/{subscription_id:path}")
 async def subscription_page(request: Request, subscription_id: str) -> Response:
-    conn = api.reader(request)
-    sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
-    stmt = select(order_domains).where(order_domains.c.subscription_id == subscription_id)
-    its_orders = (await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all()
+    conn = reader(request)
+    sub = await found(
+        subscriptions.get_subscription(conn, subscription_id), "No such subscription."
+    )
+    its_orders = await orders.domains_of_subscription(conn, subscription_id)
     order_ids = {o.order_id for o in its_orders} | ({sub.order_id} if sub.order_id else set())
     return page(
         request,
         "subscription.html",
         sub=sub,
         orders=its_orders,
-        events=await api.events_about(
+        events=await events.events_about(
             conn, subscription=[subscription_id], order=sorted(order_ids)
         ),
         **await export_offer(request, conn, {"subscription_id": subscription_id}),
@@ -588,8 +448,8 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
 @pages.get("/mailboxes")
 async def mailboxes_page(request: Request) -> Response:
     """The newest mailboxes, or those a search finds (address, name, domain or ID)."""
-    query = listing(request, api.MailboxQuery)
-    result = await api.list_mailboxes(api.reader(request), query)
+    query = listing(request, mailboxes.MailboxQuery)
+    result = await mailboxes.list_mailboxes(reader(request), query)
     return page(
         request,
         "mailboxes.html",
@@ -601,13 +461,13 @@ async def mailboxes_page(request: Request) -> Response:
 
 @pages.get("/mailboxes/{mailbox_id:path}")
 async def mailbox_page(request: Request, mailbox_id: str) -> Response:
-    conn = api.reader(request)
-    box = await found(api.get_mailbox(conn, mailbox_id), "No such mailbox.")
+    conn = reader(request)
+    box = await found(mailboxes.get_mailbox(conn, mailbox_id), "No such mailbox.")
     return page(
         request,
         "mailbox.html",
         box=box,
-        events=await api.events_about(
+        events=await events.events_about(
             conn, mailbox=[mailbox_id], order=[box.order_id] if box.order_id else []
         ),
     )
@@ -624,7 +484,7 @@ async def found(lookup: Awaitable[T], missing: str) -> T:
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
     query = listing(request, event_search.EventPageQuery)
-    items, cursor = await event_search.list_events(api.reader(request), query)
+    items, cursor = await event_search.list_events(reader(request), query)
     return page(
         request,
         "events.html",
@@ -639,31 +499,31 @@ async def deliveries_page(request: Request) -> Response:
     span = request.query_params.get("range", "24h")
     if span not in get_args(deliveries.Range):
         raise PageError(422, "Bad filter: range is one of 24h, 7d, 30d.")
-    since, step, buckets, counts = await deliveries.deliveries(
-        api.reader(request), cast(deliveries.Range, span), settled_buckets(request)
+    since, step, buckets, tally = await deliveries.deliveries(
+        reader(request), cast(deliveries.Range, span), settled_buckets(request)
     )
     return page(
         request,
         "deliveries.html",
         span=span,
-        chart=delivery_chart.chart(counts, since, step, buckets),
+        chart=chart.chart(tally, since, step, buckets),
         spool=await spool_state(request),
     )
 
 
 @pages.get("/events/{id}")
 async def event_page(request: Request, id: str) -> Response:
-    if not id.isdigit() or not 1 <= int(id) <= api.MAX_ROW_ID:
+    if not id.isdigit() or not 1 <= int(id) <= MAX_ROW_ID:
         raise PageError(404, "No such event.")
-    event = await found(api.get_event(api.reader(request), int(id)), "No such event.")
+    event = await found(events.get_event(reader(request), int(id)), "No such event.")
     payload = orjson.dumps(event.payload, option=orjson.OPT_INDENT_2).decode()
     return page(request, "event.html", event=event, payload=payload)
 
 
 @pages.get("/rejected")
 async def rejected_page(request: Request) -> Response:
-    query = listing(request, api.RejectedQuery)
-    result = await api.list_rejected(api.reader(request), query)
+    query = listing(request, events.RejectedQuery)
+    result = await events.list_rejected(reader(request), query)
     return page(
         request,
         "rejected.html",
@@ -683,12 +543,12 @@ async def export_page(request: Request) -> Response:
     form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     fields = {k: v[0] for k, v in form.items() if v and v[0]}
     try:
-        query = api.ExportQuery.model_validate(fields)
+        query = exporting.ExportQuery.model_validate(fields)
     except ValidationError:
         raise PageError(422, "Choose a format and a subscription or an order.") from None
     try:
-        return await api.export_response(
-            request, api.reader(request), query, request.state.signed_in
+        return await exporting.export_response(
+            request, reader(request), query, request.state.signed_in
         )
     except ApiError as error:
         raise PageError(error.status, "Exports are served only over HTTPS.") from None

@@ -12,7 +12,7 @@ from typing import Literal
 
 from sqlalchemy import text
 
-from app.reading.api import Reader
+from app.reading.reader import Reader
 
 OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
 SERIES = (*OUTCOMES, "spooled")  # spooled: processed or ignored after waiting in the spool

@@ -8,15 +8,9 @@ from pydantic import Field, model_validator
 from sqlalchemy import Select, Text, cast, literal_column, select
 
 from app.models import events
-from app.reading.api import (
-    EventQuery,
-    Reader,
-    Search,
-    UtcTime,
-    contains,
-    event_select,
-    fetch_page,
-)
+from app.reading.queries.events import EventQuery, event_select
+from app.reading.queries.paging import Search, UtcTime, contains, fetch_page
+from app.reading.reader import Reader
 
 SEARCH_DAYS = 31  # a search reads every payload of its range: at most a month
 SEARCH_DEFAULT = timedelta(hours=24)  # a search without a start reads the last day

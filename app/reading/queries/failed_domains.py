@@ -9,8 +9,8 @@ from pydantic.alias_generators import to_camel
 from sqlalchemy import Select, func, null, or_, select, union_all
 
 from app.models import order_domains, orders
-from app.reading.api import Reader
 from app.reading.exports import BOM, csv_text, neutralise
+from app.reading.reader import Reader
 
 SHOWN = 100  # on the page; the CSV holds every one
 CSV_ROWS = 100_000  # a CSV's bound: far beyond any real range, short of holding the pool

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app import metrics
 from app.models import events, mailboxes, order_domains, orders, reconciliations, rejected
-from app.reading.api import Reader
+from app.reading.reader import Reader
 
 State = Literal["ok", "warn", "bad"]
 RECENT_DAYS = 7  # incomplete orders: those updated in the last week
