@@ -335,6 +335,12 @@ class OrderDomain(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),
         Index("ix_order_domains_subscription_id", "subscription_id"),  # merge.DERIVE_ORDER
+        # the dashboard's failed domains, latest first (app/reading/queries/failed_domains.py)
+        Index(
+            "ix_order_domains_failed_updated_at",
+            "updated_at",
+            postgresql_where=text("status = 'failed' OR reason IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

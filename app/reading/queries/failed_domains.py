@@ -63,7 +63,7 @@ def filtered(stmt: Select[Any], at: Any, query: FailedDomainQuery) -> Select[Any
     return stmt
 
 
-def failed_select(query: FailedDomainQuery) -> Select[Any]:
+def halves(query: FailedDomainQuery) -> tuple[Select[Any], Select[Any]]:
     """Each failed domain of an order, and each order that failed as a whole without naming
     a domain (its domain is None). A domain's failure stays on record when it later
     succeeds (its reason is kept): such a domain is listed too, with its status
@@ -76,7 +76,7 @@ def failed_select(query: FailedDomainQuery) -> Select[Any]:
         o.user_email,
         o.failure_reason,
     )
-    domains = select(
+    domains: Select[Any] = select(
         d.updated_at.label("failed_at"),
         d.domain,
         d.reason,
@@ -89,7 +89,7 @@ def failed_select(query: FailedDomainQuery) -> Select[Any]:
         domains.where(or_(d.status == "failed", d.reason.is_not(None))), d.updated_at, query
     )
     named = select(order_domains.c.id).where(d.order_id == o.order_id).exists()
-    whole = select(
+    whole: Select[Any] = select(
         o.updated_at.label("failed_at"),
         null().label("domain"),
         o.failure_reason.label("reason"),
@@ -98,23 +98,40 @@ def failed_select(query: FailedDomainQuery) -> Select[Any]:
         null().label("subscription_id"),
         *order_columns,
     ).where(o.status == "failed", ~named)
-    both = union_all(domains, filtered(whole, o.updated_at, query)).subquery("failed")
-    return select(both)
+    return domains, filtered(whole, o.updated_at, query)
+
+
+def counts(query: FailedDomainQuery) -> tuple[Select[Any], Select[Any]]:
+    """How many rows each half holds; the domains' without the join to their orders when
+    no filter needs it (the partial index alone answers)."""
+    domains, whole = (select(func.count()).select_from(h.subquery()) for h in halves(query))
+    if not query.kind and not query.user_id:
+        d = order_domains.c
+        failed = select(func.count()).where(or_(d.status == "failed", d.reason.is_not(None)))
+        domains = filtered(failed, d.updated_at, query)
+    return domains, whole
+
+
+def failed_select(query: FailedDomainQuery) -> Select[Any]:
+    return select(union_all(*halves(query)).subquery("failed"))
 
 
 def latest_first(stmt: Select[Any]) -> Select[Any]:
-    columns = stmt.selected_columns
-    return stmt.order_by(columns.failed_at.desc(), columns.order_id, columns.domain)
+    return stmt.order_by(stmt.selected_columns.failed_at.desc())
 
 
 async def failed_domains(conn: Reader, query: FailedDomainQuery) -> tuple[int, list[Any]]:
-    """How many, and the latest SHOWN of them."""
-    stmt = failed_select(query)
-    rows = (await conn.execute(latest_first(stmt).limit(SHOWN))).all()
-    if len(rows) < SHOWN:
-        return len(rows), list(rows)
-    total = (await conn.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
-    return total, list(rows)
+    """How many, and the latest SHOWN of them: the latest SHOWN of each half, merged (each
+    half reads its time index backwards and stops, which a sort over their union would
+    not)."""
+    rows: list[Any] = []
+    total = 0
+    for half, counted in zip(halves(query), counts(query), strict=True):
+        latest = (await conn.execute(latest_first(half).limit(SHOWN))).all()
+        rows += latest
+        total += len(latest) if len(latest) < SHOWN else (await conn.execute(counted)).scalar_one()
+    rows.sort(key=lambda row: row.failed_at, reverse=True)
+    return total, rows[:SHOWN]
 
 
 def reason_of(row: Any) -> str:

@@ -17,7 +17,7 @@ from app.models import events, mailboxes, order_domains, orders, reconciliations
 from app.reading.reader import Reader
 
 State = Literal["ok", "warn", "bad"]
-RECENT_DAYS = 7  # incomplete orders: those updated in the last week
+RECENT_DAYS = 2  # incomplete orders: those updated in the last 2 days (mailboxes come within hours)
 SIGNATURE_HOURS = 24
 FAILED_SIGNATURES = ("invalid", "stale")
 SPOOL_BAD_SECONDS = 60.0  # a delivery waiting longer: the database has been away a while
