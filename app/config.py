@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     cmr_signature_forms: str = ""
     rejected_max_bytes: int = Field(default=256 * 1024**2, ge=1024)
     metrics_token: SecretStr | None = None
+    # the sender's prices carry no currency: the dashboard names this one beside its totals
+    price_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
 
     @field_validator("database_url")
     @classmethod

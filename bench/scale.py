@@ -11,9 +11,10 @@ renewal risks; and deliveries a second, in turns with these tables and with empt
 """
 
 import asyncio
+import os
 import statistics
 import time
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -127,6 +128,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("renewals /ui/renewals", ["/ui/renewals"]),
         ("renewals API, 30 days", ["/api/v1/renewals?withinDays=30"]),
         ("renewals API, 7 days, page 2", ["/api/v1/renewals?withinDays=7&cursor=PAGE2"]),
+        *queue_targets(),
     ]
     searches = [
         ("search mailboxes (API)", [f"/api/v1/mailboxes?q={q}" for q in SEARCHES]),
@@ -167,6 +169,49 @@ def targets() -> list[tuple[str, list[str]]]:
         ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
     ]
     return ui + searches + lists + details + dashboard
+
+
+def queue_targets() -> list[tuple[str, list[str]]]:
+    """The renewals queue's parts and filters, a customer's page, a search for a customer;
+    and the queue's sums uncached (a new date range each request: what a filter costs the
+    first time it is asked within a minute)."""
+    today = datetime.now(UTC).date()
+    ranges = [
+        f"renewsFrom={today + timedelta(days=n % 7)}&renewsBefore={today + timedelta(days=7 + n)}"
+        for n in range(REQUESTS + WARM_UP)
+    ]
+    return [
+        (
+            "renewals /ui/renewals, overdue + a risk",
+            [
+                "/ui/renewals?due=overdue&risk=renewal_failed",
+                "/ui/renewals?due=all&risk=auto_renew_off",
+            ],
+        ),
+        (
+            "renewals /ui/renewals, a customer",
+            [
+                "/ui/renewals?due=all&customer=U7",
+                "/ui/renewals?customer=buyer42%40agency.example",
+            ],
+        ),
+        (
+            "renewals API, this week / a customer",
+            [
+                "/api/v1/renewals?due=this_week",
+                "/api/v1/renewals?userId=U7&risk=past_due",
+            ],
+        ),
+        ("renewals API, a new date range each time", [f"/api/v1/renewals?{r}" for r in ranges]),
+        ("customer /ui/customers/{id}", ["/ui/customers/U7", "/ui/customers/U42"]),
+        (
+            "search mailboxes for a customer /ui",
+            [
+                "/ui/mailboxes?q=buyer42%40agency",
+                "/ui/mailboxes?q=U42",
+            ],
+        ),
+    ]
 
 
 SEARCHES = ["OKAFOR7777", "dom4242.com", "MBX98765", "yvonne.smith"]
@@ -237,8 +282,9 @@ def main(run: bench.Run) -> list[dict[str, Any]]:
     vault = Vault([bench.KEY])
     rows: list[dict[str, Any]] = []
     with (
-        bench.scratch_database("cmw_bench_empty", migrated=True) as empty,
-        bench.scratch_database("cmw_bench_scale", migrated=True) as url,
+        # named by this run's process: two runs on one server never drop each other's
+        bench.scratch_database(f"cmw_bench_empty_{os.getpid()}", migrated=True) as empty,
+        bench.scratch_database(f"cmw_bench_scale_{os.getpid()}", migrated=True) as url,
     ):
         seconds = asyncio.run(fill(url, vault))
         print(f"generated the tables in {seconds:.0f} s", flush=True)

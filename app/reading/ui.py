@@ -1,10 +1,12 @@
 """The ops dashboard under /ui: server-rendered pages over the same query functions as
 the read API (app/reading/queries/); sessions are in sessions.py, the chart in chart.py.
 
-No page has a script, so the Content-Security-Policy allows none. No page shows a
-credential, whoever signed in.
+The only script is the IDs' copy button, inline and allowed by its hash alone. No page
+shows a credential, whoever signed in.
 """
 
+import base64
+import hashlib
 import logging
 import math
 import secrets
@@ -17,14 +19,14 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 
 from app.crypto import token_matches
 from app.db import is_transient
 from app.errors import ApiError
-from app.reading import chart, exporting, renewals
+from app.reading import chart, exporting, renewals, resources
 from app.reading.queries import (
     counts,
     deliveries,
@@ -57,9 +59,13 @@ RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
 FIRST_SHOWN = 10  # of a list on the overview, with a link to all of them
 LAST_VISIT = "cmw_seen"  # when this browser last saw the overview: "rejected since"
 SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
+# The one script: a copy button beside each ID. Inline, and allowed by its hash alone, so
+# the Content-Security-Policy still runs no other script (none injected, none fetched).
+COPY_SCRIPT = (Path(__file__).parent / "static" / "copy.js").read_text().strip()
+COPY_HASH = base64.b64encode(hashlib.sha256(COPY_SCRIPT.encode()).digest()).decode()
 CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
+    f"default-src 'none'; script-src 'sha256-{COPY_HASH}'; style-src 'self'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 Q = TypeVar("Q", bound=BaseModel)
 T = TypeVar("T")
@@ -107,6 +113,7 @@ def secure(response: Response) -> Response:
 def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
     context |= {
         "signed_in": name != "login.html",
+        "copy_script": COPY_SCRIPT,
         "path": request.url.path,
         "now": datetime.now(UTC),
     }
@@ -235,9 +242,7 @@ async def overview(request: Request) -> Response:
     spool = await spool_state(request)
     tiles = await right_now.right_now(conn, spool, last_visit(request))
     since, step, buckets, tally = await deliveries.deliveries(conn, "24h", settled_buckets(request))
-    due = await renewals.list_renewals(
-        conn, renewals.RenewalQuery(limit=RENEWALS_SHOWN), request.app.state.renewal_totals
-    )
+    due = await renewals_of(request, renewals.RenewalQuery(limit=RENEWALS_SHOWN))
     troubled, troubled_counts = await orders.troubled_orders(conn, FIRST_SHOWN)
     response = page(
         request,
@@ -295,12 +300,87 @@ async def spool_state(request: Request) -> dict[str, Any]:
     return {"depth": depth, "oldest": round(oldest or 0.0, 1), "room": room}
 
 
+QUEUE_TABS = {
+    "this_week": "This week",
+    "overdue": "Overdue",
+    "later": "Later",
+    "lapsed": "Lapsed?",
+    "ended": "Ended",
+    "undated": "No end date",
+    "all": "All",
+}
+
+
+def queue_query(request: Request) -> renewals.RenewalQuery:
+    """The renewals page's query: the API's, with `due` this week unless asked (`all`: every
+    part), and `customer` as a userId, or an email when it holds an @."""
+    params = {k: v for k, v in request.query_params.items() if v != ""}
+    due = params.pop("due", "this_week")
+    if due != "all":
+        params["due"] = due
+    if customer := params.pop("customer", None):
+        params["userEmail" if "@" in customer else "userId"] = customer.strip()
+    try:
+        return renewals.RenewalQuery.model_validate(params)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise PageError(422, f"Bad filter: {problems}") from None
+
+
+def renewals_of(request: Request, query: renewals.RenewalQuery) -> Awaitable[resources.RenewalPage]:
+    state = request.app.state
+    return renewals.list_renewals(
+        reader(request), query, state.renewal_totals, state.settings.price_currency
+    )
+
+
+def with_params(request: Request, path: str, **changed: str | None) -> str:
+    """This page's URL at `path`, its parameters changed (None drops one) and no cursor."""
+    params = dict(request.query_params) | changed
+    kept = {k: v for k, v in params.items() if v not in (None, "") and k != "cursor"}
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
 @pages.get("/renewals")
 async def renewals_page(request: Request) -> Response:
-    query = query_of(request, renewals.RenewalQuery)
-    result = await renewals.list_renewals(reader(request), query, request.app.state.renewal_totals)
+    query = queue_query(request)
+    result = await renewals_of(request, query)
+    tabs = [
+        {
+            "label": label,
+            "href": with_params(request, "/ui/renewals", due=due),
+            "current": (query.due or "all") == due,
+            "sum": renewals.total_of(
+                [part for key, part in result.by_due.items() if due in ("all", key)]
+            ),
+        }
+        for due, label in QUEUE_TABS.items()
+    ]
     return page(
-        request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
+        request,
+        "renewals.html",
+        result=result,
+        query=query,
+        tabs=tabs,
+        customer=request.query_params.get("customer", ""),
+        risks=renewals.RISKS,
+        csv_href=with_params(request, "/ui/renewals.csv", due=query.due or "all"),
+        **links(request, result.next_cursor),
+    )
+
+
+@pages.get("/renewals.csv")
+async def renewals_csv(request: Request) -> Response:
+    """The queue the page shows, every page of it, as a CSV (a formula start neutralised)."""
+    query = queue_query(request)
+    currency = request.app.state.settings.price_currency
+    filename = f"renewals-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    return secure(
+        StreamingResponse(
+            renewals.queue_csv(reader(request), query, currency),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
     )
 
 
@@ -445,15 +525,59 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
     )
 
 
+CUSTOMER_SHOWN = 100  # rows of each list on a customer's page; "all N" links to the rest
+
+
+@pages.get("/customers/{user_id:path}")
+async def customer_page(request: Request, user_id: str) -> Response:
+    """One customer (userId): what they pay a month, their renewals, subscriptions,
+    mailboxes and orders, and the export of all their mailboxes."""
+    conn = reader(request)
+    newest = {"user_id": user_id, "limit": CUSTOMER_SHOWN, "order": "newest"}
+    subs = await subscriptions.list_subscriptions(conn, subscriptions.SubscriptionQuery(**newest))
+    boxes = await mailboxes.list_mailboxes(conn, mailboxes.MailboxQuery(**newest))
+    its_orders = await orders.list_orders(conn, orders.OrderQuery(**newest))
+    if not (subs.items or boxes.items or its_orders.items):
+        raise PageError(404, "No customer with this userId: no subscription, mailbox or order.")
+    due = await renewals_of(request, renewals.RenewalQuery(user_id=user_id, limit=50))
+    emails = [x.user_email for x in subs.items] + [o.user_email for o in its_orders.items]
+    email = next((e for e in emails if e), None)
+    return page(
+        request,
+        "customer.html",
+        user_id=user_id,
+        email=email,
+        cost=await subscriptions.customer_cost(conn, user_id),
+        currency=request.app.state.settings.price_currency,
+        renewals=due,
+        subscriptions=subs,
+        mailboxes=boxes,
+        mailbox_count=await mailboxes.count_of_user(conn, user_id),
+        orders=its_orders,
+        **await export_offer(request, conn, {"user_id": user_id}),
+    )
+
+
 @pages.get("/mailboxes")
 async def mailboxes_page(request: Request) -> Response:
-    """The newest mailboxes, or those a search finds (address, name, domain or ID)."""
+    """The newest mailboxes, or those a search finds (address, name, domain or ID); a search
+    for a customer (their userId, or part of their email) also finds the customer, and
+    when it finds one, their mailboxes."""
+    conn = reader(request)
     query = listing(request, mailboxes.MailboxQuery)
-    result = await mailboxes.list_mailboxes(reader(request), query)
+    result = await mailboxes.list_mailboxes(conn, query)
+    customers = await subscriptions.customers_matching(conn, query.q) if query.q else []
+    theirs = None
+    if len(customers) == 1 and not query.cursor:
+        only = mailboxes.MailboxQuery(user_id=customers[0].user_id, limit=50, order="newest")
+        theirs = await mailboxes.list_mailboxes(conn, only)
     return page(
         request,
         "mailboxes.html",
         search=query.q or "",
+        user_id=query.user_id,
+        customers=customers,
+        theirs=theirs,
         mailboxes=result.items,
         **links(request, result.next_cursor),
     )
