@@ -25,6 +25,10 @@ PAGES = [
     "/ui/mailboxes",
     "/ui/events",
     "/ui/rejected",
+    "/ui/failed-domains",
+    "/ui/incomplete-orders",
+    "/ui/deliveries?range=7d",
+    "/ui/events?q=REDACTED",
 ]
 
 
