@@ -389,13 +389,15 @@ async def orders_page(request: Request) -> Response:
     conn = reader(request)
     query = listing(request, orders.OrderPageQuery)
     partial, partial_count = None, 0
-    if not query.cursor and not query.status:
+    incomplete: tuple[int, list[Any]] = (0, [])
+    if not query.cursor and not query.status and not query.from_ and not query.to:
+        # what needs a look leads the first page; a filtered view shows only its filter's
         partial = await orders.list_orders(
             conn, orders.OrderQuery(status="partially_failed", limit=20, order="newest")
         )
         partial_count = await orders.count_with_status(conn, "partially_failed")
+        incomplete = await right_now.incomplete_orders(conn, FIRST_SHOWN)
     result = await orders.list_orders(conn, query)
-    incomplete = await right_now.incomplete_orders(conn, FIRST_SHOWN)
     return page(
         request,
         "orders.html",
