@@ -276,7 +276,11 @@ class Mailbox(Listed, TimestampMixin, Base):
         "provider",
         "source",
         "order_id",
-    ) + (search_index("mailboxes", MAILBOX_SEARCH),)
+    ) + (
+        search_index("mailboxes", MAILBOX_SEARCH),
+        # an order domain's mailboxes, counted for incomplete orders (queries/right_now.py)
+        Index("ix_mailboxes_order_id_subscription_id", "order_id", "subscription_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     mailbox_id: Mapped[str] = mapped_column(Text, unique=True)
