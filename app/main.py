@@ -40,6 +40,7 @@ from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
+from app.recording.record import record, store_rejected
 
 READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
@@ -81,7 +82,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(
-            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+            app.state.engine,
+            app.state.vault,
+            spool,
+            app.state.hashing,
+            settings.rejected_max_bytes,
+            record=record,
+            store=store_rejected,
         )
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
