@@ -185,9 +185,11 @@ class PageError(Exception):
         self.status, self.message = status, message
 
 
-def query_of(request: Request, model: type[Q]) -> Q:
-    """The read API's own query model, from the page's URL (the same names, camelCase)."""
-    params = {k: v for k, v in request.query_params.items() if v != ""}
+def query_of(request: Request, model: type[Q], params: dict[str, str] | None = None) -> Q:
+    """The read API's own query model, from the page's URL (the same names, camelCase), or
+    from `params` the page made of it."""
+    if params is None:
+        params = {k: v for k, v in request.query_params.items() if v != ""}
     try:
         return model.model_validate(params)
     except ValidationError as error:
@@ -320,11 +322,7 @@ def queue_query(request: Request) -> renewals.RenewalQuery:
         params["due"] = due
     if customer := params.pop("customer", None):
         params["userEmail" if "@" in customer else "userId"] = customer.strip()
-    try:
-        return renewals.RenewalQuery.model_validate(params)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise PageError(422, f"Bad filter: {problems}") from None
+    return query_of(request, renewals.RenewalQuery, params)
 
 
 def renewals_of(request: Request, query: renewals.RenewalQuery) -> Awaitable[resources.RenewalPage]:
