@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # false: serve records messages but leaves sending to `coldmail-webhooks outbound dispatch`
     outbound_dispatch: bool = True
+    # the sender's prices carry no currency: the dashboard names this one beside its totals
+    price_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
 
     @field_validator("database_url")
     @classmethod

@@ -282,7 +282,11 @@ class Mailbox(Listed, TimestampMixin, Base):
         "provider",
         "source",
         "order_id",
-    ) + (search_index("mailboxes", MAILBOX_SEARCH),)
+    ) + (
+        search_index("mailboxes", MAILBOX_SEARCH),
+        # an order domain's mailboxes, counted for incomplete orders (queries/right_now.py)
+        Index("ix_mailboxes_order_id_subscription_id", "order_id", "subscription_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     mailbox_id: Mapped[str] = mapped_column(Text, unique=True)
@@ -342,6 +346,12 @@ class OrderDomain(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),
         Index("ix_order_domains_subscription_id", "subscription_id"),  # merge.DERIVE_ORDER
+        # the dashboard's failed domains, latest first (app/reading/queries/failed_domains.py)
+        Index(
+            "ix_order_domains_failed_updated_at",
+            "updated_at",
+            postgresql_where=text("status = 'failed' OR reason IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

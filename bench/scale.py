@@ -12,11 +12,13 @@ renewal risks; and deliveries a second, in turns with these tables and with empt
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("renewals /ui/renewals", ["/ui/renewals"]),
         ("renewals API, 30 days", ["/api/v1/renewals?withinDays=30"]),
         ("renewals API, 7 days, page 2", ["/api/v1/renewals?withinDays=7&cursor=PAGE2"]),
+        *queue_targets(),
     ]
     searches = [
         ("search mailboxes (API)", [f"/api/v1/mailboxes?q={q}" for q in SEARCHES]),
@@ -158,11 +161,69 @@ def targets() -> list[tuple[str, list[str]]]:
         ("detail /ui/subscriptions/{id}", [f"/ui/subscriptions/SUB{n}" for n in (7, 123_456)]),
         ("detail /ui/mailboxes/{id}", [f"/ui/mailboxes/MBX{n}" for n in (7, 654_321)]),
     ]
-    return ui + searches + lists + details
+    day = str(date.today() - timedelta(days=1))
+    dashboard = [
+        ("failed domains /ui/failed-domains", ["/ui/failed-domains"]),
+        (
+            "failed prewarmup domains, yesterday",
+            [f"/ui/failed-domains?kind=prewarmup&from={day}&to={day}"],
+        ),
+        ("failed domains CSV, yesterday", [f"/ui/failed-domains.csv?from={day}&to={day}"]),
+        ("incomplete orders /ui/incomplete-orders", ["/ui/incomplete-orders"]),
+        ("orders placed yesterday /ui/orders", [f"/ui/orders?from={day}&to={day}"]),
+        ("event search, last 24 h", [f"/ui/events?q={q}" for q in EVENT_SEARCHES]),
+        ("events of a day /ui/events", [f"/ui/events?since={day}T00:00&until={day}T23:59"]),
+        ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
+    ]
+    return ui + searches + lists + details + dashboard
+
+
+def queue_targets() -> list[tuple[str, list[str]]]:
+    """The renewals queue's parts and filters, a customer's page, a search for a customer;
+    and the queue's sums uncached (a new date range each request: what a filter costs the
+    first time it is asked within a minute)."""
+    today = datetime.now(UTC).date()
+    ranges = [
+        f"renewsFrom={today + timedelta(days=n % 7)}&renewsBefore={today + timedelta(days=7 + n)}"
+        for n in range(REQUESTS + WARM_UP)
+    ]
+    return [
+        (
+            "renewals /ui/renewals, overdue + a risk",
+            [
+                "/ui/renewals?due=overdue&risk=renewal_failed",
+                "/ui/renewals?due=all&risk=auto_renew_off",
+            ],
+        ),
+        (
+            "renewals /ui/renewals, a customer",
+            [
+                "/ui/renewals?due=all&customer=U7",
+                "/ui/renewals?customer=buyer42%40agency.example",
+            ],
+        ),
+        (
+            "renewals API, this week / a customer",
+            [
+                "/api/v1/renewals?due=this_week",
+                "/api/v1/renewals?userId=U7&risk=past_due",
+            ],
+        ),
+        ("renewals API, a new date range each time", [f"/api/v1/renewals?{r}" for r in ranges]),
+        ("customer /ui/customers/{id}", ["/ui/customers/U7", "/ui/customers/U42"]),
+        (
+            "search mailboxes for a customer /ui",
+            [
+                "/ui/mailboxes?q=buyer42%40agency",
+                "/ui/mailboxes?q=U42",
+            ],
+        ),
+    ]
 
 
 SEARCHES = ["OKAFOR7777", "dom4242.com", "MBX98765", "yvonne.smith"]
 SUB_SEARCHES = ["DOM1234.COM", "sub77777", "buyer42@agency"]
+EVENT_SEARCHES = ["MBX999998", "ORD199999", "no-such-text"]
 
 
 def measure(client: httpx.Client, name: str, paths: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -228,8 +289,9 @@ def main(run: bench.Run) -> list[dict[str, Any]]:
     vault = Vault([bench.KEY])
     rows: list[dict[str, Any]] = []
     with (
-        bench.scratch_database("cmw_bench_empty", migrated=True) as empty,
-        bench.scratch_database("cmw_bench_scale", migrated=True) as url,
+        # named by this run's process: two runs on one server never drop each other's
+        bench.scratch_database(f"cmw_bench_empty_{os.getpid()}", migrated=True) as empty,
+        bench.scratch_database(f"cmw_bench_scale_{os.getpid()}", migrated=True) as url,
     ):
         seconds = asyncio.run(fill(url, vault))
         print(f"generated the tables in {seconds:.0f} s", flush=True)

@@ -169,6 +169,7 @@ async def test_renewals_list_what_renews_soon_with_its_risks_most_urgent_first(c
         "subscriptions": 1,
         "mailboxes": 3,
         "monthlyCost": 15,
+        "unknownCost": 0,
     }
     assert totals["USR-A"]["subscriptions"] == 3 and totals["USR-A"]["monthlyCost"] == 16 + 11 + 10
     wider = (await client.get("/api/v1/renewals?withinDays=120", headers=OPS)).json()

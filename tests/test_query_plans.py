@@ -108,23 +108,37 @@ async def test_a_search_among_100000_rows_reads_the_trigram_index(
     assert f"ix_{table.name}_search" in plan
 
 
-async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows(database_url):
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"due": "this_week"}, {"due": "overdue", "risk": "renewal_failed"}, {"user_id": "U7"}],
+    ids=["whole list", "this week", "overdue with a risk", "a customer"],
+)
+async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows(
+    database_url, filters
+):
     """Monthly billing puts nearly every subscription on the renewals list: a page must
-    come from the index in its order, not from sorting them all."""
+    come from the index in its order, not from sorting them all, whatever the filters."""
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:
         await conn.execute(
             text(
-                "INSERT INTO subscriptions (subscription_id, domain, status, expiry_date)"
+                "INSERT INTO subscriptions (subscription_id, domain, status, expiry_date, user_id)"
                 " SELECT 'S' || n, 'd' || n || '.com', 'active',"
-                " now() + (n % 30) * interval '1 day' FROM generate_series(1, 100000) n"
+                " now() + (n % 30) * interval '1 day', 'U' || n % 100"
+                " FROM generate_series(1, 100000) n"
             )
         )
         await conn.execute(text("ANALYZE"))
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        sql = str(renewals.PAGE.compile(dialect=postgresql.asyncpg.dialect()))
-        rows = await driver.fetch("EXPLAIN " + sql, 30, datetime(1, 1, 1, tzinfo=UTC), 0, 51)
+        compiled = renewals.PAGE.compile(dialect=postgresql.asyncpg.dialect())
+        given = dict.fromkeys(
+            ["due", "risk", "user_id", "user_email", "renews_from", "renews_before"]
+        )
+        given |= filters | {"days": 30, "after_at": datetime(1, 1, 1, tzinfo=UTC)}
+        given |= {"after_id": 0, "limit": 51}
+        args = [given[name] for name in compiled.positiontup or []]
+        rows = await driver.fetch(f"EXPLAIN {compiled}", *args)
         plan = "\n".join(row[0] for row in rows)
     await engine.dispose()
     print(f"\n{plan}")

@@ -76,9 +76,14 @@ async def get_subscription(
 async def list_renewals(
     request: Request, conn: ReadConnection, query: Annotated[renewals.RenewalQuery, Query()]
 ) -> resources.RenewalPage:
-    """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
-    most once a minute: `totalsAt` says when)."""
-    return await renewals.list_renewals(conn, query, request.app.state.renewal_totals)
+    """Each with its risks, the part of the queue it is in (`due`), its mailbox count and
+    monthly cost; `total` of every page the filters choose (`byDue`: per part), `totals` per
+    userId over the whole list (sums computed at most once a minute: `totalsAt` says when).
+    A cost whose price is unknown is not summed as 0: `unknownCost` counts those left out."""
+    state = request.app.state
+    return await renewals.list_renewals(
+        conn, query, state.renewal_totals, state.settings.price_currency
+    )
 
 
 # --- mailboxes -----------------------------------------------------------------------

@@ -6,23 +6,33 @@ within N days, or has already ended while it is still meant to run, or it is PAS
 One that is over for good (EXPIRED or CANCELLED) stays on the list for N days after its
 end, then leaves it.
 Its monthly cost is its price per mailbox times the mailboxes it is billed for: its
-quantity, else its mailbox count.
+quantity, else its mailbox count; unknown (never 0) when its price is.
+
+The list is a queue: each subscription on it is `due` this week (its period ends within 7
+days), later, overdue (ended within the last LAPSED_DAYS days while still meant to run),
+lapsed (ended longer ago than that with no word since: probably over, though the sender
+never said), ended (EXPIRED or CANCELLED) or undated; filters choose a date range, a risk
+and a customer, and the sums cover every page the filters choose.
 """
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, get_args
+from decimal import Decimal
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 
-from app.reading import resources
+from app.reading import exports, resources
+from app.reading.queries.paging import Ident, UtcTime
 from app.reading.reader import Reader
 from app.reading.resources import Risk
+
+T = TypeVar("T")
 
 RISKS: tuple[str, ...] = get_args(Risk)
 DEFAULT_DAYS = 30
@@ -73,10 +83,53 @@ AND (coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
 """
 STORED = "(SELECT count(*) FROM mailboxes m WHERE m.subscription_id = s.subscription_id)"
 BILLED = f"coalesce(s.lifecycle_quantity, s.quantity, {STORED})"
+LAPSED_DAYS = 14
+WEEK = "interval '7 days'"
+LAPSE = f"make_interval(days => {LAPSED_DAYS})"
+# Which part of the queue a subscription on the list is in.
+DUE_NOW = f"""CASE WHEN s.expiry_date IS NULL THEN 'undated'
+    WHEN coalesce(s.subscription_status, 'ACTIVE') IN ('EXPIRED', 'CANCELLED') THEN 'ended'
+    WHEN s.expiry_date >= now() + {WEEK} THEN 'later'
+    WHEN s.expiry_date >= now() THEN 'this_week'
+    WHEN s.expiry_date >= now() - {LAPSE} THEN 'overdue'
+    ELSE 'lapsed' END"""
 # Most urgent first: the earliest end (unknown first), then the row's id, as the index
 # ix_subscriptions_renews_at has them, so a page reads only its own rows; a cursor is the
 # last (end, id).
 RENEWS_AT = "coalesce(s.expiry_date, 'epoch'::timestamptz)"
+# The queue's filters. Each is a parameter, NULL when not given: the read pool plans each
+# statement with its values (custom plans), so an absent filter folds away. The date range
+# and `due` also bound RENEWS_AT, so the index reads only the rows within them.
+LOWER = f"""coalesce(greatest(CAST(:renews_from AS timestamptz),
+    CASE CAST(:due AS text) WHEN 'this_week' THEN now() WHEN 'later' THEN now() + {WEEK}
+        WHEN 'overdue' THEN now() - {LAPSE} WHEN 'undated' THEN 'epoch'::timestamptz END),
+    '-infinity')"""
+UPPER = f"""coalesce(least(CAST(:renews_before AS timestamptz),
+    CASE CAST(:due AS text) WHEN 'this_week' THEN now() + {WEEK} WHEN 'overdue' THEN now()
+        WHEN 'lapsed' THEN now() - {LAPSE}
+        WHEN 'undated' THEN 'epoch'::timestamptz + interval '1 microsecond' END),
+    'infinity')"""
+# The list reaches `renewsBefore` when it lies beyond `withinDays`.
+QUEUED = DUE.replace(
+    "now() + make_interval(days => :days)",
+    "greatest(now() + make_interval(days => :days), CAST(:renews_before AS timestamptz))",
+)
+# The domain risks asked for by `risk`: the subscription's domain's state, looked up only
+# for a subscription that has a risky domain by ID or name (PostgreSQL tests that first,
+# once a row, against the few risky domains), as RISK_COUNTS does.
+RISKY_DOMAIN_STATUS = f"""(SELECT status FROM domains
+    WHERE (s.domain_id IN (SELECT domain_id FROM domains WHERE status IN ({RISKY_STATES}))
+        OR s.domain IN (SELECT name FROM domains WHERE status IN ({RISKY_STATES})))
+        AND (domain_id = s.domain_id OR name = s.domain)
+    ORDER BY expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST, version DESC
+    LIMIT 1)"""
+FILTERS = f"""{QUEUED}
+    AND {RENEWS_AT} >= {LOWER} AND {RENEWS_AT} < {UPPER}
+    AND (CAST(:due AS text) IS NULL OR {DUE_NOW} = :due)
+    AND (CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
+    AND (CAST(:user_email AS text) IS NULL OR lower(s.user_email) = lower(:user_email))
+    AND (CAST(:risk AS text) IS NULL
+        OR :risk = ANY({RISKS_OF.replace("d.status", RISKY_DOMAIN_STATUS)}))"""
 # Each subscription of a page with what the read API shows of it, its risks and its cost.
 PAGE = text(
     f"""
@@ -84,33 +137,58 @@ SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, 
     s.source, s.status, s.order_id, s.expiry_date, s.price,
     coalesce(s.lifecycle_quantity, s.quantity) AS quantity,
     s.subscription_status, s.period_start, s.period_end, s.auto_renew, s.lifecycle_source,
-    s.created_at, s.updated_at, s.expiry_date AS renews_at, s.sort_at,
+    s.created_at, s.updated_at, s.expiry_date AS renews_at, s.sort_at, {DUE_NOW} AS due,
     d.status AS domain_status, d.expiry_date AS domain_expiry_date,
     {STORED} AS mailbox_count, s.price * {BILLED} AS monthly_cost,
     {RISKS_OF} AS risks
 FROM (
     SELECT s.*, {RENEWS_AT} AS sort_at FROM subscriptions s
-    WHERE {DUE} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
+    WHERE {FILTERS} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
     ORDER BY {RENEWS_AT}, s.id LIMIT :limit
 ) s
 LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true
 ORDER BY s.sort_at, s.id"""
+)
+# What the filters choose (every one but `due`), summed per `due`: the queue's tabs and its
+# grand total. Apart for those whose stored mailboxes must be counted, as in TOTALS.
+SUMS = text(
+    f"""SELECT due, sum(n) AS subscriptions, sum(mailboxes) AS mailboxes,
+        sum(monthly_cost) AS monthly_cost, sum(unknown_cost) AS unknown_cost
+    FROM (
+        SELECT {DUE_NOW} AS due, count(*) AS n,
+            sum(coalesce(s.lifecycle_quantity, s.quantity)) AS mailboxes,
+            sum(s.price * coalesce(s.lifecycle_quantity, s.quantity)) AS monthly_cost,
+            count(*) FILTER (WHERE s.price IS NULL) AS unknown_cost
+        FROM subscriptions s
+        WHERE {FILTERS} AND coalesce(s.lifecycle_quantity, s.quantity) IS NOT NULL
+        GROUP BY 1
+        UNION ALL
+        SELECT {DUE_NOW}, count(*), sum({STORED}), sum(s.price * {STORED}),
+            count(*) FILTER (WHERE s.price IS NULL)
+        FROM subscriptions s
+        WHERE {FILTERS} AND s.lifecycle_quantity IS NULL AND s.quantity IS NULL
+        GROUP BY 1
+    ) parts
+    GROUP BY due"""
 )
 # Per user over the whole list. Subscriptions whose quantity is known (nearly all) are
 # summed apart from those whose stored mailboxes must be counted, so the count's subquery
 # does not hold the large part to one serial scan (660 ms against 100 ms, 200,000 rows).
 TOTALS = text(
     f"""SELECT user_id, max(user_email) AS user_email, sum(subscriptions) AS subscriptions,
-        sum(mailboxes) AS mailboxes, sum(monthly_cost) AS monthly_cost
+        sum(mailboxes) AS mailboxes, sum(monthly_cost) AS monthly_cost,
+        sum(unknown_cost) AS unknown_cost
     FROM (
         SELECT s.user_id, max(s.user_email) AS user_email, count(*) AS subscriptions,
             sum(coalesce(s.lifecycle_quantity, s.quantity)) AS mailboxes,
-            sum(s.price * coalesce(s.lifecycle_quantity, s.quantity)) AS monthly_cost
+            sum(s.price * coalesce(s.lifecycle_quantity, s.quantity)) AS monthly_cost,
+            count(*) FILTER (WHERE s.price IS NULL) AS unknown_cost
         FROM subscriptions s
         WHERE {DUE} AND coalesce(s.lifecycle_quantity, s.quantity) IS NOT NULL
         GROUP BY s.user_id
         UNION ALL
-        SELECT s.user_id, max(s.user_email), count(*), sum({STORED}), sum(s.price * {STORED})
+        SELECT s.user_id, max(s.user_email), count(*), sum({STORED}), sum(s.price * {STORED}),
+            count(*) FILTER (WHERE s.price IS NULL)
         FROM subscriptions s
         WHERE {DUE} AND s.lifecycle_quantity IS NULL AND s.quantity IS NULL
         GROUP BY s.user_id
@@ -137,31 +215,27 @@ RISK_COUNTS = text(
 )
 
 
-TOTALS_SECONDS = 60.0  # totals walk the whole list: once a minute per process and window
+TOTALS_SECONDS = 60.0  # totals walk the whole list: once a minute per process and filters
+TOTALS_KEPT = 256  # filter combinations whose totals are kept, the least recent dropped
 
 
 @dataclass
 class TotalsCache:
-    """The last totals per window, reused for TOTALS_SECONDS: a page of renewals reads only
-    its own rows, but its totals sum every subscription on the list (100 ms and more with
-    200,000 of them), which the overview must not pay on every view."""
+    """The last totals per window and filters, reused for TOTALS_SECONDS: a page of
+    renewals reads only its own rows, but its totals sum every subscription on the list
+    (100 ms and more with 200,000 of them), which the overview must not pay on every view."""
 
-    kept: dict[int, tuple[float, datetime, list[Any]]] = field(default_factory=dict)
+    kept: dict[Hashable, tuple[float, datetime, Any]] = field(default_factory=dict)
 
-    async def get(
-        self, days: int, compute: Callable[[], Awaitable[list[Any]]]
-    ) -> tuple[datetime, list[Any]]:
+    async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> tuple[datetime, T]:
         """The totals and when they were computed."""
-        known = self.kept.get(days)
+        known = self.kept.pop(key, None)
         if known is None or time.monotonic() - known[0] >= TOTALS_SECONDS:
             known = (time.monotonic(), datetime.now(UTC), await compute())
-            self.kept[days] = known
+        self.kept[key] = known  # the most recent last
+        while len(self.kept) > TOTALS_KEPT:
+            del self.kept[next(iter(self.kept))]
         return known[1], known[2]
-
-
-def page_params(days: int, after: tuple[datetime, int] | None, limit: int) -> dict[str, Any]:
-    at, row_id = after or (datetime(1, 1, 1, tzinfo=UTC), 0)
-    return {"days": days, "after_at": at, "after_id": row_id, "limit": limit}
 
 
 def risk_counts(rows: Sequence[Row[Any]]) -> dict[str, int]:
@@ -182,10 +256,26 @@ class RenewalQuery(BaseModel):
     within_days: int = Field(
         DEFAULT_DAYS, ge=1, le=366, description="Renewing within this many days"
     )
+    due: resources.Due | None = Field(None, description="One part of the queue (see `due`)")
+    risk: Risk | None = Field(None, description="Only those with this risk")
+    user_id: Ident | None = Field(None, description="Only this customer's")
+    user_email: Ident | None = Field(None, description="Only this customer's (any case)")
+    renews_from: UtcTime | None = Field(
+        None, description="Ending at or after this (ISO 8601; no offset means UTC)"
+    )
+    renews_before: UtcTime | None = Field(
+        None, description="Ending before this; beyond `withinDays`, the list reaches it"
+    )
     limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
     cursor: str | None = Field(
         None, pattern=r"^-?[0-9]{1,17}-[0-9]{1,18}$", description="`nextCursor` of the last page"
     )
+
+    def filters(self) -> dict[str, Any]:
+        """The statements' parameters for the filters (None where not given)."""
+        return self.model_dump(
+            include={"due", "risk", "user_id", "user_email", "renews_from", "renews_before"}
+        ) | {"days": self.within_days}
 
     def after(self) -> tuple[datetime, int] | None:
         """The last row's (end, id) of the previous page; a time beyond the calendar is its
@@ -205,22 +295,89 @@ def renewal_cursor(row: Any) -> str:
 
 
 async def list_renewals(
-    conn: Reader, query: RenewalQuery, cache: TotalsCache
+    conn: Reader, query: RenewalQuery, cache: TotalsCache, currency: str
 ) -> resources.RenewalPage:
-    """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
-    most once a minute: `totalsAt` says when)."""
-    params = page_params(query.within_days, query.after(), query.limit + 1)
-    rows = (await conn.execute(PAGE.bindparams(**params))).all()
-
-    async def totals() -> list[Any]:
-        sums = await conn.execute(TOTALS.bindparams(days=query.within_days))
-        return [resources.RenewalTotal.model_validate(t._asdict()) for t in sums]
-
-    totals_at, per_user = await cache.get(query.within_days, totals)
+    """A page of the queue, each with its risks, mailbox count and monthly cost; the sums of
+    every page the filters choose, per `due` and in all; `totals` per userId over the whole
+    list. Sums are computed at most once a minute: `totalsAt` says when."""
+    filters = query.filters()
+    after, row_id = query.after() or (datetime(1, 1, 1, tzinfo=UTC), 0)
+    page = PAGE.bindparams(**filters, after_at=after, after_id=row_id, limit=query.limit + 1)
+    rows = (await conn.execute(page)).all()
+    totals_at, per_user = await cache.get(
+        query.within_days, lambda: per_user_totals(conn, query.within_days)
+    )
+    but_due = {**filters, "due": None}
+    _, by_due = await cache.get(tuple(sorted(but_due.items())), lambda: sums(conn, but_due))
     cursor = renewal_cursor(rows[query.limit - 1]) if len(rows) > query.limit else None
+    chosen = [part for due, part in by_due.items() if query.due in (None, due)]
     return resources.RenewalPage(
         items=[resources.Renewal.model_validate(r._asdict()) for r in rows[: query.limit]],
         next_cursor=cursor,
         totals=per_user,
         totals_at=totals_at,
+        total=total_of(chosen),
+        by_due=by_due,
+        currency=currency,
     )
+
+
+async def per_user_totals(conn: Reader, days: int) -> list[resources.RenewalTotal]:
+    rows = await conn.execute(TOTALS.bindparams(days=days))
+    return [resources.RenewalTotal.model_validate(t._asdict()) for t in rows]
+
+
+async def sums(conn: Reader, filters: dict[str, Any]) -> dict[str, resources.RenewalSum]:
+    """Per `due`, what the filters choose."""
+    rows = await conn.execute(SUMS.bindparams(**filters))
+    return {row.due: resources.RenewalSum.model_validate(row._asdict()) for row in rows}
+
+
+def total_of(parts: list[resources.RenewalSum]) -> resources.RenewalSum:
+    """The sum of parts; its cost unknown only when every part's is (then none is known)."""
+    costs = [p.monthly_cost for p in parts if p.monthly_cost is not None]
+    return resources.RenewalSum(
+        subscriptions=sum(p.subscriptions for p in parts),
+        mailboxes=sum(p.mailboxes for p in parts),
+        monthly_cost=sum(costs, Decimal(0)) if costs else None,
+        unknown_cost=sum(p.unknown_cost for p in parts),
+    )
+
+
+CSV_COLUMNS = [
+    ("renewsAt", "renews_at"),
+    ("due", "due"),
+    ("risks", "risks"),
+    ("domain", "domain"),
+    ("subscriptionId", "subscription_id"),
+    ("userId", "user_id"),
+    ("userEmail", "user_email"),
+    ("subscriptionStatus", "subscription_status"),
+    ("mailboxCount", "mailbox_count"),
+    ("quantity", "quantity"),
+    ("price", "price"),
+    ("monthlyCost", "monthly_cost"),
+]
+CSV_PAGE = 500
+
+
+async def queue_csv(conn: Reader, query: RenewalQuery, currency: str) -> AsyncIterator[bytes]:
+    """Every page the filters choose, CSV_PAGE rows a statement; an unknown cost is an empty
+    cell (never 0); a cell a spreadsheet would run as a formula is neutralised."""
+    yield exports.csv_text([[*(title for title, _ in CSV_COLUMNS), "currency"]]).encode()
+    filters = query.filters()
+    after: tuple[datetime, int] = (datetime(1, 1, 1, tzinfo=UTC), 0)
+    while True:
+        page = PAGE.bindparams(**filters, after_at=after[0], after_id=after[1], limit=CSV_PAGE)
+        rows = (await conn.execute(page)).all()
+        yield exports.csv_text([[*csv_cells(row), currency] for row in rows]).encode()
+        if len(rows) < CSV_PAGE:
+            return
+        after = (rows[-1].sort_at, rows[-1].id)
+
+
+def csv_cells(row: Any) -> list[str]:
+    known = row._asdict() | {"risks": " ".join(row.risks)}
+    cells = ["" if known[key] is None else str(known[key]) for _, key in CSV_COLUMNS]
+    cells[0] = row.renews_at.isoformat() if row.renews_at else ""
+    return [exports.neutralise(cell) for cell in cells]

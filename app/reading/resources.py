@@ -99,9 +99,17 @@ Risk = Literal[
 ]
 
 
+Due = Literal["this_week", "overdue", "lapsed", "later", "ended", "undated"]
+
+
 class Renewal(Subscription):
     renews_at: datetime | None = Field(
         description="When its period ends (its expiryDate); null when never said"
+    )
+    due: Due = Field(
+        description="this_week: ends within 7 days; later: after that; overdue: ended (still "
+        "meant to run) within the last 14 days; lapsed: ended longer ago than that, with no "
+        "word since; ended: EXPIRED or CANCELLED; undated: no end known"
     )
     risks: list[Risk] = Field(
         description="overdue: its period ended and no renewal was heard; the others as named"
@@ -116,7 +124,15 @@ class RenewalTotal(Resource):
     user_email: str | None
     subscriptions: int
     mailboxes: int = Field(description="Billed for: each subscription's quantity, else its count")
-    monthly_cost: Money | None
+    monthly_cost: Money | None = Field(description="Of those whose price is known")
+    unknown_cost: int = Field(0, description="Subscriptions whose price is unknown (not in it)")
+
+
+class RenewalSum(Resource):
+    subscriptions: int
+    mailboxes: int = Field(description="Billed for: each subscription's quantity, else its count")
+    monthly_cost: Money | None = Field(description="Of those whose price is known")
+    unknown_cost: int = Field(description="Subscriptions whose price is unknown (not in it)")
 
 
 class RenewalPage(Resource):
@@ -124,6 +140,11 @@ class RenewalPage(Resource):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at end")
     totals: list[RenewalTotal] = Field(description="Per userId, over the whole list (all pages)")
     totals_at: datetime = Field(description="When the totals were summed (at most a minute ago)")
+    total: RenewalSum = Field(description="Over every page the filters choose")
+    by_due: dict[str, RenewalSum] = Field(
+        description="The same per `due`, with every filter but `due` (its tabs' counts)"
+    )
+    currency: str = Field(description="Of every price and cost (PRICE_CURRENCY)")
 
 
 class Credentials(Resource):

@@ -1,30 +1,43 @@
 """The ops dashboard under /ui: server-rendered pages over the same query functions as
 the read API (app/reading/queries/); sessions are in sessions.py, the chart in chart.py.
 
-No page has a script, so the Content-Security-Policy allows none. No page shows a
-credential, whoever signed in.
+The only script is the IDs' copy button, inline and allowed by its hash alone. No page
+shows a credential, whoever signed in.
 """
 
+import base64
+import hashlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, get_args
 from urllib.parse import parse_qs, quote, urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 
 from app.crypto import token_matches
 from app.db import is_transient
 from app.errors import ApiError
-from app.reading import chart, exporting, renewals
-from app.reading.queries import counts, events, mailboxes, orders, subscriptions
+from app.reading import chart, exporting, renewals, resources
+from app.reading.queries import (
+    counts,
+    deliveries,
+    event_search,
+    events,
+    failed_domains,
+    mailboxes,
+    orders,
+    right_now,
+    subscriptions,
+)
 from app.reading.queries.paging import MAX_ROW_ID
 from app.reading.reader import Reader, reader
 from app.reading.sessions import (
@@ -43,10 +56,16 @@ from app.reading.sessions import (
 
 log = logging.getLogger("coldmail.ui")
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
+FIRST_SHOWN = 10  # of a list on the overview, with a link to all of them
+LAST_VISIT = "cmw_seen"  # when this browser last saw the overview: "rejected since"
 SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
+# The one script: a copy button beside each ID. Inline, and allowed by its hash alone, so
+# the Content-Security-Policy still runs no other script (none injected, none fetched).
+COPY_SCRIPT = (Path(__file__).parent / "static" / "copy.js").read_text().strip()
+COPY_HASH = base64.b64encode(hashlib.sha256(COPY_SCRIPT.encode()).digest()).decode()
 CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
+    f"default-src 'none'; script-src 'sha256-{COPY_HASH}'; style-src 'self'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 Q = TypeVar("Q", bound=BaseModel)
 T = TypeVar("T")
@@ -94,6 +113,7 @@ def secure(response: Response) -> Response:
 def page(request: Request, name: str, status: int = 200, **context: Any) -> Response:
     context |= {
         "signed_in": name != "login.html",
+        "copy_script": COPY_SCRIPT,
         "path": request.url.path,
         "now": datetime.now(UTC),
     }
@@ -165,9 +185,11 @@ class PageError(Exception):
         self.status, self.message = status, message
 
 
-def query_of(request: Request, model: type[Q]) -> Q:
-    """The read API's own query model, from the page's URL (the same names, camelCase)."""
-    params = {k: v for k, v in request.query_params.items() if v != ""}
+def query_of(request: Request, model: type[Q], params: dict[str, str] | None = None) -> Q:
+    """The read API's own query model, from the page's URL (the same names, camelCase), or
+    from `params` the page made of it."""
+    if params is None:
+        params = {k: v for k, v in request.query_params.items() if v != ""}
     try:
         return model.model_validate(params)
     except ValidationError as error:
@@ -219,27 +241,59 @@ async def export_offer(request: Request, conn: Reader, filters: dict[str, Any]) 
 @pages.get("")
 async def overview(request: Request) -> Response:
     conn = reader(request)
-    # 1,440 minutes, the current one last
-    since = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=24 * 60 - 1)
-    per_minute = await events.per_minute(conn, since)
-    conflicts, rejected_total, last_delivery = await counts.attention(conn)
-    due = await renewals.list_renewals(
-        conn, renewals.RenewalQuery(limit=RENEWALS_SHOWN), request.app.state.renewal_totals
-    )
-    return page(
+    spool = await spool_state(request)
+    tiles = await right_now.right_now(conn, spool, last_visit(request))
+    since, step, buckets, tally = await deliveries.deliveries(conn, "24h", settled_buckets(request))
+    due = await renewals_of(request, renewals.RenewalQuery(limit=RENEWALS_SHOWN))
+    troubled, troubled_counts = await orders.troubled_orders(conn, FIRST_SHOWN)
+    response = page(
         request,
         "overview.html",
+        tiles=tiles,
         renewals=due,
         renewal_days=renewals.DEFAULT_DAYS,
-        troubled=await orders.with_domains(conn, await orders.troubled_orders(conn)),
-        chart=chart.chart(per_minute, since),
+        troubled=await orders.with_domains(conn, troubled),
+        troubled_counts=troubled_counts,
+        shown=FIRST_SHOWN,
+        chart=chart.chart(tally, since, step, buckets),
+        span="24h",
         signatures=await events.signatures_since(conn, since),
-        conflicts=conflicts,
-        rejected_total=rejected_total,
-        last_delivery=last_delivery,
-        spool=await spool_state(request),
+        spool=spool,
         reconcile=await counts.latest_reconciliation(conn),
     )
+    remember_visit(request, response)
+    return response
+
+
+def last_visit(request: Request) -> datetime | None:
+    """When this browser last saw the overview (its cookie), if it has and recently."""
+    try:
+        seen = datetime.fromtimestamp(float(request.cookies.get(LAST_VISIT, "")), UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    now = datetime.now(UTC)
+    return seen if now - timedelta(days=31) < seen <= now else None
+
+
+def remember_visit(request: Request, response: Response) -> None:
+    response.set_cookie(
+        LAST_VISIT,
+        f"{time.time():.3f}",
+        max_age=31 * 86400,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def settled_buckets(request: Request) -> deliveries.SettledBuckets:
+    """This process's settled chart buckets (see queries/deliveries.py)."""
+    state = request.app.state
+    if not hasattr(state, "settled_buckets"):
+        state.settled_buckets = deliveries.SettledBuckets()
+    cache: deliveries.SettledBuckets = state.settled_buckets
+    return cache
 
 
 async def spool_state(request: Request) -> dict[str, Any]:
@@ -248,48 +302,186 @@ async def spool_state(request: Request) -> dict[str, Any]:
     return {"depth": depth, "oldest": round(oldest or 0.0, 1), "room": room}
 
 
+QUEUE_TABS = {
+    "this_week": "This week",
+    "overdue": "Overdue",
+    "later": "Later",
+    "lapsed": "Lapsed?",
+    "ended": "Ended",
+    "undated": "No end date",
+    "all": "All",
+}
+
+
+def queue_query(request: Request) -> renewals.RenewalQuery:
+    """The renewals page's query: the API's, with `due` this week unless asked (`all`: every
+    part), and `customer` as a userId, or an email when it holds an @."""
+    params = {k: v for k, v in request.query_params.items() if v != ""}
+    due = params.pop("due", "this_week")
+    if due != "all":
+        params["due"] = due
+    if customer := params.pop("customer", None):
+        params["userEmail" if "@" in customer else "userId"] = customer.strip()
+    return query_of(request, renewals.RenewalQuery, params)
+
+
+def renewals_of(request: Request, query: renewals.RenewalQuery) -> Awaitable[resources.RenewalPage]:
+    state = request.app.state
+    return renewals.list_renewals(
+        reader(request), query, state.renewal_totals, state.settings.price_currency
+    )
+
+
+def with_params(request: Request, path: str, **changed: str | None) -> str:
+    """This page's URL at `path`, its parameters changed (None drops one) and no cursor."""
+    params = dict(request.query_params) | changed
+    kept = {k: v for k, v in params.items() if v not in (None, "") and k != "cursor"}
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
 @pages.get("/renewals")
 async def renewals_page(request: Request) -> Response:
-    query = query_of(request, renewals.RenewalQuery)
-    result = await renewals.list_renewals(reader(request), query, request.app.state.renewal_totals)
+    query = queue_query(request)
+    result = await renewals_of(request, query)
+    tabs = [
+        {
+            "label": label,
+            "href": with_params(request, "/ui/renewals", due=due),
+            "current": (query.due or "all") == due,
+            "sum": renewals.total_of(
+                [part for key, part in result.by_due.items() if due in ("all", key)]
+            ),
+        }
+        for due, label in QUEUE_TABS.items()
+    ]
     return page(
-        request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
+        request,
+        "renewals.html",
+        result=result,
+        query=query,
+        tabs=tabs,
+        customer=request.query_params.get("customer", ""),
+        risks=renewals.RISKS,
+        csv_href=with_params(request, "/ui/renewals.csv", due=query.due or "all"),
+        **links(request, result.next_cursor),
+    )
+
+
+@pages.get("/renewals.csv")
+async def renewals_csv(request: Request) -> Response:
+    """The queue the page shows, every page of it, as a CSV (a formula start neutralised)."""
+    query = queue_query(request)
+    currency = request.app.state.settings.price_currency
+    filename = f"renewals-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    return secure(
+        StreamingResponse(
+            renewals.queue_csv(reader(request), query, currency),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
     )
 
 
 @pages.get("/orders")
 async def orders_page(request: Request) -> Response:
     conn = reader(request)
-    query = listing(request, orders.OrderQuery)
+    query = listing(request, orders.OrderPageQuery)
     partial, partial_count = None, 0
-    if not query.cursor and not query.status:
+    incomplete: tuple[int, list[Any]] = (0, [])
+    if not query.cursor and not query.status and not query.from_ and not query.to:
+        # what needs a look leads the first page; a filtered view shows only its filter's
         partial = await orders.list_orders(
             conn, orders.OrderQuery(status="partially_failed", limit=20, order="newest")
         )
         partial_count = await orders.count_with_status(conn, "partially_failed")
+        incomplete = await right_now.incomplete_orders(conn, FIRST_SHOWN)
     result = await orders.list_orders(conn, query)
     return page(
         request,
         "orders.html",
         partial=partial,
         partial_count=partial_count,
+        incomplete=incomplete,
+        yesterday=datetime.now(UTC).date() - timedelta(days=1),
         orders=result.items,
         query=query,
         **links(request, result.next_cursor),
     )
 
 
+@pages.get("/incomplete-orders")
+async def incomplete_orders_page(request: Request) -> Response:
+    total, items = await right_now.incomplete_orders(reader(request), 1000)
+    return page(
+        request,
+        "incomplete_orders.html",
+        total=total,
+        items=items,
+        days=right_now.RECENT_DAYS,
+    )
+
+
+def quick_ranges(query: failed_domains.FailedDomainQuery) -> list[tuple[str, str, str]]:
+    """Yesterday, today and the last 7 days, keeping the other filters."""
+    today = datetime.now(UTC).date()
+    kept = {k: v for k, v in {"kind": query.kind, "userId": query.user_id}.items() if v}
+    ranges = [
+        ("yesterday", "Yesterday", today - timedelta(days=1), today - timedelta(days=1)),
+        ("today", "Today", today, today),
+        ("week", "Last 7 days", today - timedelta(days=6), today),
+    ]
+    return [
+        (key, label, urlencode(kept | {"from": str(start), "to": str(end)}))
+        for key, label, start, end in ranges
+    ]
+
+
+def failed_domain_query(request: Request) -> failed_domains.FailedDomainQuery:
+    return query_of(request, failed_domains.FailedDomainQuery)
+
+
+@pages.get("/failed-domains")
+async def failed_domains_page(request: Request) -> Response:
+    query = failed_domain_query(request)
+    total, rows = await failed_domains.failed_domains(reader(request), query)
+    return page(
+        request,
+        "failed_domains.html",
+        query=query,
+        total=total,
+        rows=rows,
+        quick=quick_ranges(query),
+        csv_params=urlencode({k: v for k, v in request.query_params.items() if v}),
+    )
+
+
+@pages.get("/failed-domains.csv")
+async def failed_domains_csv(request: Request) -> Response:
+    query = failed_domain_query(request)
+    body = await failed_domains.failed_domains_csv(reader(request), query, bom=True)
+    filename = f"failed-domains-{datetime.now(UTC):%Y%m%d-%H%M%S}.csv"
+    response = PlainTextResponse(body, media_type="text/csv; charset=utf-8")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return secure(response)
+
+
 @pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
     conn = reader(request)
-    order = await found(orders.get_order(conn, order_id), "No such order.")
     boxes = await mailboxes.list_mailboxes(
         conn, mailboxes.MailboxQuery(order_id=order_id, limit=500)
     )
+    try:
+        order: Any = await orders.get_order(conn, order_id)
+    except (ApiError, ValidationError):
+        if not boxes.items:
+            raise PageError(404, "No such order.") from None
+        order = None  # known only from its mailboxes: no order event has come
     return page(
         request,
         "order.html",
         order=order,
+        order_id=order_id,
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
         events=await events.events_about(conn, order=[order_id]),
@@ -333,15 +525,59 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
     )
 
 
+CUSTOMER_SHOWN = 100  # rows of each list on a customer's page; "all N" links to the rest
+
+
+@pages.get("/customers/{user_id:path}")
+async def customer_page(request: Request, user_id: str) -> Response:
+    """One customer (userId): what they pay a month, their renewals, subscriptions,
+    mailboxes and orders, and the export of all their mailboxes."""
+    conn = reader(request)
+    newest = {"user_id": user_id, "limit": CUSTOMER_SHOWN, "order": "newest"}
+    subs = await subscriptions.list_subscriptions(conn, subscriptions.SubscriptionQuery(**newest))
+    boxes = await mailboxes.list_mailboxes(conn, mailboxes.MailboxQuery(**newest))
+    its_orders = await orders.list_orders(conn, orders.OrderQuery(**newest))
+    if not (subs.items or boxes.items or its_orders.items):
+        raise PageError(404, "No customer with this userId: no subscription, mailbox or order.")
+    due = await renewals_of(request, renewals.RenewalQuery(user_id=user_id, limit=50))
+    emails = [x.user_email for x in subs.items] + [o.user_email for o in its_orders.items]
+    email = next((e for e in emails if e), None)
+    return page(
+        request,
+        "customer.html",
+        user_id=user_id,
+        email=email,
+        cost=await subscriptions.customer_cost(conn, user_id),
+        currency=request.app.state.settings.price_currency,
+        renewals=due,
+        subscriptions=subs,
+        mailboxes=boxes,
+        mailbox_count=await mailboxes.count_of_user(conn, user_id),
+        orders=its_orders,
+        **await export_offer(request, conn, {"user_id": user_id}),
+    )
+
+
 @pages.get("/mailboxes")
 async def mailboxes_page(request: Request) -> Response:
-    """The newest mailboxes, or those a search finds (address, name, domain or ID)."""
+    """The newest mailboxes, or those a search finds (address, name, domain or ID); a search
+    for a customer (their userId, or part of their email) also finds the customer, and
+    when it finds one, their mailboxes."""
+    conn = reader(request)
     query = listing(request, mailboxes.MailboxQuery)
-    result = await mailboxes.list_mailboxes(reader(request), query)
+    result = await mailboxes.list_mailboxes(conn, query)
+    customers = await subscriptions.customers_matching(conn, query.q) if query.q else []
+    theirs = None
+    if len(customers) == 1 and not query.cursor:
+        only = mailboxes.MailboxQuery(user_id=customers[0].user_id, limit=50, order="newest")
+        theirs = await mailboxes.list_mailboxes(conn, only)
     return page(
         request,
         "mailboxes.html",
         search=query.q or "",
+        user_id=query.user_id,
+        customers=customers,
+        theirs=theirs,
         mailboxes=result.items,
         **links(request, result.next_cursor),
     )
@@ -371,14 +607,31 @@ async def found(lookup: Awaitable[T], missing: str) -> T:
 
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
-    query = listing(request, events.EventQuery)
-    result = await events.list_events(reader(request), query)
+    query = listing(request, event_search.EventPageQuery)
+    items, cursor = await event_search.list_events(reader(request), query)
     return page(
         request,
         "events.html",
-        events=result.items,
+        events=items,
         query=query,
-        **links(request, result.next_cursor),
+        **links(request, cursor),
+    )
+
+
+@pages.get("/deliveries")
+async def deliveries_page(request: Request) -> Response:
+    span = request.query_params.get("range", "24h")
+    if span not in get_args(deliveries.Range):
+        raise PageError(422, "Bad filter: range is one of 24h, 7d, 30d.")
+    since, step, buckets, tally = await deliveries.deliveries(
+        reader(request), cast(deliveries.Range, span), settled_buckets(request)
+    )
+    return page(
+        request,
+        "deliveries.html",
+        span=span,
+        chart=chart.chart(tally, since, step, buckets),
+        spool=await spool_state(request),
     )
 
 
@@ -438,6 +691,10 @@ CANNOT_SHOW = {
     "login": "a sign-in: sessions are kept in the database",
     "logout": "a sign-out: sessions are kept in the database",
     "exports": "an export",
+    "failed-domains": "failed domains",
+    "failed-domains.csv": "failed domains",
+    "incomplete-orders": "incomplete orders",
+    "deliveries": "the delivery chart",
 }
 
 

@@ -127,7 +127,7 @@ def test_ops_sign_in_browse_every_page_and_sign_out(browser, database_url, tmp_p
         saved.append("event.png")
         assert "invalid_payload" in open_page("/ui/rejected", "rejected")
         renewals = open_page("/ui/renewals", "renewals")
-        assert "Per user" in renewals
+        assert "This week" in renewals and "Download CSV" in renewals
         browser.get(server.url + "/ui/orders")
         click_and_wait(browser, f"a[href='/ui/orders/{data['order_id']}']", "Order ")
         order = open_page(f"/ui/orders/{data['order_id']}", "order")

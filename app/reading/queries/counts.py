@@ -84,8 +84,3 @@ async def stats(conn: Reader, signature_forms: list[str]) -> resources.Stats:
         last_delivery_at=last,
         signature_forms=signature_forms,
     )
-
-
-async def attention(conn: Reader) -> Any:
-    """Conflicts, rejected deliveries and the last delivery's time, as one row."""
-    return (await conn.execute(select(CONFLICTS, REJECTED, LAST_DELIVERY))).one()

@@ -22,8 +22,6 @@ from app.reading import resources
 from app.reading.queries.paging import Ident, ListQuery, list_page
 from app.reading.reader import Reader
 
-OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
-
 
 class EventQuery(ListQuery):
     event: Ident | None = None
@@ -93,25 +91,6 @@ async def get_rejected(conn: Reader, id: int) -> resources.Rejected:
     if row is None:
         raise NotFound()
     return resources.Rejected.model_validate(row._asdict())
-
-
-async def per_minute(conn: Reader, since: datetime) -> dict[str, dict[datetime, int]]:
-    """Deliveries a minute by outcome. A duplicate counts at its event's last receipt (the
-    sender retries within minutes, so events first seen in the 24 h before suffice)."""
-    minute = "date_trunc('minute', {})"
-    stmt = text(
-        f"SELECT {minute.format('first_received_at')} AS m, status AS outcome, count(*) AS n"
-        " FROM events WHERE first_received_at >= :since GROUP BY 1, 2"
-        f" UNION ALL SELECT {minute.format('last_received_at')}, 'duplicate', sum(deliveries - 1)"
-        " FROM events WHERE first_received_at >= :since - interval '1 day'"
-        " AND last_received_at >= :since AND deliveries > 1 GROUP BY 1"
-        f" UNION ALL SELECT {minute.format('received_at')}, 'rejected', count(*)"
-        " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1"
-    ).bindparams(since=since)
-    counts: dict[str, dict[datetime, int]] = {outcome: {} for outcome in OUTCOMES}
-    for row in await conn.execute(stmt):
-        counts[row.outcome][row.m] = int(row.n)
-    return counts
 
 
 async def signatures_since(conn: Reader, since: datetime) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ from pydantic import (
 )
 from sqlalchemy import (
     Select,
+    func,
     select,
 )
 
@@ -76,3 +77,9 @@ async def credential_ciphertexts(conn: Reader, mailbox_id: str) -> Any:
     ]
     stmt = select(*columns).where(mailboxes.c.mailbox_id == mailbox_id)
     return (await conn.execute(stmt)).first()
+
+
+async def count_of_user(conn: Reader, user_id: str) -> int:
+    stmt = select(func.count()).where(mailboxes.c.user_id == user_id)
+    count: int = (await conn.execute(stmt)).scalar_one()
+    return count

@@ -1,9 +1,10 @@
 """Orders, each with its domains' outcomes."""
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
+from pydantic import Field, model_validator
 from sqlalchemy import (
     func,
     select,
@@ -48,9 +49,36 @@ async def with_domains(conn: Reader, rows: Sequence[Any]) -> list[resources.Orde
     ]
 
 
+class OrderPageQuery(OrderQuery):
+    """The dashboard's orders: the API's filters, and the days (UTC, both included) the
+    order was placed in."""
+
+    from_: date | None = Field(None, alias="from")
+    to: date | None = None
+
+    @model_validator(mode="after")
+    def in_order(self) -> "OrderPageQuery":
+        if self.from_ and self.to and self.to < self.from_:
+            raise ValueError("`to` is before `from`")
+        return self
+
+    def placed(self) -> list[Any]:
+        where = []
+        if self.from_:
+            where.append(orders.c.created_at >= datetime.combine(self.from_, time(), UTC))
+        if self.to:
+            end = datetime.combine(self.to + timedelta(days=1), time(), UTC)
+            where.append(orders.c.created_at < end)
+        return where
+
+
 async def list_orders(conn: Reader, query: OrderQuery) -> resources.Page[resources.Order]:
-    stmt = apply_filters(select(orders), orders, filter_values(query))
-    rows, cursor = await fetch_page(conn, stmt, orders, query)
+    filters = filter_values(query)
+    stmt = select(orders)
+    if isinstance(query, OrderPageQuery):
+        del filters["from_"], filters["to"]
+        stmt = stmt.where(*query.placed())
+    rows, cursor = await fetch_page(conn, apply_filters(stmt, orders, filters), orders, query)
     return resources.Page(items=await with_domains(conn, rows), next_cursor=cursor)
 
 
@@ -61,16 +89,15 @@ async def get_order(conn: Reader, order_id: str) -> resources.Order:
     return (await with_domains(conn, [row]))[0]
 
 
-async def troubled_orders(conn: Reader) -> Any:
-    """Failed and partially failed orders of the last 7 days, the latest first."""
-    stmt = (
-        select(orders)
-        .where(orders.c.status.in_(["failed", "partially_failed"]))
-        .where(orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS))
-        .order_by(orders.c.updated_at.desc())
-        .limit(50)
-    )
-    return (await conn.execute(stmt)).all()
+async def troubled_orders(conn: Reader, limit: int) -> tuple[Any, dict[str, int]]:
+    """Failed and partially failed orders of the last 7 days: the latest `limit`, and how
+    many of each status there are."""
+    recent = orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS)
+    troubled = orders.c.status.in_(["failed", "partially_failed"])
+    stmt = select(orders).where(troubled, recent).order_by(orders.c.updated_at.desc())
+    rows = (await conn.execute(stmt.limit(limit))).all()
+    counted = select(orders.c.status, func.count()).where(troubled, recent)
+    return rows, {status: n for status, n in await conn.execute(counted.group_by(orders.c.status))}
 
 
 async def count_with_status(conn: Reader, status: str) -> int:

@@ -10,7 +10,9 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     true,
+    union,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -29,8 +31,10 @@ from app.reading.queries.paging import (
     Search,
     UtcTime,
     apply_filters,
+    contains,
     fetch_page,
     filter_values,
+    search_text,
 )
 from app.reading.reader import Reader
 
@@ -121,3 +125,53 @@ async def get_subscription(
 async def count_by_status(conn: Reader) -> dict[str, int]:
     """Subscriptions per lifecycle status (`unknown` where the sender never said)."""
     return await counts_by(conn, subscriptions, "subscription_status")
+
+
+# What a customer pays a month for the subscriptions still running (not EXPIRED or
+# CANCELLED): each one's price per mailbox times its quantity, else its mailboxes stored.
+CUSTOMER = text(
+    """SELECT count(*) AS subscriptions, max(s.user_email) AS user_email,
+        sum(coalesce(s.lifecycle_quantity, s.quantity,
+            (SELECT count(*) FROM mailboxes m WHERE m.subscription_id = s.subscription_id)))
+            AS mailboxes_billed,
+        sum(s.price * coalesce(s.lifecycle_quantity, s.quantity,
+            (SELECT count(*) FROM mailboxes m WHERE m.subscription_id = s.subscription_id)))
+            AS monthly_cost,
+        count(*) FILTER (WHERE s.price IS NULL) AS unknown_cost
+    FROM subscriptions s
+    WHERE s.user_id = :user_id
+        AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')"""
+)
+
+
+async def customer_cost(conn: Reader, user_id: str) -> Any:
+    """The customer's running subscriptions: how many, mailboxes billed, monthly cost of
+    those whose price is known, and how many have none (unknown, not counted as 0)."""
+    return (await conn.execute(CUSTOMER.bindparams(user_id=user_id))).one()
+
+
+async def customers_matching(conn: Reader, q: str, limit: int = 5) -> list[Any]:
+    """Customers (userId, email) whose userId is `q` or whose email holds it, with their
+    mailbox count: a mailbox search for a customer finds them."""
+    s = subscriptions.c
+    by_email = (
+        select(s.user_id, func.max(s.user_email).label("user_email"))
+        .where(search_text(subscriptions).ilike(contains(q)), s.user_email.ilike(contains(q)))
+        .where(s.user_id.is_not(None))
+        .group_by(s.user_id)
+        .limit(limit)
+    )
+    by_id = (
+        select(s.user_id, func.max(s.user_email).label("user_email"))
+        .where(s.user_id == q)
+        .group_by(s.user_id)
+    )
+    found = union(by_id, by_email).subquery()
+    boxes = (
+        select(func.count())
+        .where(mailboxes.c.user_id == found.c.user_id)
+        .scalar_subquery()
+        .label("mailboxes")
+    )
+    stmt = select(found.c.user_id, found.c.user_email, boxes).order_by(found.c.user_id)
+    return list((await conn.execute(stmt.limit(limit), search=True)).all())

@@ -1,0 +1,242 @@
+"""The dashboard's day-to-day views through the HTTP app: the overview's "right now" strip,
+incomplete orders, the failed-domains view and its CSV, an order known only from its
+mailboxes, the events page's summary, search and time range, and the delivery charts."""
+
+import csv
+import io
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from app.simulation import traffic
+from tests.conftest import deliver
+from tests.test_dashboard import sign_in
+
+
+def tile(page: str, name: str) -> tuple[str, str, str]:
+    """(state, its label, figure) of the strip's tile `name`."""
+    found = re.search(
+        rf'<li class="tile state-(\w+)" data-tile="{name}">.*?'
+        r'<span class="state-label">([^<]+)</span>\s*<span class="tile-figure">(.*?)</span>',
+        page,
+        re.S,
+    )
+    assert found, f"no tile {name}"
+    state, label, figure = found.groups()
+    return state, label, re.sub(r"<[^>]+>", "", figure).strip()
+
+
+async def ok(client: httpx.AsyncClient, payload: Any, **kwargs: Any) -> None:
+    response = await deliver(client, payload, **kwargs)
+    assert response.status_code == 200, response.text
+
+
+async def short_order(client: httpx.AsyncClient) -> dict[str, str]:
+    """A mailbox order for 3 mailboxes of which 2 arrived."""
+    order = traffic.mailbox_order_success(quantity=3)
+    data = order["data"]
+    await ok(client, order)
+    for _ in range(2):
+        await ok(
+            client,
+            traffic.mailbox_created(
+                domain=data["domainName"],
+                subscriptionId=data["subscriptionId"],
+                orderId=data["orderId"],
+            ),
+        )
+    return {"order_id": data["orderId"], "domain": data["domainName"]}
+
+
+async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
+    await sign_in(client)
+    calm = (await client.get("/ui")).text
+    assert calm.index('aria-label="Right now"') < calm.index("Renewals in the next")
+    for name in ("Rejected", "Conflicts", "Incomplete orders", "Spool"):
+        assert tile(calm, name)[:2] == ("ok", "OK"), name
+    assert tile(calm, "Database")[0] == "ok"
+    assert tile(calm, "Last reconcile") == ("warn", "Check", "never")
+    refused = int(tile(calm, "Signature failures")[2])  # since the process started
+
+    short = await short_order(client)
+    await deliver(client, b'{"event": "mailbox.created", "eventId": "broken", "data": 7}')
+    forged = traffic.mailbox_created()
+    unsigned = await deliver(client, forged, signing_key="not-the-sender-key-at-all-0000")
+    assert unsigned.status_code == 401  # refused, stored nowhere: counted all the same
+    first = traffic.mailbox_created()
+    await ok(client, first)
+    reused = traffic.mailbox_created()
+    reused["eventId"] = first["eventId"]
+    await ok(client, reused)
+
+    busy = (await client.get("/ui")).text
+    assert tile(busy, "Incomplete orders") == ("warn", "Check", "1")
+    assert tile(busy, "Rejected") == ("warn", "Check", "1")
+    assert tile(busy, "Conflicts") == ("warn", "Check", "1")
+    assert tile(busy, "Signature failures") == ("bad", "Act now", str(refused + 1))
+    assert "since your last visit" in busy  # the first visit set the mark
+    again = (await client.get("/ui")).text
+    assert tile(again, "Rejected") == ("ok", "OK", "0")  # seen now: nothing new
+    assert "(1 in all)" in again
+    incomplete = (await client.get("/ui/incomplete-orders")).text
+    assert short["order_id"] in incomplete and "2 of 3 mailboxes" in incomplete
+
+
+async def test_orders_flag_an_order_short_of_its_mailboxes_and_only_that_one(client):
+    short = await short_order(client)
+    whole = traffic.mailbox_order_success(quantity=1)
+    await ok(client, whole)
+    await ok(
+        client,
+        traffic.mailbox_created(
+            domain=whole["data"]["domainName"],
+            subscriptionId=whole["data"]["subscriptionId"],
+            orderId=whole["data"]["orderId"],
+        ),
+    )
+    await sign_in(client)
+    page = (await client.get("/ui/orders")).text
+    assert page.index('class="filters"') < page.index("<table")  # the form comes first
+    row = row_of(all_orders(page), short["order_id"])
+    assert "2 of 3 mailboxes" in row and "incomplete" in row
+    other = row_of(all_orders(page), whole["data"]["orderId"])
+    assert "incomplete" not in other and "1 of 1 mailboxes" in other
+
+
+def all_orders(page: str) -> str:
+    return page.split("<h2>All orders</h2>")[1]
+
+
+def row_of(page: str, needle: str) -> str:
+    return next(row for row in page.split("<tr>") if needle in row)
+
+
+async def test_orders_take_a_date_range(client):
+    order = traffic.mailbox_order_success()
+    await ok(client, order)
+    await sign_in(client)
+    today = datetime.now(UTC).date()
+    hit = await client.get("/ui/orders", params={"from": str(today), "to": str(today)})
+    assert hit.status_code == 200 and order["data"]["orderId"] in all_orders(hit.text)
+    yesterday = today - timedelta(days=1)
+    miss = await client.get("/ui/orders", params={"to": str(yesterday)})
+    assert miss.status_code == 200 and order["data"]["orderId"] not in all_orders(miss.text)
+    bad = await client.get("/ui/orders", params={"from": str(today), "to": str(yesterday)})
+    assert bad.status_code == 422 and "before" in bad.text
+
+
+async def test_an_order_known_only_from_its_mailboxes_has_a_page(client):
+    box = traffic.mailbox_created()
+    await ok(client, box)
+    await sign_in(client)
+    page = await client.get(f"/ui/orders/{box['data']['orderId']}")
+    assert page.status_code == 200
+    assert box["data"]["mailboxDetails"]["email"] in page.text
+    assert "known only from its mailboxes" in page.text
+    assert (await client.get("/ui/orders/no-such-order")).status_code == 404
+
+
+async def failures(client: httpx.AsyncClient) -> dict[str, Any]:
+    prewarm = traffic.prewarmup_success(domains=2, per_domain=1)
+    order_id = prewarm["data"]["orderId"]
+    broken = prewarm["data"]["mailboxDetails"][1]["domain"]
+    prewarm["data"]["mailboxDetails"] = prewarm["data"]["mailboxDetails"][:1]
+    await ok(client, prewarm)
+    reason = "=HYPERLINK(DNS not verified)"
+    await ok(client, traffic.prewarmup_failed(order_id=order_id, failures={broken: reason}))
+    refused = traffic.mailbox_order_failed(domain="standard-order.com")
+    await ok(client, refused)
+    whole = traffic.envelope(
+        "prewarmup.order.failed",
+        {"orderId": "WHOLE-ORDER-1", "serviceProvider": "GOOGLE", "reason": "Insufficient wallet"},
+    )
+    await ok(client, whole)
+    return {"order_id": order_id, "domain": broken, "reason": reason, "prewarm": prewarm}
+
+
+async def test_failed_domains_say_which_when_why_and_for_whom(client):
+    found = await failures(client)
+    await sign_in(client)
+    page = await client.get("/ui/failed-domains", params={"kind": "prewarmup"})
+    assert page.status_code == 200
+    table = page.text.split('id="failed-domains"')[1]
+    assert found["domain"] in table and "HYPERLINK(DNS not verified)" in table
+    assert f"/ui/orders/{found['order_id']}" in table
+    assert found["prewarm"]["data"]["userEmail"] in table
+    assert "standard-order.com" not in table  # a mailbox order's failure is not prewarmup
+    whole = row_of(table, "WHOLE-ORDER-1")  # failed as a whole, naming no domain
+    assert "Insufficient wallet" in whole and "the whole order" in whole
+    assert "standard-order.com" in (await client.get("/ui/failed-domains")).text
+    yesterday = str(datetime.now(UTC).date() - timedelta(days=1))
+    before = await client.get("/ui/failed-domains", params={"from": yesterday, "to": yesterday})
+    assert found["domain"] not in before.text and "No domain failed" in before.text
+    assert "WHOLE-ORDER-1" not in before.text
+
+    download = await client.get("/ui/failed-domains.csv", params={"kind": "prewarmup"})
+    assert download.status_code == 200 and download.headers["content-type"].startswith("text/csv")
+    assert download.text.startswith("\ufeff")
+    rows = list(csv.DictReader(io.StringIO(download.text.lstrip("\ufeff"))))
+    by_order = {r["order_id"]: r for r in rows}
+    assert set(by_order) == {found["order_id"], "WHOLE-ORDER-1"}
+    domain = by_order[found["order_id"]]
+    assert domain["domain"] == found["domain"] and domain["kind"] == "prewarmup"
+    assert domain["reason"] == "'" + found["reason"]  # a formula stays text
+    assert by_order["WHOLE-ORDER-1"]["reason"] == "Insufficient wallet"
+    assert (await client.get("/ui/failed-domains", params={"from": "yesterday"})).status_code == 422
+
+
+async def test_events_say_what_they_are_about_and_search_the_redacted_payload(client):
+    box = traffic.mailbox_created(domain="searchable-domain.com")
+    other = traffic.mailbox_created(domain="elsewhere-domain.com")
+    await ok(client, box)
+    await ok(client, other)
+    await sign_in(client)
+    page = (await client.get("/ui/events")).text
+    row = row_of(page, box["eventId"])
+    assert "searchable-domain.com" in row and box["data"]["orderId"] in row
+    assert box["data"]["userEmail"] in row
+
+    hit = (await client.get("/ui/events", params={"q": "searchable-domain"})).text
+    assert box["eventId"] in hit and other["eventId"] not in hit
+    secret = box["data"]["mailboxDetails"]["appPassword"]
+    for q in (secret, secret[7:20]):  # the credential itself, and a piece of it
+        miss = await client.get("/ui/events", params={"q": q})
+        assert miss.status_code == 200 and box["eventId"] not in miss.text
+        assert secret not in miss.text.split("<table")[1]  # only the search, as typed
+        assert "No events." in miss.text
+    assert (await client.get("/ui/events", params={"q": "a"})).status_code == 422
+
+
+async def test_events_take_a_time_range(client):
+    box = traffic.mailbox_created()
+    await ok(client, box)
+    await sign_in(client)
+    now = datetime.now(UTC)
+    hour_ago = (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    inside = (await client.get("/ui/events", params={"since": hour_ago})).text
+    assert box["eventId"] in inside
+    outside = (await client.get("/ui/events", params={"until": hour_ago})).text
+    assert box["eventId"] not in outside
+    month = (now - timedelta(days=40)).strftime("%Y-%m-%dT%H:%M")
+    too_long = await client.get("/ui/events", params={"q": "coldmail", "since": month})
+    assert too_long.status_code == 422 and "narrow the range" in too_long.text
+
+
+async def test_the_charts_show_each_range_and_the_spooled_deliveries(client, db):
+    box = traffic.mailbox_created()
+    await ok(client, box)
+    await ok(client, traffic.mailbox_created())
+    await db.execute("UPDATE events SET spooled = true WHERE event_id = $1", box["eventId"])
+    await sign_in(client)
+    for span in ("24h", "7d", "30d"):
+        page = await client.get("/ui/deliveries", params={"range": span})
+        assert page.status_code == 200, span
+        assert '<path class="bar-processed"' in page.text
+        assert '<path class="bar-spooled"' in page.text
+        assert re.search(r"waited in the spool \(database away\) <strong>1</strong>", page.text)
+        assert re.search(r"processed <strong>2</strong>", page.text)
+    assert (await client.get("/ui/deliveries", params={"range": "1y"})).status_code == 422
+    overview = (await client.get("/ui")).text
+    assert '<path class="bar-spooled"' in overview and 'href="/ui/deliveries?range=7d"' in overview

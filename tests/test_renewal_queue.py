@@ -1,0 +1,290 @@
+"""Renewals as a queue and the customer's page, through the HTTP app: what renews this week
+apart from what is overdue or has lapsed, filtered by dates, risk and customer, with a
+grand total that never counts an unknown cost as 0; a customer's whole picture on one page."""
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from app.simulation import traffic
+from tests.conftest import CREDENTIALS_TOKEN
+from tests.test_cockpit_api import OPS, delivered, iso, lifecycle, new_subscription
+from tests.test_dashboard import sign_in
+
+
+async def queue(client, **params):
+    response = await client.get("/api/v1/renewals", params=params, headers=OPS)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ids(body):
+    return [r["subscriptionId"] for r in body["items"]]
+
+
+async def the_queue(client):
+    """One subscription in each part: this week, later, overdue, lapsed?, ended."""
+    subs = {}
+    for name, ends_in, user in [
+        ("week", 3, "USR-A"),
+        ("later", 20, "USR-A"),
+        ("overdue", -2, "USR-B"),
+        ("lapsed", -20, "USR-B"),
+    ]:
+        subs[name] = (await new_subscription(client, boxes=2, price=10, user=user))[
+            "subscriptionId"
+        ]
+        await lifecycle(client, subs[name], "subscription.updated", ends_in)
+    subs["ended"] = (await new_subscription(client, user="USR-B"))["subscriptionId"]
+    await lifecycle(client, subs["ended"], "subscription.cancelled", -1)
+    return subs
+
+
+async def test_this_week_stands_apart_from_overdue_and_stale_overdue_is_lapsed(client):
+    subs = await the_queue(client)
+    everything = await queue(client)  # the API's list is as it was: every part
+    assert set(ids(everything)) == set(subs.values())
+    due = {r["subscriptionId"]: r["due"] for r in everything["items"]}
+    assert due == {
+        subs["week"]: "this_week",
+        subs["later"]: "later",
+        subs["overdue"]: "overdue",
+        subs["lapsed"]: "lapsed",
+        subs["ended"]: "ended",
+    }
+    for part in ("this_week", "later", "overdue", "lapsed", "ended"):
+        assert set(ids(await queue(client, due=part))) == {
+            s for s, d in due.items() if d == part
+        }, part
+    lapsed = (await queue(client, due="lapsed"))["items"][0]
+    assert "overdue" in lapsed["risks"]  # its risk keeps the contract's name
+    counts = {k: v["subscriptions"] for k, v in everything["byDue"].items()}
+    assert counts == {"this_week": 1, "later": 1, "overdue": 1, "lapsed": 1, "ended": 1}
+
+    await sign_in(client)
+    page = (await client.get("/ui/renewals")).text  # the page opens on this week
+    assert subs["week"] in page
+    assert all(subs[n] not in page for n in ("later", "overdue", "lapsed", "ended"))
+    overdue = (await client.get("/ui/renewals", params={"due": "overdue"})).text
+    assert subs["overdue"] in overdue and subs["week"] not in overdue
+    assert subs["lapsed"] not in overdue
+    assert "Lapsed?" in page and "due=lapsed" in page
+    assert "Per user" not in page  # the whole list's per-user table is gone from the page
+
+
+async def test_a_date_range_chooses_by_the_period_end_from_inclusive_before_exclusive(client):
+    subs = await the_queue(client)
+    everything = {r["subscriptionId"]: r["renewsAt"] for r in (await queue(client))["items"]}
+    week_end = everything[subs["week"]]
+    on_it = await queue(
+        client, renewsFrom=week_end, renewsBefore=iso(datetime.now(UTC) + timedelta(days=10))
+    )
+    assert ids(on_it) == [subs["week"]]
+    just_after = datetime.fromisoformat(week_end) + timedelta(microseconds=1)
+    assert ids(await queue(client, renewsFrom=iso(just_after), due="this_week")) == []
+    assert ids(await queue(client, renewsBefore=week_end, due="this_week")) == []
+    # a range beyond withinDays reaches its end
+    far = await new_subscription(client, user="USR-C")
+    await lifecycle(client, far["subscriptionId"], "subscription.updated", 100)
+    assert far["subscriptionId"] not in ids(await queue(client, limit=500))
+    wide = await queue(client, renewsBefore=iso(datetime.now(UTC) + timedelta(days=120)))
+    assert far["subscriptionId"] in ids(wide)
+
+    await sign_in(client)
+    today = datetime.now(UTC).date()
+    page = await client.get(
+        "/ui/renewals",
+        params={
+            "due": "all",
+            "renewsFrom": str(today),
+            "renewsBefore": str(today + timedelta(days=10)),
+        },
+    )
+    assert subs["week"] in page.text and subs["later"] not in page.text
+    assert subs["overdue"] not in page.text
+    bad = await client.get("/ui/renewals", params={"renewsFrom": "next week"})
+    assert bad.status_code == 422 and "renewsFrom" in bad.text
+
+
+async def test_risk_and_customer_filters_choose_only_their_rows(client):
+    subs = await the_queue(client)
+    manual = await new_subscription(client, user="USR-A", price=7)
+    await lifecycle(client, manual["subscriptionId"], "subscription.updated", 4, autoRenew=False)
+    assert ids(await queue(client, risk="auto_renew_off")) == [manual["subscriptionId"]]
+    assert set(ids(await queue(client, risk="overdue"))) == {subs["overdue"], subs["lapsed"]}
+    assert set(ids(await queue(client, userId="USR-A"))) == {
+        subs["week"],
+        subs["later"],
+        manual["subscriptionId"],
+    }
+    assert ids(await queue(client, userId="USR-A", due="this_week", risk="auto_renew_off")) == [
+        manual["subscriptionId"]
+    ]
+    assert ids(await queue(client, userId="USR-Z")) == []
+    refused = await client.get("/api/v1/renewals", params={"risk": "unlucky"}, headers=OPS)
+    assert refused.status_code == 422
+
+    await sign_in(client)
+    page = (await client.get("/ui/renewals", params={"due": "all", "customer": "USR-B"})).text
+    assert subs["overdue"] in page and subs["lapsed"] in page
+    assert subs["week"] not in page and manual["subscriptionId"] not in page
+
+
+async def test_a_customer_is_found_by_email_in_any_case(client):
+    mine = await new_subscription(client, user="USR-M")
+    await delivered(
+        client,
+        traffic.mailbox_order_success(
+            subscriptionId=mine["subscriptionId"], userId="USR-M", userEmail="Ops@Agency.example"
+        ),
+    )
+    await lifecycle(client, mine["subscriptionId"], "subscription.updated", 2)
+    other = await new_subscription(client, user="USR-N")
+    await lifecycle(client, other["subscriptionId"], "subscription.updated", 2)
+    assert ids(await queue(client, userEmail="ops@agency.example")) == [mine["subscriptionId"]]
+    await sign_in(client)
+    page = (await client.get("/ui/renewals", params={"customer": "OPS@agency.example"})).text
+    assert mine["subscriptionId"] in page and other["subscriptionId"] not in page
+
+
+async def test_the_grand_total_names_its_currency_and_leaves_unknown_costs_out(client):
+    subs = await the_queue(client)  # this week: 2 mailboxes at 10
+    prewarmed = traffic.prewarmup_success(domains=1, per_domain=3)
+    await delivered(client, prewarmed)
+    unpriced = prewarmed["data"]["mailboxDetails"][0]["subscriptionId"]
+    await lifecycle(client, unpriced, "subscription.updated", 1)
+    week = await queue(client, due="this_week")
+    assert set(ids(week)) == {subs["week"], unpriced}
+    assert week["total"] == {
+        "subscriptions": 2,
+        "mailboxes": 5,
+        "monthlyCost": 20,  # not 20 + 0: the unknown one is counted apart
+        "unknownCost": 1,
+    }
+    assert week["currency"] == "USD"
+    costs = {r["subscriptionId"]: r["monthlyCost"] for r in week["items"]}
+    assert costs == {subs["week"]: 20, unpriced: None}
+    only_unknown = await queue(client, due="this_week", userId=prewarmed["data"]["userId"])
+    assert only_unknown["total"]["monthlyCost"] is None  # unknown, not 0.00
+
+    await sign_in(client)
+    page = (await client.get("/ui/renewals")).text
+    total = page.split('id="grand-total"')[1].split("</p>")[0]
+    assert "20.00 USD" in total and "plus 1 of unknown cost" in total
+    alone = await client.get("/ui/renewals", params={"customer": prewarmed["data"]["userId"]})
+    total = alone.text.split('id="grand-total"')[1].split("</p>")[0]
+    assert "unknown" in total and "0.00" not in total
+
+
+async def test_the_queue_downloads_as_the_csv_of_its_filters(client):
+    subs = await the_queue(client)
+    await sign_in(client)
+    page = (await client.get("/ui/renewals", params={"due": "overdue"})).text
+    assert 'href="/ui/renewals.csv?due=overdue"' in page
+    response = await client.get("/ui/renewals.csv", params={"due": "overdue"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert "attachment" in response.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [r["subscriptionId"] for r in rows] == [subs["overdue"]]
+    assert rows[0]["due"] == "overdue" and rows[0]["currency"] == "USD"
+    assert Decimal(rows[0]["monthlyCost"]) == 20
+    everything = await client.get("/ui/renewals.csv", params={"due": "all"})
+    listed = {r["subscriptionId"] for r in csv.DictReader(io.StringIO(everything.text))}
+    assert listed == set(subs.values())
+
+
+async def test_a_subscriptions_own_failed_renewal_shows_as_renewal_failed_on_the_page(client):
+    failing = await new_subscription(client)
+    fine = await new_subscription(client)
+    await lifecycle(client, failing["subscriptionId"], "subscription.renewal.failed", 3)
+    await lifecycle(client, fine["subscriptionId"], "subscription.updated", 3)
+    await sign_in(client)
+    page = (await client.get("/ui/renewals")).text
+    rows = {
+        sub: page.split(sub)[1].split("</tr>")[0]
+        for sub in (failing["subscriptionId"], fine["subscriptionId"])
+    }
+    assert "renewal failed" in rows[failing["subscriptionId"]]
+    assert "renewal failed" not in rows[fine["subscriptionId"]]
+    chosen = (await client.get("/ui/renewals", params={"risk": "renewal_failed"})).text
+    assert failing["subscriptionId"] in chosen and fine["subscriptionId"] not in chosen
+
+
+async def test_a_customer_page_holds_their_subscriptions_mailboxes_orders_renewals_and_cost(
+    client,
+):
+    mine = [await new_subscription(client, boxes=2, price=p, user="USR-A") for p in (10, 4)]
+    theirs = await new_subscription(client, boxes=1, price=99, user="USR-B")
+    await lifecycle(client, mine[0]["subscriptionId"], "subscription.updated", 3)
+    await sign_in(client)
+    response = await client.get("/ui/customers/USR-A")
+    assert response.status_code == 200
+    page = response.text
+    for sub in mine:
+        assert sub["subscriptionId"] in page and sub["orderId"] in page
+    assert theirs["subscriptionId"] not in page and theirs["orderId"] not in page
+    cost = page.split('id="monthly-cost"')[1].split("</dd>")[0]
+    assert "28.00 USD" in cost  # 2 x 10 + 2 x 4, not USR-B's 99
+    renewals = page.split('id="renewals"')[1].split('id="mailboxes"')[0]
+    assert mine[0]["subscriptionId"] in renewals
+    assert page.count("/ui/mailboxes/") >= 4  # the four mailboxes, each a link
+    assert "Export all this customer" not in page  # an ops session exports nothing
+    missing = await client.get("/ui/customers/USR-NOBODY")
+    assert missing.status_code == 404 and "No customer" in missing.text
+
+
+async def test_every_user_shown_links_to_the_customer_page(client):
+    sub = await new_subscription(client, user="USR-A")
+    await lifecycle(client, sub["subscriptionId"], "subscription.updated", 3)
+    await sign_in(client)
+    for path in (
+        "/ui/renewals",
+        "/ui/orders",
+        "/ui/subscriptions",
+        f"/ui/orders/{sub['orderId']}",
+        f"/ui/subscriptions/{sub['subscriptionId']}",
+    ):
+        assert 'href="/ui/customers/USR-A"' in (await client.get(path)).text, path
+
+
+async def test_a_mailbox_search_for_a_customer_finds_them_and_their_mailboxes(client):
+    mine = await new_subscription(client, boxes=2, user="USR-Q")
+    await delivered(
+        client,
+        traffic.mailbox_order_success(
+            subscriptionId=mine["subscriptionId"], userId="USR-Q", userEmail="quinn@agency.example"
+        ),
+    )
+    other = await new_subscription(client, boxes=1, user="USR-R")
+    await sign_in(client)
+    for typed in ("quinn@agency", "USR-Q"):
+        page = (await client.get("/ui/mailboxes", params={"q": typed})).text
+        found = page.split('id="customers-found"')[1].split("</section>")[0]
+        assert 'href="/ui/customers/USR-Q"' in found and "2 mailboxes" in found
+        theirs = page.split('id="customer-mailboxes"')[1].split("</table>")[0]
+        assert theirs.count("/ui/mailboxes/") == 2
+        assert other["domainName"] not in theirs
+    nobody = (await client.get("/ui/mailboxes", params={"q": "nobody-at-all"})).text
+    assert 'id="customers-found"' not in nobody
+
+
+async def test_a_credentials_session_exports_all_of_one_customers_mailboxes(client):
+    mine = [await new_subscription(client, boxes=2, user="USR-A") for _ in range(2)]
+    await new_subscription(client, boxes=3, user="USR-B")
+    await sign_in(client, CREDENTIALS_TOKEN)
+    page = (await client.get("/ui/customers/USR-A")).text
+    assert "Export all this customer" in page and 'name="userId" value="USR-A"' in page
+    response = await client.post(
+        "/ui/exports/mailboxes",
+        content="userId=USR-A&format=csv",
+        headers={
+            "content-type": "application/x-www-form-urlencoded",
+            "sec-fetch-site": "same-origin",
+        },
+    )
+    assert response.status_code == 200, response.text
+    rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
+    assert len(rows) == 4
+    assert {r["subscriptionId"] for r in rows} == {s["subscriptionId"] for s in mine}
