@@ -67,6 +67,11 @@ async def _admin(server: str, sql: str) -> None:
 
 @pytest.fixture(scope="session")
 def template_name(server_url: str) -> Iterator[str]:
+    if given := os.environ.get("TEST_TEMPLATE_DATABASE"):
+        # Migrated once by the caller (.ci/mutation.py runs pytest once per mutant):
+        # each test still gets its own copy of it.
+        yield given
+        return
     name = f"cmw_template_{os.getpid()}"
     asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     asyncio.run(_admin(server_url, f"CREATE DATABASE {name}"))
