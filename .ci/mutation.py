@@ -29,11 +29,13 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RATCHET = ROOT / ".ci" / "mutation-scores.json"
 EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.txt"
+UNTESTABLE = ROOT / ".ci" / "mutation-untestable.txt"
 # The modules that hold a promise, and the tests that pin each one's promises; mutmut
 # runs, per mutant, those of them that reach it. A changed module not named here is not
 # mutated. Tests that run the CLI in a subprocess do not see mutants: name in-process ones.
@@ -169,26 +171,47 @@ def template(folder: Path) -> Iterator[None]:
 
 def run(folder: Path, budget: int, children: int) -> dict[str, Counter[str]]:
     mutmut = [sys.executable, "-m", "mutmut"]
-    try:
-        with template(folder):
-            subprocess.run(
-                [*mutmut, "run", "--max-children", str(children)], cwd=folder, timeout=budget
-            )
-    except subprocess.TimeoutExpired:
-        print(f"budget of {budget}s spent: unchecked mutants count as such")
+    with template(folder):
+        # A session of its own, so that the budget ends mutmut's workers too.
+        command = [*mutmut, "run", "--max-children", str(children)]
+        process = subprocess.Popen(command, cwd=folder, start_new_session=True)
+        try:
+            process.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            print(f"budget of {budget}s spent: unchecked mutants count as such")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return results(folder)
+
+
+def results(folder: Path) -> dict[str, Counter[str]]:
+    """Each module's mutants by status, from mutmut's results in `folder`."""
+    mutmut = [sys.executable, "-m", "mutmut"]
     out = subprocess.run(
         [*mutmut, "results", "--all", "true"], cwd=folder, capture_output=True, text=True
     ).stdout
-    equivalent = {line.split("#")[0].strip() for line in EQUIVALENT.read_text().splitlines()}
+    equivalent = listed(EQUIVALENT)
+    untestable = listed(UNTESTABLE)
     by_module: dict[str, Counter[str]] = {}
     for name, status in re.findall(r"^\s+(\S+): (.+)$", out, flags=re.MULTILINE):
         module = name.split(".x")[0].split(".x_")[0]
         path = module.replace(".", "/") + ".py"
         counts = by_module.setdefault(path, Counter())
-        counts["equivalent" if name in equivalent and status == "survived" else status] += 1
-        if status == "survived" and name not in equivalent:
-            print(f"survived: {name}  (mutmut show {name})")
+        if status in {"survived", "no tests"} and any(fnmatch(name, g) for g in untestable):
+            status = "untestable"
+        elif status == "survived" and name in equivalent:
+            status = "equivalent"
+        counts[status] += 1
+        if status in {"survived", "no tests"}:
+            print(f"{status}: {name}  (mutmut show {name})")
     return by_module
+
+
+def listed(path: Path) -> set[str]:
+    """The names (or globs) a list holds, one a line, `# why` after each."""
+    return {line.split("#")[0].strip() for line in path.read_text().splitlines()} - {""}
 
 
 def score(counts: Counter[str]) -> float:
