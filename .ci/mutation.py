@@ -41,6 +41,7 @@ UNTESTABLE = ROOT / ".ci" / "mutation-untestable.txt"
 # mutated. Tests that run the CLI in a subprocess do not see mutants: name in-process ones.
 RECORDING = [
     "tests/test_recording_rules.py",
+    "tests/test_erasure.py",
     "tests/test_lifecycle.py",
     "tests/test_ingestion.py",
     "tests/test_promises_state.py::test_a_conflict_mark_lost_between_two_statements_is_mended_by_the_retry",

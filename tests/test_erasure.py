@@ -116,3 +116,30 @@ async def test_erasing_a_mailbox_that_is_not_stored_changes_nothing(
     assert await erase(database_url, "NO-SUCH-MAILBOX") is None
     after = {t: await db.fetch(f"select * from {t} order by 1") for t in Base.metadata.tables}
     assert after == before
+
+
+async def test_after_erasure_a_later_delivery_updates_the_mailbox_but_restores_no_field(
+    client, database_url, two_neighbours
+):
+    gone, _ = two_neighbours
+    await erase(database_url, gone["mailboxId"])
+    again = traffic.mailbox_created(
+        provider="MICROSOFT",
+        details=gone | {"isAdmin": not gone["isAdmin"], "expiryDate": "2031-01-01T00:00:00Z"},
+    )
+    edit = traffic.mailbox_updated(gone["mailboxId"], {"firstName": "Back", "userName": "back"})
+    warmup = traffic.envelope("mailbox.warmup.started", {"mailboxId": gone["mailboxId"]})
+    for payload in (again, edit, warmup):
+        assert (await deliver(client, payload)).status_code == 200
+    shown = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
+    personal = ("email", "firstName", "lastName", "userName", "profilePicture")
+    assert {k: shown[k] for k in personal} == dict.fromkeys(personal)
+    assert (shown["hasPassword"], shown["hasAppPassword"], shown["hasAuthenticatorSecret"]) == (
+        False,
+        False,
+        False,
+    )
+    # what is not personal still follows the deliveries
+    assert shown["isAdmin"] is (not gone["isAdmin"])
+    assert shown["expiryDate"].startswith("2031-01-01")
+    assert shown["warmupStatus"] == "started"
