@@ -86,7 +86,11 @@ TESTS = {
     ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
     "app/operations/privacy.py": ["tests/test_privacy.py", "tests/test_erasure.py"],
-    "app/operations/replay.py": ["tests/test_replay.py", "tests/test_lifecycle.py"],
+    "app/operations/replay.py": [
+        "tests/test_replay_selection.py",
+        "tests/test_replay.py",
+        "tests/test_lifecycle.py",
+    ],
 }
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
