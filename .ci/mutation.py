@@ -80,7 +80,7 @@ TESTS = {
         "tests/test_cockpit_api.py",
     ],
     "app/reading/renewals.py": [
-        "tests/test_renewals.py",
+        "tests/test_renewal_totals.py",
         "tests/test_promises_state.py",
         "tests/test_api.py",
     ],
