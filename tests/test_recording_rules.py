@@ -320,3 +320,30 @@ async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_st
         True,
         True,
     )
+
+
+async def test_a_duplicate_delivery_touches_no_row_and_a_new_event_does(client):
+    """`updatedSince` readers must not see a retried delivery as a change."""
+    order = traffic.mailbox_order_success()
+    created = traffic.mailbox_created(
+        subscriptionId=order["data"]["subscriptionId"], orderId=order["data"]["orderId"]
+    )
+    prewarm = traffic.prewarmup_success(domains=2, per_domain=2)  # rows for one statement
+    await delivered(client, order, created, prewarm)
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    warm = prewarm["data"]["mailboxDetails"][0]
+    paths = [
+        f"subscriptions/{order['data']['subscriptionId']}",
+        f"subscriptions/{warm['subscriptionId']}",
+        f"mailboxes/{box}",
+        f"mailboxes/{warm['preWarmedUpMailboxes'][0]['mailboxId']}",
+        f"orders/{order['data']['orderId']}",
+    ]
+    before = [(await read(client, path))["updatedAt"] for path in paths]
+    for payload in (order, created, prewarm):  # the sender retries each, unchanged
+        response = await deliver(client, payload)
+        assert response.json()["status"] == "duplicate"
+    assert [(await read(client, path))["updatedAt"] for path in paths] == before
+    await delivered(client, traffic.mailbox_updated(box, {"firstName": "Later"}))
+    after = await read(client, f"mailboxes/{box}")
+    assert (after["firstName"], after["updatedAt"] > before[2]) == ("Later", True)
