@@ -85,7 +85,11 @@ TESTS = {
         "tests/test_api.py",
     ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
-    "app/operations/privacy.py": ["tests/test_privacy.py", "tests/test_erasure.py"],
+    "app/operations/privacy.py": [
+        "tests/test_privacy.py",
+        "tests/test_erasure.py",
+        "tests/test_retention_task.py",
+    ],
     "app/operations/replay.py": [
         "tests/test_replay_selection.py",
         "tests/test_replay.py",

@@ -54,7 +54,7 @@ async def bodies(db: Any, table: str) -> list[Any]:
 
 
 @pytest.fixture
-async def two_neighbours(client):
+async def two_neighbours(client, db):
     """One prewarmup order whose body names both mailboxes, an edit of each, and rejected
     deliveries: one naming the erased mailbox, one its neighbour, one not JSON."""
     order = traffic.prewarmup_success(domains=1, per_domain=2)
@@ -72,6 +72,11 @@ async def two_neighbours(client):
         assert (await deliver(client, refused)).status_code == 422
     not_json = b'{"event": "mailbox.created", "mailboxId": "' + gone["mailboxId"].encode()
     assert (await deliver(client, not_json)).status_code == 400
+    warmed = traffic.envelope("mailbox.warmup.started", {"mailboxId": gone["mailboxId"]})
+    assert (await deliver(client, warmed)).status_code == 200
+    await db.execute(  # as retention leaves it: the body deleted, the redacted copy kept
+        "update events set body_encrypted = null where event_id = $1", warmed["eventId"]
+    )
     return gone, kept
 
 
@@ -79,7 +84,7 @@ async def test_erase_takes_one_mailboxs_fields_from_everywhere_and_leaves_its_ne
     client, db, database_url, two_neighbours
 ):
     gone, kept = two_neighbours
-    assert await erase(database_url, gone["mailboxId"]) == Erased(events=2, rejected=2)
+    assert await erase(database_url, gone["mailboxId"]) == Erased(events=3, rejected=2)
 
     shown = (await client.get(f"/api/v1/mailboxes/{gone['mailboxId']}", headers=OPS)).json()
     assert [shown[k] for k in ("email", "firstName", "lastName", "profilePicture")] == [None] * 4
@@ -106,7 +111,18 @@ async def test_erase_takes_one_mailboxs_fields_from_everywhere_and_leaves_its_ne
     # the rejected body that is not JSON but names the mailbox is deleted
     assert rejected[2] is None
     audit = await db.fetchrow("select mailbox_id, events_scrubbed, rejected_scrubbed from erasures")
-    assert tuple(audit) == (gone["mailboxId"], 2, 2)
+    assert tuple(audit) == (gone["mailboxId"], 3, 2)
+    # each erased value is the mark, in the order's body and in the edit's
+    stored = [orjson.loads(b) for b in await bodies(db, "events") if b]
+    order = next(b for b in stored if b["event"] == "prewarmup.order.success")
+    box = order["data"]["mailboxDetails"][0]["preWarmedUpMailboxes"][0]
+    assert {k: box[k] for k in PERSONAL} == dict.fromkeys(PERSONAL, ERASED)
+    edit = next(
+        b
+        for b in stored
+        if b["event"] == "mailbox.updated" and b["data"]["mailboxId"] == box["mailboxId"]
+    )
+    assert edit["data"]["updatedFields"] == {"lastName": ERASED}
 
 
 async def test_erasing_a_mailbox_that_is_not_stored_changes_nothing(
