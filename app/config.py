@@ -2,17 +2,31 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.receiving.signing import FORMS
-
 URL_PREFIXES = ("postgres://", "postgresql://", "postgresql+asyncpg://")
-SIGNATURE_FORMS = tuple(form.name for form in FORMS)  # in the order of FORMS
 MIN_TOKEN_LENGTH = 16
+
+
+# The forms the sender's signature may take, which CMR_SIGNATURE_FORMS chooses from;
+# app/receiving/signing.py computes each.
+class Form(NamedTuple):
+    name: str
+    with_timestamp: bool  # is `<timestamp>.` part of the signed string
+    encoding: str  # of the digest: hex or base64
+
+
+FORMS = (
+    Form("timestamp.body:hex", True, "hex"),
+    Form("timestamp.body:base64", True, "base64"),
+    Form("body:hex", False, "hex"),
+    Form("body:base64", False, "base64"),
+)
+SIGNATURE_FORMS = tuple(form.name for form in FORMS)  # in the order of FORMS
 
 
 class ConfigError(Exception):

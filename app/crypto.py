@@ -7,7 +7,8 @@ from typing import Any
 from cryptography.fernet import Fernet, MultiFernet
 
 REDACTED = "[REDACTED]"
-# The sender's field names whose values describe (provider-docs/); all else is redacted.
+# Field names of the sender's payloads (app/receiving/payloads.py) whose values only
+# describe: names, states, dates, prices. Every other field's value is redacted.
 DESCRIPTIVE = frozenset(
     {
         "event", "eventType", "eventId", "data", "message", "description", "reason",

@@ -222,10 +222,10 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
     pool never hands it out again.
     """
     async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
         try:
-            yield raw
+            yield driver
         except BaseException as error:
             if lost_connection(error):
                 _lost_before[engine.sync_engine] = time.monotonic()

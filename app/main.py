@@ -31,7 +31,7 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
-from app.reading import api, ui
+from app.reading import api, reader, sessions, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
 from app.reading.renewals import TotalsCache
@@ -40,6 +40,7 @@ from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
 from app.receiving.receiver import Receiver
 from app.receiving.spool import Spool
+from app.recording.record import record, store_rejected
 
 READ_POOL_SIZE = 5
 READ_STATEMENT_TIMEOUT_MS = 10_000
@@ -81,7 +82,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
         app.state.hashing = HashingKey(app.state.engine, app.state.vault)
         app.state.receiver = receiver = Receiver(
-            app.state.engine, app.state.vault, spool, app.state.hashing, settings.rejected_max_bytes
+            app.state.engine,
+            app.state.vault,
+            spool,
+            app.state.hashing,
+            settings.rejected_max_bytes,
+            record=record,
+            store=store_rejected,
         )
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings)
@@ -121,8 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
-    app.state.sign_in_throttle = ui.SignInThrottle()
-    app.state.searches = api.SearchSlots()
+    app.state.sign_in_throttle = sessions.SignInThrottle()
+    app.state.searches = reader.SearchSlots()
     app.include_router(route.router)
     app.include_router(health.router)
     app.include_router(api.router)
@@ -132,7 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/", lambda: RedirectResponse("/ui", status_code=307), include_in_schema=False
     )
     app.mount("/ui/static", StaticFiles(directory=Path(ui.__file__).parent / "static"), "static")
-    app.add_exception_handler(ui.SignInRequired, ui.to_sign_in)
+    app.add_exception_handler(sessions.SignInRequired, ui.to_sign_in)
     app.add_exception_handler(ui.PageError, ui.show_error)
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)

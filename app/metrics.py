@@ -16,8 +16,6 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app.receiving.payloads import HANDLED_EVENTS
-
 DELIVERIES = Counter(
     "cmr_webhook_deliveries_total", "Webhook deliveries by event and outcome", ["event", "outcome"]
 )
@@ -82,14 +80,6 @@ for result in ("valid", "invalid", "absent", "stale", "unchecked"):
     SIGNATURES.labels(result)
 for kind in ("unknown", "missing_mailboxes", "differences"):
     RECONCILE_DRIFT.labels(kind).set(0)
-
-
-def event_label(event: str | None) -> str:
-    if event in HANDLED_EVENTS:
-        return str(event)
-    if event and event.split(".", 1)[0] in {"domain", "subscription", "mailbox", "prewarmup"}:
-        return event.split(".", 1)[0] + ".other"
-    return "other"
 
 
 def multiprocess_mode() -> bool:

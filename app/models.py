@@ -37,8 +37,9 @@ Money = Numeric(14, 4)
 Timestamp = DateTime(timezone=True)
 
 
-# What `q` searches (case-insensitive substring, api.py), one text per row so one trigram
-# index (migration 0008) serves it. `||` and coalesce keep the expression immutable.
+# What `q` searches (case-insensitive substring, reading/queries/paging.py), one text per
+# row so one trigram index (migration 0008) serves it. `||` and coalesce keep the
+# expression immutable.
 MAILBOX_SEARCH = (
     "coalesce(email, '') || ' ' || coalesce(first_name, '') || ' ' || coalesce(last_name, '')"
     " || ' ' || coalesce(domain, '') || ' ' || mailbox_id"
@@ -60,7 +61,8 @@ def search_index(table: str, expression: str) -> Index:
     )
 
 
-# The IDs a detail page finds its events by (api.events_about), each indexed where present.
+# The IDs a detail page finds its events by (queries/events.py, events_about), each indexed
+# where present.
 EVENT_ABOUT = {
     "order": "{data,orderId}",
     "subscription": "{data,subscriptionId}",
@@ -90,7 +92,8 @@ class Base(DeclarativeBase):
 
 class Listed:
     """A table the read API pages through. `created_xid` is the inserting transaction, so
-    a walk with a cursor returns exactly the rows committed before it began (api.py)."""
+    a walk with a cursor returns exactly the rows committed before it began
+    (reading/queries/paging.py)."""
 
     created_xid: Mapped[int] = mapped_column(
         BigInteger, server_default=text("pg_current_xact_id()::text::bigint")
@@ -360,7 +363,7 @@ class Erasure(Base):
 
 class CredentialRead(Listed, Base):
     """Audit trail of every decrypted-credential read: who (token fingerprint), what, when;
-    `export_id` groups the rows of one export (api.export_mailboxes streams exactly those)."""
+    `export_id` groups the rows of one export (reading/exporting.py streams exactly those)."""
 
     __tablename__ = "credential_reads"
     __table_args__ = keyset_indexes("credential_reads", "mailbox_id") + (

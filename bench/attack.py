@@ -1,5 +1,6 @@
-"""The edge review's attacks, measured: what an unauthenticated or hostile client costs a
-real `serve` (production mode, one worker, a file limit of 1,024) on this machine.
+"""Attacks from the open internet, measured: what an unauthenticated or hostile client
+costs a real `serve` (production mode, one worker, a file limit of 1,024) on this machine;
+the bounds are in docs/webhooks.md, "On the open internet".
 
     python bench/attack.py [--python PYTHON] [--fd-limit N]
 
@@ -39,7 +40,7 @@ SERVER = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5
 TOKEN, SIGNING_KEY, OPS = "attack-webhook-token", "attack-signing-key", "attack-ops-token-01"
 BODY = 5 * 1024 * 1024
 PATIENCE = 120
-FORM = 100 * 1024 * 1024  # the sign-in post of issue 27
+FORM = 100 * 1024 * 1024  # a sign-in post far over its 8 KiB cap
 failures: list[str] = []  # requests that went unanswered: the run fails
 healthz: dict[str, int] = {}
 

@@ -2,7 +2,6 @@
 machine, with every request checked.
 
     python bench/run.py [--seconds 10] [--memory-events 100000] [--out DIR]
-    python bench/run.py --scale    # the ops cockpit with 1M mailboxes (bench/scale.py)
 
 Needs a PostgreSQL server (BENCH_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/
 postgres; scratch databases are created and dropped), `wrk` and `pgbench` (Debian: wrk,
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from app.crypto import Vault, generate_key  # noqa: E402
 from app.hashing import Hasher  # noqa: E402
 from app.receiving import payloads, signing  # noqa: E402
+from app.receiving.delivery import Delivery  # noqa: E402
 from app.receiving.signing import SignatureCheck  # noqa: E402
 from app.recording import effects, merge, record  # noqa: E402
 from app.simulation import traffic  # noqa: E402
@@ -294,8 +294,9 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
         model = payloads.parse_handled(envelope, [])
         assert model is not None
         signature = SignatureCheck("valid", None, time.time())
-        delivery = record.Delivery(envelope, raw, signature, hasher=HASHER)
-        changes = effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        delivery = Delivery(envelope, raw, signature, hasher=HASHER)
+        version = record.delivery_version(delivery)
+        changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
         writes.append(record.delivery_write(delivery, changes, vault))
     return writes
 
@@ -553,11 +554,6 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000, help="events per simulate run")
     parser.add_argument("--memory-events", type=int, default=100_000)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
-    parser.add_argument(
-        "--scale",
-        action="store_true",
-        help="instead: the ops cockpit with 1M mailboxes and 5M events (bench/scale.py)",
-    )
     args = parser.parse_args()
     missing = [tool for tool in ("wrk", "pgbench") if shutil.which(tool) is None]
     if missing:
@@ -568,27 +564,24 @@ def main() -> int:
     run = Run(out, args.seconds)
     random.seed(1)
     started = time.perf_counter()
-    if args.scale:
-        from bench import scale
+    for workers in (1, 2):
+        bench_service(run, workers, args.events)
+    for workers in (1, 2):
+        bench_http_ceiling(run, workers)
+    bench_physical_limit(run, bench_db_ceiling(run))
+    bench_spooling(run)
+    bench_prewarmup_page_memory(run, args.memory_events)
+    print_table(run.rows)
+    return report(run, ratios(run.rows), started)
 
-        scale.print_rows(scale.main(run))
-        print_table([r for r in run.rows if r["events_per_second"] is not None])
-        result = {}
-    else:
-        for workers in (1, 2):
-            bench_service(run, workers, args.events)
-        for workers in (1, 2):
-            bench_http_ceiling(run, workers)
-        bench_physical_limit(run, bench_db_ceiling(run))
-        bench_spooling(run)
-        bench_prewarmup_page_memory(run, args.memory_events)
-        print_table(run.rows)
-        result = ratios(run.rows)
+
+def report(run: Run, result: dict[str, float], started: float) -> int:
+    """Print the ratios and any failure, write results.json; 1 if a request failed."""
     for label, value in result.items():
         print(f"ratio {label}: {value}")
-    print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {out}")
-    report = {"rows": run.rows, "ratios": result, "failures": run.failures}
-    (out / "results.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"benchmark took {time.perf_counter() - started:.0f} s; reports in {run.out}")
+    results = {"rows": run.rows, "ratios": result, "failures": run.failures}
+    (run.out / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     for failure in run.failures:
         print(f"FAILED {failure}", file=sys.stderr)
     if run.failures:

@@ -29,7 +29,9 @@ from app.config import normalize_database_url  # noqa: E402
 from app.crypto import Vault  # noqa: E402
 from app.db import make_engine  # noqa: E402
 from app.models import mailboxes  # noqa: E402
-from app.reading import api  # noqa: E402
+from app.reading.queries import mailboxes as mailbox_queries  # noqa: E402
+from app.reading.queries.paging import apply_filters, fetch_page  # noqa: E402
+from app.reading.reader import Reader, SearchSlots  # noqa: E402
 from bench import run as bench  # noqa: E402
 from bench import scale  # noqa: E402
 
@@ -109,13 +111,15 @@ async def plan_switch(url: str, *, custom_plans: bool) -> dict[str, Any]:
     API runs them (one pooled connection, prepared statements), with or without custom
     plans."""
     engine = make_engine(normalize_database_url(url), pool_size=1, custom_plans=custom_plans)
-    reader = api.Reader(engine, api.SearchSlots(), "bench")
+    reader = Reader(engine, SearchSlots(), "bench")
 
     async def search(q: str) -> tuple[int, float]:
-        query = api.MailboxQuery.model_construct(q=q, limit=50, order="oldest", cursor=None)
+        query = mailbox_queries.MailboxQuery.model_construct(
+            q=q, limit=50, order="oldest", cursor=None
+        )
         started = time.perf_counter()
-        stmt = api.apply_filters(api.mailbox_select(), mailboxes, {"q": q})
-        await api.fetch_page(reader, stmt, mailboxes, query)
+        stmt = apply_filters(mailbox_queries.mailbox_select(), mailboxes, {"q": q})
+        await fetch_page(reader, stmt, mailboxes, query)
         return 200, (time.perf_counter() - started) * 1000
 
     try:

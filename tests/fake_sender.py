@@ -1,6 +1,6 @@
 """A fake of the sender's REST API (`GET /subscriptions`), served by a real HTTP server.
 
-Responses are built from the documented example (provider-docs/REST-API.md), including its
+Responses are built from the sender's documented example, including its
 quirk: `nextPage` is always set, even on the last page.
 """
 

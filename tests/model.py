@@ -1,4 +1,4 @@
-"""A small model of the merge rules, written from CONTRACT section 4 and not from the
+"""A small model of the merge rules, written from docs/merge-rules.md and not from the
 service's code: what the final state must be after a stream, whatever its arrival order.
 The property test compares the service with it, so a rule that is wrong the same way in
 every arrival order (say, "partially failed becomes failed") is still caught.

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app.reading import api
+from app.reading import exporting
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
@@ -467,7 +467,7 @@ def audit_statements():
 async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audited(
     client, db, monkeypatch, audit_statements, count
 ):
-    monkeypatch.setattr(api, "AUDIT_BATCH", 1000)
+    monkeypatch.setattr(exporting, "AUDIT_BATCH", 1000)
     order, other = traffic.mailbox_order_success(quantity=count), traffic.mailbox_order_success()
     data = order["data"]
     await delivered(client, order, other)

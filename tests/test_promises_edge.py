@@ -24,8 +24,9 @@ from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
 from app.main import create_app
+from app.receiving.delivery import Rejection
 from app.receiving.signing import verify
-from app.recording.record import Rejection, store_rejected
+from app.recording.record import store_rejected
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,

@@ -1,4 +1,4 @@
-"""Every row of CONTRACT section 3's status table, through the real app and database."""
+"""Every row of the answers table in docs/webhooks.md, through the real app and database."""
 
 import base64
 import hashlib

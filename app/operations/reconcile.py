@@ -1,12 +1,13 @@
-"""Reconciliation with the sender's REST API (CONTRACT section 7).
+"""Reconciliation with the sender's REST API (docs/operations.md, "Reconciliation").
 
 The sender has no "list events" call, so this compares state: its `GET /subscriptions`
 against ours. What it says of a subscription's status, period and auto-renew is applied
 through the same lifecycle rule as `subscription.*` events (merge.SUBSCRIPTION_LIFECYCLE),
 recorded as coming from reconciliation, so a run racing the webhooks ends as either order
 would; mailboxes are never invented. What remains
-different is the drift report. Only the documented response shape is relied on
-(provider-docs/REST-API.md): change `SUBSCRIPTIONS_PATH` and `remote_row` if it changes.
+different is the drift report. Only the response shape the sender documents is relied on
+(tests/fake_sender.py serves its example): change `SUBSCRIPTIONS_PATH` and `remote_row` if
+it changes.
 """
 
 import asyncio
@@ -181,13 +182,17 @@ FROM subscriptions s WHERE s.subscription_id = ANY($1::text[])
 
 
 async def reconcile_page(
-    conn: asyncpg.Connection, items: list[dict[str, Any]], report: Report, *, at: str
+    conn: asyncpg.Connection, items: list[dict[str, Any]], report: Report, *, lifecycle_version: str
 ) -> None:
     """Apply the sender's lifecycle to every subscription on the page (one first heard of
     this way is created, as by a subscription.* event; mailboxes never are), then compare."""
     rows = [r for r in map(remote_row, items) if r["subscription_id"]]
     if not report.dry_run and rows:
-        source = {"status": "active", "lifecycle_version": at, "lifecycle_source": "reconciliation"}
+        source = {
+            "status": "active",
+            "lifecycle_version": lifecycle_version,
+            "lifecycle_source": "reconciliation",
+        }
         lifecycle = [r | source | {"expiry_date": r["period_end"]} for r in rows]
         await upsert(conn, merge.SUBSCRIPTION_LIFECYCLE, lifecycle)
     report.applied += len(rows)
@@ -234,11 +239,11 @@ async def reconcile(engine: AsyncEngine, api: SenderApi, *, dry_run: bool) -> Re
     """One run: page through the sender's subscriptions, apply, report, store the report."""
     started = datetime.now(UTC)
     report = Report(started_at=started.isoformat(), dry_run=dry_run)
-    at = version(started, "reconciliation")
+    lifecycle_version = version(started, "reconciliation")
     async for page, items in api.subscriptions():
         report.pages = page
         async with raw_connection(engine) as conn, conn.transaction():
-            await reconcile_page(conn, items, report, at=at)
+            await reconcile_page(conn, items, report, lifecycle_version=lifecycle_version)
     report.finished_at = datetime.now(UTC).isoformat()
     if not dry_run:
         await save_report(engine, report)

@@ -14,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.crypto import Vault
 from app.hashing import Hasher, load_or_create
 from app.models import events, rejected
+from app.receiving.delivery import Delivery, Stored
 from app.receiving.payloads import parse_envelope, parse_handled, validation_details
 from app.receiving.signing import SignatureCheck
-from app.recording.record import Delivery, Stored, record
+from app.recording.record import record
 
 
 @dataclass

@@ -12,12 +12,16 @@ quantity, else its mailbox count.
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 
+from app.reading import resources
+from app.reading.reader import Reader
 from app.reading.resources import Risk
 
 RISKS: tuple[str, ...] = get_args(Risk)
@@ -167,3 +171,56 @@ def risk_counts(rows: Sequence[Row[Any]]) -> dict[str, int]:
     for row in rows:
         counts[row.risk] += int(row.n)
     return counts
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class RenewalQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    within_days: int = Field(
+        DEFAULT_DAYS, ge=1, le=366, description="Renewing within this many days"
+    )
+    limit: int = Field(50, ge=1, le=500, description="Page size, at most 500")
+    cursor: str | None = Field(
+        None, pattern=r"^-?[0-9]{1,17}-[0-9]{1,18}$", description="`nextCursor` of the last page"
+    )
+
+    def after(self) -> tuple[datetime, int] | None:
+        """The last row's (end, id) of the previous page; a time beyond the calendar is its
+        edge (any cursor the pattern allows is a valid one)."""
+        if self.cursor is None:
+            return None
+        micros, _, row_id = self.cursor.rpartition("-")
+        try:
+            at = EPOCH + timedelta(microseconds=int(micros))
+        except OverflowError:
+            at = datetime.min.replace(tzinfo=UTC)
+        return at, int(row_id)
+
+
+def renewal_cursor(row: Any) -> str:
+    return f"{(row.sort_at - EPOCH) // timedelta(microseconds=1)}-{row.id}"
+
+
+async def list_renewals(
+    conn: Reader, query: RenewalQuery, cache: TotalsCache
+) -> resources.RenewalPage:
+    """Each with its risks, mailbox count and monthly cost; `totals` per userId (computed at
+    most once a minute: `totalsAt` says when)."""
+    params = page_params(query.within_days, query.after(), query.limit + 1)
+    rows = (await conn.execute(PAGE.bindparams(**params))).all()
+
+    async def totals() -> list[Any]:
+        sums = await conn.execute(TOTALS.bindparams(days=query.within_days))
+        return [resources.RenewalTotal.model_validate(t._asdict()) for t in sums]
+
+    totals_at, per_user = await cache.get(query.within_days, totals)
+    cursor = renewal_cursor(rows[query.limit - 1]) if len(rows) > query.limit else None
+    return resources.RenewalPage(
+        items=[resources.Renewal.model_validate(r._asdict()) for r in rows[: query.limit]],
+        next_cursor=cursor,
+        totals=per_user,
+        totals_at=totals_at,
+    )

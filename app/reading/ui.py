@@ -1,50 +1,53 @@
-"""The ops dashboard under /ui: server-rendered pages over the read API's own queries.
+"""The ops dashboard under /ui: server-rendered pages over the same query functions as
+the read API (app/reading/queries/); sessions are in sessions.py, the chart in chart.py.
 
-Sign-in takes an ops token and opens a server-side session: its cookie is HttpOnly,
-SameSite=Strict (Secure behind HTTPS); sign-out, 30 idle minutes, 8 hours, or removing the
-token from OPS_API_TOKENS end it. Sign-in and sign-out refuse cross-site posts; failed
-sign-ins are throttled per client. No page has a script, so the Content-Security-Policy
-allows none. No page shows a credential, whoever signed in.
+No page has a script, so the Content-Security-Policy allows none. No page shows a
+credential, whoever signed in.
 """
 
 import logging
 import math
 import secrets
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import func, select, text
 
 from app.crypto import token_matches
-from app.db import is_transient, raw_connection
+from app.db import is_transient
 from app.errors import ApiError
-from app.hashing import Hasher
-from app.models import order_domains, orders, subscriptions
-from app.reading import api, renewals
+from app.reading import chart, exporting, renewals
+from app.reading.queries import counts, events, mailboxes, orders, subscriptions
+from app.reading.queries.paging import MAX_ROW_ID
+from app.reading.reader import Reader, reader
+from app.reading.sessions import (
+    COOKIE,
+    SESSION_HOURS,
+    cross_site,
+    hasher_of,
+    is_credentials_session,
+    session_statement,
+    signed_in,
+    tokens,
+)
+from app.reading.sessions import (
+    SignInThrottle as SignInThrottle,  # tests/test_dashboard.py builds one with its clock
+)
 
 log = logging.getLogger("coldmail.ui")
-COOKIE = "cmw_session"
-SESSION_HOURS = 8
-IDLE_MINUTES = 30
-FIRST_WAIT_SECONDS, LONGEST_WAIT_SECONDS = 1, 30  # after failed sign-ins
 RENEWALS_SHOWN = 10  # on the overview; the rest are a page of their own
-TROUBLE_DAYS = 7
 SKIPPED_SHOWN = 50  # mailboxes an export leaves out, named on the page that offers it
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
-OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
 Q = TypeVar("Q", bound=BaseModel)
 T = TypeVar("T")
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -71,100 +74,6 @@ def segment(value: str) -> str:
 templates.env.filters["ago"] = ago
 templates.env.filters["segment"] = segment
 router = APIRouter(prefix="/ui", include_in_schema=False)
-
-
-# --- the session ---------------------------------------------------------------------
-# The cookie holds a random secret; the server keeps its keyed hash (ui_sessions), so
-# sign-out and the idle timeout end a session wherever its cookie was copied to.
-
-SESSION_STATEMENTS = {
-    "open": "INSERT INTO ui_sessions (id_hash, token_fingerprint) VALUES ($1, $2)",
-    # one statement checks the session and keeps it alive
-    "touch": f"""UPDATE ui_sessions SET last_seen_at = now() WHERE id_hash = $1
-        AND last_seen_at > now() - interval '{IDLE_MINUTES} minutes'
-        AND created_at > now() - interval '{SESSION_HOURS} hours'
-        RETURNING token_fingerprint""",
-    "close": "DELETE FROM ui_sessions WHERE id_hash = $1",
-    "expire": f"""DELETE FROM ui_sessions
-        WHERE last_seen_at < now() - interval '{IDLE_MINUTES} minutes'
-        OR created_at < now() - interval '{SESSION_HOURS} hours'""",
-}
-
-
-class SignInThrottle:
-    """Failed sign-ins per client address (per worker): after the n-th failure in a row the
-    address waits min(2**(n-1), 30) s for its next try; tries within the wait get 429 and do
-    not lengthen it, and a success starts over. A short back-off, not a minute's lock-out that
-    five tries renew: a mistyped token costs a second, each wait is 30 s at most, and a client
-    guessing gets two tries a minute (one that retries exactly on Retry-After still sets the
-    pace for the others behind its address). Bounded: the least recent addresses go.
-
-    A sign-in counts as failed from before its body is read until its token is found good:
-    guesses sent at once, and posts that never finish or are too large, count too."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, clients: int = 10_000):
-        self.clock, self.clients = clock, clients
-        self.failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, until
-
-    def wait_seconds(self, client: str) -> float:
-        _, until = self.failures.get(client, (0, 0.0))
-        return max(0.0, until - self.clock())
-
-    def failed(self, client: str) -> None:
-        count = self.failures.pop(client, (0, 0.0))[0] + 1
-        wait = min(FIRST_WAIT_SECONDS * 2 ** (count - 1), LONGEST_WAIT_SECONDS)
-        self.failures[client] = (count, self.clock() + wait)
-        while len(self.failures) > self.clients:
-            self.failures.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self.failures.pop(client, None)
-
-
-async def session_statement(request: Request, name: str, *args: Any) -> Any:
-    async with raw_connection(request.app.state.read_engine) as conn:
-        return await conn.fetchval(SESSION_STATEMENTS[name], *args)
-
-
-async def hasher_of(request: Request) -> Hasher:
-    hasher: Hasher = await request.app.state.hashing.get()
-    return hasher
-
-
-def tokens(request: Request) -> list[str]:
-    settings = request.app.state.settings
-    return list(settings.ops_token_list + settings.credentials_token_list)
-
-
-class SignInRequired(Exception):
-    """Raised by a page without a session: answered with a redirect to the sign-in page."""
-
-
-async def signed_in(request: Request) -> str:
-    """The signed-in token's fingerprint, if the session is open, recent, and its token
-    still configured (removing a token from OPS_API_TOKENS ends its sessions)."""
-    secret = request.cookies.get(COOKIE)
-    if not secret or len(secret) > 100:
-        raise SignInRequired()
-    hasher = await hasher_of(request)
-    who = await session_statement(request, "touch", hasher.digest(secret.encode()))
-    request.app.state.receiver.away_since = None  # the database answered
-    if who is None or who not in {hasher.fingerprint(t) for t in tokens(request)}:
-        raise SignInRequired()
-    request.state.signed_in = str(who)
-    return str(who)
-
-
-def cross_site(request: Request) -> bool:
-    """A browser says where a post comes from: Sec-Fetch-Site (every current browser), else
-    Origin. A post from any other site is a forged one; clients that send neither (curl)
-    are no browser's forms."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None:
-        return site not in ("same-origin", "none")
-    origin = request.headers.get("origin")
-    # the host alone: behind a TLS proxy the scheme seen here may be http
-    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
 
 
 def to_sign_in(request: Request, error: Exception) -> Response:
@@ -278,56 +187,6 @@ def next_link(request: Request, cursor: str | None) -> str | None:
     return f"{request.url.path}?{urlencode(params)}"
 
 
-async def per_minute(conn: api.Reader, since: datetime) -> dict[str, dict[datetime, int]]:
-    """Deliveries a minute by outcome. A duplicate counts at its event's last receipt (the
-    sender retries within minutes, so events first seen in the 24 h before suffice)."""
-    minute = "date_trunc('minute', {})"
-    stmt = text(
-        f"SELECT {minute.format('first_received_at')} AS m, status AS outcome, count(*) AS n"
-        " FROM events WHERE first_received_at >= :since GROUP BY 1, 2"
-        f" UNION ALL SELECT {minute.format('last_received_at')}, 'duplicate', sum(deliveries - 1)"
-        " FROM events WHERE first_received_at >= :since - interval '1 day'"
-        " AND last_received_at >= :since AND deliveries > 1 GROUP BY 1"
-        f" UNION ALL SELECT {minute.format('received_at')}, 'rejected', count(*)"
-        " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1"
-    ).bindparams(since=since)
-    counts: dict[str, dict[datetime, int]] = {outcome: {} for outcome in OUTCOMES}
-    for row in await conn.execute(stmt):
-        counts[row.outcome][row.m] = int(row.n)
-    return counts
-
-
-def chart(counts: dict[str, dict[datetime, int]], since: datetime) -> dict[str, Any]:
-    """Stacked bars, one a minute, as one SVG path per outcome (drawn server-side)."""
-    height, minutes = 120, 24 * 60
-    totals = [
-        sum(counts[o].get(since + timedelta(minutes=i), 0) for o in OUTCOMES)
-        for i in range(minutes)
-    ]
-    peak = max(totals) or 1
-    paths: dict[str, list[str]] = {outcome: [] for outcome in OUTCOMES}
-    for i in range(minutes):
-        at, base = since + timedelta(minutes=i), 0.0
-        for outcome in OUTCOMES:
-            n = counts[outcome].get(at, 0)
-            if n:
-                h = n / peak * height
-                paths[outcome].append(f"M{i} {height - base - h:.1f}h1v{h:.1f}h-1z")
-                base += h
-    ticks = [
-        {"x": i, "label": (since + timedelta(minutes=i)).strftime("%H:%M")}
-        for i in range(0, minutes + 1, 180)
-    ]
-    return {
-        "paths": {o: "".join(p) for o, p in paths.items()},
-        "height": height,
-        "width": minutes,
-        "peak": peak,
-        "ticks": ticks,
-        "totals": {o: sum(counts[o].values()) for o in OUTCOMES},
-    }
-
-
 def first_link(request: Request) -> str | None:
     """Back to the first page, once a cursor has moved on from it."""
     if "cursor" not in request.query_params:
@@ -348,68 +207,39 @@ def links(request: Request, cursor: str | None) -> dict[str, Any]:
     return {"next": next_link(request, cursor), "first": first_link(request)}
 
 
-async def is_credentials_session(request: Request) -> bool:
-    """Whether the signed-in token may export credentials (CREDENTIALS_API_TOKENS)."""
-    hasher = await hasher_of(request)
-    who = getattr(request.state, "signed_in", None)
-    return who in {hasher.fingerprint(t) for t in request.app.state.settings.credentials_token_list}
-
-
-async def export_offer(
-    request: Request, conn: api.Reader, filters: dict[str, Any]
-) -> dict[str, Any]:
+async def export_offer(request: Request, conn: Reader, filters: dict[str, Any]) -> dict[str, Any]:
     """For a page that offers the download: whether this session may, and which of the
     mailboxes the platforms' files leave out (they cannot log in there)."""
     if not await is_credentials_session(request):
         return {"can_export": False, "skipped": (0, [])}
-    skipped = await api.cannot_export(conn, filters, limit=SKIPPED_SHOWN)
+    skipped = await exporting.cannot_export(conn, filters, limit=SKIPPED_SHOWN)
     return {"can_export": True, "skipped": skipped}
 
 
 @pages.get("")
 async def overview(request: Request) -> Response:
-    conn = api.reader(request)
+    conn = reader(request)
     # 1,440 minutes, the current one last
     since = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=24 * 60 - 1)
-    counts = await per_minute(conn, since)
-    signature_rows = await conn.execute(
-        text(
-            "SELECT signature, sum(n) AS n FROM ("
-            " SELECT signature, count(*) AS n FROM events WHERE first_received_at >= :since"
-            " GROUP BY 1 UNION ALL SELECT signature, count(*) FROM rejected_deliveries"
-            " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
-        ).bindparams(since=since)
+    per_minute = await events.per_minute(conn, since)
+    conflicts, rejected_total, last_delivery = await counts.attention(conn)
+    due = await renewals.list_renewals(
+        conn, renewals.RenewalQuery(limit=RENEWALS_SHOWN), request.app.state.renewal_totals
     )
-    conflicts, rejected_total, last_delivery = (
-        await conn.execute(select(api.CONFLICTS, api.REJECTED, api.LAST_DELIVERY))
-    ).one()
-    due = await api.list_renewals(request, conn, api.RenewalQuery(limit=RENEWALS_SHOWN))
     return page(
         request,
         "overview.html",
         renewals=due,
         renewal_days=renewals.DEFAULT_DAYS,
-        troubled=await api.with_domains(conn, await troubled_orders(conn)),
-        chart=chart(counts, since),
-        signatures=[(row.signature, int(row.n)) for row in signature_rows],
+        troubled=await orders.with_domains(conn, await orders.troubled_orders(conn)),
+        chart=chart.chart(per_minute, since),
+        signatures=await events.signatures_since(conn, since),
         conflicts=conflicts,
         rejected_total=rejected_total,
         last_delivery=last_delivery,
         spool=await spool_state(request),
-        reconcile=await api.latest_reconciliation(conn),
+        reconcile=await counts.latest_reconciliation(conn),
     )
-
-
-async def troubled_orders(conn: api.Reader) -> Any:
-    """Failed and partially failed orders of the last 7 days, the latest first."""
-    stmt = (
-        select(orders)
-        .where(orders.c.status.in_(["failed", "partially_failed"]))
-        .where(orders.c.updated_at >= func.now() - timedelta(days=TROUBLE_DAYS))
-        .order_by(orders.c.updated_at.desc())
-        .limit(50)
-    )
-    return (await conn.execute(stmt)).all()
 
 
 async def spool_state(request: Request) -> dict[str, Any]:
@@ -420,8 +250,8 @@ async def spool_state(request: Request) -> dict[str, Any]:
 
 @pages.get("/renewals")
 async def renewals_page(request: Request) -> Response:
-    query = query_of(request, api.RenewalQuery)
-    result = await api.list_renewals(request, api.reader(request), query)
+    query = query_of(request, renewals.RenewalQuery)
+    result = await renewals.list_renewals(reader(request), query, request.app.state.renewal_totals)
     return page(
         request, "renewals.html", result=result, query=query, **links(request, result.next_cursor)
     )
@@ -429,21 +259,15 @@ async def renewals_page(request: Request) -> Response:
 
 @pages.get("/orders")
 async def orders_page(request: Request) -> Response:
-    conn = api.reader(request)
-    query = listing(request, api.OrderQuery)
+    conn = reader(request)
+    query = listing(request, orders.OrderQuery)
     partial, partial_count = None, 0
     if not query.cursor and not query.status:
-        partial = await api.list_orders(
-            conn, api.OrderQuery(status="partially_failed", limit=20, order="newest")
+        partial = await orders.list_orders(
+            conn, orders.OrderQuery(status="partially_failed", limit=20, order="newest")
         )
-        partial_count = (
-            await conn.execute(
-                select(func.count())
-                .select_from(orders)
-                .where(orders.c.status == "partially_failed")
-            )
-        ).scalar_one()
-    result = await api.list_orders(conn, query)
+        partial_count = await orders.count_with_status(conn, "partially_failed")
+    result = await orders.list_orders(conn, query)
     return page(
         request,
         "orders.html",
@@ -457,26 +281,28 @@ async def orders_page(request: Request) -> Response:
 
 @pages.get("/orders/{order_id:path}")
 async def order_page(request: Request, order_id: str) -> Response:
-    conn = api.reader(request)
-    order = await found(api.get_order(conn, order_id), "No such order.")
-    boxes = await api.list_mailboxes(conn, api.MailboxQuery(order_id=order_id, limit=500))
+    conn = reader(request)
+    order = await found(orders.get_order(conn, order_id), "No such order.")
+    boxes = await mailboxes.list_mailboxes(
+        conn, mailboxes.MailboxQuery(order_id=order_id, limit=500)
+    )
     return page(
         request,
         "order.html",
         order=order,
         mailboxes=boxes.items,
         more_mailboxes=boxes.next_cursor is not None,
-        events=await api.events_about(conn, order=[order_id]),
+        events=await events.events_about(conn, order=[order_id]),
         **await export_offer(request, conn, {"order_id": order_id}),
     )
 
 
 @pages.get("/subscriptions")
 async def subscriptions_page(request: Request) -> Response:
-    conn = api.reader(request)
-    query = listing(request, api.SubscriptionQuery)
-    result = await api.list_subscriptions(conn, query)
-    by_status = await api.counts_by(conn, subscriptions, "subscription_status")
+    conn = reader(request)
+    query = listing(request, subscriptions.SubscriptionQuery)
+    result = await subscriptions.list_subscriptions(conn, query)
+    by_status = await subscriptions.count_by_status(conn)
     return page(
         request,
         "subscriptions.html",
@@ -489,17 +315,18 @@ async def subscriptions_page(request: Request) -> Response:
 
 @pages.get("/subscriptions/{subscription_id:path}")
 async def subscription_page(request: Request, subscription_id: str) -> Response:
-    conn = api.reader(request)
-    sub = await found(api.get_subscription(conn, subscription_id), "No such subscription.")
-    stmt = select(order_domains).where(order_domains.c.subscription_id == subscription_id)
-    its_orders = (await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all()
+    conn = reader(request)
+    sub = await found(
+        subscriptions.get_subscription(conn, subscription_id), "No such subscription."
+    )
+    its_orders = await orders.domains_of_subscription(conn, subscription_id)
     order_ids = {o.order_id for o in its_orders} | ({sub.order_id} if sub.order_id else set())
     return page(
         request,
         "subscription.html",
         sub=sub,
         orders=its_orders,
-        events=await api.events_about(
+        events=await events.events_about(
             conn, subscription=[subscription_id], order=sorted(order_ids)
         ),
         **await export_offer(request, conn, {"subscription_id": subscription_id}),
@@ -509,8 +336,8 @@ async def subscription_page(request: Request, subscription_id: str) -> Response:
 @pages.get("/mailboxes")
 async def mailboxes_page(request: Request) -> Response:
     """The newest mailboxes, or those a search finds (address, name, domain or ID)."""
-    query = listing(request, api.MailboxQuery)
-    result = await api.list_mailboxes(api.reader(request), query)
+    query = listing(request, mailboxes.MailboxQuery)
+    result = await mailboxes.list_mailboxes(reader(request), query)
     return page(
         request,
         "mailboxes.html",
@@ -522,13 +349,13 @@ async def mailboxes_page(request: Request) -> Response:
 
 @pages.get("/mailboxes/{mailbox_id:path}")
 async def mailbox_page(request: Request, mailbox_id: str) -> Response:
-    conn = api.reader(request)
-    box = await found(api.get_mailbox(conn, mailbox_id), "No such mailbox.")
+    conn = reader(request)
+    box = await found(mailboxes.get_mailbox(conn, mailbox_id), "No such mailbox.")
     return page(
         request,
         "mailbox.html",
         box=box,
-        events=await api.events_about(
+        events=await events.events_about(
             conn, mailbox=[mailbox_id], order=[box.order_id] if box.order_id else []
         ),
     )
@@ -544,8 +371,8 @@ async def found(lookup: Awaitable[T], missing: str) -> T:
 
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
-    query = listing(request, api.EventQuery)
-    result = await api.list_events(api.reader(request), query)
+    query = listing(request, events.EventQuery)
+    result = await events.list_events(reader(request), query)
     return page(
         request,
         "events.html",
@@ -557,17 +384,17 @@ async def events_page(request: Request) -> Response:
 
 @pages.get("/events/{id}")
 async def event_page(request: Request, id: str) -> Response:
-    if not id.isdigit() or not 1 <= int(id) <= api.MAX_ROW_ID:
+    if not id.isdigit() or not 1 <= int(id) <= MAX_ROW_ID:
         raise PageError(404, "No such event.")
-    event = await found(api.get_event(api.reader(request), int(id)), "No such event.")
+    event = await found(events.get_event(reader(request), int(id)), "No such event.")
     payload = orjson.dumps(event.payload, option=orjson.OPT_INDENT_2).decode()
     return page(request, "event.html", event=event, payload=payload)
 
 
 @pages.get("/rejected")
 async def rejected_page(request: Request) -> Response:
-    query = listing(request, api.RejectedQuery)
-    result = await api.list_rejected(api.reader(request), query)
+    query = listing(request, events.RejectedQuery)
+    result = await events.list_rejected(reader(request), query)
     return page(
         request,
         "rejected.html",
@@ -587,12 +414,12 @@ async def export_page(request: Request) -> Response:
     form = parse_qs((await request.body()).decode(errors="replace"))  # a few KiB: BodyLimit
     fields = {k: v[0] for k, v in form.items() if v and v[0]}
     try:
-        query = api.ExportQuery.model_validate(fields)
+        query = exporting.ExportQuery.model_validate(fields)
     except ValidationError:
         raise PageError(422, "Choose a format and a subscription or an order.") from None
     try:
-        return await api.export_response(
-            request, api.reader(request), query, request.state.signed_in
+        return await exporting.export_response(
+            request, reader(request), query, request.state.signed_in
         )
     except ApiError as error:
         raise PageError(error.status, "Exports are served only over HTTPS.") from None

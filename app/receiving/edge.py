@@ -12,7 +12,7 @@
   reading its answer, holds a connection, its memory and a file descriptor for ever, and
   enough of them leave the worker no descriptor to reach the database with.
 - `BodyLimit` caps every request's body before a route reads it.
-- Credentials travel only over HTTPS (CONTRACT section 5): `require_https`.
+- Credentials travel only over HTTPS (docs/api.md, `/credentials`): `require_https`.
 - Every HTTPS response carries Strict-Transport-Security: `HstsMiddleware`.
 """
 

@@ -1,6 +1,6 @@
-"""The sender's payloads, modelled once from its documentation (provider-docs/).
+"""The sender's payloads, modelled once from its published webhook documentation.
 
-Strict where it protects data, lenient where it would only lose it (CONTRACT section 3):
+Strict where it protects data, lenient where it would only lose it (docs/webhooks.md):
 the provider's IDs and the credentials must be well-formed, else the delivery is refused
 with 422; a descriptive field spelled unexpectedly is normalised or left empty, and the
 repair is noted in the `warnings` list passed as validation context. Unknown extra fields
@@ -288,7 +288,7 @@ class PrewarmupOrderFailedData(Owner):
 
 
 class SubscriptionData(Owner):
-    """subscription.*: documented only in part (provider-docs/DELIVERY-FACTS.md)."""
+    """subscription.*: the sender documents these only in part, so every field may be missing."""
 
     subscriptionId: Id | None = None
     domainId: Id | None = None

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.fernet import InvalidToken
 from pydantic import ValidationError
@@ -21,10 +21,10 @@ from app import metrics
 from app.crypto import Vault
 from app.db import describe, is_transient, pooler_hint
 from app.hashing import KEYS_DO_NOT_FIT, Hasher, HashingKey, keys_fit
+from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.receiving.payloads import HandledEvent, parse_envelope, parse_handled
 from app.receiving.signing import SignatureCheck
 from app.receiving.spool import Entry, Spool, SpoolFull
-from app.recording.record import Delivery, Outcome, Rejection, record, store_rejected
 
 log = logging.getLogger("coldmail.receiver")
 # After a transient failure, deliveries go straight to the spool for this long instead of
@@ -40,6 +40,20 @@ class ApplyFailed(Exception):
     """Applying failed for a reason a retry will not cure; the delivery is kept as rejected."""
 
 
+# Recording's two entry points (app/recording/record.py), handed to the Receiver by
+# app/main.py: recording sits above receiving, so receiving never imports it.
+class Record(Protocol):
+    async def __call__(
+        self, engine: AsyncEngine, vault: Vault, delivery: Delivery, model: HandledEvent | None
+    ) -> Outcome: ...
+
+
+class StoreRejected(Protocol):
+    async def __call__(
+        self, engine: AsyncEngine, vault: Vault, rejection: Rejection, *, max_bytes: int
+    ) -> None: ...
+
+
 @dataclass
 class Receiver:
     engine: AsyncEngine
@@ -47,6 +61,8 @@ class Receiver:
     spool: Spool
     hashing: HashingKey
     rejected_max_bytes: int
+    record: Record
+    store: StoreRejected
     database_down_until: float = 0.0
     # When this process first found the database away, for the dashboard's banner.
     away_since: datetime | None = None
@@ -102,7 +118,7 @@ class Receiver:
 
     async def record_or_reject(self, delivery: Delivery, model: HandledEvent | None) -> Outcome:
         try:
-            return await record(self.engine, self.vault, delivery, model)
+            return await self.record(self.engine, self.vault, delivery, model)
         except Exception as error:
             if is_transient(error):
                 raise
@@ -124,7 +140,7 @@ class Receiver:
             await self._spool(rejection.raw, rejected_meta(rejection), received)
 
     async def store_rejected(self, rejection: Rejection) -> None:
-        await store_rejected(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
+        await self.store(self.engine, self.vault, rejection, max_bytes=self.rejected_max_bytes)
 
     def _database_failed(self, error: Exception) -> None:
         self.database_down_until = time.monotonic() + CIRCUIT_SECONDS

@@ -1,7 +1,7 @@
 """The sender's delivery signature (`cmr-x-signature`, `cmr-x-timestamp`).
 
-The exact signed string and digest encoding are undocumented (provider-docs/
-DELIVERY-FACTS.md), so every plausible form is accepted and the one that matched is
+The sender does not document the exact signed string or the digest's encoding
+(docs/webhooks.md, step 2), so every plausible form is accepted and the one that matched is
 recorded on the event. Once live traffic shows the real form, retire the others with
 CMR_SIGNATURE_FORMS. Whatever the form, a fresh `cmr-x-timestamp` is required: without it a
 captured signature could be replayed for ever.
@@ -14,26 +14,13 @@ import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import NamedTuple
+
+from app.config import FORMS
 
 SIGNATURE_HEADER = "cmr-x-signature"
 TIMESTAMP_HEADER = "cmr-x-timestamp"
 UNIX_TIME = re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")
 TIMESTAMP_PREFIX = re.compile(rb"\s*[0-9]+(\.[0-9]*)?\.")
-
-
-class Form(NamedTuple):
-    name: str
-    with_timestamp: bool  # is `<timestamp>.` part of the signed string
-    encoding: str  # of the digest: hex or base64
-
-
-FORMS = (
-    Form("timestamp.body:hex", True, "hex"),
-    Form("timestamp.body:base64", True, "base64"),
-    Form("body:hex", False, "hex"),
-    Form("body:base64", False, "base64"),
-)
 ALL_FORMS = frozenset(form.name for form in FORMS)
 
 
@@ -49,8 +36,8 @@ class SignatureCheck:
 
 
 def _digest(key: str, message: bytes, encoding: str) -> str:
-    raw = hmac.new(key.encode(), message, hashlib.sha256).digest()
-    return raw.hex() if encoding == "hex" else base64.b64encode(raw).decode()
+    digest = hmac.new(key.encode(), message, hashlib.sha256).digest()
+    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
 def sign(key: str, body: bytes, *, timestamp: int | None = None) -> dict[str, str]:

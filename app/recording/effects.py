@@ -1,7 +1,9 @@
 """What each event does, as rows for the upserts declared in app/recording/merge.py.
 
-Credentials are carried as given and encrypted only when written (app/recording/record.py),
-so that a prewarmup order's thousand are encrypted while the database works.
+The credentials of a mailbox.created or mailbox state event are encrypted here, into its
+row. A prewarmup order's mailboxes (a thousand at a time) are the exception: they are
+carried with their credentials as given (`Effects.mailboxes`) and encrypted only when
+written (app/recording/record.py), each part while the database runs the part before.
 """
 
 from dataclasses import dataclass, field
@@ -19,12 +21,12 @@ Row = dict[str, Any]
 Unsealed = tuple[Row, payloads.SentCredentials]  # a mailbox row, its credentials not yet encrypted
 
 
-def version(at: datetime, event_id: str, content: bytes = b"") -> str:
+def version(when: datetime, event_id: str, content: bytes = b"") -> str:
     """Sorts as text (C collation) by time, then eventId, then content (a keyed hash, for
     two contents of one eventId sent at one time): 'the later event wins', and a tie is
     decided the same way whatever the order the two were applied in."""
     tiebreak = f"|{content[:8].hex()}" if content else ""
-    return f"{round(at.timestamp() * 1_000_000):020d}|{event_id}{tiebreak}"
+    return f"{round(when.timestamp() * 1_000_000):020d}|{event_id}{tiebreak}"
 
 
 @dataclass
@@ -67,7 +69,7 @@ def credentials(vault: Vault, given: payloads.SentCredentials) -> dict[str, byte
 def effects_of_mailbox_order(
     effects: Effects,
     model: payloads.MailboxOrderSuccess | payloads.MailboxOrderFailed,
-    at: str,
+    version: str,
 ) -> None:
     data = model.data
     succeeded = isinstance(data, payloads.MailboxOrderSuccessData)
@@ -89,7 +91,8 @@ def effects_of_mailbox_order(
         "status": "succeeded" if succeeded else "failed",
     }
     if isinstance(data, payloads.MailboxOrderSuccessData):
-        outcome |= {"quantity": data.quantity, "price": data.price, "succeeded_version": at}
+        outcome |= {"quantity": data.quantity, "price": data.price}
+        outcome["succeeded_version"] = version
     else:
         outcome["reason"] = data.reason
     effects.add(merge.ORDER_DOMAIN, [outcome])
@@ -125,7 +128,9 @@ def effects_of_mailbox_created(
     effects.add(merge.MAILBOX_SNAPSHOT, [mailbox | credentials(vault, box)])
 
 
-def effects_of_mailbox_updated(effects: Effects, model: payloads.MailboxUpdated, at: str) -> None:
+def effects_of_mailbox_updated(
+    effects: Effects, model: payloads.MailboxUpdated, version: str
+) -> None:
     data = model.data
     given = data.updatedFields.model_fields_set & set(UPDATED_FIELDS)
     edits = {UPDATED_FIELDS[f]: getattr(data.updatedFields, f) for f in sorted(given)}
@@ -136,7 +141,7 @@ def effects_of_mailbox_updated(effects: Effects, model: payloads.MailboxUpdated,
         "user_id": data.userId,
         "user_email": data.userEmail,
         "provider": data.workspaceType,
-        "field_versions": orjson.dumps({c: at for c in edits}).decode(),
+        "field_versions": orjson.dumps({c: version for c in edits}).decode(),
     }
     effects.add(merge.mailbox_edit(tuple(edits)), [row | edits])
 
@@ -148,7 +153,7 @@ def effects_of_mailbox_state(
     effects: Effects,
     model: payloads.MailboxStateEvent,
     vault: Vault,
-    at: str,
+    version: str,
     when: datetime,
 ) -> None:
     """mailbox.exported and mailbox.warmup.*: the warmup status and any credentials carried."""
@@ -161,7 +166,7 @@ def effects_of_mailbox_state(
     row = {
         "mailbox_id": data.mailbox_id,
         "exported_at": when if model.event == "mailbox.exported" else None,
-        "field_versions": orjson.dumps({c: at for c in edits}).decode(),
+        "field_versions": orjson.dumps({c: version for c in edits}).decode(),
     }
     effects.add(merge.mailbox_edit(tuple(sorted(edits))), [row | edits])
 
@@ -170,7 +175,7 @@ def effects_of_mailbox_state(
 
 
 def effects_of_prewarmup_success(
-    effects: Effects, model: payloads.PrewarmupOrderSuccess, at: str
+    effects: Effects, model: payloads.PrewarmupOrderSuccess, version: str
 ) -> None:
     data = model.data
     owner = owner_row(data.userId, data.userEmail, data.serviceProvider)
@@ -189,7 +194,7 @@ def effects_of_prewarmup_success(
                 "subscription_id": group.subscriptionId,
                 "status": "succeeded",
                 "quantity": len(group.preWarmedUpMailboxes),
-                "succeeded_version": at,
+                "succeeded_version": version,
             }
         )
     effects.add(merge.SUBSCRIPTION_ORDER_SUCCEEDED, subs)
@@ -230,7 +235,7 @@ def effects_of_prewarmup_failed(effects: Effects, model: payloads.PrewarmupOrder
 
 
 def effects_of_subscription(
-    effects: Effects, model: payloads.SubscriptionEvent, at: str, when: datetime
+    effects: Effects, model: payloads.SubscriptionEvent, version: str, when: datetime
 ) -> None:
     data = model.data
     failed = model.event == "subscription.renewal.failed"
@@ -248,7 +253,7 @@ def effects_of_subscription(
         "period_end": data.periodEnd,
         "auto_renew": data.autoRenew,
         "lifecycle_quantity": data.quantity,
-        "lifecycle_version": at,
+        "lifecycle_version": version,
         "lifecycle_source": "event",
         "expiry_date": data.periodEnd,
         "renewal_failed_at": when if failed else None,
@@ -258,21 +263,21 @@ def effects_of_subscription(
     effects.add(merge.SUBSCRIPTION_LIFECYCLE, [row])
 
 
-def effects_of_domain(effects: Effects, model: payloads.DomainEvent, at: str) -> None:
+def effects_of_domain(effects: Effects, model: payloads.DomainEvent, version: str) -> None:
     data = model.data
     row = {
         "domain_id": data.domainId,
         "name": data.domainName,
         "status": model.state,
         "expiry_date": data.expiryDate,
-        "version": at,
+        "version": version,
     }
     statement = merge.DOMAIN_BY_ID if data.domainId else merge.DOMAIN_BY_NAME
     effects.add(statement, [row])
 
 
-def of(model: payloads.HandledEvent, *, vault: Vault, at: datetime, version: str) -> Effects:
-    """What one validated event does, as rows for the merge rules' upserts: `at` is its
+def of(model: payloads.HandledEvent, *, vault: Vault, when: datetime, version: str) -> Effects:
+    """What one validated event does, as rows for the merge rules' upserts: `when` is its
     time, `version` its place among events (see version)."""
     result = Effects()
     match model:
@@ -283,13 +288,13 @@ def of(model: payloads.HandledEvent, *, vault: Vault, at: datetime, version: str
         case payloads.MailboxUpdated():
             effects_of_mailbox_updated(result, model, version)
         case payloads.MailboxStateEvent():
-            effects_of_mailbox_state(result, model, vault, version, at)
+            effects_of_mailbox_state(result, model, vault, version, when)
         case payloads.PrewarmupOrderSuccess():
             effects_of_prewarmup_success(result, model, version)
         case payloads.PrewarmupOrderFailed():
             effects_of_prewarmup_failed(result, model)
         case payloads.SubscriptionEvent():
-            effects_of_subscription(result, model, version, at)
+            effects_of_subscription(result, model, version, when)
         case payloads.DomainEvent():
             effects_of_domain(result, model, version)
     return result

@@ -9,9 +9,8 @@ and its derived values (merge.DERIVE_ORDER), in the same transaction.
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -22,9 +21,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
-from app.hashing import Hasher
 from app.receiving import payloads
-from app.receiving.signing import SignatureCheck
+from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.recording import effects, merge
 from app.recording.effects import Effects, Row, Unsealed
 from app.recording.merge import Upsert
@@ -37,64 +35,10 @@ ATTEMPTS = 3
 PARTS, MIN_PART = 4, 100
 
 
-@dataclass(frozen=True)
-class Stored:
-    """A stored event that `replay` applies again: its row, and the time it was sent."""
-
-    row_id: int
-    event_time: datetime
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """An authenticated, parsed delivery, ready to record (live, from the spool, or replayed)."""
-
-    envelope: dict[str, Any]  # normalised: `event` and `eventId` always present
-    raw: bytes
-    signature: SignatureCheck
-    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    warnings: list[str] = field(default_factory=list)
-    spooled: bool = False
-    # None only while the database is away (no hashing key yet): such a delivery is spooled
-    hasher: Hasher | None = None
-    stored: Stored | None = None
-
-    @property
-    def event_id(self) -> str | None:
-        """None for a delivery without eventId received while the key was out of reach."""
-        event_id = self.envelope["eventId"]
-        return None if event_id is None else str(event_id)
-
-    @property
-    def event(self) -> str:
-        return str(self.envelope["event"])
-
-    @cached_property
-    def content_hash(self) -> bytes:
-        assert self.hasher is not None, "recorded without the hashing key"
-        return self.hasher.digest(payloads.canonical(self.envelope))
-
-    @property
-    def event_time(self) -> datetime:
-        """The signed time when the signature was valid, else the first receipt."""
-        if self.stored is not None:
-            return self.stored.event_time
-        signed = self.signature.signed_at if self.signature.ok else None
-        return datetime.fromtimestamp(signed, UTC) if signed is not None else self.received_at
-
-    @property
-    def version(self) -> str:
-        assert self.event_id is not None, "a delivery without its eventId is spooled"
-        return effects.version(self.event_time, self.event_id, self.content_hash)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a delivery, from the recording to the answer."""
-
-    status: str  # processed | ignored | duplicate | queued (in the spool)
-    conflict: bool = False  # a second content for an eventId already recorded
-    row_id: int = 0
+def delivery_version(delivery: Delivery) -> str:
+    """The delivery's place in 'the later event wins' (effects.version)."""
+    assert delivery.event_id is not None, "a delivery without its eventId is spooled"
+    return effects.version(delivery.event_time, delivery.event_id, delivery.content_hash)
 
 
 # The event's key row serialises deliveries of one eventId: a second one waits for the
@@ -176,7 +120,9 @@ async def record(
     changes = (
         None
         if model is None
-        else effects.of(model, vault=vault, at=delivery.event_time, version=delivery.version)
+        else effects.of(
+            model, vault=vault, when=delivery.event_time, version=delivery_version(delivery)
+        )
     )
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lost_a_race),
@@ -253,19 +199,6 @@ def parts(mailboxes: list[Unsealed]) -> list[list[Unsealed]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """A delivery refused (400, 422) or that failed to apply (500): kept, encrypted."""
-
-    raw: bytes
-    signature: str
-    reason: str  # invalid_json | invalid_payload | apply_failed
-    errors: list[dict[str, Any]]
-    event: str | None = None
-    event_id: str | None = None
-    received_at: datetime | None = None
-
-
 STORE_REJECTED = """
 INSERT INTO rejected_deliveries (reason, event, event_id, errors, signature, body_encrypted,
     received_at)
@@ -288,8 +221,8 @@ async def store_rejected(
 ) -> None:
     """Keep a refused delivery, encrypted, so it can be replayed once its cause is fixed;
     within max_bytes of kept bodies, so a sender of bad bodies cannot fill the disk."""
-    async with raw_connection(engine) as raw:
-        await raw.execute(
+    async with raw_connection(engine) as conn:
+        await conn.execute(
             STORE_REJECTED,
             rejection.reason,
             rejection.event,
@@ -299,7 +232,7 @@ async def store_rejected(
             vault.encrypt(rejection.raw),
             rejection.received_at or datetime.now(UTC),
         )
-        status = await raw.execute(DROP_OLDEST_REJECTED, max_bytes)
+        status = await conn.execute(DROP_OLDEST_REJECTED, max_bytes)
     if dropped := int(status.split()[-1]):
         metrics.REJECTED_BODIES_DROPPED.inc(dropped)
         log.warning("dropped the %s oldest rejected bodies: over REJECTED_MAX_BYTES", dropped)

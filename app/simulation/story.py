@@ -4,8 +4,7 @@ Five agencies order Google and Microsoft mailboxes on domains of their own. Orde
 succeed, fail or partly fail with the sender's reasons; subscriptions renew this week, fall
 past due, fail to renew or are cancelled; domains enter their grace period; mailboxes are
 warmed up, exported and renamed. Each agency's deliveries go in the order the sender would
-send them, with the odd retry. Payload shapes follow provider-docs/ and
-app/receiving/payloads.py.
+send them, with the odd retry. Payload shapes follow app/receiving/payloads.py.
 """
 
 import hashlib

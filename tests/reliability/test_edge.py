@@ -1,4 +1,4 @@
-"""The service on the open internet, attacked as the review attacked it: a real `serve`
+"""The service on the open internet, attacked as bench/attack.py attacks it: a real `serve`
 process (production mode, one worker) and raw sockets, no ASGI shortcut.
 
 Every wait here is for a condition (an answer, a closed socket, a log line), bounded
@@ -489,7 +489,7 @@ GUESSES = ["letmein", "Summer2026!", "hunter2", "correct-horse-7", "password1"]
 
 
 def test_no_unkeyed_hash_lets_a_reader_test_password_guesses(server, database, tmp_path):
-    """The review's attack: an ops token reads a redacted event without eventId, puts each
+    """An attack: an ops token reads a redacted event without eventId, puts each
     guess where the password was, hashes, and looks for the hash anywhere."""
     payload = traffic.mailbox_created()
     del payload["eventId"]

@@ -1,4 +1,4 @@
-"""Issue 27's attacks on a real `serve`: bodies read before authentication, answers nobody
+"""Attacks on a real `serve`: bodies read before authentication, answers nobody
 reads, and more connections than a worker has file descriptors.
 
 Each server here is configured with small timeouts for what a test waits out, and generous

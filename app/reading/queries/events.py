@@ -1,0 +1,127 @@
+"""Stored events (payloads redacted) and rejected deliveries."""
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Select,
+    literal_column,
+    select,
+    text,
+    union,
+)
+
+from app.errors import NotFound
+from app.models import (
+    EVENT_ABOUT,
+    events,
+    rejected,
+)
+from app.reading import resources
+from app.reading.queries.paging import Ident, ListQuery, list_page
+from app.reading.reader import Reader
+
+OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
+
+
+class EventQuery(ListQuery):
+    event: Ident | None = None
+    status: Literal["processed", "ignored"] | None = None
+    event_id: Ident | None = None
+    conflict: bool | None = None
+
+
+def event_select(*, payload: bool = True) -> Select[Any]:
+    hidden = {"body_encrypted", "content_hash"} | (set() if payload else {"payload"})
+    return select(*[c for c in events.c if c.name not in hidden])
+
+
+async def list_events(conn: Reader, query: EventQuery) -> resources.Page[resources.EventSummary]:
+    """Without payloads (up to MAX_BODY_BYTES each): `GET /events/{id}` has it."""
+    select_ = event_select(payload=False)
+    return await list_page(conn, select_, events, query, resources.EventSummary)
+
+
+async def get_event(conn: Reader, id: int) -> resources.Event:
+    row = (await conn.execute(event_select().where(events.c.id == id))).first()
+    if row is None:
+        raise NotFound()
+    return resources.Event.model_validate(row._asdict())
+
+
+async def events_about(conn: Reader, limit: int = 50, **ids: Sequence[str]) -> list[Any]:
+    """The latest events that name any of these IDs (order=, subscription=, mailbox=)."""
+    wanted = [(EVENT_ABOUT[kind], value) for kind, values in ids.items() for value in values]
+    wanted += [(EVENT_ABOUT["updated_mailbox"], value) for value in ids.get("mailbox", ())]
+    if not wanted:
+        return []
+    # One index range per ID, each read backwards from its newest (an OR of them would
+    # have the planner walk the whole table by id, hoping for an early match).
+    latest = union(
+        *(
+            select(events.c.id)
+            .where(literal_column(f"(payload #>> '{path}')") == value)
+            .order_by(events.c.id.desc())
+            .limit(limit)
+            for path, value in wanted
+        )
+    ).subquery()
+    stmt = (
+        event_select(payload=False)
+        .where(events.c.id.in_(select(latest.c.id)))
+        .order_by(events.c.id.desc())
+        .limit(limit)
+    )
+    return [resources.EventSummary.model_validate(r._asdict()) for r in await conn.execute(stmt)]
+
+
+class RejectedQuery(ListQuery):
+    event_id: Ident | None = None
+
+
+def rejected_select() -> Select[Any]:
+    return select(*[c for c in rejected.c if c.name != "body_encrypted"])
+
+
+async def list_rejected(conn: Reader, query: RejectedQuery) -> resources.Page[resources.Rejected]:
+    return await list_page(conn, rejected_select(), rejected, query, resources.Rejected)
+
+
+async def get_rejected(conn: Reader, id: int) -> resources.Rejected:
+    row = (await conn.execute(rejected_select().where(rejected.c.id == id))).first()
+    if row is None:
+        raise NotFound()
+    return resources.Rejected.model_validate(row._asdict())
+
+
+async def per_minute(conn: Reader, since: datetime) -> dict[str, dict[datetime, int]]:
+    """Deliveries a minute by outcome. A duplicate counts at its event's last receipt (the
+    sender retries within minutes, so events first seen in the 24 h before suffice)."""
+    minute = "date_trunc('minute', {})"
+    stmt = text(
+        f"SELECT {minute.format('first_received_at')} AS m, status AS outcome, count(*) AS n"
+        " FROM events WHERE first_received_at >= :since GROUP BY 1, 2"
+        f" UNION ALL SELECT {minute.format('last_received_at')}, 'duplicate', sum(deliveries - 1)"
+        " FROM events WHERE first_received_at >= :since - interval '1 day'"
+        " AND last_received_at >= :since AND deliveries > 1 GROUP BY 1"
+        f" UNION ALL SELECT {minute.format('received_at')}, 'rejected', count(*)"
+        " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1"
+    ).bindparams(since=since)
+    counts: dict[str, dict[datetime, int]] = {outcome: {} for outcome in OUTCOMES}
+    for row in await conn.execute(stmt):
+        counts[row.outcome][row.m] = int(row.n)
+    return counts
+
+
+async def signatures_since(conn: Reader, since: datetime) -> list[tuple[str, int]]:
+    """Deliveries per signature form (stored and rejected), the commonest first."""
+    rows = await conn.execute(
+        text(
+            "SELECT signature, sum(n) AS n FROM ("
+            " SELECT signature, count(*) AS n FROM events WHERE first_received_at >= :since"
+            " GROUP BY 1 UNION ALL SELECT signature, count(*) FROM rejected_deliveries"
+            " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
+        ).bindparams(since=since)
+    )
+    return [(row.signature, int(row.n)) for row in rows]
