@@ -84,6 +84,13 @@ TESTS = {
         "tests/test_promises_state.py",
         "tests/test_api.py",
     ],
+    # the read side's paging and search (cursors, filters, the literal-search escaping)
+    "app/reading/queries/paging.py": [
+        "tests/test_promises_state.py",
+        "tests/test_search_limits.py",
+        "tests/test_read_side.py",
+        "tests/test_api.py",
+    ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
     "app/operations/privacy.py": [
         "tests/test_privacy.py",
