@@ -67,6 +67,11 @@ async def stored(client, db) -> dict[str, int]:
     await db.execute(
         "update rejected_deliveries set replayed_at = now() where id = $1", ids["done"]
     )
+    for name in ("dropped", "dropped_too"):  # bodies the rejected bound dropped
+        ids[name] = await keep_rejected(db, traffic.mailbox_created(), T + timedelta(days=3))
+        await db.execute(
+            "update rejected_deliveries set body_encrypted = null where id = $1", ids[name]
+        )
     return ids
 
 
@@ -79,7 +84,7 @@ async def test_everything_reports_each_kind_and_turns_a_fixed_rejection_into_an_
 ):
     events, rejected = await run(database_url, Selection(everything=True))
     assert counts(events) == (3, 0, 1, 1)
-    assert counts(rejected) == (1, 2, 0, 0)  # the one replayed before is not tried again
+    assert counts(rejected) == (1, 2, 0, 2)  # the one replayed before is not tried again
     assert sorted(e.split(":")[0] for e in rejected.errors) == sorted(
         f"rejected #{stored[k]}" for k in ("invalid", "not_json")
     )
@@ -94,14 +99,16 @@ async def test_everything_reports_each_kind_and_turns_a_fixed_rejection_into_an_
     untouched = await db.fetch(
         "select id from rejected_deliveries where replayed_at is null order by id"
     )
-    assert [r["id"] for r in untouched] == sorted([stored["invalid"], stored["not_json"]])
+    assert [r["id"] for r in untouched] == sorted(
+        stored[k] for k in ("invalid", "not_json", "dropped", "dropped_too")
+    )
 
 
 async def test_a_dry_run_counts_the_same_and_changes_nothing(db, database_url, stored):
     tables = ("events", "rejected_deliveries", "mailboxes", "subscriptions")
     before = {t: await db.fetch(f"select * from {t} order by id") for t in tables}
     events, rejected = await run(database_url, Selection(everything=True), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((3, 0, 1, 1), (1, 2, 0, 0))
+    assert (counts(events), counts(rejected)) == ((3, 0, 1, 1), (1, 2, 0, 2))
     assert {t: await db.fetch(f"select * from {t} order by id") for t in tables} == before
 
 
@@ -113,7 +120,7 @@ async def test_a_window_takes_since_inclusive_and_until_exclusive_of_both_kinds(
     assert counts(events) == (1, 0, 0, 0)  # "at" only: "after" falls on until
     assert counts(rejected) == (1, 0, 0, 0)  # "valid" only
     events, rejected = await run(database_url, Selection(since=T), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((2, 0, 1, 1), (1, 1, 0, 0))
+    assert (counts(events), counts(rejected)) == ((2, 0, 1, 1), (1, 1, 0, 2))
     events, rejected = await run(database_url, Selection(until=T), dry_run=True)
     assert (counts(events), counts(rejected)) == ((1, 0, 0, 0), (0, 1, 0, 0))
 
@@ -141,3 +148,20 @@ async def test_ids_not_stored_refuse_the_whole_run_naming_each(db, database_url,
         await db.fetchval("select count(*) from rejected_deliveries where replayed_at is not null")
         == 1
     )
+
+
+async def test_a_replayed_rejection_without_event_id_and_its_live_retry_count_once(
+    client, db, database_url
+):
+    """The eventId a body without one gets is derived from its content (the hashing key),
+    the same for a replay as for a live delivery."""
+    body = traffic.mailbox_created()
+    del body["eventId"]
+    row_id = await keep_rejected(db, body, T)
+    _, rejected = await run(database_url, Selection(rejected_ids=[row_id]))
+    assert counts(rejected) == (1, 0, 0, 0)
+    assert (await deliver(client, body)).json()["status"] == "duplicate"
+    other = traffic.mailbox_created()
+    del other["eventId"]
+    assert (await deliver(client, other)).json()["status"] == "processed"
+    assert await db.fetchval("select count(*) from events where event = 'mailbox.created'") == 2
