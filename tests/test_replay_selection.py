@@ -15,6 +15,7 @@ from app.simulation import traffic
 from tests.conftest import FERNET_KEY, deliver
 
 T = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # the window's edges fall on stored times
+SECRET = traffic.canary("pw")
 
 
 async def run(database_url: str, selection: Selection, *, dry_run: bool = False) -> Any:
@@ -60,7 +61,7 @@ async def stored(client, db) -> dict[str, int]:
         )
     await db.execute("update events set body_encrypted = null where id = $1", ids["no_body"])
     ids["valid"] = await keep_rejected(db, traffic.mailbox_created(), T)
-    invalid = traffic.mailbox_created(subscriptionId="")
+    invalid = traffic.mailbox_created(subscriptionId="", details={"appPassword": {"k": SECRET}})
     ids["invalid"] = await keep_rejected(db, invalid, T + timedelta(days=1))
     ids["not_json"] = await keep_rejected(db, b"{not json", T - timedelta(days=1))
     ids["done"] = await keep_rejected(db, traffic.mailbox_created(), T)
@@ -88,7 +89,12 @@ async def test_everything_reports_each_kind_and_turns_a_fixed_rejection_into_an_
     assert sorted(e.split(":")[0] for e in rejected.errors) == sorted(
         f"rejected #{stored[k]}" for k in ("invalid", "not_json")
     )
-    assert any("subscriptionId" in e for e in rejected.errors)
+    said = {e.split(":")[0]: e for e in rejected.errors}
+    assert said[f"rejected #{stored['not_json']}"].endswith(": body is not valid JSON (UTF-8)")
+    invalid = said[f"rejected #{stored['invalid']}"]
+    assert "'loc': ['data', 'subscriptionId']" in invalid  # where, never what was sent
+    assert "'loc': ['data', 'mailboxDetails', 'appPassword']" in invalid
+    assert SECRET not in invalid
     row = await db.fetchrow(
         "select replayed_at, replayed_event_id from rejected_deliveries where id = $1",
         stored["valid"],
