@@ -108,6 +108,9 @@ async def test_erase_takes_one_mailboxs_fields_from_everywhere_and_leaves_its_ne
     assert encoded(kept["password"]) in events and kept["profilePicture"] in copies
     assert b"Edited-kept" in events and "Edited-kept" in copies
     assert rejected[1] is not None and encoded(kept["password"]) in rejected[1]
+    # a rejected delivery naming it stays replayable: scrubbed, not deleted
+    assert rejected[0] is not None and ERASED.encode() in rejected[0]
+    assert gone["mailboxId"].encode() in rejected[0]
     # the rejected body that is not JSON but names the mailbox is deleted
     assert rejected[2] is None
     audit = await db.fetchrow("select mailbox_id, events_scrubbed, rejected_scrubbed from erasures")
