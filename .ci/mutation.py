@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation testing (mutmut 3) of the modules a change touches, within a time budget.
 
-    python .ci/mutation.py                       # the app/ modules changed since main
+    python .ci/mutation.py                       # scoped modules changed since main
     python .ci/mutation.py --base HEAD~3         # ... since another base
     python .ci/mutation.py app/config.py         # these modules
     python .ci/mutation.py --budget 600 --update # raise the ratchet where a score went up
@@ -10,7 +10,9 @@ It copies the checkout (tracked files, as they are now) to a scratch folder, so 
 `mutants/` never lands in the checkout, and runs `mutmut run` there on the modules, with
 the tests TESTS names for each (else all of tests/), under the budget. Then, per module:
 killed / (killed + survived + reached by no test), leaving out the mutants listed in
-.ci/mutation-equivalent.txt (one name a line, `# why` after it).
+.ci/mutation-equivalent.txt (one name a line, `# why` after it) and those mutmut cannot
+run, in .ci/mutation-untestable.txt (globs). One migrated template database serves every
+mutant's tests (TEST_TEMPLATE_DATABASE).
 .ci/mutation-scores.json is the ratchet: a module measured in full (every mutant checked
 within the budget) may not score below it; one cut short by the budget is reported, not
 judged. Exit 1 when a score went down.
