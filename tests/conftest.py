@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,18 @@ from app.crypto import generate_key
 from app.main import create_app
 from app.operations.migrations import upgrade
 from tests.streams import SENT_AT
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """mutmut runs each mutant's tests in a process forked from one that already ran them
+    unmutated: a statement cached there (a functools cache in app/) would hide the mutant.
+    Every session starts with those caches empty."""
+    for name, module in list(sys.modules.items()):
+        if name == "app" or name.startswith("app."):
+            for value in list(vars(module).values()):
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+
 
 FERNET_KEY = generate_key()
 WEBHOOK_TOKEN = "wh-token-" + os.urandom(8).hex()
@@ -67,6 +80,11 @@ async def _admin(server: str, sql: str) -> None:
 
 @pytest.fixture(scope="session")
 def template_name(server_url: str) -> Iterator[str]:
+    if given := os.environ.get("TEST_TEMPLATE_DATABASE"):
+        # Migrated once by the caller (.ci/mutation.py runs pytest once per mutant):
+        # each test still gets its own copy of it.
+        yield given
+        return
     name = f"cmw_template_{os.getpid()}"
     asyncio.run(_admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     asyncio.run(_admin(server_url, f"CREATE DATABASE {name}"))

@@ -1,0 +1,349 @@
+"""What recording keeps of each event, read back through the API: every field an event
+names lands in its own column, and what the event does not name stays as it was.
+
+Each fixture varies what the code could confuse: distinct owners per order, several
+domains per order, a distinct value per personal field.
+"""
+
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from app.simulation import traffic
+from tests import streams
+from tests.conftest import deliver
+from tests.state import OPS
+
+
+async def delivered(client: httpx.AsyncClient, *payloads: dict[str, Any]) -> None:
+    for payload in payloads:
+        response = await deliver(client, payload)
+        assert response.status_code == 200, response.text
+
+
+async def read(client: httpx.AsyncClient, path: str) -> Any:
+    response = await client.get(f"/api/v1/{path}", headers=OPS)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_a_failed_prewarmup_order_shows_whose_it_is_and_each_domains_reason(client):
+    failed = traffic.prewarmup_failed(
+        order_id=traffic.provider_id(), failures={"a.com": "no stock", "b.com": "no funds"}
+    )
+    failed["data"] |= {"userEmail": "owner.b@example.org", "serviceProvider": "MICROSOFT"}
+    other = traffic.prewarmup_failed(order_id=traffic.provider_id(), failures={"c.com": "x"})
+    await delivered(client, failed, other)
+    order = await read(client, f"orders/{failed['data']['orderId']}")
+    assert (order["userId"], order["userEmail"], order["provider"]) == (
+        failed["data"]["userId"],
+        "owner.b@example.org",
+        "MICROSOFT",
+    )
+    assert order["kind"] == "prewarmup"
+    assert order["status"] == "failed"
+    assert order["failureReason"] is None  # the domains failed, not the order as a whole
+    assert {(d["domain"], d["status"], d["reason"]) for d in order["domains"]} == {
+        ("a.com", "failed", "no stock"),
+        ("b.com", "failed", "no funds"),
+    }
+    assert (await read(client, f"orders/{other['data']['orderId']}"))["userId"] == other["data"][
+        "userId"
+    ]
+
+
+async def test_an_order_level_failure_shows_its_reason_and_a_domain_failure_does_not(client):
+    whole = traffic.prewarmup_failed(order_id=traffic.provider_id(), failures={})
+    whole["data"]["reason"] = "Insufficient wallet balance"
+    unnamed = traffic.prewarmup_failed(order_id=traffic.provider_id(), failures={})
+    per_domain = traffic.prewarmup_failed(order_id=traffic.provider_id(), failures={"d.com": "x"})
+    per_domain["data"]["reason"] = "ignored beside failedOrders"
+    await delivered(client, whole, unnamed, per_domain)
+    shown = {
+        kind: await read(client, f"orders/{payload['data']['orderId']}")
+        for kind, payload in (("whole", whole), ("unnamed", unnamed), ("per_domain", per_domain))
+    }
+    assert shown["whole"]["failureReason"] == "Insufficient wallet balance"
+    assert shown["unnamed"]["failureReason"] == "order failed"
+    assert shown["per_domain"]["failureReason"] is None
+    assert {o["status"] for o in shown.values()} == {"failed"}
+    assert shown["whole"]["domains"] == [] and len(shown["per_domain"]["domains"]) == 1
+
+
+def at(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+async def test_each_field_of_an_order_and_its_mailbox_lands_in_its_own_place(client):
+    order = traffic.mailbox_order_success(
+        userEmail="zoë.owner@example.org",
+        workspaceType="MICROSOFT",
+        price=12.5,
+        quantity=4,
+        expiryDate="2031-05-06T07:08:09Z",
+    )
+    data = order["data"]
+    created = traffic.mailbox_created(
+        provider="MICROSOFT",
+        subscriptionId=data["subscriptionId"],
+        orderId=data["orderId"],
+        domain=data["domainName"],
+        userId=data["userId"],
+        userEmail="zoë.owner@example.org",
+        price=3.25,
+        details={
+            "firstName": "Zoë",
+            "lastName": "O'Brien_100%",
+            "userName": "zob\\admin",
+            "profilePicture": "https://cdn.example.org/zoe.png",
+            "isAdmin": False,
+            "creationTime": "2024-01-02T03:04:05Z",
+            "expiryDate": "2030-02-03T04:05:06Z",
+            "authenticatorSecret": traffic.canary("totp"),
+        },
+    )
+    other = traffic.mailbox_created(details={"firstName": "Ann", "isAdmin": True})
+    await delivered(client, order, created, other)
+
+    sub = await read(client, f"subscriptions/{data['subscriptionId']}")
+    assert {k: sub[k] for k in ("domain", "domainId", "userId", "userEmail", "provider")} == {
+        "domain": data["domainName"],
+        "domainId": data["domainId"],
+        "userId": data["userId"],
+        "userEmail": "zoë.owner@example.org",
+        "provider": "MICROSOFT",
+    }
+    assert (sub["source"], sub["status"], sub["orderId"]) == ("standard", "active", data["orderId"])
+    assert (sub["quantity"], float(sub["price"])) == (4, 12.5)
+    assert at(sub["expiryDate"]) == at("2031-05-06T07:08:09Z")  # the later of the two
+
+    box = created["data"]["mailboxDetails"]
+    shown = await read(client, f"mailboxes/{box['mailboxId']}")
+    expected = {
+        "subscriptionId": data["subscriptionId"],
+        "domain": data["domainName"],
+        "email": box["email"],
+        "firstName": "Zoë",
+        "lastName": "O'Brien_100%",
+        "userName": "zob\\admin",
+        "profilePicture": "https://cdn.example.org/zoe.png",
+        "isAdmin": False,
+        "provider": "MICROSOFT",
+        "source": "standard",
+        "userId": data["userId"],
+        "orderId": data["orderId"],
+        "finalUrl": "https://example.com/oauth-callback",
+        "hasPassword": True,
+        "hasAppPassword": False,
+        "hasAuthenticatorSecret": True,
+    }
+    assert {k: shown[k] for k in expected} == expected
+    assert float(shown["price"]) == 3.25
+    assert at(shown["creationTime"]) == at("2024-01-02T03:04:05Z")
+    assert at(shown["expiryDate"]) == at("2030-02-03T04:05:06Z")
+    the_other = await read(client, f"mailboxes/{other['data']['mailboxDetails']['mailboxId']}")
+    assert (the_other["firstName"], the_other["isAdmin"], the_other["hasPassword"]) == (
+        "Ann",
+        True,
+        False,
+    )
+    assert the_other["hasAppPassword"] is True
+
+
+async def test_a_prewarmup_order_keeps_each_mailbox_its_own_fields_and_each_domain_its_own(
+    client,
+):
+    order = traffic.prewarmup_success(domains=2, per_domain=2, provider="MICROSOFT")
+    groups = order["data"]["mailboxDetails"]
+    for n, box in enumerate(box for group in groups for box in group["preWarmedUpMailboxes"]):
+        box |= {
+            "firstName": f"Prénom{n}",
+            "lastName": f"Nom_{n}%",
+            "profilePicture": f"https://cdn.example.org/{n}.png",
+            "isAdmin": n % 2 == 0,
+            "warmingUpFrom": f"2025-09-2{n}T08:00:00Z",
+            "expiryDate": f"2026-0{n + 1}-15T12:00:00Z",
+        }
+    groups[1]["preWarmedUpMailboxes"][1].pop("authenticatorSecret")
+    await delivered(client, order)
+    data = order["data"]
+    shown = await read(client, f"orders/{data['orderId']}")
+    assert (shown["kind"], shown["status"], shown["provider"]) == (
+        "prewarmup",
+        "succeeded",
+        "MICROSOFT",
+    )
+    assert (shown["userId"], shown["userEmail"]) == (data["userId"], data["userEmail"])
+    assert sorted(
+        (d["domain"], d["subscriptionId"], d["quantity"]) for d in shown["domains"]
+    ) == sorted((g["domain"], g["subscriptionId"], 2) for g in groups)
+    n = 0
+    for group in groups:
+        sub = await read(client, f"subscriptions/{group['subscriptionId']}")
+        assert (sub["domain"], sub["source"], sub["status"]) == (
+            group["domain"],
+            "prewarmed",
+            "active",
+        )
+        assert (sub["orderId"], sub["provider"], sub["userId"]) == (
+            data["orderId"],
+            "MICROSOFT",
+            data["userId"],
+        )
+        # the latest of its mailboxes' expiry dates
+        assert at(sub["expiryDate"]) == at(group["preWarmedUpMailboxes"][1]["expiryDate"])
+        for box in group["preWarmedUpMailboxes"]:
+            got = await read(client, f"mailboxes/{box['mailboxId']}")
+            assert {k: got[k] for k in ("email", "firstName", "lastName", "profilePicture")} == {
+                k: box[k] for k in ("email", "firstName", "lastName", "profilePicture")
+            }
+            assert (got["isAdmin"], got["domain"], got["subscriptionId"]) == (
+                n % 2 == 0,
+                group["domain"],
+                group["subscriptionId"],
+            )
+            assert (got["source"], got["orderId"], got["provider"]) == (
+                "prewarmed",
+                data["orderId"],
+                "MICROSOFT",
+            )
+            assert at(got["warmingUpFrom"]) == at(box["warmingUpFrom"])
+            assert at(got["expiryDate"]) == at(box["expiryDate"])
+            assert (got["hasPassword"], got["hasAppPassword"]) == (True, True)
+            assert got["hasAuthenticatorSecret"] is ("authenticatorSecret" in box)
+            n += 1
+
+
+async def test_a_failed_standard_order_creates_its_subscription_failed_with_the_reason(client):
+    failed = traffic.mailbox_order_failed(
+        domain="failed-domain.com", workspaceType="MICROSOFT", reason="Domain not verified"
+    )
+    data = failed["data"]
+    await delivered(client, failed)
+    sub = await read(client, f"subscriptions/{data['subscriptionId']}")
+    assert (sub["status"], sub["source"], sub["domain"]) == (
+        "failed",
+        "standard",
+        "failed-domain.com",
+    )
+    assert (sub["orderId"], sub["userId"], sub["provider"]) == (
+        data["orderId"],
+        data["userId"],
+        "MICROSOFT",
+    )
+    order = await read(client, f"orders/{data['orderId']}")
+    assert (order["status"], order["kind"]) == ("failed", "mailbox")
+    assert [
+        (d["domain"], d["status"], d["reason"], d["subscriptionId"]) for d in order["domains"]
+    ] == [("failed-domain.com", "failed", "Domain not verified", data["subscriptionId"])]
+    # the order's success later: active, and the failure reason stays on record
+    success = traffic.mailbox_order_success(
+        subscriptionId=data["subscriptionId"],
+        orderId=data["orderId"],
+        domainName="failed-domain.com",
+        quantity=5,
+    )
+    await delivered(client, success)
+    sub = await read(client, f"subscriptions/{data['subscriptionId']}")
+    assert (sub["status"], sub["quantity"], sub["domainId"]) == (
+        "active",
+        5,
+        success["data"]["domainId"],
+    )
+    order = await read(client, f"orders/{data['orderId']}")
+    assert order["status"] == "succeeded"
+    assert [(d["status"], d["reason"], d["quantity"]) for d in order["domains"]] == [
+        ("succeeded", "Domain not verified", 5)
+    ]
+
+
+async def test_a_subscription_event_first_heard_creates_it_with_every_field_it_names(client):
+    sub, other = traffic.provider_id(), traffic.provider_id()
+    event = streams.subscription_event(
+        "subscription.renewing",
+        sub,
+        domain="renewing.example",
+        domainId="DOM1",
+        userEmail="ünï@example.org",
+        workspaceType="MICROSOFT",
+        quantity=7,
+        autoRenew=False,
+        **streams.period(2),
+    )
+    quiet = streams.subscription_event("subscription.updated", other, domain="quiet.example")
+    await delivered(client, event, quiet)
+    shown = await read(client, f"subscriptions/{sub}")
+    period = streams.period(2)
+    assert {k: shown[k] for k in ("domain", "domainId", "userEmail", "provider")} == {
+        "domain": "renewing.example",
+        "domainId": "DOM1",
+        "userEmail": "ünï@example.org",
+        "provider": "MICROSOFT",
+    }
+    assert (shown["userId"], shown["status"], shown["subscriptionStatus"]) == (
+        event["data"]["userId"],
+        "active",
+        "RENEWING",
+    )
+    assert (shown["quantity"], shown["autoRenew"], shown["lifecycleSource"]) == (7, False, "event")
+    assert at(shown["periodStart"]) == at(period["periodStart"])
+    assert at(shown["periodEnd"]) == at(shown["expiryDate"]) == at(period["periodEnd"])
+    unnamed = await read(client, f"subscriptions/{other}")
+    assert (unnamed["subscriptionStatus"], unnamed["periodEnd"], unnamed["quantity"]) == (
+        None,
+        None,
+        None,
+    )
+    assert (unnamed["autoRenew"], unnamed["domain"]) == (None, "quiet.example")
+
+
+async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_status(client):
+    created = traffic.mailbox_created(provider="GOOGLE")
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    await delivered(client, created)
+    warmup = traffic.envelope("mailbox.warmup.started", {"mailboxId": box})
+    await delivered(client, warmup)
+    shown = await read(client, f"mailboxes/{box}")
+    assert (shown["warmupStatus"], shown["exportedAt"]) == ("started", None)
+    assert (shown["hasPassword"], shown["hasAuthenticatorSecret"]) == (False, False)
+    exported = traffic.envelope(
+        "mailbox.exported",
+        {"mailboxDetails": {"mailboxId": box, "password": "pw-1", "authenticatorSecret": "s-1"}},
+    )
+    await delivered(client, exported)
+    shown = await read(client, f"mailboxes/{box}")
+    assert shown["warmupStatus"] == "started"  # an export says nothing of the warmup
+    assert shown["exportedAt"] is not None
+    assert (shown["hasPassword"], shown["hasAppPassword"], shown["hasAuthenticatorSecret"]) == (
+        True,
+        True,
+        True,
+    )
+
+
+async def test_a_duplicate_delivery_touches_no_row_and_a_new_event_does(client):
+    """`updatedSince` readers must not see a retried delivery as a change."""
+    order = traffic.mailbox_order_success()
+    created = traffic.mailbox_created(
+        subscriptionId=order["data"]["subscriptionId"], orderId=order["data"]["orderId"]
+    )
+    prewarm = traffic.prewarmup_success(domains=2, per_domain=2)  # rows for one statement
+    await delivered(client, order, created, prewarm)
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    warm = prewarm["data"]["mailboxDetails"][0]
+    paths = [
+        f"subscriptions/{order['data']['subscriptionId']}",
+        f"subscriptions/{warm['subscriptionId']}",
+        f"mailboxes/{box}",
+        f"mailboxes/{warm['preWarmedUpMailboxes'][0]['mailboxId']}",
+        f"orders/{order['data']['orderId']}",
+    ]
+    before = [(await read(client, path))["updatedAt"] for path in paths]
+    for payload in (order, created, prewarm):  # the sender retries each, unchanged
+        response = await deliver(client, payload)
+        assert response.json()["status"] == "duplicate"
+    assert [(await read(client, path))["updatedAt"] for path in paths] == before
+    await delivered(client, traffic.mailbox_updated(box, {"firstName": "Later"}))
+    after = await read(client, f"mailboxes/{box}")
+    assert (after["firstName"], after["updatedAt"] > before[2]) == ("Later", True)

@@ -1,0 +1,58 @@
+"""The renewals' per-user totals are summed at most once a minute per window (`totalsAt`
+says when): within the minute a page shows the kept sums, after it the new ones; each
+window (`withinDays`) keeps its own."""
+
+from typing import Any
+
+import httpx
+
+from app.reading import renewals
+from app.simulation import traffic
+from tests.conftest import deliver
+from tests.state import OPS
+
+
+class Clock:
+    """time.monotonic for the renewals module, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def page(client: httpx.AsyncClient, days: int) -> Any:
+    response = await client.get("/api/v1/renewals", params={"withinDays": days}, headers=OPS)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def subscriptions(body: Any) -> int:
+    return sum(total["subscriptions"] for total in body["totals"])
+
+
+async def order(client: httpx.AsyncClient, expiry: str) -> None:
+    payload = traffic.mailbox_order_success(expiryDate=expiry)
+    assert (await deliver(client, payload)).status_code == 200
+
+
+async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(renewals, "time", clock)
+    await order(client, "2020-01-01T00:00:00Z")  # overdue: on every window's list
+    first = await page(client, 30)
+    assert subscriptions(first) == 1
+    await order(client, "2020-02-01T00:00:00Z")
+
+    clock.now += renewals.TOTALS_SECONDS - 1  # within the minute: the kept sums
+    kept = await page(client, 30)
+    assert (subscriptions(kept), kept["totalsAt"]) == (1, first["totalsAt"])
+    assert len(kept["items"]) == 2  # the page itself is read afresh
+    other_window = await page(client, 7)  # another window sums its own
+    assert subscriptions(other_window) == 2
+
+    clock.now += 1  # the minute is over: summed again
+    fresh = await page(client, 30)
+    assert subscriptions(fresh) == 2
+    assert fresh["totalsAt"] > first["totalsAt"]
