@@ -20,11 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
 from app.db import describe, is_transient, lost_a_race, raw_connection
+from app.destinations import Destination
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
 from app.recording.effects import Effects
-from app.destinations import Destination
 from app.recording.forwarding import Forwarded
 from app.recording.record import (
     Outbox,

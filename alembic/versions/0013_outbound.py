@@ -1,8 +1,8 @@
 """outbound: destinations' shared state (circuit, disabled by 410), the messages written in
 the transaction of their cause, and each attempt to send one (app/outbound)
 
-Revision ID: 0014
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-05 18:30:00
 
 """
@@ -14,8 +14,8 @@ from sqlalchemy.dialects import postgresql
 
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

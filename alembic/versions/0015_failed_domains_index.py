@@ -3,8 +3,8 @@ domains that failed (or once failed: the reason stays when a later success wins)
 first, by one partial index on their time; its incomplete orders count each order domain's
 mailboxes by (order_id, subscription_id) from one index
 
-Revision ID: 0016
-Revises: 0011
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-05 18:50:00
 
 """
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0016"
-down_revision: str | None = "0011"
+revision: str = "0015"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
