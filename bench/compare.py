@@ -87,9 +87,9 @@ def turns(baseline: Side, work: Side, pairs: int) -> Iterator[tuple[int, Side]]:
 
 def print_side_by_side(results: list[Result]) -> None:
     """Each row, then each figure with one column per run (the runs of a side together)."""
-    ordered = sorted(results, key=lambda r: r.side == WORK)  # the baseline's runs first
+    ordered = sorted(results, key=lambda r: r.side.startswith(WORK))  # the baseline's first
     names = list(dict.fromkeys(row["name"] for r in ordered for row in r.rows))
-    heads = [f"{r.side[:14]} #{i + 1}" for i, r in enumerate(ordered)]
+    heads = [r.side[-17:] for r in ordered]
     print(f"\n{'row / figure':58}" + "".join(f"{h:>18}" for h in heads))
     for name in names:
         print(name)
@@ -120,7 +120,8 @@ def compare(commit: str, pairs: int, passed: list[str], out: Path | None) -> int
     with baseline_checkout(commit, folder) as baseline:
         for pair, side in turns(baseline, work, pairs):
             kind = "base" if side is baseline else "work"
-            results.append(run_side(side, out / f"pair{pair + 1}-{kind}", passed))
+            result = run_side(side, out / f"pair{pair + 1}-{kind}", passed)
+            results.append(Result(f"{result.side} p{pair + 1}", result.rows, result.failures))
     print_side_by_side(results)
     failures = [f for r in results for f in r.failures]
     for failure in failures:
