@@ -143,7 +143,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("search subscriptions (API)", [f"/api/v1/subscriptions?q={q}" for q in SUB_SEARCHES]),
     ]
     lists = [
-        (f"list {name}", [path, f"{path}{'&' if '?' in path else '?'}order=oldest"])
+        (f"list {name}", [path, oldest(path)])
         for name, path in (
             ("/ui/orders", "/ui/orders"),
             ("/ui/subscriptions", "/ui/subscriptions"),
@@ -162,6 +162,13 @@ def targets() -> list[tuple[str, list[str]]]:
         ("detail /ui/mailboxes/{id}", [f"/ui/mailboxes/MBX{n}" for n in (7, 654_321)]),
     ]
     return ui + searches + lists + details
+
+
+def oldest(path: str) -> str:
+    """The list oldest first: the API refuses `order` given twice."""
+    if "order=newest" in path:
+        return path.replace("order=newest", "order=oldest")
+    return f"{path}{'&' if '?' in path else '?'}order=oldest"
 
 
 def queue_targets() -> list[tuple[str, list[str]]]:
