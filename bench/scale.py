@@ -143,7 +143,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("search subscriptions (API)", [f"/api/v1/subscriptions?q={q}" for q in SUB_SEARCHES]),
     ]
     lists = [
-        (f"list {name}", [path, f"{path}{'&' if '?' in path else '?'}order=oldest"])
+        (f"list {name}", [path, oldest(path)])
         for name, path in (
             ("/ui/orders", "/ui/orders"),
             ("/ui/subscriptions", "/ui/subscriptions"),
@@ -176,6 +176,13 @@ def targets() -> list[tuple[str, list[str]]]:
         ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
     ]
     return ui + searches + lists + details + dashboard
+
+
+def oldest(path: str) -> str:
+    """The list oldest first: the API refuses `order` given twice."""
+    if "order=newest" in path:
+        return path.replace("order=newest", "order=oldest")
+    return f"{path}{'&' if '?' in path else '?'}order=oldest"
 
 
 def queue_targets() -> list[tuple[str, list[str]]]:
