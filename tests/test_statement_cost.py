@@ -50,6 +50,7 @@ INDEXES = {
         *(f"ix_mailboxes_{c}_id" for c in ("subscription_id", "domain", "email", "user_id")),
         *(f"ix_mailboxes_{c}_id" for c in ("provider", "source", "order_id")),
         "ix_mailboxes_search",
+        "ix_mailboxes_order_id_subscription_id",  # an order's domains, "2 of 3 mailboxes"
     },
 }
 
