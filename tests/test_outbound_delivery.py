@@ -31,6 +31,7 @@ from tests.conftest import (
     make_settings,
 )
 from tests.receivers import receiving
+from tests.reliability.proxy import Proxy
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -368,3 +369,35 @@ async def test_a_slack_message_is_one_short_line_linking_to_the_page_it_names(
     assert "webhook-signature" not in headers
     stored = orjson.dumps([dict(r) for r in await messages(db)], default=str)
     assert slack.url.encode() not in stored
+
+
+async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_back(
+    database_url, db, tmp_path
+):
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created() for _ in range(3)])
+        proxy = Proxy(database_url)  # the dispatcher's way to PostgreSQL, cut at its start
+        engine = make_engine(proxy.url, pool_size=2)
+        dispatcher = Dispatcher(engine, destinations, poll_seconds=0.01)
+        tries, register = [], dispatcher.register
+
+        async def counted() -> None:
+            tries.append(1)
+            await register()
+
+        dispatcher.register = counted  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        run = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await until(lambda: len(tries) >= 3)  # it tried, failed and tried again
+            assert not run.done() and receiver.requests == []  # waiting, not dead
+            await proxy.start()
+            await until(lambda: len(receiver.applied) == 3)
+        finally:
+            stop.set()
+            await run
+            await proxy.cut()
+            await engine.dispose()
+    assert {r["status"] for r in await messages(db)} == {"delivered"}

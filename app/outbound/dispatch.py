@@ -14,6 +14,7 @@ success closes the circuit and makes every waiting message due at once.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -194,12 +195,26 @@ class Dispatcher:
         return sorted(self.destinations)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send until `stop` is set; what is being sent then is finished first."""
+        """Send until `stop` is set; what is being sent then is finished first. A database
+        away at start is waited for, as in every round after."""
         try:
-            await self.register()
+            while not stop.is_set():
+                try:
+                    await self.register()
+                    break
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
+                    log.warning("outbound: the database is away (%s)", describe(error))
+                    await self.pause(stop)
             await asyncio.gather(*(self.work(stop) for _ in range(self.workers)))
         finally:
             await self.client.aclose()
+
+    async def pause(self, stop: asyncio.Event) -> None:
+        """Wait `poll_seconds`, or less once `stop` is set."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.poll_seconds)
 
     async def register(self) -> None:
         async with raw_connection(self.engine) as conn:
@@ -216,10 +231,7 @@ class Dispatcher:
                     log.warning("outbound: the database is away (%s)", describe(error))
                 sent = 0
             if not sent:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_seconds)
-                except TimeoutError:
-                    pass
+                await self.pause(stop)
 
     async def step(self) -> int:
         """One round: the probes a cool-down allows, then one batch of due messages.
