@@ -209,7 +209,7 @@ def simulate(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_simulate_says_what_to_fix(database_url, tmp_path):
-    dead = simulate(f"http://127.0.0.1:{free_port()}/webhooks/cmr")
+    dead = simulate(f"http://127.0.0.1:{free_port()}/webhooks/cmr", "--wait", "0")
     assert "what to fix: nothing answers at" in dead.stderr
     with serving(server_env(database_url), tmp_path) as server:
         wrong = simulate(f"{server.url}/webhooks/cmr", "--token", "not-the-token-at-all")
@@ -221,6 +221,27 @@ def test_simulate_says_what_to_fix(database_url, tmp_path):
         and "--token must be one of the server's WEBHOOK_TOKENS" in wrong.stderr
     )
     assert right.returncode == 0 and "what to fix" not in right.stderr
+
+
+def test_simulate_waits_for_a_service_still_starting(database_url, tmp_path):
+    """`serve` prints its banner, with the simulate command, before it listens: a simulate
+    pasted at once waits for it instead of failing every delivery."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/webhooks/cmr"
+    command = [*CLI, "simulate", url, "--token", WEBHOOK_TOKEN, "--signing-key", SIGNING_KEY]
+    early = subprocess.Popen(
+        [*command, "--events", "5", "--quiet", "--wait", "120"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert early.stderr is not None
+    assert "waiting up to 120 s for" in early.stderr.readline()  # nothing listens yet
+    with serving(server_env(database_url), tmp_path, port=port):
+        out, err = early.communicate(timeout=120)
+    assert early.returncode == 0, err
+    assert "what to fix" not in err and "violations            0" in out
 
 
 async def test_rotate_keys_leaves_spooled_deliveries_readable_under_the_new_key(database_url):

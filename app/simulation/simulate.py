@@ -167,6 +167,7 @@ async def simulate(args: argparse.Namespace) -> Results:
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+        await until_listening(client, args.url, args.wait)
         progress = None if args.quiet else asyncio.create_task(show_progress(args, results))
         await asyncio.gather(*(sender(client) for _ in range(concurrency)))
         if progress:
@@ -175,6 +176,26 @@ async def simulate(args: argparse.Namespace) -> Results:
     twice = [event_id for event_id, n in results.processed_ids.items() if n > 1]
     results.violations += [f"eventId {e} processed more than once" for e in twice]
     return results
+
+
+async def until_listening(client: aiohttp.ClientSession, url: str, patience: float) -> None:
+    """Wait until something answers at the service's address (any answer: `simulate`
+    judges the deliveries), or `patience` seconds have passed: a `serve` prints its banner
+    before it listens."""
+    health = url.split("/webhooks/")[0] + "/healthz"
+    deadline, said = time.monotonic() + patience, False
+    while True:
+        try:
+            async with client.get(health) as response:
+                await response.read()
+                return
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            if time.monotonic() >= deadline:
+                return
+            if not said:
+                print(f"waiting up to {patience:.0f} s for {health} to answer", file=sys.stderr)
+                said = True
+            await asyncio.sleep(0.1)
 
 
 async def show_progress(args: argparse.Namespace, results: Results) -> None:
