@@ -7,6 +7,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from app.reading import ui
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN
 from tests.test_cockpit_api import OPS, delivered, iso, lifecycle, new_subscription
@@ -233,6 +234,35 @@ async def test_a_customer_page_holds_their_subscriptions_mailboxes_orders_renewa
     assert "Export all this customer" not in page  # an ops session exports nothing
     missing = await client.get("/ui/customers/USR-NOBODY")
     assert missing.status_code == 404 and "No customer" in missing.text
+
+
+async def test_a_customer_page_shows_the_first_rows_of_each_list_and_links_to_all(
+    client, monkeypatch
+):
+    monkeypatch.setattr(ui, "CUSTOMER_SHOWN", 1)
+    mine = [await new_subscription(client, boxes=2, user="USR-A") for _ in range(2)]
+    for sub in mine:
+        await lifecycle(client, sub["subscriptionId"], "subscription.updated", 3)
+    await sign_in(client)
+    page = (await client.get("/ui/customers/USR-A")).text
+    for part, link in [
+        ("renewals", "/ui/renewals?due=all&amp;customer=USR-A"),
+        ("mailboxes", "/ui/mailboxes?userId=USR-A"),
+        ("subscriptions", "/ui/subscriptions?userId=USR-A"),
+        ("orders", "/ui/orders?userId=USR-A"),
+    ]:
+        shown = page.split(f'id="{part}"')[1].split("<h2")[0]
+        total = 4 if part == "mailboxes" else 2
+        assert f'href="{link}">All {total} {part}' in shown, part
+        assert f"({total}" in shown.split("</h2>")[0], part
+    subscriptions = page.split('id="subscriptions"')[1].split("<h2")[0]
+    assert sum(s["subscriptionId"] in subscriptions for s in mine) == 1
+    orders = page.split('id="orders"')[1]
+    assert sum(s["orderId"] in orders for s in mine) == 1
+    monkeypatch.setattr(ui, "CUSTOMER_SHOWN", 20)
+    whole = (await client.get("/ui/customers/USR-A")).text
+    assert "All 2 subscriptions" not in whole and "All 4 mailboxes" not in whole
+    assert all(s["subscriptionId"] in whole and s["orderId"] in whole for s in mine)
 
 
 async def test_every_user_shown_links_to_the_customer_page(client):
