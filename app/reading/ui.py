@@ -619,6 +619,8 @@ async def events_page(request: Request) -> Response:
         "events.html",
         events=items,
         query=query,
+        default_window=not request.query_params.get("since"),
+        default_hours=event_search.SEARCH_DEFAULT // timedelta(hours=1),
         **links(request, cursor),
     )
 
