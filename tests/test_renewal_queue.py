@@ -318,3 +318,31 @@ async def test_a_credentials_session_exports_all_of_one_customers_mailboxes(clie
     rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
     assert len(rows) == 4
     assert {r["subscriptionId"] for r in rows} == {s["subscriptionId"] for s in mine}
+
+
+async def test_a_date_ranges_totals_count_exactly_its_renewals_whole_days_or_not(client):
+    ends = {}
+    for days, boxes in [(3.2, 1), (3.7, 2), (5.5, 3), (20, 4)]:
+        sub = await new_subscription(client, boxes=boxes, price=10)
+        await lifecycle(client, sub["subscriptionId"], "subscription.updated", days)
+        ends[sub["subscriptionId"]] = days
+    listed = {r["subscriptionId"]: r for r in (await queue(client, limit=500))["items"]}
+    at = {sub: datetime.fromisoformat(listed[sub]["renewsAt"]) for sub in ends}
+    first, second, third, _ = sorted(at.values())
+    midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    for start, end in [
+        (midnight, midnight + timedelta(days=30)),  # whole days
+        (first - timedelta(hours=1), third + timedelta(hours=1)),  # part days at both ends
+        (first + timedelta(seconds=1), third),  # the first and third just outside
+        (first, first + timedelta(seconds=1)),  # within one day
+        (None, second + timedelta(seconds=1)),  # no start
+    ]:
+        params = {"renewsBefore": iso(end), "limit": 500}
+        if start is not None:
+            params["renewsFrom"] = iso(start)
+        body = await queue(client, **params)
+        inside = [s for s in ends if (start is None or at[s] >= start) and at[s] < end]
+        assert sorted(ids(body)) == sorted(inside)
+        assert body["total"]["subscriptions"] == len(inside), (start, end)
+        cost = sum(Decimal(str(listed[s]["monthlyCost"])) for s in inside)
+        assert Decimal(str(body["total"]["monthlyCost"])) == cost, (start, end)
