@@ -171,7 +171,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("failed domains CSV, yesterday", [f"/ui/failed-domains.csv?from={day}&to={day}"]),
         ("incomplete orders /ui/incomplete-orders", ["/ui/incomplete-orders"]),
         ("orders placed yesterday /ui/orders", [f"/ui/orders?from={day}&to={day}"]),
-        ("event search, last 24 h", [f"/ui/events?q={q}" for q in EVENT_SEARCHES]),
+        ("event search, default window (6 h)", [f"/ui/events?q={q}" for q in EVENT_SEARCHES]),
         ("events of a day /ui/events", [f"/ui/events?since={day}T00:00&until={day}T23:59"]),
         ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
     ]

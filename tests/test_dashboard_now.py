@@ -200,6 +200,12 @@ async def test_events_say_what_they_are_about_and_search_the_redacted_payload(cl
 
     hit = (await client.get("/ui/events", params={"q": "searchable-domain"})).text
     assert box["eventId"] in hit and other["eventId"] not in hit
+    assert "a search without a start covers the 6 hours before its end" in hit
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    started = (
+        await client.get("/ui/events", params={"q": "searchable-domain", "since": hour_ago})
+    ).text
+    assert box["eventId"] in started and 'id="search-window"' not in started
     secret = box["data"]["mailboxDetails"]["appPassword"]
     for q in (secret, secret[7:20]):  # the credential itself, and a piece of it
         miss = await client.get("/ui/events", params={"q": q})

@@ -7,6 +7,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from app.reading import ui
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN
 from tests.test_cockpit_api import OPS, delivered, iso, lifecycle, new_subscription
@@ -235,6 +236,35 @@ async def test_a_customer_page_holds_their_subscriptions_mailboxes_orders_renewa
     assert missing.status_code == 404 and "No customer" in missing.text
 
 
+async def test_a_customer_page_shows_the_first_rows_of_each_list_and_links_to_all(
+    client, monkeypatch
+):
+    monkeypatch.setattr(ui, "CUSTOMER_SHOWN", 1)
+    mine = [await new_subscription(client, boxes=2, user="USR-A") for _ in range(2)]
+    for sub in mine:
+        await lifecycle(client, sub["subscriptionId"], "subscription.updated", 3)
+    await sign_in(client)
+    page = (await client.get("/ui/customers/USR-A")).text
+    for part, link in [
+        ("renewals", "/ui/renewals?due=all&amp;customer=USR-A"),
+        ("mailboxes", "/ui/mailboxes?userId=USR-A"),
+        ("subscriptions", "/ui/subscriptions?userId=USR-A"),
+        ("orders", "/ui/orders?userId=USR-A"),
+    ]:
+        shown = page.split(f'id="{part}"')[1].split("<h2")[0]
+        total = 4 if part == "mailboxes" else 2
+        assert f'href="{link}">All {total} {part}' in shown, part
+        assert f"({total}" in shown.split("</h2>")[0], part
+    subscriptions = page.split('id="subscriptions"')[1].split("<h2")[0]
+    assert sum(s["subscriptionId"] in subscriptions for s in mine) == 1
+    orders = page.split('id="orders"')[1]
+    assert sum(s["orderId"] in orders for s in mine) == 1
+    monkeypatch.setattr(ui, "CUSTOMER_SHOWN", 20)
+    whole = (await client.get("/ui/customers/USR-A")).text
+    assert "All 2 subscriptions" not in whole and "All 4 mailboxes" not in whole
+    assert all(s["subscriptionId"] in whole and s["orderId"] in whole for s in mine)
+
+
 async def test_every_user_shown_links_to_the_customer_page(client):
     sub = await new_subscription(client, user="USR-A")
     await lifecycle(client, sub["subscriptionId"], "subscription.updated", 3)
@@ -288,3 +318,31 @@ async def test_a_credentials_session_exports_all_of_one_customers_mailboxes(clie
     rows = list(csv.DictReader(io.StringIO(response.text.lstrip("\ufeff"))))
     assert len(rows) == 4
     assert {r["subscriptionId"] for r in rows} == {s["subscriptionId"] for s in mine}
+
+
+async def test_a_date_ranges_totals_count_exactly_its_renewals_whole_days_or_not(client):
+    ends = {}
+    for days, boxes in [(3.2, 1), (3.7, 2), (5.5, 3), (20, 4)]:
+        sub = await new_subscription(client, boxes=boxes, price=10)
+        await lifecycle(client, sub["subscriptionId"], "subscription.updated", days)
+        ends[sub["subscriptionId"]] = days
+    listed = {r["subscriptionId"]: r for r in (await queue(client, limit=500))["items"]}
+    at = {sub: datetime.fromisoformat(listed[sub]["renewsAt"]) for sub in ends}
+    first, second, third, _ = sorted(at.values())
+    midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    for start, end in [
+        (midnight, midnight + timedelta(days=30)),  # whole days
+        (first - timedelta(hours=1), third + timedelta(hours=1)),  # part days at both ends
+        (first + timedelta(seconds=1), third),  # the first and third just outside
+        (first, first + timedelta(seconds=1)),  # within one day
+        (None, second + timedelta(seconds=1)),  # no start
+    ]:
+        params = {"renewsBefore": iso(end), "limit": 500}
+        if start is not None:
+            params["renewsFrom"] = iso(start)
+        body = await queue(client, **params)
+        inside = [s for s in ends if (start is None or at[s] >= start) and at[s] < end]
+        assert sorted(ids(body)) == sorted(inside)
+        assert body["total"]["subscriptions"] == len(inside), (start, end)
+        cost = sum(Decimal(str(listed[s]["monthlyCost"])) for s in inside)
+        assert Decimal(str(body["total"]["monthlyCost"])) == cost, (start, end)

@@ -110,3 +110,9 @@ async def domains_of_subscription(conn: Reader, subscription_id: str) -> Any:
     """The order_domains rows that name a subscription, the latest first."""
     stmt = select(order_domains).where(order_domains.c.subscription_id == subscription_id)
     return (await conn.execute(stmt.order_by(order_domains.c.id.desc()))).all()
+
+
+async def count_of_user(conn: Reader, user_id: str) -> int:
+    stmt = select(func.count()).where(orders.c.user_id == user_id)
+    count: int = (await conn.execute(stmt)).scalar_one()
+    return count

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from app import metrics
 from app.models import events, mailboxes, order_domains, orders, reconciliations, rejected
+from app.reading.queries.counts import LAST_DELIVERY
 from app.reading.reader import Reader
 
 State = Literal["ok", "warn", "bad"]
@@ -78,7 +79,7 @@ async def figures(conn: Reader, last_visit: datetime) -> Any:
         .where(rejected.c.received_at > last_visit)
         .scalar_subquery()
         .label("rejected_new"),
-        select(func.max(events.c.last_received_at)).scalar_subquery().label("last_delivery"),
+        LAST_DELIVERY.label("last_delivery"),
         (signatures.scalar_subquery() + rejected_signatures.scalar_subquery()).label(
             "bad_signatures"
         ),

@@ -150,6 +150,12 @@ async def customer_cost(conn: Reader, user_id: str) -> Any:
     return (await conn.execute(CUSTOMER.bindparams(user_id=user_id))).one()
 
 
+async def count_of_user(conn: Reader, user_id: str) -> int:
+    stmt = select(func.count()).where(subscriptions.c.user_id == user_id)
+    count: int = (await conn.execute(stmt)).scalar_one()
+    return count
+
+
 async def customers_matching(conn: Reader, q: str, limit: int = 5) -> list[Any]:
     """Customers (userId, email) whose userId is `q` or whose email holds it, with their
     mailbox count: a mailbox search for a customer finds them."""
