@@ -451,10 +451,12 @@ class OutboundMessage(Base):
     __tablename__ = "outbound_messages"
     __table_args__ = (
         UniqueConstraint("webhook_id", name="uq_outbound_messages_webhook_id"),
-        # what the dispatcher claims: due pending messages, oldest first
+        # what the dispatcher claims: due pending messages, oldest first (by id among those
+        # due at once, so a claim reads a batch's entries instead of sorting the backlog)
         Index(
-            "ix_outbound_messages_due",
+            "ix_outbound_messages_due_id",
             "next_attempt_at",
+            "id",
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_outbound_messages_destination_id", "destination", "id"),
