@@ -134,29 +134,20 @@ def signature_tile(stored: int, refused: int) -> Tile:
     )
 
 
+def by_age(age: timedelta | None, warn: timedelta, bad: timedelta) -> State:
+    """A tile's state from how long ago its thing last happened (never: warn)."""
+    if age is None:
+        return "warn"
+    return "bad" if age > bad else "warn" if age > warn else "ok"
+
+
 def tiles(row: Any, spool: dict[str, Any], database_ms: float, first_visit: bool) -> list[Tile]:
     now = datetime.now(UTC)
     since = "in the last 24 h" if first_visit else "since your last visit"
     quiet = now - row.last_delivery if row.last_delivery else None
-    last: State = (
-        "warn"
-        if quiet is None
-        else "bad"
-        if quiet > QUIET_BAD
-        else "warn"
-        if quiet > QUIET_WARN
-        else "ok"
-    )
+    last = by_age(quiet, QUIET_WARN, QUIET_BAD)
     age = now - row.reconciled_at if row.reconciled_at else None
-    reconciled: State = (
-        "warn"
-        if age is None
-        else "bad"
-        if age > RECONCILE_BAD
-        else "warn"
-        if age > RECONCILE_WARN
-        else "ok"
-    )
+    reconciled = by_age(age, RECONCILE_WARN, RECONCILE_BAD)
     return [
         Tile("Database", "ok", "answering", f"this page's counts took {database_ms:.0f} ms"),
         spool_tile(spool),
