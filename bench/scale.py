@@ -1,4 +1,4 @@
-"""The ops cockpit at scale: `python bench/scale.py [--out DIR]` (20 to 30 minutes).
+"""The ops cockpit at scale: `python bench/scale.py [--out DIR] [--keep] [--only TEXT]`.
 
 Generates 1,000,000 mailboxes (5 per subscription, credentials encrypted with the run's
 key), 200,000 subscriptions (100 users; every period ends within the next 30 days, as with
@@ -8,16 +8,26 @@ with generate_series. Then, through HTTP against `serve --workers 2`: each dashb
 API list (overview, renewals, searches, every list, the detail pages) many times, p50 and
 p95 against the 150 ms target; a 10,000-mailbox export against 2 s; /metrics counting the
 renewal risks; and deliveries a second, in turns with these tables and with empty ones.
+20 to 30 minutes, most of it the filling.
+
+With --keep the filled database (`cmw_bench_scale`) is kept and the next --keep run reuses
+it (migrated to head first, so a new index is measured without refilling). With --only,
+only the pages whose row name holds one of the given texts are measured: no export,
+/metrics or deliveries rows.
 """
 
 import argparse
 import asyncio
+import base64
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,9 @@ USERS = 100  # so each user has 10,000 mailboxes: one user's export is the 10,00
 PAGE_TARGET_MS, EXPORT_TARGET_S = 150.0, 2.0
 REQUESTS, WARM_UP = 40, 5
 CREDENTIALS = "bench-credentials-token-0001"
+KEPT = "cmw_bench_scale"
+# a kept database outlives the run, so its credentials' key must too (scratch data only)
+KEPT_KEY = base64.urlsafe_b64encode(b"bench-scale: scratch data only!!").decode()
 
 FILL = [
     """INSERT INTO subscriptions (subscription_id, domain, domain_id, user_id, user_email,
@@ -162,6 +175,7 @@ def targets() -> list[tuple[str, list[str]]]:
         ("detail /ui/mailboxes/{id}", [f"/ui/mailboxes/MBX{n}" for n in (7, 654_321)]),
     ]
     day = str(date.today() - timedelta(days=1))
+    week = f"from={date.today() - timedelta(days=7)}&to={date.today()}"
     dashboard = [
         ("failed domains /ui/failed-domains", ["/ui/failed-domains"]),
         (
@@ -169,10 +183,19 @@ def targets() -> list[tuple[str, list[str]]]:
             [f"/ui/failed-domains?kind=prewarmup&from={day}&to={day}"],
         ),
         ("failed domains CSV, yesterday", [f"/ui/failed-domains.csv?from={day}&to={day}"]),
+        ("failed domains CSV, all", ["/ui/failed-domains.csv"]),
         ("incomplete orders /ui/incomplete-orders", ["/ui/incomplete-orders"]),
         ("orders placed yesterday /ui/orders", [f"/ui/orders?from={day}&to={day}"]),
+        (
+            "orders by status /ui/orders",
+            ["/ui/orders?status=failed", f"/ui/orders?status=partially_failed&{week}"],
+        ),
         ("event search, default window (6 h)", [f"/ui/events?q={q}" for q in EVENT_SEARCHES]),
         ("events of a day /ui/events", [f"/ui/events?since={day}T00:00&until={day}T23:59"]),
+        (
+            "event search in a day /ui/events",
+            [f"/ui/events?q={q}&since={day}T00:00&until={day}T23:59" for q in EVENT_SEARCHES],
+        ),
         ("charts /ui/deliveries", [f"/ui/deliveries?range={r}" for r in ("24h", "7d", "30d")]),
     ]
     return ui + searches + lists + details + dashboard
@@ -217,6 +240,11 @@ def queue_targets() -> list[tuple[str, list[str]]]:
             ],
         ),
         ("renewals API, a new date range each time", [f"/api/v1/renewals?{r}" for r in ranges]),
+        ("renewals /ui/renewals, a date range", [f"/ui/renewals?{r}" for r in ranges]),
+        (
+            "renewals CSV /ui/renewals.csv",
+            ["/ui/renewals.csv?due=this_week", "/ui/renewals.csv?due=all&customer=U7"],
+        ),
         ("customer /ui/customers/{id}", ["/ui/customers/U7", "/ui/customers/U42"]),
         (
             "search mailboxes for a customer /ui",
@@ -292,16 +320,44 @@ def deliveries(run: bench.Run, url: str, label: str) -> None:
     run.add(f"deliveries, 2 workers, {label}", figures, failures)
 
 
-def main(run: bench.Run) -> list[dict[str, Any]]:
+@contextmanager
+def kept_database() -> Iterator[str]:
+    """`cmw_bench_scale`, created anew unless it was filled to the end, migrated to head,
+    and not dropped."""
+    url = bench.SERVER.rsplit("/", 1)[0] + "/" + KEPT
+    try:
+        asyncio.run(bench.admin(f"CREATE DATABASE {KEPT}"))
+    except asyncpg.DuplicateDatabaseError:
+        if not asyncio.run(filled(url)):  # a fill cut short: its rows would clash
+            asyncio.run(bench.admin(f"DROP DATABASE {KEPT} WITH (FORCE)"))
+            asyncio.run(bench.admin(f"CREATE DATABASE {KEPT}"))
+    subprocess.run([*bench.CLI, "migrate"], env=bench.service_env(url), check=True, cwd=bench.ROOT)
+    yield url
+
+
+async def filled(url: str) -> bool:
+    """Whether the last FILL statement ran to its end (the rejected deliveries come last)."""
+    conn = await asyncpg.connect(url)
+    try:
+        found = await conn.fetchval("SELECT to_regclass('rejected_deliveries') IS NOT NULL")
+        return bool(found and await conn.fetchval("SELECT count(*) FROM rejected_deliveries"))
+    finally:
+        await conn.close()
+
+
+def main(run: bench.Run, *, keep: bool, only: list[str]) -> list[dict[str, Any]]:
     vault = Vault([bench.KEY])
     rows: list[dict[str, Any]] = []
     with (
         # named by this run's process: two runs on one server never drop each other's
         bench.scratch_database(f"cmw_bench_empty_{os.getpid()}", migrated=True) as empty,
-        bench.scratch_database(f"cmw_bench_scale_{os.getpid()}", migrated=True) as url,
+        kept_database()
+        if keep
+        else bench.scratch_database(f"cmw_bench_scale_{os.getpid()}", migrated=True) as url,
     ):
-        seconds = asyncio.run(fill(url, vault))
-        print(f"generated the tables in {seconds:.0f} s", flush=True)
+        if not (keep and asyncio.run(filled(url))):
+            seconds = asyncio.run(fill(url, vault))
+            print(f"generated the tables in {seconds:.0f} s", flush=True)
         port = bench.free_port()
         command = [*bench.CLI, "serve", "--port", str(port), "--workers", "2"]
         env = bench.service_env(url, CREDENTIALS_API_TOKENS=CREDENTIALS)
@@ -314,26 +370,34 @@ def main(run: bench.Run) -> list[dict[str, Any]]:
             client.headers["authorization"] = f"Bearer {bench.OPS}"
             cursor = second_page(client)
             for name, paths in targets():
+                if only and not any(text in name for text in only):
+                    continue
                 paths = [p.replace("PAGE2", cursor) for p in paths]
                 figures, failures = measure(client, name, paths)
                 rows.append(run.add(name, figures, failures))
+            if only:
+                return rows
             figures, failures = export(client)
             if figures["seconds_max"] > EXPORT_TARGET_S:
                 figures["over_target"] = True
             rows.append(run.add("export 10,000 mailboxes (Instantly CSV)", figures, failures))
-            scrapes, failures = [], []
-            for _ in range(4):  # each worker counts the renewal risks on its first scrape
-                started = time.perf_counter()
-                answer = client.get("/metrics")
-                scrapes.append((time.perf_counter() - started) * 1000)
-                if answer.status_code != 200 or "cmr_subscriptions_at_risk" not in answer.text:
-                    failures.append(f"/metrics answered {answer.status_code}")
-            figures = {"slowest_ms": round(max(scrapes), 1), "fastest_ms": round(min(scrapes), 1)}
-            rows.append(run.add("/metrics, counting the renewal risks", figures, failures))
+            rows.append(metrics(run, client))
         for round_ in (1, 2):  # in turns, so neither side has the quieter minutes
             deliveries(run, empty, f"empty tables, round {round_}")
             deliveries(run, url, f"1M mailboxes, 5M events, round {round_}")
     return rows
+
+
+def metrics(run: bench.Run, client: httpx.Client) -> dict[str, Any]:
+    scrapes, failures = [], []
+    for _ in range(4):  # each worker counts the renewal risks on its first scrape
+        started = time.perf_counter()
+        answer = client.get("/metrics")
+        scrapes.append((time.perf_counter() - started) * 1000)
+        if answer.status_code != 200 or "cmr_subscriptions_at_risk" not in answer.text:
+            failures.append(f"/metrics answered {answer.status_code}")
+    figures = {"slowest_ms": round(max(scrapes), 1), "fastest_ms": round(min(scrapes), 1)}
+    return run.add("/metrics, counting the renewal risks", figures, failures)
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
@@ -357,13 +421,19 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, help="folder for the reports (default: temporary)")
+    parser.add_argument("--keep", action="store_true", help=f"keep (and reuse) {KEPT}")
+    parser.add_argument(
+        "--only", action="append", default=[], help="measure only pages whose name holds this"
+    )
     args = parser.parse_args()
+    if args.keep:
+        bench.KEY = KEPT_KEY
     out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     run = bench.Run(out, seconds=0)  # no wrk run here
     random.seed(1)
     started = time.perf_counter()
-    print_rows(main(run))
+    print_rows(main(run, keep=args.keep, only=args.only))
     bench.print_table([r for r in run.rows if r["events_per_second"] is not None])
     return bench.report(run, {}, started)
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from app.simulation import traffic
-from tests.conftest import deliver
+from tests.conftest import app_client, deliver, make_settings
 from tests.test_dashboard import sign_in
 
 
@@ -57,7 +57,7 @@ async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
     for name in ("Rejected", "Conflicts", "Incomplete orders", "Spool"):
         assert tile(calm, name)[:2] == ("ok", "OK"), name
     assert tile(calm, "Database")[0] == "ok"
-    assert tile(calm, "Last reconcile") == ("warn", "Check", "never")
+    assert tile(calm, "Last reconcile") == ("off", "Off", "not configured")
     refused = int(tile(calm, "Signature failures")[2])  # since the process started
 
     short = await short_order(client)
@@ -82,6 +82,30 @@ async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
     assert "(1 in all)" in again
     incomplete = (await client.get("/ui/incomplete-orders")).text
     assert short["order_id"] in incomplete and "2 of 3 mailboxes" in incomplete
+
+
+async def test_the_reconcile_tile_is_neutral_where_reconcile_is_not_set_up(
+    client, database_url, db
+):
+    await sign_in(client)
+    local = (await client.get("/ui")).text  # no CMR_API_KEY, as a local service runs
+    assert tile(local, "Last reconcile") == ("off", "Off", "not configured")
+    assert "no CMR_API_KEY" in local
+
+    configured = make_settings(database_url, cmr_api_key="cmr-test-key-0001")
+    async with app_client(configured) as other:
+        await sign_in(other)
+        never = (await other.get("/ui")).text
+        assert tile(never, "Last reconcile") == ("warn", "Check", "never")
+        assert "no CMR_API_KEY" not in never
+        await db.execute("INSERT INTO reconciliations (ran_at, report) VALUES ($1, '{}')", STALE)
+        assert tile((await other.get("/ui")).text, "Last reconcile")[:2] == ("bad", "Act now")
+        assert tile((await client.get("/ui")).text, "Last reconcile")[:2] == ("off", "Off")
+        await db.execute("INSERT INTO reconciliations (report) VALUES ('{}')")
+        assert tile((await other.get("/ui")).text, "Last reconcile")[:2] == ("ok", "OK")
+
+
+STALE = datetime.now(UTC) - timedelta(days=8)
 
 
 async def test_orders_flag_an_order_short_of_its_mailboxes_and_only_that_one(client):

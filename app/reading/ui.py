@@ -242,7 +242,8 @@ async def export_offer(request: Request, conn: Reader, filters: dict[str, Any]) 
 async def overview(request: Request) -> Response:
     conn = reader(request)
     spool = await spool_state(request)
-    tiles = await right_now.right_now(conn, spool, last_visit(request))
+    reconciling = request.app.state.settings.api_key is not None
+    tiles = await right_now.right_now(conn, spool, last_visit(request), reconciling)
     since, step, buckets, tally = await deliveries.deliveries(conn, "24h", settled_buckets(request))
     due = await renewals_of(request, renewals.RenewalQuery(limit=RENEWALS_SHOWN))
     troubled, troubled_counts = await orders.troubled_orders(conn, FIRST_SHOWN)

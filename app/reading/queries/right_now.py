@@ -17,7 +17,7 @@ from app.models import events, mailboxes, order_domains, orders, reconciliations
 from app.reading.queries.counts import LAST_DELIVERY
 from app.reading.reader import Reader
 
-State = Literal["ok", "warn", "bad"]
+State = Literal["ok", "warn", "bad", "off"]  # off: not set up here, nothing to watch
 RECENT_DAYS = 2  # incomplete orders: those updated in the last 2 days (mailboxes come within hours)
 SIGNATURE_HOURS = 24
 FAILED_SIGNATURES = ("invalid", "stale")
@@ -141,13 +141,32 @@ def by_age(age: timedelta | None, warn: timedelta, bad: timedelta) -> State:
     return "bad" if age > bad else "warn" if age > warn else "ok"
 
 
-def tiles(row: Any, spool: dict[str, Any], database_ms: float, first_visit: bool) -> list[Tile]:
+def reconcile_tile(reconciled_at: datetime | None, configured: bool) -> Tile:
+    """Its age against the sender's API; neutral where no API key is set, as reconcile
+    cannot run there (a local service, say) and so is not late."""
+    if not configured:
+        detail = "no CMR_API_KEY: drift is not checked against the sender"
+        return Tile("Last reconcile", "off", "not configured", detail)
+    age = datetime.now(UTC) - reconciled_at if reconciled_at else None
+    return Tile(
+        "Last reconcile",
+        by_age(age, RECONCILE_WARN, RECONCILE_BAD),
+        "never" if age is None else "",
+        "coldmail-webhooks reconcile has not run"
+        if age is None
+        else "drift checked against the sender",
+        None,
+        reconciled_at,
+    )
+
+
+def tiles(
+    row: Any, spool: dict[str, Any], database_ms: float, first_visit: bool, reconciling: bool
+) -> list[Tile]:
     now = datetime.now(UTC)
     since = "in the last 24 h" if first_visit else "since your last visit"
     quiet = now - row.last_delivery if row.last_delivery else None
     last = by_age(quiet, QUIET_WARN, QUIET_BAD)
-    age = now - row.reconciled_at if row.reconciled_at else None
-    reconciled = by_age(age, RECONCILE_WARN, RECONCILE_BAD)
     return [
         Tile("Database", "ok", "answering", f"this page's counts took {database_ms:.0f} ms"),
         spool_tile(spool),
@@ -180,27 +199,21 @@ def tiles(row: Any, spool: dict[str, Any], database_ms: float, first_visit: bool
             f"short of the mailboxes ordered, last {RECENT_DAYS} days",
             "/ui/incomplete-orders",
         ),
-        Tile(
-            "Last reconcile",
-            reconciled,
-            "never" if age is None else "",
-            "coldmail-webhooks reconcile has not run"
-            if age is None
-            else "drift checked against the sender",
-            None,
-            row.reconciled_at,
-        ),
+        reconcile_tile(row.reconciled_at, reconciling),
         signature_tile(row.bad_signatures, refused_signatures()),
     ]
 
 
-async def right_now(conn: Reader, spool: dict[str, Any], last_visit: datetime | None) -> list[Tile]:
+async def right_now(
+    conn: Reader, spool: dict[str, Any], last_visit: datetime | None, reconciling: bool
+) -> list[Tile]:
+    """The strip's tiles; `reconciling`: whether reconcile is set up (an API key)."""
     first_visit = last_visit is None
     since = last_visit or datetime.now(UTC) - FIRST_VISIT
     started = datetime.now(UTC)
     row = await figures(conn, since)
     database_ms = (datetime.now(UTC) - started).total_seconds() * 1000
-    return tiles(row, spool, database_ms, first_visit)
+    return tiles(row, spool, database_ms, first_visit, reconciling)
 
 
 async def incomplete_orders(conn: Reader, limit: int) -> tuple[int, list[Any]]:
