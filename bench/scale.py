@@ -83,12 +83,15 @@ FILL = [
            CASE WHEN n % 66 = 0 THEN 'Payment declined' END, t, t
        FROM (SELECT n, now() - (n::float / 200000) * interval '180 days' AS t
              FROM generate_series(1, 200000) n) g""",
+    # each at its order's time: the failed-domains view's date range reads these
     """INSERT INTO order_domains (order_id, domain, status, reason, subscription_id, quantity,
-           price, succeeded_version)
+           price, succeeded_version, created_at, updated_at)
        SELECT 'ORD' || n, 'dom' || n || '.com',
            CASE WHEN n % 33 = 0 THEN 'failed' ELSE 'succeeded' END,
-           CASE WHEN n % 33 = 0 THEN 'DNS not verified' END, 'SUB' || n, 5, 8 + n % 5, '2026'
-       FROM generate_series(1, 200000) n""",
+           CASE WHEN n % 33 = 0 THEN 'DNS not verified' END, 'SUB' || n, 5, 8 + n % 5, '2026',
+           t, t
+       FROM (SELECT n, now() - (n::float / 200000) * interval '180 days' AS t
+             FROM generate_series(1, 200000) n) g""",
     """INSERT INTO mailboxes (mailbox_id, subscription_id, domain, email, first_name, last_name,
            provider, source, user_id, user_email, order_id, creation_time,
            password_encrypted, app_password_encrypted)
