@@ -326,10 +326,6 @@ class Order(Listed, TimestampMixin, Base):
     __table_args__ = keyset_indexes("orders", "status", "kind", "user_id") + (
         Index("ix_orders_updated_at", "updated_at"),  # the overview's last 7 days
         Index("ix_orders_created_at", "created_at"),  # the orders page's date range
-        # the failed-domains view's orders failed as a whole (queries/failed_domains.py)
-        Index(
-            "ix_orders_failed_updated_at", "updated_at", postgresql_where=text("status = 'failed'")
-        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -127,12 +127,13 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def server(
-    command: list[str], env: dict[str, str], port: int, ready: str, log: Path
+    command: list[str], env: dict[str, str], port: int, ready: str, log: Path, wait: float = 60
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server whose output goes to `log`; a server that dies during its row fails it."""
+    """A server whose output goes to `log`, ready within `wait` seconds; a server that dies
+    during its row fails it."""
     with log.open("wb") as output:
         proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, cwd=ROOT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + wait
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=1).status_code < 500:

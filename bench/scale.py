@@ -365,7 +365,8 @@ def main(run: bench.Run, *, keep: bool, only: list[str]) -> list[dict[str, Any]]
         command = [*bench.CLI, "serve", "--port", str(port), "--workers", "2"]
         env = bench.service_env(url, CREDENTIALS_API_TOKENS=CREDENTIALS)
         with (
-            bench.server(command, env, port, "/readyz", run.out / "scale-serve.log"),
+            # a loaded box took over a minute to start both workers beside these tables
+            bench.server(command, env, port, "/readyz", run.out / "scale-serve.log", wait=300),
             httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client,
         ):
             signed = client.post("/ui/login", data={"token": bench.OPS})

@@ -254,6 +254,25 @@ async def test_events_take_a_time_range(client):
     assert too_long.status_code == 422 and "narrow the range" in too_long.text
 
 
+async def test_a_range_that_ends_in_the_past_lists_the_events_before_its_end(client, db):
+    older, newer = traffic.mailbox_created(), traffic.mailbox_created()
+    for event in (older, newer):
+        await ok(client, event)
+    two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    await db.execute(
+        "UPDATE events SET first_received_at = $1 WHERE event_id = $2",
+        two_hours_ago,
+        older["eventId"],
+    )
+    await sign_in(client)
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    ended = (await client.get("/ui/events", params={"until": hour_ago})).text
+    assert older["eventId"] in ended and newer["eventId"] not in ended
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    nothing_after = (await client.get("/ui/events", params={"until": later})).text
+    assert older["eventId"] in nothing_after and newer["eventId"] in nothing_after
+
+
 async def test_the_charts_show_each_range_and_the_spooled_deliveries(client, db):
     box = traffic.mailbox_created()
     await ok(client, box)

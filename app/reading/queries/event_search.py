@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from sqlalchemy import Select, Text, cast, literal_column, select
+from sqlalchemy import Select, Text, cast, func, literal_column, select
 
 from app.models import events
 from app.reading.queries.events import EventQuery, event_select
@@ -16,6 +16,7 @@ SEARCH_DAYS = 31  # a search reads every payload of its range: at most a month
 # A search without a start reads the last 6 hours (the page says so): 24 hours of payloads
 # took a rare term's search past 500 ms at 5M events.
 SEARCH_DEFAULT = timedelta(hours=6)
+MAX_ID = 2**63 - 1  # no event received at or after a range's end: no bound on the ids
 
 # What an event is about, from its payload's data (the first mailbox group's domain for a
 # prewarmup success, which has no domain of its own)
@@ -76,8 +77,11 @@ def apply(stmt: Select[Any], query: EventPageQuery) -> Select[Any]:
             stmt = stmt.where(events.c[name] == value)
     if (since := query.since) is not None:
         stmt = stmt.where(events.c.first_received_at >= since, events.c.id >= first_id_since(since))
-    if query.until is not None:
-        stmt = stmt.where(events.c.first_received_at < query.until)
+    if (until := query.until) is not None:
+        # the same bound at the other end: a day's newest-first walk starts at that day's
+        # end instead of reading every later event first (53 ms for yesterday at 5M events)
+        after = func.coalesce(first_id_since(until), MAX_ID)
+        stmt = stmt.where(events.c.first_received_at < until, events.c.id < after)
     if query.q:
         stmt = stmt.where(cast(events.c.payload, Text).ilike(contains(query.q)))
     return stmt
