@@ -118,6 +118,12 @@ class Event(Listed, Base):
         Index("ix_events_status_id", "status", "id"),
         Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
         Index("ix_events_first_received_at", "first_received_at"),  # the dashboard's 24 h
+        # the overview's failed signatures (queries/right_now.py): those rows only
+        Index(
+            "ix_events_failed_signature_at",
+            "first_received_at",
+            postgresql_where=text("signature IN ('invalid', 'stale')"),
+        ),
         # the last delivery (queries/counts.py): only rows whose last differs from the first
         Index(
             "ix_events_last_received_at",
@@ -347,6 +353,12 @@ class OrderDomain(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("order_id", "domain", name="uq_order_domains_order_domain"),
         Index("ix_order_domains_subscription_id", "subscription_id"),  # merge.DERIVE_ORDER
+        # incomplete orders (queries/right_now.py) read each domain's outcome from it alone
+        Index(
+            "ix_order_domains_order_id_outcome",
+            "order_id",
+            postgresql_include=["subscription_id", "status", "quantity"],
+        ),
         # the dashboard's failed domains, latest first (app/reading/queries/failed_domains.py)
         Index(
             "ix_order_domains_failed_updated_at",
