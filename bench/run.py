@@ -141,6 +141,7 @@ def server(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
+                proc.terminate()  # not left serving (and running its tasks) after the run
                 raise RuntimeError(f"server did not start: {command} (see {log})")
             time.sleep(0.2)
         try:

@@ -368,7 +368,8 @@ def main(run: bench.Run, *, keep: bool, only: list[str]) -> list[dict[str, Any]]
             print(f"generated the tables in {seconds:.0f} s", flush=True)
         port = bench.free_port()
         command = [*bench.CLI, "serve", "--port", str(port), "--workers", "2"]
-        env = bench.service_env(url, CREDENTIALS_API_TOKENS=CREDENTIALS)
+        # no retention run: it would expire the old bodies (see FILL) of a kept database
+        env = bench.service_env(url, CREDENTIALS_API_TOKENS=CREDENTIALS, BODY_RETENTION_DAYS="0")
         with (
             # a loaded box took over a minute to start both workers beside these tables
             bench.server(command, env, port, "/readyz", run.out / "scale-serve.log", wait=300),
