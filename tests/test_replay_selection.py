@@ -171,3 +171,25 @@ async def test_a_replayed_rejection_without_event_id_and_its_live_retry_count_on
     del other["eventId"]
     assert (await deliver(client, other)).json()["status"] == "processed"
     assert await db.fetchval("select count(*) from events where event = 'mailbox.created'") == 2
+
+
+async def test_fixed_rejections_each_become_the_event_a_live_delivery_records(
+    client, db, database_url
+):
+    """Each fixed rejection is applied and counted, as the event a live delivery of its
+    body records: one naming no subscription is stored as ignored, with the warning why."""
+    live, no_id = (traffic.envelope("subscription.expired", {"quantity": 3}) for _ in "ab")
+    assert (await deliver(client, live)).status_code == 200
+    ids = [await keep_rejected(db, traffic.mailbox_created(), T), await keep_rejected(db, no_id, T)]
+    _, rejected = await run(database_url, Selection(rejected_ids=ids))
+    assert counts(rejected) == (2, 0, 0, 0)
+    replayed = await db.fetch(
+        "select e.status, e.warnings::text from rejected_deliveries r"
+        " join events e on e.id = r.replayed_event_id where r.id = any($1) order by r.id",
+        ids,
+    )
+    said = await db.fetchval(
+        "select warnings::text from events where event_id = $1", live["eventId"]
+    )
+    assert "no recognisable subscriptionId" in said
+    assert [tuple(r) for r in replayed] == [("processed", "[]"), ("ignored", said)]
