@@ -41,15 +41,17 @@ async def keep_rejected(db: Any, payload: dict[str, Any] | bytes, at: datetime) 
 
 @pytest.fixture
 async def stored(client, db) -> dict[str, int]:
-    """Events received at T - 1 day, T, T + 1 day; an unhandled one and two whose bodies
-    retention deleted (all at T + 2 days); rejected deliveries: a valid one at T, one
-    still invalid at T + 1 day, one not JSON at T - 1 day, and one replayed already."""
+    """Events received at T - 1 day, T, T + 1 day; at T + 2 days, an unhandled one, one
+    naming no subscription (stored as ignored) and two whose bodies retention deleted;
+    rejected deliveries: a valid one at T, one still invalid at T + 1 day, one not JSON at
+    T - 1 day, and one replayed already."""
     ids: dict[str, int] = {}
     events = {
         "before": (traffic.mailbox_created(), T - timedelta(days=1)),
         "at": (traffic.mailbox_created(), T),
         "after": (traffic.mailbox_created(), T + timedelta(days=1)),
         "unhandled": (traffic.envelope("dns-record.updated", {"d": 1}), T + timedelta(days=2)),
+        "no_id": (traffic.envelope("subscription.expired", {"quantity": 3}), T + timedelta(days=2)),
         "no_body": (traffic.mailbox_created(), T + timedelta(days=2)),
         "no_body_too": (traffic.mailbox_created(), T + timedelta(days=2)),
     }
@@ -88,7 +90,7 @@ async def test_everything_reports_each_kind_and_turns_a_fixed_rejection_into_an_
     db, database_url, stored
 ):
     events, rejected = await run(database_url, Selection(everything=True))
-    assert counts(events) == (3, 0, 1, 2)
+    assert counts(events) == (3, 0, 2, 2)
     assert counts(rejected) == (1, 2, 0, 2)  # the one replayed before is not tried again
     assert sorted(e.split(":")[0] for e in rejected.errors) == sorted(
         f"rejected #{stored[k]}" for k in ("invalid", "not_json")
@@ -118,7 +120,7 @@ async def test_a_dry_run_counts_the_same_and_changes_nothing(db, database_url, s
     tables = ("events", "rejected_deliveries", "mailboxes", "subscriptions")
     before = {t: await db.fetch(f"select * from {t} order by id") for t in tables}
     events, rejected = await run(database_url, Selection(everything=True), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((3, 0, 1, 2), (1, 2, 0, 2))
+    assert (counts(events), counts(rejected)) == ((3, 0, 2, 2), (1, 2, 0, 2))
     assert {t: await db.fetch(f"select * from {t} order by id") for t in tables} == before
 
 
@@ -130,7 +132,7 @@ async def test_a_window_takes_since_inclusive_and_until_exclusive_of_both_kinds(
     assert counts(events) == (1, 0, 0, 0)  # "at" only: "after" falls on until
     assert counts(rejected) == (1, 0, 0, 0)  # "valid" only
     events, rejected = await run(database_url, Selection(since=T), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((2, 0, 1, 2), (1, 1, 0, 2))
+    assert (counts(events), counts(rejected)) == ((2, 0, 2, 2), (1, 1, 0, 2))
     events, rejected = await run(database_url, Selection(until=T), dry_run=True)
     assert (counts(events), counts(rejected)) == ((1, 0, 0, 0), (0, 1, 0, 0))
 
