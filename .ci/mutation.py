@@ -77,13 +77,15 @@ TESTS = {
     "app/recording/effects.py": RECORDING,
     "app/recording/record.py": RECORDING,
     "app/reading/exports.py": [
-        "tests/test_exports.py",
-        "tests/test_promises_state.py",
         "tests/test_cockpit_api.py",
+        "tests/test_promises_state.py",
+        "tests/test_cockpit_pages.py",
     ],
     "app/reading/renewals.py": [
+        "tests/test_renewal_queue.py",
         "tests/test_renewal_totals.py",
         "tests/test_promises_state.py",
+        "tests/test_cockpit_api.py",
         "tests/test_api.py",
     ],
     # the read side's paging and search (cursors, filters, the literal-search escaping)
@@ -91,6 +93,7 @@ TESTS = {
         "tests/test_promises_state.py",
         "tests/test_search_limits.py",
         "tests/test_read_side.py",
+        "tests/test_cockpit_api.py",
         "tests/test_api.py",
     ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],

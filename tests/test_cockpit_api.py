@@ -553,13 +553,16 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
     subscription = two_providers["subscription"]
     google_without = traffic.mailbox_created(provider="GOOGLE", subscriptionId=subscription)
     del google_without["data"]["mailboxDetails"]["appPassword"]
+    microsoft_without = traffic.mailbox_created(provider="MICROSOFT", subscriptionId=subscription)
+    del microsoft_without["data"]["mailboxDetails"]["password"]
     unknown = traffic.mailbox_created(provider="YAHOO", subscriptionId=subscription)
-    await delivered(client, google_without, unknown)
+    await delivered(client, google_without, microsoft_without, unknown)
     odd_ids = ["50%_off,ü", "a b/c"]  # an ID a header could not carry as it is
     await box_without_login(db, subscription, odd_ids[0], "GOOGLE")
     await box_without_login(db, subscription, odd_ids[1], None)
     skipped = {
         google_without["data"]["mailboxDetails"]["mailboxId"],
+        microsoft_without["data"]["mailboxDetails"]["mailboxId"],
         unknown["data"]["mailboxDetails"]["mailboxId"],
         *odd_ids,
     }
@@ -569,8 +572,8 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         before = await db.fetchval("select count(*) from credential_reads")
         response = await export(client, fmt, subscriptionId=subscription)
         assert response.status_code == 200
-        # what must change: the four are left out and named, count and IDs
-        assert response.headers["x-export-skipped"] == "4"
+        # what must change: the five are left out and named, count and IDs
+        assert response.headers["x-export-skipped"] == "5"
         named = response.headers["x-export-skipped-mailboxes"].split(",")
         assert {unquote(n) for n in named} == skipped
         assert "canary" not in str(response.headers)  # no credential value in a header
@@ -585,7 +588,7 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         )
         assert {r["email"] for r in audited} == exportable and len(audited) == 2
 
-    # our own CSV carries every field, so it leaves none out (and audits all six)
+    # our own CSV carries every field, so it leaves none out (and audits all seven)
     everything = await export(client, "csv", subscriptionId=subscription)
     assert everything.headers["x-export-skipped"] == "0"
     assert "x-export-skipped-mailboxes" not in everything.headers

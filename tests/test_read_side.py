@@ -150,7 +150,9 @@ async def test_a_time_filter_that_is_not_an_iso_time_is_a_422(client, value):
         "/api/v1/subscriptions", params={"updatedSince": value}, headers=OPS
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["query", "updatedSince"]
+    said = response.json()["detail"][0]
+    assert said["loc"] == ["query", "updatedSince"]
+    assert said["msg"].endswith("must be an ISO 8601 date or time, e.g. 2026-12-01T00:00:00Z")
 
 
 async def test_a_time_before_the_calendar_once_in_utc_filters_as_its_earliest(client):

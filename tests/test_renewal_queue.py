@@ -7,9 +7,10 @@ import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from app.reading import ui
+from app.reading import renewals, ui
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN
+from tests.streams import subscription_event
 from tests.test_cockpit_api import OPS, delivered, iso, lifecycle, new_subscription
 from tests.test_dashboard import sign_in
 
@@ -346,3 +347,31 @@ async def test_a_date_ranges_totals_count_exactly_its_renewals_whole_days_or_not
         assert body["total"]["subscriptions"] == len(inside), (start, end)
         cost = sum(Decimal(str(listed[s]["monthlyCost"])) for s in inside)
         assert Decimal(str(body["total"]["monthlyCost"])) == cost, (start, end)
+
+
+async def test_the_csv_holds_what_the_pages_show_read_a_few_rows_a_statement(client, monkeypatch):
+    """The download reads the queue CSV_PAGE rows a statement (3 here, over 7 rows): each
+    subscription once, in the pages' order, with the cells the API shows, every risk named."""
+    monkeypatch.setattr(renewals, "CSV_PAGE", 3)
+    for ends_in in (3, -2, 10, 20, 5, 1):
+        sub = await new_subscription(client, boxes=2, price=10)
+        await lifecycle(
+            client, sub["subscriptionId"], "subscription.updated", ends_in, autoRenew=False
+        )
+    past_due = (await new_subscription(client))["subscriptionId"]  # the order's old end
+    await delivered(client, subscription_event("subscription.past_due", past_due))
+    items = (await queue(client, limit=500))["items"]
+    await sign_in(client)
+    csv_text = (await client.get("/ui/renewals.csv", params={"due": "all"})).text
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert [r["subscriptionId"] for r in rows] == [i["subscriptionId"] for i in items]
+    assert len(rows) == 7 and rows[0]["subscriptionId"] == past_due
+    for row, item in zip(rows, items, strict=True):
+        assert datetime.fromisoformat(row["renewsAt"]) == datetime.fromisoformat(item["renewsAt"])
+        assert row["risks"] == " ".join(item["risks"])
+        assert (row["due"], row["mailboxCount"]) == (item["due"], str(item["mailboxCount"]))
+    assert [r["risks"] for r in rows[:3]] == [
+        "past_due",
+        "auto_renew_off overdue",
+        "auto_renew_off",
+    ]

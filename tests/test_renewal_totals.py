@@ -56,3 +56,23 @@ async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client,
     fresh = await page(client, 30)
     assert subscriptions(fresh) == 2
     assert fresh["totalsAt"] > first["totalsAt"]
+
+
+async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeypatch):
+    """Past TOTALS_KEPT filter combinations (3 here), the one read least recently is summed
+    again on its next read; those read since are still served from what was kept."""
+    monkeypatch.setattr(renewals, "TOTALS_KEPT", 3)
+    cache, summed = renewals.TotalsCache(), []
+
+    async def read(key: str) -> None:
+        async def compute() -> str:
+            summed.append(key)
+            return key
+
+        assert (await cache.get(key, compute))[1] == key
+
+    for key in ("a", "b", "c", "a", "d", "a", "c", "b"):
+        await read(key)
+    # "b" was the least recent when "d" came: dropped, then summed again
+    assert summed == ["a", "b", "c", "d", "b"]
+    assert list(cache.kept) == ["a", "c", "b"]  # "d" least recent when "b" came back

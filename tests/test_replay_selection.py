@@ -41,16 +41,19 @@ async def keep_rejected(db: Any, payload: dict[str, Any] | bytes, at: datetime) 
 
 @pytest.fixture
 async def stored(client, db) -> dict[str, int]:
-    """Events received at T - 1 day, T, T + 1 day; an unhandled one and one whose body
-    retention deleted (both at T + 2 days); rejected deliveries: a valid one at T, one
-    still invalid at T + 1 day, one not JSON at T - 1 day, and one replayed already."""
+    """Events received at T - 1 day, T, T + 1 day; at T + 2 days, an unhandled one, one
+    naming no subscription (stored as ignored) and two whose bodies retention deleted;
+    rejected deliveries: a valid one at T, one still invalid at T + 1 day, one not JSON at
+    T - 1 day, and one replayed already."""
     ids: dict[str, int] = {}
     events = {
         "before": (traffic.mailbox_created(), T - timedelta(days=1)),
         "at": (traffic.mailbox_created(), T),
         "after": (traffic.mailbox_created(), T + timedelta(days=1)),
         "unhandled": (traffic.envelope("dns-record.updated", {"d": 1}), T + timedelta(days=2)),
+        "no_id": (traffic.envelope("subscription.expired", {"quantity": 3}), T + timedelta(days=2)),
         "no_body": (traffic.mailbox_created(), T + timedelta(days=2)),
+        "no_body_too": (traffic.mailbox_created(), T + timedelta(days=2)),
     }
     for name, (payload, at) in events.items():
         assert (await deliver(client, payload)).status_code == 200
@@ -59,7 +62,10 @@ async def stored(client, db) -> dict[str, int]:
             payload["eventId"],
             at,
         )
-    await db.execute("update events set body_encrypted = null where id = $1", ids["no_body"])
+    await db.execute(
+        "update events set body_encrypted = null where id = any($1)",
+        [ids["no_body"], ids["no_body_too"]],
+    )
     ids["valid"] = await keep_rejected(db, traffic.mailbox_created(), T)
     invalid = traffic.mailbox_created(subscriptionId="", details={"appPassword": {"k": SECRET}})
     ids["invalid"] = await keep_rejected(db, invalid, T + timedelta(days=1))
@@ -84,7 +90,7 @@ async def test_everything_reports_each_kind_and_turns_a_fixed_rejection_into_an_
     db, database_url, stored
 ):
     events, rejected = await run(database_url, Selection(everything=True))
-    assert counts(events) == (3, 0, 1, 1)
+    assert counts(events) == (3, 0, 2, 2)
     assert counts(rejected) == (1, 2, 0, 2)  # the one replayed before is not tried again
     assert sorted(e.split(":")[0] for e in rejected.errors) == sorted(
         f"rejected #{stored[k]}" for k in ("invalid", "not_json")
@@ -114,7 +120,7 @@ async def test_a_dry_run_counts_the_same_and_changes_nothing(db, database_url, s
     tables = ("events", "rejected_deliveries", "mailboxes", "subscriptions")
     before = {t: await db.fetch(f"select * from {t} order by id") for t in tables}
     events, rejected = await run(database_url, Selection(everything=True), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((3, 0, 1, 1), (1, 2, 0, 2))
+    assert (counts(events), counts(rejected)) == ((3, 0, 2, 2), (1, 2, 0, 2))
     assert {t: await db.fetch(f"select * from {t} order by id") for t in tables} == before
 
 
@@ -126,7 +132,7 @@ async def test_a_window_takes_since_inclusive_and_until_exclusive_of_both_kinds(
     assert counts(events) == (1, 0, 0, 0)  # "at" only: "after" falls on until
     assert counts(rejected) == (1, 0, 0, 0)  # "valid" only
     events, rejected = await run(database_url, Selection(since=T), dry_run=True)
-    assert (counts(events), counts(rejected)) == ((2, 0, 1, 1), (1, 1, 0, 2))
+    assert (counts(events), counts(rejected)) == ((2, 0, 2, 2), (1, 1, 0, 2))
     events, rejected = await run(database_url, Selection(until=T), dry_run=True)
     assert (counts(events), counts(rejected)) == ((1, 0, 0, 0), (0, 1, 0, 0))
 
@@ -166,8 +172,35 @@ async def test_a_replayed_rejection_without_event_id_and_its_live_retry_count_on
     row_id = await keep_rejected(db, body, T)
     _, rejected = await run(database_url, Selection(rejected_ids=[row_id]))
     assert counts(rejected) == (1, 0, 0, 0)
+    event_row = await db.fetchval(
+        "select replayed_event_id from rejected_deliveries where id = $1", row_id
+    )
+    events, _ = await run(database_url, Selection(event_ids=[event_row]))  # again, stored
+    assert counts(events) == (1, 0, 0, 0)
     assert (await deliver(client, body)).json()["status"] == "duplicate"
     other = traffic.mailbox_created()
     del other["eventId"]
     assert (await deliver(client, other)).json()["status"] == "processed"
     assert await db.fetchval("select count(*) from events where event = 'mailbox.created'") == 2
+
+
+async def test_fixed_rejections_each_become_the_event_a_live_delivery_records(
+    client, db, database_url
+):
+    """Each fixed rejection is applied and counted, as the event a live delivery of its
+    body records: one naming no subscription is stored as ignored, with the warning why."""
+    live, no_id = (traffic.envelope("subscription.expired", {"quantity": 3}) for _ in "ab")
+    assert (await deliver(client, live)).status_code == 200
+    ids = [await keep_rejected(db, traffic.mailbox_created(), T), await keep_rejected(db, no_id, T)]
+    _, rejected = await run(database_url, Selection(rejected_ids=ids))
+    assert counts(rejected) == (2, 0, 0, 0)
+    replayed = await db.fetch(
+        "select e.status, e.warnings::text from rejected_deliveries r"
+        " join events e on e.id = r.replayed_event_id where r.id = any($1) order by r.id",
+        ids,
+    )
+    said = await db.fetchval(
+        "select warnings::text from events where event_id = $1", live["eventId"]
+    )
+    assert "no recognisable subscriptionId" in said
+    assert [tuple(r) for r in replayed] == [("processed", "[]"), ("ignored", said)]

@@ -143,9 +143,10 @@ class Replayer:
             report.without_body += 1
             return
         raw = self.vault.decrypt(row.body_encrypted)
+        warnings: list[str] = []  # what a live delivery would record with it
         try:
             envelope = parse_envelope(raw, self.hasher)
-            model = parse_handled(envelope, [])
+            model = parse_handled(envelope, warnings)
         except ValueError as error:  # includes ValidationError
             report.still_invalid += 1
             details = validation_details(error) if isinstance(error, ValidationError) else []
@@ -161,6 +162,7 @@ class Replayer:
             raw,
             SignatureCheck(row.signature),
             received_at=row.received_at,
+            warnings=warnings,
             hasher=self.hasher,
         )
         outcome = await record(self.engine, self.vault, delivery, model)
