@@ -66,13 +66,13 @@ class Receiver:
 
 
 @asynccontextmanager
-async def receiving(secret: str | None = None):
+async def receiving(secret: str | None = None, port: int = 0):
     receiver = Receiver(secret)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     receiver.url = f"http://127.0.0.1:{port}/hooks"

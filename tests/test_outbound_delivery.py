@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -310,6 +311,36 @@ async def test_a_redirect_is_never_followed_to_a_private_address(database_url, d
     assert row["last_error"] == "redirect (302) not followed"
     attempt = await db.fetchrow("SELECT * FROM outbound_attempts")
     assert attempt["status_code"] == 302 and attempt["error"] == "redirect (302) not followed"
+
+
+async def test_a_name_that_resolves_to_loopback_at_send_time_is_refused(database_url, db, tmp_path):
+    """DNS rebinding: the names resolve to a public address while the service starts, then
+    to 127.0.0.1 when it sends (a resolver the test points). Only the destination that
+    allows a private network reaches the receiver there."""
+    answers = {"rebind.example": ["93.184.216.34"], "lab.example": ["93.184.216.34"]}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return answers[host]
+
+    async with receiving(SECRET) as receiver:
+        port = urlsplit(receiver.url).port
+        path = destinations_file(
+            tmp_path,
+            declared("crm", f"http://rebind.example:{port}/hooks", allowPrivateNetwork=False),
+            declared("lab", f"http://lab.example:{port}/hooks", events=["mailbox.*"]),
+        )
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        answers |= {"rebind.example": ["127.0.0.1"], "lab.example": ["127.0.0.1"]}
+        async with dispatching(database_url, destinations, Clock(), resolve=resolve) as dispatcher:
+            assert await dispatcher.step() == 2
+    (heard,) = receiver.applied.values()  # lab's message, at 127.0.0.1: nothing else
+    assert heard["type"] == "mailbox.created" and len(receiver.requests) == 1
+    crm, lab = await messages(db, "crm"), await messages(db, "lab")
+    assert lab[0]["status"] == "delivered"
+    assert crm[0]["status"] == "pending" and crm[0]["last_status"] is None
+    refused = "rebind.example resolves to the internal address 127.0.0.1: refused"
+    assert crm[0]["last_error"] == refused
 
 
 async def test_two_replicas_never_send_one_message_twice_at_once(database_url, db, tmp_path):

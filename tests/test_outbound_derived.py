@@ -181,6 +181,34 @@ async def test_mailboxes_ready_waits_for_the_order_when_the_mailboxes_come_first
     assert [m["mailboxCount"] for m in await told(db, "mailboxes.ready")] == [2]
 
 
+async def test_a_group_committed_together_tells_each_ready_order_once(
+    database_url, tmp_path, monkeypatch, db
+):
+    """The last mailboxes of two orders, with a mailbox of an order never stored, meet in one
+    group (one transaction, its subjects read at once): each order is told ready once."""
+    orders = [streams.standard_order(2, False, [], start=EARLIER) for _ in range(2)]
+    settings = make_settings(
+        database_url,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,
+        group_commit_window_ms=300,  # a burst in one process meets in one group
+    )
+    async with app_client(settings) as client:
+        await send(client, *(event for events in orders for event in events[:2]))
+        assert await told(db, "mailboxes.ready") == []
+        burst = [events[2] for events in orders] + [traffic.mailbox_created()]
+        answers = await asyncio.gather(*(deliver(client, p) for p in burst))
+    assert [a.status_code for a in answers] == [200] * 3
+    ids = [p["eventId"] for p in burst]
+    writers = "SELECT count(DISTINCT xmin::text) FROM events WHERE event_id = ANY($1)"
+    assert await db.fetchval(writers, ids) == 1
+    ready = await told(db, "mailboxes.ready")
+    assert sorted((m["orderId"], m["mailboxCount"]) for m in ready) == sorted(
+        (events[0]["data"]["orderId"], 2) for events in orders
+    )
+
+
 async def test_a_prewarmup_order_is_ready_with_its_one_delivery(client, db):
     order = traffic.prewarmup_success(domains=2, per_domain=3)
     await send(client, order, order, order | {"eventId": traffic.provider_id()})

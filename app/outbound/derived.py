@@ -105,28 +105,41 @@ async def order_outcome(conn: asyncpg.Connection, order_id: str) -> list[Derived
 # --- mailboxes ready ------------------------------------------------------------------
 
 # An order's mailboxes are all stored when every domain it succeeded for has as many
-# mailboxes of the order as it was ordered with.
+# mailboxes of the order as it was ordered with. Read for all the orders of a group at once
+# (one round trip, whatever the group's size: most orders are not ready, or not stored).
 ORDER_MAILBOXES = """
 SELECT o.order_id, o.kind, o.user_id, o.user_email, d.domain, d.subscription_id,
     d.quantity, (SELECT count(*) FROM mailboxes m
         WHERE m.order_id = o.order_id AND m.domain = d.domain) AS stored
 FROM orders o JOIN order_domains d ON d.order_id = o.order_id AND d.status = 'succeeded'
-WHERE o.order_id = $1
-ORDER BY d.domain
+WHERE o.order_id = ANY($1::text[])
+ORDER BY o.order_id, d.domain
 """
-# A subscription's mailboxes heard of without an order: as many as it is billed for.
+# Subscriptions' mailboxes heard of without an order: as many as each is billed for.
 SUBSCRIPTION_MAILBOXES = """
 SELECT s.subscription_id, s.domain, s.user_id, s.user_email,
     coalesce(s.lifecycle_quantity, s.quantity) AS quantity,
     (SELECT count(*) FROM mailboxes m WHERE m.subscription_id = s.subscription_id) AS stored
-FROM subscriptions s WHERE s.subscription_id = $1
+FROM subscriptions s WHERE s.subscription_id = ANY($1::text[])
+ORDER BY s.subscription_id
 """
 
 
-async def order_mailboxes_ready(conn: asyncpg.Connection, order_id: str) -> list[Derived]:
-    rows = await conn.fetch(ORDER_MAILBOXES, order_id)
-    if not rows or any(r["quantity"] is None or r["stored"] < r["quantity"] for r in rows):
-        return []
+async def orders_mailboxes_ready(conn: asyncpg.Connection, order_ids: set[str]) -> list[Derived]:
+    by_order: dict[str, list[asyncpg.Record]] = {}
+    for row in await conn.fetch(ORDER_MAILBOXES, sorted(order_ids)):
+        by_order.setdefault(row["order_id"], []).append(row)
+    found = []
+    for order_id, rows in by_order.items():
+        if all(r["quantity"] is not None and r["stored"] >= r["quantity"] for r in rows):
+            found += await order_mailboxes_ready(conn, order_id, rows)
+    return found
+
+
+async def order_mailboxes_ready(
+    conn: asyncpg.Connection, order_id: str, rows: list[asyncpg.Record]
+) -> list[Derived]:
+    """mailboxes.ready for an order whose mailboxes are all stored (`rows`: its domains)."""
     total = sum(int(r["quantity"]) for r in rows)
     is_new, _ = await changed(conn, "mailboxes.ready", f"order:{order_id}", str(total))
     if not is_new or total == 0:
@@ -148,12 +161,20 @@ async def order_mailboxes_ready(conn: asyncpg.Connection, order_id: str) -> list
     return [Derived("mailboxes.ready", data, first["user_id"])]
 
 
-async def subscription_mailboxes_ready(
-    conn: asyncpg.Connection, subscription_id: str
+async def subscriptions_mailboxes_ready(
+    conn: asyncpg.Connection, subscription_ids: set[str]
 ) -> list[Derived]:
-    row = await conn.fetchrow(SUBSCRIPTION_MAILBOXES, subscription_id)
-    if row is None or not row["quantity"] or row["stored"] < row["quantity"]:
-        return []
+    found = []
+    for row in await conn.fetch(SUBSCRIPTION_MAILBOXES, sorted(subscription_ids)):
+        if row["quantity"] and row["stored"] >= row["quantity"]:
+            found += await subscription_mailboxes_ready(conn, row)
+    return found
+
+
+async def subscription_mailboxes_ready(
+    conn: asyncpg.Connection, row: asyncpg.Record
+) -> list[Derived]:
+    subscription_id = row["subscription_id"]
     subject = f"subscription:{subscription_id}"
     is_new, _ = await changed(conn, "mailboxes.ready", subject, str(row["quantity"]))
     if not is_new:
@@ -236,21 +257,23 @@ class Subjects:
     domains: set[str] = field(default_factory=set)
 
 
-def subjects(changes: Effects) -> Subjects:
+def subjects(*many: Effects) -> Subjects:
+    """What these effects (a delivery's, or a group's) may have changed."""
     found = Subjects()
-    if changes.order_id:
-        found.orders.add(changes.order_id)
-    for statement, rows in changes.upserts:
-        if statement is merge.MAILBOX_SNAPSHOT:
-            found.orders |= {r["order_id"] for r in rows if r["order_id"]}
-            found.subscriptions |= {
-                r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
-            }
-        elif statement is merge.SUBSCRIPTION_LIFECYCLE:
-            found.risky |= {r["subscription_id"] for r in rows}
-        elif statement in (merge.DOMAIN_BY_ID, merge.DOMAIN_BY_NAME):
-            found.domain_ids |= {r["domain_id"] for r in rows if r.get("domain_id")}
-            found.domains |= {r["name"] for r in rows if r.get("name")}
+    for changes in many:
+        if changes.order_id:
+            found.orders.add(changes.order_id)
+        for statement, rows in changes.upserts:
+            if statement is merge.MAILBOX_SNAPSHOT:
+                found.orders |= {r["order_id"] for r in rows if r["order_id"]}
+                found.subscriptions |= {
+                    r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
+                }
+            elif statement is merge.SUBSCRIPTION_LIFECYCLE:
+                found.risky |= {r["subscription_id"] for r in rows}
+            elif statement in (merge.DOMAIN_BY_ID, merge.DOMAIN_BY_NAME):
+                found.domain_ids |= {r["domain_id"] for r in rows if r.get("domain_id")}
+                found.domains |= {r["name"] for r in rows if r.get("name")}
     return found
 
 
@@ -267,28 +290,28 @@ def may_derive(changes: Effects, wanted: Callable[[str], bool]) -> bool:
     )
 
 
-async def of_delivery(
-    conn: asyncpg.Connection, changes: Effects, wanted: Callable[[str], bool]
+async def of_deliveries(
+    conn: asyncpg.Connection, many: Sequence[Effects], wanted: Callable[[str], bool]
 ) -> list[Derived]:
-    """The derived events a newly applied delivery causes (only the types some destination
-    wants are derived: a state nobody is told of is not kept)."""
+    """The derived events newly applied deliveries cause (one, or a group committed
+    together: each subject read once for all of them). Only the types some destination
+    wants are derived: a state nobody is told of is not kept."""
     found: list[Derived] = []
-    about = subjects(changes)
-    orders, subscriptions, risky = about.orders, about.subscriptions, about.risky
-    domain_ids, domains = about.domain_ids, about.domains
-    if changes.order_id and (wanted("order.failed") or wanted("order.partially_failed")):
-        found += await order_outcome(conn, changes.order_id)
+    about = subjects(*many)
+    if wanted("order.failed") or wanted("order.partially_failed"):
+        for order_id in sorted({c.order_id for c in many if c.order_id}):
+            found += await order_outcome(conn, order_id)
     if wanted("mailboxes.ready"):
-        for order_id in sorted(orders):
-            found += await order_mailboxes_ready(conn, order_id)
-        for subscription_id in sorted(subscriptions):
-            found += await subscription_mailboxes_ready(conn, subscription_id)
-    if (risky or domain_ids or domains) and wanted("subscription.at_risk"):
+        if about.orders:
+            found += await orders_mailboxes_ready(conn, about.orders)
+        if about.subscriptions:
+            found += await subscriptions_mailboxes_ready(conn, about.subscriptions)
+    if (about.risky or about.domain_ids or about.domains) and wanted("subscription.at_risk"):
         found += await at_risk(
             conn,
-            subscriptions=sorted(risky),
-            domain_ids=sorted(domain_ids),
-            domains=sorted(domains),
+            subscriptions=sorted(about.risky),
+            domain_ids=sorted(about.domain_ids),
+            domains=sorted(about.domains),
         )
     return found
 

@@ -8,9 +8,11 @@ loses nothing: its transaction dies with it, the messages are still pending, and
 sent again with the same `webhook-id` (receivers dedupe on it).
 
 Redirects are never followed (a 3xx is a failed attempt): a destination cannot send us to
-an internal address. While a destination's circuit is open its messages wait without using
-up their retries; after a cool-down one replica sends one due message as a probe, and its
-success closes the circuit and makes every waiting message due at once.
+an internal address; nor can its DNS, changed after start-up (app/outbound/network.py
+checks the address of each connection). While a destination's circuit is open its
+messages wait without using up their retries; after a cool-down one replica sends one due
+message as a probe, and its success closes the circuit and makes every waiting message due
+at once.
 """
 
 import asyncio
@@ -33,6 +35,7 @@ from app import metrics
 from app.db import describe, is_transient, make_engine, raw_connection
 from app.destinations import Destination
 from app.outbound.formats import Message, request
+from app.outbound.network import InternalAddress, Resolve, checked_transport, system_resolve
 
 log = logging.getLogger("coldmail.outbound")
 Clock = Callable[[], datetime]
@@ -178,6 +181,7 @@ class Dispatcher:
         batch: int = 50,
         workers: int = 4,
         poll_seconds: float = 1.0,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self.engine = engine
         self.destinations = {d.name: d for d in destinations}
@@ -187,10 +191,11 @@ class Dispatcher:
         self.batch = batch
         self.workers = workers
         self.poll_seconds = poll_seconds
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
         self.client = httpx.AsyncClient(
             timeout=TIMEOUT,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            transport=checked_transport(destinations, resolve, limits),
             headers={"user-agent": "coldmail-webhooks"},
         )
 
@@ -285,9 +290,11 @@ class Dispatcher:
                     status = response.status_code
                     wait = retry_after(response, utc_now())
         except (httpx.HTTPError, TimeoutError) as error:
-            # the class only: an exception's text may quote the URL (a Slack URL is a secret)
+            # the class only: an exception's text may quote the URL (a Slack URL is a secret);
+            # a refused address's names the host and the address only
             latency = (time.perf_counter() - start) * 1000
-            return Result(started_at, latency, error=type(error).__name__)
+            said = str(error) if isinstance(error, InternalAddress) else type(error).__name__
+            return Result(started_at, latency, error=said)
         latency = (time.perf_counter() - start) * 1000
         return Result(started_at, latency, status=status, error=why(status), retry_after=wait)
 

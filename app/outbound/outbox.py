@@ -17,7 +17,7 @@ from app.destinations import Destination, matches
 from app.outbound import derived
 from app.outbound.derived import Derived
 from app.outbound.messages import enqueue
-from app.receiving.delivery import Delivery, Rejection
+from app.receiving.delivery import Rejection
 from app.recording.effects import Effects
 
 log = logging.getLogger("coldmail.outbound")
@@ -45,11 +45,8 @@ class DestinationsOutbox:
         for event in found:
             await enqueue(conn, self.destinations, event.type, event.data, user_id=event.user_id)
 
-    async def applied(
-        self, conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None
-    ) -> None:
-        if changes is not None:
-            await self.tell(conn, await derived.of_delivery(conn, changes, self.wanted))
+    async def applied(self, conn: asyncpg.Connection, many: Sequence[Effects]) -> None:
+        await self.tell(conn, await derived.of_deliveries(conn, many, self.wanted))
 
     async def rejected(self, conn: asyncpg.Connection, rejection: Rejection) -> None:
         if self.wanted("deliveries.rejected"):

@@ -155,10 +155,10 @@ async def _together(
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
         if outbox is not None:
-            for i in chosen:
-                item = items[i]
-                if rows[i]["inserted"] and outbox.tells(item.changes):
-                    await outbox.applied(conn, item.delivery, item.changes)
+            told = [items[i].changes for i in chosen if rows[i]["inserted"]]
+            changed = [c for c in told if c is not None and outbox.tells(c)]
+            if changed:
+                await outbox.applied(conn, changed)
         conflicts = [items[i].delivery.event_id for i, row in rows.items() if row["conflict"]]
         if conflicts:
             await conn.execute(MARK_CONFLICTS, conflicts)

@@ -54,10 +54,9 @@ class Outbox(Protocol):
         """Whether these effects may cause an event a destination wants: a delivery that
         cannot stays one statement, without a transaction."""
 
-    async def applied(
-        self, conn: asyncpg.Connection, delivery: Delivery, changes: Effects | None
-    ) -> None:
-        """A delivery newly recorded (and its effects applied), in its transaction."""
+    async def applied(self, conn: asyncpg.Connection, many: Sequence[Effects]) -> None:
+        """Deliveries newly recorded (their effects applied), in their transaction: one, or
+        a group committed together (told at once: each subject is read once)."""
 
     async def rejected(self, conn: asyncpg.Connection, rejection: Rejection) -> None:
         """A rejected delivery stored, in its transaction."""
@@ -226,8 +225,8 @@ async def write(
                     await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
             else:
                 row = await conn.fetchrow(sql, *args)
-            if outbox is not None and telling and row["inserted"]:
-                await outbox.applied(conn, delivery, changes)
+            if outbox is not None and changes is not None and telling and row["inserted"]:
+                await outbox.applied(conn, [changes])
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
     return row

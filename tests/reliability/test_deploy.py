@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from app.destinations import load
 from tests.reliability.test_crash_and_outage import server_env
 from tests.servers import clean_env, free_port, serving
 
@@ -97,6 +98,42 @@ def test_the_example_overlay_says_which_proxy_and_which_destinations(tmp_path):
     assert env_of(docs)["FORWARDED_ALLOW_IPS"] == "10.244.7.0/24"
     assert egress_ports(docs) == {53, 5432, 443}
     assert {doc["metadata"].get("namespace") for doc in docs} == {"coldmail"}
+
+
+def test_the_outbound_overlay_sends_from_a_dispatcher_deployment_only(tmp_path):
+    path, docs = render(ROOT / "deploy/kubernetes-outbound", tmp_path)
+    assert validate(path) == 10  # the example's 7, the Deployment, its policy, the ConfigMap
+    assert {doc["metadata"].get("namespace") for doc in docs} == {"coldmail"}
+    (serve,) = by_kind(docs, "StatefulSet")
+    (dispatch,) = by_kind(docs, "Deployment")
+    (config,) = by_kind(docs, "ConfigMap")
+    env = env_of(docs)
+    assert env["OUTBOUND_DISPATCH"] == "false"  # serve writes messages, sends none
+    pod = dispatch["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["outbound", "dispatch"]
+    assert container["image"] == serve["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert container["envFrom"] == [{"secretRef": {"name": "coldmail-webhooks"}}]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # both read the one destinations file, from the generated ConfigMap
+    for workload in (serve, dispatch):
+        spec = workload["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+        assert volume["configMap"]["name"] == config["metadata"]["name"]
+        file = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert file["DESTINATIONS_FILE"] == mounts[volume["name"]] + "/destinations.yaml"
+    secrets = {"CRM_WEBHOOK_SECRET": "whsec_" + "A" * 40, "SLACK_WEBHOOK_URL": "https://x.test/"}
+    declared = tmp_path / "destinations.yaml"
+    declared.write_text(config["data"]["destinations.yaml"])
+    assert [d.name for d in load(declared, secrets)] == ["crm", "ops-slack"]
+    # the dispatcher's pods, not serve's, get a way out to the destinations
+    policies = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy")}
+    own = policies["coldmail-webhooks-dispatch"]["spec"]
+    assert own["podSelector"]["matchLabels"] == dispatch["spec"]["selector"]["matchLabels"]
+    assert all(rule.get("to") for rule in own["egress"])
+    assert serve["spec"]["selector"]["matchLabels"] != dispatch["spec"]["selector"]["matchLabels"]
 
 
 def test_the_pods_are_locked_down_and_keep_their_spool(rendered):
