@@ -1,7 +1,7 @@
 """Fernet encryption of stored secrets, token checks and redaction."""
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -38,7 +38,7 @@ class Vault:
     def decrypt(self, token: bytes) -> bytes:
         return self._fernet.decrypt(token)
 
-    def seal(self, values: dict[str, str | None]) -> dict[str, bytes | None]:
+    def seal(self, values: Mapping[str, str | None]) -> dict[str, bytes | None]:
         """The values that are not None sealed as one token (a JSON object of them), given
         under each of their names: several secrets for the price of one encryption, each
         still stored where its name says, so each can be merged and erased on its own."""
@@ -46,7 +46,7 @@ class Vault:
         token = self._fernet.encrypt(orjson.dumps(given)) if given else None
         return {name: token if name in given else None for name in values}
 
-    def unseal(self, tokens: dict[str, bytes | None]) -> dict[str, str | None]:
+    def unseal(self, tokens: Mapping[str, bytes | None]) -> dict[str, str | None]:
         """Each name's value, from the token stored under that name (`seal`); a token
         shared by several names is decrypted once."""
         opened: dict[bytes, dict[str, str]] = {}
