@@ -49,19 +49,32 @@ class Vault:
     def unseal(self, tokens: Mapping[str, bytes | None]) -> dict[str, str | None]:
         """Each name's value, from the token stored under that name (`seal`); a token
         shared by several names is decrypted once."""
-        opened: dict[bytes, dict[str, str]] = {}
+        opened: dict[bytes, bytes] = {}
         values: dict[str, str | None] = {}
         for name, token in tokens.items():
             if token is None:
                 values[name] = None
                 continue
             if token not in opened:
-                opened[token] = orjson.loads(self._fernet.decrypt(token))
-            values[name] = opened[token][name]
+                opened[token] = self._fernet.decrypt(token)
+            values[name] = sealed_value(opened[token], name)
         return values
 
     def rotate(self, token: bytes) -> bytes:
         return self._fernet.rotate(token)
+
+
+def sealed_value(plaintext: bytes, name: str) -> str:
+    """`name`'s value in a sealed token's JSON object. A token written before credentials
+    were sealed (by a replica still running the release before, after migration 0017 ran)
+    holds the bare value."""
+    try:
+        found = orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        found = None
+    if isinstance(found, dict) and isinstance(found.get(name), str):
+        return str(found[name])
+    return plaintext.decode()
 
 
 def generate_key() -> str:
