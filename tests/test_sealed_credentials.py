@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -13,8 +14,10 @@ import orjson
 import pytest
 from cryptography.fernet import Fernet
 
+from alembic import command
 from app.config import get_settings
 from app.crypto import generate_key
+from app.operations.migrations import alembic_config
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
@@ -170,3 +173,33 @@ async def test_a_database_with_credentials_will_not_migrate_without_fernet_keys(
             await asyncio.to_thread(migrate, at_0016, "head")
     finally:
         get_settings.cache_clear()
+
+
+async def test_a_downgrade_gives_each_credential_its_own_token_again(at_0016, monkeypatch):
+    fernet = Fernet(FERNET_KEY)
+    conn = await asyncpg.connect(asyncpg_dsn(at_0016))
+    try:
+        await store_as_0016_did(
+            conn,
+            "ALL",
+            password=fernet.encrypt(b"pw-1"),
+            authenticator_secret=fernet.encrypt(b"s-1"),
+        )
+        monkeypatch.setenv("FERNET_KEYS", FERNET_KEY)
+        get_settings.cache_clear()
+        await asyncio.to_thread(migrate, at_0016, "head")
+        sealed = await conn.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
+        await asyncio.to_thread(downgrade, at_0016, "0016")
+        get_settings.cache_clear()
+        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
+    finally:
+        await conn.close()
+    assert sealed["password_encrypted"] == sealed["authenticator_secret_encrypted"]
+    assert row["app_password_encrypted"] is None
+    assert fernet.decrypt(row["password_encrypted"]) == b"pw-1"  # bare, as 0016 reads them
+    assert fernet.decrypt(row["authenticator_secret_encrypted"]) == b"s-1"
+
+
+def downgrade(url: str, revision: str) -> None:
+    with ThreadPoolExecutor(1) as pool:  # Alembic's env.py runs its own event loop
+        pool.submit(command.downgrade, alembic_config(url), revision).result()
