@@ -167,6 +167,7 @@ async def test_a_database_with_credentials_will_not_migrate_without_fernet_keys(
     finally:
         await conn.close()
     monkeypatch.delenv("FERNET_KEYS", raising=False)
+    monkeypatch.chdir("/")  # no .env to read it from
     get_settings.cache_clear()
     try:
         with pytest.raises(SystemExit, match="0017 seals the credentials"):
