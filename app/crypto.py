@@ -1,9 +1,10 @@
 """Fernet encryption of stored secrets, token checks and redaction."""
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
 from cryptography.fernet import Fernet, MultiFernet
 
 REDACTED = "[REDACTED]"
@@ -37,14 +38,43 @@ class Vault:
     def decrypt(self, token: bytes) -> bytes:
         return self._fernet.decrypt(token)
 
-    def encrypt_text(self, text: str | None) -> bytes | None:
-        return None if text is None else self._fernet.encrypt(text.encode())
+    def seal(self, values: Mapping[str, str | None]) -> dict[str, bytes | None]:
+        """The values that are not None sealed as one token (a JSON object of them), given
+        under each of their names: several secrets for the price of one encryption, each
+        still stored where its name says, so each can be merged and erased on its own."""
+        given = {name: value for name, value in values.items() if value is not None}
+        token = self._fernet.encrypt(orjson.dumps(given)) if given else None
+        return {name: token if name in given else None for name in values}
 
-    def decrypt_text(self, token: bytes | None) -> str | None:
-        return None if token is None else self._fernet.decrypt(token).decode()
+    def unseal(self, tokens: Mapping[str, bytes | None]) -> dict[str, str | None]:
+        """Each name's value, from the token stored under that name (`seal`); a token
+        shared by several names is decrypted once."""
+        opened: dict[bytes, bytes] = {}
+        values: dict[str, str | None] = {}
+        for name, token in tokens.items():
+            if token is None:
+                values[name] = None
+                continue
+            if token not in opened:
+                opened[token] = self._fernet.decrypt(token)
+            values[name] = sealed_value(opened[token], name)
+        return values
 
     def rotate(self, token: bytes) -> bytes:
         return self._fernet.rotate(token)
+
+
+def sealed_value(plaintext: bytes, name: str) -> str:
+    """`name`'s value in a sealed token's JSON object. A token written before credentials
+    were sealed (by a replica still running the release before, after migration 0018 ran)
+    holds the bare value."""
+    try:
+        found = orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        found = None
+    if isinstance(found, dict) and isinstance(found.get(name), str):
+        return str(found[name])
+    return plaintext.decode()
 
 
 def generate_key() -> str:

@@ -317,6 +317,9 @@ class Mailbox(Listed, TimestampMixin, Base):
     expiry_date: Mapped[datetime | None] = mapped_column(Timestamp)
     price: Mapped[Decimal | None] = mapped_column(Money)
     final_url: Mapped[str | None] = mapped_column(Text)
+    # An event's credentials are one token (crypto.Vault.seal, by CREDENTIAL_COLUMNS'
+    # names), stored in the column of each credential it carries: the merge rules and
+    # erasure still take each credential on its own, for one encryption per mailbox.
     password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     app_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     authenticator_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -325,6 +328,14 @@ class Mailbox(Listed, TimestampMixin, Base):
     # Set by `erase`: its credentials and personal fields are gone and stay gone.
     erased_at: Mapped[datetime | None] = mapped_column(Timestamp)
     field_versions: Mapped[dict[str, str]] = mapped_column(JSONB, server_default="{}")
+
+
+# Each credential's name in a mailbox's sealed token, and its column.
+CREDENTIAL_COLUMNS = {
+    "password": "password_encrypted",
+    "app_password": "app_password_encrypted",
+    "authenticator_secret": "authenticator_secret_encrypted",
+}
 
 
 class Order(Listed, TimestampMixin, Base):

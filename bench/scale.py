@@ -137,10 +137,10 @@ async def fill(url: str, vault: Vault) -> float:
             print(f"  {' '.join(statement.split()[:3])}...", end="", flush=True)
             began = time.perf_counter()
             if "$1" in statement:
-                password, app_password = (
-                    vault.encrypt(traffic.canary(kind).encode()) for kind in ("pw", "app")
-                )
-                await conn.execute(statement, *(password, app_password)[: statement.count("$")])
+                given = {"password": traffic.canary("pw"), "app_password": traffic.canary("app")}
+                sealed = vault.seal(given)  # one token in both columns, as the service seals
+                tokens = (sealed["password"], sealed["app_password"])
+                await conn.execute(statement, *tokens[: statement.count("$")])
             else:
                 await conn.execute(statement)
             print(f" {time.perf_counter() - began:.0f} s", flush=True)

@@ -57,7 +57,8 @@ async def filled(url: str) -> bool:
 
 async def fill(url: str) -> None:
     vault = Vault([KEY])
-    password, app_password = (vault.encrypt(b"bench-credential") for _ in range(2))
+    sealed = vault.seal({"password": "bench-credential", "app_password": "bench-credential"})
+    password, app_password = sealed["password"], sealed["app_password"]
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("SET synchronous_commit = off; SET maintenance_work_mem = '512MB'")

@@ -24,8 +24,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.config import Settings, load_settings, normalize_database_url
-from app.crypto import generate_key
+from app.crypto import Vault, generate_key
 from app.main import create_app
+from app.models import CREDENTIAL_COLUMNS
 from app.operations.migrations import upgrade
 from tests.streams import SENT_AT
 
@@ -47,6 +48,13 @@ SIGNING_KEY = "cmr-api-key-" + os.urandom(8).hex()
 OPS_TOKEN = "ops-token-" + os.urandom(8).hex()
 CREDENTIALS_TOKEN = "cred-token-" + os.urandom(8).hex()
 _counter = itertools.count()
+
+
+def credentials_of(row: Any, keys: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """A mailbox row's credentials by name, read as the service reads them (each from the
+    token in its column: app/crypto.py, Vault.seal), under FERNET_KEY or `keys`."""
+    tokens = {name: row[column] for name, column in CREDENTIAL_COLUMNS.items()}
+    return Vault(keys or (FERNET_KEY,)).unseal(tokens)
 
 
 def with_database(url: str, name: str) -> str:

@@ -4,11 +4,12 @@ import asyncio
 import time
 from decimal import Decimal
 
+import orjson
 import pytest
 from cryptography.fernet import Fernet
 
 from app.simulation import traffic as factories
-from tests.conftest import FERNET_KEY, deliver
+from tests.conftest import FERNET_KEY, credentials_of, deliver
 from tests.streams import sent
 
 
@@ -58,9 +59,7 @@ async def test_google_mailbox_created_stores_the_app_password_encrypted(client, 
         True,
     )
     assert box["password_encrypted"] is None
-    assert (
-        Fernet(FERNET_KEY).decrypt(box["app_password_encrypted"]).decode() == details["appPassword"]
-    )
+    assert credentials_of(box)["app_password"] == details["appPassword"]
     assert box["subscription_id"] == payload["data"]["subscriptionId"]
     assert await db.fetchval("select status from subscriptions") == "active"
 
@@ -71,10 +70,7 @@ async def test_microsoft_mailbox_created_stores_password_and_final_url(client, d
     box = await db.fetchrow("select * from mailboxes")
     assert box["final_url"] == "https://example.com/oauth-callback"
     assert box["app_password_encrypted"] is None
-    assert (
-        Fernet(FERNET_KEY).decrypt(box["password_encrypted"]).decode()
-        == payload["data"]["mailboxDetails"]["password"]
-    )
+    assert credentials_of(box)["password"] == payload["data"]["mailboxDetails"]["password"]
 
 
 async def test_mailbox_updated_changes_only_the_given_fields(client, db):
@@ -257,9 +253,8 @@ async def test_a_600_mailbox_prewarmup_order_stores_each_mailbox_with_its_own_cr
         for group in payload["data"]["mailboxDetails"]
         for box in group["preWarmedUpMailboxes"]
     }
-    fernet = Fernet(FERNET_KEY)
     stored = {
-        row["mailbox_id"]: tuple(fernet.decrypt(token).decode() for token in row[1:])
+        row["mailbox_id"]: tuple(credentials_of(row).values())
         for row in await db.fetch(
             "select mailbox_id, password_encrypted, app_password_encrypted,"
             " authenticator_secret_encrypted from mailboxes"
@@ -282,10 +277,12 @@ async def test_secrets_are_ciphertext_at_rest_and_redacted_in_the_copy(client, d
     raw_everything = repr(dict(row)) + repr(dict(event))
     for secret in secrets:
         assert secret not in raw_everything
-    fernet = Fernet(FERNET_KEY)
-    assert [
-        fernet.decrypt(row[c]).decode()
-        for c in ("password_encrypted", "app_password_encrypted", "authenticator_secret_encrypted")
-    ] == secrets
-    assert fernet.decrypt(event["body_encrypted"]).decode().count("canary-") == 3
+    assert list(credentials_of(row).values()) == secrets
+    # sealed as one token: one encryption for the three, each column holding it
+    token = row["password_encrypted"]
+    assert row["app_password_encrypted"] == token == row["authenticator_secret_encrypted"]
+    assert orjson.loads(Fernet(FERNET_KEY).decrypt(token)) == dict(
+        zip(("password", "app_password", "authenticator_secret"), secrets, strict=True)
+    )
+    assert Fernet(FERNET_KEY).decrypt(event["body_encrypted"]).decode().count("canary-") == 3
     assert event["payload"].count('"[REDACTED]"') == 3

@@ -107,7 +107,7 @@ async def test_rotation_leaves_a_credential_the_service_rewrote_meanwhile(
     }
     for row_id, token in stored.items():
         if row_id != raced:
-            assert vault.decrypt(token).decode() == boxes[ids[row_id]]["password"]
+            assert vault.unseal({"password": token})["password"] == boxes[ids[row_id]]["password"]
 
 
 # --- exports: exactly the audited mailboxes, every formula start neutralised ------------

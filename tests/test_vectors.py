@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 
+import orjson
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -124,10 +125,28 @@ def test_the_first_key_encrypts_and_every_key_decrypts():
     assert vault.decrypt(under_old) == b"pw-1"
     assert Fernet(new).decrypt(vault.encrypt(b"pw-2")) == b"pw-2"
     assert Fernet(new).decrypt(vault.rotate(under_old)) == b"pw-1"
-    assert vault.decrypt_text(vault.encrypt_text("pässword")) == "pässword"
-    assert vault.encrypt_text(None) is None and vault.decrypt_text(None) is None
+    assert vault.rotate(under_old) != vault.rotate(under_old)  # a fresh IV each time
     with pytest.raises(InvalidToken):
         Vault([new]).decrypt(under_old)
+
+
+def test_credentials_are_sealed_as_one_token_under_each_given_name():
+    vault = Vault([generate_key()])
+    sealed = vault.seal({"password": "pässword", "app_password": None, "secret": "s-1"})
+    assert sealed["app_password"] is None
+    assert sealed["password"] is sealed["secret"]  # one encryption for both
+    token = sealed["password"]
+    assert token is not None and b"s-1" not in token
+    assert orjson.loads(vault.decrypt(token)) == {"password": "pässword", "secret": "s-1"}
+    assert vault.unseal(sealed) == {"password": "pässword", "app_password": None, "secret": "s-1"}
+    assert vault.seal({"password": None}) == {"password": None}
+    # two tokens (two events): each name read from its own
+    later = vault.seal({"password": "new", "secret": None})
+    mixed = {"password": later["password"], "secret": sealed["secret"]}
+    assert vault.unseal(mixed) == {"password": "new", "secret": "s-1"}
+    # a token as the release before sealing wrote it (a replica still running it): bare
+    for bare in ("hunter2", "123", '{"other": "x"}', "null"):
+        assert vault.unseal({"password": vault.encrypt(bare.encode())}) == {"password": bare}
 
 
 def test_a_token_matches_only_one_of_the_allowed_exactly():

@@ -11,7 +11,7 @@ from sqlalchemy import insert, select
 
 from app.crypto import Vault
 from app.errors import NotFound
-from app.models import credential_reads
+from app.models import CREDENTIAL_COLUMNS, credential_reads
 from app.reading import exporting, renewals, resources
 from app.reading.auth import credentials_token, ops_token
 from app.reading.exporting import SKIPPED_HEADER_CHARS, SKIPPED_NAMED, ExportQuery
@@ -129,12 +129,8 @@ async def get_credentials(
         )
     )
     response.headers["Cache-Control"] = "no-store"
-    password, app_password, secret = (vault.decrypt_text(value) for value in row)
     return resources.Credentials(
-        mailbox_id=mailbox_id,
-        password=password,
-        app_password=app_password,
-        authenticator_secret=secret,
+        mailbox_id=mailbox_id, **vault.unseal(dict(zip(CREDENTIAL_COLUMNS, row, strict=True)))
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_, case, or_, select
 
 from app.crypto import Vault
-from app.models import credential_reads, mailboxes
+from app.models import CREDENTIAL_COLUMNS, credential_reads, mailboxes
 
 Format = Literal["instantly", "smartlead", "emailbison", "csv"]
 PLATFORMS = ("instantly", "smartlead", "emailbison")  # the formats that log in somewhere
@@ -155,8 +155,8 @@ def neutralise(cell: str) -> str:
 def values(row: Any, vault: Vault) -> dict[str, Any]:
     """What the columns draw on, for one mailbox."""
     imap_host, imap_port, smtp_host, smtp_port = SERVERS.get(row.provider, ("", "", "", ""))
-    password = vault.decrypt_text(row.password_encrypted)
-    app_password = vault.decrypt_text(row.app_password_encrypted)
+    secrets = vault.unseal({name: row._mapping[c] for name, c in CREDENTIAL_COLUMNS.items()})
+    password, app_password = secrets["password"], secrets["app_password"]
     name = " ".join(part for part in (row.first_name, row.last_name) if part)
     return {
         **row._asdict(),
@@ -167,7 +167,7 @@ def values(row: Any, vault: Vault) -> dict[str, Any]:
         "smtp_port": smtp_port,
         "password": password,
         "app_password": app_password,
-        "authenticator_secret": vault.decrypt_text(row.authenticator_secret_encrypted),
+        "authenticator_secret": secrets["authenticator_secret"],
         # Google's IMAP and SMTP take an app password; Microsoft 365's the mailbox password
         "login_password": app_password if row.provider == "GOOGLE" else password,
     }

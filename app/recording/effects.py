@@ -1,9 +1,10 @@
 """What each event does, as rows for the upserts declared in app/recording/merge.py.
 
-The credentials of a mailbox.created or mailbox state event are encrypted here, into its
-row. A prewarmup order's mailboxes (a thousand at a time) are the exception: they are
-carried with their credentials as given (`Effects.mailboxes`) and encrypted only when
-written (app/recording/record.py), each part while the database runs the part before.
+The credentials of a mailbox.created or mailbox state event are sealed here, as one token
+(`credentials`), into its row. A prewarmup order's mailboxes (a thousand at a time) are
+the exception: they are carried with their credentials as given (`Effects.mailboxes`) and
+sealed only when written (app/recording/record.py), each part while the database runs the
+part before.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 
 from app.crypto import Vault
+from app.models import CREDENTIAL_COLUMNS
 from app.receiving import payloads
 from app.recording import merge
 from app.recording.merge import Upsert
@@ -56,11 +58,15 @@ def order_row(order_id: str, kind: str, owner: Row) -> Row:
 
 
 def credentials(vault: Vault, given: payloads.SentCredentials) -> dict[str, bytes | None]:
-    return {
-        "password_encrypted": vault.encrypt_text(given.password),
-        "app_password_encrypted": vault.encrypt_text(given.appPassword),
-        "authenticator_secret_encrypted": vault.encrypt_text(given.authenticatorSecret),
-    }
+    """The credentials an event carries sealed as one token, in each carried one's column."""
+    sealed = vault.seal(
+        {
+            "password": given.password,
+            "app_password": given.appPassword,
+            "authenticator_secret": given.authenticatorSecret,
+        }
+    )
+    return {CREDENTIAL_COLUMNS[name]: token for name, token in sealed.items()}
 
 
 # --- standard mailbox orders ----------------------------------------------------------

@@ -13,9 +13,7 @@ from sqlalchemy import (
 )
 
 from app.errors import NotFound
-from app.models import (
-    mailboxes,
-)
+from app.models import CREDENTIAL_COLUMNS, mailboxes
 from app.reading import resources
 from app.reading.queries.paging import Ident, ListQuery, Search, UtcTime, list_page
 from app.reading.reader import Reader
@@ -68,13 +66,9 @@ async def get_mailbox(conn: Reader, mailbox_id: str) -> resources.Mailbox:
 
 
 async def credential_ciphertexts(conn: Reader, mailbox_id: str) -> Any:
-    """A mailbox's encrypted password, app password and authenticator secret (a row of
-    three, each None where unknown), or None if there is no such mailbox."""
-    columns = [
-        mailboxes.c.password_encrypted,
-        mailboxes.c.app_password_encrypted,
-        mailboxes.c.authenticator_secret_encrypted,
-    ]
+    """A mailbox's sealed credentials (a row of CREDENTIAL_COLUMNS' columns, each None
+    where unknown), or None if there is no such mailbox."""
+    columns = [mailboxes.c[column] for column in CREDENTIAL_COLUMNS.values()]
     stmt = select(*columns).where(mailboxes.c.mailbox_id == mailbox_id)
     return (await conn.execute(stmt)).first()
 
