@@ -7,6 +7,9 @@ Each test sends many deliveries into one database: one case a delivery, found ag
 own IDs.
 """
 
+import asyncio
+import tempfile
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -15,8 +18,9 @@ import httpx
 import orjson
 
 from app.simulation import traffic
-from tests.conftest import deliver
+from tests.conftest import app_client, deliver, make_settings
 from tests.state import OPS
+from tests.test_webhook_contract import DEAD_DATABASE
 
 NO_AMOUNT = "price: not an amount of money; left empty"
 NOT_A_DATE = "creationTime: empty or not a date; left empty"
@@ -247,3 +251,28 @@ async def test_an_event_without_an_id_gets_one_from_its_content_whatever_its_key
     answers = [await accepted(client, sent) for sent in (first, reordered, other)]
     assert [a["status"] for a in answers] == ["ignored", "duplicate", "ignored"]
     assert answers[0]["eventId"] == answers[1]["eventId"] != answers[2]["eventId"]
+
+
+async def test_an_event_without_an_id_queued_while_the_database_is_away_dedupes_once_back(
+    database_url, db
+):
+    warmup = {"eventType": "mailbox.warmup.started", "data": {"mailboxId": "M-1"}}
+    spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
+    async with app_client(make_settings(DEAD_DATABASE, spool_dir=spool_dir)) as offline:
+        response = await deliver(offline, warmup)
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "queued",
+        "eventId": None,  # derived from its content once the hashing key can be read
+        "event": "mailbox.warmup.started",
+    }
+    async with app_client(make_settings(database_url, spool_dir=spool_dir)) as client:
+        deadline = time.monotonic() + 120
+        while not await db.fetchval("select count(*) from events"):
+            assert time.monotonic() < deadline, "the spool was not drained"
+            await asyncio.sleep(0.05)
+        retried = (await deliver(client, warmup)).json()
+    row = await db.fetchrow("select event_id, event, spooled from events")
+    assert row["event_id"].startswith("sha256:") and row["spooled"]
+    assert row["event"] == "mailbox.warmup.started"
+    assert (retried["status"], retried["eventId"]) == ("duplicate", row["event_id"])

@@ -335,7 +335,8 @@ class MailboxStateData(SentCredentials):
 
 
 class Envelope(Wire):
-    eventId: Id
+    # None only while the database is away: normalize_envelope derives it once it is back
+    eventId: Id | None
 
 
 class MailboxOrderSuccess(Envelope):
