@@ -276,3 +276,22 @@ async def test_an_event_without_an_id_queued_while_the_database_is_away_dedupes_
     assert row["event_id"].startswith("sha256:") and row["spooled"]
     assert row["event"] == "mailbox.warmup.started"
     assert (retried["status"], retried["eventId"]) == ("duplicate", row["event_id"])
+
+
+async def test_a_time_without_an_offset_is_utc_whatever_the_servers_time_zone(
+    client, db, monkeypatch
+):
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # nine hours ahead of UTC
+    time.tzset()
+    try:
+        await accepted(client, traffic.mailbox_created())
+        await db.execute("update mailboxes set updated_at = '2026-01-02T03:00:00Z'")
+        found = []
+        for since in ("2026-01-02T02:30:00", "2026-01-02T03:30:00"):
+            params = {"updatedSince": since}
+            page = await client.get("/api/v1/mailboxes", params=params, headers=OPS)
+            found.append(len(page.json()["items"]))
+        assert found == [1, 0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
