@@ -58,6 +58,14 @@ RECEIVING = [
     "tests/test_signature_forms.py",
     "tests/test_leniency.py",
 ]
+# The spool and the drainer: an outage in-process (tests/reliability/proxy.py), then the drain.
+SPOOLING = [
+    *RECEIVING,
+    "tests/test_receiving_outage.py",
+    "tests/reliability/test_spool.py::test_a_full_spool_answers_503_and_keeps_what_it_holds",
+    "tests/reliability/test_spool.py::test_a_torn_spool_row_is_set_aside_and_the_rest_drain",
+    "tests/test_outbound_derived.py::test_the_spool_is_told_once_started_and_once_drained",
+]
 TESTS = {
     "app/config.py": [
         "tests/test_config_and_schema.py",
@@ -69,8 +77,8 @@ TESTS = {
     "app/receiving/signing.py": ["tests/test_vectors.py", "tests/test_promises_edge.py"],
     "app/receiving/payloads.py": RECEIVING,
     "app/receiving/route.py": RECEIVING,
-    "app/receiving/receiver.py": RECEIVING,
-    "app/receiving/spool.py": RECEIVING,
+    "app/receiving/receiver.py": SPOOLING,
+    "app/receiving/spool.py": SPOOLING,
     "app/receiving/pinning.py": RECEIVING,
     "app/receiving/edge.py": RECEIVING,
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
