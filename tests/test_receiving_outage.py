@@ -6,6 +6,7 @@ import asyncio
 import re
 import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -13,10 +14,13 @@ import orjson
 
 from app.crypto import generate_key
 from app.hashing import KEYS_DO_NOT_FIT
+from app.operations.keys import rotate_spool
+from app.receiving.spool import Spool
 from app.simulation import traffic
 from tests.conftest import FERNET_KEY, app_client, asyncpg_dsn, deliver, make_settings
 from tests.reliability.proxy import Proxy
 from tests.reliability.test_spool import wait_until_drained
+from tests.test_webhook_contract import DEAD_DATABASE
 
 EVENT = "select signature, signature_form, warnings, spooled, first_received_at from events"
 
@@ -113,8 +117,11 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
     assert ready.status_code == 503 and ready.json()["error"] == KEYS_DO_NOT_FIT
     assert still.status_code == 503 and still.json()["spool"]["depth"] == 2
     assert capsys.readouterr().err.count(KEYS_DO_NOT_FIT) == 1  # said once, not per delivery
-    both = make_settings(database_url, fernet_keys=f"{FERNET_KEY},{wrong}", spool_dir=spool_dir)
-    async with app_client(both) as client:
+    # rotate-keys with both keys listed re-encrypts them under the first, once
+    assert await rotate_spool(Spool(Path(spool_dir), max_bytes=10**6), [FERNET_KEY, wrong]) == 2
+    assert await rotate_spool(Spool(Path(spool_dir), max_bytes=10**6), [FERNET_KEY, wrong]) == 0
+    right = make_settings(database_url, spool_dir=spool_dir)
+    async with app_client(right) as client:
         await wait_until_drained(client)
         assert (await client.get("/readyz")).status_code == 200
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -148,3 +155,25 @@ async def test_an_outage_that_spooled_nothing_ends_in_its_own_line(database_url,
     assert err.count("database unreachable") == 1
     assert err.count("the database answers again; nothing was spooled") == 1
     assert "the spool is empty again" not in err
+
+
+async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_url, capsys):
+    spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
+    lost, kept = traffic.mailbox_created(), traffic.mailbox_created()
+    away = make_settings(DEAD_DATABASE, fernet_keys=generate_key(), spool_dir=spool_dir)
+    async with app_client(away) as client:
+        assert (await deliver(client, lost)).json()["status"] == "queued"
+    async with app_client(make_settings(DEAD_DATABASE, spool_dir=spool_dir)) as client:
+        assert (await deliver(client, kept)).json()["status"] == "queued"
+    async with app_client(make_settings(database_url, spool_dir=spool_dir)) as client:
+        await wait_until_drained(client)
+        metrics = (await client.get("/metrics")).text
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = await conn.fetch("select event_id, spooled from events")
+    finally:
+        await conn.close()
+    assert [(r["event_id"], r["spooled"]) for r in stored] == [(kept["eventId"], True)]
+    assert re.search(r"^cmr_spool_set_aside_total 1\.0$", metrics, re.M), metrics
+    err = capsys.readouterr().err
+    assert "spool row 1 set aside: body cannot be decrypted with FERNET_KEYS" in err
