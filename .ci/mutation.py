@@ -59,15 +59,16 @@ RECEIVING = [
     "tests/test_leniency.py",
 ]
 # The spool and the drainer: outages in-process (tests/reliability/proxy.py), then the drain.
-# Not all of RECEIVING: every test that starts the app reaches the drainer, and a surviving
-# mutant runs every test that reaches it.
+# A few tests, not RECEIVING: every test that starts the app reaches the drainer, and a
+# surviving mutant runs every test that reaches it.
 SPOOLING = [
-    "tests/test_webhook_contract.py",
     "tests/test_receiving_outage.py",
+    "tests/test_webhook_contract.py::test_new_event_is_processed_and_committed",
+    "tests/test_webhook_contract.py::test_database_unreachable_queues_the_delivery_in_the_spool",
+    "tests/test_webhook_contract.py::test_database_unreachable_and_spool_full_is_503_with_retry_after",
     "tests/test_leniency.py::test_a_failure_a_retry_will_not_cure_is_kept_then_answered_500",
     "tests/reliability/test_spool.py::test_a_full_spool_answers_503_and_keeps_what_it_holds",
     "tests/reliability/test_spool.py::test_a_torn_spool_row_is_set_aside_and_the_rest_drain",
-    "tests/test_outbound_derived.py::test_the_spool_is_told_once_started_and_once_drained",
 ]
 TESTS = {
     "app/config.py": [

@@ -5,6 +5,7 @@ reads one line when the outage begins and one when the spool is empty again."""
 import asyncio
 import re
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,19 @@ import orjson
 from app.crypto import generate_key
 from app.hashing import KEYS_DO_NOT_FIT
 from app.operations.keys import rotate_spool
+from app.receiving import receiver
 from app.receiving.spool import Spool
 from app.simulation import traffic
 from tests.conftest import FERNET_KEY, app_client, asyncpg_dsn, deliver, make_settings
 from tests.reliability.proxy import Proxy
 from tests.reliability.test_spool import _set_aside_total, wait_until_drained
+from tests.streams import SENT_AT
 from tests.test_outbound_derived import destinations_file, eventually, told
 from tests.test_webhook_contract import DEAD_DATABASE
 
-EVENT = "select signature, signature_form, warnings, spooled, first_received_at from events"
+EVENT = (
+    "select signature, signature_form, warnings, spooled, first_received_at, event_time from events"
+)
 
 
 async def refuse_doomed_mailboxes(database_url: str) -> None:
@@ -42,6 +47,13 @@ async def refuse_doomed_mailboxes(database_url: str) -> None:
         await conn.close()
 
 
+def said(err: str, message: str) -> list[str]:
+    """The receiver's log lines that are `message` (a regex) and nothing more, but for the
+    request id before it and the fields logged after it."""
+    line = rf"^.* coldmail\.receiver (?:\[\w+\] )?{message}(?: \w+=\S*)*$"
+    return re.findall(line, err, re.M)
+
+
 def schema_violation() -> dict[str, Any]:
     return traffic.mailbox_created(subscriptionId="", details={"mailboxId": None})
 
@@ -49,9 +61,12 @@ def schema_violation() -> dict[str, Any]:
 async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
     database_url, capsys, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(receiver, "DRAIN_BATCH", 2)  # five spooled: three batches
     proxy = Proxy(database_url)
     await proxy.start()
     live, queued = (traffic.mailbox_created(price=0.30000000000000004) for _ in range(2))
+    signed_at = int(time.time()) - 60
+    queued[SENT_AT] = signed_at
     later, invalid = traffic.mailbox_created(), schema_violation()
     doomed = traffic.mailbox_created(details={"email": "doomed@x.com"})
     await refuse_doomed_mailboxes(database_url)
@@ -95,6 +110,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
     for column in ("signature", "signature_form", "warnings"):
         assert queued_row[column] == live_row[column], column
     assert cut_at <= queued_row["first_received_at"] <= restored_at
+    assert queued_row["event_time"] == datetime.fromtimestamp(signed_at, UTC)
     # the refused ones are kept among rejected deliveries, as they would have been live
     assert [(r["reason"], r["event"], r["event_id"]) for r in rejected] == [
         ("invalid_json", None, None),
@@ -102,16 +118,26 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
         ("apply_failed", "mailbox.created", doomed["eventId"]),  # applying it failed
     ]
     assert rejected[1]["errors"] != "[]"
-    assert orjson.loads(rejected[2]["errors"])[0]["type"] == "XX000"
+    assert orjson.loads(rejected[2]["errors"]) == [
+        {"loc": [], "msg": "applying the event failed", "type": "XX000"}
+    ]
     assert all(cut_at <= r["received_at"] <= restored_at for r in rejected)
     # the CRM is told when spooling began, how many waited, and how long the drain took
     assert cut_at <= datetime.fromisoformat(started["since"]) <= restored_at
     assert started["depth"] == 5 and drained["applied"] == 5
     assert 0 <= drained["seconds"] <= (drained_by - restored_at).total_seconds()
     err = capsys.readouterr().err
-    assert len(re.findall(r"database unreachable \(.+\): deliveries go to the spool", err)) == 1
-    assert re.search(r"the spool is empty again: 5 spooled deliveries applied in \d", err)
-    assert "nothing was spooled" not in err
+    assert (
+        len(said(err, r"database unreachable \(.+\): deliveries go to the spool until it answers"))
+        == 1
+    )
+    assert (
+        len(said(err, r"the spool is empty again: \d+ spooled deliveries applied in [\d.]+ s")) == 1
+    )
+    assert said(err, r"the spool is empty again: 5 spooled deliveries applied in [\d.]+ s")
+    [failed] = said(err, r"applying failed \(XX000\); kept as rejected")
+    assert f"eventId={doomed['eventId']}" in failed and "event=mailbox.created" in failed
+    assert "nothing was spooled" not in err and "the drainer failed" not in err
 
 
 async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_right_ones(
@@ -131,7 +157,8 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
     assert [a.json()["status"] for a in answers] == ["queued", "queued"]
     assert ready.status_code == 503 and ready.json()["error"] == KEYS_DO_NOT_FIT
     assert still.status_code == 503 and still.json()["spool"]["depth"] == 2
-    assert capsys.readouterr().err.count(KEYS_DO_NOT_FIT) == 1  # said once, not per delivery
+    err = capsys.readouterr().err  # said once, not per delivery
+    assert len(said(err, re.escape(KEYS_DO_NOT_FIT) + "; deliveries wait in the spool")) == 1
     # rotate-keys with both keys listed re-encrypts them under the first, once
     assert await rotate_spool(Spool(Path(spool_dir), max_bytes=10**6), [FERNET_KEY, wrong]) == 2
     assert await rotate_spool(Spool(Path(spool_dir), max_bytes=10**6), [FERNET_KEY, wrong]) == 0
@@ -151,25 +178,70 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
     }
 
 
-async def test_an_outage_that_spooled_nothing_ends_in_its_own_line(database_url, capsys):
-    """The spool full: the delivery is refused (503, retry later); once the database
-    answers, the operator reads that the outage ended with nothing to drain."""
+async def test_each_outage_ends_in_its_own_line(database_url, capsys):
+    """Three outages of one process: one delivery spooled and drained; one refused, the
+    spool being full (503, retry later), so that nothing was spooled; one spooled again.
+    Each ends in a line of its own, with its own count."""
     proxy = Proxy(database_url)
     await proxy.start()
+    big = traffic.prewarmup_success(domains=2, per_domain=2)  # more than the spool holds
     async with app_client(make_settings(proxy.url, spool_max_bytes=1024)) as client:
         assert (await deliver(client, traffic.mailbox_created())).status_code == 200
-        await proxy.cut()
-        refused = await deliver(client, traffic.prewarmup_success(domains=2, per_domain=2))
-        await proxy.restore()
-        after = traffic.prewarmup_success(domains=2, per_domain=2)  # too big for the spool
-        while (answer := await deliver(client, after)).status_code != 200:
-            assert answer.status_code == 503  # the circuit is open for a moment
-            await asyncio.sleep(0.1)
-    assert refused.status_code == 503 and answer.json()["status"] == "processed"
+        for payload in (traffic.mailbox_created(), big, traffic.mailbox_created()):
+            await proxy.cut()
+            answer = await deliver(client, payload)
+            await proxy.restore()
+            await wait_until_drained(client)
+            while answer.status_code == 503:  # the circuit stays open for a moment
+                answer = await deliver(client, payload)
+                await asyncio.sleep(0.1)
+            assert answer.json()["status"] in {"queued", "processed"}
     err = capsys.readouterr().err
-    assert err.count("database unreachable") == 1
-    assert err.count("the database answers again; nothing was spooled") == 1
-    assert "the spool is empty again" not in err
+    assert len(said(err, r"database unreachable \(.+\): .*")) == 3
+    ends = said(err, r"the spool is empty again: .*|the database answers again; .*")
+    assert [
+        re.sub(r" in [\d.]+ s$", "", line.split("] ")[-1].split(" coldmail.receiver ")[-1])
+        for line in ends
+    ] == [
+        "the spool is empty again: 1 spooled deliveries applied",
+        "the database answers again; nothing was spooled",
+        "the spool is empty again: 1 spooled deliveries applied",
+    ]
+
+
+async def test_a_delivery_that_cannot_even_be_kept_as_rejected_waits_in_the_spool(
+    database_url, capsys
+):
+    """Applying fails, and so does keeping it among rejected deliveries: answered 500 and
+    held in the spool, where the drainer says why it cannot apply it and tries again;
+    once the cause is gone, it is kept as rejected."""
+    await refuse_doomed_mailboxes(database_url)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create trigger refuse_rejected before insert on rejected_deliveries
+            for each row execute function refuse_box();
+            """
+        )
+        doomed = traffic.mailbox_created(details={"email": "doomed@x.com"})
+        async with app_client(make_settings(database_url)) as client:
+            answer = await deliver(client, doomed)
+            held = (await client.get("/readyz")).json()["spool"]["depth"]
+            err = ""
+            while "the drainer failed; retrying" not in err:
+                await asyncio.sleep(0.1)
+                err += capsys.readouterr().err
+            await conn.execute("drop trigger refuse_rejected on rejected_deliveries")
+            await wait_until_drained(client)
+        rejected = await conn.fetch("select reason, event_id from rejected_deliveries")
+    finally:
+        await conn.close()
+    assert answer.status_code == 500 and answer.json() == {"error": "apply_failed"}
+    assert held == 1
+    assert said(err, r"keeping the delivery failed \(InternalServerError: a bug\); spooled")
+    assert said(err, "the drainer failed; retrying"), err
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
 
 
 async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_url, capsys):
@@ -192,4 +264,4 @@ async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_u
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(kept["eventId"], True)]
     assert set_aside == 1
     err = capsys.readouterr().err
-    assert "spool row 1 set aside: body cannot be decrypted with FERNET_KEYS" in err
+    assert said(err, "spool row 1 set aside: body cannot be decrypted with FERNET_KEYS")
