@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from app.crypto import generate_key
+from app.crypto import Vault, generate_key
 from app.hashing import KEYS_DO_NOT_FIT
 from app.operations.keys import rotate_spool
 from app.receiving import receiver
@@ -117,7 +117,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
         ("invalid_payload", "mailbox.created", invalid["eventId"]),
         ("apply_failed", "mailbox.created", doomed["eventId"]),  # applying it failed
     ]
-    assert rejected[1]["errors"] != "[]"
+    assert orjson.loads(rejected[1]["errors"]) == answers[3].json()["detail"]
     assert orjson.loads(rejected[2]["errors"]) == [
         {"loc": [], "msg": "applying the event failed", "type": "XX000"}
     ]
@@ -263,3 +263,26 @@ async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_u
     assert set_aside == 1
     err = capsys.readouterr().err
     assert said(err, "spool row 1 set aside: body cannot be decrypted with FERNET_KEYS")
+
+
+async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url):
+    """REJECTED_MAX_BYTES bounds the refused bodies kept: past it the oldest go, their
+    reasons stay."""
+    refused = [orjson.dumps(schema_violation() | {"pad": "x" * 400}) for _ in range(4)]
+    size = len(Vault([FERNET_KEY]).encrypt(refused[0]))
+    settings = make_settings(database_url, rejected_max_bytes=2 * size + size // 2)
+    async with app_client(settings) as client:
+        assert [(await deliver(client, body)).status_code for body in refused] == [422] * 4
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        kept = await conn.fetch(
+            "select body_encrypted is not null as kept, reason from rejected_deliveries order by id"
+        )
+    finally:
+        await conn.close()
+    assert [(r["kept"], r["reason"]) for r in kept] == [
+        (False, "invalid_payload"),
+        (False, "invalid_payload"),
+        (True, "invalid_payload"),
+        (True, "invalid_payload"),
+    ]
