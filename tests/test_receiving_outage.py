@@ -286,3 +286,30 @@ async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url):
         (True, "invalid_payload"),
         (True, "invalid_payload"),
     ]
+
+
+async def test_a_failure_a_retry_may_cure_is_queued_not_refused(database_url):
+    """A serialization failure (40001) is the database's "not now": the delivery is
+    answered 200 queued and applied once it passes, never kept among refused ones."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create function not_now() returns trigger language plpgsql as $$
+            begin raise exception 'not now' using errcode = '40001'; end $$;
+            create trigger not_now before insert on mailboxes
+            for each row execute function not_now();
+            """
+        )
+        payload = traffic.mailbox_created()
+        async with app_client(make_settings(database_url)) as client:
+            answer = await deliver(client, payload)
+            await conn.execute("drop trigger not_now on mailboxes")
+            await wait_until_drained(client)
+        stored = await conn.fetch("select event_id, spooled from events")
+        refused = await conn.fetchval("select count(*) from rejected_deliveries")
+    finally:
+        await conn.close()
+    assert answer.status_code == 200 and answer.json()["status"] == "queued"
+    assert [(r["event_id"], r["spooled"]) for r in stored] == [(payload["eventId"], True)]
+    assert refused == 0
