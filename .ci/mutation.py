@@ -69,6 +69,7 @@ SPOOLING = [
     "tests/test_leniency.py::test_a_failure_a_retry_will_not_cure_is_kept_then_answered_500",
     "tests/reliability/test_spool.py::test_a_full_spool_answers_503_and_keeps_what_it_holds",
     "tests/reliability/test_spool.py::test_a_torn_spool_row_is_set_aside_and_the_rest_drain",
+    "tests/test_cockpit_pages.py::test_every_page_says_the_database_is_away_and_shows_the_spool",
 ]
 TESTS = {
     "app/config.py": [

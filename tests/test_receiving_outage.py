@@ -76,6 +76,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
         outbound_dispatch=False,
     )
     async with app_client(settings) as client:
+        assert (await client.get("/readyz")).status_code == 200  # its keys read what is stored
         assert (await deliver(client, live)).json()["status"] == "processed"
         await proxy.cut()
         cut_at = datetime.now(UTC)
