@@ -52,11 +52,23 @@ RECORDING = [
     "tests/test_promises_edge.py::test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay",
 ]
 RECEIVING = [
-    "tests/test_receiving_rules.py",
     "tests/test_webhook_contract.py",
     "tests/test_promises_edge.py",
     "tests/test_signature_forms.py",
     "tests/test_leniency.py",
+]
+# The spool and the drainer: outages in-process (tests/reliability/proxy.py), then the drain.
+# A few tests, not RECEIVING: every test that starts the app reaches the drainer, and a
+# surviving mutant runs every test that reaches it.
+SPOOLING = [
+    "tests/test_receiving_outage.py",
+    "tests/test_webhook_contract.py::test_new_event_is_processed_and_committed",
+    "tests/test_webhook_contract.py::test_database_unreachable_queues_the_delivery_in_the_spool",
+    "tests/test_webhook_contract.py::test_database_unreachable_and_spool_full_is_503_with_retry_after",
+    "tests/test_leniency.py::test_a_failure_a_retry_will_not_cure_is_kept_then_answered_500",
+    "tests/reliability/test_spool.py::test_a_full_spool_answers_503_and_keeps_what_it_holds",
+    "tests/reliability/test_spool.py::test_a_torn_spool_row_is_set_aside_and_the_rest_drain",
+    "tests/test_cockpit_pages.py::test_every_page_says_the_database_is_away_and_shows_the_spool",
 ]
 TESTS = {
     "app/config.py": [
@@ -78,9 +90,12 @@ TESTS = {
         "tests/test_webhook_contract.py",
         "tests/test_signature_forms.py",
     ],
-    "app/receiving/receiver.py": RECEIVING,
-    "app/receiving/spool.py": RECEIVING,
-    "app/receiving/pinning.py": RECEIVING,
+    "app/receiving/receiver.py": SPOOLING,
+    "app/receiving/spool.py": SPOOLING,
+    "app/receiving/pinning.py": [
+        "tests/test_signature_forms.py",
+        "tests/test_webhook_contract.py::test_database_unreachable_queues_the_delivery_in_the_spool",
+    ],
     "app/receiving/edge.py": RECEIVING,
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     "app/recording/effects.py": RECORDING,

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from app.config import ConfigError, load_settings
+from app.receiving import pinning
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
@@ -56,8 +57,10 @@ async def forms_on_stats(client) -> list[str]:
 
 
 async def test_once_enough_deliveries_verified_in_one_form_every_replica_keeps_to_it(
-    database_url, capsys
+    database_url, capsys, monkeypatch
 ):
+    # each process looks at every delivery until it pins a form, and never after
+    monkeypatch.setattr(pinning, "RECHECK_SECONDS", 0.0)
     settings = make_settings(database_url, webhook_tokens=",".join(TOKENS))
     async with app_client(settings) as first:
         assert (await post_body_only(first, traffic.mailbox_created())).status_code == 200
@@ -77,7 +80,10 @@ async def test_once_enough_deliveries_verified_in_one_form_every_replica_keeps_t
         await deliver_signed(second, 2)
         assert await forms_on_stats(second) == ["timestamp.body:hex"]
     pinned = [line for line in capsys.readouterr().err.splitlines() if "only the form" in line]
-    assert len(pinned) == 1 and "timestamp.body:hex" in pinned[0]
+    assert len(pinned) == 1 and pinned[0].endswith(
+        " signatures: only the form timestamp.body:hex is accepted from now on (at least "
+        f"{ENOUGH} of the latest 1000 events verified in it); set CMR_SIGNATURE_FORMS to choose"
+    )
 
 
 async def test_cmr_signature_forms_when_set_is_kept_whatever_the_traffic(database_url):
