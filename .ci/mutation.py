@@ -76,6 +76,11 @@ TESTS = {
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     "app/recording/effects.py": RECORDING,
     "app/recording/record.py": RECORDING,
+    # the batched drain and the group commit of live deliveries
+    "app/recording/batches.py": [
+        "tests/test_group_commit.py",
+        "tests/reliability/test_batches.py::test_the_drain_starts_within_a_second_of_the_database_answering_again",
+    ],
     "app/reading/exports.py": [
         "tests/test_exports.py",
         "tests/test_promises_state.py",

@@ -4,12 +4,14 @@ delivery and applies none twice."""
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from app.crypto import Vault
 from app.db import make_engine
@@ -196,46 +198,71 @@ async def lock_mailbox(holder: asyncpg.Connection, created: dict[str, Any]) -> N
     await holder.execute("select 1 from mailboxes where mailbox_id = $1 for update", box(created))
 
 
+@dataclass
+class Killable:
+    """A `serve` process to kill -9, its senders' answers, and two connections of the test's
+    own: `admin` to look, `holder` to hold a row locked."""
+
+    server: Server
+    admin: asyncpg.Connection
+    holder: asyncpg.Connection
+    answers: Answers = field(default_factory=Answers)
+
+    async def send(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> None:
+        url = f"{self.server.url}/webhooks/cmr"
+        await send_until_acknowledged(client, url, payload, self.answers)
+
+
+Start = Callable[[dict[str, str]], Awaitable[Killable]]
+
+
+@pytest.fixture
+async def killable(database_url: str, tmp_path: Path) -> AsyncIterator[Start]:
+    """Starts a server with the environment given; stops it and closes the connections
+    however the test ends."""
+    started: list[Killable] = []
+
+    async def start(env: dict[str, str]) -> Killable:
+        server = Server(env, tmp_path)
+        await asyncio.to_thread(server.start)
+        dsn = asyncpg_dsn(database_url)
+        started.append(Killable(server, await asyncpg.connect(dsn), await asyncpg.connect(dsn)))
+        return started[-1]
+
+    yield start
+    for rig in started:
+        await asyncio.to_thread(rig.server.stop)
+        await rig.admin.close()
+        await rig.holder.close()
+
+
 async def test_kill_9_inside_a_group_being_committed_leaves_none_of_it_half_applied(
-    database_url, tmp_path
+    database_url, killable
 ):
     """A group waits on a row the test holds locked, its commit not yet made: the kill must
     leave nothing of it, and the senders' retries apply each delivery once."""
     first = traffic.mailbox_created()
     group = [traffic.mailbox_created() for _ in range(15)] + [edit_of(first)]
     # wide enough for the sixteen concurrent senders to meet in one group
-    env = server_env(database_url) | {"GROUP_COMMIT_WINDOW_MS": "1000"}
-    server = Server(env, tmp_path)
-    await asyncio.to_thread(server.start)
-    admin = await asyncpg.connect(asyncpg_dsn(database_url))
-    holder = await asyncpg.connect(asyncpg_dsn(database_url))
-    answers = Answers()
-    url = f"{server.url}/webhooks/cmr"
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            await send_until_acknowledged(client, url, first, answers)
-            await lock_mailbox(holder, first)
-            senders = [
-                asyncio.create_task(send_until_acknowledged(client, url, p, answers)) for p in group
-            ]
-            await until(lambda: backend_waiting_on_a_lock(admin))
-            assert await admin.fetchval("select count(*) from events") == 1  # none committed
-            server.kill()
-            await holder.execute("rollback")
-            await asyncio.to_thread(server.start)
-            await asyncio.gather(*senders)
-        await stored_once(admin, [first, *group])
-    finally:
-        server.stop()
-        await admin.close()
-        await holder.close()
+    rig = await killable(server_env(database_url) | {"GROUP_COMMIT_WINDOW_MS": "1000"})
+    async with httpx.AsyncClient(timeout=30) as client:
+        await rig.send(client, first)
+        await lock_mailbox(rig.holder, first)
+        senders = [asyncio.create_task(rig.send(client, p)) for p in group]
+        await until(lambda: backend_waiting_on_a_lock(rig.admin))
+        assert await rig.admin.fetchval("select count(*) from events") == 1  # none committed
+        rig.server.kill()
+        await rig.holder.execute("rollback")
+        await asyncio.to_thread(rig.server.start)
+        await asyncio.gather(*senders)
+    await stored_once(rig.admin, [first, *group])
     for payload in group:  # cut short by the kill, then applied by a retry, not before
-        *cut_short, last = answers.by_event[payload["eventId"]]
+        *cut_short, last = rig.answers.by_event[payload["eventId"]]
         assert cut_short and set(cut_short) == {"no answer"} and last == "processed"
 
 
 async def test_kill_9_inside_a_batched_drain_applies_each_spooled_delivery_once(
-    database_url, tmp_path
+    database_url, tmp_path, killable
 ):
     """The first batch commits; the second waits on a row the test holds locked. The kill
     must leave the first batch applied once and nothing of the second, which the restarted
@@ -245,33 +272,22 @@ async def test_kill_9_inside_a_batched_drain_applies_each_spooled_delivery_once(
     spooled.insert(DRAIN_BATCH + 10, edit_of(first))  # in the second batch
     proxy = Proxy(database_url)
     await proxy.start()
-    env = server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")}
-    server = Server(env, tmp_path)
-    await asyncio.to_thread(server.start)
-    admin = await asyncpg.connect(asyncpg_dsn(database_url))
-    holder = await asyncpg.connect(asyncpg_dsn(database_url))
-    answers = Answers()
-    url = f"{server.url}/webhooks/cmr"
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            await send_until_acknowledged(client, url, first, answers)
-            await proxy.cut()
-            for payload in spooled:  # in order: the spool drains oldest first
-                await send_until_acknowledged(client, url, payload, answers)
-            await lock_mailbox(holder, first)
-            await proxy.restore()
-            await until(lambda: backend_waiting_on_a_lock(admin))
-            applied_at_kill = await admin.fetchval("select count(*) from events") - 1
-            depth_at_kill = spool_depth(tmp_path / "spool")
-            server.kill()
-            await holder.execute("rollback")
-            server.options = ["--no-migrate"]
-            await asyncio.to_thread(server.start)
-            await until(lambda: asyncio.sleep(0, spool_depth(tmp_path / "spool") == 0))
-        await stored_once(admin, [first, *spooled])
-    finally:
-        await asyncio.to_thread(server.stop)
-        await admin.close()
-        await holder.close()
+    rig = await killable(server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")})
+    async with httpx.AsyncClient(timeout=30) as client:
+        await rig.send(client, first)
+        await proxy.cut()
+        for payload in spooled:  # in order: the spool drains oldest first
+            await rig.send(client, payload)
+        await lock_mailbox(rig.holder, first)
+        await proxy.restore()
+        await until(lambda: backend_waiting_on_a_lock(rig.admin))
+        applied_at_kill = await rig.admin.fetchval("select count(*) from events") - 1
+        depth_at_kill = spool_depth(tmp_path / "spool")
+        rig.server.kill()
+        await rig.holder.execute("rollback")
+        rig.server.options = ["--no-migrate"]
+        await asyncio.to_thread(rig.server.start)
+        await until(lambda: asyncio.sleep(0, spool_depth(tmp_path / "spool") == 0))
+    await stored_once(rig.admin, [first, *spooled])
     assert applied_at_kill == DRAIN_BATCH and depth_at_kill == len(spooled) - DRAIN_BATCH
-    assert {tuple(seen) for seen in answers.by_event.values()} == {("processed",), ("queued",)}
+    assert {tuple(seen) for seen in rig.answers.by_event.values()} == {("processed",), ("queued",)}
