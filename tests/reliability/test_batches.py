@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
+from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
 from app.hashing import HashingKey
@@ -130,6 +131,102 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
     finally:
         await conn.close()
     assert stored == {p["eventId"] for p in payloads}
+
+
+# --- one batched drain, its outcomes told apart ------------------------------------------
+
+
+async def spool_while_away(database_url: str, payloads: list[dict[str, Any]]) -> Settings:
+    """The payloads delivered (and acknowledged as queued) while the database is away; the
+    settings whose spool holds them."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+    return settings
+
+
+async def drain_once(database_url: str, settings: Settings) -> int:
+    """One batch of the spool drained into the database, as `serve`'s drainer does."""
+    vault, engine = Vault([FERNET_KEY]), make_engine(database_url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+    )
+    try:
+        return await receiver.drain()
+    finally:
+        spool.close()
+        await engine.dispose()
+
+
+async def transactions(db: asyncpg.Connection) -> int:
+    """How many transactions wrote the stored events (xmin is the writing transaction)."""
+    return int(await db.fetchval("select count(distinct xmin::text) from events"))
+
+
+async def test_a_batched_drain_commits_its_batch_at_once_and_tells_each_outcome_apart(
+    database_url, db
+):
+    """A duplicate, a second content of one eventId and an event we do not handle, in one
+    batch with new mailboxes: one transaction for them all (an order in one of its own),
+    each recorded as it would be alone."""
+    created = [traffic.mailbox_created() for _ in range(3)]
+    other = traffic.mailbox_created()
+    other["eventId"] = created[0]["eventId"]  # same eventId, another content
+    unhandled = traffic.envelope("dns-record.updated", {"domain": "a.com", "userId": "u1"})
+    order = traffic.mailbox_order_success()
+    batch = [*created, created[1], other, unhandled, order]
+    settings = await spool_while_away(database_url, batch)
+    assert await drain_once(database_url, settings) == len(batch)
+    assert spool_depth(settings.spool_path) == 0
+    assert await transactions(db) == 2  # the batch, and the order on its own
+    rows = await db.fetch("select event_id, status, deliveries, conflict from events")
+    stored = sorted((r["event_id"], r["status"], r["deliveries"], r["conflict"]) for r in rows)
+    expected = [(p["eventId"], "processed", 1, False) for p in (created[2], order)]
+    expected += [(created[1]["eventId"], "processed", 2, False)]  # the duplicate counted
+    expected += [(created[0]["eventId"], "processed", 1, True)] * 2  # both contents marked
+    expected += [(unhandled["eventId"], "ignored", 1, False)]
+    assert stored == sorted(expected)
+    boxes = [box(p) for p in [*created, other]]
+    count = "select count(*) from mailboxes where mailbox_id = any($1)"
+    assert await db.fetchval(count, boxes) == 4
+    assert await db.fetchval("select order_id from orders") == order["data"]["orderId"]
+    assert await db.fetchval("select count(*) from rejected_deliveries") == 0
+
+
+async def test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone(database_url, db):
+    """The batch's transaction fails on one delivery: the others are recorded one by one
+    and kept, the failing one among the rejected deliveries, and the spool is empty."""
+    await db.execute(
+        """
+        create function refuse_box() returns trigger language plpgsql as $$
+        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
+        create trigger refuse before insert on mailboxes
+        for each row when (new.email like 'doomed%') execute function refuse_box();
+        """
+    )
+    good = [traffic.mailbox_created() for _ in range(3)]
+    doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
+    settings = await spool_while_away(database_url, [good[0], doomed, *good[1:]])
+    assert await drain_once(database_url, settings) == 4
+    assert spool_depth(settings.spool_path) == 0
+    stored = await db.fetch("select event_id from events")
+    assert sorted(r["event_id"] for r in stored) == sorted(p["eventId"] for p in good)
+    assert await transactions(db) == 3  # each on its own, once the batch failed
+    rejected = await db.fetch("select reason, event_id from rejected_deliveries")
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
 
 
 # --- kill -9 inside a group, inside a batched drain ------------------------------------
