@@ -2,13 +2,23 @@
 delivery still answered for itself, after the commit."""
 
 import asyncio
+import os
+import time
 from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 
+from app.crypto import Vault
+from app.db import make_engine
+from app.hashing import Hasher
+from app.receiving import payloads
+from app.receiving.delivery import Delivery
+from app.receiving.signing import SignatureCheck
+from app.recording.batches import MAX_GROUP, GroupCommit
 from app.simulation import traffic
-from tests.conftest import app_client, deliver, make_settings
+from tests.conftest import FERNET_KEY, app_client, deliver, make_settings
 
 # Long enough for a burst of concurrent requests in one process to meet in one group.
 WIDE_WINDOW_MS = 300
@@ -81,3 +91,33 @@ async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db
     assert {r["event_id"] for r in stored} == {p["eventId"] for p in good}
     rejected = await db.fetch("select reason, event_id from rejected_deliveries")
     assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
+
+
+def received(payload: dict[str, Any], hasher: Hasher) -> tuple[Delivery, Any]:
+    """A delivery as the route hands it to the committer: authenticated and parsed."""
+    raw = orjson.dumps(payload)
+    envelope = payloads.parse_envelope(raw, hasher)
+    signature = SignatureCheck("valid", None, time.time())
+    return Delivery(envelope, raw, signature, hasher=hasher), payloads.parse_handled(envelope, [])
+
+
+async def test_a_burst_larger_than_a_group_is_split_and_a_later_burst_is_written_too(
+    database_url, db
+):
+    """Senders that all wait at once: MAX_GROUP of them in one transaction, the rest in
+    another; once those are answered, a later burst gets a group of its own."""
+    engine, hasher = make_engine(database_url), Hasher(os.urandom(32))
+    committer = GroupCommit(engine, Vault([FERNET_KEY]), window=0.05)
+    bursts = [
+        [received(traffic.mailbox_created(), hasher) for _ in range(n)] for n in (MAX_GROUP + 1, 2)
+    ]
+    answered = []
+    try:
+        async with asyncio.timeout(120):  # a burst nobody writes fails, rather than hangs
+            for burst in bursts:
+                answered += await asyncio.gather(*(committer.record(d, m) for d, m in burst))
+    finally:
+        await engine.dispose()
+    assert [a.status for a in answered] == ["processed"] * (MAX_GROUP + 3)
+    groups = await db.fetch("select count(*) n from events group by xmin::text")
+    assert sorted(g["n"] for g in groups) == [1, 2, MAX_GROUP]
