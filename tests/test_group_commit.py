@@ -2,6 +2,7 @@
 delivery still answered for itself, after the commit."""
 
 import asyncio
+import base64
 import os
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from app.receiving.delivery import Delivery
 from app.receiving.signing import SignatureCheck
 from app.recording.batches import MAX_GROUP, GroupCommit
 from app.simulation import traffic
+from tests import streams
 from tests.conftest import FERNET_KEY, app_client, deliver, make_settings
 
 # Long enough for a burst of concurrent requests in one process to meet in one group.
@@ -121,3 +123,36 @@ async def test_a_burst_larger_than_a_group_is_split_and_a_later_burst_is_written
     assert [a.status for a in answered] == ["processed"] * (MAX_GROUP + 3)
     groups = await db.fetch("select count(*) n from events group by xmin::text")
     assert sorted(g["n"] for g in groups) == [1, 2, MAX_GROUP]
+
+
+async def test_a_group_tells_each_new_event_and_what_it_completes_once(
+    database_url, db, tmp_path, monkeypatch
+):
+    """An order's three mailboxes in one group: each forwarded once (a duplicate is not),
+    and the order's mailboxes.ready told once, in the group's transaction."""
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks"}
+    crm |= {"events": ["mailbox.created", "mailboxes.ready"], "secretEnv": "CRM_SECRET"}
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    order, *boxes = streams.standard_order(3, False, [], start=time.time() - 3600)
+    settings = make_settings(
+        database_url,
+        group_commit_window_ms=WIDE_WINDOW_MS,
+        destinations_file=path,
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,  # what is written is read here; nothing is sent
+    )
+    async with app_client(settings) as c:
+        assert (await deliver(c, order)).json()["status"] == "processed"  # alone: an order
+        answers = await burst(c, [*boxes, boxes[0]])
+    assert sorted(a.json()["status"] for a in answers) == ["duplicate"] + ["processed"] * 3
+    assert await transactions(db) == 2  # the order, then the group
+    rows = await db.fetch("select destination, type, payload from outbound_messages")
+    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
+    forwarded = [("mailbox.created", p["eventId"]) for p in boxes]
+    assert [t for t in told if t[0] == "mailbox.created"] == sorted(forwarded)
+    ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
+    assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
+    assert {r["destination"] for r in rows} == {"crm"}
