@@ -166,9 +166,10 @@ async def _together(
 
 
 def _outcome(item: Prepared, row: Any) -> Outcome:
+    """What the sender is answered (no row id: only `replay`, which records alone, uses it)."""
     if not row["inserted"]:
-        return Outcome("duplicate", False, row["id"])
-    return Outcome("processed" if item.model else "ignored", bool(row["conflict"]), row["id"])
+        return Outcome("duplicate")
+    return Outcome("processed" if item.model else "ignored", bool(row["conflict"]))
 
 
 @dataclass
