@@ -75,7 +75,11 @@ TESTS = {
     "app/receiving/edge.py": RECEIVING,
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     "app/recording/effects.py": RECORDING,
-    "app/recording/record.py": RECORDING,
+    "app/recording/record.py": [
+        *RECORDING,
+        # a rejected delivery is told in the transaction that stores it
+        "tests/test_outbound_derived.py::test_rejected_deliveries_are_told_once_per_cause_and_window",
+    ],
     # the batched drain and the group commit of live deliveries
     # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)
     "app/recording/batches.py": [
