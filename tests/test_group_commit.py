@@ -90,13 +90,17 @@ async def refuse_doomed(db: asyncpg.Connection) -> None:
     )
 
 
-async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db):
+async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db, capsys):
     await refuse_doomed(db)
     good = [traffic.mailbox_created() for _ in range(8)]
     doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
     async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
         answers = await burst(c, [*good[:4], doomed, *good[4:]])
     assert [a.status_code for a in answers] == [200] * 4 + [500] + [200] * 4
+    fell_back = (
+        "a group failed (InternalServerError: a bug); its deliveries are recorded one by one"
+    )
+    assert capsys.readouterr().err.count(fell_back) == 1  # the operator sees why, once
     assert answers[4].json() == {"error": "apply_failed"}
     stored = await db.fetch("select event_id from events")
     assert {r["event_id"] for r in stored} == {p["eventId"] for p in good}
