@@ -99,7 +99,18 @@ TESTS = {
     "app/receiving/edge.py": RECEIVING,
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     "app/recording/effects.py": RECORDING,
-    "app/recording/record.py": RECORDING,
+    "app/recording/record.py": [
+        *RECORDING,
+        # a rejected delivery is told in the transaction that stores it
+        "tests/test_outbound_derived.py::test_rejected_deliveries_are_told_once_per_cause_and_window",
+    ],
+    # the batched drain and the group commit of live deliveries
+    # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)
+    "app/recording/batches.py": [
+        "tests/test_group_commit.py",
+        "tests/reliability/test_batches.py::test_a_batched_drain_commits_its_batch_at_once_and_tells_each_outcome_apart",
+        "tests/reliability/test_batches.py::test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone",
+    ],
     "app/reading/exports.py": [
         "tests/test_cockpit_api.py",
         "tests/test_promises_state.py",

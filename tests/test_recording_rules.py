@@ -347,3 +347,16 @@ async def test_a_duplicate_delivery_touches_no_row_and_a_new_event_does(client):
     await delivered(client, traffic.mailbox_updated(box, {"firstName": "Later"}))
     after = await read(client, f"mailboxes/{box}")
     assert (after["firstName"], after["updatedAt"] > before[2]) == ("Later", True)
+
+
+async def test_a_prewarmup_domain_whose_mailboxes_name_no_expiry_is_kept_without_one(client):
+    """The domain's subscription expires with its latest mailbox; with none named, it has
+    no expiry (not an error), and the domain beside it keeps its own."""
+    order = traffic.prewarmup_success(domains=2, per_domain=2)
+    bare, dated = order["data"]["mailboxDetails"]
+    for box in bare["preWarmedUpMailboxes"]:
+        del box["expiryDate"]
+    await delivered(client, order)
+    for group, expiry in ((bare, None), (dated, "2025-11-27T19:59:17.294000Z")):
+        subscription = await read(client, f"subscriptions/{group['subscriptionId']}")
+        assert subscription["expiryDate"] == expiry

@@ -166,9 +166,10 @@ async def _together(
 
 
 def _outcome(item: Prepared, row: Any) -> Outcome:
+    """What the sender is answered (no row id: only `replay`, which records alone, uses it)."""
     if not row["inserted"]:
-        return Outcome("duplicate", False, row["id"])
-    return Outcome("processed" if item.model else "ignored", bool(row["conflict"]), row["id"])
+        return Outcome("duplicate")
+    return Outcome("processed" if item.model else "ignored", bool(row["conflict"]))
 
 
 @dataclass
@@ -224,12 +225,10 @@ class GroupCommit:
                 self._start(self._write_next(0))
             else:
                 self._gathering = False
-            try:
-                results: list[Result] = await record_prepared(
-                    self.engine, self.vault, [item for item, _ in group], self.telling
-                )
-            except Exception as error:  # not one delivery's failure: all of them hear it
-                results = [error] * len(group)
+            # each delivery's error is its result: record_prepared raises none
+            results = await record_prepared(
+                self.engine, self.vault, [item for item, _ in group], self.telling
+            )
         for (_, waiter), result in zip(group, results, strict=True):
             if not waiter.done():
                 waiter.set_result(result)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -313,7 +312,7 @@ async def store_rejected(
                 orjson.dumps(rejection.errors).decode(),
                 rejection.signature,
                 vault.encrypt(rejection.raw),
-                rejection.received_at or datetime.now(UTC),
+                rejection.received_at,  # None: the database's now() (STORE_REJECTED)
             )
             if outbox is not None and telling:
                 await outbox.rejected(conn, rejection)

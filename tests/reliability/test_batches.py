@@ -4,13 +4,16 @@ delivery and applies none twice."""
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
+from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
 from app.hashing import HashingKey
@@ -130,6 +133,102 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
     assert stored == {p["eventId"] for p in payloads}
 
 
+# --- one batched drain, its outcomes told apart ------------------------------------------
+
+
+async def spool_while_away(database_url: str, payloads: list[dict[str, Any]]) -> Settings:
+    """The payloads delivered (and acknowledged as queued) while the database is away; the
+    settings whose spool holds them."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+    return settings
+
+
+async def drain_once(database_url: str, settings: Settings) -> int:
+    """One batch of the spool drained into the database, as `serve`'s drainer does."""
+    vault, engine = Vault([FERNET_KEY]), make_engine(database_url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+    )
+    try:
+        return await receiver.drain()
+    finally:
+        spool.close()
+        await engine.dispose()
+
+
+async def transactions(db: asyncpg.Connection) -> int:
+    """How many transactions wrote the stored events (xmin is the writing transaction)."""
+    return int(await db.fetchval("select count(distinct xmin::text) from events"))
+
+
+async def test_a_batched_drain_commits_its_batch_at_once_and_tells_each_outcome_apart(
+    database_url, db
+):
+    """A duplicate, a second content of one eventId and an event we do not handle, in one
+    batch with new mailboxes: one transaction for them all (an order in one of its own),
+    each recorded as it would be alone."""
+    created = [traffic.mailbox_created() for _ in range(3)]
+    other = traffic.mailbox_created()
+    other["eventId"] = created[0]["eventId"]  # same eventId, another content
+    unhandled = traffic.envelope("dns-record.updated", {"domain": "a.com", "userId": "u1"})
+    order = traffic.mailbox_order_success()
+    batch = [*created, created[1], other, unhandled, order]
+    settings = await spool_while_away(database_url, batch)
+    assert await drain_once(database_url, settings) == len(batch)
+    assert spool_depth(settings.spool_path) == 0
+    assert await transactions(db) == 2  # the batch, and the order on its own
+    rows = await db.fetch("select event_id, status, deliveries, conflict from events")
+    stored = sorted((r["event_id"], r["status"], r["deliveries"], r["conflict"]) for r in rows)
+    expected = [(p["eventId"], "processed", 1, False) for p in (created[2], order)]
+    expected += [(created[1]["eventId"], "processed", 2, False)]  # the duplicate counted
+    expected += [(created[0]["eventId"], "processed", 1, True)] * 2  # both contents marked
+    expected += [(unhandled["eventId"], "ignored", 1, False)]
+    assert stored == sorted(expected)
+    boxes = [box(p) for p in [*created, other]]
+    count = "select count(*) from mailboxes where mailbox_id = any($1)"
+    assert await db.fetchval(count, boxes) == 4
+    assert await db.fetchval("select order_id from orders") == order["data"]["orderId"]
+    assert await db.fetchval("select count(*) from rejected_deliveries") == 0
+
+
+async def test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone(database_url, db):
+    """The batch's transaction fails on one delivery: the others are recorded one by one
+    and kept, the failing one among the rejected deliveries, and the spool is empty."""
+    await db.execute(
+        """
+        create function refuse_box() returns trigger language plpgsql as $$
+        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
+        create trigger refuse before insert on mailboxes
+        for each row when (new.email like 'doomed%') execute function refuse_box();
+        """
+    )
+    good = [traffic.mailbox_created() for _ in range(3)]
+    doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
+    settings = await spool_while_away(database_url, [good[0], doomed, *good[1:]])
+    assert await drain_once(database_url, settings) == 4
+    assert spool_depth(settings.spool_path) == 0
+    stored = await db.fetch("select event_id from events")
+    assert sorted(r["event_id"] for r in stored) == sorted(p["eventId"] for p in good)
+    assert await transactions(db) == 3  # each on its own, once the batch failed
+    rejected = await db.fetch("select reason, event_id from rejected_deliveries")
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
+
+
 # --- kill -9 inside a group, inside a batched drain ------------------------------------
 
 
@@ -196,46 +295,71 @@ async def lock_mailbox(holder: asyncpg.Connection, created: dict[str, Any]) -> N
     await holder.execute("select 1 from mailboxes where mailbox_id = $1 for update", box(created))
 
 
+@dataclass
+class Killable:
+    """A `serve` process to kill -9, its senders' answers, and two connections of the test's
+    own: `admin` to look, `holder` to hold a row locked."""
+
+    server: Server
+    admin: asyncpg.Connection
+    holder: asyncpg.Connection
+    answers: Answers = field(default_factory=Answers)
+
+    async def send(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> None:
+        url = f"{self.server.url}/webhooks/cmr"
+        await send_until_acknowledged(client, url, payload, self.answers)
+
+
+Start = Callable[[dict[str, str]], Awaitable[Killable]]
+
+
+@pytest.fixture
+async def killable(database_url: str, tmp_path: Path) -> AsyncIterator[Start]:
+    """Starts a server with the environment given; stops it and closes the connections
+    however the test ends."""
+    started: list[Killable] = []
+
+    async def start(env: dict[str, str]) -> Killable:
+        server = Server(env, tmp_path)
+        await asyncio.to_thread(server.start)
+        dsn = asyncpg_dsn(database_url)
+        started.append(Killable(server, await asyncpg.connect(dsn), await asyncpg.connect(dsn)))
+        return started[-1]
+
+    yield start
+    for rig in started:
+        await asyncio.to_thread(rig.server.stop)
+        await rig.admin.close()
+        await rig.holder.close()
+
+
 async def test_kill_9_inside_a_group_being_committed_leaves_none_of_it_half_applied(
-    database_url, tmp_path
+    database_url, killable
 ):
     """A group waits on a row the test holds locked, its commit not yet made: the kill must
     leave nothing of it, and the senders' retries apply each delivery once."""
     first = traffic.mailbox_created()
     group = [traffic.mailbox_created() for _ in range(15)] + [edit_of(first)]
     # wide enough for the sixteen concurrent senders to meet in one group
-    env = server_env(database_url) | {"GROUP_COMMIT_WINDOW_MS": "1000"}
-    server = Server(env, tmp_path)
-    await asyncio.to_thread(server.start)
-    admin = await asyncpg.connect(asyncpg_dsn(database_url))
-    holder = await asyncpg.connect(asyncpg_dsn(database_url))
-    answers = Answers()
-    url = f"{server.url}/webhooks/cmr"
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            await send_until_acknowledged(client, url, first, answers)
-            await lock_mailbox(holder, first)
-            senders = [
-                asyncio.create_task(send_until_acknowledged(client, url, p, answers)) for p in group
-            ]
-            await until(lambda: backend_waiting_on_a_lock(admin))
-            assert await admin.fetchval("select count(*) from events") == 1  # none committed
-            server.kill()
-            await holder.execute("rollback")
-            await asyncio.to_thread(server.start)
-            await asyncio.gather(*senders)
-        await stored_once(admin, [first, *group])
-    finally:
-        server.stop()
-        await admin.close()
-        await holder.close()
+    rig = await killable(server_env(database_url) | {"GROUP_COMMIT_WINDOW_MS": "1000"})
+    async with httpx.AsyncClient(timeout=30) as client:
+        await rig.send(client, first)
+        await lock_mailbox(rig.holder, first)
+        senders = [asyncio.create_task(rig.send(client, p)) for p in group]
+        await until(lambda: backend_waiting_on_a_lock(rig.admin))
+        assert await rig.admin.fetchval("select count(*) from events") == 1  # none committed
+        rig.server.kill()
+        await rig.holder.execute("rollback")
+        await asyncio.to_thread(rig.server.start)
+        await asyncio.gather(*senders)
+    await stored_once(rig.admin, [first, *group])
     for payload in group:  # cut short by the kill, then applied by a retry, not before
-        *cut_short, last = answers.by_event[payload["eventId"]]
+        *cut_short, last = rig.answers.by_event[payload["eventId"]]
         assert cut_short and set(cut_short) == {"no answer"} and last == "processed"
 
 
 async def test_kill_9_inside_a_batched_drain_applies_each_spooled_delivery_once(
-    database_url, tmp_path
+    database_url, tmp_path, killable
 ):
     """The first batch commits; the second waits on a row the test holds locked. The kill
     must leave the first batch applied once and nothing of the second, which the restarted
@@ -245,33 +369,22 @@ async def test_kill_9_inside_a_batched_drain_applies_each_spooled_delivery_once(
     spooled.insert(DRAIN_BATCH + 10, edit_of(first))  # in the second batch
     proxy = Proxy(database_url)
     await proxy.start()
-    env = server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")}
-    server = Server(env, tmp_path)
-    await asyncio.to_thread(server.start)
-    admin = await asyncpg.connect(asyncpg_dsn(database_url))
-    holder = await asyncpg.connect(asyncpg_dsn(database_url))
-    answers = Answers()
-    url = f"{server.url}/webhooks/cmr"
-    try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            await send_until_acknowledged(client, url, first, answers)
-            await proxy.cut()
-            for payload in spooled:  # in order: the spool drains oldest first
-                await send_until_acknowledged(client, url, payload, answers)
-            await lock_mailbox(holder, first)
-            await proxy.restore()
-            await until(lambda: backend_waiting_on_a_lock(admin))
-            applied_at_kill = await admin.fetchval("select count(*) from events") - 1
-            depth_at_kill = spool_depth(tmp_path / "spool")
-            server.kill()
-            await holder.execute("rollback")
-            server.options = ["--no-migrate"]
-            await asyncio.to_thread(server.start)
-            await until(lambda: asyncio.sleep(0, spool_depth(tmp_path / "spool") == 0))
-        await stored_once(admin, [first, *spooled])
-    finally:
-        await asyncio.to_thread(server.stop)
-        await admin.close()
-        await holder.close()
+    rig = await killable(server_env(proxy.url) | {"SPOOL_DIR": str(tmp_path / "spool")})
+    async with httpx.AsyncClient(timeout=30) as client:
+        await rig.send(client, first)
+        await proxy.cut()
+        for payload in spooled:  # in order: the spool drains oldest first
+            await rig.send(client, payload)
+        await lock_mailbox(rig.holder, first)
+        await proxy.restore()
+        await until(lambda: backend_waiting_on_a_lock(rig.admin))
+        applied_at_kill = await rig.admin.fetchval("select count(*) from events") - 1
+        depth_at_kill = spool_depth(tmp_path / "spool")
+        rig.server.kill()
+        await rig.holder.execute("rollback")
+        rig.server.options = ["--no-migrate"]
+        await asyncio.to_thread(rig.server.start)
+        await until(lambda: asyncio.sleep(0, spool_depth(tmp_path / "spool") == 0))
+    await stored_once(rig.admin, [first, *spooled])
     assert applied_at_kill == DRAIN_BATCH and depth_at_kill == len(spooled) - DRAIN_BATCH
-    assert {tuple(seen) for seen in answers.by_event.values()} == {("processed",), ("queued",)}
+    assert {tuple(seen) for seen in rig.answers.by_event.values()} == {("processed",), ("queued",)}
