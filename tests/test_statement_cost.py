@@ -34,6 +34,7 @@ INDEXES = {
         "ix_events_about_subscription",
         "ix_events_about_mailbox",
         "ix_events_about_updated_mailbox",
+        "ix_events_failed_signature_at",  # partial: a delivery with a good signature adds no entry
     },
     "subscriptions": {
         "pk_subscriptions",
