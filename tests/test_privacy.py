@@ -1,9 +1,11 @@
 """Retention deletes old bodies; erase removes one mailbox's personal data for good."""
 
+from typing import Any
+
 import pytest
 
 from app.config import Settings
-from app.crypto import Vault
+from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.operations import privacy
 from app.operations.privacy import expire_bodies
@@ -11,6 +13,7 @@ from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
+    app_client,
     deliver,
     make_settings,
 )
@@ -189,3 +192,43 @@ async def test_erase_removes_every_personal_field_and_no_later_delivery_restores
     assert {f: box[f] for f in fields} == dict.fromkeys(fields)
     other = (await client.get(f"/api/v1/mailboxes/{ids['kept']}", headers=OPS)).json()
     assert {f: other[f] for f in fields} == {f: kept[f] for f in fields}
+
+
+async def test_readiness_finds_the_oldest_body_left_after_retention_deleted_older_ones(
+    db, database_url
+):
+    old_key, new_key = generate_key(), generate_key()
+    first, second, third = (traffic.mailbox_created() for _ in range(3))
+    async with app_client(make_settings(database_url, fernet_keys=old_key)) as client:
+        for payload in (first, second):
+            assert (await deliver(client, payload)).json()["status"] == "processed"
+    both = make_settings(database_url, fernet_keys=f"{new_key},{old_key}", body_retention_days=0)
+    async with app_client(both) as client:
+        assert (await deliver(client, third)).json()["status"] == "processed"
+    # The hashing key under the new key, as `rotate-keys` leaves it: only bodies differ.
+    hashing = await db.fetchval("select key_encrypted from server_keys")
+    rewrapped = Vault([new_key]).encrypt(Vault([old_key]).decrypt(hashing))
+    await db.execute("update server_keys set key_encrypted = $1", rewrapped)
+    only_new = make_settings(database_url, fernet_keys=new_key, body_retention_days=0)
+
+    async def expire(*payloads: dict[str, Any]) -> None:
+        await db.execute(
+            "update events set first_received_at = now() - interval '91 days'"
+            " where event_id = any($1)",
+            [payload["eventId"] for payload in payloads],
+        )
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            assert await expire_bodies(engine, 90) == 1
+        finally:
+            await engine.dispose()
+
+    async def ready(settings: Settings) -> int:
+        async with app_client(settings) as client:
+            return (await client.get("/readyz")).status_code
+
+    await expire(first)
+    # The second body, under the old key, is now the oldest stored: losing that key fails.
+    assert (await ready(only_new), await ready(both)) == (503, 200)
+    await expire(first, second)
+    assert await ready(only_new) == 200
