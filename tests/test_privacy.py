@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import orjson
 import pytest
 
 from app.config import Settings
@@ -9,7 +10,9 @@ from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.operations import privacy
 from app.operations.privacy import expire_bodies
+from app.operations.replay import Selection, replay
 from app.simulation import traffic
+from tests import streams
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
@@ -232,3 +235,37 @@ async def test_readiness_finds_the_oldest_body_left_after_retention_deleted_olde
     assert (await ready(only_new), await ready(both)) == (503, 200)
     await expire(first, second)
     assert await ready(only_new) == 200
+
+
+async def test_an_old_ignored_event_replayed_as_processed_loses_its_body_to_retention(
+    client, db, database_url
+):
+    sub = traffic.provider_id()
+    stale = streams.subscription_event("subscription.cancelled", sub, **streams.period(0))
+    await db.execute(  # stored as ignored by an older release, before the others
+        "insert into events (event_id, event, status, content_hash, deliveries, conflict, "
+        "signature, payload, body_encrypted, first_received_at) values ($1, $2, 'ignored', "
+        "'\\x00', 1, false, 'valid', '{}', $3, now() - interval '91 days')",
+        stale["eventId"],
+        stale["event"],
+        Vault([FERNET_KEY]).encrypt(orjson.dumps(stale)),
+    )
+    old, recent = traffic.mailbox_created(), traffic.mailbox_created()
+    for payload in (old, recent):
+        assert (await deliver(client, payload)).json()["status"] == "processed"
+    await db.execute(
+        "update events set first_received_at = now() - interval '91 days' where event_id = $1",
+        old["eventId"],
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await expire_bodies(engine, 90) == 1  # the ignored one keeps its body
+        events, _ = await replay(
+            engine, Vault([FERNET_KEY]), Selection(everything=True), dry_run=False
+        )
+        assert events.applied >= 1
+        assert await expire_bodies(engine, 90) == 1  # now processed, and past retention
+    finally:
+        await engine.dispose()
+    bodies = dict(await db.fetch("select event_id, body_encrypted is not null from events"))
+    assert bodies == {stale["eventId"]: False, old["eventId"]: False, recent["eventId"]: True}
