@@ -269,3 +269,22 @@ async def test_an_old_ignored_event_replayed_as_processed_loses_its_body_to_rete
         await engine.dispose()
     bodies = dict(await db.fetch("select event_id, body_encrypted is not null from events"))
     assert bodies == {stale["eventId"]: False, old["eventId"]: False, recent["eventId"]: True}
+
+
+async def test_readiness_finds_an_ignored_body_older_than_every_processed_one(db, database_url):
+    old_key, new_key = generate_key(), generate_key()
+    ignored = traffic.envelope("dns-record.updated", {"domain": "a.com"})
+    async with app_client(make_settings(database_url, fernet_keys=old_key)) as client:
+        assert (await deliver(client, ignored)).json()["status"] == "ignored"
+    both = make_settings(database_url, fernet_keys=f"{new_key},{old_key}", body_retention_days=0)
+    async with app_client(both) as client:
+        for payload in (traffic.mailbox_created(), traffic.mailbox_created()):
+            assert (await deliver(client, payload)).json()["status"] == "processed"
+    hashing = await db.fetchval("select key_encrypted from server_keys")
+    rewrapped = Vault([new_key]).encrypt(Vault([old_key]).decrypt(hashing))
+    await db.execute("update server_keys set key_encrypted = $1", rewrapped)
+    only_new = make_settings(database_url, fernet_keys=new_key, body_retention_days=0)
+    async with app_client(only_new) as client:
+        assert (await client.get("/readyz")).status_code == 503
+    async with app_client(both) as client:
+        assert (await client.get("/readyz")).status_code == 200
