@@ -27,7 +27,11 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_retention_marks")),
     )
-    op.execute("INSERT INTO retention_marks (name, id) VALUES ('events', 0)")
+    # Past what an earlier retention deleted already: once, here (a scan of events).
+    op.execute(
+        "INSERT INTO retention_marks (name, id) SELECT 'events', coalesce(min(id), 0) FROM events"
+        " WHERE status = 'processed' AND body_encrypted IS NOT NULL"
+    )
 
 
 def downgrade() -> None:

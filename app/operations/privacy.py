@@ -52,11 +52,13 @@ EXPIRE_EVENTS = """WITH expired AS (
         ORDER BY id LIMIT $2)
     RETURNING id)
 SELECT count(*), max(id) FROM expired"""
-# Past the bodies just deleted; only from the mark this run read: `replay` lowers it when
-# it makes an ignored event processed, and that must stand.
+# To the first processed event with a body, or (none) past the last one received before
+# the cutoff, so that no later run nor the key check walks the deleted bodies again. Only
+# from the mark this run read: `replay` lowers it when it makes an ignored event
+# processed, and that must stand.
 ADVANCE_MARK = """UPDATE retention_marks SET id = coalesce((
     SELECT id FROM events WHERE status = 'processed' AND body_encrypted IS NOT NULL AND id >= $1
-    ORDER BY id LIMIT 1), $1)
+    ORDER BY id LIMIT 1), greatest($1, $2::bigint + 1))
 WHERE name = 'events' AND id = $1"""
 LOWER_MARK = "UPDATE retention_marks SET id = least(id, $1) WHERE name = 'events'"
 EXPIRE_REJECTED = """UPDATE rejected_deliveries SET body_encrypted = NULL WHERE id IN (
@@ -82,9 +84,8 @@ async def _expire_events(engine: AsyncEngine, days: int) -> int:
         if count < RETENTION_BATCH:
             break
         after = cleared
-    if total:
-        async with raw_connection(engine) as conn:
-            await conn.execute(ADVANCE_MARK, mark)
+    async with raw_connection(engine) as conn:
+        await conn.execute(ADVANCE_MARK, mark, last)
     return total
 
 
