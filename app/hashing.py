@@ -78,9 +78,18 @@ KEYS_DO_NOT_FIT = (
 )
 # The hashing key, and the oldest and newest stored bodies: a key list that lost the key of
 # either end (FERNET_KEYS=NEW before `rotate-keys` has run, or the old key after it) fails.
+# The oldest is the first ignored event's (retention keeps those) or the first processed
+# one's from the retention mark (app/operations/privacy.py): a search from the first event
+# would walk every body retention deleted, millions of rows, past /readyz's second.
 STORED_SAMPLES = (
     "SELECT key_encrypted FROM server_keys",
-    "(SELECT body_encrypted FROM events WHERE body_encrypted IS NOT NULL ORDER BY id LIMIT 1)"
+    "(SELECT body_encrypted FROM events WHERE status = 'ignored' AND body_encrypted IS NOT NULL"
+    " ORDER BY id LIMIT 1)"
+    " UNION ALL "
+    "(SELECT body_encrypted FROM events WHERE status = 'processed'"
+    " AND body_encrypted IS NOT NULL"
+    " AND id >= coalesce((SELECT id FROM retention_marks WHERE name = 'events'), 0)"
+    " ORDER BY id LIMIT 1)"
     " UNION ALL "
     "(SELECT body_encrypted FROM events WHERE body_encrypted IS NOT NULL ORDER BY id DESC"
     " LIMIT 1)",

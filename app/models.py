@@ -434,6 +434,15 @@ class ServerKey(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
+class RetentionMark(Base):
+    """'events': no processed event with a lower id keeps its stored body (privacy.py)."""
+
+    __tablename__ = "retention_marks"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger)
+
+
 class UiSession(Base):
     """A dashboard sign-in. The cookie holds a random secret; only its keyed hash is kept
     here, so sign-out (a delete) ends it and a copy of this table opens nothing."""

@@ -1,16 +1,22 @@
 """Retention deletes old bodies; erase removes one mailbox's personal data for good."""
 
+from typing import Any
+
+import orjson
 import pytest
 
 from app.config import Settings
-from app.crypto import Vault
+from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.operations import privacy
 from app.operations.privacy import expire_bodies
+from app.operations.replay import Selection, replay
 from app.simulation import traffic
+from tests import streams
 from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
+    app_client,
     deliver,
     make_settings,
 )
@@ -189,3 +195,96 @@ async def test_erase_removes_every_personal_field_and_no_later_delivery_restores
     assert {f: box[f] for f in fields} == dict.fromkeys(fields)
     other = (await client.get(f"/api/v1/mailboxes/{ids['kept']}", headers=OPS)).json()
     assert {f: other[f] for f in fields} == {f: kept[f] for f in fields}
+
+
+async def test_readiness_finds_the_oldest_body_left_after_retention_deleted_older_ones(
+    db, database_url
+):
+    old_key, new_key = generate_key(), generate_key()
+    first, second, third = (traffic.mailbox_created() for _ in range(3))
+    async with app_client(make_settings(database_url, fernet_keys=old_key)) as client:
+        for payload in (first, second):
+            assert (await deliver(client, payload)).json()["status"] == "processed"
+    both = make_settings(database_url, fernet_keys=f"{new_key},{old_key}", body_retention_days=0)
+    async with app_client(both) as client:
+        assert (await deliver(client, third)).json()["status"] == "processed"
+    # The hashing key under the new key, as `rotate-keys` leaves it: only bodies differ.
+    hashing = await db.fetchval("select key_encrypted from server_keys")
+    rewrapped = Vault([new_key]).encrypt(Vault([old_key]).decrypt(hashing))
+    await db.execute("update server_keys set key_encrypted = $1", rewrapped)
+    only_new = make_settings(database_url, fernet_keys=new_key, body_retention_days=0)
+
+    async def expire(*payloads: dict[str, Any]) -> None:
+        await db.execute(
+            "update events set first_received_at = now() - interval '91 days'"
+            " where event_id = any($1)",
+            [payload["eventId"] for payload in payloads],
+        )
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            assert await expire_bodies(engine, 90) == 1
+        finally:
+            await engine.dispose()
+
+    async def ready(settings: Settings) -> int:
+        async with app_client(settings) as client:
+            return (await client.get("/readyz")).status_code
+
+    await expire(first)
+    # The second body, under the old key, is now the oldest stored: losing that key fails.
+    assert (await ready(only_new), await ready(both)) == (503, 200)
+    await expire(first, second)
+    assert await ready(only_new) == 200
+
+
+async def test_an_old_ignored_event_replayed_as_processed_loses_its_body_to_retention(
+    client, db, database_url
+):
+    sub = traffic.provider_id()
+    stale = streams.subscription_event("subscription.cancelled", sub, **streams.period(0))
+    await db.execute(  # stored as ignored by an older release, before the others
+        "insert into events (event_id, event, status, content_hash, deliveries, conflict, "
+        "signature, payload, body_encrypted, first_received_at) values ($1, $2, 'ignored', "
+        "'\\x00', 1, false, 'valid', '{}', $3, now() - interval '91 days')",
+        stale["eventId"],
+        stale["event"],
+        Vault([FERNET_KEY]).encrypt(orjson.dumps(stale)),
+    )
+    old, recent = traffic.mailbox_created(), traffic.mailbox_created()
+    for payload in (old, recent):
+        assert (await deliver(client, payload)).json()["status"] == "processed"
+    await db.execute(
+        "update events set first_received_at = now() - interval '91 days' where event_id = $1",
+        old["eventId"],
+    )
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await expire_bodies(engine, 90) == 1  # the ignored one keeps its body
+        events, _ = await replay(
+            engine, Vault([FERNET_KEY]), Selection(everything=True), dry_run=False
+        )
+        assert events.applied >= 1
+        assert await expire_bodies(engine, 90) == 1  # now processed, and past retention
+    finally:
+        await engine.dispose()
+    bodies = dict(await db.fetch("select event_id, body_encrypted is not null from events"))
+    assert bodies == {stale["eventId"]: False, old["eventId"]: False, recent["eventId"]: True}
+
+
+async def test_readiness_finds_an_ignored_body_older_than_every_processed_one(db, database_url):
+    old_key, new_key = generate_key(), generate_key()
+    ignored = traffic.envelope("dns-record.updated", {"domain": "a.com"})
+    async with app_client(make_settings(database_url, fernet_keys=old_key)) as client:
+        assert (await deliver(client, ignored)).json()["status"] == "ignored"
+    both = make_settings(database_url, fernet_keys=f"{new_key},{old_key}", body_retention_days=0)
+    async with app_client(both) as client:
+        for payload in (traffic.mailbox_created(), traffic.mailbox_created()):
+            assert (await deliver(client, payload)).json()["status"] == "processed"
+    hashing = await db.fetchval("select key_encrypted from server_keys")
+    rewrapped = Vault([new_key]).encrypt(Vault([old_key]).decrypt(hashing))
+    await db.execute("update server_keys set key_encrypted = $1", rewrapped)
+    only_new = make_settings(database_url, fernet_keys=new_key, body_retention_days=0)
+    async with app_client(only_new) as client:
+        assert (await client.get("/readyz")).status_code == 503
+    async with app_client(both) as client:
+        assert (await client.get("/readyz")).status_code == 200

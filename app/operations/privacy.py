@@ -38,32 +38,66 @@ PERSONAL_KEYS = frozenset(
 RETENTION_BATCH = 1000
 RETENTION_EVERY_SECONDS = 3600
 
-EXPIRE_BODIES = (
-    """UPDATE events SET body_encrypted = NULL WHERE id IN (
-    SELECT id FROM events
-    WHERE status = 'processed' AND body_encrypted IS NOT NULL
-        AND first_received_at < now() - make_interval(days => $1)
-    LIMIT $2)""",
-    """UPDATE rejected_deliveries SET body_encrypted = NULL WHERE id IN (
+# Events: processed ones older than the retention, in id batches between the retention
+# mark (no processed event below it keeps its body) and the newest event received before
+# the cutoff, so that no batch walks the bodies already deleted nor the newer events.
+MARK = "SELECT id FROM retention_marks WHERE name = 'events'"
+LAST_EXPIRED = """SELECT id FROM events WHERE first_received_at < now() - make_interval(days => $1)
+ORDER BY first_received_at DESC, id DESC LIMIT 1"""
+EXPIRE_EVENTS = """WITH expired AS (
+    UPDATE events SET body_encrypted = NULL WHERE id IN (
+        SELECT id FROM events
+        WHERE status = 'processed' AND body_encrypted IS NOT NULL
+            AND first_received_at < now() - make_interval(days => $1) AND id > $3 AND id <= $4
+        ORDER BY id LIMIT $2)
+    RETURNING id)
+SELECT count(*), max(id) FROM expired"""
+# To the first processed event with a body, or (none) past the last one received before
+# the cutoff, so that no later run nor the key check walks the deleted bodies again. Only
+# from the mark this run read: `replay` lowers it when it makes an ignored event
+# processed, and that must stand.
+ADVANCE_MARK = """UPDATE retention_marks SET id = coalesce((
+    SELECT id FROM events WHERE status = 'processed' AND body_encrypted IS NOT NULL AND id >= $1
+    ORDER BY id LIMIT 1), greatest($1, $2::bigint + 1))
+WHERE name = 'events' AND id = $1"""
+LOWER_MARK = "UPDATE retention_marks SET id = least(id, $1) WHERE name = 'events'"
+EXPIRE_REJECTED = """UPDATE rejected_deliveries SET body_encrypted = NULL WHERE id IN (
     SELECT id FROM rejected_deliveries
     WHERE body_encrypted IS NOT NULL AND received_at < now() - make_interval(days => $1)
-    LIMIT $2)""",
-)
+    LIMIT $2)"""
 
 
 async def expire_bodies(engine: AsyncEngine, days: int) -> int:
     """Delete the stored bodies past retention (processed events' and rejected deliveries'),
     in batches; how many were deleted."""
-    total = 0
-    for statement in EXPIRE_BODIES:
-        while True:
-            async with raw_connection(engine) as conn:
-                status = await conn.execute(statement, days, RETENTION_BATCH)
-            count = int(status.split()[-1])
-            total += count
-            if count < RETENTION_BATCH:
-                break
+    return await _expire_events(engine, days) + await _expire_rejected(engine, days)
+
+
+async def _expire_events(engine: AsyncEngine, days: int) -> int:
+    async with raw_connection(engine) as conn:
+        mark, last = await conn.fetchval(MARK), await conn.fetchval(LAST_EXPIRED, days)
+    total, after = 0, mark - 1
+    while last is not None:
+        async with raw_connection(engine) as conn:
+            count, cleared = await conn.fetchrow(EXPIRE_EVENTS, days, RETENTION_BATCH, after, last)
+        total += count
+        if count < RETENTION_BATCH:
+            break
+        after = cleared
+    async with raw_connection(engine) as conn:
+        await conn.execute(ADVANCE_MARK, mark, last)
     return total
+
+
+async def _expire_rejected(engine: AsyncEngine, days: int) -> int:
+    total = 0
+    while True:
+        async with raw_connection(engine) as conn:
+            status = await conn.execute(EXPIRE_REJECTED, days, RETENTION_BATCH)
+        count = int(status.split()[-1])
+        total += count
+        if count < RETENTION_BATCH:
+            return total
 
 
 async def retention_forever(engine: AsyncEngine, days: int) -> None:

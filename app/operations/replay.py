@@ -12,8 +12,10 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
+from app.db import raw_connection
 from app.hashing import Hasher, load_or_create
 from app.models import events, rejected
+from app.operations.privacy import LOWER_MARK
 from app.receiving.delivery import Delivery, Stored
 from app.receiving.payloads import parse_envelope, parse_handled, validation_details
 from app.receiving.signing import SignatureCheck
@@ -107,9 +109,12 @@ class Replayer:
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(events.c.body_encrypted, events.c.signature, events.c.event_time).where(
-                        events.c.id == row_id
-                    )
+                    select(
+                        events.c.body_encrypted,
+                        events.c.signature,
+                        events.c.event_time,
+                        events.c.status,
+                    ).where(events.c.id == row_id)
                 )
             ).one()
         if row.body_encrypted is None:  # deleted by BODY_RETENTION_DAYS
@@ -124,6 +129,9 @@ class Replayer:
         report.applied += 1
         if self.dry_run:
             return
+        if row.status == "ignored":  # processed from now: under the retention's watch
+            async with raw_connection(self.engine) as conn:
+                await conn.execute(LOWER_MARK, row_id)
         stored = Stored(row_id, row.event_time)
         delivery = Delivery(
             envelope, raw, SignatureCheck(row.signature), hasher=self.hasher, stored=stored
