@@ -360,3 +360,24 @@ async def test_a_prewarmup_domain_whose_mailboxes_name_no_expiry_is_kept_without
     for group, expiry in ((bare, None), (dated, "2025-11-27T19:59:17.294000Z")):
         subscription = await read(client, f"subscriptions/{group['subscriptionId']}")
         assert subscription["expiryDate"] == expiry
+
+
+async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(client):
+    """A mailbox.updated whose updatedFields holds nothing we know (or nothing at all) is a
+    detail, not a reason to refuse: answered 2xx, stored, and the mailbox stays as it was."""
+    created = traffic.mailbox_created()
+    box = created["data"]["mailboxDetails"]
+    await delivered(client, created)
+    before = await read(client, f"mailboxes/{box['mailboxId']}")
+    for fields in ({"favouriteColour": "teal"}, {}):
+        edit = traffic.mailbox_updated(box["mailboxId"], fields)
+        response = await deliver(client, edit)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "processed"
+    after = await read(client, f"mailboxes/{box['mailboxId']}")
+    assert {k: v for k, v in after.items() if k != "updatedAt"} == {
+        k: v for k, v in before.items() if k != "updatedAt"
+    }
+    known = traffic.mailbox_updated(box["mailboxId"], {"lastName": "Okafor"})
+    await delivered(client, known)
+    assert (await read(client, f"mailboxes/{box['mailboxId']}"))["lastName"] == "Okafor"

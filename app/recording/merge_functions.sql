@@ -85,8 +85,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION latest_versions(old jsonb, new jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    -- field_versions: per field, the greatest edit version seen
-    SELECT jsonb_object_agg(key, version) FROM (
+    -- field_versions: per field, the greatest edit version seen ({} when no field is)
+    SELECT coalesce(jsonb_object_agg(key, version), '{}') FROM (
         SELECT key, max(value COLLATE "C") AS version
         FROM (SELECT * FROM jsonb_each_text(old) UNION ALL SELECT * FROM jsonb_each_text(new))
             AS edits
