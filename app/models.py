@@ -474,6 +474,12 @@ class OutboundDestination(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
+ORDERED_WEBHOOK_ID = (
+    "'msg_' || lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000000)::bigint), 14, '0')"
+    " || substr(replace(gen_random_uuid()::text, '-', ''), 1, 18)"
+)
+
+
 class OutboundMessage(Base):
     """One message for one destination, written in the transaction of its cause.
 
@@ -504,9 +510,9 @@ class OutboundMessage(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     destination: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(Text)
-    webhook_id: Mapped[str] = mapped_column(
-        Text, server_default=text("'msg_' || replace(gen_random_uuid()::text, '-', '')")
-    )
+    # in time order (microseconds since the epoch, then 72 random bits): inserts append at
+    # the unique index's right edge instead of dirtying a random leaf (migration 0021)
+    webhook_id: Mapped[str] = mapped_column(Text, server_default=text(ORDERED_WEBHOOK_ID))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     user_id: Mapped[str | None] = mapped_column(Text)
     # the body's `timestamp`: when what it tells happened

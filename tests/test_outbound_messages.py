@@ -4,6 +4,7 @@ transaction (app/outbound/messages.py)."""
 import base64
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -120,3 +121,16 @@ async def test_messages_are_written_with_their_cause_and_never_without_it(db):
     assert len({r["webhook_id"] for r in rows}) == 3
     assert json.loads(rows[0]["payload"]) == {"orderId": "o1", "mailboxes": [{"email": "x@y.z"}]}
     assert rows[0]["user_id"] == "u1"
+
+
+async def test_webhook_ids_are_unique_and_in_the_order_messages_were_written(db):
+    everyone = [destination(name="a", events=["*"]), destination(name="b", events=["*"])]
+    for n in range(3):
+        async with db.transaction():
+            await enqueue(db, everyone, "order.failed", {"orderId": f"o{n}"})
+    ids = [r["webhook_id"] for r in await db.fetch("SELECT * FROM outbound_messages ORDER BY id")]
+    assert all(re.fullmatch("msg_[0-9a-f]{32}", webhook_id) for webhook_id in ids)
+    assert len(set(ids)) == 6
+    # time order: a later message's id sorts after an earlier one's (the unique index
+    # grows at its right edge); within one statement the random tail decides
+    assert max(ids[0:2]) < min(ids[2:4]) and max(ids[2:4]) < min(ids[4:6])
