@@ -110,6 +110,7 @@ TESTS = {
         "tests/test_group_commit.py",
         "tests/reliability/test_batches.py::test_a_batched_drain_commits_its_batch_at_once_and_tells_each_outcome_apart",
         "tests/reliability/test_batches.py::test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone",
+        "tests/reliability/test_batches.py::test_a_batched_drain_forwards_each_new_event_and_tells_what_it_completes_once",
     ],
     "app/reading/exports.py": [
         "tests/test_cockpit_api.py",
