@@ -184,3 +184,26 @@ async def test_each_new_event_and_what_it_completes_is_told_once(
     ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
     assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
     assert {r["destination"] for r in rows} == {"crm"}
+
+
+async def test_in_a_group_the_later_edit_of_a_mailbox_wins_whatever_the_arrival_order(
+    database_url, db
+):
+    """Two edits of one mailbox's name, each committed in a group: the later one (by its
+    sending time) stays, though the earlier one arrives last; the other name is untouched."""
+    edits = [(0, "firstName", "Older"), (0, "firstName", "Newer")]
+    order, created, older, newer = streams.standard_order(1, False, edits, start=time.time() - 60)
+    settings = make_settings(
+        database_url,
+        group_commit_window_ms=WIDE_WINDOW_MS,
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+    )
+    async with app_client(settings) as c:
+        for payload in (order, created, newer, older):
+            assert (await deliver(c, payload)).json()["status"] == "processed"
+    box = created["data"]["mailboxDetails"]
+    row = await db.fetchrow(
+        "select first_name, last_name from mailboxes where mailbox_id = $1", box["mailboxId"]
+    )
+    assert row["first_name"] == "Newer" != box["firstName"]
+    assert row["last_name"] == box["lastName"]
