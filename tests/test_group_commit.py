@@ -207,3 +207,31 @@ async def test_in_a_group_the_later_edit_of_a_mailbox_wins_whatever_the_arrival_
     )
     assert row["first_name"] == "Newer" != box["firstName"]
     assert row["last_name"] == box["lastName"]
+
+
+async def test_an_order_after_its_mailboxes_tells_them_ready_once_it_is_recorded(
+    database_url, db, tmp_path, monkeypatch
+):
+    """The mailboxes come first (one group), the order last (alone): mailboxes.ready is told
+    once the order is recorded, not before."""
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks", "secretEnv": "CRM_SECRET"}
+    crm |= {"events": ["mailboxes.ready"]}
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    order, *boxes = streams.standard_order(2, False, [], start=time.time() - 3600)
+    settings = make_settings(
+        database_url,
+        group_commit_window_ms=WIDE_WINDOW_MS,
+        destinations_file=path,
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,
+    )
+    ready = "select payload from outbound_messages where type = 'mailboxes.ready'"
+    async with app_client(settings) as c:
+        assert [a.json()["status"] for a in await burst(c, boxes)] == ["processed"] * 2
+        assert await db.fetch(ready) == []
+        assert (await deliver(c, order)).json()["status"] == "processed"
+    told = [orjson.loads(r["payload"]) for r in await db.fetch(ready)]
+    assert [(t["orderId"], t["mailboxCount"]) for t in told] == [(order["data"]["orderId"], 2)]
