@@ -148,13 +148,15 @@ async def test_a_burst_larger_than_a_group_is_split_and_a_later_burst_is_written
 async def test_each_new_event_and_what_it_completes_is_told_once(
     database_url, db, tmp_path, monkeypatch, window, doomed, written_in
 ):
-    """An order's three mailboxes sent at once: each forwarded once (a duplicate is not),
-    and the order's mailboxes.ready told once; in one group, each alone without a window,
-    and each alone again when a delivery in their group fails."""
+    """An order (recorded alone), then its three mailboxes sent at once: each event
+    forwarded once (a duplicate is not), and the order's mailboxes.ready told once; in one
+    group, each alone without a window, and each alone again when a delivery in their group
+    fails."""
     monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
     crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
     crm |= {"format": "standard-webhooks"}
-    crm |= {"events": ["mailbox.created", "mailboxes.ready"], "secretEnv": "CRM_SECRET"}
+    crm |= {"events": ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]}
+    crm |= {"secretEnv": "CRM_SECRET"}
     path = tmp_path / "destinations.yaml"
     path.write_text(orjson.dumps({"destinations": [crm]}).decode())
     order, *boxes = streams.standard_order(3, False, [], start=time.time() - 3600)
@@ -177,8 +179,59 @@ async def test_each_new_event_and_what_it_completes_is_told_once(
     assert await transactions(db) == written_in  # the order's, the mailboxes' rows'
     rows = await db.fetch("select destination, type, payload from outbound_messages")
     told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
-    forwarded = [("mailbox.created", p["eventId"]) for p in boxes]
-    assert [t for t in told if t[0] == "mailbox.created"] == sorted(forwarded)
+    forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
+    assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
     ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
     assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
     assert {r["destination"] for r in rows} == {"crm"}
+
+
+async def test_in_a_group_the_later_edit_of_a_mailbox_wins_whatever_the_arrival_order(
+    database_url, db
+):
+    """Two edits of one mailbox's name, each committed in a group: the later one (by its
+    sending time) stays, though the earlier one arrives last; the other name is untouched."""
+    edits = [(0, "firstName", "Older"), (0, "firstName", "Newer")]
+    order, created, older, newer = streams.standard_order(1, False, edits, start=time.time() - 60)
+    settings = make_settings(
+        database_url,
+        group_commit_window_ms=WIDE_WINDOW_MS,
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+    )
+    async with app_client(settings) as c:
+        for payload in (order, created, newer, older):
+            assert (await deliver(c, payload)).json()["status"] == "processed"
+    box = created["data"]["mailboxDetails"]
+    row = await db.fetchrow(
+        "select first_name, last_name from mailboxes where mailbox_id = $1", box["mailboxId"]
+    )
+    assert row["first_name"] == "Newer" != box["firstName"]
+    assert row["last_name"] == box["lastName"]
+
+
+async def test_an_order_after_its_mailboxes_tells_them_ready_once_it_is_recorded(
+    database_url, db, tmp_path, monkeypatch
+):
+    """The mailboxes come first (one group), the order last (alone): mailboxes.ready is told
+    once the order is recorded, not before."""
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks", "secretEnv": "CRM_SECRET"}
+    crm |= {"events": ["mailboxes.ready"]}
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    order, *boxes = streams.standard_order(2, False, [], start=time.time() - 3600)
+    settings = make_settings(
+        database_url,
+        group_commit_window_ms=WIDE_WINDOW_MS,
+        destinations_file=path,
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,
+    )
+    ready = "select payload from outbound_messages where type = 'mailboxes.ready'"
+    async with app_client(settings) as c:
+        assert [a.json()["status"] for a in await burst(c, boxes)] == ["processed"] * 2
+        assert await db.fetch(ready) == []
+        assert (await deliver(c, order)).json()["status"] == "processed"
+    told = [orjson.loads(r["payload"]) for r in await db.fetch(ready)]
+    assert [(t["orderId"], t["mailboxCount"]) for t in told] == [(order["data"]["orderId"], 2)]

@@ -3,25 +3,33 @@ kill -9 inside a group being committed, or inside a batched drain, loses no ackn
 delivery and applies none twice."""
 
 import asyncio
+import base64
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
+from app.destinations import Destination
+from app.destinations import load as load_destinations
 from app.hashing import HashingKey
+from app.outbound.outbox import DestinationsOutbox
 from app.receiving.receiver import DRAIN_BATCH, Receiver
 from app.receiving.spool import SPOOL_FILE, Spool
-from app.recording.batches import GroupCommit
+from app.recording.batches import GroupCommit, Telling
 from app.recording.record import store_rejected
 from app.simulation import traffic
+from tests import streams
 from tests.conftest import (
     FERNET_KEY,
     WEBHOOK_TOKEN,
@@ -136,12 +144,14 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
 # --- one batched drain, its outcomes told apart ------------------------------------------
 
 
-async def spool_while_away(database_url: str, payloads: list[dict[str, Any]]) -> Settings:
+async def spool_while_away(
+    database_url: str, payloads: list[dict[str, Any]], **overrides: Any
+) -> Settings:
     """The payloads delivered (and acknowledged as queued) while the database is away; the
     settings whose spool holds them."""
     proxy = Proxy(database_url)
     await proxy.start()
-    settings = make_settings(proxy.url)
+    settings = make_settings(proxy.url, **overrides)
     async with app_client(settings) as client:
         await proxy.cut()
         for payload in payloads:
@@ -149,11 +159,15 @@ async def spool_while_away(database_url: str, payloads: list[dict[str, Any]]) ->
     return settings
 
 
-async def drain_once(database_url: str, settings: Settings) -> int:
-    """One batch of the spool drained into the database, as `serve`'s drainer does."""
+async def drain_once(
+    database_url: str, settings: Settings, destinations: Sequence[Destination] = ()
+) -> int:
+    """One batch of the spool drained into the database, as `serve`'s drainer does (telling
+    the destinations, as `serve` does)."""
     vault, engine = Vault([FERNET_KEY]), make_engine(database_url)
     spool = Spool(settings.spool_path, max_bytes=2**30)
-    committer = GroupCommit(engine, vault, window=0)
+    telling = Telling(destinations, DestinationsOutbox(engine, destinations))
+    committer = GroupCommit(engine, vault, window=0, telling=telling)
     receiver = Receiver(
         engine,
         vault,
@@ -204,6 +218,34 @@ async def test_a_batched_drain_commits_its_batch_at_once_and_tells_each_outcome_
     assert await db.fetchval(count, boxes) == 4
     assert await db.fetchval("select order_id from orders") == order["data"]["orderId"]
     assert await db.fetchval("select count(*) from rejected_deliveries") == 0
+
+
+async def test_a_batched_drain_forwards_each_new_event_and_tells_what_it_completes_once(
+    database_url, db, tmp_path, monkeypatch
+):
+    """An order's three mailboxes spooled (one of them twice), drained in one batch: each
+    new event forwarded once, as it would be live (the duplicate is not), and the order's
+    mailboxes.ready told once; nothing else is sent to the destination."""
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks", "secretEnv": "CRM_SECRET"}
+    crm |= {"events": ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]}
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    order, *boxes = streams.standard_order(3, False, [], start=time.time() - 3600)
+    batch = [order, *boxes, boxes[0]]
+    tolerance = streams.TOLERANCE
+    settings = await spool_while_away(
+        database_url, batch, cmr_signature_tolerance_seconds=tolerance
+    )
+    assert await drain_once(database_url, settings, load_destinations(path)) == len(batch)
+    rows = await db.fetch("select destination, type, payload from outbound_messages")
+    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
+    forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
+    assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
+    ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
+    assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
+    assert {r["destination"] for r in rows} == {"crm"}
 
 
 async def test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone(database_url, db):
