@@ -566,7 +566,10 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
     odd_ids = ["50%_off,ü", "a b/c"]  # an ID a header could not carry as it is
     await box_without_login(db, subscription, odd_ids[0], "GOOGLE")
     await box_without_login(db, subscription, odd_ids[1], None)
+    # a provider this version does not know, as another version may have stored it
+    await box_without_login(db, subscription, "zoho-box", "ZOHO")
     skipped = {
+        "zoho-box",
         google_without["data"]["mailboxDetails"]["mailboxId"],
         microsoft_without["data"]["mailboxDetails"]["mailboxId"],
         unknown["data"]["mailboxDetails"]["mailboxId"],
@@ -578,8 +581,8 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         before = await db.fetchval("select count(*) from credential_reads")
         response = await export(client, fmt, subscriptionId=subscription)
         assert response.status_code == 200
-        # what must change: the five are left out and named, count and IDs
-        assert response.headers["x-export-skipped"] == "5"
+        # what must change: the six are left out and named, count and IDs
+        assert response.headers["x-export-skipped"] == "6"
         named = response.headers["x-export-skipped-mailboxes"].split(",")
         assert {unquote(n) for n in named} == skipped
         assert "canary" not in str(response.headers)  # no credential value in a header
@@ -594,14 +597,14 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         )
         assert {r["email"] for r in audited} == exportable and len(audited) == 2
 
-    # our own CSV carries every field, so it leaves none out (and audits all seven)
+    # our own CSV carries every field, so it leaves none out (and audits all eight)
     everything = await export(client, "csv", subscriptionId=subscription)
     assert everything.headers["x-export-skipped"] == "0"
     assert "x-export-skipped-mailboxes" not in everything.headers
     ours = {r["mailboxId"]: r for r in rows(everything)}
     assert ours.keys() >= skipped
     servers = ["imapHost", "imapPort", "smtpHost", "smtpPort"]
-    for unknown_id in (unknown["data"]["mailboxDetails"]["mailboxId"], odd_ids[1]):
+    for unknown_id in (unknown["data"]["mailboxDetails"]["mailboxId"], odd_ids[1], "zoho-box"):
         assert [ours[unknown_id][c] for c in servers] == ["", "", "", ""]  # none we know
     google = ours[two_providers["google"]["mailboxId"]]
     assert [google[c] for c in servers] == ["imap.gmail.com", "993", "smtp.gmail.com", "587"]
