@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app.reading import exporting
+from app.reading import exporting, exports
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN, OPS_TOKEN, deliver
 from tests.streams import subscription_event
@@ -452,11 +452,11 @@ async def test_an_export_of_many_mailboxes_comes_whole(client, db):
 
 @pytest.fixture
 def audit_statements():
-    """The statements that write credential_reads, as the engine sends them."""
+    """The statements that write or read credential_reads, as the engine sends them."""
     sent: list[str] = []
 
     def seen(conn, cursor, statement, parameters, context, executemany):
-        if "INSERT INTO credential_reads" in statement:
+        if "INSERT INTO credential_reads" in statement or "FROM credential_reads" in statement:
             sent.append(statement)
 
     event.listen(Engine, "before_cursor_execute", seen)
@@ -469,6 +469,7 @@ async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audi
     client, db, monkeypatch, audit_statements, count
 ):
     monkeypatch.setattr(exporting, "AUDIT_BATCH", 1000)
+    monkeypatch.setattr(exports, "BATCH", 1000)
     order, other = traffic.mailbox_order_success(quantity=count), traffic.mailbox_order_success()
     data = order["data"]
     await delivered(client, order, other)
@@ -494,7 +495,12 @@ async def test_a_large_export_is_audited_in_batches_and_streams_exactly_the_audi
     streamed = [r["email"] for r in rows(response)]
     assert streamed == [r["email"] for r in audited] == [r["email"] for r in expected]
     assert len(streamed) > count * 0.97
-    assert len(audit_statements) == -(-len(streamed) // 1000) + 1  # the last finds none left
+    # audited and read back 1000 mailboxes a statement (the last finds none left), so
+    # neither statement nor the memory a batch takes grows with the export
+    writes = [s for s in audit_statements if "INSERT INTO credential_reads" in s]
+    reads = [s for s in audit_statements if "FROM credential_reads JOIN mailboxes" in s]
+    assert len(writes) == len(reads) == -(-len(streamed) // 1000) + 1
+    assert all("LIMIT" in s for s in reads)
 
 
 async def test_an_export_needs_a_filter_or_all(client, two_providers, db):
@@ -560,7 +566,10 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
     odd_ids = ["50%_off,ü", "a b/c"]  # an ID a header could not carry as it is
     await box_without_login(db, subscription, odd_ids[0], "GOOGLE")
     await box_without_login(db, subscription, odd_ids[1], None)
+    # a provider this version does not know, as another version may have stored it
+    await box_without_login(db, subscription, "zoho-box", "ZOHO")
     skipped = {
+        "zoho-box",
         google_without["data"]["mailboxDetails"]["mailboxId"],
         microsoft_without["data"]["mailboxDetails"]["mailboxId"],
         unknown["data"]["mailboxDetails"]["mailboxId"],
@@ -572,8 +581,8 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         before = await db.fetchval("select count(*) from credential_reads")
         response = await export(client, fmt, subscriptionId=subscription)
         assert response.status_code == 200
-        # what must change: the five are left out and named, count and IDs
-        assert response.headers["x-export-skipped"] == "5"
+        # what must change: the six are left out and named, count and IDs
+        assert response.headers["x-export-skipped"] == "6"
         named = response.headers["x-export-skipped-mailboxes"].split(",")
         assert {unquote(n) for n in named} == skipped
         assert "canary" not in str(response.headers)  # no credential value in a header
@@ -588,11 +597,17 @@ async def test_mailboxes_that_cannot_log_in_are_left_out_named_and_not_audited(
         )
         assert {r["email"] for r in audited} == exportable and len(audited) == 2
 
-    # our own CSV carries every field, so it leaves none out (and audits all seven)
+    # our own CSV carries every field, so it leaves none out (and audits all eight)
     everything = await export(client, "csv", subscriptionId=subscription)
     assert everything.headers["x-export-skipped"] == "0"
     assert "x-export-skipped-mailboxes" not in everything.headers
-    assert {r["mailboxId"] for r in rows(everything)} >= skipped
+    ours = {r["mailboxId"]: r for r in rows(everything)}
+    assert ours.keys() >= skipped
+    servers = ["imapHost", "imapPort", "smtpHost", "smtpPort"]
+    for unknown_id in (unknown["data"]["mailboxDetails"]["mailboxId"], odd_ids[1], "zoho-box"):
+        assert [ours[unknown_id][c] for c in servers] == ["", "", "", ""]  # none we know
+    google = ours[two_providers["google"]["mailboxId"]]
+    assert [google[c] for c in servers] == ["imap.gmail.com", "993", "smtp.gmail.com", "587"]
 
 
 async def test_the_skipped_list_in_the_header_is_bounded(client, db):

@@ -162,14 +162,17 @@ async def test_the_page_offering_a_download_names_the_mailboxes_left_out(client)
     ok = traffic.mailbox_created(subscriptionId=subscription, details={"firstName": "Zoë_%"})
     no_app_password = traffic.mailbox_created(subscriptionId=subscription)
     del no_app_password["data"]["mailboxDetails"]["appPassword"]
+    no_password = traffic.mailbox_created(provider="MICROSOFT", subscriptionId=subscription)
+    del no_password["data"]["mailboxDetails"]["password"]
     unknown = traffic.mailbox_created(provider="YAHOO", subscriptionId=subscription)
-    for payload in (order, ok, no_app_password, unknown):
+    for payload in (order, ok, no_app_password, no_password, unknown):
         assert (await deliver(client, payload)).status_code == 200
     await sign_in(client, CREDENTIALS_TOKEN)
     page = (await client.get(f"/ui/subscriptions/{subscription}")).text
-    assert "2 mailboxes left out of the Instantly, Smartlead and EmailBison files" in page
+    assert "3 mailboxes left out of the Instantly, Smartlead and EmailBison files" in page
     for box, reason in [
         (no_app_password, "Google without an app password"),
+        (no_password, "Microsoft 365 without a password"),
         (unknown, "unknown provider"),
     ]:
         details = box["data"]["mailboxDetails"]
@@ -183,7 +186,7 @@ async def test_the_page_offering_a_download_names_the_mailboxes_left_out(client)
         content=f"subscriptionId={subscription}&format=smartlead&bom=false",
         headers=FORM,
     )
-    assert response.status_code == 200 and response.headers["x-export-skipped"] == "2"
+    assert response.status_code == 200 and response.headers["x-export-skipped"] == "3"
     assert not response.content.startswith(b"\xef\xbb\xbf")
     [row] = list(csv.DictReader(io.StringIO(response.text)))
     assert row["from_email"] == ok["data"]["mailboxDetails"]["email"]
