@@ -254,6 +254,8 @@ async def walk(client, path: str, *, limit: int, during=None) -> list[dict[str, 
         response = await client.get(path, headers=OPS, params=params)
         assert response.status_code == 200, response.text
         page = response.json()
+        # a cursor that does not move must fail, not hang: its page repeats an item
+        assert not page["items"] or page["items"][0] not in items, (path, cursor)
         items += page["items"]
         if during and cursor is None:
             await during()
