@@ -65,6 +65,9 @@ async def test_subscriptions_list_filter_and_detail(client, seeded):
     data = seeded["standard"]["data"]
     page = (await client.get("/api/v1/subscriptions", headers=OPS)).json()
     assert len(page["items"]) == 3 and page["nextCursor"] is None
+    for limit, more in [(2, True), (3, False)]:  # a page ending on the last row says so
+        exact = await client.get("/api/v1/subscriptions", headers=OPS, params={"limit": limit})
+        assert (exact.json()["nextCursor"] is not None) is more, limit
     standard = (
         await client.get("/api/v1/subscriptions", headers=OPS, params={"domain": "standard.com"})
     ).json()["items"]
@@ -112,6 +115,22 @@ async def test_mailboxes_list_filters_and_detail(client, seeded):
     )
     assert box["price"] == 8.16
     assert not {"password", "appPassword", "authenticatorSecret"} & set(box)
+
+
+async def test_updated_since_a_rows_own_updated_at_still_returns_that_row(client, seeded):
+    """A reader syncing by `updatedSince` passes the last `updatedAt` it saw: that row comes
+    again (at or after), a row updated a microsecond earlier does not."""
+    boxes = (await client.get("/api/v1/mailboxes", headers=OPS)).json()["items"]
+    latest = max(boxes, key=lambda m: m["updatedAt"])
+    at = datetime.fromisoformat(latest["updatedAt"])
+    for since, expected in [
+        (at, {m["mailboxId"] for m in boxes if m["updatedAt"] == latest["updatedAt"]}),
+        (at + timedelta(microseconds=1), set()),
+    ]:
+        got = await client.get(
+            "/api/v1/mailboxes", headers=OPS, params={"updatedSince": since.isoformat()}
+        )
+        assert {m["mailboxId"] for m in got.json()["items"]} == expected, since
 
 
 async def test_credentials_need_a_credentials_token_and_are_audited(client, seeded):
@@ -235,6 +254,8 @@ async def walk(client, path: str, *, limit: int, during=None) -> list[dict[str, 
         response = await client.get(path, headers=OPS, params=params)
         assert response.status_code == 200, response.text
         page = response.json()
+        # a cursor that does not move must fail, not hang: its page repeats an item
+        assert not page["items"] or page["items"][0] not in items, (path, cursor)
         items += page["items"]
         if during and cursor is None:
             await during()

@@ -163,3 +163,19 @@ async def test_a_time_before_the_calendar_once_in_utc_filters_as_its_earliest(cl
     ):
         page = await client.get("/api/v1/subscriptions", params=params, headers=OPS)
         assert page.status_code == 200 and len(page.json()["items"]) == 1
+
+
+async def test_a_walk_begun_beside_open_transactions_returns_every_row_once(client, database_url):
+    """The cursor carries the first page's snapshot, in-progress transactions included."""
+    await deliver(client, traffic.prewarmup_success(domains=1, per_domain=5))
+    before = [m["mailboxId"] for m in await walk(client, "/api/v1/mailboxes", limit=500)]
+    others = [await asyncpg.connect(asyncpg_dsn(database_url)) for _ in range(2)]
+    try:
+        for other in others:  # each holds a transaction id, neither commits before the walk
+            await other.execute("begin")
+            await other.fetchval("select pg_current_xact_id()")
+        seen = [m["mailboxId"] for m in await walk(client, "/api/v1/mailboxes", limit=2)]
+    finally:
+        for other in others:
+            await other.close()
+    assert len(before) == 5 and seen == before
