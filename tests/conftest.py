@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -200,3 +200,17 @@ async def deliver(
     sent |= headers or {}
     params = {"token": token} if token else {}
     return await client.post("/webhooks/cmr", content=body, params=params, headers=sent)
+
+
+async def assert_forwarded_once_and_ready(
+    db: Any, order: dict[str, Any], boxes: Sequence[dict[str, Any]]
+) -> None:
+    """The order and each of its three mailboxes forwarded to "crm" once, and the order's
+    mailboxes told ready once (a group commit or a batched drain must not tell twice)."""
+    rows = await db.fetch("select destination, type, payload from outbound_messages")
+    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
+    forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
+    assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
+    ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
+    assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
+    assert {r["destination"] for r in rows} == {"crm"}

@@ -21,7 +21,13 @@ from app.receiving.signing import SignatureCheck
 from app.recording.batches import MAX_GROUP, GroupCommit
 from app.simulation import traffic
 from tests import streams
-from tests.conftest import FERNET_KEY, app_client, deliver, make_settings
+from tests.conftest import (
+    FERNET_KEY,
+    app_client,
+    assert_forwarded_once_and_ready,
+    deliver,
+    make_settings,
+)
 
 # Long enough for a burst of concurrent requests in one process to meet in one group.
 WIDE_WINDOW_MS = 300
@@ -177,13 +183,7 @@ async def test_each_new_event_and_what_it_completes_is_told_once(
     assert statuses == ["duplicate"] + ["processed"] * 3
     assert [a.status_code for a in answers[4:]] == [500] * len(failing)
     assert await transactions(db) == written_in  # the order's, the mailboxes' rows'
-    rows = await db.fetch("select destination, type, payload from outbound_messages")
-    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
-    forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
-    assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
-    ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
-    assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
-    assert {r["destination"] for r in rows} == {"crm"}
+    await assert_forwarded_once_and_ready(db, order, boxes)
 
 
 async def test_in_a_group_the_later_edit_of_a_mailbox_wins_whatever_the_arrival_order(

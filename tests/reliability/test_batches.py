@@ -34,6 +34,7 @@ from tests.conftest import (
     FERNET_KEY,
     WEBHOOK_TOKEN,
     app_client,
+    assert_forwarded_once_and_ready,
     asyncpg_dsn,
     deliver,
     make_settings,
@@ -239,13 +240,7 @@ async def test_a_batched_drain_forwards_each_new_event_and_tells_what_it_complet
         database_url, batch, cmr_signature_tolerance_seconds=tolerance
     )
     assert await drain_once(database_url, settings, load_destinations(path)) == len(batch)
-    rows = await db.fetch("select destination, type, payload from outbound_messages")
-    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
-    forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
-    assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
-    ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
-    assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
-    assert {r["destination"] for r in rows} == {"crm"}
+    await assert_forwarded_once_and_ready(db, order, boxes)
 
 
 async def test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone(database_url, db):
