@@ -206,6 +206,14 @@ class Subscription(Listed, TimestampMixin, Base):
         search_index("subscriptions", SUBSCRIPTION_SEARCH),
         # renewals.PAGE's order: a page of renewals reads only its own rows
         Index("ix_subscriptions_renews_at", text(RENEWS_AT), text("id")),
+        # a customer's renewals (by userId, or email in any case) in that order
+        Index("ix_subscriptions_user_id_renews_at", "user_id", text(RENEWS_AT), text("id")),
+        Index(
+            "ix_subscriptions_user_email_renews_at",
+            text("lower(user_email)"),
+            text(RENEWS_AT),
+            text("id"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -133,6 +133,44 @@ async def test_risk_and_customer_filters_choose_only_their_rows(client):
     assert subs["week"] not in page and manual["subscriptionId"] not in page
 
 
+async def test_each_risk_filter_chooses_exactly_the_renewals_that_name_that_risk(client):
+    """A risk filter tests that risk's own condition (not the list of every risk): it must
+    choose, page and sum exactly the subscriptions whose risks name it, a domain's risk
+    found by its domain's state, a renewal failure by its own or by its domain's."""
+    made = {}
+    for name, event, ends_in, data, domain_event in [
+        ("none", "subscription.updated", 10, {}, None),
+        ("past_due", "subscription.renewal.failed", 3, {}, None),
+        ("manual", "subscription.updated", 5, {"autoRenew": False}, None),
+        ("manual_ended", "subscription.cancelled", -1, {"autoRenew": False}, None),
+        ("overdue", "subscription.updated", -2, {}, None),
+        ("expired", "subscription.expired", -3, {}, None),
+        ("grace", "subscription.updated", 12, {}, "domain.grace_period"),
+        ("domain_failed", "subscription.updated", 6, {}, "domain.renewal.failed"),
+        ("domain_expired", "subscription.updated", 8, {}, "domain.expired"),
+    ]:
+        made[name] = await new_subscription(client, price=9)
+        await lifecycle(client, made[name]["subscriptionId"], event, ends_in, **data)
+        if domain_event:
+            await delivered(
+                client, traffic.envelope(domain_event, {"domainName": made[name]["domainName"]})
+            )
+    every = (await queue(client, limit=500))["items"]
+    assert len(every) == len(made)
+    for risk in renewals.RISKS:
+        expected = [r["subscriptionId"] for r in every if risk in r["risks"]]
+        assert expected, risk  # each risk is held by one subscription at least
+        chosen = await queue(client, risk=risk)
+        assert ids(chosen) == expected, risk
+        assert chosen["total"]["subscriptions"] == len(expected), risk
+        assert chosen["total"]["monthlyCost"] == 9 * len(expected), risk
+    # what each risk's condition turns on, as the list shows it
+    named = {r["subscriptionId"]: r["risks"] for r in every}
+    assert named[made["domain_failed"]["subscriptionId"]] == ["renewal_failed"]
+    assert named[made["manual_ended"]["subscriptionId"]] == ["cancelled"]
+    assert named[made["none"]["subscriptionId"]] == []
+
+
 async def test_a_customer_is_found_by_email_in_any_case(client):
     mine = await new_subscription(client, user="USR-M")
     await delivered(

@@ -57,22 +57,23 @@ DOMAIN_RISK_NAMES = ", ".join(f"'{risk}'" for risk in DOMAIN_RISKS.values())
 # kept by merge.SUBSCRIPTION_LIFECYCLE).
 OWN_RENEWAL_FAILED = """(s.renewal_failed_at > coalesce(s.renewal_succeeded_at, '-infinity')
     AND coalesce(s.period_end <= s.renewal_failed_period_end, true))"""
-# The risks of subscription s whose domain is d (renewal_failed: its own renewal or its
-# domain's; overdue: its period ended and no renewal was heard).
-RISKS_OF = f"""array_remove(ARRAY[
-    CASE WHEN s.subscription_status = 'PAST_DUE' THEN 'past_due' END,
-    CASE WHEN {OWN_RENEWAL_FAILED} OR d.status = 'RENEWAL_FAILED' THEN 'renewal_failed' END,
-    CASE WHEN s.auto_renew IS FALSE
-        AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')
-        THEN 'auto_renew_off' END,
-    CASE d.status WHEN 'GRACE_PERIOD' THEN 'domain_grace_period'
-        WHEN 'EXPIRED' THEN 'domain_expired' END,
-    CASE WHEN s.expiry_date < now()
-        AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')
-        THEN 'overdue' END,
-    CASE WHEN s.subscription_status = 'EXPIRED' THEN 'expired' END,
-    CASE WHEN s.subscription_status = 'CANCELLED' THEN 'cancelled' END
-], NULL)"""
+# The risks of subscription s whose domain is d, each with its condition (renewal_failed:
+# its own renewal or its domain's; overdue: its period ended and no renewal was heard).
+RISK_WHEN = {
+    "past_due": "s.subscription_status = 'PAST_DUE'",
+    "renewal_failed": f"{OWN_RENEWAL_FAILED} OR d.status = 'RENEWAL_FAILED'",
+    "auto_renew_off": """s.auto_renew IS FALSE
+        AND coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED')""",
+    "domain_grace_period": "d.status = 'GRACE_PERIOD'",
+    "domain_expired": "d.status = 'EXPIRED'",
+    "overdue": """s.expiry_date < now()
+        AND coalesce(s.subscription_status, 'ACTIVE') IN ('ACTIVE', 'RENEWING')""",
+    "expired": "s.subscription_status = 'EXPIRED'",
+    "cancelled": "s.subscription_status = 'CANCELLED'",
+}
+RISKS_OF = "array_remove(ARRAY[{}], NULL)".format(
+    ", ".join(f"CASE WHEN {when} THEN '{risk}' END" for risk, when in RISK_WHEN.items())
+)
 
 # Which subscriptions are on the list (see above), and how many mailboxes each is billed
 # for: its quantity, else the mailboxes stored (counted only then).
@@ -123,13 +124,21 @@ RISKY_DOMAIN_STATUS = f"""(SELECT status FROM domains
         AND (domain_id = s.domain_id OR name = s.domain)
     ORDER BY expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST, version DESC
     LIMIT 1)"""
+# `risk`: its condition alone (the read pool's custom plans fold the CASE on the given
+# value), so a risk of the subscription's own never looks up its domain, and one that
+# needs no domain costs only its own test per row (a whole list's sums read the domains of
+# every row for `:risk = ANY(risks)`: 2.7 s at 200,000 subscriptions).
+RISK_ARMS = " ".join(
+    f"WHEN '{risk}' THEN ({when.replace('d.status', RISKY_DOMAIN_STATUS)})"
+    for risk, when in RISK_WHEN.items()
+)
+RISK_FILTER = f"CASE CAST(:risk AS text) {RISK_ARMS} ELSE true END"
 FILTERS = f"""{QUEUED}
     AND {RENEWS_AT} >= {LOWER} AND {RENEWS_AT} < {UPPER}
     AND (CAST(:due AS text) IS NULL OR {DUE_NOW} = :due)
     AND (CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
     AND (CAST(:user_email AS text) IS NULL OR lower(s.user_email) = lower(:user_email))
-    AND (CAST(:risk AS text) IS NULL
-        OR :risk = ANY({RISKS_OF.replace("d.status", RISKY_DOMAIN_STATUS)}))"""
+    AND {RISK_FILTER}"""
 # Each subscription of a page with what the read API shows of it, its risks and its cost.
 PAGE = text(
     f"""
