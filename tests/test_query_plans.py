@@ -137,7 +137,7 @@ async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows
             text(
                 "INSERT INTO subscriptions (subscription_id, domain, status, expiry_date, user_id,"
                 " user_email) SELECT 'S' || n, 'd' || n || '.com', 'active',"
-                " now() + (n % 30) * interval '1 day', 'U' || n % 100,"
+                " now() + (n % 36 - 5) * interval '1 day', 'U' || n % 100,"
                 " 'buyer' || n % 100 || '@agency.example'"
                 " FROM generate_series(1, 100000) n"
             )

@@ -136,7 +136,8 @@ async def test_risk_and_customer_filters_choose_only_their_rows(client):
 async def test_each_risk_filter_chooses_exactly_the_renewals_that_name_that_risk(client):
     """A risk filter tests that risk's own condition (not the list of every risk): it must
     choose, page and sum exactly the subscriptions whose risks name it, a domain's risk
-    found by its domain's state, a renewal failure by its own or by its domain's."""
+    found by its domain's state, a renewal failure by its own or by its domain's; and a
+    part of the queue (`due`), tested by its own condition too, exactly those in it."""
     made = {}
     for name, event, ends_in, data, domain_event in [
         ("none", "subscription.updated", 10, {}, None),
@@ -144,6 +145,8 @@ async def test_each_risk_filter_chooses_exactly_the_renewals_that_name_that_risk
         ("manual", "subscription.updated", 5, {"autoRenew": False}, None),
         ("manual_ended", "subscription.cancelled", -1, {"autoRenew": False}, None),
         ("overdue", "subscription.updated", -2, {}, None),
+        ("lapsed", "subscription.updated", -20, {}, None),
+        ("later", "subscription.updated", 25, {}, None),
         ("expired", "subscription.expired", -3, {}, None),
         ("grace", "subscription.updated", 12, {}, "domain.grace_period"),
         ("domain_failed", "subscription.updated", 6, {}, "domain.renewal.failed"),
@@ -164,6 +167,11 @@ async def test_each_risk_filter_chooses_exactly_the_renewals_that_name_that_risk
         assert ids(chosen) == expected, risk
         assert chosen["total"]["subscriptions"] == len(expected), risk
         assert chosen["total"]["monthlyCost"] == 9 * len(expected), risk
+    for due in ("this_week", "later", "overdue", "lapsed", "ended"):  # and each part alike
+        expected = [r["subscriptionId"] for r in every if r["due"] == due]
+        assert expected, due
+        chosen = await queue(client, due=due)
+        assert (ids(chosen), chosen["total"]["subscriptions"]) == (expected, len(expected)), due
     # what each risk's condition turns on, as the list shows it
     named = {r["subscriptionId"]: r["risks"] for r in every}
     assert named[made["domain_failed"]["subscriptionId"]] == ["renewal_failed"]

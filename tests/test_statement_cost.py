@@ -44,6 +44,9 @@ INDEXES = {
         "ix_subscriptions_expiry_date",
         "ix_subscriptions_search",
         "ix_subscriptions_renews_at",
+        # a customer's renewals (migration 0022: docs/benchmark.md says what they cost)
+        "ix_subscriptions_user_id_renews_at",
+        "ix_subscriptions_user_email_renews_at",
     },
     "mailboxes": {
         "pk_mailboxes",

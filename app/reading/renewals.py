@@ -87,13 +87,18 @@ BILLED = f"coalesce(s.lifecycle_quantity, s.quantity, {STORED})"
 LAPSED_DAYS = 14
 WEEK = "interval '7 days'"
 LAPSE = f"make_interval(days => {LAPSED_DAYS})"
-# Which part of the queue a subscription on the list is in.
-DUE_NOW = f"""CASE WHEN s.expiry_date IS NULL THEN 'undated'
-    WHEN coalesce(s.subscription_status, 'ACTIVE') IN ('EXPIRED', 'CANCELLED') THEN 'ended'
-    WHEN s.expiry_date >= now() + {WEEK} THEN 'later'
-    WHEN s.expiry_date >= now() THEN 'this_week'
-    WHEN s.expiry_date >= now() - {LAPSE} THEN 'overdue'
-    ELSE 'lapsed' END"""
+# Which part of the queue a subscription on the list is in: each part's condition (they
+# exclude each other and cover every row), and the part by its name.
+RUNNING = "(coalesce(s.subscription_status, 'ACTIVE') NOT IN ('EXPIRED', 'CANCELLED'))"
+DUE_WHEN = {
+    "undated": "s.expiry_date IS NULL",
+    "ended": f"s.expiry_date IS NOT NULL AND NOT {RUNNING}",
+    "later": f"{RUNNING} AND s.expiry_date >= now() + {WEEK}",
+    "this_week": f"{RUNNING} AND s.expiry_date >= now() AND s.expiry_date < now() + {WEEK}",
+    "overdue": f"{RUNNING} AND s.expiry_date >= now() - {LAPSE} AND s.expiry_date < now()",
+    "lapsed": f"{RUNNING} AND s.expiry_date < now() - {LAPSE}",
+}
+DUE_NOW = f"CASE {' '.join(f'WHEN {when} THEN {due!r}' for due, when in DUE_WHEN.items())} END"
 # Most urgent first: the earliest end (unknown first), then the row's id, as the index
 # ix_subscriptions_renews_at has them, so a page reads only its own rows; a cursor is the
 # last (end, id).
@@ -115,6 +120,13 @@ QUEUED = DUE.replace(
     "now() + make_interval(days => :days)",
     "greatest(now() + make_interval(days => :days), CAST(:renews_before AS timestamptz))",
 )
+# `due`: its part's condition alone, folded as `risk` is (below): the planner estimates it
+# from the columns' statistics, where `DUE_NOW = :due` was a guess of 0.5% that made it
+# sort the whole of a date range's week (5,700 rows, 165-430 ms at 200,000 subscriptions)
+# rather than walk the queue's order to the page's end.
+DUE_FILTER = f"""CASE CAST(:due AS text) {
+    " ".join(f"WHEN '{due}' THEN ({when})" for due, when in DUE_WHEN.items())
+} ELSE true END"""
 # The domain risks asked for by `risk`: the subscription's domain's state (DOMAIN_OF),
 # looked up only for a subscription that has a risky domain by ID or name. A page tests
 # that within the lookup, which the planner then costs as a lookup a row, so it walks the
@@ -145,7 +157,7 @@ def filters(domain_status: str) -> str:
     )
     return f"""{QUEUED}
     AND {RENEWS_AT} >= {LOWER} AND {RENEWS_AT} < {UPPER}
-    AND (CAST(:due AS text) IS NULL OR {DUE_NOW} = :due)
+    AND {DUE_FILTER}
     AND (CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
     AND (CAST(:user_email AS text) IS NULL OR lower(s.user_email) = lower(:user_email))
     AND CASE CAST(:risk AS text) {risks} ELSE true END"""
