@@ -108,8 +108,8 @@ def ingest_turns(
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """wrk at each server in turn, the order swapped every turn (none, two; two, none...).
     Each turn also gives the CPU a delivery took (`cpu_us`: the server's process and the
-    database's backends, from /proc): unlike deliveries/s, it hardly moves with what the
-    rest of a shared box is doing."""
+    database's backends, from /proc): it too rises with a shared box's load, but moves
+    less between turns than deliveries/s."""
     figures: dict[str, list[dict[str, Any]]] = {"none": [], "two": []}
     failures: list[str] = []
     for turn in range(turns):
