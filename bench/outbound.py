@@ -3,8 +3,9 @@
 - ingest with two destinations against none: wrk's mailbox.created deliveries at two
   `serve` processes on one database, one with DESTINATIONS_FILE (every event forwarded
   to one, derived events checked for the other, in each delivery's transaction) and one
-  without, in alternating turns (the box is noisy); the medians side by side. Their own
-  dispatcher is off: what a delivery pays is writing its messages; sending is the next row.
+  without, in alternating turns (the box is noisy); the medians side by side, with the
+  CPU a delivery took (the server and the database's backends). Their own dispatcher is
+  off: what a delivery pays is writing its messages; sending is the next row.
 - dispatch: a backlog of outbound messages (100,000 by default) written as the service
   writes them, drained by `coldmail-webhooks outbound dispatch` to a local receiver that
   counts each webhook-id; every message delivered once, no attempt failed.
@@ -71,12 +72,14 @@ def bench_ingest(run: bench.Run, turns: int = TURNS) -> None:
             "two": outbound_env(url, folder, dead_end, OUTBOUND_DISPATCH="false"),
         }
         with (
-            serve(run, "none", port["none"], env["none"]),
-            serve(run, "two", port["two"], env["two"]),
+            serve(run, "none", port["none"], env["none"]) as none,
+            serve(run, "two", port["two"], env["two"]) as two,
         ):
             for name in port:
                 bench.simulate(run, port[name], 500)  # warm-up
-            figures, failures = ingest_turns(run, port, turns)
+            figures, failures = ingest_turns(
+                run, port, turns, {"none": none.pid, "two": two.pid}, url
+            )
             written = asyncio.run(count(url, "SELECT count(*) FROM outbound_messages"))
     # crm takes each delivery (forwarded); nothing derived: no order or subscription state
     answered = sum(f["requests"] for f in figures["two"])
@@ -88,6 +91,7 @@ def bench_ingest(run: bench.Run, turns: int = TURNS) -> None:
             base = median_row(figures["none"])
             row["vs_none"] = round(row["events_per_second"] / base["events_per_second"], 3)
             row["p99_vs_none"] = round(row["p99_ms"] / base["p99_ms"], 3)
+            row["cpu_vs_none"] = round(row["cpu_us"] / base["cpu_us"], 3)
         run.add(f"ingest, {label}, wrk, median of {turns} turns", row, failures)
         failures = []
 
@@ -100,15 +104,23 @@ def serve(run: bench.Run, name: str, port: int, env: dict[str, str]) -> Any:
 
 
 def ingest_turns(
-    run: bench.Run, port: dict[str, int], turns: int
+    run: bench.Run, port: dict[str, int], turns: int, pid: dict[str, int], url: str
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """wrk at each server in turn, the order swapped every turn (none, two; two, none...)."""
+    """wrk at each server in turn, the order swapped every turn (none, two; two, none...).
+    Each turn also gives the CPU a delivery took (`cpu_us`: the server's process and the
+    database's backends, from /proc): it too rises with a shared box's load, but moves
+    less between turns than deliveries/s."""
     figures: dict[str, list[dict[str, Any]]] = {"none": [], "two": []}
     failures: list[str] = []
     for turn in range(turns):
         for name in ("none", "two") if turn % 2 == 0 else ("two", "none"):
-            report = bench.wrk(run, port[name], lines=8000 * run.seconds)
+            lines = 8000 * run.seconds
+            bench.signed_lines(run.out / f"bodies-{port[name]}.tsv", lines)
+            before = cpu_seconds([pid[name], *asyncio.run(backends(url))])
+            report = bench.wrk(run, port[name], lines=lines, bodies=f"bodies-{port[name]}.tsv")
+            spent = cpu_seconds([pid[name], *asyncio.run(backends(url))], before)
             shown, failed = bench.wrk_figures(report)
+            shown["cpu_us"] = round(spent / max(report["requests"], 1) * 1e6)
             figures[name].append(shown | {"requests": report["requests"]})
             failures += [f"{name}, turn {turn + 1}: {f}" for f in failed]
             print(f"  ingest turn {turn + 1} {name}: {shown}", flush=True)
@@ -118,8 +130,37 @@ def ingest_turns(
 def median_row(turns: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         key: round(statistics.median(t[key] for t in turns), 2)
-        for key in ("events_per_second", "p50_ms", "p99_ms")
+        for key in ("events_per_second", "p50_ms", "p99_ms", "cpu_us")
     }
+
+
+def cpu_seconds(pids: list[int], before: dict[int, float] | None = None) -> Any:
+    """Each process's CPU seconds so far (user and system); with `before`, the sum spent
+    since then (a process begun meanwhile counts from its start)."""
+    now = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        now[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if before is None:
+        return now
+    return sum(spent - before.get(pid, 0.0) for pid, spent in now.items())
+
+
+async def backends(url: str) -> list[int]:
+    """The database's backends but this one: a turn's server's connections (the other
+    server is idle meanwhile)."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [row["pid"] for row in rows]
+    finally:
+        await conn.close()
 
 
 async def count(url: str, sql: str) -> int:

@@ -211,14 +211,21 @@ def signed_lines(path: Path, count: int) -> None:
             )
 
 
-def wrk(run: Run, port: int, lines: int, path: str = "/webhooks/cmr") -> dict[str, Any]:
-    """wrk (C) for run.seconds with 2 threads and 32 connections, each body sent once."""
-    bodies = run.out / f"wrk-{port}.tsv"
-    signed_lines(bodies, lines)
+def wrk(
+    run: Run, port: int, lines: int, path: str = "/webhooks/cmr", bodies: str = ""
+) -> dict[str, Any]:
+    """wrk (C) for run.seconds with 2 threads and 32 connections, each body sent once: of
+    the file `bodies` in run.out when given (its `lines` signed beforehand), else signed
+    now."""
+    if bodies:
+        file = run.out / bodies
+    else:
+        file = run.out / f"wrk-{port}.tsv"
+        signed_lines(file, lines)
     url = f"http://127.0.0.1:{port}{path}?token={TOKEN}"
     done = subprocess.run(
         ["wrk", "-t2", f"-c{CONCURRENCY}", f"-d{run.seconds}s", "--timeout", "30s"]
-        + ["-s", str(ROOT / "bench" / "deliveries.lua"), url, "--", str(bodies), "2"],
+        + ["-s", str(ROOT / "bench" / "deliveries.lua"), url, "--", str(file), "2"],
         capture_output=True,
         text=True,
         check=True,
@@ -620,6 +627,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         if "vs_none" in r:
             result["ingest with two destinations / none, events/s"] = r["vs_none"]
             result["ingest with two destinations / none, p99"] = r["p99_vs_none"]
+            result["ingest with two destinations / none, CPU per delivery"] = r["cpu_vs_none"]
     return result
 
 

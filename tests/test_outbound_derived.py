@@ -209,6 +209,75 @@ async def test_a_group_committed_together_tells_each_ready_order_once(
     )
 
 
+async def test_mailboxes_ready_is_told_once_when_the_order_and_its_last_mailbox_arrive_at_once(
+    client, db
+):
+    """The order and its last mailbox are recorded at the same time, the order first: its
+    read of the mailboxes cannot see the last one (not committed), and the mailbox's
+    statement began before the order was committed. The mailbox still tells it ready: it
+    waited for the order on their subscription's row, and reads that row as written."""
+    events = streams.standard_order(2, False, [], start=EARLIER)
+    subscription_id = events[0]["data"]["subscriptionId"]
+    await send(client, events[1])  # the first mailbox (and the subscription)
+    await db.execute("BEGIN")
+    await db.execute(
+        "SELECT FROM subscriptions WHERE subscription_id = $1 FOR UPDATE", subscription_id
+    )
+    order = asyncio.ensure_future(deliver(client, events[0]))
+    await until_waiting(db, 1)
+    last = asyncio.ensure_future(deliver(client, events[2]))
+    await until_waiting(db, 2)
+    assert await told(db, "mailboxes.ready") == []
+    await db.execute("COMMIT")
+    answers = await asyncio.gather(order, last)
+    assert [a.status_code for a in answers] == [200, 200]
+    ready = await told(db, "mailboxes.ready")
+    assert [(m["orderId"], m["mailboxCount"]) for m in ready] == [(events[0]["data"]["orderId"], 2)]
+
+
+async def test_mailboxes_naming_their_order_complete_it_whatever_subscription_they_name(client, db):
+    """Readiness counts an order's mailboxes by order and domain: mailboxes that name
+    another subscription than the order's still complete it."""
+    events = streams.standard_order(2, False, [], start=EARLIER)
+    other = traffic.provider_id()
+    await send(
+        client,
+        events[0],
+        *(e | {"data": e["data"] | {"subscriptionId": other}} for e in events[1:]),
+    )
+    assert [m["mailboxCount"] for m in await told(db, "mailboxes.ready")] == [2]
+
+
+async def until_waiting(db: asyncpg.Connection, count: int) -> None:
+    """Until `count` statements of this database wait for a lock (bounded: a minute)."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 60
+    while await db.fetchval(waiting) < count:
+        assert time.monotonic() < deadline, f"{count} deliveries never waited together"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_subscriptions_mailboxes_without_an_order_are_ready_at_its_quantity(client, db):
+    """Mailboxes heard of without an order: ready once as many are stored as the
+    subscription is billed for, not before, and not again."""
+    sub = traffic.provider_id()
+    billed = lifecycle("subscription.renewal.success", sub, EARLIER, quantity=2, **near(30))
+    boxes = [
+        streams.sent(traffic.mailbox_created(subscriptionId=sub, orderId=None), EARLIER + i)
+        for i in (1, 2)
+    ]
+    await send(client, billed, boxes[0])
+    assert await told(db, "mailboxes.ready") == []
+    await send(client, boxes[1], boxes[1])
+    ready = await told(db, "mailboxes.ready")
+    assert [(m["subscriptionId"], m["orderId"], m["mailboxCount"]) for m in ready] == [
+        (sub, None, 2)
+    ]
+
+
 async def test_a_prewarmup_order_is_ready_with_its_one_delivery(client, db):
     order = traffic.prewarmup_success(domains=2, per_domain=3)
     await send(client, order, order, order | {"eventId": traffic.provider_id()})

@@ -257,14 +257,18 @@ class Subjects:
     domains: set[str] = field(default_factory=set)
 
 
-def subjects(*many: Effects) -> Subjects:
-    """What these effects (a delivery's, or a group's) may have changed."""
+def subjects(*many: Effects, completing: bool = True) -> Subjects:
+    """What these effects (a delivery's, or a group's) may have changed; without the
+    orders and subscriptions of their mailboxes when those cannot complete them (not
+    `completing`: the statement that wrote them said so, record.delivery_statement)."""
     found = Subjects()
     for changes in many:
         if changes.order_id:
             found.orders.add(changes.order_id)
         for statement, rows in changes.upserts:
             if statement is merge.MAILBOX_SNAPSHOT:
+                if not completing:
+                    continue
                 found.orders |= {r["order_id"] for r in rows if r["order_id"]}
                 found.subscriptions |= {
                     r["subscription_id"] for r in rows if not r["order_id"] and r["subscription_id"]
@@ -277,10 +281,12 @@ def subjects(*many: Effects) -> Subjects:
     return found
 
 
-def may_derive(changes: Effects, wanted: Callable[[str], bool]) -> bool:
+def may_derive(changes: Effects, wanted: Callable[[str], bool], completing: bool = True) -> bool:
     """Whether these effects may cause a derived event of a type some destination wants
-    (without reading anything): the others stay one statement, without a transaction."""
-    found = subjects(changes)
+    (without reading anything): the others stay one statement, without a transaction.
+    Once written, a delivery whose mailboxes complete nothing (not `completing`) is not
+    read for mailboxes.ready: most mailboxes arrive before their order is complete."""
+    found = subjects(changes, completing=completing)
     return (
         bool(changes.order_id and (wanted("order.failed") or wanted("order.partially_failed")))
         or bool((found.orders or found.subscriptions) and wanted("mailboxes.ready"))

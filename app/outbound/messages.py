@@ -18,6 +18,7 @@ pass the asyncpg connection: `(await conn.get_raw_connection()).driver_connectio
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -55,12 +56,17 @@ def wanted(destinations: Sequence[Destination], type: str, user_id: str | None) 
     return [d.name for d in destinations if d.wants(type, user_id)]
 
 
+@lru_cache(maxsize=4096)
+def credential_named(name: str) -> bool:
+    """Whether a field is named like a credential (remembered: every forwarded event asks
+    of the same few names, and the pattern's search was most of a message's cost)."""
+    return CREDENTIAL_FIELD.search(name) is not None
+
+
 def without_credentials(value: Any) -> Any:
     """A copy of a JSON value without any field named like a credential."""
     if isinstance(value, dict):
-        return {
-            k: without_credentials(v) for k, v in value.items() if not CREDENTIAL_FIELD.search(k)
-        }
+        return {k: without_credentials(v) for k, v in value.items() if not credential_named(k)}
     if isinstance(value, list):
         return [without_credentials(item) for item in value]
     return value

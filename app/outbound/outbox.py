@@ -38,8 +38,8 @@ class DestinationsOutbox:
         """Whether any destination takes this type (for some customer)."""
         return any(matches(p, type) for d in self.destinations for p in d.events)
 
-    def tells(self, changes: Effects | None) -> bool:
-        return changes is not None and derived.may_derive(changes, self.wanted)
+    def tells(self, changes: Effects | None, *, completing: bool = True) -> bool:
+        return changes is not None and derived.may_derive(changes, self.wanted, completing)
 
     async def tell(self, conn: asyncpg.Connection, found: list[Derived]) -> None:
         for event in found:

@@ -155,8 +155,12 @@ async def _together(
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
         if outbox is not None:
-            told = [items[i].changes for i in chosen if rows[i]["inserted"]]
-            changed = [c for c in told if c is not None and outbox.tells(c)]
+            told = [(items[i].changes, rows[i]) for i in chosen if rows[i]["inserted"]]
+            changed = [
+                c
+                for c, row in told
+                if c is not None and outbox.tells(c, completing=row["may_complete"])
+            ]
             if changed:
                 await outbox.applied(conn, changed)
         conflicts = [items[i].delivery.event_id for i, row in rows.items() if row["conflict"]]

@@ -125,6 +125,10 @@ class Upsert:
     erasable: tuple[str, ...] = ()
     # When the key is a partial unique index: its predicate (ON CONFLICT ... WHERE).
     key_where: str = ""
+    # Whether a row written may complete an order's or a subscription's mailboxes (the
+    # outbound mailboxes.ready, app/outbound/derived.py): SQL of the row as written
+    # (`old`), returned as `completes` (record.delivery_statement).
+    completes: str = ""
 
     def combine(self, column: str, policy: Policy) -> str:
         expression = policy.format(c=column)
@@ -157,9 +161,12 @@ class Upsert:
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         where = f" WHERE {self.key_where}" if self.key_where else ""
+        returning = f"\nRETURNING {self.completes} AS completes" if self.completes else ""
         return (
             f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
-            f"ON CONFLICT ({', '.join(self.key)}){where} DO UPDATE SET\n    " + ",\n    ".join(sets)
+            f"ON CONFLICT ({', '.join(self.key)}){where} DO UPDATE SET\n    "
+            + ",\n    ".join(sets)
+            + returning
         )
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
@@ -195,12 +202,16 @@ SUBSCRIPTION_ORDER_FAILED = Upsert(
     {"subscription_id": None, **IDENTITY_FILL, "source": P.FILL, "status": P.ACTIVE_WINS}
     | {"order_id": P.FILL},
 )
-# mailbox.created: a mailbox exists, so the subscription does, and is active.
+# mailbox.created: a mailbox exists, so the subscription does, and is active. Its mailboxes
+# may be complete once it has a quantity: its own (lifecycle) or its orders' (DERIVE_ORDER).
+# This is the row as written, after waiting for a concurrent order's transaction that
+# wrote it: so a mailbox and its order recorded at once are never both told "not yet".
 SUBSCRIPTION_MAILBOX_CREATED = Upsert(
     "subscriptions",
     ("subscription_id",),
     {"subscription_id": None, **IDENTITY_FILL, "source": P.FILL, "status": P.ACTIVE_WINS}
     | {"order_id": P.FILL, "expiry_date": P.LATEST},
+    completes="old.quantity IS NOT NULL OR old.lifecycle_quantity IS NOT NULL",
 )
 # subscription.*: the lifecycle; a subscription first heard of this way is created.
 SUBSCRIPTION_LIFECYCLE = Upsert(
@@ -254,17 +265,24 @@ SNAPSHOT_FIELDS = (
 )
 
 
-def mailbox_snapshot(columns: tuple[str, ...]) -> Upsert:
+def mailbox_snapshot(columns: tuple[str, ...], completes: str = "") -> Upsert:
     return Upsert(
         "mailboxes",
         ("mailbox_id",),
         {"mailbox_id": None} | {c: P.SNAPSHOT for c in columns},
         erasable=ERASABLE,
+        completes=completes,
     )
 
 
-# mailbox.created: a full snapshot of the mailbox.
-MAILBOX_SNAPSHOT = mailbox_snapshot(SNAPSHOT_FIELDS)
+# mailbox.created: a full snapshot of the mailbox. It may complete its order once the
+# order has a domain that succeeded (an order recorded before this statement began; one
+# recorded meanwhile wrote the subscription: SUBSCRIPTION_MAILBOX_CREATED).
+MAILBOX_SNAPSHOT = mailbox_snapshot(
+    SNAPSHOT_FIELDS,
+    completes="EXISTS (SELECT FROM order_domains d"
+    " WHERE d.order_id = old.order_id AND d.status = 'succeeded')",
+)
 # prewarmup.order.success: the same, of the fields a prewarmed mailbox has.
 PREWARMED_SNAPSHOT = mailbox_snapshot(
     tuple(

@@ -49,9 +49,10 @@ class Outbox(Protocol):
     def telling(self) -> bool:
         """Whether anything may be told: without destinations, no transaction is opened."""
 
-    def tells(self, changes: Effects | None) -> bool:
+    def tells(self, changes: Effects | None, *, completing: bool = True) -> bool:
         """Whether these effects may cause an event a destination wants: a delivery that
-        cannot stays one statement, without a transaction."""
+        cannot stays one statement, without a transaction. Not `completing`: its mailboxes
+        complete no order or subscription (delivery_statement's `may_complete`)."""
 
     async def applied(self, conn: asyncpg.Connection, many: Sequence[Effects]) -> None:
         """Deliveries newly recorded (their effects applied), in their transaction: one, or
@@ -105,7 +106,9 @@ def delivery_statement(
     upserts: tuple[tuple[Upsert, bool], ...], *, replay: bool = False, forwarded: bool = False
 ) -> str:
     """The record and every upsert (for one row or `many`), and the outbound messages
-    when it is `forwarded`, in one statement: one round trip per delivery."""
+    when it is `forwarded`, in one statement: one round trip per delivery. `may_complete`
+    is false when the delivery's mailboxes cannot complete an order's or a subscription's
+    (merge.Upsert.completes): the outbox then need not read whether they did."""
     head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
     parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
@@ -113,7 +116,19 @@ def delivery_statement(
         first += len(statement.names)
     if forwarded:
         parts.append(f"outbound AS ({enqueue_sql(first, gate='recorded')})")
-    return "WITH " + ",\n".join(parts) + "\nSELECT id, inserted, conflict FROM recorded"
+    completes = [f"effect{i}" for i, (statement, _) in enumerate(upserts) if statement.completes]
+    may_complete = (
+        "coalesce("
+        + " OR ".join(f"(SELECT bool_or(completes) FROM {c})" for c in completes)
+        + ", false)"
+        if completes
+        else "true"
+    )
+    return (
+        "WITH "
+        + ",\n".join(parts)
+        + f"\nSELECT id, inserted, conflict, {may_complete} AS may_complete FROM recorded"
+    )
 
 
 def delivery_write(
@@ -224,7 +239,12 @@ async def write(
                     await conn.execute(merge.DERIVE_ORDER, changes.order_id, changes.subscriptions)
             else:
                 row = await conn.fetchrow(sql, *args)
-            if outbox is not None and changes is not None and telling and row["inserted"]:
+            if (
+                outbox is not None
+                and changes is not None
+                and row["inserted"]
+                and outbox.tells(changes, completing=row["may_complete"])
+            ):
                 await outbox.applied(conn, [changes])
     if row["conflict"]:
         await conn.execute(MARK_CONFLICT, delivery.event_id)
