@@ -5,6 +5,7 @@ Each fixture varies what the code could confuse: distinct owners per order, seve
 domains per order, a distinct value per personal field.
 """
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -381,3 +382,33 @@ async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(clien
     known = traffic.mailbox_updated(box["mailboxId"], {"lastName": "Okafor"})
     await delivered(client, known)
     assert (await read(client, f"mailboxes/{box['mailboxId']}"))["lastName"] == "Okafor"
+
+
+async def test_a_subscription_keeps_its_earliest_orders_id_and_price_whatever_the_arrival(
+    client,
+):
+    """Two succeeded orders for one subscription, standard and prewarmed: the subscription
+    shows the one sent first (its orderId, its price), though the later one arrives first
+    and its orderId sorts first; the quantity counts both."""
+    now = time.time()
+    first, later = "Z" + traffic.provider_id(), "A" + traffic.provider_id()
+    standard = {"subscriptionId": traffic.provider_id(), "domainName": "first-order.com"}
+    earlier_order = traffic.mailbox_order_success(orderId=first, price=10, quantity=2, **standard)
+    later_order = traffic.mailbox_order_success(orderId=later, price=20, quantity=3, **standard)
+    warm = traffic.prewarmup_success(domains=1, per_domain=2, order_id=first + "W")
+    warm_later = traffic.prewarmup_success(domains=1, per_domain=1, order_id=later + "W")
+    warm_later["data"]["mailboxDetails"][0] |= {
+        k: warm["data"]["mailboxDetails"][0][k] for k in ("subscriptionId", "domain")
+    }
+    await delivered(
+        client,
+        streams.sent(later_order, now - 60),
+        streams.sent(earlier_order, now - 120),
+        streams.sent(warm_later, now - 60),
+        streams.sent(warm, now - 120),
+    )
+    sub = await read(client, f"subscriptions/{standard['subscriptionId']}")
+    assert (sub["orderId"], float(sub["price"]), sub["quantity"]) == (first, 10, 5)
+    warmed = warm["data"]["mailboxDetails"][0]["subscriptionId"]
+    prewarmed = await read(client, f"subscriptions/{warmed}")
+    assert (prewarmed["orderId"], prewarmed["quantity"]) == (first + "W", 3)
