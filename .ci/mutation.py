@@ -73,6 +73,7 @@ SPOOLING = [
 LIFECYCLE_EFFECTS = [
     "the_later_edit_wins_even_with_the_smaller_event_id",
     "simultaneous_deliveries_sharing_an_event_id_are_always_flagged",
+    "two_contents_of_one_event_id_sent_at_one_time_end_the_same_in_either_order",
     "without_period_data_the_later_event_wins_and_the_name_implies_the_state",
     "a_failed_renewal_is_a_risk_until_a_later_success_or_period",
     "warmup_follows_the_later_event_and_an_export_replaces_credentials",

@@ -78,6 +78,26 @@ async def test_the_later_edit_wins_even_with_the_smaller_event_id(server_url, te
     )
 
 
+async def test_two_contents_of_one_event_id_sent_at_one_time_end_the_same_in_either_order(
+    server_url, template_name
+):
+    """A sender that reuses an eventId for another edit in the same second: one of the two
+    wins, the same one whichever arrives first."""
+    created = streams.sent(traffic.mailbox_created(), MONDAY)
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    one = streams.sent(traffic.mailbox_updated(box, {"firstName": "One"}), FRIDAY)
+    two = streams.sent(traffic.mailbox_updated(box, {"firstName": "Two"}), FRIDAY)
+    two["eventId"] = one["eventId"]
+
+    async def name(client):
+        return (await get(client, f"mailboxes/{box}"))["firstName"]
+
+    assert await in_both_orders(server_url, template_name, [created, one, two], name) in {
+        "One",
+        "Two",
+    }
+
+
 async def test_a_late_mailbox_created_does_not_undo_an_edit(server_url, template_name):
     created = streams.sent(traffic.mailbox_created(), FRIDAY)  # a late retry, signed later
     box = created["data"]["mailboxDetails"]["mailboxId"]
