@@ -412,3 +412,48 @@ async def test_a_subscription_keeps_its_earliest_orders_id_and_price_whatever_th
     warmed = warm["data"]["mailboxDetails"][0]["subscriptionId"]
     prewarmed = await read(client, f"subscriptions/{warmed}")
     assert (prewarmed["orderId"], prewarmed["quantity"]) == (first + "W", 3)
+
+
+async def test_a_mailbox_heard_of_before_its_order_makes_its_subscription_active_and_whose(
+    client,
+):
+    """mailbox.created first: its subscription exists at once, active, standard, with the
+    owner, order and expiry the mailbox names (the order, heard later, adds to it)."""
+    created = traffic.mailbox_created(
+        provider="MICROSOFT", domain="heard-first.com", userEmail="first.owner@example.org"
+    )
+    data = created["data"]
+    await delivered(client, created)
+    sub = await read(client, f"subscriptions/{data['subscriptionId']}")
+    assert {k: sub[k] for k in ("domain", "userId", "userEmail", "provider", "orderId")} == {
+        "domain": "heard-first.com",
+        "userId": data["userId"],
+        "userEmail": "first.owner@example.org",
+        "provider": "MICROSOFT",
+        "orderId": data["orderId"],
+    }
+    assert (sub["status"], sub["source"]) == ("active", "standard")
+    assert at(sub["expiryDate"]) == at(data["mailboxDetails"]["expiryDate"])
+
+
+async def test_an_edit_heard_of_before_its_mailbox_shows_the_mailbox_it_names(client):
+    """mailbox.updated first: the mailbox is known by what the edit names (domain, email,
+    owner, provider) besides the field it edits; nothing else is made up."""
+    box = traffic.provider_id()
+    edit = traffic.mailbox_updated(
+        box,
+        {"firstName": "Early"},
+        domain="edited-first.biz",
+        email="early@edited-first.biz",
+        workspaceType="MICROSOFT",
+    )
+    await delivered(client, edit)
+    shown = await read(client, f"mailboxes/{box}")
+    assert {k: shown[k] for k in ("firstName", "domain", "email", "userId", "provider")} == {
+        "firstName": "Early",
+        "domain": "edited-first.biz",
+        "email": "early@edited-first.biz",
+        "userId": edit["data"]["userId"],
+        "provider": "MICROSOFT",
+    }
+    assert (shown["lastName"], shown["subscriptionId"], shown["hasPassword"]) == (None, None, False)
