@@ -218,7 +218,10 @@ async def test_a_prewarmup_order_keeps_each_mailbox_its_own_fields_and_each_doma
 
 async def test_a_failed_standard_order_creates_its_subscription_failed_with_the_reason(client):
     failed = traffic.mailbox_order_failed(
-        domain="failed-domain.com", workspaceType="MICROSOFT", reason="Domain not verified"
+        domain="failed-domain.com",
+        workspaceType="MICROSOFT",
+        reason="Domain not verified",
+        userEmail="failed.owner@example.org",
     )
     data = failed["data"]
     await delivered(client, failed)
@@ -228,13 +231,19 @@ async def test_a_failed_standard_order_creates_its_subscription_failed_with_the_
         "standard",
         "failed-domain.com",
     )
-    assert (sub["orderId"], sub["userId"], sub["provider"]) == (
+    assert (sub["orderId"], sub["userId"], sub["userEmail"], sub["provider"]) == (
         data["orderId"],
         data["userId"],
+        "failed.owner@example.org",
         "MICROSOFT",
     )
     order = await read(client, f"orders/{data['orderId']}")
     assert (order["status"], order["kind"]) == ("failed", "mailbox")
+    assert (order["userId"], order["userEmail"], order["provider"]) == (
+        data["userId"],
+        "failed.owner@example.org",
+        "MICROSOFT",
+    )
     assert [
         (d["domain"], d["status"], d["reason"], d["subscriptionId"]) for d in order["domains"]
     ] == [("failed-domain.com", "failed", "Domain not verified", data["subscriptionId"])]
