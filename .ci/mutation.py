@@ -76,6 +76,7 @@ LIFECYCLE_EFFECTS = [
     "two_contents_of_one_event_id_sent_at_one_time_end_the_same_in_either_order",
     "without_period_data_the_later_event_wins_and_the_name_implies_the_state",
     "a_failed_renewal_is_a_risk_until_a_later_success_or_period",
+    "a_subscription_that_never_failed_a_renewal_shows_no_such_risk",
     "warmup_follows_the_later_event_and_an_export_replaces_credentials",
     "a_second_order_adds_to_the_subscription_without_overwriting_the_first",
     "domain_events_set_the_domain_state_on_its_subscriptions",

@@ -314,6 +314,22 @@ async def test_a_failed_renewal_is_a_risk_until_a_later_success_or_period(
     assert await in_both_orders(server_url, template_name, [failed, other], read) == expected
 
 
+async def test_a_subscription_that_never_failed_a_renewal_shows_no_such_risk(client):
+    """Only subscription.renewal.failed makes the risk: every other lifecycle event, even a
+    past_due one, leaves a renewal that never failed off it."""
+    subs = {state: traffic.provider_id() for state in ("ACTIVE", "RENEWING", "PAST_DUE")}
+    for n, (state, sub) in enumerate(subs.items()):
+        event = "subscription.past_due" if state == "PAST_DUE" else "subscription.updated"
+        payload = lifecycle_event(event, sub, time.time() - 60 + n, **THIS_PERIOD)
+        payload["data"]["subscriptionStatus"] = state
+        assert (await deliver(client, payload)).status_code == 200
+    assert {state: await risks(client, sub) for state, sub in subs.items()} == {
+        "ACTIVE": [],
+        "RENEWING": [],
+        "PAST_DUE": ["past_due"],
+    }
+
+
 # --- domains ----------------------------------------------------------------------------
 
 
