@@ -466,3 +466,18 @@ async def test_an_edit_heard_of_before_its_mailbox_shows_the_mailbox_it_names(cl
         "provider": "MICROSOFT",
     }
     assert (shown["lastName"], shown["subscriptionId"], shown["hasPassword"]) == (None, None, False)
+
+
+async def test_an_edit_sent_a_second_later_wins_though_it_arrives_first_and_its_id_sorts_first(
+    client,
+):
+    """Events are ordered by the time they were sent, to the microsecond, before their
+    eventIds: an edit one second later beats an earlier one that arrives after it."""
+    created = traffic.mailbox_created()
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    now = time.time()
+    earlier = streams.sent(traffic.mailbox_updated(box, {"firstName": "Earlier"}), now - 31)
+    later = streams.sent(traffic.mailbox_updated(box, {"firstName": "Later"}), now - 30)
+    earlier["eventId"], later["eventId"] = "ZZZZ-" + earlier["eventId"], "AAAA-" + later["eventId"]
+    await delivered(client, created, later, earlier)
+    assert (await read(client, f"mailboxes/{box}"))["firstName"] == "Later"
