@@ -2,16 +2,19 @@
 the subscription lifecycle, domain, export and warmup events, several orders."""
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
 
+from app import hashing
 from app.crypto import Vault
 from app.db import make_engine
 from app.operations.replay import Selection, replay
@@ -21,6 +24,7 @@ from tests.conftest import (
     CREDENTIALS_TOKEN,
     FERNET_KEY,
     app_client,
+    asyncpg_dsn,
     deliver,
     fresh_database,
     make_settings,
@@ -33,9 +37,18 @@ MONDAY, FRIDAY = NOW - 20 * 3600, NOW - 2 * 3600
 
 
 @asynccontextmanager
-async def after(server_url, template, stream: list[dict[str, Any]]) -> AsyncIterator[Any]:
-    """A fresh service that has received `stream` in that order."""
+async def after(
+    server_url, template, stream: list[dict[str, Any]], hashing_key: bytes | None = None
+) -> AsyncIterator[Any]:
+    """A fresh service that has received `stream` in that order (with `hashing_key`, the
+    key of one deployment: by default each database makes its own at first use)."""
     async with fresh_database(server_url, template) as url:
+        if hashing_key is not None:
+            conn = await asyncpg.connect(asyncpg_dsn(url))
+            try:
+                await conn.execute(hashing.CREATE, Vault([FERNET_KEY]).encrypt(hashing_key))
+            finally:
+                await conn.close()
         settings = make_settings(url, cmr_signature_tolerance_seconds=streams.TOLERANCE)
         async with app_client(settings) as client:
             for payload in stream:
@@ -50,11 +63,11 @@ async def get(client: httpx.AsyncClient, path: str, **params: Any) -> Any:
     return response.json()
 
 
-async def in_both_orders(server_url, template, stream, read) -> Any:
+async def in_both_orders(server_url, template, stream, read, hashing_key=None) -> Any:
     """What `read` sees after the stream arrives in order and in reverse; they must agree."""
     seen = []
     for order in (stream, stream[::-1]):
-        async with after(server_url, template, order) as client:
+        async with after(server_url, template, order, hashing_key) as client:
             seen.append(await read(client))
     assert seen[0] == seen[1]
     return seen[0]
@@ -76,6 +89,28 @@ async def test_the_later_edit_wins_even_with_the_smaller_event_id(server_url, te
     assert await in_both_orders(server_url, template_name, [created, monday, friday], name) == (
         "Friday"
     )
+
+
+async def test_two_contents_of_one_event_id_sent_at_one_time_end_the_same_in_either_order(
+    server_url, template_name
+):
+    """A sender that reuses an eventId for another edit in the same second: one of the two
+    wins, the same one whichever arrives first (in one deployment: the tie is decided by
+    the contents' keyed hashes)."""
+    created = streams.sent(traffic.mailbox_created(), MONDAY)
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    one = streams.sent(traffic.mailbox_updated(box, {"firstName": "One"}), FRIDAY)
+    two = streams.sent(traffic.mailbox_updated(box, {"firstName": "Two"}), FRIDAY)
+    two["eventId"] = one["eventId"]
+
+    async def name(client):
+        return (await get(client, f"mailboxes/{box}"))["firstName"]
+
+    stream = [created, one, two]
+    assert await in_both_orders(server_url, template_name, stream, name, os.urandom(32)) in {
+        "One",
+        "Two",
+    }
 
 
 async def test_a_late_mailbox_created_does_not_undo_an_edit(server_url, template_name):
@@ -277,6 +312,22 @@ async def test_a_failed_renewal_is_a_risk_until_a_later_success_or_period(
         return await risks(client, sub)
 
     assert await in_both_orders(server_url, template_name, [failed, other], read) == expected
+
+
+async def test_a_subscription_that_never_failed_a_renewal_shows_no_such_risk(client):
+    """Only subscription.renewal.failed makes the risk: every other lifecycle event, even a
+    past_due one, leaves a renewal that never failed off it."""
+    subs = {state: traffic.provider_id() for state in ("ACTIVE", "RENEWING", "PAST_DUE")}
+    for n, (state, sub) in enumerate(subs.items()):
+        event = "subscription.past_due" if state == "PAST_DUE" else "subscription.updated"
+        payload = lifecycle_event(event, sub, time.time() - 60 + n, **THIS_PERIOD)
+        payload["data"]["subscriptionStatus"] = state
+        assert (await deliver(client, payload)).status_code == 200
+    assert {state: await risks(client, sub) for state, sub in subs.items()} == {
+        "ACTIVE": [],
+        "RENEWING": [],
+        "PAST_DUE": ["past_due"],
+    }
 
 
 # --- domains ----------------------------------------------------------------------------

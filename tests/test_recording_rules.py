@@ -5,6 +5,7 @@ Each fixture varies what the code could confuse: distinct owners per order, seve
 domains per order, a distinct value per personal field.
 """
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -217,7 +218,10 @@ async def test_a_prewarmup_order_keeps_each_mailbox_its_own_fields_and_each_doma
 
 async def test_a_failed_standard_order_creates_its_subscription_failed_with_the_reason(client):
     failed = traffic.mailbox_order_failed(
-        domain="failed-domain.com", workspaceType="MICROSOFT", reason="Domain not verified"
+        domain="failed-domain.com",
+        workspaceType="MICROSOFT",
+        reason="Domain not verified",
+        userEmail="failed.owner@example.org",
     )
     data = failed["data"]
     await delivered(client, failed)
@@ -227,13 +231,19 @@ async def test_a_failed_standard_order_creates_its_subscription_failed_with_the_
         "standard",
         "failed-domain.com",
     )
-    assert (sub["orderId"], sub["userId"], sub["provider"]) == (
+    assert (sub["orderId"], sub["userId"], sub["userEmail"], sub["provider"]) == (
         data["orderId"],
         data["userId"],
+        "failed.owner@example.org",
         "MICROSOFT",
     )
     order = await read(client, f"orders/{data['orderId']}")
     assert (order["status"], order["kind"]) == ("failed", "mailbox")
+    assert (order["userId"], order["userEmail"], order["provider"]) == (
+        data["userId"],
+        "failed.owner@example.org",
+        "MICROSOFT",
+    )
     assert [
         (d["domain"], d["status"], d["reason"], d["subscriptionId"]) for d in order["domains"]
     ] == [("failed-domain.com", "failed", "Domain not verified", data["subscriptionId"])]
@@ -381,3 +391,93 @@ async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(clien
     known = traffic.mailbox_updated(box["mailboxId"], {"lastName": "Okafor"})
     await delivered(client, known)
     assert (await read(client, f"mailboxes/{box['mailboxId']}"))["lastName"] == "Okafor"
+
+
+async def test_a_subscription_keeps_its_earliest_orders_id_and_price_whatever_the_arrival(
+    client,
+):
+    """Two succeeded orders for one subscription, standard and prewarmed: the subscription
+    shows the one sent first (its orderId, its price), though the later one arrives first
+    and its orderId sorts first; the quantity counts both."""
+    now = time.time()
+    first, later = "Z" + traffic.provider_id(), "A" + traffic.provider_id()
+    standard = {"subscriptionId": traffic.provider_id(), "domainName": "first-order.com"}
+    earlier_order = traffic.mailbox_order_success(orderId=first, price=10, quantity=2, **standard)
+    later_order = traffic.mailbox_order_success(orderId=later, price=20, quantity=3, **standard)
+    warm = traffic.prewarmup_success(domains=1, per_domain=2, order_id=first + "W")
+    warm_later = traffic.prewarmup_success(domains=1, per_domain=1, order_id=later + "W")
+    warm_later["data"]["mailboxDetails"][0] |= {
+        k: warm["data"]["mailboxDetails"][0][k] for k in ("subscriptionId", "domain")
+    }
+    await delivered(
+        client,
+        streams.sent(later_order, now - 60),
+        streams.sent(earlier_order, now - 120),
+        streams.sent(warm_later, now - 60),
+        streams.sent(warm, now - 120),
+    )
+    sub = await read(client, f"subscriptions/{standard['subscriptionId']}")
+    assert (sub["orderId"], float(sub["price"]), sub["quantity"]) == (first, 10, 5)
+    warmed = warm["data"]["mailboxDetails"][0]["subscriptionId"]
+    prewarmed = await read(client, f"subscriptions/{warmed}")
+    assert (prewarmed["orderId"], prewarmed["quantity"]) == (first + "W", 3)
+
+
+async def test_a_mailbox_heard_of_before_its_order_makes_its_subscription_active_and_whose(
+    client,
+):
+    """mailbox.created first: its subscription exists at once, active, standard, with the
+    owner, order and expiry the mailbox names (the order, heard later, adds to it)."""
+    created = traffic.mailbox_created(
+        provider="MICROSOFT", domain="heard-first.com", userEmail="first.owner@example.org"
+    )
+    data = created["data"]
+    await delivered(client, created)
+    sub = await read(client, f"subscriptions/{data['subscriptionId']}")
+    assert {k: sub[k] for k in ("domain", "userId", "userEmail", "provider", "orderId")} == {
+        "domain": "heard-first.com",
+        "userId": data["userId"],
+        "userEmail": "first.owner@example.org",
+        "provider": "MICROSOFT",
+        "orderId": data["orderId"],
+    }
+    assert (sub["status"], sub["source"]) == ("active", "standard")
+    assert at(sub["expiryDate"]) == at(data["mailboxDetails"]["expiryDate"])
+
+
+async def test_an_edit_heard_of_before_its_mailbox_shows_the_mailbox_it_names(client):
+    """mailbox.updated first: the mailbox is known by what the edit names (domain, email,
+    owner, provider) besides the field it edits; nothing else is made up."""
+    box = traffic.provider_id()
+    edit = traffic.mailbox_updated(
+        box,
+        {"firstName": "Early"},
+        domain="edited-first.biz",
+        email="early@edited-first.biz",
+        workspaceType="MICROSOFT",
+    )
+    await delivered(client, edit)
+    shown = await read(client, f"mailboxes/{box}")
+    assert {k: shown[k] for k in ("firstName", "domain", "email", "userId", "provider")} == {
+        "firstName": "Early",
+        "domain": "edited-first.biz",
+        "email": "early@edited-first.biz",
+        "userId": edit["data"]["userId"],
+        "provider": "MICROSOFT",
+    }
+    assert (shown["lastName"], shown["subscriptionId"], shown["hasPassword"]) == (None, None, False)
+
+
+async def test_an_edit_sent_a_second_later_wins_though_it_arrives_first_and_its_id_sorts_first(
+    client,
+):
+    """Events are ordered by the time they were sent, to the microsecond, before their
+    eventIds: an edit one second later beats an earlier one that arrives after it."""
+    created = traffic.mailbox_created()
+    box = created["data"]["mailboxDetails"]["mailboxId"]
+    now = time.time()
+    earlier = streams.sent(traffic.mailbox_updated(box, {"firstName": "Earlier"}), now - 31)
+    later = streams.sent(traffic.mailbox_updated(box, {"firstName": "Later"}), now - 30)
+    earlier["eventId"], later["eventId"] = "ZZZZ-" + earlier["eventId"], "AAAA-" + later["eventId"]
+    await delivered(client, created, later, earlier)
+    assert (await read(client, f"mailboxes/{box}"))["firstName"] == "Later"
