@@ -375,3 +375,17 @@ async def test_the_csv_holds_what_the_pages_show_read_a_few_rows_a_statement(cli
         "auto_renew_off overdue",
         "auto_renew_off",
     ]
+
+
+async def test_a_cursor_before_the_calendar_reads_from_the_first_row_and_one_after_reads_none(
+    client,
+):
+    """Every cursor the pattern allows is valid: one before year 1 (beyond the calendar)
+    stands before every row, so its page is the queue's first; one in year 5138, after every
+    end, has nothing after it."""
+    subs = await the_queue(client)
+    first = await queue(client, limit=500)
+    assert sorted(ids(first)) == sorted(subs.values())
+    before = await queue(client, cursor="-99999999999999999-0", limit=500)
+    assert ids(before) == ids(first)
+    assert ids(await queue(client, cursor="99999999999999999-0", limit=500)) == []
