@@ -389,3 +389,13 @@ async def test_a_cursor_before_the_calendar_reads_from_the_first_row_and_one_aft
     before = await queue(client, cursor="-99999999999999999-0", limit=500)
     assert ids(before) == ids(first)
     assert ids(await queue(client, cursor="99999999999999999-0", limit=500)) == []
+
+
+async def test_a_page_ending_on_the_queues_last_row_says_there_is_no_next_page(client):
+    subs = await the_queue(client)  # five on the queue
+    for limit, more in [(4, True), (5, False), (6, False)]:
+        body = await queue(client, limit=limit)
+        assert len(body["items"]) == min(limit, len(subs)), limit
+        assert (body["nextCursor"] is not None) is more, limit
+    rest = await queue(client, limit=4, cursor=(await queue(client, limit=4))["nextCursor"])
+    assert (len(rest["items"]), rest["nextCursor"]) == (1, None)
