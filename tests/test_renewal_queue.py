@@ -421,3 +421,27 @@ async def test_the_csv_holds_what_the_pages_show_read_a_few_rows_a_statement(cli
         "auto_renew_off overdue",
         "auto_renew_off",
     ]
+
+
+async def test_a_cursor_before_the_calendar_reads_from_the_first_row_and_one_after_reads_none(
+    client,
+):
+    """Every cursor the pattern allows is valid: one before year 1 (beyond the calendar)
+    stands before every row, so its page is the queue's first; one in year 5138, after every
+    end, has nothing after it."""
+    subs = await the_queue(client)
+    first = await queue(client, limit=500)
+    assert sorted(ids(first)) == sorted(subs.values())
+    before = await queue(client, cursor="-99999999999999999-0", limit=500)
+    assert ids(before) == ids(first)
+    assert ids(await queue(client, cursor="99999999999999999-0", limit=500)) == []
+
+
+async def test_a_page_ending_on_the_queues_last_row_says_there_is_no_next_page(client):
+    subs = await the_queue(client)  # five on the queue
+    for limit, more in [(4, True), (5, False), (6, False)]:
+        body = await queue(client, limit=limit)
+        assert len(body["items"]) == min(limit, len(subs)), limit
+        assert (body["nextCursor"] is not None) is more, limit
+    rest = await queue(client, limit=4, cursor=(await queue(client, limit=4))["nextCursor"])
+    assert (len(rest["items"]), rest["nextCursor"]) == (1, None)
