@@ -235,6 +235,56 @@ async def test_mailboxes_ready_is_told_once_when_the_order_and_its_last_mailbox_
     assert [(m["orderId"], m["mailboxCount"]) for m in ready] == [(events[0]["data"]["orderId"], 2)]
 
 
+@pytest.mark.parametrize("window_ms", [0, 2], ids=["alone", "grouped"])
+async def test_mailboxes_ready_is_told_once_when_the_last_mailboxes_of_two_domains_arrive_at_once(
+    database_url, tmp_path, monkeypatch, db, window_ms
+):
+    """An order over two domains (two subscriptions), the last mailbox of each recorded at
+    the same time by two replicas (each delivery on its own, or in a group of its
+    replica): each counts the order's mailboxes while the other's is not committed. Here
+    both wait to read the orders (the table held) after writing their mailbox, so each
+    would find the other's missing; the order is still told ready, once."""
+    order_id, user = traffic.provider_id(), traffic.provider_id()
+    orders = [traffic.mailbox_order_success(orderId=order_id, userId=user, quantity=1)]
+    orders.append(traffic.mailbox_order_success(orderId=order_id, userId=user, quantity=1))
+    boxes = [
+        streams.sent(
+            traffic.mailbox_created(
+                subscriptionId=order["data"]["subscriptionId"],
+                orderId=order_id,
+                domain=order["data"]["domainName"],
+                userId=user,
+            ),
+            LATER,
+        )
+        for order in orders
+    ]
+    settings = make_settings(
+        database_url,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,
+        group_commit_window_ms=window_ms,
+    )
+    async with app_client(settings) as one, app_client(settings) as other:
+        await send(one, *(streams.sent(order, EARLIER) for order in orders))
+        await db.execute("BEGIN")
+        await db.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        last = [
+            asyncio.ensure_future(deliver(replica, box))
+            for replica, box in zip((one, other), boxes, strict=True)
+        ]
+        await until_waiting(db, 2)
+        assert await told(db, "mailboxes.ready") == []
+        await db.execute("COMMIT")
+        answers = await asyncio.gather(*last)
+    assert [a.status_code for a in answers] == [200, 200]
+    ready = await told(db, "mailboxes.ready")
+    assert [(m["orderId"], m["mailboxCount"], len(m["domains"])) for m in ready] == [
+        (order_id, 2, 2)
+    ]
+
+
 async def test_mailboxes_naming_their_order_complete_it_whatever_subscription_they_name(client, db):
     """Readiness counts an order's mailboxes by order and domain: mailboxes that name
     another subscription than the order's still complete it."""

@@ -125,6 +125,27 @@ ORDER BY s.subscription_id
 """
 
 
+# Two transactions storing the last mailboxes of one order (for two of its domains) at once
+# each count without the other's, uncommitted: neither would find the order complete. So
+# the decision is taken one transaction at a time per order (and subscription): a lock per
+# subject, held to the transaction's end and taken in one order (no deadlock within a
+# group), then the count in a new statement, which sees what the lock's holder committed.
+# The keys are hashes: two subjects sharing one only wait for each other.
+LOCK_SUBJECTS = """
+SELECT count(pg_advisory_xact_lock(key)) FROM (
+    SELECT DISTINCT hashtextextended(subject, 0) AS key FROM unnest($1::text[]) subject
+    ORDER BY key) keys
+"""
+
+
+async def lock_mailboxes_subjects(
+    conn: asyncpg.Connection, orders: set[str], subscriptions: set[str]
+) -> None:
+    named = [f"mailboxes.ready order:{o}" for o in orders]
+    named += [f"mailboxes.ready subscription:{s}" for s in subscriptions]
+    await conn.fetchval(LOCK_SUBJECTS, named)
+
+
 async def orders_mailboxes_ready(conn: asyncpg.Connection, order_ids: set[str]) -> list[Derived]:
     by_order: dict[str, list[asyncpg.Record]] = {}
     for row in await conn.fetch(ORDER_MAILBOXES, sorted(order_ids)):
@@ -307,7 +328,8 @@ async def of_deliveries(
     if wanted("order.failed") or wanted("order.partially_failed"):
         for order_id in sorted({c.order_id for c in many if c.order_id}):
             found += await order_outcome(conn, order_id)
-    if wanted("mailboxes.ready"):
+    if wanted("mailboxes.ready") and (about.orders or about.subscriptions):
+        await lock_mailboxes_subjects(conn, about.orders, about.subscriptions)
         if about.orders:
             found += await orders_mailboxes_ready(conn, about.orders)
         if about.subscriptions:
