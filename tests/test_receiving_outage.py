@@ -445,3 +445,34 @@ async def test_while_the_database_cannot_answer_deliveries_go_straight_to_the_sp
         (second["eventId"], True),
         (after["eventId"], False),
     }
+
+
+async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
+    database_url, tmp_path, monkeypatch
+):
+    """A delivery spooled by a release whose schema took it, drained by one whose schema
+    does not: it is kept among events (ignored: no effect) and the spool drains, a CRM
+    destination listed."""
+    spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
+    older = schema_violation()
+    meta = {"kind": "delivery", "signature": "valid", "form": None, "warnings": []}
+    spool = Spool(Path(spool_dir), max_bytes=10**6)
+    await spool.put(
+        body=Vault([FERNET_KEY]).encrypt(orjson.dumps(older)), meta=meta, received_at=time.time()
+    )
+    settings = make_settings(
+        database_url,
+        spool_dir=spool_dir,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        outbound_dispatch=False,
+    )
+    async with app_client(settings) as client:
+        await wait_until_drained(client)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = await conn.fetch("select event_id, spooled from events")
+        boxes = await conn.fetchval("select count(*) from mailboxes")
+    finally:
+        await conn.close()
+    assert [(r["event_id"], r["spooled"]) for r in stored] == [(older["eventId"], True)]
+    assert boxes == 0
