@@ -455,7 +455,7 @@ async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
     destination listed."""
     spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
     older = schema_violation()
-    meta = {"kind": "delivery", "signature": "valid", "form": None, "warnings": []}
+    meta: dict[str, Any] = {"kind": "delivery", "signature": "valid", "form": None, "warnings": []}
     spool = Spool(Path(spool_dir), max_bytes=10**6)
     await spool.put(
         body=Vault([FERNET_KEY]).encrypt(orjson.dumps(older)), meta=meta, received_at=time.time()
