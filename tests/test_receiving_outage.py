@@ -476,3 +476,34 @@ async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
         await conn.close()
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(older["eventId"], True)]
     assert boxes == 0
+
+
+async def test_a_delivery_applied_while_others_wait_in_the_spool_ends_no_outage(
+    database_url, capsys, monkeypatch
+):
+    """While a spooled delivery still waits (the database refuses it for now), one applied
+    live does not end the outage: the operator never reads "nothing was spooled", and the
+    outage ends when the spool is empty."""
+    monkeypatch.setattr(receiver, "CIRCUIT_SECONDS", 0.0)  # the next delivery asks at once
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create function not_now() returns trigger language plpgsql as $$
+            begin raise exception 'out of room' using errcode = '53000'; end $$;
+            create trigger not_now before insert on mailboxes
+            for each row when (new.email like 'waits%') execute function not_now();
+            """
+        )
+        waits = traffic.mailbox_created(details={"email": "waits@x.com"})
+        async with app_client(make_settings(database_url)) as client:
+            answers = [await deliver(client, p) for p in (waits, traffic.mailbox_created())]
+            await conn.execute("drop trigger not_now on mailboxes")
+            await wait_until_drained(client)
+    finally:
+        await conn.close()
+    assert [a.json()["status"] for a in answers] == ["queued", "processed"]
+    err = capsys.readouterr().err
+    assert "nothing was spooled" not in err
+    assert len(said(err, r"database unreachable \(.+\): .*")) == 1
+    assert said(err, r"the spool is empty again: 1 spooled deliveries applied in [\d.]+ s")
