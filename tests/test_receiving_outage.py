@@ -14,10 +14,12 @@ import asyncpg
 import orjson
 
 from app.crypto import Vault, generate_key
+from app.db import POOLER_HINT
 from app.hashing import KEYS_DO_NOT_FIT
 from app.operations.keys import rotate_spool
 from app.receiving import receiver
 from app.receiving.spool import Spool
+from app.recording import effects
 from app.simulation import traffic
 from tests.conftest import FERNET_KEY, app_client, asyncpg_dsn, deliver, make_settings
 from tests.reliability.proxy import Proxy
@@ -317,3 +319,191 @@ async def test_a_failure_a_retry_may_cure_is_queued_not_refused(database_url):
     assert answer.status_code == 200 and answer.json()["status"] == "queued"
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(payload["eventId"], True)]
     assert refused == 0
+
+
+async def test_a_poolers_refusals_name_the_setting_to_fix(database_url, capsys):
+    """What a transaction pooler answers a client that takes it for PostgreSQL (mimicked
+    here by triggers, as PgBouncer words it): a startup setting refused (08P01) is a
+    setting to fix, not an outage, said in one line, and the delivery waits in the spool
+    until it is fixed; a prepared statement missing (26000) is no retry's to cure: kept as
+    rejected, its line naming the same fix."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create function pooler_says() returns trigger language plpgsql as $$
+            begin
+              if new.email like 'startup%' then
+                raise exception 'unsupported startup parameter: jit' using errcode = '08P01';
+              end if;
+              raise exception 'prepared statement "__asyncpg_stmt_1__" does not exist'
+                using errcode = '26000';
+            end $$;
+            create trigger pooler before insert on mailboxes for each row
+            when (new.email like 'startup%' or new.email like 'statement%')
+            execute function pooler_says();
+            """
+        )
+        startup = traffic.mailbox_created(details={"email": "startup@x.com"})
+        statement = traffic.mailbox_created(details={"email": "statement@x.com"})
+        async with app_client(make_settings(database_url)) as client:
+            refused = await deliver(client, statement)
+            queued = await deliver(client, startup)
+            await conn.execute("drop trigger pooler on mailboxes")
+            await wait_until_drained(client)
+        stored = await conn.fetch("select event_id, spooled from events")
+        rejected = await conn.fetch("select reason, event_id, errors from rejected_deliveries")
+    finally:
+        await conn.close()
+    assert queued.status_code == 200 and queued.json()["status"] == "queued"
+    assert refused.status_code == 500 and refused.json() == {"error": "apply_failed"}
+    assert [(r["event_id"], r["spooled"]) for r in stored] == [(startup["eventId"], True)]
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [
+        ("apply_failed", statement["eventId"])
+    ]
+    assert orjson.loads(rejected[0]["errors"])[0]["type"] == "26000"
+    err = capsys.readouterr().err
+    hint = re.escape(POOLER_HINT)
+    assert len(said(err, hint + "; deliveries go to the spool until then")) == 1
+    [failed] = said(err, rf"applying failed \({hint}\); kept as rejected")
+    assert f"eventId={statement['eventId']}" in failed
+    assert "database unreachable" not in err
+    assert said(err, "the spool is empty again: 1 spooled deliveries applied in [\\d.]+ s")
+
+
+async def test_a_bug_of_ours_is_kept_as_rejected_under_its_own_name(
+    database_url, capsys, monkeypatch
+):
+    """A failure with no SQLSTATE (a bug in the service itself, not the database's
+    answer): the delivery is answered 500 and kept among rejected deliveries, the error's
+    type naming the bug; the other deliveries are applied as ever."""
+    bug, fine, real = traffic.mailbox_created(), traffic.mailbox_created(), effects.of
+
+    def buggy(model: Any, **given: Any) -> Any:
+        if model.eventId == bug["eventId"]:
+            raise ZeroDivisionError("a bug of ours")
+        return real(model, **given)
+
+    monkeypatch.setattr(effects, "of", buggy)
+    async with app_client(make_settings(database_url)) as client:
+        answers = [await deliver(client, p) for p in (bug, fine)]
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = await conn.fetch("select event_id from events")
+        rejected = await conn.fetch("select reason, event_id, errors from rejected_deliveries")
+    finally:
+        await conn.close()
+    assert [a.status_code for a in answers] == [500, 200]
+    assert [r["event_id"] for r in stored] == [fine["eventId"]]
+    assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", bug["eventId"])]
+    assert orjson.loads(rejected[0]["errors"]) == [
+        {"loc": [], "msg": "applying the event failed", "type": "ZeroDivisionError"}
+    ]
+    err = capsys.readouterr().err
+    [failed] = said(err, r"applying failed \(ZeroDivisionError\); kept as rejected")
+    assert f"eventId={bug['eventId']}" in failed
+
+
+async def test_while_the_database_cannot_answer_deliveries_go_straight_to_the_spool(
+    database_url, monkeypatch
+):
+    """After a failure a retry may cure, the next deliveries go to the spool without asking
+    the database again (each would wait out its own failure) until the drainer's first
+    success, after which deliveries are applied live again. A sequence (outside any
+    transaction) counts the live deliveries that reached the database."""
+    monkeypatch.setattr(receiver, "CIRCUIT_SECONDS", 3600.0)  # only the drain ends it
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create sequence live_tries;
+            create function out_of_room() returns trigger language plpgsql as $$
+            begin
+              if not new.spooled then perform nextval('live_tries'); end if;
+              raise exception 'out of room' using errcode = '53000';
+            end $$;
+            create trigger out_of_room before insert on events
+            for each row execute function out_of_room();
+            """
+        )
+        first, second, after = (traffic.mailbox_created() for _ in range(3))
+        async with app_client(make_settings(database_url)) as client:
+            away = [await deliver(client, p) for p in (first, second)]
+            tries = await conn.fetchval("select last_value from live_tries")
+            await conn.execute("drop trigger out_of_room on events")
+            await wait_until_drained(client)
+            back = await deliver(client, after)
+        stored = await conn.fetch("select event_id, spooled from events order by id")
+        tries_after = await conn.fetchval("select last_value from live_tries")
+    finally:
+        await conn.close()
+    assert [a.json()["status"] for a in away] == ["queued", "queued"]
+    assert tries == 1  # the second went straight to the spool
+    assert back.json()["status"] == "processed" and tries_after == 1
+    assert {(r["event_id"], r["spooled"]) for r in stored} == {
+        (first["eventId"], True),
+        (second["eventId"], True),
+        (after["eventId"], False),
+    }
+
+
+async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
+    database_url, tmp_path, monkeypatch
+):
+    """A delivery spooled by a release whose schema took it, drained by one whose schema
+    does not: it is kept among events (ignored: no effect) and the spool drains, a CRM
+    destination listed."""
+    spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
+    older = schema_violation()
+    meta: dict[str, Any] = {"kind": "delivery", "signature": "valid", "form": None, "warnings": []}
+    spool = Spool(Path(spool_dir), max_bytes=10**6)
+    await spool.put(
+        body=Vault([FERNET_KEY]).encrypt(orjson.dumps(older)), meta=meta, received_at=time.time()
+    )
+    settings = make_settings(
+        database_url,
+        spool_dir=spool_dir,
+        destinations_file=destinations_file(tmp_path, monkeypatch),
+        outbound_dispatch=False,
+    )
+    async with app_client(settings) as client:
+        await wait_until_drained(client)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = await conn.fetch("select event_id, spooled from events")
+        boxes = await conn.fetchval("select count(*) from mailboxes")
+    finally:
+        await conn.close()
+    assert [(r["event_id"], r["spooled"]) for r in stored] == [(older["eventId"], True)]
+    assert boxes == 0
+
+
+async def test_a_delivery_applied_while_others_wait_in_the_spool_ends_no_outage(
+    database_url, capsys, monkeypatch
+):
+    """While a spooled delivery still waits (the database refuses it for now), one applied
+    live does not end the outage: the operator never reads "nothing was spooled", and the
+    outage ends when the spool is empty."""
+    monkeypatch.setattr(receiver, "CIRCUIT_SECONDS", 0.0)  # the next delivery asks at once
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            """
+            create function not_now() returns trigger language plpgsql as $$
+            begin raise exception 'out of room' using errcode = '53000'; end $$;
+            create trigger not_now before insert on mailboxes
+            for each row when (new.email like 'waits%') execute function not_now();
+            """
+        )
+        waits = traffic.mailbox_created(details={"email": "waits@x.com"})
+        async with app_client(make_settings(database_url)) as client:
+            answers = [await deliver(client, p) for p in (waits, traffic.mailbox_created())]
+            await conn.execute("drop trigger not_now on mailboxes")
+            await wait_until_drained(client)
+    finally:
+        await conn.close()
+    assert [a.json()["status"] for a in answers] == ["queued", "processed"]
+    err = capsys.readouterr().err
+    assert "nothing was spooled" not in err
+    assert len(said(err, r"database unreachable \(.+\): .*")) == 1
+    assert said(err, r"the spool is empty again: 1 spooled deliveries applied in [\d.]+ s")
