@@ -229,6 +229,36 @@ async def test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can(datab
     assert await events_by_id(database_url) == {p["eventId"]: (1, True) for p in payloads}
 
 
+async def test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost(
+    database_url, capsys
+):
+    """Setting a torn row aside fails (a trigger stands in for a full disk): the drainer
+    says so and tries again; once it can, the row is set aside and the rest drain."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    payloads = _mailboxes(3)
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+        tear_row(settings.spool_path / SPOOL_FILE, row=2)
+        on_spool(
+            settings.spool_path,
+            "create trigger disk_full before insert on set_aside "
+            "begin select raise(abort, 'disk full'); end",
+        )
+        await proxy.restore()
+        err = ""
+        while "the drainer failed; retrying" not in err:
+            await asyncio.sleep(0.1)
+            err += capsys.readouterr().err
+        on_spool(settings.spool_path, "drop trigger disk_full")
+        await wait_until_drained(client)
+    stored = await events_by_id(database_url)
+    assert stored == {p["eventId"]: (1, True) for p in (payloads[0], payloads[2])}
+
+
 async def test_a_new_spool_makes_its_folder_and_is_empty_with_room(tmp_path):
     spool = Spool(tmp_path / "data" / "spool", max_bytes=1024)
     try:
