@@ -95,7 +95,7 @@ TESTS = {
     # set-aside that fails, a new folder, one drainer per spool file
     "app/receiving/spool.py": [
         *SPOOLING,
-        "tests/reliability/test_spool.py::test_a_spool_filled_to_exactly_its_bound_keeps_that_delivery_then_says_it_is_full",
+        "tests/reliability/test_spool.py::test_a_spool_filled_to_exactly_its_bound_keeps_what_fills_it_then_says_it_is_full",
         "tests/reliability/test_spool.py::test_a_write_the_spool_refuses_is_answered_503_and_the_next_is_kept",
         "tests/reliability/test_spool.py::test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can",
         "tests/reliability/test_spool.py::test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost",

@@ -158,26 +158,26 @@ async def test_a_torn_spool_row_is_set_aside_and_the_rest_drain(database_url, ca
     assert "spool row 2 set aside: checksum mismatch" in capsys.readouterr().err
 
 
-async def test_a_spool_filled_to_exactly_its_bound_keeps_that_delivery_then_says_it_is_full():
-    """SPOOL_MAX_BYTES is what the spool may hold (bodies and what their checks found): a
-    delivery that fills it to the byte is kept; then /readyz says there is no room, how
+async def test_a_spool_filled_to_exactly_its_bound_keeps_what_fills_it_then_says_it_is_full():
+    """SPOOL_MAX_BYTES is what the spool may hold (bodies and what their checks found): two
+    deliveries that fill it to the byte are kept; then /readyz says there is no room, how
     many wait and since when, and the next delivery is refused with 503."""
     payload = _prewarmup()
     measuring = make_settings(DEAD_DATABASE)
     async with app_client(measuring) as client:
         assert (await deliver(client, payload)).json()["status"] == "queued"
     [(size,)] = spool_rows(measuring.spool_path, "select length(body) + length(meta)")
-    async with app_client(make_settings(DEAD_DATABASE, spool_max_bytes=size)) as client:
+    async with app_client(make_settings(DEAD_DATABASE, spool_max_bytes=2 * size)) as client:
         before = time.time()
-        kept = await deliver(client, payload)
+        kept = [await deliver(client, payload) for _ in range(2)]
         ready = await client.get("/readyz")
         waited = time.time() - before
         refused = await deliver(client, traffic.mailbox_created())
-    assert kept.json()["status"] == "queued"
+    assert [k.json()["status"] for k in kept] == ["queued", "queued"]
     assert ready.status_code == 503
     spool = ready.json()["spool"]
-    assert (spool["depth"], spool["room"]) == (1, False)
-    assert 0 <= spool["oldestSeconds"] <= waited  # the age of the delivery kept
+    assert (spool["depth"], spool["room"]) == (2, False)
+    assert 0 <= spool["oldestSeconds"] <= waited  # the age of the first delivery kept
     assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
 
 
