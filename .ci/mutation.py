@@ -103,10 +103,17 @@ TESTS = {
         "tests/test_signature_forms.py",
     ],
     "app/receiving/receiver.py": SPOOLING,
-    # the receiver's part of a full spool is the contract's 503
+    # the spool's own promises besides the receiver's (a full spool's 503): its exact bound,
+    # a refused write, a take-out or a set-aside that fails, a new folder, one drainer per file
     "app/receiving/spool.py": [
         *SPOOLING,
         "tests/reliability/test_spool.py::test_a_full_spool_answers_503_and_keeps_what_it_holds",
+        "tests/reliability/test_spool.py::test_a_spool_filled_to_exactly_its_bound_keeps_what_fills_it_then_says_it_is_full",
+        "tests/reliability/test_spool.py::test_a_write_the_spool_refuses_is_answered_503_and_the_next_is_kept",
+        "tests/reliability/test_spool.py::test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can",
+        "tests/reliability/test_spool.py::test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost",
+        "tests/reliability/test_spool.py::test_a_new_spool_makes_its_folder_and_is_empty_with_room",
+        "tests/reliability/test_spool.py::test_one_worker_drains_a_shared_spool_and_another_takes_over_when_it_stops",
     ],
     "app/receiving/pinning.py": [
         "tests/test_signature_forms.py",

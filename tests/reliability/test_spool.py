@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 import asyncpg
 import httpx
 
+from app.receiving.spool import SPOOL_FILE, Spool
 from app.simulation import traffic
 from tests import streams
 from tests.conftest import app_client, asyncpg_dsn, deliver, fresh_database, make_settings
 from tests.reliability.proxy import Proxy
 from tests.reliability.senders import Tally, send_all
 from tests.state import read_state
+from tests.test_webhook_contract import DEAD_DATABASE
 
 
 def realistic_stream(seed: int) -> list[dict[str, Any]]:
@@ -153,6 +156,145 @@ async def test_a_torn_spool_row_is_set_aside_and_the_rest_drain(database_url, ca
     stored = await events_by_id(database_url)
     assert set(stored) == {payloads[0]["eventId"], payloads[2]["eventId"]}
     assert "spool row 2 set aside: checksum mismatch" in capsys.readouterr().err
+
+
+async def test_a_spool_filled_to_exactly_its_bound_keeps_what_fills_it_then_says_it_is_full():
+    """SPOOL_MAX_BYTES is what the spool may hold (bodies and what their checks found): two
+    deliveries that fill it to the byte are kept; then /readyz says there is no room, how
+    many wait and since when, and the next delivery is refused with 503."""
+    payload = _prewarmup()
+    measuring = make_settings(DEAD_DATABASE)
+    async with app_client(measuring) as client:
+        assert (await deliver(client, payload)).json()["status"] == "queued"
+    [(size,)] = spool_rows(measuring.spool_path, "select length(body) + length(meta)")
+    async with app_client(make_settings(DEAD_DATABASE, spool_max_bytes=2 * size)) as client:
+        before = time.time()
+        kept = [await deliver(client, payload) for _ in range(2)]
+        ready = await client.get("/readyz")
+        waited = time.time() - before
+        refused = await deliver(client, traffic.mailbox_created())
+    assert [k.json()["status"] for k in kept] == ["queued", "queued"]
+    assert ready.status_code == 503
+    spool = ready.json()["spool"]
+    assert (spool["depth"], spool["room"]) == (2, False)
+    assert 0 <= spool["oldestSeconds"] <= waited  # the age of the first delivery kept
+    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+
+
+async def test_a_write_the_spool_refuses_is_answered_503_and_the_next_is_kept(capsys):
+    """A delivery the spool cannot write (a trigger stands in for a full disk) is refused
+    with 503 and the log says why; the spool takes the next delivery as before."""
+    settings = make_settings(DEAD_DATABASE)
+    first, big, after = traffic.mailbox_created(), _prewarmup(), traffic.mailbox_created()
+    async with app_client(settings) as client:
+        assert (await deliver(client, first)).json()["status"] == "queued"
+        on_spool(
+            settings.spool_path,
+            "create trigger disk_full before insert on deliveries when new.size > 4000 "
+            "begin select raise(abort, 'disk full'); end",
+        )
+        refused = await deliver(client, big)
+        kept = await deliver(client, after)
+        depth = (await client.get("/readyz")).json()["spool"]["depth"]
+    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+    assert kept.json()["status"] == "queued" and depth == 2
+    line = r"^\S+ ERROR coldmail\.spool (?:\[\w+\] )?the spool cannot be written: disk full$"
+    assert len(re.findall(line, capsys.readouterr().err, re.M)) == 1
+
+
+async def test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can(database_url, capsys):
+    """The drainer commits a batch, then the spool cannot take it out (a trigger stands in
+    for the failure): the rows stay and are drained again once it can, and each event is
+    stored once."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    payloads = _mailboxes(2)
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+        on_spool(
+            settings.spool_path,
+            "create trigger stuck before delete on deliveries "
+            "begin select raise(abort, 'disk I/O error'); end",
+        )
+        await proxy.restore()
+        err = ""
+        while "the drainer failed; retrying" not in err:
+            await asyncio.sleep(0.1)
+            err += capsys.readouterr().err
+        on_spool(settings.spool_path, "drop trigger stuck")
+        await wait_until_drained(client)
+    assert await events_by_id(database_url) == {p["eventId"]: (1, True) for p in payloads}
+
+
+async def test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost(
+    database_url, capsys
+):
+    """Setting a torn row aside fails (a trigger stands in for a full disk): the drainer
+    says so and tries again; once it can, the row is set aside and the rest drain."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    payloads = _mailboxes(3)
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+        tear_row(settings.spool_path / SPOOL_FILE, row=2)
+        on_spool(
+            settings.spool_path,
+            "create trigger disk_full before insert on set_aside "
+            "begin select raise(abort, 'disk full'); end",
+        )
+        await proxy.restore()
+        err = ""
+        while "the drainer failed; retrying" not in err:
+            await asyncio.sleep(0.1)
+            err += capsys.readouterr().err
+        on_spool(settings.spool_path, "drop trigger disk_full")
+        await wait_until_drained(client)
+    stored = await events_by_id(database_url)
+    assert stored == {p["eventId"]: (1, True) for p in (payloads[0], payloads[2])}
+
+
+async def test_a_new_spool_makes_its_folder_and_is_empty_with_room(tmp_path):
+    spool = Spool(tmp_path / "data" / "spool", max_bytes=1024)
+    try:
+        assert await spool.depth() == (0, None, True)
+    finally:
+        spool.close()
+
+
+def test_one_worker_drains_a_shared_spool_and_another_takes_over_when_it_stops(tmp_path):
+    """Workers sharing a spool: one drains it (it holds the lock, again and again), the
+    others do not; once the drainer stops, another becomes the drainer."""
+    folder = tmp_path / "data" / "spool"
+    first, second = (Spool(folder, max_bytes=1024) for _ in range(2))
+    try:
+        assert first.try_become_drainer() and first.try_become_drainer()
+        assert not second.try_become_drainer()
+        first.close()
+        assert second.try_become_drainer()
+    finally:
+        second.close()
+
+
+def spool_rows(folder: Path, select: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(folder / SPOOL_FILE)
+    try:
+        return db.execute(f"{select} from deliveries order by id").fetchall()
+    finally:
+        db.close()
+
+
+def on_spool(folder: Path, statement: str) -> None:
+    db = sqlite3.connect(folder / SPOOL_FILE)
+    try:
+        db.execute(statement)
+    finally:
+        db.close()
 
 
 def tear_row(path: Path, *, row: int) -> None:
