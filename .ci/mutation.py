@@ -110,6 +110,7 @@ TESTS = {
         "tests/test_lifecycle.py::test_a_second_order_adds_to_the_subscription_without_overwriting_the_first",
         # a rejected delivery is told in the transaction that stores it
         "tests/test_outbound_derived.py::test_rejected_deliveries_are_told_once_per_cause_and_window",
+        "tests/test_promises_edge.py::test_a_rejected_delivery_is_kept_only_with_its_telling",
     ],
     # the batched drain and the group commit of live deliveries
     # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)

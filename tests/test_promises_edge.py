@@ -234,6 +234,41 @@ async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(
     assert all(orjson.loads(row["errors"]) == [{"msg": "bad"}] for row in kept)
 
 
+class FailingOutbox:
+    """Tells of a rejected delivery, then fails (a destination's message not written)."""
+
+    telling = True
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+
+    async def rejected(self, conn: Any, rejection: Rejection) -> None:
+        if self.fails:
+            raise RuntimeError("the outbound message could not be written")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_rejected_delivery_is_kept_only_with_its_telling(database_url, db, fails):
+    """Stored and told in one transaction: a rejection is never kept untold."""
+    engine = make_engine(database_url, pool_size=1)
+    rejection = Rejection(b"{not json", "valid", "invalid_json", [{"msg": "bad"}])
+    outbox: Any = FailingOutbox(fails)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError):
+                await store_rejected(
+                    engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6, outbox=outbox
+                )
+        else:
+            await store_rejected(
+                engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6, outbox=outbox
+            )
+    finally:
+        await engine.dispose()
+    kept = await db.fetch("select reason from rejected_deliveries")
+    assert [row["reason"] for row in kept] == ([] if fails else ["invalid_json"])
+
+
 # --- every outcome moves its metric -----------------------------------------------------
 
 
