@@ -111,6 +111,11 @@ TESTS = {
         # a rejected delivery is told in the transaction that stores it
         "tests/test_outbound_derived.py::test_rejected_deliveries_are_told_once_per_cause_and_window",
         "tests/test_promises_edge.py::test_a_rejected_delivery_is_kept_only_with_its_telling",
+        # what a new event causes is forwarded and told in its transaction (an order alone,
+        # each delivery alone without a window), and what is forwarded carries the event
+        "tests/test_group_commit.py::test_each_new_event_and_what_it_completes_is_told_once",
+        "tests/test_outbound_derived.py::test_a_prewarmup_order_is_ready_with_its_one_delivery",
+        "tests/test_outbound_delivery.py::test_every_event_is_forwarded_once_signed_in_our_names_without_credentials",
     ],
     # the batched drain and the group commit of live deliveries
     # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)
