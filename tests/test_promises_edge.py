@@ -11,7 +11,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -249,24 +250,23 @@ class FailingOutbox:
 
 @pytest.mark.parametrize("fails", [False, True])
 async def test_a_rejected_delivery_is_kept_only_with_its_telling(database_url, db, fails):
-    """Stored and told in one transaction: a rejection is never kept untold."""
+    """Stored and told in one transaction: a rejection is never kept untold. One spooled
+    while the database was away keeps the time it was received, not the time it was stored."""
     engine = make_engine(database_url, pool_size=1)
-    rejection = Rejection(b"{not json", "valid", "invalid_json", [{"msg": "bad"}])
-    outbox: Any = FailingOutbox(fails)
+    received = datetime.now(UTC) - timedelta(hours=1)
+    rejection = Rejection(b"{not json", "valid", "invalid_json", [], received_at=received)
+    store = partial(store_rejected, engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6)
+    outbox: Any = FailingOutbox(fails)  # only what store_rejected uses of an Outbox
     try:
         if fails:
             with pytest.raises(RuntimeError):
-                await store_rejected(
-                    engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6, outbox=outbox
-                )
+                await store(outbox=outbox)
         else:
-            await store_rejected(
-                engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6, outbox=outbox
-            )
+            await store(outbox=outbox)
     finally:
         await engine.dispose()
-    kept = await db.fetch("select reason from rejected_deliveries")
-    assert [row["reason"] for row in kept] == ([] if fails else ["invalid_json"])
+    kept = await db.fetch("select reason, received_at from rejected_deliveries")
+    assert [tuple(row) for row in kept] == ([] if fails else [("invalid_json", received)])
 
 
 # --- every outcome moves its metric -----------------------------------------------------
