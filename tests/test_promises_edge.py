@@ -215,7 +215,9 @@ async def test_a_session_ends_after_its_idle_timeout_and_after_its_lifetime(
 # --- the rejected bodies' bound drops the oldest ----------------------------------------
 
 
-async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(database_url, db):
+async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(
+    database_url, db, caplog
+):
     engine = make_engine(database_url, pool_size=1)
     vault = Vault([FERNET_KEY])
     bodies = [
@@ -233,6 +235,10 @@ async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(
     )
     assert [row["kept"] for row in kept] == [False, False, True, True, True]
     assert all(orjson.loads(row["errors"]) == [{"msg": "bad"}] for row in kept)
+    said = [r.getMessage() for r in caplog.records if r.name == "coldmail.recording"]
+    assert said == [
+        f"dropped the {n} oldest rejected bodies: over REJECTED_MAX_BYTES" for n in (1, 1)
+    ]
 
 
 class FailingOutbox:
