@@ -12,7 +12,7 @@ import httpx
 
 from app.simulation import traffic
 from tests import streams
-from tests.conftest import deliver
+from tests.conftest import app_client, deliver, make_settings
 from tests.state import OPS
 
 
@@ -381,3 +381,24 @@ async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(clien
     known = traffic.mailbox_updated(box["mailboxId"], {"lastName": "Okafor"})
     await delivered(client, known)
     assert (await read(client, f"mailboxes/{box['mailboxId']}"))["lastName"] == "Okafor"
+
+
+async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url):
+    """Without a group-commit window each delivery is recorded on its own: an event we do
+    not handle is stored as ignored, one we handle as processed, a retry as one more
+    delivery of the first."""
+    unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1"})
+    created = traffic.mailbox_created()
+    settings = make_settings(database_url, group_commit_window_ms=0)
+    async with app_client(settings) as client:
+        answers = [(await deliver(client, p)).json()["status"] for p in (unknown, created, unknown)]
+        stored = []
+        for payload in (unknown, created):
+            params = {"eventId": payload["eventId"]}
+            [found] = (await client.get("/api/v1/events", headers=OPS, params=params)).json()[
+                "items"
+            ]
+            event = await read(client, f"events/{found['id']}")
+            stored.append((event["event"], event["status"], event["deliveries"]))
+    assert answers == ["ignored", "processed", "duplicate"]
+    assert stored == [("mailbox.frozen", "ignored", 2), ("mailbox.created", "processed", 1)]
