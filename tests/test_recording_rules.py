@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 
 from app.simulation import traffic
 from tests import streams
@@ -298,7 +299,16 @@ async def test_a_subscription_event_first_heard_creates_it_with_every_field_it_n
     assert (unnamed["autoRenew"], unnamed["domain"]) == (None, "quiet.example")
 
 
-async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_status(client):
+@pytest.mark.parametrize("window_ms", [2, 0], ids=["in a group", "alone"])
+async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_status(
+    database_url, window_ms
+):
+    settings = make_settings(database_url, group_commit_window_ms=window_ms)
+    async with app_client(settings) as client:
+        await export_after_warmup(client)
+
+
+async def export_after_warmup(client: httpx.AsyncClient) -> None:
     created = traffic.mailbox_created(provider="GOOGLE")
     box = created["data"]["mailboxDetails"]["mailboxId"]
     await delivered(client, created)
