@@ -116,6 +116,7 @@ TESTS = {
         "tests/test_group_commit.py::test_each_new_event_and_what_it_completes_is_told_once",
         "tests/test_outbound_derived.py::test_a_prewarmup_order_is_ready_with_its_one_delivery",
         "tests/test_outbound_delivery.py::test_every_event_is_forwarded_once_signed_in_our_names_without_credentials",
+        "tests/test_outbound_delivery.py::test_a_forwarded_order_carries_its_fields_as_we_keep_them",
     ],
     # the batched drain and the group commit of live deliveries
     # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)
