@@ -101,12 +101,13 @@ TESTS = {
     "app/recording/effects.py": RECORDING,
     # RECORDING without most of test_lifecycle.py: its either-order tests (3-12 s each, two
     # fresh databases apiece) pin merge.py's rules, which reach every mutant of record.py
-    # as well; these three pin what record.py itself does there (a race's conflict, replay
-    # of a stored event, a second order's mailboxes and derived values)
+    # as well; these pin what record.py itself does there (a race's conflict, replay of a
+    # stored event and of an order, a second order's mailboxes and derived values)
     "app/recording/record.py": [
         *(t for t in RECORDING if t != "tests/test_lifecycle.py"),
         "tests/test_lifecycle.py::test_simultaneous_deliveries_sharing_an_event_id_are_always_flagged",
         "tests/test_lifecycle.py::test_events_stored_as_ignored_by_an_older_release_are_counted_and_replayed",
+        "tests/test_lifecycle.py::test_an_order_stored_as_ignored_by_an_older_release_is_replayed_with_its_mailboxes",
         "tests/test_lifecycle.py::test_a_second_order_adds_to_the_subscription_without_overwriting_the_first",
         # a rejected delivery is told in the transaction that stores it
         "tests/test_outbound_derived.py::test_rejected_deliveries_are_told_once_per_cause_and_window",
