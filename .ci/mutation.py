@@ -100,9 +100,9 @@ TESTS = {
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     "app/recording/effects.py": RECORDING,
     # RECORDING without most of test_lifecycle.py: its either-order tests (3-12 s each, two
-    # fresh databases apiece) pin merge.py's rules, which reach every mutant of record.py
-    # as well; these pin what record.py itself does there (a race's conflict, replay of a
-    # stored event and of an order, a second order's mailboxes and derived values)
+    # fresh databases apiece) pin merge.py's rules and reach every function of record.py,
+    # so each of its mutants ran them; these pin what record.py itself does there (a race's
+    # conflict, replay of a stored event and of an order, a second order's derived values)
     "app/recording/record.py": [
         *(t for t in RECORDING if t != "tests/test_lifecycle.py"),
         "tests/test_lifecycle.py::test_simultaneous_deliveries_sharing_an_event_id_are_always_flagged",
