@@ -5,6 +5,7 @@ Each fixture varies what the code could confuse: distinct owners per order, seve
 domains per order, a distinct value per personal field.
 """
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -412,3 +413,22 @@ async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(databa
             stored.append((event["event"], event["status"], event["deliveries"]))
     assert answers == ["ignored", "processed", "duplicate"]
     assert stored == [("mailbox.frozen", "ignored", 2), ("mailbox.created", "processed", 1)]
+
+
+async def test_two_edits_sent_in_one_second_are_decided_by_event_id_in_either_order(client):
+    """Ties break by eventId: the larger wins whichever of the two arrives first."""
+    at = time.time()
+    boxes = []
+    for _ in range(2):
+        created = streams.sent(traffic.mailbox_created(), at - 60)
+        boxes.append(created["data"]["mailboxDetails"]["mailboxId"])
+        await delivered(client, created)
+    for box, larger_first in zip(boxes, (False, True), strict=True):
+        edits = [
+            streams.sent(traffic.mailbox_updated(box, {"lastName": name}), at)
+            for name in ("Smaller", "Larger")
+        ]
+        edits[0]["eventId"], edits[1]["eventId"] = f"AAAA-{box}", f"ZZZZ-{box}"
+        await delivered(client, *(edits[::-1] if larger_first else edits))
+    shown = [(await read(client, f"mailboxes/{box}"))["lastName"] for box in boxes]
+    assert shown == ["Larger", "Larger"]
