@@ -394,10 +394,10 @@ async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(clien
     assert (await read(client, f"mailboxes/{box['mailboxId']}"))["lastName"] == "Okafor"
 
 
-async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url, caplog):
+async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url, capsys):
     """Without a group-commit window each delivery is recorded on its own: an event we do
     not handle is stored as ignored, one we handle as processed, a retry as one more
-    delivery of the first, answered as no conflict."""
+    delivery of the first, answered and logged as no conflict."""
     unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1"})
     created = traffic.mailbox_created()
     settings = make_settings(database_url, group_commit_window_ms=0)
@@ -405,6 +405,7 @@ async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(databa
         bodies = [(await deliver(client, p)).json() for p in (unknown, created, unknown)]
         answers = [body.pop("status") for body in bodies]
         assert all("conflict" not in body for body in bodies)
+        assert "outcome=duplicate conflict=False" in capsys.readouterr().err  # the log line
         stored = []
         for payload in (unknown, created):
             params = {"eventId": payload["eventId"]}
