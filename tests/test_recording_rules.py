@@ -397,7 +397,8 @@ async def test_an_edit_naming_no_known_field_is_stored_and_changes_nothing(clien
 async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url, capsys):
     """Without a group-commit window each delivery is recorded on its own: an event we do
     not handle is stored as ignored, one we handle as processed, a retry as one more
-    delivery of the first, answered and logged as no conflict."""
+    delivery of the first, answered and logged as no conflict; a second content of an
+    eventId is answered as a conflict."""
     unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1"})
     created = traffic.mailbox_created()
     settings = make_settings(database_url, group_commit_window_ms=0)
@@ -406,13 +407,14 @@ async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(databa
         answers = [body.pop("status") for body in bodies]
         assert all("conflict" not in body for body in bodies)
         assert "outcome=duplicate conflict=False" in capsys.readouterr().err  # the log line
+        second = created | {"data": created["data"] | {"domain": "second-content.com"}}
+        conflicting = (await deliver(client, second)).json()  # a second content of its eventId
+        assert (conflicting["status"], conflicting["conflict"]) == ("processed", True)
         stored = []
         for payload in (unknown, created):
             params = {"eventId": payload["eventId"]}
-            [found] = (await client.get("/api/v1/events", headers=OPS, params=params)).json()[
-                "items"
-            ]
-            event = await read(client, f"events/{found['id']}")
+            found = (await client.get("/api/v1/events", headers=OPS, params=params)).json()
+            event = await read(client, f"events/{found['items'][-1]['id']}")
             stored.append((event["event"], event["status"], event["deliveries"]))
     assert answers == ["ignored", "processed", "duplicate"]
     assert stored == [("mailbox.frozen", "ignored", 2), ("mailbox.created", "processed", 1)]
