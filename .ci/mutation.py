@@ -118,8 +118,9 @@ TESTS = {
         "tests/test_outbound_derived.py::test_a_prewarmup_order_is_ready_with_its_one_delivery",
         "tests/test_outbound_delivery.py::test_every_event_is_forwarded_once_signed_in_our_names_without_credentials",
         "tests/test_outbound_delivery.py::test_a_forwarded_order_carries_its_fields_as_we_keep_them",
-        # a duplicate's outcome names the event that holds it (replay links a rejection to it)
+        # an outcome names the event that holds it (replay links a rejection to it)
         "tests/test_replay_selection.py::test_a_replayed_rejection_of_an_event_already_recorded_points_at_that_event",
+        "tests/test_replay_selection.py::test_fixed_rejections_each_become_the_event_a_live_delivery_records",
     ],
     # the batched drain and the group commit of live deliveries
     # (not test_batches' drain_forever test: a mutant that stops the drain hangs it)
