@@ -286,3 +286,50 @@ async def test_secrets_are_ciphertext_at_rest_and_redacted_in_the_copy(client, d
     )
     assert Fernet(FERNET_KEY).decrypt(event["body_encrypted"]).decode().count("canary-") == 3
     assert event["payload"].count('"[REDACTED]"') == 3
+
+
+# A delivery that loses a race (a deadlock) is tried again at once, up to three times; a
+# failure no retry cures is not. The test database plays the race: its first `losses`
+# inserts into events fail with `sqlstate` (a sequence counts across rolled-back attempts).
+LOSE = """
+CREATE SEQUENCE tries;
+CREATE FUNCTION lose() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('tries') <= {losses} THEN
+        RAISE EXCEPTION 'lost a race (played)' USING ERRCODE = '{sqlstate}';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER lose BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION lose();
+"""
+RETRIED = "retrying a delivery that lost a race"
+
+
+@pytest.mark.parametrize(
+    ("losses", "sqlstate", "answer", "tries"),
+    [
+        (2, "40P01", "processed", 3),  # two deadlocks: the third try records it
+        (3, "40P01", "queued", 3),  # three: spooled for later, the cause in the log
+        (1, "23514", None, 1),  # a check violated: kept as rejected at once, not retried
+    ],
+)
+async def test_a_delivery_that_lost_a_race_is_tried_again_up_to_three_times(
+    client, db, caplog, losses, sqlstate, answer, tries
+):
+    await db.execute(LOSE.format(losses=losses, sqlstate=sqlstate))
+    payload = factories.prewarmup_success(domains=1, per_domain=2)
+    caplog.set_level("INFO")
+    response = await deliver(client, payload)
+    if answer is None:
+        assert response.status_code == 500
+        assert await db.fetchval("select reason from rejected_deliveries") == "apply_failed"
+    else:
+        assert response.status_code == 200 and response.json()["status"] == answer
+    if answer != "queued":  # (the spool's drainer may record it meanwhile: one try more)
+        assert await db.fetchval("select last_value from tries") == tries
+    said = [record.getMessage() for record in caplog.records]
+    assert said.count(RETRIED) == tries - 1
+    if answer == "processed":
+        assert await db.fetchval("select count(*) from mailboxes") == 2
+    if answer == "queued":
+        assert "DeadlockDetectedError: lost a race (played)" in caplog.text

@@ -518,6 +518,21 @@ async def test_events_stored_as_ignored_by_an_older_release_are_counted_and_repl
 ):
     sub = traffic.provider_id()
     old = streams.subscription_event("subscription.cancelled", sub, **streams.period(0))
+    await replay_stored_as_ignored(client, db, database_url, old)
+    assert (await get(client, f"subscriptions/{sub}"))["subscriptionStatus"] == "CANCELLED"
+
+
+async def test_an_order_stored_as_ignored_by_an_older_release_is_replayed_with_its_mailboxes(
+    client, db, database_url
+):
+    order = traffic.prewarmup_success(domains=1, per_domain=2)
+    await replay_stored_as_ignored(client, db, database_url, order)
+    shown = await get(client, f"orders/{order['data']['orderId']}")
+    assert shown["domains"][0]["mailboxCount"] == 2
+
+
+async def replay_stored_as_ignored(client, db, database_url, old: dict[str, Any]) -> None:
+    """`old` stored as an older release that did not handle it would have, then replayed."""
     await db.execute(
         "insert into events (event_id, event, status, content_hash, deliveries, conflict, "
         "signature, payload, body_encrypted) "
@@ -535,5 +550,4 @@ async def test_events_stored_as_ignored_by_an_older_release_are_counted_and_repl
     finally:
         await engine.dispose()
     assert events.applied == 1
-    assert (await get(client, f"subscriptions/{sub}"))["subscriptionStatus"] == "CANCELLED"
     assert (await get(client, "stats"))["replayableEvents"] == 0

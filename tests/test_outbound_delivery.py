@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,21 @@ async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_
             await proxy.cut()
             await engine.dispose()
     assert {r["status"] for r in await messages(db)} == {"delivered"}
+
+
+async def test_a_forwarded_order_carries_its_fields_as_we_keep_them(database_url, db, tmp_path):
+    """An order (recorded alone) forwards its fields as modelled: a price sent with float
+    noise goes out as the decimal we keep, not as the sender spelled it."""
+    order = traffic.mailbox_order_success(price=0.30000000000000004)
+    path = destinations_file(tmp_path, declared("crm", "https://crm.example.com/h"))
+    async with recording(database_url, path) as (client, _):
+        await deliver_all(client, [order])
+        kept = (
+            await client.get(
+                "/api/v1/subscriptions", headers={"Authorization": f"Bearer {OPS_TOKEN}"}
+            )
+        ).json()["items"]
+    [message] = await messages(db)
+    data = orjson.loads(message["payload"])
+    assert (data["eventId"], data["orderId"]) == (order["eventId"], order["data"]["orderId"])
+    assert Decimal(str(data["price"])) == Decimal("0.3") == Decimal(str(kept[0]["price"]))

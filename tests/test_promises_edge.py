@@ -11,7 +11,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -214,7 +215,9 @@ async def test_a_session_ends_after_its_idle_timeout_and_after_its_lifetime(
 # --- the rejected bodies' bound drops the oldest ----------------------------------------
 
 
-async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(database_url, db):
+async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(
+    database_url, db, caplog
+):
     engine = make_engine(database_url, pool_size=1)
     vault = Vault([FERNET_KEY])
     bodies = [
@@ -232,6 +235,44 @@ async def test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay(
     )
     assert [row["kept"] for row in kept] == [False, False, True, True, True]
     assert all(orjson.loads(row["errors"]) == [{"msg": "bad"}] for row in kept)
+    said = [r.getMessage() for r in caplog.records if r.name == "coldmail.recording"]
+    assert said == [
+        f"dropped the {n} oldest rejected bodies: over REJECTED_MAX_BYTES" for n in (1, 1)
+    ]
+
+
+class FailingOutbox:
+    """Tells of a rejected delivery, then fails (a destination's message not written)."""
+
+    telling = True
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+
+    async def rejected(self, conn: Any, rejection: Rejection) -> None:
+        if self.fails:
+            raise RuntimeError("the outbound message could not be written")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_rejected_delivery_is_kept_only_with_its_telling(database_url, db, fails):
+    """Stored and told in one transaction: a rejection is never kept untold. One spooled
+    while the database was away keeps the time it was received, not the time it was stored."""
+    engine = make_engine(database_url, pool_size=1)
+    received = datetime.now(UTC) - timedelta(hours=1)
+    rejection = Rejection(b"{not json", "valid", "invalid_json", [], received_at=received)
+    store = partial(store_rejected, engine, Vault([FERNET_KEY]), rejection, max_bytes=10**6)
+    outbox: Any = FailingOutbox(fails)  # only what store_rejected uses of an Outbox
+    try:
+        if fails:
+            with pytest.raises(RuntimeError):
+                await store(outbox=outbox)
+        else:
+            await store(outbox=outbox)
+    finally:
+        await engine.dispose()
+    kept = await db.fetch("select reason, received_at from rejected_deliveries")
+    assert [tuple(row) for row in kept] == ([] if fails else [("invalid_json", received)])
 
 
 # --- every outcome moves its metric -----------------------------------------------------

@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 
 from app.simulation import traffic
 from tests import streams
-from tests.conftest import deliver
+from tests.conftest import app_client, deliver, make_settings
 from tests.state import OPS
 
 
@@ -308,7 +309,16 @@ async def test_a_subscription_event_first_heard_creates_it_with_every_field_it_n
     assert (unnamed["autoRenew"], unnamed["domain"]) == (None, "quiet.example")
 
 
-async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_status(client):
+@pytest.mark.parametrize("window_ms", [2, 0], ids=["in a group", "alone"])
+async def test_an_export_sets_its_time_and_credentials_and_a_warmup_event_its_status(
+    database_url, window_ms
+):
+    settings = make_settings(database_url, group_commit_window_ms=window_ms)
+    async with app_client(settings) as client:
+        await export_after_warmup(client)
+
+
+async def export_after_warmup(client: httpx.AsyncClient) -> None:
     created = traffic.mailbox_created(provider="GOOGLE")
     box = created["data"]["mailboxDetails"]["mailboxId"]
     await delivered(client, created)
@@ -481,3 +491,48 @@ async def test_an_edit_sent_a_second_later_wins_though_it_arrives_first_and_its_
     earlier["eventId"], later["eventId"] = "ZZZZ-" + earlier["eventId"], "AAAA-" + later["eventId"]
     await delivered(client, created, later, earlier)
     assert (await read(client, f"mailboxes/{box}"))["firstName"] == "Later"
+
+
+async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url, capsys):
+    """Without a group-commit window each delivery is recorded on its own: an event we do
+    not handle is stored as ignored, one we handle as processed, a retry as one more
+    delivery of the first, answered and logged as no conflict; a second content of an
+    eventId is answered as a conflict."""
+    unknown = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1"})
+    created = traffic.mailbox_created()
+    settings = make_settings(database_url, group_commit_window_ms=0)
+    async with app_client(settings) as client:
+        bodies = [(await deliver(client, p)).json() for p in (unknown, created, unknown)]
+        answers = [body.pop("status") for body in bodies]
+        assert all("conflict" not in body for body in bodies)
+        assert "outcome=duplicate conflict=False" in capsys.readouterr().err  # the log line
+        second = created | {"data": created["data"] | {"domain": "second-content.com"}}
+        conflicting = (await deliver(client, second)).json()  # a second content of its eventId
+        assert (conflicting["status"], conflicting["conflict"]) == ("processed", True)
+        stored = []
+        for payload in (unknown, created):
+            params = {"eventId": payload["eventId"]}
+            found = (await client.get("/api/v1/events", headers=OPS, params=params)).json()
+            event = await read(client, f"events/{found['items'][-1]['id']}")
+            stored.append((event["event"], event["status"], event["deliveries"]))
+    assert answers == ["ignored", "processed", "duplicate"]
+    assert stored == [("mailbox.frozen", "ignored", 2), ("mailbox.created", "processed", 1)]
+
+
+async def test_two_edits_sent_in_one_second_are_decided_by_event_id_in_either_order(client):
+    """Ties break by eventId: the larger wins whichever of the two arrives first."""
+    at = time.time()
+    boxes = []
+    for _ in range(2):
+        created = streams.sent(traffic.mailbox_created(), at - 60)
+        boxes.append(created["data"]["mailboxDetails"]["mailboxId"])
+        await delivered(client, created)
+    for box, larger_first in zip(boxes, (False, True), strict=True):
+        edits = [
+            streams.sent(traffic.mailbox_updated(box, {"lastName": name}), at)
+            for name in ("Smaller", "Larger")
+        ]
+        edits[0]["eventId"], edits[1]["eventId"] = f"AAAA-{box}", f"ZZZZ-{box}"
+        await delivered(client, *(edits[::-1] if larger_first else edits))
+    shown = [(await read(client, f"mailboxes/{box}"))["lastName"] for box in boxes]
+    assert shown == ["Larger", "Larger"]

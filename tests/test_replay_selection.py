@@ -204,3 +204,17 @@ async def test_fixed_rejections_each_become_the_event_a_live_delivery_records(
     )
     assert "no recognisable subscriptionId" in said
     assert [tuple(r) for r in replayed] == [("processed", "[]"), ("ignored", said)]
+
+
+async def test_a_replayed_rejection_of_an_event_already_recorded_points_at_that_event(
+    client, db, database_url
+):
+    """Its body was delivered again and recorded meanwhile: the replay is a duplicate, and
+    the rejection names the event that holds it."""
+    body = traffic.mailbox_created()
+    row_id = await keep_rejected(db, body, T)
+    assert (await deliver(client, body)).json()["status"] == "processed"
+    await run(database_url, Selection(rejected_ids=[row_id]))
+    recorded = await db.fetchval("select id from events where event_id = $1", body["eventId"])
+    replayed = "select replayed_event_id from rejected_deliveries where id = $1"
+    assert await db.fetchval(replayed, row_id) == recorded
