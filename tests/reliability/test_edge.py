@@ -31,12 +31,11 @@ from tests.conftest import (
 )
 from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_secrets import pg_dump
-from tests.servers import CLI, Server, free_port
+from tests.servers import CLI, PATIENCE, Server, free_port, read_until_closed, wait_for
 
 TIMEOUT = 2  # REQUEST_TIMEOUT_SECONDS of the server under attack
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 REJECTED_MAX = 3_000_000
-PATIENCE = 60  # the longest any condition is waited for
 
 
 def env_for(database_url: str, **extra: str) -> dict[str, str]:
@@ -78,24 +77,6 @@ def connect(server: Server, source: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port), source_address=(source, 0))
     sock.settimeout(PATIENCE)
     return sock
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (a reset ends it too)."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
-def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + PATIENCE
-    while not condition():
-        assert time.monotonic() < deadline, f"still not: {what}"
-        time.sleep(0.05)
 
 
 # --- unauthenticated work is bounded ---------------------------------------------------
