@@ -14,13 +14,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
 
 from app.receiving import edge
 from app.simulation import traffic
-from tests.conftest import CREDENTIALS_TOKEN, WEBHOOK_TOKEN, make_settings, sender_signature
+from tests.conftest import (
+    CREDENTIALS_TOKEN,
+    OPS_TOKEN,
+    WEBHOOK_TOKEN,
+    asyncpg_dsn,
+    make_settings,
+    sender_signature,
+)
 from tests.servers import (
     PATIENCE,
     read_until_closed,
@@ -30,6 +38,7 @@ from tests.servers import (
 )
 
 QUICK = 0.5  # REQUEST_TIMEOUT_SECONDS (and RESPONSE_) of a server whose deadline is awaited
+TAKEN = 2.0  # RESPONSE_TIMEOUT_SECONDS where a client must take 1.5 MB in time
 LONG = 600  # ... of one whose deadline no test may reach
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 LARGE = b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n"  # 1.5 MB
@@ -292,13 +301,12 @@ def test_a_client_leaving_mid_body_is_one_499_access_line(serve, caplog, sent, s
 # --- answers must be taken within RESPONSE_TIMEOUT_SECONDS --------------------------------
 
 
-def non_reader(port: int, requests: bytes) -> socket.socket:
-    """A client with a 4 KiB receive window that never reads."""
+def windowed(port: int, window: int) -> socket.socket:
+    """A client whose kernel takes at most `window` bytes it has not read."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
     sock.connect(("127.0.0.1", port))
     sock.settimeout(PATIENCE)
-    sock.sendall(requests)
     return sock
 
 
@@ -306,14 +314,15 @@ def test_a_client_that_never_reads_its_answers_is_aborted(serve, caplog):
     def dropped(count: int) -> None:
         wait_for(lambda: len(lines(caplog, "answer not taken")) == count, f"{count} dropped")
 
-    with serve(response_timeout_seconds=QUICK) as port:
-        with non_reader(port, LARGE * 4) as sock:  # four asked at once
+    with serve(response_timeout_seconds=TAKEN) as port:
+        with windowed(port, 4096) as sock:  # four asked at once, never read
+            sock.sendall(LARGE * 4)
             dropped(1)
             assert len(read_until_closed(sock)) < 1_500_000  # the answer's rest thrown away
         assert lines(caplog, "answer not taken") == [
-            f"connection dropped: answer not taken within {QUICK}s"
+            f"connection dropped: answer not taken within {TAKEN}s"
         ]
-        with connect(port) as reader, connect(port) as stops:
+        with windowed(port, 65536) as reader, windowed(port, 65536) as stops:
             reader.sendall(LARGE)  # one that reads takes the whole answer
             assert len(answer(reader)) > 1_500_000
             stops.sendall(LARGE)  # so does this one, and then it stops reading
@@ -322,6 +331,26 @@ def test_a_client_that_never_reads_its_answers_is_aborted(serve, caplog):
             dropped(2)
             reader.sendall(HEALTH)  # the reader's deadline has passed: it is served on
             assert answer(reader).startswith(b"HTTP/1.1 200")
+
+
+async def test_an_answer_not_ready_within_the_response_timeout_is_aborted(serve, caplog, database):
+    """A search stuck behind a lock: the client is not kept waiting past the deadline."""
+    locker = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        await locker.execute("BEGIN; LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")
+        with serve(response_timeout_seconds=QUICK) as port, connect(port) as sock:
+            sock.sendall(
+                b"GET /api/v1/mailboxes?q=okafor HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {OPS_TOKEN}\r\n\r\n".encode()
+            )
+            assert read_until_closed(sock) == b""
+            assert lines(caplog, "answer not taken") == [
+                f"connection dropped: answer not taken within {QUICK}s"
+            ]
+            await locker.execute("ROLLBACK")
+            assert served(port)
+    finally:
+        await locker.close()
 
 
 def test_each_connection_holds_at_most_256_kib_of_unsent_answer_in_the_kernel(serve):
