@@ -51,14 +51,8 @@ RECORDING = [
     "tests/test_webhook_contract.py",
     "tests/test_promises_edge.py::test_past_the_bound_the_oldest_rejected_bodies_go_and_the_newest_stay",
 ]
-RECEIVING = [
-    "tests/test_webhook_contract.py",
-    "tests/test_promises_edge.py",
-    "tests/test_signature_forms.py",
-    "tests/test_leniency.py",
-]
 # The spool and the drainer: outages in-process (tests/reliability/proxy.py), then the drain.
-# A few tests, not RECEIVING: every test that starts the app reaches the drainer, and a
+# A few tests: every test that starts the app reaches the drainer, and a
 # surviving mutant runs every test that reaches it.
 SPOOLING = [
     "tests/test_receiving_outage.py",
@@ -119,7 +113,12 @@ TESTS = {
         "tests/test_signature_forms.py",
         "tests/test_webhook_contract.py::test_database_unreachable_queues_the_delivery_in_the_spool",
     ],
-    "app/receiving/edge.py": RECEIVING,
+    # the app under uvicorn with GuardedHttp in-process (tests/servers.py), raw sockets; the
+    # HTTPS rule for private and public client addresses through the ASGI transport
+    "app/receiving/edge.py": [
+        "tests/test_edge_wire.py",
+        "tests/test_promises_edge.py::test_credentials_go_only_over_https_or_to_a_loopback_client_without_a_proxy",
+    ],
     "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
     # test_recording_rules.py pins every field each event kind writes; the lifecycle tests
     # named here pin what it writes for ordering (versions), renewals and domains. Not all of

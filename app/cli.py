@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_multiprocess_metrics,
         wait_for_database,
     )
-    from app.receiving.edge import GuardedHttp, say_if_capped
+    from app.receiving.edge import say_if_capped
 
     check_port_free(args.host, args.port)
     loaded = load_settings()
@@ -151,20 +151,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_config=None,
-            access_log=False,  # ours logs the path without the query string (the token)
-            proxy_headers=True,
-            forwarded_allow_ips=settings.forwarded_allow_ips,
-            timeout_graceful_shutdown=30,
-            timeout_keep_alive=settings.keep_alive_timeout_seconds,
-            # deadlines on request and answer, the connection cap: app/receiving/edge.py
-            http=GuardedHttp,
+            **uvicorn_options(settings),
         )
     finally:
         if is_local:
             local.stop_database(settings.data_dir)
             local.release(settings.data_dir)
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How `serve` runs uvicorn, beside the app, the address and the workers; the tests of
+    the wire's bounds run the app under uvicorn with these same options, in-process."""
+    from app.receiving.edge import GuardedHttp
+
+    return {
+        "log_config": None,
+        "access_log": False,  # ours logs the path without the query string (the token)
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": settings.keep_alive_timeout_seconds,
+        # deadlines on request and answer, the connection cap: app/receiving/edge.py
+        "http": GuardedHttp,
+    }
 
 
 def usable_destinations(settings: Settings) -> list[Any]:

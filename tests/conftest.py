@@ -119,6 +119,13 @@ async def database_url(server_url: str, template_name: str) -> AsyncIterator[str
         yield url
 
 
+@pytest.fixture(scope="module")
+async def database(server_url: str, template_name: str) -> AsyncIterator[str]:
+    """A migrated database of the module's own, for the servers the module's tests run."""
+    async with fresh_database(server_url, template_name) as url:
+        yield url
+
+
 def make_settings(database_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "_env_file": None,

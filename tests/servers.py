@@ -1,18 +1,47 @@
-"""Real `coldmail-webhooks serve` processes for tests that need a server to kill or share."""
+"""Real `coldmail-webhooks serve` processes for tests that need a server to kill or share,
+and the app under uvicorn in-process (`served_in_process`) for tests of the wire's bounds."""
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
+import uvicorn
+
+from app.cli import uvicorn_options
+from app.config import Settings
+from app.main import create_app
+from app.receiving import edge
 
 CLI = [sys.executable, "-m", "app.cli"]
+PATIENCE = 60  # the longest any condition is waited for
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"still not: {what}"
+        time.sleep(0.05)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset ends it too)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
 
 
 def free_port() -> int:
@@ -108,3 +137,40 @@ def serving(env: dict[str, str], cwd: Path, **options: int) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def served_in_process(settings: Settings) -> Iterator[int]:
+    """The app under uvicorn as `serve` runs it (app.cli.uvicorn_options: GuardedHttp, the
+    proxy headers, the keep-alive), on 127.0.0.1, in a thread of this process, so that
+    mutmut's mutants are switched on; its port. GuardedHttp reads the worker's settings
+    (get_settings): these, while it runs."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    root = logging.getLogger()
+    capturing = root.handlers[:]
+    application = create_app(settings)  # which sets the root logger's handler: pytest's kept
+    root.handlers[:] = [*root.handlers, *capturing]
+    server = uvicorn.Server(uvicorn.Config(application, **uvicorn_options(settings)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]})
+    with worker_settings(settings):
+        thread.start()
+        try:
+            wait_for(lambda: server.started or not thread.is_alive(), "uvicorn started")
+            assert server.started, "uvicorn did not start"
+            yield int(listening.getsockname()[1])
+        finally:
+            server.should_exit = True
+            thread.join(PATIENCE)
+            listening.close()
+
+
+@contextmanager
+def worker_settings(settings: Settings) -> Iterator[None]:
+    """`settings` as the worker's own (what get_settings gives app/receiving/edge.py)."""
+    with patch.object(edge, "get_settings", lambda: settings):
+        edge.connection_cap.cache_clear()
+        try:
+            yield
+        finally:
+            edge.connection_cap.cache_clear()

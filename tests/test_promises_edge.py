@@ -131,16 +131,18 @@ async def test_a_delivery_signed_ten_minutes_in_the_future_is_refused(client, db
 
 @asynccontextmanager
 async def client_at(
-    settings: Settings, address: str, *, scheme: str = "http", proxy: bool = False
+    settings: Settings, address: str | None, *, scheme: str = "http", proxy: bool = False
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The app as a client at `address` reaches it, through uvicorn's proxy-headers
-    middleware (as `serve` runs it) when `proxy`."""
+    """The app as a client at `address` reaches it (None: one without an address, as over
+    a unix socket), through uvicorn's proxy-headers middleware (as `serve` runs it) when
+    `proxy`."""
     application = create_app(settings)
     served: Any = application
     if proxy:
         served = ProxyHeadersMiddleware(served, trusted_hosts=settings.forwarded_allow_ips)
     async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=served, client=(address, 40000))
+        client: Any = (address, 40000) if address else None
+        transport = httpx.ASGITransport(app=served, client=client)
         async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://test") as http:
             yield http
 
@@ -155,6 +157,8 @@ async def client_at(
         ("192.168.7.20", "http", {}, False, False),
         ("172.16.4.4", "http", {}, False, False),
         ("203.0.113.9", "http", {}, False, False),  # public
+        ("localhost", "http", {}, False, False),  # a name, not an address
+        (None, "http", {}, False, False),  # no address at all
         ("10.1.2.3", "https", {}, False, True),  # TLS at this server
         # a trusted proxy (127.0.0.1) that terminated TLS for a private or public client
         ("127.0.0.1", "http", {"x-forwarded-proto": "https", "x-forwarded-for": "10.9.9.9"},

@@ -19,19 +19,12 @@ import pytest
 from app.simulation import traffic
 from bench.attack import established, rss_mib
 from tests.conftest import WEBHOOK_TOKEN
-from tests.reliability.test_edge import (
-    PATIENCE,
-    connect,
-    env_for,
-    read_until_closed,
-    sign,
-    wait_for,
-)
-from tests.servers import Server
+from tests.reliability.test_edge import connect, env_for, sign
+from tests.servers import PATIENCE, Server, read_until_closed, wait_for
 
 SLOW = "600"  # REQUEST_TIMEOUT_SECONDS where a test holds a connection on purpose
 FORM = b"application/x-www-form-urlencoded"
-LARGE = b"/docs/assets/swagger-ui-bundle.js.map"
+LARGE = b"/docs/assets/swagger-ui-bundle.js"  # 1.5 MB (the .map is not shipped: a 404)
 
 
 @contextmanager
@@ -71,15 +64,6 @@ def login_head(length: int | None, source_headers: bytes = b"") -> bytes:
 
 
 # --- bodies: read no more than a route needs, before it authenticates ------------------
-
-
-def test_a_sign_in_post_declaring_100_mb_is_answered_413_unread(server):
-    sock = connect(server)
-    sock.sendall(login_head(100 * 1024 * 1024))  # and not one byte of the body
-    reply = read_until_closed(sock)
-    sock.close()
-    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    assert reply.endswith(b'{"error":"payload_too_large"}')
 
 
 def test_a_streamed_100_mb_sign_in_post_is_stopped_at_a_few_kb(server):
@@ -150,35 +134,6 @@ def test_clients_that_never_read_their_answers_are_dropped(server):
     new = "\n".join(server.output().splitlines()[before:])
     assert "Traceback" not in new and '"level": "ERROR"' not in new
     assert httpx.get(f"{server.url}/healthz").status_code == 200
-
-
-def test_pipelined_requests_get_one_answer_and_the_connection_ends(server):
-    sock = connect(server)
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
-    reply = read_until_closed(sock)  # no keep-alive wait: the server closes after the first answer
-    sock.close()
-    assert reply.count(b"HTTP/1.1 200") == 1 and b"connection: close" in reply.lower()
-
-
-def test_connections_past_the_cap_are_answered_503_and_logged_once(database, tmp_path):
-    cap = 20
-    settings = {"MAX_CONNECTIONS": str(cap), "KEEP_ALIVE_TIMEOUT_SECONDS": SLOW}
-    with serving(database, tmp_path, SPOOL_DIR=str(tmp_path / "spool"), **settings) as serve:
-        holders = [httpx.Client() for _ in range(cap)]
-        for http in holders:  # each keeps its (idle, kept-alive) connection open
-            assert http.get(f"{serve.url}/healthz").status_code == 200
-        before = len(serve.output().splitlines())
-        for _ in range(30):
-            refused = httpx.get(f"{serve.url}/healthz")
-            assert refused.status_code == 503, refused.text
-            assert refused.json() == {"error": "unavailable"}
-            assert refused.headers["retry-after"] and refused.headers["connection"] == "close"
-        holders.pop().close()
-        wait_for(lambda: httpx.get(f"{serve.url}/healthz").status_code == 200, "room again")
-        for http in holders:
-            http.close()
-        said = [line for line in serve.output().splitlines()[before:] if "cap" in line]
-        assert 1 <= len(said) <= 2, said  # refusing began (and ended), not once per refusal
 
 
 def deliver(http: httpx.Client, server: Server, body: bytes) -> int:
