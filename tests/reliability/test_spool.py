@@ -202,6 +202,20 @@ async def test_a_write_the_spool_refuses_is_answered_503_and_the_next_is_kept(ca
     assert len(re.findall(line, capsys.readouterr().err, re.M)) == 1
 
 
+async def _drain_past_a_failing_spool(client, proxy, settings, capsys, trigger: str) -> None:
+    """The database back while the spool fails a step of the drain (`trigger`, a SQLite
+    trigger named by its first word, stands in for the failure): wait until the drainer
+    says it failed and will retry, then let the spool work and wait for the drain."""
+    on_spool(settings.spool_path, f"create trigger {trigger}; end")
+    await proxy.restore()
+    err = ""
+    while "the drainer failed; retrying" not in err:
+        await asyncio.sleep(0.1)
+        err += capsys.readouterr().err
+    on_spool(settings.spool_path, f"drop trigger {trigger.split()[0]}")
+    await wait_until_drained(client)
+
+
 async def test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can(database_url, capsys):
     """The drainer commits a batch, then the spool cannot take it out (a trigger stands in
     for the failure): the rows stay and are drained again once it can, and each event is
@@ -214,18 +228,8 @@ async def test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can(datab
         await proxy.cut()
         for payload in payloads:
             assert (await deliver(client, payload)).json()["status"] == "queued"
-        on_spool(
-            settings.spool_path,
-            "create trigger stuck before delete on deliveries "
-            "begin select raise(abort, 'disk I/O error'); end",
-        )
-        await proxy.restore()
-        err = ""
-        while "the drainer failed; retrying" not in err:
-            await asyncio.sleep(0.1)
-            err += capsys.readouterr().err
-        on_spool(settings.spool_path, "drop trigger stuck")
-        await wait_until_drained(client)
+        trigger = "stuck before delete on deliveries begin select raise(abort, 'disk I/O error')"
+        await _drain_past_a_failing_spool(client, proxy, settings, capsys, trigger)
     assert await events_by_id(database_url) == {p["eventId"]: (1, True) for p in payloads}
 
 
@@ -243,18 +247,8 @@ async def test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost
         for payload in payloads:
             assert (await deliver(client, payload)).json()["status"] == "queued"
         tear_row(settings.spool_path / SPOOL_FILE, row=2)
-        on_spool(
-            settings.spool_path,
-            "create trigger disk_full before insert on set_aside "
-            "begin select raise(abort, 'disk full'); end",
-        )
-        await proxy.restore()
-        err = ""
-        while "the drainer failed; retrying" not in err:
-            await asyncio.sleep(0.1)
-            err += capsys.readouterr().err
-        on_spool(settings.spool_path, "drop trigger disk_full")
-        await wait_until_drained(client)
+        trigger = "disk_full before insert on set_aside begin select raise(abort, 'disk full')"
+        await _drain_past_a_failing_spool(client, proxy, settings, capsys, trigger)
     stored = await events_by_id(database_url)
     assert stored == {p["eventId"]: (1, True) for p in (payloads[0], payloads[2])}
 
