@@ -136,6 +136,8 @@ TESTS = {
     "app/recording/record.py": [
         *(t for t in RECORDING if t != "tests/test_lifecycle.py"),
         "tests/test_lifecycle.py::test_simultaneous_deliveries_sharing_an_event_id_are_always_flagged",
+        # delivery_version hands effects.version the content: a tie ends the same either way
+        "tests/test_lifecycle.py::test_two_contents_of_one_event_id_sent_at_one_time_end_the_same_in_either_order",
         "tests/test_lifecycle.py::test_events_stored_as_ignored_by_an_older_release_are_counted_and_replayed",
         "tests/test_lifecycle.py::test_an_order_stored_as_ignored_by_an_older_release_is_replayed_with_its_mailboxes",
         "tests/test_lifecycle.py::test_a_second_order_adds_to_the_subscription_without_overwriting_the_first",
