@@ -5,6 +5,8 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +142,7 @@ async def test_a_concurrent_burst_while_away_keeps_exactly_what_was_answered_200
 
 
 async def test_a_torn_spool_row_is_set_aside_and_the_rest_drain(database_url, capsys):
-    proxy = Proxy(database_url)
-    await proxy.start()
-    payloads = _mailboxes(3)
-    settings = make_settings(proxy.url)
-    async with app_client(settings) as client:
-        await proxy.cut()
-        for payload in payloads:
-            assert (await deliver(client, payload)).json()["status"] == "queued"
+    async with _queued_while_away(database_url, 3) as (proxy, settings, client, payloads):
         tear_row(settings.spool_path / "spool.sqlite3", row=2)
         set_aside_before = await _set_aside_total(client)
         await proxy.restore()
@@ -220,14 +215,7 @@ async def test_rows_the_spool_cannot_take_out_are_applied_once_when_it_can(datab
     """The drainer commits a batch, then the spool cannot take it out (a trigger stands in
     for the failure): the rows stay and are drained again once it can, and each event is
     stored once."""
-    proxy = Proxy(database_url)
-    await proxy.start()
-    payloads = _mailboxes(2)
-    settings = make_settings(proxy.url)
-    async with app_client(settings) as client:
-        await proxy.cut()
-        for payload in payloads:
-            assert (await deliver(client, payload)).json()["status"] == "queued"
+    async with _queued_while_away(database_url, 2) as (proxy, settings, client, payloads):
         trigger = "stuck before delete on deliveries begin select raise(abort, 'disk I/O error')"
         await _drain_past_a_failing_spool(client, proxy, settings, capsys, trigger)
     assert await events_by_id(database_url) == {p["eventId"]: (1, True) for p in payloads}
@@ -238,14 +226,7 @@ async def test_a_torn_row_that_cannot_be_set_aside_yet_waits_and_nothing_is_lost
 ):
     """Setting a torn row aside fails (a trigger stands in for a full disk): the drainer
     says so and tries again; once it can, the row is set aside and the rest drain."""
-    proxy = Proxy(database_url)
-    await proxy.start()
-    payloads = _mailboxes(3)
-    settings = make_settings(proxy.url)
-    async with app_client(settings) as client:
-        await proxy.cut()
-        for payload in payloads:
-            assert (await deliver(client, payload)).json()["status"] == "queued"
+    async with _queued_while_away(database_url, 3) as (proxy, settings, client, payloads):
         tear_row(settings.spool_path / SPOOL_FILE, row=2)
         trigger = "disk_full before insert on set_aside begin select raise(abort, 'disk full')"
         await _drain_past_a_failing_spool(client, proxy, settings, capsys, trigger)
@@ -304,6 +285,21 @@ async def _set_aside_total(client: httpx.AsyncClient) -> float:
         if line.startswith("cmr_spool_set_aside_total "):
             return float(line.split()[1])
     return 0.0
+
+
+@asynccontextmanager
+async def _queued_while_away(database_url: str, n: int) -> AsyncIterator[tuple[Any, ...]]:
+    """The app with the database cut off and `n` mailbox.created deliveries queued in its
+    spool: (the proxy to restore, the settings, the client, the payloads)."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    payloads = _mailboxes(n)
+    settings = make_settings(proxy.url)
+    async with app_client(settings) as client:
+        await proxy.cut()
+        for payload in payloads:
+            assert (await deliver(client, payload)).json()["status"] == "queued"
+        yield proxy, settings, client, payloads
 
 
 def _mailboxes(n: int) -> list[dict[str, Any]]:
