@@ -5,6 +5,7 @@ copy (CREATE DATABASE ... TEMPLATE), so tests never share rows and nothing is cl
 """
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import itertools
@@ -15,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -221,3 +223,46 @@ async def assert_forwarded_once_and_ready(
     ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]
     assert [(r["orderId"], r["mailboxCount"]) for r in ready] == [(order["data"]["orderId"], 3)]
     assert {r["destination"] for r in rows} == {"crm"}
+
+
+async def refuse_inserts(
+    db: asyncpg.Connection,
+    trigger: str,
+    *,
+    into: str,
+    errcode: str,
+    message: str,
+    when: str = "true",
+) -> None:
+    """Each insert into the table `into` for which `when` holds fails as the database would
+    refuse it (`errcode`, `message`), until the test drops the trigger `trigger`."""
+    await db.execute(
+        f"""
+        create function {trigger}() returns trigger language plpgsql as $$
+        begin raise exception '{message}' using errcode = '{errcode}'; end $$;
+        create trigger {trigger} before insert on {into}
+        for each row when ({when}) execute function {trigger}();
+        """
+    )
+
+
+async def refuse_doomed_mailboxes(
+    db: asyncpg.Connection, *, when: str = "new.email like 'doomed%'"
+) -> None:
+    """A bug no retry cures, as the database sees it: writing a doomed mailbox (one for
+    which `when` holds: by default, whose email starts with 'doomed') fails (XX000, 'a
+    bug'), until the test drops the trigger `refuse`."""
+    await refuse_inserts(
+        db, "refuse", into="mailboxes", errcode="XX000", message="a bug", when=when
+    )
+
+
+def crm_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[str]) -> Path:
+    """A destinations file whose one destination, crm, takes `events` as standard webhooks,
+    its secret (a fresh one) in CRM_SECRET."""
+    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
+    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
+    crm |= {"format": "standard-webhooks", "events": events, "secretEnv": "CRM_SECRET"}
+    path = tmp_path / "destinations.yaml"
+    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    return path

@@ -24,6 +24,7 @@ from app.receiving import edge
 
 CLI = [sys.executable, "-m", "app.cli"]
 PATIENCE = 60  # the longest any condition is waited for
+FORM = b"application/x-www-form-urlencoded"
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
@@ -42,6 +43,18 @@ def read_until_closed(sock: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+def login_head(length: int | None, extra: bytes = b"") -> bytes:
+    """The head of a sign-in form POST, its body framed by Content-Length (None: chunked),
+    `extra` header lines after the framing."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        + FORM
+        + b"\r\n"
+        + (framing.encode() + b"\r\n" + extra + b"\r\n")
+    )
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from tests.conftest import (
 )
 from tests.servers import (
     PATIENCE,
+    login_head,
     read_until_closed,
     served_in_process,
     wait_for,
@@ -42,7 +43,6 @@ TAKEN = 2.0  # RESPONSE_TIMEOUT_SECONDS where a client must take 1.5 MB in time
 LONG = 600  # ... of one whose deadline no test may reach
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 LARGE = b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n"  # 1.5 MB
-FORM = b"application/x-www-form-urlencoded"
 NO_DATABASE = "postgresql://127.0.0.1/unused"  # settings for code that reaches none
 
 
@@ -220,16 +220,6 @@ def test_a_body_past_64_kib_is_not_counted_as_headers(serve):
 
 
 # --- bodies: no more than a route needs ------------------------------------------------
-
-
-def login_head(length: int | None, extra: bytes = b"") -> bytes:
-    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (
-        b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Type: "
-        + FORM
-        + b"\r\n"
-        + (framing.encode() + b"\r\n" + extra + b"\r\n")
-    )
 
 
 def refused_413(reply: bytes) -> bool:

@@ -2,9 +2,9 @@
 delivery still answered for itself, after the commit."""
 
 import asyncio
-import base64
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from app.config import Settings
 from app.crypto import Vault
 from app.db import make_engine
 from app.hashing import Hasher
@@ -25,8 +26,10 @@ from tests.conftest import (
     FERNET_KEY,
     app_client,
     assert_forwarded_once_and_ready,
+    crm_destination,
     deliver,
     make_settings,
+    refuse_doomed_mailboxes,
 )
 
 # Long enough for a burst of concurrent requests in one process to meet in one group.
@@ -84,20 +87,8 @@ async def test_duplicates_and_a_conflict_inside_one_group_are_told_apart(databas
     assert await db.fetchval(count, boxes) == 2
 
 
-async def refuse_doomed(db: asyncpg.Connection) -> None:
-    """A bug, as the database sees it, in writing any mailbox whose email starts 'doomed'."""
-    await db.execute(
-        """
-        create function refuse_box() returns trigger language plpgsql as $$
-        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-        create trigger refuse before insert on mailboxes
-        for each row when (new.email like 'doomed%') execute function refuse_box();
-        """
-    )
-
-
 async def test_one_failing_delivery_answers_only_its_own_sender(database_url, db, capsys):
-    await refuse_doomed(db)
+    await refuse_doomed_mailboxes(db)
     good = [traffic.mailbox_created() for _ in range(8)]
     doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
     async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
@@ -146,6 +137,25 @@ async def test_a_burst_larger_than_a_group_is_split_and_a_later_burst_is_written
     assert sorted(g["n"] for g in groups) == [1, 2, MAX_GROUP]
 
 
+def telling_crm(
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    window: int,
+    events: list[str],
+) -> Settings:
+    """Settings with a group commit window of `window` ms whose one destination, crm,
+    takes `events`: what is written for it is read by the test; nothing is sent."""
+    return make_settings(
+        database_url,
+        group_commit_window_ms=window,
+        destinations_file=crm_destination(tmp_path, monkeypatch, events),
+        cmr_signature_tolerance_seconds=streams.TOLERANCE,
+        outbound_dispatch=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("window", "doomed", "written_in"),
     [(WIDE_WINDOW_MS, False, 2), (0, False, 4), (WIDE_WINDOW_MS, True, 4)],
@@ -158,24 +168,12 @@ async def test_each_new_event_and_what_it_completes_is_told_once(
     forwarded once (a duplicate is not), and the order's mailboxes.ready told once; in one
     group, each alone without a window, and each alone again when a delivery in their group
     fails."""
-    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
-    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
-    crm |= {"format": "standard-webhooks"}
-    crm |= {"events": ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]}
-    crm |= {"secretEnv": "CRM_SECRET"}
-    path = tmp_path / "destinations.yaml"
-    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    forwarded = ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]
+    settings = telling_crm(database_url, tmp_path, monkeypatch, window=window, events=forwarded)
     order, *boxes = streams.standard_order(3, False, [], start=time.time() - 3600)
-    settings = make_settings(
-        database_url,
-        group_commit_window_ms=window,
-        destinations_file=path,
-        cmr_signature_tolerance_seconds=streams.TOLERANCE,
-        outbound_dispatch=False,  # what is written is read here; nothing is sent
-    )
     failing = [traffic.mailbox_created(details={"email": "doomed@x.example"})] if doomed else []
     if doomed:
-        await refuse_doomed(db)
+        await refuse_doomed_mailboxes(db)
     async with app_client(settings) as c:
         assert (await deliver(c, order)).json()["status"] == "processed"  # alone: an order
         answers = await burst(c, [*boxes, boxes[0], *failing])
@@ -214,20 +212,10 @@ async def test_an_order_after_its_mailboxes_tells_them_ready_once_it_is_recorded
 ):
     """The mailboxes come first (one group), the order last (alone): mailboxes.ready is told
     once the order is recorded, not before."""
-    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
-    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
-    crm |= {"format": "standard-webhooks", "secretEnv": "CRM_SECRET"}
-    crm |= {"events": ["mailboxes.ready"]}
-    path = tmp_path / "destinations.yaml"
-    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
-    order, *boxes = streams.standard_order(2, False, [], start=time.time() - 3600)
-    settings = make_settings(
-        database_url,
-        group_commit_window_ms=WIDE_WINDOW_MS,
-        destinations_file=path,
-        cmr_signature_tolerance_seconds=streams.TOLERANCE,
-        outbound_dispatch=False,
+    settings = telling_crm(
+        database_url, tmp_path, monkeypatch, window=WIDE_WINDOW_MS, events=["mailboxes.ready"]
     )
+    order, *boxes = streams.standard_order(2, False, [], start=time.time() - 3600)
     ready = "select payload from outbound_messages where type = 'mailboxes.ready'"
     async with app_client(settings) as c:
         assert [a.json()["status"] for a in await burst(c, boxes)] == ["processed"] * 2

@@ -5,7 +5,9 @@ import asyncio
 import hashlib
 import os
 import re
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -37,19 +39,42 @@ def migrate(url: str, revision: str) -> None:
         pool.submit(upgrade, url, revision).result()
 
 
-@pytest.fixture
-async def at_0006(server_url: str) -> Any:
-    """An empty database migrated only as far as 0006, dropped afterwards."""
-    name = f"cmw_at_0006_{os.getpid()}_{id(object())}"
+@asynccontextmanager
+async def migrated_only_to(server_url: str, revision: str) -> AsyncIterator[str]:
+    """An empty database migrated only as far as `revision`, dropped afterwards."""
+    name = f"cmw_at_{revision}_{os.getpid()}_{id(object())}"
     admin = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
     await admin.execute(f"CREATE DATABASE {name}")
     url = with_database(server_url, name)
     try:
-        await asyncio.to_thread(migrate, url, "0006")
+        await asyncio.to_thread(migrate, url, revision)
         yield url
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def migrate_to_head(
+    url: str, monkeypatch: pytest.MonkeyPatch, *, fernet_keys: str | None
+) -> None:
+    """`alembic upgrade head` with FERNET_KEYS set to `fernet_keys` (None: unset, and no
+    .env to read it from), the settings read afresh for it and forgotten after."""
+    if fernet_keys is None:
+        monkeypatch.delenv("FERNET_KEYS", raising=False)
+        monkeypatch.chdir("/")
+    else:
+        monkeypatch.setenv("FERNET_KEYS", fernet_keys)
+    get_settings.cache_clear()
+    try:
+        await asyncio.to_thread(migrate, url, "head")
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.fixture
+async def at_0006(server_url: str) -> AsyncIterator[str]:
+    async with migrated_only_to(server_url, "0006") as url:
+        yield url
 
 
 async def store_as_0006_did(conn: asyncpg.Connection, envelope: dict[str, Any]) -> None:
@@ -86,10 +111,7 @@ async def test_stored_hashes_are_keyed_and_a_retry_is_still_a_duplicate(at_0006,
             " VALUES ('S', 'active', $1)",
             f"{1:020d}|{derived}",
         )
-        monkeypatch.setenv("FERNET_KEYS", FERNET_KEY)
-        get_settings.cache_clear()
-        await asyncio.to_thread(migrate, at_0006, "head")
-        get_settings.cache_clear()
+        await migrate_to_head(at_0006, monkeypatch, fernet_keys=FERNET_KEY)
         rows = []
         for table in ("events", "event_keys", "subscriptions"):
             rows += await conn.fetch(f"SELECT * FROM {table}")
@@ -119,12 +141,8 @@ async def test_a_database_with_events_will_not_migrate_without_fernet_keys(at_00
         await store_as_0006_did(conn, {"event": "x", "eventId": "E", "data": {}})
     finally:
         await conn.close()
-    monkeypatch.delenv("FERNET_KEYS", raising=False)
-    monkeypatch.chdir("/")  # no .env to read it from
-    get_settings.cache_clear()
     with pytest.raises(SystemExit, match="FERNET_KEYS"):
-        await asyncio.to_thread(migrate, at_0006, "head")
-    get_settings.cache_clear()
+        await migrate_to_head(at_0006, monkeypatch, fernet_keys=None)
 
 
 async def test_a_derived_event_id_is_no_plain_hash_of_the_body(client):

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from app.simulation import traffic as factories
-from tests.conftest import OPS_TOKEN, deliver
+from tests.conftest import OPS_TOKEN, deliver, refuse_doomed_mailboxes
 
 OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}
 
@@ -99,14 +99,7 @@ async def test_event_type_is_a_synonym_and_a_missing_event_id_is_derived_from_co
 
 
 async def test_a_failure_a_retry_will_not_cure_is_kept_then_answered_500(client, db):
-    await db.execute(
-        """
-        create function refuse_box() returns trigger language plpgsql as $$
-        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-        create trigger refuse before insert on mailboxes
-        for each row when (new.email like 'doomed%') execute function refuse_box();
-        """
-    )
+    await refuse_doomed_mailboxes(db)
     secret = factories.canary("app")
     payload = factories.mailbox_created(details={"email": "doomed@x.com", "appPassword": secret})
     response = await deliver(client, payload)
@@ -134,14 +127,7 @@ async def test_a_large_order_failing_at_its_last_mailbox_leaves_nothing_half_wri
         for group in payload["data"]["mailboxDetails"]
         for box in group["preWarmedUpMailboxes"]
     )
-    await db.execute(
-        f"""
-        create function refuse_box() returns trigger language plpgsql as $$
-        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-        create trigger refuse before insert on mailboxes
-        for each row when (new.mailbox_id = '{last}') execute function refuse_box();
-        """
-    )
+    await refuse_doomed_mailboxes(db, when=f"new.mailbox_id = '{last}'")
     response = await deliver(client, payload)
     assert response.status_code == 500
     for table in ("events", "orders", "subscriptions", "mailboxes"):

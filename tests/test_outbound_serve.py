@@ -11,26 +11,22 @@ import httpx
 import pytest
 
 from app.simulation import traffic
-from tests.conftest import FERNET_KEY, OPS_TOKEN, SIGNING_KEY, WEBHOOK_TOKEN, deliver
+from tests.conftest import deliver
 from tests.receivers import receiving
-from tests.servers import CLI, Server, clean_env, run_cli, serve_to_its_end, serving
+from tests.reliability.test_crash_and_outage import server_env as plain_server_env
+from tests.servers import CLI, Server, run_cli, serve_to_its_end, serving
 from tests.test_outbound_delivery import declared, destinations_file, messages, until
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 def server_env(database_url: str, path: object, **more: str) -> dict[str, str]:
-    return clean_env(
-        DATABASE_URL=database_url,
-        FERNET_KEYS=FERNET_KEY,
-        WEBHOOK_TOKENS=WEBHOOK_TOKEN,
-        CMR_SIGNING_KEY=SIGNING_KEY,
-        OPS_API_TOKENS=OPS_TOKEN,
-        LOG_LEVEL="WARNING",
-        DESTINATIONS_FILE=str(path),
-        CRM_SECRET=SECRET,
+    """A plain server's environment, its destinations in the file at `path`."""
+    return plain_server_env(database_url) | {
+        "DESTINATIONS_FILE": str(path),
+        "CRM_SECRET": SECRET,
         **more,
-    )
+    }
 
 
 @pytest.mark.parametrize(

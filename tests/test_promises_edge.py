@@ -37,6 +37,7 @@ from tests.conftest import (
     app_client,
     deliver,
     make_settings,
+    refuse_doomed_mailboxes,
     sender_signature,
 )
 
@@ -294,14 +295,7 @@ async def outcomes(client: httpx.AsyncClient) -> dict[str, float]:
 
 
 async def test_each_outcome_counts_once_in_the_deliveries_metric(client, db):
-    await db.execute(
-        """
-        create function refuse_box() returns trigger language plpgsql as $$
-        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-        create trigger refuse before insert on mailboxes
-        for each row when (new.email like 'doomed%') execute function refuse_box();
-        """
-    )
+    await refuse_doomed_mailboxes(db)
     processed = traffic.mailbox_created()
     invalid = traffic.mailbox_created()
     del invalid["data"]["mailboxDetails"]["mailboxId"]

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 
 from app.crypto import Vault, generate_key
@@ -21,7 +20,14 @@ from app.receiving import receiver
 from app.receiving.spool import Spool
 from app.recording import effects
 from app.simulation import traffic
-from tests.conftest import FERNET_KEY, app_client, asyncpg_dsn, deliver, make_settings
+from tests.conftest import (
+    FERNET_KEY,
+    app_client,
+    deliver,
+    make_settings,
+    refuse_doomed_mailboxes,
+    refuse_inserts,
+)
 from tests.reliability.proxy import Proxy
 from tests.reliability.test_spool import _set_aside_total, wait_until_drained
 from tests.streams import SENT_AT
@@ -31,22 +37,6 @@ from tests.test_webhook_contract import DEAD_DATABASE
 EVENT = (
     "select signature, signature_form, warnings, spooled, first_received_at, event_time from events"
 )
-
-
-async def refuse_doomed_mailboxes(database_url: str) -> None:
-    """A bug no retry cures: applying a mailbox whose email starts with 'doomed' fails."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create function refuse_box() returns trigger language plpgsql as $$
-            begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-            create trigger refuse before insert on mailboxes
-            for each row when (new.email like 'doomed%') execute function refuse_box();
-            """
-        )
-    finally:
-        await conn.close()
 
 
 def said(err: str, message: str) -> list[str]:
@@ -61,7 +51,7 @@ def schema_violation() -> dict[str, Any]:
 
 
 async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
-    database_url, capsys, tmp_path, monkeypatch
+    database_url, db, capsys, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(receiver, "DRAIN_BATCH", 2)  # five spooled: three batches
     proxy = Proxy(database_url)
@@ -71,7 +61,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
     queued[SENT_AT] = signed_at
     later, invalid = traffic.mailbox_created(), schema_violation()
     doomed = traffic.mailbox_created(details={"email": "doomed@x.com"})
-    await refuse_doomed_mailboxes(database_url)
+    await refuse_doomed_mailboxes(db)
     settings = make_settings(
         proxy.url,
         destinations_file=destinations_file(tmp_path, monkeypatch),
@@ -88,24 +78,19 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
         restored_at = datetime.now(UTC)
         await proxy.restore()
         await wait_until_drained(client)
-        conn = await asyncpg.connect(asyncpg_dsn(database_url))
-        [drained] = await eventually(lambda: told(conn, "spool.drained"))
+        [drained] = await eventually(lambda: told(db, "spool.drained"))
         drained_by = datetime.now(UTC)
     assert [a.status_code for a in answers] == [400, 200, 200, 422, 200]
     assert [answers[i].json().get("status") for i in (1, 2, 4)] == ["queued"] * 3
     assert away.status_code == 200 and away.json()["database"] == "down"
     assert away.json()["spool"]["depth"] == 5 and away.json()["spool"]["room"] is True
-    try:
-        events = {r["event_id"] for r in await conn.fetch("select event_id from events")}
-        live_row = await conn.fetchrow(f"{EVENT} where event_id = $1", live["eventId"])
-        queued_row = await conn.fetchrow(f"{EVENT} where event_id = $1", queued["eventId"])
-        rejected = await conn.fetch(
-            "select reason, event, event_id, errors, received_at from rejected_deliveries "
-            "order by id"
-        )
-        [started] = await told(conn, "spool.started")
-    finally:
-        await conn.close()
+    events = {r["event_id"] for r in await db.fetch("select event_id from events")}
+    live_row = await db.fetchrow(f"{EVENT} where event_id = $1", live["eventId"])
+    queued_row = await db.fetchrow(f"{EVENT} where event_id = $1", queued["eventId"])
+    rejected = await db.fetch(
+        "select reason, event, event_id, errors, received_at from rejected_deliveries order by id"
+    )
+    [started] = await told(db, "spool.started")
     # the spooled delivery is recorded as the live one was, at the time it was received
     assert events == {live["eventId"], queued["eventId"], later["eventId"]}
     assert not live_row["spooled"] and queued_row["spooled"]
@@ -142,7 +127,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
 
 
 async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_right_ones(
-    database_url, capsys
+    database_url, db, capsys
 ):
     """A restart with the wrong FERNET_KEYS: not ready, and every delivery waits in the
     spool (encrypted under the key it has) until a restart that lists the right key."""
@@ -167,11 +152,7 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
     async with app_client(right) as client:
         await wait_until_drained(client)
         assert (await client.get("/readyz")).status_code == 200
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = await conn.fetch("select event_id, spooled from events")
-    finally:
-        await conn.close()
+    stored = await db.fetch("select event_id, spooled from events")
     assert {(r["event_id"], r["spooled"]) for r in stored} == {
         (first["eventId"], False),
         (waiting["eventId"], True),
@@ -214,33 +195,26 @@ async def test_each_outage_ends_in_its_own_line(database_url, capsys):
 
 
 async def test_a_delivery_that_cannot_even_be_kept_as_rejected_waits_in_the_spool(
-    database_url, capsys
+    database_url, db, capsys
 ):
     """Applying fails, and so does keeping it among rejected deliveries: answered 500 and
     held in the spool, where the drainer says why it cannot apply it and tries again;
     once the cause is gone, it is kept as rejected."""
-    await refuse_doomed_mailboxes(database_url)
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create trigger refuse_rejected before insert on rejected_deliveries
-            for each row execute function refuse_box();
-            """
-        )
-        doomed = traffic.mailbox_created(details={"email": "doomed@x.com"})
-        async with app_client(make_settings(database_url)) as client:
-            answer = await deliver(client, doomed)
-            held = (await client.get("/readyz")).json()["spool"]["depth"]
-            err = ""
-            while "the drainer failed; retrying" not in err:
-                await asyncio.sleep(0.1)
-                err += capsys.readouterr().err
-            await conn.execute("drop trigger refuse_rejected on rejected_deliveries")
-            await wait_until_drained(client)
-        rejected = await conn.fetch("select reason, event_id from rejected_deliveries")
-    finally:
-        await conn.close()
+    await refuse_doomed_mailboxes(db)
+    await refuse_inserts(
+        db, "refuse_rejected", into="rejected_deliveries", errcode="XX000", message="a bug"
+    )
+    doomed = traffic.mailbox_created(details={"email": "doomed@x.com"})
+    async with app_client(make_settings(database_url)) as client:
+        answer = await deliver(client, doomed)
+        held = (await client.get("/readyz")).json()["spool"]["depth"]
+        err = ""
+        while "the drainer failed; retrying" not in err:
+            await asyncio.sleep(0.1)
+            err += capsys.readouterr().err
+        await db.execute("drop trigger refuse_rejected on rejected_deliveries")
+        await wait_until_drained(client)
+    rejected = await db.fetch("select reason, event_id from rejected_deliveries")
     assert answer.status_code == 500 and answer.json() == {"error": "apply_failed"}
     assert held == 1
     assert said(err, r"keeping the delivery failed \(InternalServerError: a bug\); spooled")
@@ -248,7 +222,7 @@ async def test_a_delivery_that_cannot_even_be_kept_as_rejected_waits_in_the_spoo
     assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", doomed["eventId"])]
 
 
-async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_url, capsys):
+async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_url, db, capsys):
     spool_dir = tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp")
     lost, kept = traffic.mailbox_created(), traffic.mailbox_created()
     away = make_settings(DEAD_DATABASE, fernet_keys=generate_key(), spool_dir=spool_dir)
@@ -260,18 +234,14 @@ async def test_a_spooled_delivery_no_listed_key_can_read_is_set_aside(database_u
     async with app_client(make_settings(database_url, spool_dir=spool_dir)) as client:
         await wait_until_drained(client)
         set_aside = await _set_aside_total(client) - set_aside_before
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = await conn.fetch("select event_id, spooled from events")
-    finally:
-        await conn.close()
+    stored = await db.fetch("select event_id, spooled from events")
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(kept["eventId"], True)]
     assert set_aside == 1
     err = capsys.readouterr().err
     assert said(err, "spool row 1 set aside: body cannot be decrypted with FERNET_KEYS")
 
 
-async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url):
+async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url, db):
     """REJECTED_MAX_BYTES bounds the refused bodies kept: past it the oldest go, their
     reasons stay."""
     refused = [orjson.dumps(schema_violation() | {"pad": "x" * 400}) for _ in range(4)]
@@ -279,13 +249,9 @@ async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url):
     settings = make_settings(database_url, rejected_max_bytes=2 * size + size // 2)
     async with app_client(settings) as client:
         assert [(await deliver(client, body)).status_code for body in refused] == [422] * 4
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        kept = await conn.fetch(
-            "select body_encrypted is not null as kept, reason from rejected_deliveries order by id"
-        )
-    finally:
-        await conn.close()
+    kept = await db.fetch(
+        "select body_encrypted is not null as kept, reason from rejected_deliveries order by id"
+    )
     assert [(r["kept"], r["reason"]) for r in kept] == [
         (False, "invalid_payload"),
         (False, "invalid_payload"),
@@ -294,67 +260,52 @@ async def test_refused_bodies_are_kept_within_rejected_max_bytes(database_url):
     ]
 
 
-async def test_a_failure_a_retry_may_cure_is_queued_not_refused(database_url):
+async def test_a_failure_a_retry_may_cure_is_queued_not_refused(database_url, db):
     """A serialization failure (40001) is the database's "not now": the delivery is
     answered 200 queued and applied once it passes, never kept among refused ones."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create function not_now() returns trigger language plpgsql as $$
-            begin raise exception 'not now' using errcode = '40001'; end $$;
-            create trigger not_now before insert on mailboxes
-            for each row execute function not_now();
-            """
-        )
-        payload = traffic.mailbox_created()
-        async with app_client(make_settings(database_url)) as client:
-            answer = await deliver(client, payload)
-            await conn.execute("drop trigger not_now on mailboxes")
-            await wait_until_drained(client)
-        stored = await conn.fetch("select event_id, spooled from events")
-        refused = await conn.fetchval("select count(*) from rejected_deliveries")
-    finally:
-        await conn.close()
+    await refuse_inserts(db, "not_now", into="mailboxes", errcode="40001", message="not now")
+    payload = traffic.mailbox_created()
+    async with app_client(make_settings(database_url)) as client:
+        answer = await deliver(client, payload)
+        await db.execute("drop trigger not_now on mailboxes")
+        await wait_until_drained(client)
+    stored = await db.fetch("select event_id, spooled from events")
+    refused = await db.fetchval("select count(*) from rejected_deliveries")
     assert answer.status_code == 200 and answer.json()["status"] == "queued"
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(payload["eventId"], True)]
     assert refused == 0
 
 
-async def test_a_poolers_refusals_name_the_setting_to_fix(database_url, capsys):
+async def test_a_poolers_refusals_name_the_setting_to_fix(database_url, db, capsys):
     """What a transaction pooler answers a client that takes it for PostgreSQL (mimicked
     here by triggers, as PgBouncer words it): a startup setting refused (08P01) is a
     setting to fix, not an outage, said in one line, and the delivery waits in the spool
     until it is fixed; a prepared statement missing (26000) is no retry's to cure: kept as
     rejected, its line naming the same fix."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create function pooler_says() returns trigger language plpgsql as $$
-            begin
-              if new.email like 'startup%' then
-                raise exception 'unsupported startup parameter: jit' using errcode = '08P01';
-              end if;
-              raise exception 'prepared statement "__asyncpg_stmt_1__" does not exist'
-                using errcode = '26000';
-            end $$;
-            create trigger pooler before insert on mailboxes for each row
-            when (new.email like 'startup%' or new.email like 'statement%')
-            execute function pooler_says();
-            """
-        )
-        startup = traffic.mailbox_created(details={"email": "startup@x.com"})
-        statement = traffic.mailbox_created(details={"email": "statement@x.com"})
-        async with app_client(make_settings(database_url)) as client:
-            refused = await deliver(client, statement)
-            queued = await deliver(client, startup)
-            await conn.execute("drop trigger pooler on mailboxes")
-            await wait_until_drained(client)
-        stored = await conn.fetch("select event_id, spooled from events")
-        rejected = await conn.fetch("select reason, event_id, errors from rejected_deliveries")
-    finally:
-        await conn.close()
+    await db.execute(
+        """
+        create function pooler_says() returns trigger language plpgsql as $$
+        begin
+          if new.email like 'startup%' then
+            raise exception 'unsupported startup parameter: jit' using errcode = '08P01';
+          end if;
+          raise exception 'prepared statement "__asyncpg_stmt_1__" does not exist'
+            using errcode = '26000';
+        end $$;
+        create trigger pooler before insert on mailboxes for each row
+        when (new.email like 'startup%' or new.email like 'statement%')
+        execute function pooler_says();
+        """
+    )
+    startup = traffic.mailbox_created(details={"email": "startup@x.com"})
+    statement = traffic.mailbox_created(details={"email": "statement@x.com"})
+    async with app_client(make_settings(database_url)) as client:
+        refused = await deliver(client, statement)
+        queued = await deliver(client, startup)
+        await db.execute("drop trigger pooler on mailboxes")
+        await wait_until_drained(client)
+    stored = await db.fetch("select event_id, spooled from events")
+    rejected = await db.fetch("select reason, event_id, errors from rejected_deliveries")
     assert queued.status_code == 200 and queued.json()["status"] == "queued"
     assert refused.status_code == 500 and refused.json() == {"error": "apply_failed"}
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(startup["eventId"], True)]
@@ -372,7 +323,7 @@ async def test_a_poolers_refusals_name_the_setting_to_fix(database_url, capsys):
 
 
 async def test_a_bug_of_ours_is_kept_as_rejected_under_its_own_name(
-    database_url, capsys, monkeypatch
+    database_url, db, capsys, monkeypatch
 ):
     """A failure with no SQLSTATE (a bug in the service itself, not the database's
     answer): the delivery is answered 500 and kept among rejected deliveries, the error's
@@ -387,12 +338,8 @@ async def test_a_bug_of_ours_is_kept_as_rejected_under_its_own_name(
     monkeypatch.setattr(effects, "of", buggy)
     async with app_client(make_settings(database_url)) as client:
         answers = [await deliver(client, p) for p in (bug, fine)]
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = await conn.fetch("select event_id from events")
-        rejected = await conn.fetch("select reason, event_id, errors from rejected_deliveries")
-    finally:
-        await conn.close()
+    stored = await db.fetch("select event_id from events")
+    rejected = await db.fetch("select reason, event_id, errors from rejected_deliveries")
     assert [a.status_code for a in answers] == [500, 200]
     assert [r["event_id"] for r in stored] == [fine["eventId"]]
     assert [(r["reason"], r["event_id"]) for r in rejected] == [("apply_failed", bug["eventId"])]
@@ -405,38 +352,34 @@ async def test_a_bug_of_ours_is_kept_as_rejected_under_its_own_name(
 
 
 async def test_while_the_database_cannot_answer_deliveries_go_straight_to_the_spool(
-    database_url, monkeypatch
+    database_url, db, monkeypatch
 ):
     """After a failure a retry may cure, the next deliveries go to the spool without asking
     the database again (each would wait out its own failure) until the drainer's first
     success, after which deliveries are applied live again. A sequence (outside any
     transaction) counts the live deliveries that reached the database."""
     monkeypatch.setattr(receiver, "CIRCUIT_SECONDS", 3600.0)  # only the drain ends it
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create sequence live_tries;
-            create function out_of_room() returns trigger language plpgsql as $$
-            begin
-              if not new.spooled then perform nextval('live_tries'); end if;
-              raise exception 'out of room' using errcode = '53000';
-            end $$;
-            create trigger out_of_room before insert on events
-            for each row execute function out_of_room();
-            """
-        )
-        first, second, after = (traffic.mailbox_created() for _ in range(3))
-        async with app_client(make_settings(database_url)) as client:
-            away = [await deliver(client, p) for p in (first, second)]
-            tries = await conn.fetchval("select last_value from live_tries")
-            await conn.execute("drop trigger out_of_room on events")
-            await wait_until_drained(client)
-            back = await deliver(client, after)
-        stored = await conn.fetch("select event_id, spooled from events order by id")
-        tries_after = await conn.fetchval("select last_value from live_tries")
-    finally:
-        await conn.close()
+    await db.execute(
+        """
+        create sequence live_tries;
+        create function out_of_room() returns trigger language plpgsql as $$
+        begin
+          if not new.spooled then perform nextval('live_tries'); end if;
+          raise exception 'out of room' using errcode = '53000';
+        end $$;
+        create trigger out_of_room before insert on events
+        for each row execute function out_of_room();
+        """
+    )
+    first, second, after = (traffic.mailbox_created() for _ in range(3))
+    async with app_client(make_settings(database_url)) as client:
+        away = [await deliver(client, p) for p in (first, second)]
+        tries = await db.fetchval("select last_value from live_tries")
+        await db.execute("drop trigger out_of_room on events")
+        await wait_until_drained(client)
+        back = await deliver(client, after)
+    stored = await db.fetch("select event_id, spooled from events order by id")
+    tries_after = await db.fetchval("select last_value from live_tries")
     assert [a.json()["status"] for a in away] == ["queued", "queued"]
     assert tries == 1  # the second went straight to the spool
     assert back.json()["status"] == "processed" and tries_after == 1
@@ -448,7 +391,7 @@ async def test_while_the_database_cannot_answer_deliveries_go_straight_to_the_sp
 
 
 async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
-    database_url, tmp_path, monkeypatch
+    database_url, db, tmp_path, monkeypatch
 ):
     """A delivery spooled by a release whose schema took it, drained by one whose schema
     does not: it is kept among events (ignored: no effect) and the spool drains, a CRM
@@ -468,40 +411,32 @@ async def test_a_spooled_delivery_the_schema_now_refuses_is_kept_as_ignored(
     )
     async with app_client(settings) as client:
         await wait_until_drained(client)
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = await conn.fetch("select event_id, spooled from events")
-        boxes = await conn.fetchval("select count(*) from mailboxes")
-    finally:
-        await conn.close()
+    stored = await db.fetch("select event_id, spooled from events")
+    boxes = await db.fetchval("select count(*) from mailboxes")
     assert [(r["event_id"], r["spooled"]) for r in stored] == [(older["eventId"], True)]
     assert boxes == 0
 
 
 async def test_a_delivery_applied_while_others_wait_in_the_spool_ends_no_outage(
-    database_url, capsys, monkeypatch
+    database_url, db, capsys, monkeypatch
 ):
     """While a spooled delivery still waits (the database refuses it for now), one applied
     live does not end the outage: the operator never reads "nothing was spooled", and the
     outage ends when the spool is empty."""
     monkeypatch.setattr(receiver, "CIRCUIT_SECONDS", 0.0)  # the next delivery asks at once
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        await conn.execute(
-            """
-            create function not_now() returns trigger language plpgsql as $$
-            begin raise exception 'out of room' using errcode = '53000'; end $$;
-            create trigger not_now before insert on mailboxes
-            for each row when (new.email like 'waits%') execute function not_now();
-            """
-        )
-        waits = traffic.mailbox_created(details={"email": "waits@x.com"})
-        async with app_client(make_settings(database_url)) as client:
-            answers = [await deliver(client, p) for p in (waits, traffic.mailbox_created())]
-            await conn.execute("drop trigger not_now on mailboxes")
-            await wait_until_drained(client)
-    finally:
-        await conn.close()
+    await refuse_inserts(
+        db,
+        "not_now",
+        into="mailboxes",
+        errcode="53000",
+        message="out of room",
+        when="new.email like 'waits%'",
+    )
+    waits = traffic.mailbox_created(details={"email": "waits@x.com"})
+    async with app_client(make_settings(database_url)) as client:
+        answers = [await deliver(client, p) for p in (waits, traffic.mailbox_created())]
+        await db.execute("drop trigger not_now on mailboxes")
+        await wait_until_drained(client)
     assert [a.json()["status"] for a in answers] == ["queued", "processed"]
     err = capsys.readouterr().err
     assert "nothing was spooled" not in err

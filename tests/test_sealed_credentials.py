@@ -3,7 +3,6 @@ column: still merged per credential; those stored before migration 0018 (a token
 sealed in place, one token per mailbox."""
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +26,9 @@ from tests.conftest import (
     credentials_of,
     deliver,
     make_settings,
-    with_database,
 )
 from tests.streams import sent
-from tests.test_keyed_hashes import migrate
+from tests.test_keyed_hashes import migrate_to_head, migrated_only_to
 
 CREDS = {"Authorization": f"Bearer {CREDENTIALS_TOKEN}"}
 COLUMNS = "password_encrypted, app_password_encrypted, authenticator_secret_encrypted"
@@ -80,17 +78,16 @@ async def test_an_event_carrying_some_credentials_changes_only_those_the_later_e
 
 @pytest.fixture
 async def at_0016(server_url: str) -> AsyncIterator[str]:
-    """An empty database migrated only as far as 0016, dropped afterwards."""
-    name = f"cmw_at_0016_{os.getpid()}_{id(object())}"
-    admin = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = with_database(server_url, name)
-    try:
-        await asyncio.to_thread(migrate, url, "0016")
+    async with migrated_only_to(server_url, "0016") as url:
         yield url
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+
+
+@pytest.fixture
+async def db_at_0016(at_0016: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to `at_0016`, open through the test's migrations."""
+    conn = await asyncpg.connect(asyncpg_dsn(at_0016))
+    yield conn
+    await conn.close()
 
 
 async def store_as_0016_did(conn: asyncpg.Connection, mailbox_id: str, **given: Any) -> None:
@@ -103,32 +100,25 @@ async def store_as_0016_did(conn: asyncpg.Connection, mailbox_id: str, **given: 
     )
 
 
-async def test_stored_credentials_are_sealed_one_token_a_mailbox(at_0016, monkeypatch):
+async def test_stored_credentials_are_sealed_one_token_a_mailbox(at_0016, db_at_0016, monkeypatch):
     old_key = generate_key()
     fernet, old = Fernet(FERNET_KEY), Fernet(old_key)
-    conn = await asyncpg.connect(asyncpg_dsn(at_0016))
-    try:
-        await store_as_0016_did(
-            conn,
-            "ALL",
-            password=fernet.encrypt(b"pw-1"),
-            app_password=old.encrypt("äpp-1".encode()),  # under a key being retired
-            authenticator_secret=fernet.encrypt(b"s-1"),
+    await store_as_0016_did(
+        db_at_0016,
+        "ALL",
+        password=fernet.encrypt(b"pw-1"),
+        app_password=old.encrypt("äpp-1".encode()),  # under a key being retired
+        authenticator_secret=fernet.encrypt(b"s-1"),
+    )
+    await store_as_0016_did(db_at_0016, "APP", app_password=fernet.encrypt(b"app-2"))
+    await store_as_0016_did(db_at_0016, "NONE")
+    await migrate_to_head(at_0016, monkeypatch, fernet_keys=f"{FERNET_KEY},{old_key}")
+    rows = {
+        row["mailbox_id"]: row
+        for row in await db_at_0016.fetch(
+            f"SELECT mailbox_id, updated_at::text, {COLUMNS} FROM mailboxes"
         )
-        await store_as_0016_did(conn, "APP", app_password=fernet.encrypt(b"app-2"))
-        await store_as_0016_did(conn, "NONE")
-        monkeypatch.setenv("FERNET_KEYS", f"{FERNET_KEY},{old_key}")
-        get_settings.cache_clear()
-        await asyncio.to_thread(migrate, at_0016, "head")
-        get_settings.cache_clear()
-        rows = {
-            row["mailbox_id"]: row
-            for row in await conn.fetch(
-                f"SELECT mailbox_id, updated_at::text, {COLUMNS} FROM mailboxes"
-            )
-        }
-    finally:
-        await conn.close()
+    }
     both = rows["ALL"]
     token = both["password_encrypted"]
     assert both["app_password_encrypted"] == token == both["authenticator_secret_encrypted"]
@@ -159,42 +149,28 @@ async def test_stored_credentials_are_sealed_one_token_a_mailbox(at_0016, monkey
 
 
 async def test_a_database_with_credentials_will_not_migrate_without_fernet_keys(
-    at_0016, monkeypatch
+    at_0016, db_at_0016, monkeypatch
 ):
-    conn = await asyncpg.connect(asyncpg_dsn(at_0016))
-    try:
-        await store_as_0016_did(conn, "ALL", password=Fernet(FERNET_KEY).encrypt(b"pw-1"))
-    finally:
-        await conn.close()
-    monkeypatch.delenv("FERNET_KEYS", raising=False)
-    monkeypatch.chdir("/")  # no .env to read it from
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit, match="0018 seals the credentials"):
-            await asyncio.to_thread(migrate, at_0016, "head")
-    finally:
-        get_settings.cache_clear()
+    await store_as_0016_did(db_at_0016, "ALL", password=Fernet(FERNET_KEY).encrypt(b"pw-1"))
+    with pytest.raises(SystemExit, match="0018 seals the credentials"):
+        await migrate_to_head(at_0016, monkeypatch, fernet_keys=None)
 
 
-async def test_a_downgrade_gives_each_credential_its_own_token_again(at_0016, monkeypatch):
+async def test_a_downgrade_gives_each_credential_its_own_token_again(
+    at_0016, db_at_0016, monkeypatch
+):
     fernet = Fernet(FERNET_KEY)
-    conn = await asyncpg.connect(asyncpg_dsn(at_0016))
-    try:
-        await store_as_0016_did(
-            conn,
-            "ALL",
-            password=fernet.encrypt(b"pw-1"),
-            authenticator_secret=fernet.encrypt(b"s-1"),
-        )
-        monkeypatch.setenv("FERNET_KEYS", FERNET_KEY)
-        get_settings.cache_clear()
-        await asyncio.to_thread(migrate, at_0016, "head")
-        sealed = await conn.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
-        await asyncio.to_thread(downgrade, at_0016, "0016")
-        get_settings.cache_clear()
-        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
-    finally:
-        await conn.close()
+    await store_as_0016_did(
+        db_at_0016,
+        "ALL",
+        password=fernet.encrypt(b"pw-1"),
+        authenticator_secret=fernet.encrypt(b"s-1"),
+    )
+    await migrate_to_head(at_0016, monkeypatch, fernet_keys=FERNET_KEY)
+    sealed = await db_at_0016.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
+    await asyncio.to_thread(downgrade, at_0016, "0016")
+    get_settings.cache_clear()
+    row = await db_at_0016.fetchrow(f"SELECT {COLUMNS} FROM mailboxes")
     assert sealed["password_encrypted"] == sealed["authenticator_secret_encrypted"]
     assert row["app_password_encrypted"] is None
     assert fernet.decrypt(row["password_encrypted"]) == b"pw-1"  # bare, as 0016 reads them

@@ -3,8 +3,6 @@ kill -9 inside a group being committed, or inside a batched drain, loses no ackn
 delivery and applies none twice."""
 
 import asyncio
-import base64
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,8 +12,8 @@ from typing import Any
 
 import asyncpg
 import httpx
-import orjson
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.crypto import Vault
@@ -26,7 +24,7 @@ from app.hashing import HashingKey
 from app.outbound.outbox import DestinationsOutbox
 from app.receiving.receiver import DRAIN_BATCH, Receiver
 from app.receiving.spool import SPOOL_FILE, Spool
-from app.recording.batches import GroupCommit, Telling
+from app.recording.batches import NOBODY, GroupCommit, Telling
 from app.recording.record import store_rejected
 from app.simulation import traffic
 from tests import streams
@@ -36,8 +34,10 @@ from tests.conftest import (
     app_client,
     assert_forwarded_once_and_ready,
     asyncpg_dsn,
+    crm_destination,
     deliver,
     make_settings,
+    refuse_doomed_mailboxes,
     sender_signature,
     wire,
 )
@@ -90,6 +90,30 @@ async def until(condition: Any) -> None:
         await asyncio.sleep(0.02)
 
 
+def draining_receiver(
+    engine: AsyncEngine,
+    spool: Spool,
+    *,
+    telling: Telling = NOBODY,
+    pause: Callable[[float], Awaitable[None]] | None = None,
+) -> Receiver:
+    """A receiver draining `spool` into `engine` as `serve`'s does, each batch recorded
+    through a group commit without a window (telling what `telling` names)."""
+    vault = Vault([FERNET_KEY])
+    committer = GroupCommit(engine, vault, window=0, telling=telling)
+    return Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=pause,
+    )
+
+
 async def test_the_drain_starts_within_a_second_of_the_database_answering_again(database_url):
     proxy = Proxy(database_url)
     await proxy.start()
@@ -99,21 +123,9 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
         await proxy.cut()
         for payload in payloads:
             assert (await deliver(client, payload)).json()["status"] == "queued"
-    clock, vault = Clock(settings.spool_path), Vault([FERNET_KEY])
-    engine = make_engine(proxy.url)
+    clock, engine = Clock(settings.spool_path), make_engine(proxy.url)
     spool = Spool(settings.spool_path, max_bytes=2**30)
-    committer = GroupCommit(engine, vault, window=0)
-    receiver = Receiver(
-        engine,
-        vault,
-        spool,
-        HashingKey(engine, vault),
-        2**20,
-        record=committer.record,
-        record_many=committer.record_many,
-        store=store_rejected,
-        pause=clock.pause,
-    )
+    receiver = draining_receiver(engine, spool, pause=clock.pause)
     drainer = asyncio.create_task(receiver.drain_forever())
     try:
         await until(lambda: asyncio.sleep(0, clock.now > 120))  # two minutes away
@@ -165,20 +177,10 @@ async def drain_once(
 ) -> int:
     """One batch of the spool drained into the database, as `serve`'s drainer does (telling
     the destinations, as `serve` does)."""
-    vault, engine = Vault([FERNET_KEY]), make_engine(database_url)
+    engine = make_engine(database_url)
     spool = Spool(settings.spool_path, max_bytes=2**30)
     telling = Telling(destinations, DestinationsOutbox(engine, destinations))
-    committer = GroupCommit(engine, vault, window=0, telling=telling)
-    receiver = Receiver(
-        engine,
-        vault,
-        spool,
-        HashingKey(engine, vault),
-        2**20,
-        record=committer.record,
-        record_many=committer.record_many,
-        store=store_rejected,
-    )
+    receiver = draining_receiver(engine, spool, telling=telling)
     try:
         return await receiver.drain()
     finally:
@@ -227,12 +229,8 @@ async def test_a_batched_drain_forwards_each_new_event_and_tells_what_it_complet
     """An order's three mailboxes spooled (one of them twice), drained in one batch: each
     new event forwarded once, as it would be live (the duplicate is not), and the order's
     mailboxes.ready told once; nothing else is sent to the destination."""
-    monkeypatch.setenv("CRM_SECRET", "whsec_" + base64.b64encode(os.urandom(32)).decode())
-    crm: dict[str, Any] = {"name": "crm", "url": "https://crm.example.com/hooks"}
-    crm |= {"format": "standard-webhooks", "secretEnv": "CRM_SECRET"}
-    crm |= {"events": ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]}
-    path = tmp_path / "destinations.yaml"
-    path.write_text(orjson.dumps({"destinations": [crm]}).decode())
+    forwarded = ["mailbox.order.success", "mailbox.created", "mailboxes.ready"]
+    path = crm_destination(tmp_path, monkeypatch, forwarded)
     order, *boxes = streams.standard_order(3, False, [], start=time.time() - 3600)
     batch = [order, *boxes, boxes[0]]
     tolerance = streams.TOLERANCE
@@ -246,14 +244,7 @@ async def test_a_batched_drain_forwards_each_new_event_and_tells_what_it_complet
 async def test_one_failing_delivery_in_a_batched_drain_is_set_aside_alone(database_url, db):
     """The batch's transaction fails on one delivery: the others are recorded one by one
     and kept, the failing one among the rejected deliveries, and the spool is empty."""
-    await db.execute(
-        """
-        create function refuse_box() returns trigger language plpgsql as $$
-        begin raise exception 'a bug' using errcode = 'XX000'; end $$;
-        create trigger refuse before insert on mailboxes
-        for each row when (new.email like 'doomed%') execute function refuse_box();
-        """
-    )
+    await refuse_doomed_mailboxes(db)
     good = [traffic.mailbox_created() for _ in range(3)]
     doomed = traffic.mailbox_created(details={"email": "doomed@x.example"})
     settings = await spool_while_away(database_url, [good[0], doomed, *good[1:]])

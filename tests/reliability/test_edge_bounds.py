@@ -20,10 +20,9 @@ from app.simulation import traffic
 from bench.attack import established, rss_mib
 from tests.conftest import WEBHOOK_TOKEN
 from tests.reliability.test_edge import connect, env_for, sign
-from tests.servers import PATIENCE, Server, read_until_closed, wait_for
+from tests.servers import PATIENCE, Server, login_head, read_until_closed, wait_for
 
 SLOW = "600"  # REQUEST_TIMEOUT_SECONDS where a test holds a connection on purpose
-FORM = b"application/x-www-form-urlencoded"
 LARGE = b"/docs/assets/swagger-ui-bundle.js"  # 1.5 MB (the .map is not shipped: a 404)
 
 
@@ -48,19 +47,6 @@ def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         RESPONSE_TIMEOUT_SECONDS="1",
     ) as serve:
         yield serve
-
-
-def login_head(length: int | None, source_headers: bytes = b"") -> bytes:
-    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (
-        b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Type: "
-        + FORM
-        + b"\r\n"
-        + framing.encode()
-        + b"\r\n"
-        + source_headers
-        + b"\r\n"
-    )
 
 
 # --- bodies: read no more than a route needs, before it authenticates ------------------
