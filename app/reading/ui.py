@@ -258,7 +258,7 @@ async def overview(request: Request) -> Response:
         shown=FIRST_SHOWN,
         chart=chart.chart(tally, since, step, buckets),
         span="24h",
-        signatures=await events.signatures_since(conn, since),
+        signatures=deliveries.signatures(tally),
         spool=spool,
         reconcile=await counts.latest_reconciliation(conn),
     )

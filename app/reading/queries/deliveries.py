@@ -4,7 +4,8 @@ they arrived), or as a gap where none arrived at all.
 
 A week or a month reads hundreds of thousands of events: each process counts a bucket once
 it has settled (ended an hour ago: the sender's retries come within minutes) and keeps it,
-so each render counts only the last hour or so afresh."""
+so each render counts only the last hour or so afresh. The same counts, by signature form,
+are the overview's "Signatures" table (its 24 h read 28,000 events a render at 5M events)."""
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,8 @@ from app.reading.reader import Reader
 
 OUTCOMES = ("processed", "ignored", "duplicate", "rejected")
 SERIES = (*OUTCOMES, "spooled")  # spooled: processed or ignored after waiting in the spool
+# and a series per signature form seen, stored or rejected ("signature valid")
+SIGNED = "signature "
 Range = Literal["24h", "7d", "30d"]
 RANGES: dict[str, tuple[timedelta, timedelta]] = {  # span, bucket
     "24h": (timedelta(hours=24), timedelta(minutes=1)),
@@ -26,15 +29,15 @@ SETTLED = timedelta(hours=1)
 ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)  # buckets are aligned on it (UTC midnight)
 
 COUNTS = text(
-    "SELECT date_bin(:step, first_received_at, :origin) AS b, status AS outcome, count(*) AS n,"
-    " count(*) FILTER (WHERE spooled) AS spooled"
-    " FROM events WHERE first_received_at >= :since GROUP BY 1, 2"
-    " UNION ALL SELECT date_bin(:step, last_received_at, :origin), 'duplicate',"
+    "SELECT date_bin(:step, first_received_at, :origin) AS b, status AS outcome, signature,"
+    " count(*) AS n, count(*) FILTER (WHERE spooled) AS spooled"
+    " FROM events WHERE first_received_at >= :since GROUP BY 1, 2, 3"
+    " UNION ALL SELECT date_bin(:step, last_received_at, :origin), 'duplicate', NULL,"
     " sum(deliveries - 1), 0 FROM events"
     " WHERE first_received_at >= :since - interval '1 day' AND last_received_at >= :since"
     " AND deliveries > 1 GROUP BY 1"
-    " UNION ALL SELECT date_bin(:step, received_at, :origin), 'rejected', count(*), 0"
-    " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1"
+    " UNION ALL SELECT date_bin(:step, received_at, :origin), 'rejected', signature, count(*), 0"
+    " FROM rejected_deliveries WHERE received_at >= :since GROUP BY 1, 3"
 )
 
 Counts = dict[str, dict[datetime, int]]
@@ -60,6 +63,7 @@ class SettledBuckets:
         settled = bucket_of(now - SETTLED, step)
         kept = self.counts.setdefault(step, empty())
         for series, buckets in fresh.items():
+            kept.setdefault(series, {})
             for at, n in buckets.items():
                 if at < settled:
                     kept[series][at] = n
@@ -68,9 +72,9 @@ class SettledBuckets:
                 del buckets[at]
         self.until[step] = max(settled, since)
         merged = empty()
-        for series in SERIES:
-            merged[series] = kept[series] | {
-                at: n for at, n in fresh[series].items() if at >= settled
+        for series in kept.keys() | fresh.keys():
+            merged[series] = kept.get(series, {}) | {
+                at: n for at, n in fresh.get(series, {}).items() if at >= settled
             }
         return merged
 
@@ -80,6 +84,9 @@ async def count(conn: Reader, since: datetime, step: timedelta) -> Counts:
     stmt = COUNTS.bindparams(step=step, origin=ORIGIN, since=since)
     for row in await conn.execute(stmt):
         counts[row.outcome][row.b] = counts[row.outcome].get(row.b, 0) + int(row.n)
+        if row.signature is not None:
+            signed = counts.setdefault(SIGNED + row.signature, {})
+            signed[row.b] = signed.get(row.b, 0) + int(row.n)
         if row.spooled:
             counts["spooled"][row.b] = counts["spooled"].get(row.b, 0) + int(row.spooled)
     return counts
@@ -97,3 +104,14 @@ async def deliveries(
         return since, step, buckets, await count(conn, since, step)
     start = max(since, cache.until.get(step, since))
     return since, step, buckets, cache.keep(step, await count(conn, start, step), since, now)
+
+
+def signatures(counts: Counts) -> list[tuple[str, int]]:
+    """Deliveries per signature form (stored and rejected) in these counts, the commonest
+    first."""
+    totals = [
+        (series.removeprefix(SIGNED), sum(buckets.values()))
+        for series, buckets in counts.items()
+        if series.startswith(SIGNED)
+    ]
+    return sorted([(form, n) for form, n in totals if n], key=lambda t: (-t[1], t[0]))

@@ -1,14 +1,12 @@
 """Stored events (payloads redacted) and rejected deliveries."""
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
     Select,
     literal_column,
     select,
-    text,
     union,
 )
 
@@ -91,16 +89,3 @@ async def get_rejected(conn: Reader, id: int) -> resources.Rejected:
     if row is None:
         raise NotFound()
     return resources.Rejected.model_validate(row._asdict())
-
-
-async def signatures_since(conn: Reader, since: datetime) -> list[tuple[str, int]]:
-    """Deliveries per signature form (stored and rejected), the commonest first."""
-    rows = await conn.execute(
-        text(
-            "SELECT signature, sum(n) AS n FROM ("
-            " SELECT signature, count(*) AS n FROM events WHERE first_received_at >= :since"
-            " GROUP BY 1 UNION ALL SELECT signature, count(*) FROM rejected_deliveries"
-            " WHERE received_at >= :since GROUP BY 1) AS s GROUP BY 1 ORDER BY 2 DESC"
-        ).bindparams(since=since)
-    )
-    return [(row.signature, int(row.n)) for row in rows]
