@@ -351,6 +351,21 @@ class Order(Listed, TimestampMixin, Base):
     __table_args__ = keyset_indexes("orders", "status", "kind", "user_id") + (
         Index("ix_orders_updated_at", "updated_at"),  # the overview's last 7 days
         Index("ix_orders_created_at", "created_at"),  # the orders page's date range
+        # the failed-domains view's orders failed as a whole (queries/failed_domains.py):
+        # read from the index alone (migration 0025)
+        Index(
+            "ix_orders_failed_whole_updated_at",
+            "updated_at",
+            postgresql_where=text("status = 'failed' AND failure_reason IS NOT NULL"),
+            postgresql_include=[
+                "order_id",
+                "status",
+                "kind",
+                "user_id",
+                "user_email",
+                "failure_reason",
+            ],
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
