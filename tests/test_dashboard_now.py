@@ -289,3 +289,24 @@ async def test_the_charts_show_each_range_and_the_spooled_deliveries(client, db)
     assert (await client.get("/ui/deliveries", params={"range": "1y"})).status_code == 422
     overview = (await client.get("/ui")).text
     assert '<path class="bar-spooled"' in overview and 'href="/ui/deliveries?range=7d"' in overview
+
+
+def signature_counts(page: str) -> dict[str, int]:
+    """The overview's "Signatures, 24 h" table: deliveries per signature form."""
+    card = page.split("<h2>Signatures, 24 h</h2>")[1].split("</div>")[0]
+    rows = re.findall(r'<tr><td>([^<]+)</td><td class="num">(\d+)</td></tr>', card)
+    return {form: int(n) for form, n in rows}
+
+
+async def test_the_overview_counts_stored_and_rejected_deliveries_by_signature_each_view(client):
+    await sign_in(client)
+    assert signature_counts((await client.get("/ui")).text) == {}
+    for _ in range(2):
+        await ok(client, traffic.mailbox_created())
+    rejected = await deliver(
+        client, b'{"event": "mailbox.created", "eventId": "broken", "data": 7}'
+    )
+    assert rejected.status_code != 200  # stored among the rejected deliveries, signed all the same
+    assert signature_counts((await client.get("/ui")).text) == {"valid": 3}
+    await ok(client, traffic.mailbox_created())  # the next view counts it: nothing held stale
+    assert signature_counts((await client.get("/ui")).text) == {"valid": 4}
