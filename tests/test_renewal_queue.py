@@ -4,8 +4,11 @@ grand total that never counts an unknown cost as 0; a customer's whole picture o
 
 import csv
 import io
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+
+import pytest
 
 from app.reading import renewals, ui
 from app.simulation import traffic
@@ -445,3 +448,116 @@ async def test_a_page_ending_on_the_queues_last_row_says_there_is_no_next_page(c
         assert (body["nextCursor"] is not None) is more, limit
     rest = await queue(client, limit=4, cursor=(await queue(client, limit=4))["nextCursor"])
     assert (len(rest["items"]), rest["nextCursor"]) == (1, None)
+
+
+async def csv_rows(client, **params):
+    response = await client.get("/ui/renewals.csv", params={"due": "all", **params})
+    assert response.status_code == 200, response.text
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
+async def ordered(client, ends_at, *, boxes=1, price=10, **data):
+    """A subscription ordered with this end (its expiryDate), for `boxes` at `price` each."""
+    order = traffic.mailbox_order_success(
+        expiryDate=ends_at if ends_at is None else iso(ends_at), quantity=boxes, price=price, **data
+    )
+    await delivered(client, order)
+    return order["data"]["subscriptionId"]
+
+
+async def test_a_zero_end_date_leads_the_queue_and_its_csv_from_the_first_row_recorded(
+    client,
+):
+    """A sender's unset date (0001-01-01T00:00:00Z, the zero time of Go and C#) on the first
+    subscription recorded, and one a microsecond later: both lapsed, at the head of the
+    queue and of its download, which start before the calendar's first instant and before
+    the first row recorded there; the grand total counts them."""
+    zero = traffic.mailbox_order_success(expiryDate="0001-01-01T00:00:00Z")
+    await delivered(client, zero)  # the first subscription recorded
+    tick = traffic.mailbox_order_success(expiryDate="0001-01-01T00:00:00.000001Z")
+    await delivered(client, tick)
+    soon = await new_subscription(client)
+    await lifecycle(client, soon["subscriptionId"], "subscription.updated", 3)
+    head = [zero["data"]["subscriptionId"], tick["data"]["subscriptionId"]]
+
+    body = await queue(client)
+    assert ids(body) == [*head, soon["subscriptionId"]]
+    assert [r["due"] for r in body["items"]] == ["lapsed", "lapsed", "this_week"]
+    assert body["total"]["subscriptions"] == 3
+    assert ids(await queue(client, due="lapsed")) == head
+    await sign_in(client)
+    rows = await csv_rows(client)
+    assert [r["subscriptionId"] for r in rows] == ids(body)
+    assert [r["due"] for r in rows] == ["lapsed", "lapsed", "this_week"]
+
+
+async def test_the_csv_keeps_every_row_that_shares_an_end_across_its_statements(
+    client, monkeypatch
+):
+    """Subscriptions ordered together end at the same instant; read CSV_PAGE (2) rows a
+    statement, the download still holds each of them once, in the queue's order."""
+    monkeypatch.setattr(renewals, "CSV_PAGE", 2)
+    together = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
+    made = {await ordered(client, together) for _ in range(5)}
+    later = await ordered(client, together + timedelta(days=1))
+    items = (await queue(client))["items"]
+    assert {i["subscriptionId"] for i in items} == made | {later}
+    await sign_in(client)
+    rows = await csv_rows(client)
+    assert [r["subscriptionId"] for r in rows] == [i["subscriptionId"] for i in items]
+    assert len(rows) == 6 and rows[-1]["subscriptionId"] == later
+
+
+async def test_the_csv_leaves_an_unknown_end_or_cost_empty_and_neutralises_a_formula(client):
+    """An undated subscription (PAST_DUE, no end known) has an empty renewsAt; an unpriced
+    one an empty price and monthlyCost (never 0 or a placeholder); a customer's email that
+    a spreadsheet would run as a formula arrives as text."""
+    undated = await ordered(client, None)
+    await delivered(client, subscription_event("subscription.past_due", undated))
+    unpriced = await ordered(client, datetime.now(UTC) + timedelta(days=2), price=None)
+    formula = await ordered(
+        client, datetime.now(UTC) + timedelta(days=4), boxes=2, userEmail="=1+2@agency.example"
+    )
+    await sign_in(client)
+    rows = {r["subscriptionId"]: r for r in await csv_rows(client)}
+    assert list(rows) == [undated, unpriced, formula]
+    assert (rows[undated]["renewsAt"], rows[undated]["due"]) == ("", "undated")
+    assert rows[undated]["subscriptionStatus"] == "PAST_DUE"
+    assert (rows[unpriced]["price"], rows[unpriced]["monthlyCost"]) == ("", "")
+    assert rows[unpriced]["subscriptionStatus"] == ""  # no lifecycle event heard
+    assert datetime.fromisoformat(rows[unpriced]["renewsAt"]) > datetime.now(UTC)
+    assert rows[formula]["userEmail"] == "'=1+2@agency.example"
+    assert Decimal(rows[formula]["monthlyCost"]) == 20
+
+
+@pytest.fixture
+def server_zone(monkeypatch):
+    """The server's own time zone (TZ), set for one test and put back after it."""
+
+    def use(zone: str) -> None:
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+
+    yield use
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_a_date_ranges_days_are_utc_days_whatever_the_servers_time_zone(client, server_zone):
+    """A range's sums take its whole days from the sums per UTC day: on a server whose own
+    zone is India's (+05:30, midnight at 18:30 UTC), the part days at the range's ends are
+    still cut at UTC midnight, so no renewal is counted twice or left out."""
+    server_zone("Asia/Kolkata")
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=3)
+    for at, boxes in [
+        (day - timedelta(hours=3), 1),  # 21:00 UTC the day before: within the first part day
+        (day + timedelta(hours=2), 2),  # within a whole day
+        (day + timedelta(days=1, hours=20), 4),  # 20:00 UTC: within the last whole day
+        (day + timedelta(days=2, hours=13), 8),  # after the range
+    ]:
+        await ordered(client, at, boxes=boxes)
+    start, end = day - timedelta(hours=12), day + timedelta(days=2, hours=12)
+    body = await queue(client, renewsFrom=iso(start), renewsBefore=iso(end))
+    assert len(body["items"]) == 3
+    assert (body["total"]["subscriptions"], body["total"]["mailboxes"]) == (3, 7)
+    assert body["total"]["monthlyCost"] == 70

@@ -2,6 +2,7 @@
 says when): within the minute a page shows the kept sums, after it the new ones; each
 window (`withinDays`) keeps its own."""
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -76,3 +77,31 @@ async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeyp
     # "b" was the least recent when "d" came: dropped, then summed again
     assert summed == ["a", "b", "c", "d", "b"]
     assert list(cache.kept) == ["a", "c", "b"]  # "d" least recent when "b" came back
+
+
+def at(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+async def test_a_date_ranges_totals_are_kept_apart_per_customer(client):
+    """A range of whole days takes its sums from the sums per day of its filters: within the
+    same minute, each customer's range totals count only their renewals, and the range
+    without a customer counts everyone's."""
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
+    for user, hours, boxes in [("USR-A", 5, 1), ("USR-A", 29, 2), ("USR-B", 53, 4)]:
+        payload = traffic.mailbox_order_success(
+            userId=user, expiryDate=at(day + timedelta(hours=hours)), quantity=boxes, price=10
+        )
+        assert (await deliver(client, payload)).status_code == 200
+    whole_days = {"renewsFrom": at(day), "renewsBefore": at(day + timedelta(days=5))}
+
+    async def total(**params: str) -> tuple[int, int, Any]:
+        response = await client.get("/api/v1/renewals", params=whole_days | params, headers=OPS)
+        assert response.status_code == 200, response.text
+        body = response.json()["total"]
+        return body["subscriptions"], body["mailboxes"], body["monthlyCost"]
+
+    assert await total(userId="USR-A") == (2, 3, 30)
+    assert await total(userId="USR-B") == (1, 4, 40)
+    assert await total() == (3, 7, 70)
+    assert await total(userId="USR-C") == (0, 0, None)
