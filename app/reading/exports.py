@@ -27,6 +27,9 @@ BOM = "\ufeff"  # tells Excel the file is UTF-8 (without it "Müller" shows as "
 # A spreadsheet runs a cell beginning with one of these as a formula (the fullwidth ＝＋－＠
 # too, compared after NFKC), even behind leading whitespace or invisible characters.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with one of these (printable ASCII but those and the space) is no formula:
+# neutralise needs no Unicode lookups for it (they were most of a CSV's Python time).
+PLAIN_STARTS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set(FORMULA_STARTS)
 # Columns the platform logs in with: exported exactly as stored, never neutralised.
 CREDENTIALS = frozenset({"login_password", "password", "app_password", "authenticator_secret"})
 SERVERS = {  # imap host, imap port, smtp host, smtp port
@@ -144,6 +147,8 @@ def neutralise(cell: str) -> str:
     """A cell a spreadsheet would run as a formula, made text by a leading quote. Whitespace
     and invisible characters (zero-width, BOM, bidi controls: Unicode's format category)
     before the start do not hide it."""
+    if cell[:1] in PLAIN_STARTS:  # the common case, decided by its first character alone
+        return cell
     for char in cell:
         if unicodedata.normalize("NFKC", char).startswith(FORMULA_STARTS):
             return f"'{cell}"
