@@ -491,6 +491,27 @@ async def test_a_zero_end_date_leads_the_queue_and_its_csv_from_the_first_row_re
     assert [r["due"] for r in rows] == ["lapsed", "lapsed", "this_week"]
 
 
+async def test_a_page_that_ends_on_a_zero_end_date_goes_on_and_shows_it_in_utc(client):
+    """A page whose last row is a sender's unset date (stored as -infinity, read back
+    without an offset) gives a cursor that leads to the next row, not a 500; the date is
+    shown in UTC like every other, in the API and in the download."""
+    zero = traffic.mailbox_order_success(expiryDate="0001-01-01T00:00:00Z")
+    await delivered(client, zero)
+    soon = await new_subscription(client)
+    await lifecycle(client, soon["subscriptionId"], "subscription.updated", 3)
+
+    first = await queue(client, limit=1)
+    assert ids(first) == [zero["data"]["subscriptionId"]]
+    assert first["items"][0]["renewsAt"] == "0001-01-01T00:00:00Z"
+    second = await queue(client, limit=1, cursor=first["nextCursor"])
+    assert ids(second) == [soon["subscriptionId"]]
+    assert second["items"][0]["renewsAt"].endswith("Z")
+    await sign_in(client)
+    rows = await csv_rows(client)
+    assert [r["renewsAt"] for r in rows][0] == "0001-01-01T00:00:00+00:00"
+    assert [r["subscriptionId"] for r in rows] == [*ids(first), *ids(second)]
+
+
 async def test_the_csv_keeps_every_row_that_shares_an_end_across_its_statements(
     client, monkeypatch
 ):

@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 
 from app.reading import exports, resources
-from app.reading.queries.paging import Ident, UtcTime
+from app.reading.queries.paging import Ident, UtcTime, in_utc
 from app.reading.reader import Reader
 from app.reading.resources import Risk
 
@@ -347,7 +347,9 @@ class RenewalQuery(BaseModel):
 
 
 def renewal_cursor(row: Any) -> str:
-    return f"{(row.sort_at - EPOCH) // timedelta(microseconds=1)}-{row.id}"
+    """The row's (end, id); a sender's zero date is read back without an offset (see
+    resources.SenderTime)."""
+    return f"{(in_utc(row.sort_at) - EPOCH) // timedelta(microseconds=1)}-{row.id}"
 
 
 async def list_renewals(
@@ -500,7 +502,7 @@ def csv_rows(rows: list[Any], currency: str) -> list[list[str]]:
         when = values[renews_at]
         lines.append(
             [
-                when.isoformat() if when else "",
+                in_utc(when).isoformat() if when else "",
                 "" if values[due] is None else neutralise(str(values[due])),
                 neutralise(" ".join(values[risks])),
                 *["" if (v := values[i]) is None else neutralise(str(v)) for i in at],

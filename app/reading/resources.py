@@ -5,9 +5,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 from pydantic.alias_generators import to_camel
 
+from app.receiving.payloads import assume_utc
+
+# A time the sender gave: its zero date (0001-01-01, Go's and C#'s unset time) is stored as
+# -infinity, which asyncpg reads back without an offset; it is UTC like every other.
+SenderTime = Annotated[datetime, AfterValidator(assume_utc)]
 Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
 Provider = Literal["GOOGLE", "MICROSOFT"]
 SubscriptionStatus = Literal["ACTIVE", "RENEWING", "PAST_DUE", "EXPIRED", "CANCELLED"]
@@ -36,21 +41,21 @@ class Subscription(Resource):
     source: Literal["standard", "prewarmed"] | None
     status: Literal["active", "failed"]
     order_id: str | None = Field(description="The subscription's first order")
-    expiry_date: datetime | None
+    expiry_date: SenderTime | None
     price: Money | None
     quantity: int | None = Field(
         description="From subscription.* events when known, else the sum over succeeded orders"
     )
     mailbox_count: int
     subscription_status: SubscriptionStatus | None
-    period_start: datetime | None
-    period_end: datetime | None
+    period_start: SenderTime | None
+    period_end: SenderTime | None
     auto_renew: bool | None
     lifecycle_source: Literal["event", "reconciliation"] | None = Field(
         description="Whether the lifecycle fields last came from an event or a reconcile"
     )
     domain_status: str | None
-    domain_expiry_date: datetime | None
+    domain_expiry_date: SenderTime | None
     created_at: datetime
     updated_at: datetime
 
@@ -69,9 +74,9 @@ class Mailbox(Resource):
     source: Literal["standard", "prewarmed"] | None
     user_id: str | None
     order_id: str | None
-    creation_time: datetime | None
-    warming_up_from: datetime | None
-    expiry_date: datetime | None
+    creation_time: SenderTime | None
+    warming_up_from: SenderTime | None
+    expiry_date: SenderTime | None
     price: Money | None
     final_url: str | None
     has_password: bool
@@ -103,7 +108,7 @@ Due = Literal["this_week", "overdue", "lapsed", "later", "ended", "undated"]
 
 
 class Renewal(Subscription):
-    renews_at: datetime | None = Field(
+    renews_at: SenderTime | None = Field(
         description="When its period ends (its expiryDate); null when never said"
     )
     due: Due = Field(
