@@ -50,7 +50,8 @@ SUBSCRIPTION_SEARCH = (
 )
 
 
-RENEWS_AT = "coalesce(expiry_date, 'epoch'::timestamptz)"
+EPOCH = "'epoch'::timestamptz"
+RENEWS_AT = f"coalesce(expiry_date, {EPOCH})"
 
 
 def search_index(table: str, expression: str) -> Index:

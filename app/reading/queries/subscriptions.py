@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.errors import NotFound
 from app.models import (
-    RENEWS_AT,
+    EPOCH,
     domains,
     mailboxes,
     subscriptions,
@@ -99,7 +99,7 @@ async def list_subscriptions(
     if expires_before is not None:
         # the same bound on the renews-at expression (the expiry date where there is one):
         # its index (ix_subscriptions_renews_at) serves the filter (migration 0024)
-        renews_at = literal_column(f"({RENEWS_AT})")
+        renews_at = func.coalesce(subscriptions.c.expiry_date, literal_column(EPOCH))
         stmt = stmt.where(subscriptions.c.expiry_date < expires_before, renews_at < expires_before)
     rows, cursor = await fetch_page(conn, stmt, subscriptions, query)
     return resources.Page(
