@@ -50,7 +50,8 @@ SUBSCRIPTION_SEARCH = (
 )
 
 
-RENEWS_AT = "coalesce(expiry_date, 'epoch'::timestamptz)"
+EPOCH = "'epoch'::timestamptz"
+RENEWS_AT = f"coalesce(expiry_date, {EPOCH})"
 
 
 def search_index(table: str, expression: str) -> Index:
@@ -115,7 +116,10 @@ class Event(Listed, Base):
     __table_args__ = (
         UniqueConstraint("event_id", "content_hash", name="uq_events_event_id_content_hash"),
         Index("ix_events_event_type_id", "event", "id"),
-        Index("ix_events_status_id", "status", "id"),
+        # an ignored event's page: a page of processed ones walks the primary key (0024)
+        Index(
+            "ix_events_status_id", "status", "id", postgresql_where=text("status <> 'processed'")
+        ),
         Index("ix_events_conflict_id", "id", postgresql_where=text("conflict")),
         Index("ix_events_first_received_at", "first_received_at"),  # the dashboard's 24 h
         # the overview's failed signatures (queries/right_now.py): those rows only
@@ -192,19 +196,25 @@ class Subscription(Listed, TimestampMixin, Base):
     (`lifecycle_version` is the winning event's time, see app/recording/merge.py)."""
 
     __tablename__ = "subscriptions"
-    __table_args__ = keyset_indexes(
-        "subscriptions",
-        "domain",
-        "user_id",
-        "user_email",
-        "provider",
-        "source",
-        "status",
-        "subscription_status",
-    ) + (
-        Index("ix_subscriptions_expiry_date", "expiry_date"),
+    # No (provider, id) nor (source, id), two values each: a page of either walks the
+    # primary key and keeps about every other row; a failed subscription's page, or a
+    # lifecycle status's, reads an index of those rows only; `expiresBefore` reads the
+    # renewals' (renews at, id) (migration 0024: what each index costs a delivery).
+    __table_args__ = keyset_indexes("subscriptions", "domain", "user_id", "user_email") + (
+        Index(
+            "ix_subscriptions_status_id",
+            "status",
+            "id",
+            postgresql_where=text("status <> 'active'"),
+        ),
+        Index(
+            "ix_subscriptions_subscription_status_id",
+            "subscription_status",
+            "id",
+            postgresql_where=text("subscription_status IS NOT NULL"),
+        ),
         search_index("subscriptions", SUBSCRIPTION_SEARCH),
-        # renewals.PAGE's order: a page of renewals reads only its own rows
+        # renewals.PAGE's order (and `expiresBefore`): a page of renewals reads only its own rows
         Index("ix_subscriptions_renews_at", text(RENEWS_AT), text("id")),
         # a customer's renewals (by userId, or email in any case) in that order
         Index("ix_subscriptions_user_id_renews_at", "user_id", text(RENEWS_AT), text("id")),
@@ -287,19 +297,15 @@ class Mailbox(Listed, TimestampMixin, Base):
     """
 
     __tablename__ = "mailboxes"
+    # No (provider, id) nor (source, id): two values each, a page of either walks the
+    # primary key (migration 0024).
     __table_args__ = keyset_indexes(
-        "mailboxes",
-        "subscription_id",
-        "domain",
-        "email",
-        "user_id",
-        "provider",
-        "source",
-        "order_id",
+        "mailboxes", "subscription_id", "domain", "email", "user_id"
     ) + (
         search_index("mailboxes", MAILBOX_SEARCH),
-        # an order domain's mailboxes, counted for incomplete orders (queries/right_now.py)
-        Index("ix_mailboxes_order_id_subscription_id", "order_id", "subscription_id"),
+        # an order's page, and an order domain's mailboxes counted for incomplete orders
+        # (queries/right_now.py) from the index alone
+        Index("ix_mailboxes_order_id_id", "order_id", "id", postgresql_include=["subscription_id"]),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -8,6 +8,7 @@ from pydantic import (
 from sqlalchemy import (
     Select,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -18,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.errors import NotFound
 from app.models import (
+    EPOCH,
     domains,
     mailboxes,
     subscriptions,
@@ -95,7 +97,10 @@ async def list_subscriptions(
     expires_before = filters.pop("expires_before")
     stmt = apply_filters(subscription_select(), subscriptions, filters)
     if expires_before is not None:
-        stmt = stmt.where(subscriptions.c.expiry_date < expires_before)
+        # the same bound on the renews-at expression (the expiry date where there is one):
+        # its index (ix_subscriptions_renews_at) serves the filter (migration 0024)
+        renews_at = func.coalesce(subscriptions.c.expiry_date, literal_column(EPOCH))
+        stmt = stmt.where(subscriptions.c.expiry_date < expires_before, renews_at < expires_before)
     rows, cursor = await fetch_page(conn, stmt, subscriptions, query)
     return resources.Page(
         items=[resources.Subscription.model_validate(r._asdict()) for r in rows], next_cursor=cursor
