@@ -7,7 +7,7 @@ empty. An order failed as a whole always has a reason: merge.DERIVE_ORDER fails 
 without domains only for its failure_reason (an order's domains are never deleted).
 
 Revision ID: 0025
-Revises: 0022 (rebase onto 0024 at the merge)
+Revises: 0024
 Create Date: 2026-12-06 04:10:00
 
 """
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0025"
-down_revision: str | None = "0022"
+down_revision: str | None = "0024"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
