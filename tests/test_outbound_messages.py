@@ -1,18 +1,23 @@
 """Destinations as declared (DESTINATIONS_FILE) and messages written in the caller's
 transaction (app/outbound/messages.py)."""
 
+import asyncio
 import base64
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from app.config import ConfigError
 from app.destinations import Destination, check_network, load
 from app.outbound.messages import enqueue
+from tests.conftest import asyncpg_dsn, with_database
+from tests.test_keyed_hashes import migrate
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
@@ -129,8 +134,40 @@ async def test_webhook_ids_are_unique_and_in_the_order_messages_were_written(db)
         async with db.transaction():
             await enqueue(db, everyone, "order.failed", {"orderId": f"o{n}"})
     ids = [r["webhook_id"] for r in await db.fetch("SELECT * FROM outbound_messages ORDER BY id")]
-    assert all(re.fullmatch("msg_[0-9a-f]{32}", webhook_id) for webhook_id in ids)
-    assert len(set(ids)) == 6
-    # time order: a later message's id sorts after an earlier one's (the unique index
-    # grows at its right edge); within one statement the random tail decides
-    assert max(ids[0:2]) < min(ids[2:4]) and max(ids[2:4]) < min(ids[4:6])
+    # 'msg_', 16 hex digits of a sequence, 20 random: unique by construction (no index
+    # checks it), and in the order written
+    assert all(re.fullmatch("msg_[0-9a-f]{36}", webhook_id) for webhook_id in ids)
+    assert len(set(ids)) == 6 and ids == sorted(ids)
+    assert len({webhook_id[20:] for webhook_id in ids}) == 6  # the random tails differ too
+
+
+@pytest.fixture
+async def at_0022(server_url: str) -> Any:
+    """An empty database migrated only as far as 0022, dropped afterwards."""
+    name = f"cmw_at_0022_{os.getpid()}_{id(object())}"
+    admin = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = with_database(server_url, name)
+    try:
+        await asyncio.to_thread(migrate, url, "0022")
+        yield url
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_messages_written_before_0023_keep_their_ids_and_none_is_given_again(at_0022):
+    everyone = [destination(name="a", events=["*"]), destination(name="b", events=["*"])]
+    conn = await asyncpg.connect(asyncpg_dsn(at_0022))
+    try:
+        await enqueue(conn, everyone, "order.failed", {"orderId": "before"})
+        before = await conn.fetch("SELECT id, webhook_id FROM outbound_messages ORDER BY id")
+        await asyncio.to_thread(migrate, at_0022, "head")
+        await enqueue(conn, everyone, "order.failed", {"orderId": "after"})
+        rows = await conn.fetch("SELECT id, webhook_id FROM outbound_messages ORDER BY id")
+    finally:
+        await conn.close()
+    assert rows[:2] == before
+    assert all(re.fullmatch("msg_[0-9a-f]{32}", r["webhook_id"]) for r in rows[:2])
+    assert all(re.fullmatch("msg_[0-9a-f]{36}", r["webhook_id"]) for r in rows[2:])
+    assert len({r["webhook_id"] for r in rows}) == 4

@@ -93,6 +93,41 @@ async def test_a_destinations_messages_show_status_attempts_and_next_retry(clien
     assert rest.json()["nextCursor"] is None
 
 
+async def test_a_destinations_messages_of_every_status_come_newest_first_page_by_page(client, db):
+    statuses = ["dead", "pending", "delivered", "dead", "delivered", "pending", "delivered"]
+    ids = await db.fetchval(
+        "WITH written AS (INSERT INTO outbound_messages (destination, type, payload, status)"
+        " SELECT 'crm', 'order.failed', '{}', s FROM unnest($1::text[]) AS s RETURNING id)"
+        " SELECT array_agg(id ORDER BY id) FROM written",
+        statuses,
+    )
+    await db.execute(
+        "INSERT INTO outbound_messages (destination, type, payload, status)"
+        " VALUES ('slack', 'order.failed', '{}', 'dead')"
+    )
+
+    async def listed(**params: str) -> list[tuple[int, str]]:
+        shown, cursor = [], None
+        while True:
+            page = await client.get(
+                "/api/v1/destinations/crm/messages",
+                headers=OPS,
+                params=params | ({"cursor": cursor} if cursor else {}),
+            )
+            assert page.status_code == 200, page.text
+            shown += [(m["id"], m["status"]) for m in page.json()["items"]]
+            if (cursor := page.json()["nextCursor"]) is None:
+                return shown
+
+    newest_first = list(zip(ids, statuses, strict=True))[::-1]
+    assert await listed(limit="2") == newest_first
+    assert await listed() == newest_first
+    for status in ("pending", "delivered", "dead"):
+        assert await listed(limit="1", status=status) == [
+            (i, s) for i, s in newest_first if s == status
+        ]
+
+
 @pytest.mark.parametrize(
     ("path", "params", "status"),
     [

@@ -17,24 +17,33 @@ from app.errors import DATABASE_ERRORS
 log = logging.getLogger("coldmail.outbound")
 CIRCUIT_STATES = {"closed": 0, "open": 1, "disabled": 2}
 
-# Per destination: the pending backlog and its oldest, the dead letters (both through
-# ix_outbound_messages_destination_status_created_at), the shared circuit, the last attempt.
+# Per destination, each through ix_outbound_messages_destination_status_id: the pending
+# backlog and the dead letters (counted from the index), the oldest pending message (the
+# lowest id: ids are given in the order messages are written, so its created_at is the
+# oldest but for a transaction still open when a later one committed); then the shared
+# circuit and the last attempt (the highest id, through ix_outbound_attempts_destination_id).
+# `BETWEEN x AND x` where `= x` would do, and the key in full in ORDER BY: with `=`, the
+# planner reads those columns as constants, orders by id alone and walks the primary key
+# instead, filtering; as ids and statuses go together (the oldest are delivered), that read
+# the whole table for a first row (40 ms at 200,000 messages; this index: 0.04 ms).
 STATES = text(
     """
 SELECT name,
     (SELECT count(*) FROM outbound_messages m
         WHERE m.destination = name AND m.status = 'pending') AS backlog,
-    (SELECT min(created_at) FROM outbound_messages m
-        WHERE m.destination = name AND m.status = 'pending') AS oldest_at,
-    extract(epoch FROM now() - (SELECT min(created_at) FROM outbound_messages m
-        WHERE m.destination = name AND m.status = 'pending')) AS oldest_seconds,
+    oldest.created_at AS oldest_at,
+    extract(epoch FROM now() - oldest.created_at) AS oldest_seconds,
     (SELECT count(*) FROM outbound_messages m
         WHERE m.destination = name AND m.status = 'dead') AS dead_letters,
     d.failures, d.opened_at, d.disabled_at,
-    (SELECT max(started_at) FROM outbound_attempts a WHERE a.destination = name)
-        AS last_attempt_at
+    (SELECT a.started_at FROM outbound_attempts a WHERE a.destination BETWEEN name AND name
+        ORDER BY a.destination DESC, a.id DESC LIMIT 1) AS last_attempt_at
 FROM unnest(CAST(:names AS text[])) AS name
 LEFT JOIN outbound_destinations d USING (name)
+LEFT JOIN LATERAL (
+    SELECT m.created_at FROM outbound_messages m
+    WHERE m.destination = name AND m.status BETWEEN 'pending' AND 'pending'
+    ORDER BY m.status, m.id LIMIT 1) AS oldest ON true
 ORDER BY name
 """
 )
@@ -103,15 +112,32 @@ def declare_series(names: Sequence[str]) -> None:
         metrics.OUTBOUND_FAILED.labels(name)
 
 
-# A destination's messages, newest first, a page after the cursor (the last id given).
+# A destination's messages, newest first, a page after the cursor (the last id given): of
+# one status, one range of ix_outbound_messages_destination_status_id read backwards; of
+# any, the three statuses' ranges, a page of each, merged. (`BETWEEN`: as in STATES.)
+COLUMNS = """id, webhook_id, type, status, attempts, next_attempt_at, last_attempt_at,
+    last_status, last_error, occurred_at, created_at, delivered_at"""
+STATUSES = ("pending", "delivered", "dead")
 MESSAGES = text(
-    """
-SELECT id, webhook_id, type, status, attempts, next_attempt_at, last_attempt_at,
-    last_status, last_error, occurred_at, created_at, delivered_at
+    f"""
+SELECT {COLUMNS}
 FROM outbound_messages
-WHERE destination = :name AND (CAST(:status AS text) IS NULL OR status = :status)
-    AND id < :before
-ORDER BY id DESC
+WHERE destination = :name AND status BETWEEN :status AND :status AND id < :before
+ORDER BY status DESC, id DESC
+LIMIT :limit
+"""
+)
+ANY_MESSAGES = text(
+    f"""
+SELECT m.*
+FROM unnest(CAST(:statuses AS text[])) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT {COLUMNS}
+    FROM outbound_messages
+    WHERE destination = :name AND status BETWEEN s.status AND s.status AND id < :before
+    ORDER BY status DESC, id DESC
+    LIMIT :limit) AS m
+ORDER BY m.id DESC
 LIMIT :limit
 """
 )
@@ -131,9 +157,13 @@ LIMIT :limit
 async def messages(
     engine: AsyncEngine, name: str, *, status: str | None, before: int, limit: int
 ) -> Sequence[Any]:
-    params = {"name": name, "status": status, "before": before, "limit": limit}
+    params: dict[str, Any] = {"name": name, "before": before, "limit": limit}
+    if status is None:
+        statement = ANY_MESSAGES.bindparams(statuses=list(STATUSES), **params)
+    else:
+        statement = MESSAGES.bindparams(status=status, **params)
     async with engine.connect() as conn:
-        return (await conn.execute(MESSAGES.bindparams(**params))).all()
+        return (await conn.execute(statement)).all()
 
 
 async def recent_attempts(engine: AsyncEngine, name: str, *, limit: int) -> Sequence[Any]:
