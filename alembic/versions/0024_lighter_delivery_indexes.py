@@ -21,7 +21,7 @@ trigram search indexes 1,800 bytes of them, each b-tree 70 to 105 bytes. What go
   mailbox count alike (index only).
 
 Revision ID: 0024
-Revises: 0022 (0023 at the merge: the other helper's; rebase down_revision onto it)
+Revises: 0023
 Create Date: 2026-12-06 04:00:00
 """
 
@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0024"
-down_revision: str | None = "0022"
+down_revision: str | None = "0023"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
