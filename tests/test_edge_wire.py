@@ -334,6 +334,22 @@ def test_a_client_that_never_reads_its_answers_is_aborted(serve, caplog):
             assert answer(reader).startswith(b"HTTP/1.1 200")
 
 
+def test_a_client_that_took_large_answers_and_then_stops_reading_is_aborted(serve, caplog):
+    """Each answer gets its own deadline, also after an answer that left the server only
+    once the client read it (its deadline then still set when the next request began)."""
+    with serve(response_timeout_seconds=TAKEN) as port:
+        with windowed(port, 16384) as sock:  # a slow reader: many answers end still queued
+            for _ in range(5):
+                sock.sendall(LARGE)
+                assert len(answer(sock)) > 1_500_000
+            sock.sendall(LARGE)  # and this one it never reads
+            wait_for(lambda: lines(caplog, "answer not taken") != [], "dropped")
+            assert len(read_until_closed(sock)) < 1_500_000
+        assert lines(caplog, "answer not taken") == [
+            f"connection dropped: answer not taken within {TAKEN}s"
+        ]
+
+
 async def test_an_answer_not_ready_within_the_response_timeout_is_aborted(serve, caplog, database):
     """A search stuck behind a lock: the client is not kept waiting past the deadline."""
     locker = await asyncpg.connect(asyncpg_dsn(database))
