@@ -103,6 +103,17 @@ def access_statuses(caplog: pytest.LogCaptureFixture) -> list[int]:
     return [r.status for r in caplog.records if r.name == "coldmail.access"]  # type: ignore[attr-defined]
 
 
+def test_the_server_as_serve_runs_it_is_ready_with_its_database_and_spool(serve):
+    """The bounds pass the app's start-up through: under uvicorn it opens its database
+    and spool and answers /readyz 200 (not only the routes that need neither)."""
+    with serve() as port, connect(port) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    ready = orjson.loads(body)
+    assert ready["database"] == "up" and ready["spool"]["depth"] == 0
+
+
 # --- a request must arrive within REQUEST_TIMEOUT_SECONDS --------------------------------
 
 
