@@ -211,6 +211,26 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
     }
 
 
+async def test_a_worker_without_the_key_others_now_write_with_keeps_deliveries_in_the_spool(
+    database_url,
+):
+    """FERNET_KEYS changed on one worker first (a new key listed first): a worker still on
+    the old list reads the hashing key, but not the bodies the other now writes. Found not
+    ready, it keeps every delivery in the spool until a restart with the new list, rather
+    than applying some of them itself."""
+    new = generate_key()
+    async with app_client(make_settings(database_url)) as client:  # the hashing key's made
+        assert (await deliver(client, traffic.mailbox_created())).json()["status"] == "processed"
+    newer = make_settings(database_url, fernet_keys=f"{new},{FERNET_KEY}")
+    async with app_client(newer) as client:
+        assert (await deliver(client, traffic.mailbox_created())).json()["status"] == "processed"
+    async with app_client(make_settings(database_url)) as client:
+        ready = await client.get("/readyz")
+        answer = await deliver(client, traffic.mailbox_created())
+    assert ready.status_code == 503 and ready.json()["error"] == KEYS_DO_NOT_FIT
+    assert answer.json()["status"] == "queued"
+
+
 async def test_each_outage_ends_in_its_own_line(database_url, capsys):
     """Three outages of one process: one delivery spooled and drained; one refused, the
     spool being full (503, retry later), so that nothing was spooled; one spooled again.
