@@ -18,14 +18,14 @@ import orjson
 import pytest
 
 from app.config import Settings
-from app.crypto import Vault
+from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.destinations import Destination
 from app.destinations import load as load_destinations
 from app.hashing import HashingKey
 from app.outbound.outbox import DestinationsOutbox
 from app.receiving import receiver as receiver_module
-from app.receiving.receiver import DRAIN_BATCH, IDLE_SECONDS, Receiver
+from app.receiving.receiver import DRAIN_BATCH, IDLE_SECONDS, KEYS_WRONG_SECONDS, Receiver
 from app.receiving.spool import SPOOL_FILE, Spool
 from app.recording.batches import GroupCommit, Telling
 from app.recording.record import store_rejected
@@ -184,6 +184,45 @@ async def test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twic
     finally:
         await conn.close()
     assert stored == {p["eventId"] for p in payloads}
+
+
+async def test_a_drainer_whose_keys_cannot_read_the_hashing_key_waits_and_does_not_spin(
+    database_url,
+):
+    """Deliveries spooled by a worker listing only a key the hashing key was not made
+    under: its drainer reads them but cannot record them. It waits KEYS_WRONG_SECONDS,
+    then looks IDLE_SECONDS apart (not in a loop spending a CPU core until a restart);
+    nothing leaves the spool."""
+    async with app_client(make_settings(database_url)) as client:  # the hashing key's made
+        assert (await deliver(client, traffic.mailbox_created())).status_code == 200
+    other = generate_key()
+    payloads = [traffic.mailbox_created() for _ in range(2)]
+    settings = await spool_while_away(database_url, payloads, fernet_keys=other)
+    clock, vault = Clock(settings.spool_path), Vault([other])
+    engine = make_engine(database_url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=clock.pause,
+    )
+    drainer = asyncio.create_task(receiver.drain_forever())
+    try:
+        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= 3))
+    finally:
+        receiver.stop()
+        await drainer
+        spool.close()
+        await engine.dispose()
+    assert receiver.keys_wrong
+    assert clock.pauses[:3] == [(KEYS_WRONG_SECONDS, 2), (IDLE_SECONDS, 2), (IDLE_SECONDS, 2)]
 
 
 # --- one batched drain, its outcomes told apart ------------------------------------------
