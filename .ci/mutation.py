@@ -96,7 +96,12 @@ TESTS = {
         "tests/test_webhook_contract.py",
         "tests/test_signature_forms.py",
     ],
-    "app/receiving/receiver.py": SPOOLING,
+    # SPOOLING, and the drainer's pace on a test clock (batches back to back, idle looks apart)
+    "app/receiving/receiver.py": [
+        *SPOOLING,
+        "tests/reliability/test_batches.py::test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twice_a_second",
+        "tests/reliability/test_batches.py::test_a_drainer_whose_keys_cannot_read_the_hashing_key_waits_and_does_not_spin",
+    ],
     # the spool's own promises besides the receiver's (a full spool's 503): its exact bound,
     # a refused write, a take-out or a set-aside that fails, a new folder, one drainer per file
     "app/receiving/spool.py": [

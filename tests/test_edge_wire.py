@@ -103,6 +103,17 @@ def access_statuses(caplog: pytest.LogCaptureFixture) -> list[int]:
     return [r.status for r in caplog.records if r.name == "coldmail.access"]  # type: ignore[attr-defined]
 
 
+def test_the_server_as_serve_runs_it_is_ready_with_its_database_and_spool(serve):
+    """The bounds pass the app's start-up through: under uvicorn it opens its database
+    and spool and answers /readyz 200 (not only the routes that need neither)."""
+    with serve() as port, connect(port) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    ready = orjson.loads(body)
+    assert ready["database"] == "up" and ready["spool"]["depth"] == 0
+
+
 # --- a request must arrive within REQUEST_TIMEOUT_SECONDS --------------------------------
 
 
@@ -322,6 +333,22 @@ def test_a_client_that_never_reads_its_answers_is_aborted(serve, caplog):
             dropped(2)
             reader.sendall(HEALTH)  # the reader's deadline has passed: it is served on
             assert answer(reader).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_that_took_large_answers_and_then_stops_reading_is_aborted(serve, caplog):
+    """Each answer gets its own deadline, also after an answer that left the server only
+    once the client read it (its deadline then still set when the next request began)."""
+    with serve(response_timeout_seconds=TAKEN) as port:
+        with windowed(port, 16384) as sock:  # a slow reader: many answers end still queued
+            for _ in range(5):
+                sock.sendall(LARGE)
+                assert len(answer(sock)) > 1_500_000
+            sock.sendall(LARGE)  # and this one it never reads
+            wait_for(lambda: lines(caplog, "answer not taken") != [], "dropped")
+            assert len(read_until_closed(sock)) < 1_500_000
+        assert lines(caplog, "answer not taken") == [
+            f"connection dropped: answer not taken within {TAKEN}s"
+        ]
 
 
 async def test_an_answer_not_ready_within_the_response_timeout_is_aborted(serve, caplog, database):

@@ -126,6 +126,38 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
     assert "nothing was spooled" not in err and "the drainer failed" not in err
 
 
+async def test_a_refused_delivery_kept_through_an_outage_keeps_the_time_it_arrived(
+    database_url,
+):
+    """Not the time the attempt to keep it gave up: a database that stops answering holds
+    that attempt (here until the test sees it waiting, as a connect timeout would)."""
+    proxy = Proxy(database_url)
+    await proxy.start()
+    async with app_client(make_settings(proxy.url)) as client:
+        assert (await deliver(client, traffic.mailbox_created())).status_code == 200
+        await proxy.cut()
+        assert (await client.get("/readyz")).json()["database"] == "down"  # pool given up
+        await proxy.hold()
+
+        async def held() -> list[datetime]:
+            return proxy.held
+
+        sent = asyncio.create_task(deliver(client, b'{"not json'))
+        await eventually(held)  # keeping it waits on the database
+        seen_waiting = datetime.now(UTC)
+        await proxy.cut()
+        assert (await sent).status_code == 400
+        await proxy.restore()
+        await wait_until_drained(client)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        kept = await conn.fetch("select reason, received_at from rejected_deliveries")
+    finally:
+        await conn.close()
+    assert [r["reason"] for r in kept] == ["invalid_json"]
+    assert kept[0]["received_at"] < seen_waiting
+
+
 async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_right_ones(
     database_url, db, capsys
 ):
@@ -158,6 +190,26 @@ async def test_with_fernet_keys_that_cannot_decrypt_deliveries_wait_for_the_righ
         (waiting["eventId"], True),
         (also["eventId"], True),
     }
+
+
+async def test_a_worker_without_the_key_others_now_write_with_keeps_deliveries_in_the_spool(
+    database_url,
+):
+    """FERNET_KEYS changed on one worker first (a new key listed first): a worker still on
+    the old list reads the hashing key, but not the bodies the other now writes. Found not
+    ready, it keeps every delivery in the spool until a restart with the new list, rather
+    than applying some of them itself."""
+    new = generate_key()
+    async with app_client(make_settings(database_url)) as client:  # the hashing key's made
+        assert (await deliver(client, traffic.mailbox_created())).json()["status"] == "processed"
+    newer = make_settings(database_url, fernet_keys=f"{new},{FERNET_KEY}")
+    async with app_client(newer) as client:
+        assert (await deliver(client, traffic.mailbox_created())).json()["status"] == "processed"
+    async with app_client(make_settings(database_url)) as client:
+        ready = await client.get("/readyz")
+        answer = await deliver(client, traffic.mailbox_created())
+    assert ready.status_code == 503 and ready.json()["error"] == KEYS_DO_NOT_FIT
+    assert answer.json()["status"] == "queued"
 
 
 async def test_each_outage_ends_in_its_own_line(database_url, capsys):

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 
 import orjson
@@ -148,10 +149,16 @@ async def test_schema_violation_is_422_kept_encrypted_and_not_echoed(client, db)
 DEAD_DATABASE = "postgresql+asyncpg://postgres@127.0.0.1:1/nothing"
 
 
-async def test_database_unreachable_queues_the_delivery_in_the_spool():
+async def test_database_unreachable_queues_the_delivery_in_the_spool(capsys):
+    """A service that starts while the database is away: the first delivery (which needs
+    the hashing key the database keeps) is queued, and the operator reads one line saying
+    why the database cannot be reached."""
     async with app_client(make_settings(DEAD_DATABASE)) as client:
         response = await deliver(client, factories.mailbox_created())
         ready = await client.get("/readyz")
+    away = r"coldmail\.receiver .*database unreachable \((.*)\): deliveries go to the spool"
+    [cause] = re.findall(away, capsys.readouterr().err)
+    assert cause.startswith("ConnectionRefusedError: ")
     assert response.status_code == 200
     assert response.json()["status"] == "queued"
     assert ready.status_code == 200

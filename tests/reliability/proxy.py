@@ -3,6 +3,7 @@ new connections are refused and the open ones are dropped, until it is restored.
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 from sqlalchemy.engine import make_url
 
@@ -23,6 +24,7 @@ class Proxy:
         self.url = proxied.render_as_string(hide_password=False)
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
+        self.held: list[datetime] = []  # when each connection hold() took arrived
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -39,6 +41,16 @@ class Proxy:
 
     async def restore(self) -> None:
         await self.start()
+
+    async def hold(self) -> None:
+        """As a database that stopped answering: the open connections are dropped, new ones
+        are taken and left unanswered until cut() drops them too."""
+        await self.cut()
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", self.port)
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.held.append(datetime.now(UTC))
+        self._pipes.add(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -16,13 +16,14 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.crypto import Vault
+from app.crypto import Vault, generate_key
 from app.db import make_engine
 from app.destinations import Destination
 from app.destinations import load as load_destinations
 from app.hashing import HashingKey
 from app.outbound.outbox import DestinationsOutbox
-from app.receiving.receiver import DRAIN_BATCH, Receiver
+from app.receiving import receiver as receiver_module
+from app.receiving.receiver import DRAIN_BATCH, IDLE_SECONDS, KEYS_WRONG_SECONDS, Receiver
 from app.receiving.spool import SPOOL_FILE, Spool
 from app.recording.batches import NOBODY, GroupCommit, Telling
 from app.recording.record import store_rejected
@@ -152,6 +153,88 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
     finally:
         await conn.close()
     assert stored == {p["eventId"] for p in payloads}
+
+
+async def test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twice_a_second(
+    database_url, monkeypatch
+):
+    """No pause between batches while the spool holds deliveries (a backlog of 20,000 is
+    40 batches, not 40 half-seconds), and half a second between looks once it is empty
+    (not a loop spending a CPU core on an idle worker). On the test's clock: each pause and
+    the spool's depth when it began."""
+    monkeypatch.setattr(receiver_module, "DRAIN_BATCH", 2)  # five spooled: three batches
+    payloads = [traffic.mailbox_created() for _ in range(5)]
+    settings = await spool_while_away(database_url, payloads)
+    clock, vault = Clock(settings.spool_path), Vault([FERNET_KEY])
+    engine = make_engine(database_url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=clock.pause,
+    )
+    drainer = asyncio.create_task(receiver.drain_forever())
+    try:
+        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= 6))
+    finally:
+        receiver.stop()
+        await drainer
+        spool.close()
+        await engine.dispose()
+    # after each batch (3, 1, then none left) at once; then idle, IDLE_SECONDS apart
+    assert clock.pauses[:6] == [(0, 3), (0, 1), (0, 0), *[(IDLE_SECONDS, 0)] * 3]
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        stored = {r["event_id"] for r in await conn.fetch("select event_id from events")}
+    finally:
+        await conn.close()
+    assert stored == {p["eventId"] for p in payloads}
+
+
+async def test_a_drainer_whose_keys_cannot_read_the_hashing_key_waits_and_does_not_spin(
+    database_url,
+):
+    """Deliveries spooled by a worker listing only a key the hashing key was not made
+    under: its drainer reads them but cannot record them. It waits KEYS_WRONG_SECONDS,
+    then looks IDLE_SECONDS apart (not in a loop spending a CPU core until a restart);
+    nothing leaves the spool."""
+    async with app_client(make_settings(database_url)) as client:  # the hashing key's made
+        assert (await deliver(client, traffic.mailbox_created())).status_code == 200
+    other = generate_key()
+    payloads = [traffic.mailbox_created() for _ in range(2)]
+    settings = await spool_while_away(database_url, payloads, fernet_keys=other)
+    clock, vault = Clock(settings.spool_path), Vault([other])
+    engine = make_engine(database_url)
+    spool = Spool(settings.spool_path, max_bytes=2**30)
+    committer = GroupCommit(engine, vault, window=0)
+    receiver = Receiver(
+        engine,
+        vault,
+        spool,
+        HashingKey(engine, vault),
+        2**20,
+        record=committer.record,
+        record_many=committer.record_many,
+        store=store_rejected,
+        pause=clock.pause,
+    )
+    drainer = asyncio.create_task(receiver.drain_forever())
+    try:
+        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= 3))
+    finally:
+        receiver.stop()
+        await drainer
+        spool.close()
+        await engine.dispose()
+    assert receiver.keys_wrong
+    assert clock.pauses[:3] == [(KEYS_WRONG_SECONDS, 2), (IDLE_SECONDS, 2), (IDLE_SECONDS, 2)]
 
 
 # --- one batched drain, its outcomes told apart ------------------------------------------
