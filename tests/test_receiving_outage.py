@@ -127,7 +127,7 @@ async def test_an_outage_keeps_every_delivery_and_applies_it_as_received(
 
 
 async def test_a_refused_delivery_kept_through_an_outage_keeps_the_time_it_arrived(
-    database_url,
+    database_url, db
 ):
     """Not the time the attempt to keep it gave up: a database that stops answering holds
     that attempt (here until the test sees it waiting, as a connect timeout would)."""
@@ -149,11 +149,7 @@ async def test_a_refused_delivery_kept_through_an_outage_keeps_the_time_it_arriv
         assert (await sent).status_code == 400
         await proxy.restore()
         await wait_until_drained(client)
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        kept = await conn.fetch("select reason, received_at from rejected_deliveries")
-    finally:
-        await conn.close()
+    kept = await db.fetch("select reason, received_at from rejected_deliveries")
     assert [r["reason"] for r in kept] == ["invalid_json"]
     assert kept[0]["received_at"] < seen_waiting
 
