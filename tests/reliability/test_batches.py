@@ -97,10 +97,11 @@ def draining_receiver(
     *,
     telling: Telling = NOBODY,
     pause: Callable[[float], Awaitable[None]] | None = None,
+    vault: Vault | None = None,
 ) -> Receiver:
     """A receiver draining `spool` into `engine` as `serve`'s does, each batch recorded
     through a group commit without a window (telling what `telling` names)."""
-    vault = Vault([FERNET_KEY])
+    vault = vault or Vault([FERNET_KEY])
     committer = GroupCommit(engine, vault, window=0, telling=telling)
     return Receiver(
         engine,
@@ -113,6 +114,19 @@ def draining_receiver(
         store=store_rejected,
         pause=pause,
     )
+
+
+async def drain_until_paused(receiver: Receiver, clock: Clock, pauses: int) -> None:
+    """Runs the receiver's drainer until it has paused `pauses` times, then stops it and
+    closes its spool and engine."""
+    drainer = asyncio.create_task(receiver.drain_forever())
+    try:
+        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= pauses))
+    finally:
+        receiver.stop()
+        await drainer
+        receiver.spool.close()
+        await receiver.engine.dispose()
 
 
 async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
@@ -172,29 +186,10 @@ async def test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twic
     monkeypatch.setattr(receiver_module, "DRAIN_BATCH", 2)  # five spooled: three batches
     payloads = [traffic.mailbox_created() for _ in range(5)]
     settings = await spool_while_away(database_url, payloads)
-    clock, vault = Clock(settings.spool_path), Vault([FERNET_KEY])
-    engine = make_engine(database_url)
+    clock = Clock(settings.spool_path)
     spool = Spool(settings.spool_path, max_bytes=2**30)
-    committer = GroupCommit(engine, vault, window=0)
-    receiver = Receiver(
-        engine,
-        vault,
-        spool,
-        HashingKey(engine, vault),
-        2**20,
-        record=committer.record,
-        record_many=committer.record_many,
-        store=store_rejected,
-        pause=clock.pause,
-    )
-    drainer = asyncio.create_task(receiver.drain_forever())
-    try:
-        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= 6))
-    finally:
-        receiver.stop()
-        await drainer
-        spool.close()
-        await engine.dispose()
+    receiver = draining_receiver(make_engine(database_url), spool, pause=clock.pause)
+    await drain_until_paused(receiver, clock, 6)
     # after each batch (3, 1, then none left) at once; then idle, IDLE_SECONDS apart
     assert clock.pauses[:6] == [(0, 3), (0, 1), (0, 0), *[(IDLE_SECONDS, 0)] * 3]
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -217,29 +212,12 @@ async def test_a_drainer_whose_keys_cannot_read_the_hashing_key_waits_and_does_n
     other = generate_key()
     payloads = [traffic.mailbox_created() for _ in range(2)]
     settings = await spool_while_away(database_url, payloads, fernet_keys=other)
-    clock, vault = Clock(settings.spool_path), Vault([other])
-    engine = make_engine(database_url)
+    clock = Clock(settings.spool_path)
     spool = Spool(settings.spool_path, max_bytes=2**30)
-    committer = GroupCommit(engine, vault, window=0)
-    receiver = Receiver(
-        engine,
-        vault,
-        spool,
-        HashingKey(engine, vault),
-        2**20,
-        record=committer.record,
-        record_many=committer.record_many,
-        store=store_rejected,
-        pause=clock.pause,
+    receiver = draining_receiver(
+        make_engine(database_url), spool, pause=clock.pause, vault=Vault([other])
     )
-    drainer = asyncio.create_task(receiver.drain_forever())
-    try:
-        await until(lambda: asyncio.sleep(0, len(clock.pauses) >= 3))
-    finally:
-        receiver.stop()
-        await drainer
-        spool.close()
-        await engine.dispose()
+    await drain_until_paused(receiver, clock, 3)
     assert receiver.keys_wrong
     assert clock.pauses[:3] == [(KEYS_WRONG_SECONDS, 2), (IDLE_SECONDS, 2), (IDLE_SECONDS, 2)]
 
