@@ -52,6 +52,14 @@ def spool_depth(directory: Path) -> int:
         return int(db.execute("select count(*) from deliveries").fetchone()[0])
 
 
+async def stored_event_ids(database_url: str) -> set[str]:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        return {r["event_id"] for r in await conn.fetch("select event_id from events")}
+    finally:
+        await conn.close()
+
+
 @dataclass
 class Clock:
     """The drainer's pauses, on a clock of the test's own: each pause moves it on at once
@@ -168,12 +176,7 @@ async def test_the_drain_starts_within_a_second_of_the_database_answering_again(
     assert len(clock.pauses) > 100  # it did keep asking while the database was away
     assert away_since is not None and "the drainer failed" not in caplog.text
     assert receiver.away_since is None  # back
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = {r["event_id"] for r in await conn.fetch("select event_id from events")}
-    finally:
-        await conn.close()
-    assert stored == {p["eventId"] for p in payloads}
+    assert await stored_event_ids(database_url) == {p["eventId"] for p in payloads}
 
 
 async def test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twice_a_second(
@@ -192,12 +195,7 @@ async def test_a_backlog_drains_batch_after_batch_and_an_idle_drainer_looks_twic
     await drain_until_paused(receiver, clock, 6)
     # after each batch (3, 1, then none left) at once; then idle, IDLE_SECONDS apart
     assert clock.pauses[:6] == [(0, 3), (0, 1), (0, 0), *[(IDLE_SECONDS, 0)] * 3]
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        stored = {r["event_id"] for r in await conn.fetch("select event_id from events")}
-    finally:
-        await conn.close()
-    assert stored == {p["eventId"] for p in payloads}
+    assert await stored_event_ids(database_url) == {p["eventId"] for p in payloads}
 
 
 async def test_a_drainer_whose_keys_cannot_read_the_hashing_key_waits_and_does_not_spin(
