@@ -346,8 +346,11 @@ async def test_a_mailbox_search_for_a_customer_finds_them_and_their_mailboxes(cl
         theirs = page.split('id="customer-mailboxes"')[1].split("</table>")[0]
         assert theirs.count("/ui/mailboxes/") == 2
         assert other["domainName"] not in theirs
+        # the customer's own mailboxes are found: no "No mailbox matches" under them
+        assert "No mailbox matches" not in page and 'id="no-own-match"' in page
     nobody = (await client.get("/ui/mailboxes", params={"q": "nobody-at-all"})).text
     assert 'id="customers-found"' not in nobody
+    assert "No mailbox matches “nobody-at-all”" in nobody and 'id="no-own-match"' not in nobody
 
 
 async def test_a_credentials_session_exports_all_of_one_customers_mailboxes(client):
@@ -582,3 +585,28 @@ async def test_a_date_ranges_days_are_utc_days_whatever_the_servers_time_zone(cl
     assert len(body["items"]) == 3
     assert (body["total"]["subscriptions"], body["total"]["mailboxes"]) == (3, 7)
     assert body["total"]["monthlyCost"] == 70
+
+
+async def test_an_empty_list_costs_nothing_rather_than_an_unknown_amount(client):
+    """A part of the queue with no subscription in it (and a customer with nothing on the
+    list) sums to 0.00, not "unknown": unknown is for subscriptions without a price."""
+    subs = await the_queue(client)  # nothing in "no end date"
+    empty = await queue(client, due="undated")
+    assert empty["items"] == []
+    assert empty["total"] == {
+        "subscriptions": 0,
+        "mailboxes": 0,
+        "monthlyCost": 0,
+        "unknownCost": 0,
+    }
+    assert (await queue(client, due="this_week"))["total"]["monthlyCost"] == 20
+    await sign_in(client)
+    page = (await client.get("/ui/renewals", params={"due": "undated"})).text
+    total = page.split('id="grand-total"')[1].split("</p>")[0]
+    assert "0.00 USD" in total and "unknown" not in total
+    later = await new_subscription(client, boxes=1, price=5, user="USR-LATER")
+    await lifecycle(client, later["subscriptionId"], "subscription.updated", 45)  # off the list
+    customer = (await client.get("/ui/customers/USR-LATER")).text
+    heading = customer.split('id="renewals"')[1].split("</h2>")[0]
+    assert "0 on the list: 0.00 USD a month" in heading and "unknown" not in heading
+    assert subs["week"] not in customer

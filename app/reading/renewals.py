@@ -445,12 +445,13 @@ async def sums_by_day(
 
 
 def total_of(parts: list[resources.RenewalSum]) -> resources.RenewalSum:
-    """The sum of parts; its cost unknown only when every part's is (then none is known)."""
+    """The sum of parts; its cost unknown only when every part's is (then none is known).
+    No part at all is no subscription: it costs 0, not an unknown amount."""
     costs = [p.monthly_cost for p in parts if p.monthly_cost is not None]
     return resources.RenewalSum(
         subscriptions=sum(p.subscriptions for p in parts),
         mailboxes=sum(p.mailboxes for p in parts),
-        monthly_cost=sum(costs, Decimal(0)) if costs else None,
+        monthly_cost=sum(costs, Decimal(0)) if costs or not parts else None,
         unknown_cost=sum(p.unknown_cost for p in parts),
     )
 
