@@ -3,6 +3,7 @@ incomplete orders, the failed-domains view and its CSV, an order known only from
 mailboxes, the events page's summary, search and time range, and the delivery charts."""
 
 import csv
+import html
 import io
 import re
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from app.reading.queries import event_search
 from app.simulation import traffic
 from tests.conftest import app_client, deliver, make_settings
 from tests.test_dashboard import sign_in
@@ -237,6 +239,105 @@ async def test_events_say_what_they_are_about_and_search_the_redacted_payload(cl
         assert secret not in miss.text.split("<table")[1]  # only the search, as typed
         assert "No events." in miss.text
     assert (await client.get("/ui/events", params={"q": "a"})).status_code == 422
+
+
+async def spaced_events(
+    client: httpx.AsyncClient, db: Any, domains: list[str]
+) -> list[dict[str, Any]]:
+    """Events about `domains`, oldest first, received a minute apart over the last hour."""
+    sent = [traffic.mailbox_created(domain=domain) for domain in domains]
+    for event in sent:
+        await ok(client, event)
+    start = datetime.now(UTC) - timedelta(minutes=50)
+    for n, event in enumerate(sent):
+        at = start + timedelta(minutes=n)
+        await db.execute(
+            "UPDATE events SET first_received_at = $1 WHERE event_id = $2", at, event["eventId"]
+        )
+        event["received"] = at
+    return sent
+
+
+def listed_ids(page: str) -> list[str]:
+    """The eventIds of the page's table, top to bottom (the column after "About")."""
+    rows = page.split("<tbody>")[1].split("</tbody>")[0].split('<td class="about">')[1:]
+    return [re.findall(r"<code>([^<]+)</code>", row.split("</td>", 1)[1])[0] for row in rows]
+
+
+async def walk_search(client: httpx.AsyncClient, url: str) -> list[tuple[list[str], str]]:
+    """Each page's eventIds and its "searched to" notice (empty when it has none), following
+    the page's link on to the end."""
+    pages: list[tuple[list[str], str]] = []
+    while url:
+        page = (await client.get(url)).text
+        notice = re.search(r'<p class="attention" id="searched-to">(.*?)</p>', page, re.S)
+        pages.append((listed_ids(page), notice.group(1) if notice else ""))
+        more = re.search(r'<a href="([^"]+)">Next page →</a>', page)
+        url = html.unescape(more.group(1)) if more else ""
+        assert len(pages) < 20
+    return pages
+
+
+async def test_a_search_reads_a_slice_a_page_says_how_far_and_goes_on(client, db, monkeypatch):
+    monkeypatch.setattr(event_search, "SEARCH_SLICE", 4)
+    hits = [0, 1, 5, 10, 11, 12]  # of 13 events: 3 in the newest slice of 4, none in some
+    sent = await spaced_events(
+        client, db, [f"{'needle' if n in hits else 'hay'}-{n}.com" for n in range(13)]
+    )
+    wanted = [e for n, e in enumerate(sent) if n in hits]
+    await sign_in(client)
+
+    pages = await walk_search(client, "/ui/events?q=NEEDLE&limit=2")
+    found = [event_id for ids, _ in pages for event_id in ids]
+    assert found == [e["eventId"] for e in reversed(wanted)]  # all, newest first, once each
+    assert [len(ids) for ids, _ in pages] == [2, 1, 1, 2]  # a page may stop short of 2
+    received = {e["eventId"]: e["received"] for e in sent}
+    for n, (ids, notice) in enumerate(pages):
+        if len(ids) == 2:
+            assert notice == ""  # a full page: the next goes on from its last
+            continue
+        # it says how far it read: every match received since then is on it or before it
+        said = re.search(r"received back to (\S+ \S+) UTC and found (\d+)", notice)
+        assert said and int(said.group(2)) == len(ids), notice
+        reached = datetime.fromisoformat(said.group(1)).replace(tzinfo=UTC)
+        shown = [event_id for earlier, _ in pages[: n + 1] for event_id in earlier]
+        later = [event_id for further, _ in pages[n + 1 :] for event_id in further]
+        assert all(received[i] >= reached for i in shown)
+        assert later and all(received[i] < reached for i in later)
+        assert "are not searched yet" in notice and "Search further back" in notice
+
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    oldest = await walk_search(client, f"/ui/events?q=needle&limit=2&order=oldest&since={hour_ago}")
+    assert [i for ids, _ in oldest for i in ids] == [e["eventId"] for e in wanted]
+    assert any("received up to" in notice for _, notice in oldest)
+
+
+async def test_the_next_page_of_a_search_without_a_start_keeps_the_first_pages_range(
+    client, monkeypatch
+):
+    monkeypatch.setattr(event_search, "SEARCH_SLICE", 2)
+    sent = [traffic.mailbox_created(domain="kept-range.com") for _ in range(3)]
+    for event in sent:
+        await ok(client, event)
+    await sign_in(client)
+    first = (await client.get("/ui/events", params={"q": "kept-range", "limit": 2})).text
+    more = re.search(r'<a href="([^"]+)">Next page →</a>', first)
+    assert more and "since=" in more.group(1)  # not the 6 hours before the next page's time
+    rest = (await client.get(html.unescape(more.group(1)))).text
+    assert listed_ids(first) + listed_ids(rest) == [e["eventId"] for e in reversed(sent)]
+
+
+async def test_a_search_takes_percent_and_underscore_as_typed_and_ignores_case(client):
+    names = ["Sale50%_off", "Sale50xyoff", "Müller-4242", "Muller-4242"]
+    sent = [traffic.mailbox_created(details={"lastName": name}) for name in names]
+    for event in sent:
+        await ok(client, event)
+    await sign_in(client)
+    literal = (await client.get("/ui/events", params={"q": "50%_OFF"})).text
+    assert listed_ids(literal) == [sent[0]["eventId"]]
+    # the digits are looked for first; the letters still match in any case, accents too
+    folded = (await client.get("/ui/events", params={"q": "MÜLLER-4242"})).text
+    assert listed_ids(folded) == [sent[2]["eventId"]]
 
 
 async def test_events_take_a_time_range(client):

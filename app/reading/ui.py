@@ -202,10 +202,11 @@ def show_error(request: Request, error: Exception) -> Response:
     return page(request, "error.html", error.status, message=error.message)
 
 
-def next_link(request: Request, cursor: str | None) -> str | None:
+def next_link(request: Request, cursor: str | None, **fixed: str) -> str | None:
+    """The page's URL with the cursor, and `fixed` the filters the first page chose."""
     if cursor is None:
         return None
-    params = dict(request.query_params) | {"cursor": cursor}
+    params = dict(request.query_params) | fixed | {"cursor": cursor}
     return f"{request.url.path}?{urlencode(params)}"
 
 
@@ -614,15 +615,20 @@ async def found(lookup: Awaitable[T], missing: str) -> T:
 @pages.get("/events")
 async def events_page(request: Request) -> Response:
     query = listing(request, event_search.EventPageQuery)
-    items, cursor = await event_search.list_events(reader(request), query)
+    listed = await event_search.list_events(reader(request), query)
+    # the next page searches the range this one did, not the 6 hours before its own time
+    fixed = {"since": query.since.isoformat()} if query.q and query.since else {}
     return page(
         request,
         "events.html",
-        events=items,
+        events=listed.items,
         query=query,
+        searched_to=listed.searched_to,
+        slice=event_search.SEARCH_SLICE,
         default_window=not request.query_params.get("since"),
         default_hours=event_search.SEARCH_DEFAULT // timedelta(hours=1),
-        **links(request, cursor),
+        next=next_link(request, listed.cursor, **fixed),
+        first=first_link(request),
     )
 
 

@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 from sqlalchemy import (
     Select,
     Table,
+    TextClause,
     literal_column,
     text,
 )
@@ -127,11 +128,7 @@ async def fetch_page(
     else:
         stmt = stmt.where(table.c.id > cursor.last_id).order_by(table.c.id)
     if cursor.snapshot:
-        visible = text(
-            f"pg_visible_in_snapshot({table.name}.created_xid::text::xid8, "
-            "CAST(:walk_snapshot AS pg_snapshot))"
-        ).bindparams(walk_snapshot=cursor.pg_snapshot)
-        stmt = stmt.where(visible)
+        stmt = stmt.where(visible_to(table, cursor))
     else:
         stmt = stmt.add_columns(
             literal_column("pg_current_snapshot()::text").label("walk_snapshot")
@@ -143,6 +140,14 @@ async def fetch_page(
     rows = rows[: query.limit]
     snapshot = cursor.snapshot or snapshot_parts(rows[-1].walk_snapshot)
     return rows, Cursor(rows[-1].id, snapshot).encode()
+
+
+def visible_to(table: Table, cursor: Cursor) -> TextClause:
+    """The rows committed before the walk's first page was read."""
+    return text(
+        f"pg_visible_in_snapshot({table.name}.created_xid::text::xid8, "
+        "CAST(:walk_snapshot AS pg_snapshot))"
+    ).bindparams(walk_snapshot=cursor.pg_snapshot)
 
 
 async def list_page(
