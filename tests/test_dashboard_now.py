@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from app.reading.queries import failed_domains
 from app.simulation import traffic
 from tests.conftest import app_client, deliver, make_settings
 from tests.test_dashboard import sign_in
@@ -209,6 +210,40 @@ async def test_failed_domains_say_which_when_why_and_for_whom(client):
     assert domain["reason"] == "'" + found["reason"]  # a formula stays text
     assert by_order["WHOLE-ORDER-1"]["reason"] == "Insufficient wallet"
     assert (await client.get("/ui/failed-domains", params={"from": "yesterday"})).status_code == 422
+
+
+async def test_the_failed_domains_csv_holds_every_row_latest_first_across_its_chunks(
+    client, monkeypatch
+):
+    """The CSV is read a few rows a statement: every failed domain comes once, the latest
+    first, with the orders failed as a whole in their place among them; at most CSV_ROWS."""
+    monkeypatch.setattr(failed_domains, "CSV_CHUNK", 2)
+    delivered = []  # (order_id, domain or "") in the order they failed
+    for n in range(7):
+        if n in (1, 4):
+            order_id = f"WHOLE-{n}"
+            failed = traffic.envelope(
+                "prewarmup.order.failed",
+                {"orderId": order_id, "serviceProvider": "GOOGLE", "reason": f"Wallet {n}"},
+            )
+            delivered.append((order_id, ""))
+        else:
+            failed = traffic.mailbox_order_failed(domain=f"failed-{n}.com")
+            delivered.append((failed["data"]["orderId"], f"failed-{n}.com"))
+        await ok(client, failed)  # one at a time: each fails at a later time
+    await sign_in(client)
+
+    async def downloaded(**params: str) -> list[tuple[str, str]]:
+        response = await client.get("/ui/failed-domains.csv", params=params)
+        assert response.status_code == 200
+        assert response.text.startswith("\ufeff")
+        rows = csv.DictReader(io.StringIO(response.text.lstrip("\ufeff")))
+        return [(row["order_id"], row["domain"]) for row in rows]
+
+    assert await downloaded() == delivered[::-1]
+    assert await downloaded(kind="mailbox") == [d for d in delivered[::-1] if d[1]]
+    monkeypatch.setattr(failed_domains, "CSV_ROWS", 4)
+    assert await downloaded() == delivered[::-1][:4]
 
 
 async def test_events_say_what_they_are_about_and_search_the_redacted_payload(client):
