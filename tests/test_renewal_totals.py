@@ -1,9 +1,10 @@
 """The renewals' per-user totals are summed at most once a minute per window (`totalsAt`
-says when): within the minute a page shows the kept sums, after it the new ones; each
-window (`withinDays`) keeps its own."""
+says when): within the minute a page shows the kept sums; after it, the kept ones while
+they are summed again in the background, then the new ones; each window (`withinDays`)
+keeps its own."""
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -53,10 +54,25 @@ async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client,
     other_window = await page(client, 7)  # another window sums its own
     assert subscriptions(other_window) == 2
 
-    clock.now += 1  # the minute is over: summed again
+    clock.now += 1  # the minute is over: the kept ones shown while they are summed again
+    stale = await page(client, 30)
+    assert (subscriptions(stale), stale["totalsAt"]) == (1, first["totalsAt"])
+    await kept_totals(client).settled()
     fresh = await page(client, 30)
     assert subscriptions(fresh) == 2
     assert fresh["totalsAt"] > first["totalsAt"]
+
+    await order(client, "2020-03-01T00:00:00Z")
+    clock.now += renewals.STALE_SECONDS  # kept too long to be shown: the view waits
+    waited = await page(client, 30)
+    assert subscriptions(waited) == 3
+    assert waited["totalsAt"] > fresh["totalsAt"]
+
+
+def kept_totals(client: httpx.AsyncClient) -> renewals.TotalsCache:
+    """The app's own (the client's transport is the app's)."""
+    app = cast(httpx.ASGITransport, client._transport).app
+    return cast(renewals.TotalsCache, app.state.renewal_totals)  # type: ignore[attr-defined]
 
 
 async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeypatch):
