@@ -22,6 +22,7 @@ CSV_ROWS = 100_000  # a CSV's bound: far beyond any real range
 # 200,000 orders (70-95 ms, 22,000 buffers); and no connection is held between statements
 # while the file is sent.
 CSV_CHUNK = 2_000
+CSV_FIRST = 500  # the first statement's: the file starts as soon as these are written
 CSV_COLUMNS = [
     ("failed_at", "failed_at"),
     ("domain", "domain"),
@@ -170,10 +171,12 @@ async def failed_domains_csv(
     conn: Reader, query: FailedDomainQuery, *, bom: bool
 ) -> AsyncIterator[bytes]:
     """Every failed domain the filters choose, the latest first, as a CSV (cells a
-    spreadsheet would run as formulas made text), CSV_CHUNK rows a statement, the next read
-    while this one is written. The orders failed as a whole (few: an order that names no
-    domain) are read at the start and merged in by time. At most CSV_ROWS rows."""
-    fetching = asyncio.ensure_future(conn.execute(domains_after(query, None, CSV_CHUNK)))
+    spreadsheet would run as formulas made text): CSV_FIRST rows, then CSV_CHUNK a
+    statement, the next read while this one is written. The orders failed as a whole (few:
+    an order that names no domain) are read at the start and merged in by time. At most
+    CSV_ROWS rows."""
+    limit = min(CSV_FIRST, CSV_CHUNK)
+    fetching = asyncio.ensure_future(conn.execute(domains_after(query, None, limit)))
     try:
         whole = latest_first(halves(query)[1]).limit(CSV_ROWS)
         wholes = list((await conn.execute(whole)).all())
@@ -181,12 +184,10 @@ async def failed_domains_csv(
         left = CSV_ROWS
         while True:
             rows = (await fetching).all()
-            more = len(rows) == CSV_CHUNK
+            more, limit = len(rows) == limit, CSV_CHUNK
             if more and left > len(rows):
                 after = (rows[-1].failed_at, rows[-1].row_id)
-                fetching = asyncio.ensure_future(
-                    conn.execute(domains_after(query, after, CSV_CHUNK))
-                )
+                fetching = asyncio.ensure_future(conn.execute(domains_after(query, after, limit)))
             # the orders failed as a whole that come before the next chunk's first row
             edge = rows[-1].failed_at if more else None
             taken = next(
