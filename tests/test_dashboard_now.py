@@ -276,7 +276,8 @@ async def test_the_failed_domains_csv_holds_every_row_latest_first_across_its_ch
             )
             delivered.append((order_id, ""))
         else:
-            failed = traffic.mailbox_order_failed(domain=f"failed-{n}.com")
+            user = "USR-CSV" if n in (0, 3, 5) else f"USR-{n}"
+            failed = traffic.mailbox_order_failed(domain=f"failed-{n}.com", userId=user)
             delivered.append((failed["data"]["orderId"], f"failed-{n}.com"))
         await ok(client, failed)  # one at a time: each fails at a later time
     await sign_in(client)
@@ -290,6 +291,8 @@ async def test_the_failed_domains_csv_holds_every_row_latest_first_across_its_ch
 
     assert await downloaded() == delivered[::-1]
     assert await downloaded(kind="mailbox") == [d for d in delivered[::-1] if d[1]]
+    customer = [delivered[n] for n in (5, 3, 0)]  # a customer's: their orders joined as a whole
+    assert await downloaded(userId="USR-CSV") == customer
     monkeypatch.setattr(failed_domains, "CSV_ROWS", 4)
     assert await downloaded() == delivered[::-1][:4]
 
