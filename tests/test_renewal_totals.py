@@ -95,6 +95,30 @@ async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeyp
     assert list(cache.kept) == ["a", "c", "b"]  # "d" least recent when "b" came back
 
 
+async def test_sums_that_fail_in_the_background_leave_the_kept_ones_and_say_so(monkeypatch, caplog):
+    """A sum again that fails (the database away) keeps the last sums shown, logs why, and
+    the next view past the minute tries again."""
+    clock = Clock()
+    monkeypatch.setattr(renewals, "time", clock)
+    cache = renewals.TotalsCache()
+
+    async def first() -> str:
+        return "first"
+
+    async def away() -> str:
+        raise ConnectionRefusedError("the database is away")
+
+    summed_at, _ = await cache.get("key", first)
+    clock.now += renewals.TOTALS_SECONDS
+    for _ in range(2):
+        assert await cache.get("key", away) == (summed_at, "first")
+        await cache.settled()
+        assert not cache.summing
+    said = [r.getMessage() for r in caplog.records if r.name == "coldmail.renewals"]
+    assert said == ["summing renewals again failed: ConnectionRefusedError"] * 2
+    assert {r.levelname for r in caplog.records if r.name == "coldmail.renewals"} == {"WARNING"}
+
+
 def at(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 

@@ -297,8 +297,8 @@ class TotalsCache:
     async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> tuple[datetime, T]:
         """The totals and when they were computed."""
         known = self.kept.pop(key, None)
-        age = None if known is None else time.monotonic() - known[0]
-        if known is None or age is None or age >= STALE_SECONDS:
+        age = STALE_SECONDS if known is None else time.monotonic() - known[0]
+        if known is None or age >= STALE_SECONDS:
             known = (time.monotonic(), datetime.now(UTC), await compute())
         elif age >= TOTALS_SECONDS and key not in self.summing:
             self.summing[key] = asyncio.create_task(self.sum_again(key, compute))
