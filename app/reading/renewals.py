@@ -302,18 +302,16 @@ class TotalsCache:
             known = (time.monotonic(), datetime.now(UTC), await compute())
         elif age >= TOTALS_SECONDS and key not in self.summing:
             self.summing[key] = asyncio.create_task(self.sum_again(key, compute))
-        self.keep(key, known)
-        return known[1], known[2]
-
-    def keep(self, key: Hashable, known: tuple[float, datetime, Any]) -> None:
-        self.kept.pop(key, None)
         self.kept[key] = known  # the most recent last
         while len(self.kept) > TOTALS_KEPT:
             del self.kept[next(iter(self.kept))]
+        return known[1], known[2]
 
     async def sum_again(self, key: Hashable, compute: Callable[[], Awaitable[Any]]) -> None:
         try:
-            self.keep(key, (time.monotonic(), datetime.now(UTC), await compute()))
+            summed = (time.monotonic(), datetime.now(UTC), await compute())
+            if key in self.kept:  # not dropped meanwhile as the least recent
+                self.kept[key] = summed
         except Exception as error:  # the kept ones stay; a later view tries again
             log.warning("summing renewals again failed: %s", type(error).__name__)
         finally:
