@@ -144,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if task:
                     task.cancel()
             spool.close()
+            for kept in (app.state.renewal_totals, app.state.kept_counts):
+                await kept.settled()  # sums under way end before their pool closes
             await app.state.engine.dispose()
             await app.state.read_engine.dispose()
             metrics.worker_exited()
@@ -162,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.destinations = destinations  # DESTINATIONS_FILE's, secrets resolved
     app.state.vault = Vault(settings.fernet_key_list)
     app.state.renewal_totals = TotalsCache()
+    app.state.kept_counts = TotalsCache()  # the incomplete orders (ui.kept_incomplete)
     app.state.sign_in_throttle = sessions.SignInThrottle()
     app.state.searches = reader.SearchSlots()
     app.include_router(route.router)

@@ -243,7 +243,7 @@ async def test_every_page_says_the_database_is_away_and_shows_the_spool(database
         await proxy.cut()
         queued = [await deliver(client, traffic.mailbox_created()) for _ in range(3)]
         assert [r.json()["status"] for r in queued] == ["queued"] * 3
-        for path in [*PAGES, "/ui/orders/x", "/ui/events/1"]:
+        for path in [*PAGES, "/ui/orders/x", "/ui/events/1", "/ui/failed-domains.csv"]:
             response = await client.get(path)
             assert response.status_code == 503, path
             assert response.headers["content-type"].startswith("text/html")
@@ -262,3 +262,13 @@ async def test_a_page_the_database_refuses_is_an_error_not_an_outage(client, db,
     assert response.status_code == 500 and "This page failed" in response.text
     assert "cannot be reached" not in response.text
     assert "page /ui/rejected failed: ProgrammingError" in caplog.text
+
+
+async def test_a_csv_the_database_refuses_is_an_error_page_not_a_file_cut_short(client, db):
+    """The failed domains' CSV is streamed, but its first rows are read before the answer
+    starts: a statement that fails there is the error page, not a 200 with a broken file."""
+    await sign_in(client)
+    await db.execute("ALTER TABLE order_domains RENAME TO order_domains_elsewhere")
+    response = await client.get("/ui/failed-domains.csv")
+    assert response.status_code == 500 and "This page failed" in response.text
+    assert "content-disposition" not in response.headers

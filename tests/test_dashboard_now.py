@@ -7,11 +7,12 @@ import html
 import io
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
-from app.reading.queries import event_search
+from app.reading import renewals
+from app.reading.queries import event_search, failed_domains
 from app.simulation import traffic
 from tests.conftest import app_client, deliver, make_settings
 from tests.test_dashboard import sign_in
@@ -52,7 +53,9 @@ async def short_order(client: httpx.AsyncClient) -> dict[str, str]:
     return {"order_id": data["orderId"], "domain": data["domainName"]}
 
 
-async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
+async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(renewals, "time", clock)
     await sign_in(client)
     calm = (await client.get("/ui")).text
     assert calm.index('aria-label="Right now"') < calm.index("Renewals in the next")
@@ -73,6 +76,7 @@ async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
     reused["eventId"] = first["eventId"]
     await ok(client, reused)
 
+    clock.now += renewals.STALE_SECONDS  # the incomplete orders' count kept too long: anew
     busy = (await client.get("/ui")).text
     assert tile(busy, "Incomplete orders") == ("warn", "Check", "1")
     assert tile(busy, "Rejected") == ("warn", "Check", "1")
@@ -84,6 +88,50 @@ async def test_the_strip_says_what_needs_a_look_in_words_and_colour(client):
     assert "(1 in all)" in again
     incomplete = (await client.get("/ui/incomplete-orders")).text
     assert short["order_id"] in incomplete and "2 of 3 mailboxes" in incomplete
+
+
+async def test_incomplete_orders_are_counted_once_a_minute_and_say_when(client, monkeypatch):
+    """The overview and the orders page show the count of a minute ago at most, and say
+    when it was taken; past the minute the next view counts them again; the incomplete
+    orders' own page counts them now."""
+    clock = Clock()
+    monkeypatch.setattr(renewals, "time", clock)
+    await sign_in(client)
+    calm = (await client.get("/ui")).text
+    assert tile(calm, "Incomplete orders") == ("ok", "OK", "0")
+    assert "last 2 days; counted just now" in calm
+    short = await short_order(client)
+
+    kept = (await client.get("/ui")).text
+    assert tile(kept, "Incomplete orders") == ("ok", "OK", "0")
+    assert "Short of their mailboxes" not in (await client.get("/ui/orders")).text
+    now = (await client.get("/ui/incomplete-orders")).text
+    assert short["order_id"] in now and "2 of 3 mailboxes" in now
+
+    clock.now += renewals.TOTALS_SECONDS  # the minute is over: counted again as it is shown
+    assert tile((await client.get("/ui")).text, "Incomplete orders")[2] == "0"
+    await kept_counts(client).settled()
+    counted = (await client.get("/ui")).text
+    assert tile(counted, "Incomplete orders") == ("warn", "Check", "1")
+    orders_page = (await client.get("/ui/orders")).text
+    assert "Short of their mailboxes: 1" in orders_page and "Counted <time" in orders_page
+    assert "2 of 3 mailboxes" in orders_page
+
+
+class Clock:
+    """time.monotonic of the kept counts (renewals.TotalsCache), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def kept_counts(client: httpx.AsyncClient) -> renewals.TotalsCache:
+    """The app's own (the client's transport is the app's)."""
+    app = cast(httpx.ASGITransport, client._transport).app
+    return cast(renewals.TotalsCache, app.state.kept_counts)  # type: ignore[attr-defined]
 
 
 async def test_the_reconcile_tile_is_neutral_where_reconcile_is_not_set_up(
@@ -211,6 +259,43 @@ async def test_failed_domains_say_which_when_why_and_for_whom(client):
     assert domain["reason"] == "'" + found["reason"]  # a formula stays text
     assert by_order["WHOLE-ORDER-1"]["reason"] == "Insufficient wallet"
     assert (await client.get("/ui/failed-domains", params={"from": "yesterday"})).status_code == 422
+
+
+async def test_the_failed_domains_csv_holds_every_row_latest_first_across_its_chunks(
+    client, monkeypatch
+):
+    """The CSV is read a few rows a statement: every failed domain comes once, the latest
+    first, with the orders failed as a whole in their place among them; at most CSV_ROWS."""
+    monkeypatch.setattr(failed_domains, "CSV_CHUNK", 2)
+    delivered = []  # (order_id, domain or "") in the order they failed
+    for n in range(7):
+        if n in (1, 4):
+            order_id = f"WHOLE-{n}"
+            failed = traffic.envelope(
+                "prewarmup.order.failed",
+                {"orderId": order_id, "serviceProvider": "GOOGLE", "reason": f"Wallet {n}"},
+            )
+            delivered.append((order_id, ""))
+        else:
+            user = "USR-CSV" if n in (0, 3, 5) else f"USR-{n}"
+            failed = traffic.mailbox_order_failed(domain=f"failed-{n}.com", userId=user)
+            delivered.append((failed["data"]["orderId"], f"failed-{n}.com"))
+        await ok(client, failed)  # one at a time: each fails at a later time
+    await sign_in(client)
+
+    async def downloaded(**params: str) -> list[tuple[str, str]]:
+        response = await client.get("/ui/failed-domains.csv", params=params)
+        assert response.status_code == 200
+        assert response.text.startswith("\ufeff")
+        rows = csv.DictReader(io.StringIO(response.text.lstrip("\ufeff")))
+        return [(row["order_id"], row["domain"]) for row in rows]
+
+    assert await downloaded() == delivered[::-1]
+    assert await downloaded(kind="mailbox") == [d for d in delivered[::-1] if d[1]]
+    customer = [delivered[n] for n in (5, 3, 0)]  # a customer's: their orders joined as a whole
+    assert await downloaded(userId="USR-CSV") == customer
+    monkeypatch.setattr(failed_domains, "CSV_ROWS", 4)
+    assert await downloaded() == delivered[::-1][:4]
 
 
 async def test_events_say_what_they_are_about_and_search_the_redacted_payload(client):

@@ -1,9 +1,10 @@
 """The renewals' per-user totals are summed at most once a minute per window (`totalsAt`
-says when): within the minute a page shows the kept sums, after it the new ones; each
-window (`withinDays`) keeps its own."""
+says when): within the minute a page shows the kept sums; after it, the kept ones while
+they are summed again in the background, then the new ones; each window (`withinDays`)
+keeps its own."""
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -53,10 +54,25 @@ async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client,
     other_window = await page(client, 7)  # another window sums its own
     assert subscriptions(other_window) == 2
 
-    clock.now += 1  # the minute is over: summed again
-    fresh = await page(client, 30)
+    clock.now += 1  # the minute is over: the kept ones shown while they are summed again
+    stale = await page(client, 30)
+    assert (subscriptions(stale), stale["totalsAt"]) == (1, first["totalsAt"])
+    await kept_totals(client).settled()
+    await order(client, "2020-03-01T00:00:00Z")
+    fresh = await page(client, 30)  # what was summed in the background, kept as summed
     assert subscriptions(fresh) == 2
-    assert fresh["totalsAt"] > first["totalsAt"]
+    assert fresh["totalsAt"] > first["totalsAt"] and fresh["totalsAt"].endswith("Z")
+
+    clock.now += renewals.STALE_SECONDS  # kept too long to be shown: the view waits
+    waited = await page(client, 30)
+    assert subscriptions(waited) == 3
+    assert waited["totalsAt"] > fresh["totalsAt"]
+
+
+def kept_totals(client: httpx.AsyncClient) -> renewals.TotalsCache:
+    """The app's own (the client's transport is the app's)."""
+    app = cast(httpx.ASGITransport, client._transport).app
+    return cast(renewals.TotalsCache, app.state.renewal_totals)  # type: ignore[attr-defined]
 
 
 async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeypatch):
@@ -77,6 +93,30 @@ async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeyp
     # "b" was the least recent when "d" came: dropped, then summed again
     assert summed == ["a", "b", "c", "d", "b"]
     assert list(cache.kept) == ["a", "c", "b"]  # "d" least recent when "b" came back
+
+
+async def test_sums_that_fail_in_the_background_leave_the_kept_ones_and_say_so(monkeypatch, caplog):
+    """A sum again that fails (the database away) keeps the last sums shown, logs why, and
+    the next view past the minute tries again."""
+    clock = Clock()
+    monkeypatch.setattr(renewals, "time", clock)
+    cache = renewals.TotalsCache()
+
+    async def first() -> str:
+        return "first"
+
+    async def away() -> str:
+        raise ConnectionRefusedError("the database is away")
+
+    summed_at, _ = await cache.get("key", first)
+    clock.now += renewals.TOTALS_SECONDS
+    for _ in range(2):
+        assert await cache.get("key", away) == (summed_at, "first")
+        await cache.settled()
+        assert not cache.summing
+    said = [r.getMessage() for r in caplog.records if r.name == "coldmail.renewals"]
+    assert said == ["summing renewals again failed: ConnectionRefusedError"] * 2
+    assert {r.levelname for r in caplog.records if r.name == "coldmail.renewals"} == {"WARNING"}
 
 
 def at(when: datetime) -> str:
