@@ -119,7 +119,7 @@ async def plan_switch(url: str, *, custom_plans: bool) -> dict[str, Any]:
             q=q, limit=50, order="oldest", cursor=None
         )
         started = time.perf_counter()
-        stmt = apply_filters(mailbox_queries.mailbox_select(), mailboxes, {"q": q})
+        stmt = apply_filters(mailbox_queries.mailbox_select(), mailboxes, {"q": q}, paged=True)
         await fetch_page(reader, stmt, mailboxes, query)
         return 200, (time.perf_counter() - started) * 1000
 
