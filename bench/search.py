@@ -65,6 +65,7 @@ async def fill(url: str) -> None:
         await conn.execute(scale.FILL[0])  # subscriptions
         await conn.execute(scale.FILL[4], password, app_password)  # mailboxes
         await conn.execute("VACUUM ANALYZE")
+        await scale.index_searches(conn)
     finally:
         await conn.close()
 
