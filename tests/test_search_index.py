@@ -157,3 +157,26 @@ async def test_one_indexer_at_a_time(database_url, db, holder):
     finally:
         await engine.dispose()
         await other.close()
+
+
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+async def test_a_search_walk_returns_copied_and_recent_rows_once_each_in_order(client, db, order):
+    """A page merges the copies' matches and the rows written since the mark: a walk with
+    the cursor returns each match once, in id order, wherever it came from."""
+    boxes = [traffic.mailbox_created(details={"lastName": f"Pagewalk{n}"}) for n in range(5)]
+    for box in boxes[:3]:
+        assert (await deliver(client, box)).status_code == 200
+    await index(db)  # three copied, two written since the mark
+    for box in boxes[3:]:
+        assert (await deliver(client, box)).status_code == 200
+    walked, cursor = [], None
+    while True:
+        params = {"q": "pagewalk", "limit": 2, "order": order} | (
+            {"cursor": cursor} if cursor else {}
+        )
+        page = (await client.get("/api/v1/mailboxes", params=params, headers=OPS)).json()
+        walked += [item["mailboxId"] for item in page["items"]]
+        if not (cursor := page["nextCursor"]):
+            break
+    expected = [box["data"]["mailboxDetails"]["mailboxId"] for box in boxes]
+    assert walked == (expected if order == "oldest" else expected[::-1])
