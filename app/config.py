@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     cmr_api_key: SecretStr | None = None
     cmr_api_url: str = "https://customers.coldmailreseller.com/api/v1/integration"
     reconcile_interval_seconds: int = Field(default=0, ge=0)
+    # `serve` copies new and changed search texts to the search tables this often
+    # (app/operations/search_index.py); 0: not this process (searches stay exact, slower)
+    search_index_interval_seconds: float = Field(default=1, ge=0)
     body_retention_days: int = Field(default=90, ge=0)
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=1024**3, ge=1024)

@@ -33,6 +33,7 @@ from app.logs import AccessLogMiddleware, configure_logging
 from app.operations import health
 from app.operations.privacy import retention_forever
 from app.operations.reconcile import SenderApi, run_periodically
+from app.operations.search_index import index_forever
 from app.outbound import api as outbound_api
 from app.outbound import dispatch
 from app.outbound import pages as outbound_pages
@@ -124,6 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatching = start_dispatcher(settings, destinations)
         drainer = asyncio.create_task(receiver.drain_forever())
         reconciler = start_reconciler(app.state.engine, settings, outbox)
+        indexer = (
+            asyncio.create_task(
+                index_forever(app.state.engine, settings.search_index_interval_seconds)
+            )
+            if settings.search_index_interval_seconds
+            else None
+        )
         retention = (
             asyncio.create_task(retention_forever(app.state.engine, settings.body_retention_days))
             if settings.body_retention_days
@@ -140,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             receiver.stop()
             await drainer
             await dispatching.stop()
-            for task in (reconciler, retention):
+            for task in (reconciler, retention, indexer):
                 if task:
                     task.cancel()
             spool.close()

@@ -39,8 +39,9 @@ Timestamp = DateTime(timezone=True)
 
 
 # What `q` searches (case-insensitive substring, reading/queries/paging.py), one text per
-# row so one trigram index (migration 0008) serves it. `||` and coalesce keep the
-# expression immutable.
+# row. Its trigram index is on a copy of it in a side table (mailbox_search,
+# subscription_search, migration 0026), kept by the search indexer
+# (app/operations/search_index.py) off the delivery path.
 MAILBOX_SEARCH = (
     "coalesce(email, '') || ' ' || coalesce(first_name, '') || ' ' || coalesce(last_name, '')"
     " || ' ' || coalesce(domain, '') || ' ' || mailbox_id"
@@ -54,13 +55,9 @@ EPOCH = "'epoch'::timestamptz"
 RENEWS_AT = f"coalesce(expiry_date, {EPOCH})"
 
 
-def search_index(table: str, expression: str) -> Index:
-    return Index(
-        f"ix_{table}_search",
-        text(f"({expression})"),
-        postgresql_using="gin",
-        postgresql_ops={"expr": "gin_trgm_ops"},
-    )
+def changed_index(table: str) -> Index:
+    """(updated_at, id): the rows written since the search indexer's mark, in its order."""
+    return Index(f"ix_{table}_updated_at_id", "updated_at", "id")
 
 
 # The IDs a detail page finds its events by (queries/events.py, events_about), each indexed
@@ -213,7 +210,7 @@ class Subscription(Listed, TimestampMixin, Base):
             "id",
             postgresql_where=text("subscription_status IS NOT NULL"),
         ),
-        search_index("subscriptions", SUBSCRIPTION_SEARCH),
+        changed_index("subscriptions"),
         # renewals.PAGE's order (and `expiresBefore`): a page of renewals reads only its own rows
         Index("ix_subscriptions_renews_at", text(RENEWS_AT), text("id")),
         # a customer's renewals (by userId, or email in any case) in that order
@@ -302,7 +299,7 @@ class Mailbox(Listed, TimestampMixin, Base):
     __table_args__ = keyset_indexes(
         "mailboxes", "subscription_id", "domain", "email", "user_id"
     ) + (
-        search_index("mailboxes", MAILBOX_SEARCH),
+        changed_index("mailboxes"),
         # an order's page, and an order domain's mailboxes counted for incomplete orders
         # (queries/right_now.py) from the index alone
         Index("ix_mailboxes_order_id_id", "order_id", "id", postgresql_include=["subscription_id"]),
@@ -591,6 +588,52 @@ def table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
+class MailboxSearch(Base):
+    """A mailbox's MAILBOX_SEARCH text as the search indexer last copied it (by mailboxes.id),
+    with the trigram index `q` reads. A search re-checks the mailbox's own text, and reads
+    the mailboxes written since the indexer's mark directly (reading/queries/paging.py)."""
+
+    __tablename__ = "mailbox_search"
+    __table_args__ = (
+        Index(
+            "ix_mailbox_search_text",
+            "text",
+            postgresql_using="gin",
+            postgresql_ops={"text": "gin_trgm_ops"},
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class SubscriptionSearch(Base):
+    """A subscription's SUBSCRIPTION_SEARCH text, as MailboxSearch is a mailbox's."""
+
+    __tablename__ = "subscription_search"
+    __table_args__ = (
+        Index(
+            "ix_subscription_search_text",
+            "text",
+            postgresql_using="gin",
+            postgresql_ops={"text": "gin_trgm_ops"},
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class SearchMark(Base):
+    """Per table (mailboxes, subscriptions): every row whose updated_at is before
+    `indexed_before` has its current text in the side table."""
+
+    __tablename__ = "search_marks"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    indexed_before: Mapped[datetime] = mapped_column(Timestamp)
+
+
 subscriptions = table(Subscription)
 mailboxes = table(Mailbox)
 orders = table(Order)
@@ -603,3 +646,6 @@ credential_reads = table(CredentialRead)
 outbound_destinations = table(OutboundDestination)
 outbound_messages = table(OutboundMessage)
 outbound_attempts = table(OutboundAttempt)
+mailbox_search = table(MailboxSearch)
+subscription_search = table(SubscriptionSearch)
+search_marks = table(SearchMark)

@@ -38,6 +38,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.crypto import Vault  # noqa: E402
+from app.operations import search_index  # noqa: E402
 from app.simulation import traffic  # noqa: E402
 from bench import run as bench  # noqa: E402
 
@@ -128,6 +129,15 @@ FILL = [
 ]
 
 
+async def index_searches(conn: asyncpg.Connection) -> None:
+    """The search indexer's walk over the rows just filled, as `serve`'s first would do."""
+    began = time.perf_counter()
+    print("  search indexer...", end="", flush=True)
+    await search_index.index_once(conn, margin=0)
+    await conn.execute("VACUUM ANALYZE mailbox_search, subscription_search")
+    print(f" {time.perf_counter() - began:.0f} s", flush=True)
+
+
 async def fill(url: str, vault: Vault) -> float:
     started = time.perf_counter()
     conn = await asyncpg.connect(url)
@@ -144,6 +154,7 @@ async def fill(url: str, vault: Vault) -> float:
             else:
                 await conn.execute(statement)
             print(f" {time.perf_counter() - began:.0f} s", flush=True)
+        await index_searches(conn)
     finally:
         await conn.close()
     return time.perf_counter() - started

@@ -65,6 +65,7 @@ async def fill(url: str) -> None:
         await conn.execute(scale.FILL[0])  # subscriptions
         await conn.execute(scale.FILL[4], password, app_password)  # mailboxes
         await conn.execute("VACUUM ANALYZE")
+        await scale.index_searches(conn)
     finally:
         await conn.close()
 
@@ -119,7 +120,7 @@ async def plan_switch(url: str, *, custom_plans: bool) -> dict[str, Any]:
             q=q, limit=50, order="oldest", cursor=None
         )
         started = time.perf_counter()
-        stmt = apply_filters(mailbox_queries.mailbox_select(), mailboxes, {"q": q})
+        stmt = apply_filters(mailbox_queries.mailbox_select(), mailboxes, {"q": q}, paged=True)
         await fetch_page(reader, stmt, mailboxes, query)
         return 200, (time.perf_counter() - started) * 1000
 

@@ -139,6 +139,8 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "credentials_api_tokens": CREDENTIALS_TOKEN,
         "log_format": "console",
         "spool_dir": tempfile.mkdtemp(prefix="cmw-spool-", dir="/tmp"),
+        # searches are exact without it; tests/test_search_index.py runs it
+        "search_index_interval_seconds": 0,
     }
     return load_settings(**(values | overrides))
 

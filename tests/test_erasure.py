@@ -10,6 +10,7 @@ import pytest
 from app.crypto import Vault
 from app.db import make_engine
 from app.models import Base
+from app.operations import search_index
 from app.operations.privacy import ERASED, Erased, erase_mailbox
 from app.simulation import traffic
 from tests.conftest import FERNET_KEY, deliver
@@ -162,3 +163,20 @@ async def test_after_erasure_a_later_delivery_updates_the_mailbox_but_restores_n
     assert shown["isAdmin"] is (not gone["isAdmin"])
     assert shown["expiryDate"].startswith("2031-01-01")
     assert shown["warmupStatus"] == "started"
+
+
+async def test_erase_takes_the_mailboxs_fields_from_the_search_copy_too(
+    client, db, database_url, two_neighbours
+):
+    """The search indexer's copy of each mailbox's text (migration 0026) holds its email
+    and names: erasure leaves none there, and `q` no longer finds the mailbox by them."""
+    gone, kept = two_neighbours
+    assert await search_index.index_once(db, margin=0) > 0
+    await erase(database_url, gone["mailboxId"])
+    copies = "\n".join(r["text"] for r in await db.fetch("select text from mailbox_search"))
+    for key in ("email", "firstName", "lastName"):
+        assert gone[key] not in copies and "Edited-gone" not in copies
+        answer = await client.get("/api/v1/mailboxes", params={"q": gone[key]}, headers=OPS)
+        assert answer.json()["items"] == []
+    assert kept["email"] in copies and "Edited-kept" in copies
+    assert gone["mailboxId"] in copies  # not personal: the erased mailbox is still listed

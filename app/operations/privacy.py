@@ -4,9 +4,10 @@
   BODY_RETENTION_DAYS are deleted; the redacted copy (`payload`) and the rejected record
   with its errors stay, so both still read through the API.
 - Erasure (`coldmail-webhooks erase --mailbox ID`): a mailbox's credentials and personal
-  fields are removed from the mailbox, from every stored body and redacted copy that names
-  it, and from rejected deliveries; the mailbox is marked erased, so no later delivery or
-  `replay` can bring them back (merge.py keeps them empty), and the erasure is audited.
+  fields are removed from the mailbox, from its search text's copy, from every stored body
+  and redacted copy that names it, and from rejected deliveries; the mailbox is marked
+  erased, so no later delivery or `replay` can bring them back (merge.py keeps them
+  empty), and the erasure is audited.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
 from app.db import raw_connection
+from app.models import MAILBOX_SEARCH
 
 log = logging.getLogger("coldmail.privacy")
 ERASED = "[ERASED]"
@@ -141,6 +143,11 @@ UPDATE mailboxes SET email = NULL, first_name = NULL, last_name = NULL, user_nam
     authenticator_secret_encrypted = NULL, erased_at = now(), updated_at = now()
 WHERE mailbox_id = $1
 """
+# The search indexer's copy of its text (app/operations/search_index.py): what is left.
+ERASE_SEARCH_TEXT = f"""
+UPDATE mailbox_search s SET text = {MAILBOX_SEARCH} FROM mailboxes m
+WHERE m.mailbox_id = $1 AND s.id = m.id
+"""
 EVENTS_NAMING = """
 SELECT id, payload, body_encrypted FROM events
 WHERE jsonb_path_exists(payload, '$.** ? (@.mailboxId == $id)', jsonb_build_object('id', $1::text))
@@ -153,6 +160,7 @@ async def erase_mailbox(engine: AsyncEngine, vault: Vault, mailbox_id: str) -> E
     async with raw_connection(engine) as conn, conn.transaction():
         if await conn.execute(ERASE_MAILBOX, mailbox_id) == "UPDATE 0":
             return None
+        await conn.execute(ERASE_SEARCH_TEXT, mailbox_id)
         events = 0
         for row in await conn.fetch(EVENTS_NAMING, mailbox_id):
             stored = row["payload"]  # decoded already where the pool's codec does so

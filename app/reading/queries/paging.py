@@ -19,15 +19,24 @@ from pydantic.alias_generators import to_camel
 from sqlalchemy import (
     Select,
     Table,
+    Text,
     TextClause,
+    exists,
+    func,
+    literal,
     literal_column,
+    select,
     text,
+    union_all,
 )
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import NamedFromClause
 
 from app.models import (
     MAILBOX_SEARCH,
     SUBSCRIPTION_SEARCH,
+    mailbox_search,
+    subscription_search,
 )
 from app.reading import resources
 from app.reading.reader import Reader
@@ -119,8 +128,38 @@ async def fetch_page(
 ) -> tuple[Sequence[Any], str | None]:
     """Keyset pagination on the table's id, bounded by the first page's snapshot: each row
     committed before the walk began comes exactly once, whatever commits meanwhile (a
-    large delivery may hold low ids and commit after smaller ones with higher ids)."""
+    large delivery may hold low ids and commit after smaller ones with higher ids).
+    A search (`q`, its text checked by apply_filters(paged=True)) pages its two legs
+    (search_legs) each so, and their union."""
     cursor = decode_cursor(query.cursor)
+    page = page_statement(stmt, table, query, cursor)
+    rows = (await conn.execute(page, search=bool(getattr(query, "q", None)))).all()
+    if len(rows) <= query.limit:
+        return rows, None
+    rows = rows[: query.limit]
+    snapshot = cursor.snapshot or snapshot_parts(rows[-1].walk_snapshot)
+    return rows, Cursor(rows[-1].id, snapshot).encode()
+
+
+def page_statement(
+    stmt: Select[Any], table: Table, query: ListQuery, cursor: Cursor
+) -> Select[Any]:
+    q = getattr(query, "q", None)
+    legs = search_legs(stmt, table, q) if q and table.name in SIDES else [stmt]
+    pages = [keyset(leg, table, query, cursor) for leg in legs]
+    if len(pages) == 1:
+        return pages[0]
+    # by name: a select of the subquery's columns would build a proxy of each (3 ms a page)
+    found = union_all(*pages).subquery("found")
+    last: ColumnElement[Any] = literal_column("found.id")
+    order = last.desc() if query.order == "newest" else last
+    return (
+        select(literal_column("found.*")).select_from(found).order_by(order).limit(query.limit + 1)
+    )
+
+
+def keyset(stmt: Select[Any], table: Table, query: ListQuery, cursor: Cursor) -> Select[Any]:
+    """The page after `cursor`, one row more than asked (is there a next page?)."""
     if query.order == "newest":
         stmt = stmt.order_by(table.c.id.desc())
         if cursor.last_id:
@@ -133,13 +172,7 @@ async def fetch_page(
         stmt = stmt.add_columns(
             literal_column("pg_current_snapshot()::text").label("walk_snapshot")
         )
-    searching = bool(getattr(query, "q", None))
-    rows = (await conn.execute(stmt.limit(query.limit + 1), search=searching)).all()
-    if len(rows) <= query.limit:
-        return rows, None
-    rows = rows[: query.limit]
-    snapshot = cursor.snapshot or snapshot_parts(rows[-1].walk_snapshot)
-    return rows, Cursor(rows[-1].id, snapshot).encode()
+    return stmt.limit(query.limit + 1)
 
 
 def visible_to(table: Table, cursor: Cursor) -> TextClause:
@@ -154,19 +187,24 @@ async def list_page(
     conn: Reader, stmt: Select[Any], table: Table, query: ListQuery, model: type[R]
 ) -> resources.Page[R]:
     """A filtered keyset page of `table`, as `model` items."""
-    stmt = apply_filters(stmt, table, filter_values(query))
+    stmt = apply_filters(stmt, table, filter_values(query), paged=True)
     rows, cursor = await fetch_page(conn, stmt, table, query)
     return resources.Page(
         items=[model.model_validate(r._asdict()) for r in rows], next_cursor=cursor
     )
 
 
-def apply_filters(stmt: Select[Any], table: Table, filters: dict[str, Any]) -> Select[Any]:
+def apply_filters(
+    stmt: Select[Any], table: Table, filters: dict[str, Any], *, paged: bool = False
+) -> Select[Any]:
+    """The filters as conditions. `paged`: for fetch_page, which adds a search's legs."""
     for column, value in filters.items():
         if value is None:
             continue
-        if column == "q":
+        if column == "q" and paged:
             stmt = stmt.where(search_text(table).ilike(contains(value)))
+        elif column == "q":
+            stmt = stmt.where(matching(table, value))
         elif column == "updated_since":
             stmt = stmt.where(table.c.updated_at >= value)
         else:
@@ -179,9 +217,44 @@ def filter_values(query: ListQuery) -> dict[str, Any]:
 
 
 def search_text(table: Table) -> ColumnElement[str]:
-    """The text `q` searches: the trigram index's own expression, so the index serves it."""
+    """The text `q` searches, of the row as it is now."""
     expression = {"mailboxes": MAILBOX_SEARCH, "subscriptions": SUBSCRIPTION_SEARCH}
     return literal_column(f"({expression[table.name]})")
+
+
+# The side tables the search indexer keeps (app/operations/search_index.py).
+SIDES = {"mailboxes": mailbox_search, "subscriptions": subscription_search}
+
+
+def written_since_mark(table: Table, rows: Table | NamedFromClause) -> ColumnElement[bool]:
+    """The rows (of `table`, or an alias of it) the search indexer may not have copied as
+    they are now. search_mark (migration 0026) is STABLE: the planner reads the mark when
+    it estimates how many rows that is (a subquery's value it guesses as a third)."""
+    return rows.c.updated_at >= func.search_mark(literal(table.name, Text))
+
+
+def matching(table: Table, q: str) -> ColumnElement[bool]:
+    """Rows whose text holds `q`, exactly as the rows are now: the ids the side table's
+    trigram index finds, with the rows written since the search indexer's mark (not yet
+    copied, or copied before a change), each re-checked against its own current text, so
+    a new row is found at once and a renamed one by its new text only. For a statement
+    that reads every match (an export, a count); a page reads search_legs."""
+    pattern, side, recent = contains(q), SIDES[table.name], table.alias("recent")
+    candidates = union_all(
+        select(side.c.id).where(side.c.text.ilike(pattern)),
+        select(recent.c.id).where(written_since_mark(table, recent)),
+    )
+    return table.c.id.in_(candidates) & search_text(table).ilike(pattern)
+
+
+def search_legs(stmt: Select[Any], table: Table, q: str) -> list[Select[Any]]:
+    """`stmt` (its rows' own text checked) split in two disjoint legs: rows whose copied
+    text holds `q`, and rows written since the mark whose copy does not. Each leg is a
+    semi-join the planner can drive either way: from the trigram index for a rare `q`, or
+    walking the table's ids and probing the copy for a common one, to the page's end."""
+    side = SIDES[table.name]
+    copied = exists().where(side.c.id == table.c.id, side.c.text.ilike(contains(q)))
+    return [stmt.where(copied), stmt.where(written_since_mark(table, table), ~copied)]
 
 
 def contains(value: str) -> str:

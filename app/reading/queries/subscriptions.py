@@ -36,7 +36,7 @@ from app.reading.queries.paging import (
     contains,
     fetch_page,
     filter_values,
-    search_text,
+    matching,
 )
 from app.reading.reader import Reader
 
@@ -95,7 +95,7 @@ async def list_subscriptions(
 ) -> resources.Page[resources.Subscription]:
     filters = filter_values(query)
     expires_before = filters.pop("expires_before")
-    stmt = apply_filters(subscription_select(), subscriptions, filters)
+    stmt = apply_filters(subscription_select(), subscriptions, filters, paged=True)
     if expires_before is not None:
         # the same bound on the renews-at expression (the expiry date where there is one):
         # its index (ix_subscriptions_renews_at) serves the filter (migration 0024)
@@ -167,7 +167,7 @@ async def customers_matching(conn: Reader, q: str, limit: int = 5) -> list[Any]:
     s = subscriptions.c
     by_email = (
         select(s.user_id, func.max(s.user_email).label("user_email"))
-        .where(search_text(subscriptions).ilike(contains(q)), s.user_email.ilike(contains(q)))
+        .where(matching(subscriptions, q), s.user_email.ilike(contains(q)))
         .where(s.user_id.is_not(None))
         .group_by(s.user_id)
         .limit(limit)

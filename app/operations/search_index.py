@@ -1,0 +1,110 @@
+"""The search indexer: copies each mailbox's and subscription's search text (models.
+MAILBOX_SEARCH, SUBSCRIPTION_SEARCH) into its side table, whose trigram index `q` reads, so
+that a delivery no longer maintains a trigram index (about 1,800 of its WAL bytes,
+docs/benchmark.md).
+
+It walks the rows written since its mark (`search_marks`) in (updated_at, id) order, in
+batches, and upserts only the texts that changed. Every write sets updated_at to its
+transaction's start (now()), so a row's current version has an updated_at no earlier than
+the oldest transaction in progress when the walk began: the mark goes no further than that
+(less a margin), and every row before the mark has its current text in the side table.
+A search reads the side table's matches and the rows written since the mark, and re-checks
+each row's own text (reading/queries/paging.py): exact, with no lag.
+"""
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db import raw_connection
+from app.models import MAILBOX_SEARCH, SUBSCRIPTION_SEARCH
+
+log = logging.getLogger("coldmail.search_index")
+
+BATCH = 5000
+# One indexer at a time across workers and replicas: a session-level advisory lock.
+INDEXER_LOCK = 0x636D7773  # "cmws"
+# Source table -> (side table, search text).
+SIDES = {
+    "mailboxes": ("mailbox_search", MAILBOX_SEARCH),
+    "subscriptions": ("subscription_search", SUBSCRIPTION_SEARCH),
+}
+
+# How far the mark may go: the start of the oldest transaction of this database in
+# progress (a row it writes gets that time as updated_at, whenever it commits), or now,
+# less a margin: a backend takes its transaction's time a moment before it shows it in
+# pg_stat_activity, and a session of another role shows none. Read before the walk, so a
+# transaction that commits during it started after this time.
+MARGIN_SECONDS = 1.0
+SAFE_MARK = """SELECT least(now(), min(xact_start)) - make_interval(secs => $1)
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+    AND pid <> pg_backend_pid() AND xact_start IS NOT NULL"""
+MARK = "SELECT indexed_before FROM search_marks WHERE name = $1"
+SET_MARK = "UPDATE search_marks SET indexed_before = greatest(indexed_before, $2) WHERE name = $1"
+
+
+def copy_batch(table: str) -> str:
+    """One batch: the next rows after ($1, $2) written before $3 (at most $4), their texts
+    upserted where they changed; how many rows, how many texts written, and the last key."""
+    side, expression = SIDES[table]
+    return f"""WITH batch AS (
+    SELECT id, updated_at, {expression} AS text FROM {table}
+    WHERE (updated_at, id) > ($1, $2) AND updated_at < $3
+    ORDER BY updated_at, id LIMIT $4
+), written AS (
+    INSERT INTO {side} AS side (id, text) SELECT id, text FROM batch
+    ON CONFLICT (id) DO UPDATE SET text = EXCLUDED.text
+    WHERE side.text IS DISTINCT FROM EXCLUDED.text
+    RETURNING 1
+), last AS (SELECT updated_at, id FROM batch ORDER BY updated_at DESC, id DESC LIMIT 1)
+SELECT (SELECT count(*) FROM batch) AS rows, (SELECT count(*) FROM written) AS written,
+    (SELECT updated_at FROM last) AS updated_at, (SELECT id FROM last) AS id"""
+
+
+async def index_table(conn: Any, table: str, upto: datetime, batch: int = BATCH) -> int:
+    """Copy `table`'s rows written between its mark and `upto` into its side table, moving
+    the mark after each batch; how many texts were written."""
+    after, after_id, written = await conn.fetchval(MARK, table), 0, 0
+    sql = copy_batch(table)
+    while after < upto:
+        row = await conn.fetchrow(sql, after, after_id, upto, batch)
+        written += row["written"]
+        if row["rows"] < batch:
+            await conn.execute(SET_MARK, table, upto)
+            break
+        # every row before this key is copied: a row rewritten since has a later updated_at
+        after, after_id = row["updated_at"], row["id"]
+        await conn.execute(SET_MARK, table, after)
+    return written
+
+
+async def index_once(conn: Any, batch: int = BATCH, margin: float = MARGIN_SECONDS) -> int:
+    """One walk of both tables up to the safe mark; how many texts were written."""
+    upto = await conn.fetchval(SAFE_MARK, margin)
+    return sum([await index_table(conn, table, upto, batch) for table in SIDES])
+
+
+async def walk(engine: AsyncEngine, margin: float = MARGIN_SECONDS) -> None:
+    """One walk, unless another worker or replica is walking (the advisory lock)."""
+    async with raw_connection(engine) as conn:
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", INDEXER_LOCK):
+            try:
+                await index_once(conn, margin=margin)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", INDEXER_LOCK)
+
+
+async def index_forever(engine: AsyncEngine, every: float) -> None:
+    """Inside `serve`: every `every` seconds (SEARCH_INDEX_INTERVAL_SECONDS), if no other
+    worker or replica is indexing (the advisory lock), one walk. A failed walk is logged
+    and tried next time."""
+    while True:
+        try:
+            await walk(engine)
+        except Exception as error:  # the database away, say: next time
+            log.warning("search indexing failed: %s", type(error).__name__)
+        await asyncio.sleep(every)
