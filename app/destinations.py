@@ -55,7 +55,7 @@ class Destination(BaseModel):
     url: str = ""
     url_env: EnvName | None = Field(None, alias="urlEnv")
     format: Literal["standard-webhooks", "slack"]
-    events: list[EventPattern] = Field(min_length=1)
+    events: tuple[EventPattern, ...] = Field(min_length=1)
     secret_env: EnvName | None = Field(None, alias="secretEnv")
     user_ids: frozenset[str] | None = Field(None, alias="userIds")
     allow_private_network: bool = Field(False, alias="allowPrivateNetwork")
@@ -78,11 +78,22 @@ class Destination(BaseModel):
         messages about one of them."""
         if self.user_ids is not None and user_id not in self.user_ids:
             return False
-        return any(matches(pattern, type) for pattern in self.events)
+        return self.takes(type)
+
+    def takes(self, type: str) -> bool:
+        """Whether one of `events` matches this type (for some customer)."""
+        return takes(self.events, type)
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+
+@lru_cache(maxsize=4096)
+def takes(patterns: tuple[str, ...], type: str) -> bool:
+    """Remembered: every delivery asks each destination of its type, and a destination's
+    patterns and the types it is asked of are a handful (a sender's unknown type too)."""
+    return any(matches(pattern, type) for pattern in patterns)
 
 
 def matches(pattern: str, type: str) -> bool:

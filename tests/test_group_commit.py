@@ -184,6 +184,42 @@ async def test_each_new_event_and_what_it_completes_is_told_once(
     await assert_forwarded_once_and_ready(db, order, boxes)
 
 
+async def count_insert_statements(db: asyncpg.Connection, table: str) -> None:
+    """From now on each statement that inserts into `table` adds a row to
+    insert_statements (a statement-level trigger: it runs once however many rows)."""
+    await db.execute(
+        f"""
+        create table insert_statements (at timestamptz default now());
+        create function count_insert_statement() returns trigger language plpgsql as $$
+        begin insert into insert_statements default values; return null; end $$;
+        create trigger count_insert_statement after insert on {table}
+        for each statement execute function count_insert_statement();
+        """
+    )
+
+
+async def test_a_group_writes_its_forwarded_messages_in_one_statement(
+    database_url, db, tmp_path, monkeypatch
+):
+    """Each new event of a group forwarded once (the duplicate not), all by one INSERT of
+    the group's transaction: one statement's work on the table and its indexes per group,
+    not per delivery."""
+    settings = telling_crm(
+        database_url, tmp_path, monkeypatch, window=WIDE_WINDOW_MS, events=["mailbox.*"]
+    )
+    await count_insert_statements(db, "outbound_messages")
+    boxes = [traffic.mailbox_created() for _ in range(6)]
+    async with app_client(settings) as c:
+        answers = await burst(c, [*boxes, boxes[0]])
+    assert sorted(a.json()["status"] for a in answers) == ["duplicate"] + ["processed"] * 6
+    assert await transactions(db) == 1
+    rows = await db.fetch("select type, payload, xmin::text from outbound_messages")
+    told = sorted(orjson.loads(r["payload"])["eventId"] for r in rows)
+    assert told == sorted(b["eventId"] for b in boxes)
+    assert {r["xmin"] for r in rows} == {await db.fetchval("select xmin::text from events limit 1")}
+    assert await db.fetchval("select count(*) from insert_statements") == 1
+
+
 async def test_in_a_group_the_later_edit_of_a_mailbox_wins_whatever_the_arrival_order(
     database_url, db
 ):

@@ -7,15 +7,21 @@ import json
 import os
 import re
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from app.config import ConfigError
 from app.destinations import Destination, check_network, load
-from app.outbound.messages import enqueue
+from app.hashing import Hasher
+from app.outbound.messages import credential_named, enqueue, enqueue_many
+from app.receiving import payloads
+from app.recording.forwarding import CREDENTIAL_FIELDS, forwarded
+from app.simulation import traffic
 from tests.conftest import asyncpg_dsn, with_database
 from tests.test_keyed_hashes import migrate
 
@@ -126,6 +132,63 @@ async def test_messages_are_written_with_their_cause_and_never_without_it(db):
     assert len({r["webhook_id"] for r in rows}) == 3
     assert json.loads(rows[0]["payload"]) == {"orderId": "o1", "mailboxes": [{"email": "x@y.z"}]}
     assert rows[0]["user_id"] == "u1"
+
+
+async def test_many_messages_are_written_by_one_statement_with_their_cause(db):
+    """enqueue_many (a group commit's forwarded events): each message once per destination
+    it names, in the caller's transaction; a cause that fails leaves none."""
+    at = datetime(2026, 12, 5, 18, 0, tzinfo=UTC)
+    given: list[list[Any]] = [
+        [["a", "b"], "mailbox.created", '{"mailboxId": "m1"}', "u1", at],
+        [["b"], "mailbox.updated", '{"mailboxId": "m2"}', None, None],
+    ]
+    with pytest.raises(RuntimeError):
+        async with db.transaction():
+            assert await enqueue_many(db, given) == 3
+            raise RuntimeError("the cause failed")
+    assert await db.fetchval("SELECT count(*) FROM outbound_messages") == 0
+    async with db.transaction():
+        assert await enqueue_many(db, given) == 3
+        assert await enqueue_many(db, []) == 0
+        now = await db.fetchval("SELECT now()")
+    rows = await db.fetch("SELECT * FROM outbound_messages ORDER BY destination, type")
+    assert [(r["destination"], r["type"], r["user_id"]) for r in rows] == [
+        ("a", "mailbox.created", "u1"),
+        ("b", "mailbox.created", "u1"),
+        ("b", "mailbox.updated", None),
+    ]
+    assert [json.loads(r["payload"])["mailboxId"] for r in rows] == ["m1", "m1", "m2"]
+    assert [r["occurred_at"] for r in rows] == [at, at, now]  # none given: when written
+    assert len({r["webhook_id"] for r in rows}) == 3
+    assert {r["status"] for r in rows} == {"pending"}
+
+
+def test_a_forwarded_event_has_no_credential_at_any_depth():
+    """Each of the sender's credential fields is named like a credential, so forwarding
+    drops it wherever it stands (a prewarmup order's mailboxes, two lists deep), and keeps
+    every other declared field."""
+    assert CREDENTIAL_FIELDS and all(credential_named(name) for name in CREDENTIAL_FIELDS)
+    hasher = Hasher(os.urandom(32))
+    sent = traffic.prewarmup_success(domains=2, per_domain=2)
+    envelope = payloads.parse_envelope(orjson.dumps(sent), hasher)
+    model = payloads.parse_handled(envelope, [])
+    message = forwarded(
+        [destination()],
+        event=sent["event"],
+        event_id=sent["eventId"],
+        event_time=datetime.now(UTC),
+        envelope=envelope,
+        model=model,
+    )
+    assert message is not None
+    body = orjson.dumps(message.arguments()[2:4])
+    assert traffic.CANARY_PREFIX.encode() not in body
+    assert not any(re.search(name, body.decode()) for name in CREDENTIAL_FIELDS)
+    domains = message.data["mailboxDetails"]
+    boxes = [box for domain in domains for box in domain["preWarmedUpMailboxes"]]
+    given = [box for d in sent["data"]["mailboxDetails"] for box in d["preWarmedUpMailboxes"]]
+    assert [box["email"] for box in boxes] == [box["email"] for box in given]
+    assert message.data["orderId"] == sent["data"]["orderId"]
 
 
 async def test_webhook_ids_are_unique_and_in_the_order_messages_were_written(db):

@@ -48,6 +48,13 @@ def enqueue_sql(first: int = 1, *, gate: str | None = None) -> str:
 
 
 ENQUEUE = enqueue_sql()
+# Many messages in one statement, one array per column (`enqueue_many`).
+ENQUEUE_MANY = (
+    "INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at) "
+    "SELECT name, type, payload::jsonb, user_id, coalesce(at, now()) "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) "
+    "AS given(name, type, payload, user_id, at)"
+)
 
 
 def wanted(destinations: Sequence[Destination], type: str, user_id: str | None) -> list[str]:
@@ -89,6 +96,21 @@ async def enqueue(
         return 0
     await conn.execute(ENQUEUE, *enqueue_arguments(names, type, data, user_id, occurred_at))
     return len(names)
+
+
+async def enqueue_many(conn: asyncpg.Connection, messages: Sequence[list[Any]]) -> int:
+    """Write several messages (each `enqueue_arguments`' list, for its destinations) in
+    one statement, in the caller's transaction; return how many rows. A group commit's
+    forwarded events so cost one INSERT, not one per delivery: each statement that writes
+    a row opens the table and its indexes, a third of what a message cost the database."""
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for names, *message in messages:
+        for name in names:
+            for column, value in zip(columns, (name, *message), strict=True):
+                column.append(value)
+    if columns[0]:
+        await conn.execute(ENQUEUE_MANY, *columns)
+    return len(columns[0])
 
 
 def enqueue_arguments(

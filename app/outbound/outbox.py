@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import raw_connection
-from app.destinations import Destination, matches
+from app.destinations import Destination
 from app.outbound import derived
 from app.outbound.derived import Derived
 from app.outbound.messages import enqueue
@@ -36,7 +36,7 @@ class DestinationsOutbox:
 
     def wanted(self, type: str) -> bool:
         """Whether any destination takes this type (for some customer)."""
-        return any(matches(p, type) for d in self.destinations for p in d.events)
+        return any(d.takes(type) for d in self.destinations)
 
     def tells(self, changes: Effects | None, *, completing: bool = True) -> bool:
         return changes is not None and derived.may_derive(changes, self.wanted, completing)

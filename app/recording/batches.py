@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.crypto import Vault
 from app.db import describe, is_transient, lost_a_race, raw_connection
 from app.destinations import Destination
+from app.outbound.messages import enqueue_many
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
@@ -141,19 +142,23 @@ async def _together(
 ) -> list[Outcome]:
     """The chosen deliveries in one transaction, one pipelined `fetchmany` per statement
     shape (in eventId order, so that concurrent groups take the events' locks in one
-    order), then the derived events of those newly recorded; their outcomes in the order
-    chosen."""
+    order), then the forwarded messages of those newly recorded (one statement for all)
+    and their derived events; their outcomes in the order chosen."""
     if not chosen:
         return []
     shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
-    for i in sorted(chosen, key=lambda i: items[i].delivery.event_id or ""):
-        sql, args = delivery_write(items[i].delivery, items[i].changes, vault, items[i].outbound)
+    ordered = sorted(chosen, key=lambda i: items[i].delivery.event_id or "")
+    for i in ordered:
+        sql, args = delivery_write(items[i].delivery, items[i].changes, vault)
         shapes[sql].append((i, args))
     rows: dict[int, Any] = {}
     async with raw_connection(engine) as conn, conn.transaction():
         for sql, calls in shapes.items():
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
+        # the new events' forwarded messages, all in one statement (a duplicate has none)
+        forwarded = [items[i].outbound for i in ordered if rows[i]["inserted"]]
+        await enqueue_many(conn, [f.arguments() for f in forwarded if f is not None])
         if outbox is not None:
             told = [(items[i].changes, rows[i]) for i in chosen if rows[i]["inserted"]]
             changed = [

@@ -2,19 +2,20 @@
 type as it came, its eventId and event time, and its fields in our names (the payload
 models' fields, camelCase as the read API). Only declared fields go out, never one the
 sender added that we did not model, and never a credential (SentCredentials' fields, and
-anything named like one: app/outbound/messages.without_credentials)."""
+anything named like one, at any depth: app/outbound/messages.without_credentials)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from app.crypto import REDACTED, redact
 from app.destinations import Destination
-from app.outbound.messages import enqueue_arguments, wanted
+from app.outbound.messages import wanted, without_credentials
 from app.receiving import payloads
 
 CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
@@ -27,12 +28,14 @@ class Forwarded:
 
     names: list[str]  # the destinations that want it
     type: str
-    data: dict[str, Any]
+    data: dict[str, Any]  # without credentials already (`forwarded`)
     user_id: str | None
     occurred_at: datetime
 
     def arguments(self) -> list[Any]:
-        return enqueue_arguments(self.names, self.type, self.data, self.user_id, self.occurred_at)
+        """app/outbound/messages.enqueue_arguments' list: the body's data as it is."""
+        body = orjson.dumps(self.data).decode()
+        return [self.names, self.type, body, self.user_id, self.occurred_at]
 
 
 def forwarded(
@@ -54,25 +57,16 @@ def forwarded(
         return None
     fields = declared(model.data) if model is not None else unmodelled(data)
     body = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)} | fields
-    return Forwarded(names, event, body, user_id, event_time)
+    return Forwarded(names, event, without_credentials(body), user_id, event_time)
 
 
 def declared(model: BaseModel) -> dict[str, Any]:
-    """A payload model's declared fields that have a value, in their (our) names."""
-    fields: dict[str, Any] = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if name not in CREDENTIAL_FIELDS and value is not None:
-            fields[name] = json_value(value)
+    """A payload model's declared fields that have a value, in their (our) names, as JSON
+    (pydantic's own dump: a third of the time of walking the fields here). It still holds
+    the credentials: `forwarded` drops every field named like one, at any depth, which
+    each of SentCredentials' fields is (tests/test_outbound_messages.py)."""
+    fields: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
     return fields
-
-
-def json_value(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return declared(value)
-    if isinstance(value, list | tuple):
-        return [json_value(item) for item in value]
-    return to_jsonable_python(value)
 
 
 def unmodelled(data: Any) -> dict[str, Any]:
