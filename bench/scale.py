@@ -202,7 +202,7 @@ def targets() -> list[tuple[str, list[str]]]:
             [f"/ui/failed-domains?kind=prewarmup&from={day}&to={day}"],
         ),
         ("failed domains CSV, yesterday", [f"/ui/failed-domains.csv?from={day}&to={day}"]),
-        ("failed domains CSV, all", ["/ui/failed-domains.csv"]),
+        ("failed domains CSV, all (whole file)", ["/ui/failed-domains.csv"]),
         ("failed domains CSV, all (first byte)", ["/ui/failed-domains.csv"]),
         ("incomplete orders /ui/incomplete-orders", ["/ui/incomplete-orders"]),
         ("orders placed yesterday /ui/orders", [f"/ui/orders?from={day}&to={day}"]),
@@ -284,7 +284,9 @@ EVENT_SEARCHES = ["MBX999998", "ORD199999", "no-such-text"]
 
 def measure(client: httpx.Client, name: str, paths: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The whole answer's time; a row named "(first byte)" times a streamed download's first
-    bytes (the rest is read after the clock stops)."""
+    bytes (the rest is read after the clock stops). A "(whole file)" row, a download of
+    every row there is, is held to the export's target, as the mailbox export is; its first
+    byte has a row of its own, held to the page's."""
     timings, failures = [], []
     for i in range(WARM_UP + REQUESTS):
         path = paths[i % len(paths)]
@@ -309,7 +311,9 @@ def measure(client: httpx.Client, name: str, paths: list[str]) -> tuple[dict[str
         "p95_ms": round(timings[int(len(timings) * 0.95) - 1], 1) if timings else None,
         "requests": len(timings),
     }
-    if figures["p95_ms"] is not None and figures["p95_ms"] > PAGE_TARGET_MS:
+    target = EXPORT_TARGET_S * 1000 if name.endswith("(whole file)") else PAGE_TARGET_MS
+    figures["target_ms"] = target
+    if figures["p95_ms"] is not None and figures["p95_ms"] > target:
         figures["over_target"] = True
     return figures, failures
 
@@ -448,7 +452,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             mark = " OVER" if r.get("over_target") else ""
             print(
                 f"{r['name']:44}{r['p50_ms']:>9}{r['p95_ms']:>9}"
-                f"{PAGE_TARGET_MS:>7.0f} ms{r['failed']:>8}{mark}"
+                f"{r.get('target_ms', PAGE_TARGET_MS):>7.0f} ms{r['failed']:>8}{mark}"
             )
 
 
