@@ -180,3 +180,29 @@ async def test_a_search_walk_returns_copied_and_recent_rows_once_each_in_order(c
             break
     expected = [box["data"]["mailboxDetails"]["mailboxId"] for box in boxes]
     assert walked == (expected if order == "oldest" else expected[::-1])
+
+
+class Stop(BaseException):
+    """Ends index_forever's loop after the walks a test scripted."""
+
+
+async def test_an_indexer_that_keeps_failing_logs_once_and_once_more_when_it_works(
+    monkeypatch, caplog
+):
+    """The database away for an hour must not log a warning a second: the first failure is
+    logged, the tries after it are not, and the walk that works again says so."""
+    outcomes = iter([OSError, OSError, OSError, None, OSError, None])
+
+    async def scripted_walk(engine: Any) -> None:
+        outcome = next(outcomes, Stop)
+        if outcome is not None:
+            raise outcome()
+
+    monkeypatch.setattr(search_index, "walk", scripted_walk)
+    caplog.set_level("INFO", logger="coldmail.search_index")
+    with pytest.raises(Stop):
+        await search_index.index_forever(None, every=0)  # type: ignore[arg-type]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    failed = ("WARNING", "search indexing failed: OSError; trying again")
+    back = ("INFO", "search indexing works again")
+    assert said == [failed, back, failed, back]

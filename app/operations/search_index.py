@@ -89,22 +89,30 @@ async def index_once(conn: Any, batch: int = BATCH, margin: float = MARGIN_SECON
 
 
 async def walk(engine: AsyncEngine, margin: float = MARGIN_SECONDS) -> None:
-    """One walk, unless another worker or replica is walking (the advisory lock)."""
-    async with raw_connection(engine) as conn:
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", INDEXER_LOCK):
-            try:
-                await index_once(conn, margin=margin)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", INDEXER_LOCK)
+    """One walk, in one transaction, unless another worker or replica is walking. The lock
+    is the transaction's (released at its end, on the server connection that took it), so a
+    transaction pooler such as PgBouncer cannot leave it held by a connection the walk no
+    longer has."""
+    async with raw_connection(engine) as conn, conn.transaction():
+        if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", INDEXER_LOCK):
+            await index_once(conn, margin=margin)
 
 
 async def index_forever(engine: AsyncEngine, every: float) -> None:
     """Inside `serve`: every `every` seconds (SEARCH_INDEX_INTERVAL_SECONDS), if no other
-    worker or replica is indexing (the advisory lock), one walk. A failed walk is logged
-    and tried next time."""
+    worker or replica is indexing, one walk. A failed walk is tried next time; the first
+    failure is logged, and the first walk that works again, not every try between (the
+    database away for an hour would otherwise log 3,600 warnings)."""
+    failing = False
     while True:
         try:
             await walk(engine)
         except Exception as error:  # the database away, say: next time
-            log.warning("search indexing failed: %s", type(error).__name__)
+            if not failing:
+                log.warning("search indexing failed: %s; trying again", type(error).__name__)
+            failing = True
+        else:
+            if failing:
+                log.info("search indexing works again")
+            failing = False
         await asyncio.sleep(every)
