@@ -185,9 +185,12 @@ TESTS = {
     "app/reading/queries/paging.py": [
         "tests/test_promises_state.py",
         "tests/test_search_limits.py",
+        "tests/test_search_index.py",
+        "tests/test_query_plans.py",
         "tests/test_read_side.py",
         "tests/test_cockpit_api.py",
         "tests/test_api.py",
+        "tests/test_dashboard_now.py",
     ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
     "app/operations/privacy.py": [
