@@ -27,6 +27,7 @@ from app.crypto import token_matches
 from app.db import is_transient
 from app.errors import ApiError
 from app.reading import chart, exporting, renewals, resources
+from app.reading.ages import ago
 from app.reading.queries import (
     counts,
     deliveries,
@@ -70,18 +71,6 @@ CSP = (
 Q = TypeVar("Q", bound=BaseModel)
 T = TypeVar("T")
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
-
-
-def ago(value: datetime) -> str:
-    """ "3 min ago" or "in 5 d": how far a time is from now, roughly (pages show the exact
-    time on hover)."""
-    seconds = (datetime.now(UTC) - value).total_seconds()
-    span = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
-        if span >= size or unit == "s":
-            amount = f"{int(span // size)} {unit}"
-            break
-    return f"in {amount}" if seconds < 0 else f"{amount} ago"
 
 
 def segment(value: str) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from app import metrics
 from app.models import events, mailboxes, order_domains, orders, reconciliations, rejected
+from app.reading.ages import counted
 from app.reading.queries.counts import LAST_DELIVERY
 from app.reading.reader import Reader
 
@@ -154,13 +155,6 @@ def reconcile_tile(reconciled_at: datetime | None, configured: bool) -> Tile:
         None,
         reconciled_at,
     )
-
-
-def counted(at: datetime) -> str:
-    seconds = int((datetime.now(UTC) - at).total_seconds())
-    if seconds < 1:
-        return "counted just now"
-    return f"counted {seconds} s ago" if seconds < 120 else f"counted {seconds // 60} min ago"
 
 
 def tiles(
