@@ -42,7 +42,7 @@ from app.outbound.outbox import DestinationsOutbox
 from app.reading import api, reader, sessions, ui
 from app.reading.cancel import CancelOnDisconnect
 from app.reading.docs import add_docs
-from app.reading.renewals import TotalsCache
+from app.reading.renewals import KeptValues
 from app.receiving import route
 from app.receiving.edge import BodyLimit, HstsMiddleware
 from app.receiving.pinning import SignatureForms
@@ -171,8 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.destinations = destinations  # DESTINATIONS_FILE's, secrets resolved
     app.state.vault = Vault(settings.fernet_key_list)
-    app.state.renewal_totals = TotalsCache()
-    app.state.kept_counts = TotalsCache()  # the incomplete orders (ui.kept_incomplete)
+    app.state.renewal_totals = KeptValues()
+    app.state.kept_counts = KeptValues("incomplete orders")  # ui.kept_incomplete
     app.state.sign_in_throttle = sessions.SignInThrottle()
     app.state.searches = reader.SearchSlots()
     app.include_router(route.router)

@@ -119,7 +119,7 @@ async def test_incomplete_orders_are_counted_once_a_minute_and_say_when(client, 
 
 
 class Clock:
-    """time.monotonic of the kept counts (renewals.TotalsCache), moved by hand."""
+    """time.monotonic of the kept counts (renewals.KeptValues), moved by hand."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -128,10 +128,10 @@ class Clock:
         return self.now
 
 
-def kept_counts(client: httpx.AsyncClient) -> renewals.TotalsCache:
+def kept_counts(client: httpx.AsyncClient) -> renewals.KeptValues:
     """The app's own (the client's transport is the app's)."""
     app = cast(httpx.ASGITransport, client._transport).app
-    return cast(renewals.TotalsCache, app.state.kept_counts)  # type: ignore[attr-defined]
+    return cast(renewals.KeptValues, app.state.kept_counts)  # type: ignore[attr-defined]
 
 
 async def test_the_reconcile_tile_is_neutral_where_reconcile_is_not_set_up(

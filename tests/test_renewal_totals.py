@@ -69,17 +69,17 @@ async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client,
     assert waited["totalsAt"] > fresh["totalsAt"]
 
 
-def kept_totals(client: httpx.AsyncClient) -> renewals.TotalsCache:
+def kept_totals(client: httpx.AsyncClient) -> renewals.KeptValues:
     """The app's own (the client's transport is the app's)."""
     app = cast(httpx.ASGITransport, client._transport).app
-    return cast(renewals.TotalsCache, app.state.renewal_totals)  # type: ignore[attr-defined]
+    return cast(renewals.KeptValues, app.state.renewal_totals)  # type: ignore[attr-defined]
 
 
 async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeypatch):
     """Past TOTALS_KEPT filter combinations (3 here), the one read least recently is summed
     again on its next read; those read since are still served from what was kept."""
     monkeypatch.setattr(renewals, "TOTALS_KEPT", 3)
-    cache, summed = renewals.TotalsCache(), []
+    cache, summed = renewals.KeptValues(), []
 
     async def read(key: str) -> None:
         async def compute() -> str:
@@ -100,7 +100,7 @@ async def test_sums_that_fail_in_the_background_leave_the_kept_ones_and_say_so(m
     the next view past the minute tries again."""
     clock = Clock()
     monkeypatch.setattr(renewals, "time", clock)
-    cache = renewals.TotalsCache()
+    cache = renewals.KeptValues()
 
     async def first() -> str:
         return "first"

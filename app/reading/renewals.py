@@ -273,7 +273,9 @@ RISK_COUNTS = text(
 )
 
 
-TOTALS_SECONDS = 60.0  # totals walk the whole list: once a minute per process and filters
+# How long a KeptValues value is reused: the renewal totals walk the whole list, once a
+# minute per process and filters (the incomplete orders are counted as often).
+TOTALS_SECONDS = 60.0
 # Kept totals older than TOTALS_SECONDS but not this are shown while they are summed again
 # in the background: the view after the minute no longer waits for a walk of the whole
 # list (200-280 ms at 200,000 subscriptions, once a minute per worker). Older than this,
@@ -284,18 +286,21 @@ log = logging.getLogger("coldmail.renewals")
 
 
 @dataclass
-class TotalsCache:
-    """The last totals per window and filters, reused for TOTALS_SECONDS: a page of
-    renewals reads only its own rows, but its totals sum every subscription on the list
-    (100 ms and more with 200,000 of them), which the overview must not pay on every view.
-    Past the minute the kept ones are shown while one task sums them again (see
-    STALE_SECONDS); the time they were summed is returned with them."""
+class KeptValues:
+    """Values computed by a slow read, kept per key and served stale-while-revalidate: the
+    renewal totals per window and filters (a page of renewals reads only its own rows, but
+    its totals sum every subscription on the list: 100 ms and more with 200,000 of them) and
+    the incomplete orders (ui.kept_incomplete), which the overview must not pay for on every
+    view. A value is reused for TOTALS_SECONDS; past that it is still shown while one task
+    computes it again, up to STALE_SECONDS; the time it was computed is returned with it.
+    At most TOTALS_KEPT keys are kept, the least recently read dropped first."""
 
+    what: str = "renewals"  # in the log line when computing again fails
     kept: dict[Hashable, tuple[float, datetime, Any]] = field(default_factory=dict)
     summing: dict[Hashable, "asyncio.Task[None]"] = field(default_factory=dict)
 
     async def get(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> tuple[datetime, T]:
-        """The totals and when they were computed."""
+        """The value and when it was computed."""
         known = self.kept.pop(key, None)
         age = STALE_SECONDS if known is None else time.monotonic() - known[0]
         if known is None or age >= STALE_SECONDS:
@@ -313,12 +318,12 @@ class TotalsCache:
             if key in self.kept:  # not dropped meanwhile as the least recent
                 self.kept[key] = summed
         except Exception as error:  # the kept ones stay; a later view tries again
-            log.warning("summing renewals again failed: %s", type(error).__name__)
+            log.warning("summing %s again failed: %s", self.what, type(error).__name__)
         finally:
             del self.summing[key]
 
     async def settled(self) -> None:
-        """Once the sums under way are done (for tests)."""
+        """When every value being computed again is (for tests and shutdown)."""
         await asyncio.gather(*self.summing.values())
 
 
@@ -381,7 +386,7 @@ def renewal_cursor(row: Any) -> str:
 
 
 async def list_renewals(
-    conn: Reader, query: RenewalQuery, cache: TotalsCache, currency: str
+    conn: Reader, query: RenewalQuery, cache: KeptValues, currency: str
 ) -> resources.RenewalPage:
     """A page of the queue, each with its risks, mailbox count and monthly cost; the sums of
     every page the filters choose, per `due` and in all; `totals` per userId over the whole
@@ -423,7 +428,7 @@ ENDLESS = datetime.max.replace(tzinfo=UTC)  # a range's end beyond every subscri
 
 
 async def range_sums(
-    conn: Reader, cache: TotalsCache, filters: dict[str, Any]
+    conn: Reader, cache: KeptValues, filters: dict[str, Any]
 ) -> dict[str, resources.RenewalSum]:
     """`sums`, kept a minute per filters. With an end date (`renewsBefore`), the whole UTC
     days within the range come from the sums per day of the filters without the range (kept
@@ -459,7 +464,7 @@ def ceil_day(at: datetime) -> datetime:
 
 
 async def cached_sums(
-    conn: Reader, cache: TotalsCache, filters: dict[str, Any]
+    conn: Reader, cache: KeptValues, filters: dict[str, Any]
 ) -> dict[str, resources.RenewalSum]:
     _, by_due = await cache.get(tuple(sorted(filters.items())), lambda: sums(conn, filters))
     return by_due

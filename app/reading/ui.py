@@ -264,7 +264,7 @@ def kept_incomplete(request: Request) -> Awaitable[tuple[datetime, tuple[int, li
     orders page, counted at most once a minute per process, and when they were (every order
     domain of 2 days counts its mailboxes: 25-50 ms at 1M mailboxes); the incomplete-orders
     page counts afresh."""
-    cache: renewals.TotalsCache = request.app.state.kept_counts
+    cache: renewals.KeptValues = request.app.state.kept_counts
     conn = reader(request)
     return cache.get("incomplete", lambda: right_now.incomplete_orders(conn, FIRST_SHOWN))
 
