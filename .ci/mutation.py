@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
+import tomlkit
+
 ROOT = Path(__file__).resolve().parent.parent
 RATCHET = ROOT / ".ci" / "mutation-scores.json"
 EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.txt"
@@ -240,27 +242,26 @@ def configure(
     folder: Path, modules: list[str], only: list[str] | None = None, timeout: float = 15.0
 ) -> None:
     """mutmut reads [tool.mutmut] from pyproject.toml: this run's modules and tests, and
-    how long a mutant may run: (its tests' time + 1 s) x `timeout` (wall clock)."""
+    how long a mutant may run: (its tests' time + 5 s) x `timeout` (wall clock)."""
     named = set(only) if only else {t for m in modules for t in TESTS.get(m, ["tests/"])}
     tests = sorted(t for t in named if (folder / t.split("::")[0]).exists())
-    table = (
-        "\n[tool.mutmut]\n"
-        'source_paths = ["app"]\n'
-        f"only_mutate = {json.dumps(modules)}\n"
-        'also_copy = ["alembic", "alembic.ini"]\n'
-        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:randomly", "-x", "-q"]\n'
+    pyproject = folder / "pyproject.toml"
+    settings = tomlkit.parse(pyproject.read_text())
+    settings["tool"]["mutmut"] = {
+        "source_paths": ["app"],
+        "only_mutate": modules,
+        "also_copy": ["alembic", "alembic.ini"],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-p", "no:randomly", "-x", "-q"],
         # A mutant's wall-clock limit is (its tests' time + timeout_constant) x the multiplier,
         # where mutmut counts only the tests' calls, not each test's fresh database and app
-        # (1-3 s on a busy box):
-        # at 1 s, record.store_rejected's survivors (14 tests: 1.3 s of calls, 26-31 s in all)
-        # came within seconds of their 35 s limit, past which they would count as killed.
-        "timeout_constant = 5.0\n"
-        f"timeout_multiplier = {timeout}\n"
-    )
-    pyproject = folder / "pyproject.toml"
-    text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", pyproject.read_text())
-    pyproject.write_text(text + table)
+        # (1-3 s on a busy box): at 1 s, record.store_rejected's survivors (14 tests: 1.3 s
+        # of calls, 26-31 s in all) came within seconds of their 35 s limit, past which they
+        # would count as killed.
+        "timeout_constant": 5.0,
+        "timeout_multiplier": timeout,
+    }
+    pyproject.write_text(tomlkit.dumps(settings))
 
 
 UPGRADE = """import sys
