@@ -634,6 +634,18 @@ class SearchMark(Base):
     indexed_before: Mapped[datetime] = mapped_column(Timestamp)
 
 
+class Lease(Base):
+    """One runner at a time across workers and replicas, for work of many transactions
+    (reconcile): `holder`'s until it releases it or `expires_at` passes
+    (app/operations/leases.py)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
 subscriptions = table(Subscription)
 mailboxes = table(Mailbox)
 orders = table(Order)

@@ -4,10 +4,11 @@ Responses are built from the sender's documented example, including its
 quirk: `nextPage` is always set, even on the last page.
 """
 
+import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -92,3 +93,19 @@ def serving(fake: FakeSender) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class HeldApi:
+    """A SenderApi stand-in that shows who runs when: each one made names itself in `made`,
+    and its one page (of no subscriptions) waits for `go`."""
+
+    def __init__(self, name: str, made: list[str], go: asyncio.Event) -> None:
+        made.append(name)
+        self.go = go
+
+    async def subscriptions(self) -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
+        await self.go.wait()
+        yield 1, []
+
+    async def close(self) -> None:
+        pass

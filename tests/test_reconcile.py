@@ -5,14 +5,18 @@ import subprocess
 import time
 from typing import Any
 
-from app.db import make_engine
-from app.operations.reconcile import SenderApi, reconcile
+import pytest
+
+from app.db import make_engine, raw_connection
+from app.operations import leases
+from app.operations.reconcile import LEASE, SenderApi, reconcile, run_leased
 from app.simulation import traffic
 from tests import streams
 from tests.conftest import app_client, deliver, fresh_database, make_settings
-from tests.fake_sender import API_KEY, FakeSender, remote_subscription, serving
+from tests.fake_sender import API_KEY, FakeSender, HeldApi, remote_subscription, serving
 from tests.servers import CLI, clean_env
 from tests.state import OPS
+from tests.test_outbound_delivery import until
 
 
 def run_reconcile(database_url: str, api_url: str, *args: str, key: str = API_KEY) -> Any:
@@ -195,3 +199,61 @@ async def test_serve_reconciles_on_its_own_when_an_interval_is_set(database_url)
         {"subscriptionId": "PERIODIC000000000000000000000", "domain": "company.com"}
     ]
     assert 'cmr_reconcile_drift{kind="unknown"} 1.0' in metrics
+
+
+async def test_one_periodic_run_at_a_time_and_the_next_once_it_has_ended(database_url):
+    """Two replicas: while one runs, the other's turn passes without a run; once it has
+    ended (its connections back in their pools), the other's next turn runs."""
+    async with _engine(database_url) as one, _engine(database_url) as two:
+        await one_at_a_time(one, two)
+        assert await reports(two) == 2
+
+
+async def one_at_a_time(one: Any, two: Any) -> None:
+    """A run on `one` held under way: a run on `two` passes without running; once the
+    first has ended, the next on `two` runs."""
+    made: list[str] = []
+    go, ready = asyncio.Event(), asyncio.Event()
+    ready.set()  # a second run would not wait: it would show at once
+    first = asyncio.create_task(run_leased(one, lambda: HeldApi("first", made, go)))
+    try:
+        await until(lambda: made == ["first"])
+        await run_leased(two, lambda: HeldApi("second", made, ready))
+        assert made == ["first"]
+        go.set()
+        await first
+        await run_leased(two, lambda: HeldApi("second", made, ready))
+        assert made == ["first", "second"]
+    finally:
+        go.set()
+        await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_a_lease_its_holder_left_to_expire_is_taken_and_a_lost_one_stops_the_run(
+    database_url,
+):
+    """A runner that died leaves its lease until it expires, then the next run takes it;
+    a run whose lease another took stops before it applies its page."""
+    remote = [remote_subscription("LEASED0000000000000000000000")]
+    async with _engine(database_url) as engine, raw_connection(engine) as conn:
+        assert await leases.take(conn, LEASE, "died", seconds=0)
+        made: list[str] = []
+        go = asyncio.Event()
+        go.set()
+        await run_leased(engine, lambda: HeldApi("next", made, go))
+        assert made == ["next"] and await reports(engine) == 1
+
+        assert await leases.take(conn, LEASE, "slow", seconds=0)
+        assert await leases.take(conn, LEASE, "other")  # the slow one's lease expired
+        with serving(FakeSender(remote)) as url:
+            api = SenderApi(url, API_KEY)
+            with pytest.raises(leases.LeaseLost):
+                await reconcile(engine, api, dry_run=False, holder="slow")
+            await api.close()
+        assert await conn.fetchval("SELECT count(*) FROM subscriptions") == 0
+        assert not await leases.take(conn, LEASE, "third")  # still the other's
+
+
+async def reports(engine: Any) -> int:
+    async with raw_connection(engine) as conn:
+        return int(await conn.fetchval("SELECT count(*) FROM reconciliations"))

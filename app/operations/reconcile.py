@@ -32,6 +32,7 @@ from tenacity import (
 
 from app import metrics
 from app.db import raw_connection
+from app.operations import leases
 from app.receiving.payloads import SUBSCRIPTION_STATES, known_state, parse_time
 from app.recording import merge
 from app.recording.effects import version
@@ -41,8 +42,9 @@ log = logging.getLogger("coldmail.reconcile")
 SUBSCRIPTIONS_PATH = "/subscriptions"
 PAGE_SIZE = 100
 REQUESTS_PER_SECOND = 5
-# One runner at a time across workers and replicas: a session-level advisory lock.
-RUNNER_LOCK = 0x636D7772  # "cmwr"
+# One periodic runner at a time across workers and replicas: a lease (not a session
+# advisory lock, which PgBouncer's transaction pooling would strand: leases.py).
+LEASE = "reconcile"
 
 
 class ReconcileError(Exception):
@@ -236,16 +238,25 @@ def _iso(value: datetime | None) -> str | None:
 
 
 async def reconcile(
-    engine: AsyncEngine, api: SenderApi, *, dry_run: bool, outbox: Outbox | None = None
+    engine: AsyncEngine,
+    api: SenderApi,
+    *,
+    dry_run: bool,
+    outbox: Outbox | None = None,
+    holder: str | None = None,
 ) -> Report:
     """One run: page through the sender's subscriptions, apply, report, store the report
-    (and, in its transaction, what the drift causes to be told: `outbox`)."""
+    (and, in its transaction, what the drift causes to be told: `outbox`). A run that holds
+    the lease (`holder`) renews it with each page, and stops (leases.LeaseLost) where it
+    has lost it."""
     started = datetime.now(UTC)
     report = Report(started_at=started.isoformat(), dry_run=dry_run)
     lifecycle_version = version(started, "reconciliation")
     async for page, items in api.subscriptions():
         report.pages = page
         async with raw_connection(engine) as conn, conn.transaction():
+            if holder is not None:
+                await leases.renew(conn, LEASE, holder)
             await reconcile_page(conn, items, report, lifecycle_version=lifecycle_version)
     report.finished_at = datetime.now(UTC).isoformat()
     if not dry_run:
@@ -275,23 +286,31 @@ async def run_periodically(
     engine: AsyncEngine, make_api: Any, interval: float, outbox: Outbox | None = None
 ) -> None:
     """Inside `serve`: every `interval` seconds, if no other worker or replica is running
-    one (the advisory lock), reconcile. A failed run is logged and tried next time."""
+    one (the lease), reconcile. A failed run is logged and tried next time."""
     while True:
         await asyncio.sleep(interval)
         try:
-            async with raw_connection(engine) as conn:
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
-                    continue
-                try:
-                    api = make_api()
-                    try:
-                        report = await reconcile(engine, api, dry_run=False, outbox=outbox)
-                    finally:
-                        await api.close()
-                    log.info("reconciled: drift %s", report.drift)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", RUNNER_LOCK)
+            await run_leased(engine, make_api, outbox)
         except ReconcileError as error:
             log.error("reconcile failed: %s", error)
         except Exception as error:  # the database away, say: try again next time
             log.error("reconcile failed: %s", type(error).__name__)
+
+
+async def run_leased(engine: AsyncEngine, make_api: Any, outbox: Outbox | None = None) -> None:
+    """One run, unless another worker or replica holds the lease; released at its end
+    (should this process die first, the lease expires)."""
+    holder = leases.new_holder()
+    async with raw_connection(engine) as conn:
+        if not await leases.take(conn, LEASE, holder):
+            return
+    try:
+        api = make_api()
+        try:
+            report = await reconcile(engine, api, dry_run=False, outbox=outbox, holder=holder)
+        finally:
+            await api.close()
+        log.info("reconciled: drift %s", report.drift)
+    finally:
+        async with raw_connection(engine) as conn:
+            await leases.release(conn, LEASE, holder)

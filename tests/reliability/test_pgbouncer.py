@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +19,7 @@ import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.db import make_engine
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
@@ -31,6 +33,7 @@ from tests.reliability.test_crash_and_outage import server_env
 from tests.reliability.test_edge import post, sign
 from tests.reliability.test_spool import events_by_id, wait_until_drained
 from tests.servers import Server, free_port, run_cli, serve_to_its_end
+from tests.test_reconcile import one_at_a_time
 
 pytestmark = pytest.mark.pgbouncer
 PATIENCE = 60
@@ -38,7 +41,7 @@ POOLER_FIX = "add ?prepared_statement_cache_size=0 to DATABASE_URL"
 
 
 class PgBouncer:
-    def __init__(self, home: Path, server_url: str) -> None:
+    def __init__(self, home: Path, server_url: str, pool_size: int = 5) -> None:
         upstream = make_url(server_url)
         self.home, self.port = home, free_port()
         self.ini = home / "pgbouncer.ini"
@@ -48,7 +51,7 @@ class PgBouncer:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             "auth_type = any\npool_mode = transaction\n"
-            "default_pool_size = 5\nmax_client_conn = 200\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 200\n"
             f"logfile = {home}/pgbouncer.log\n"
         )
         shutil.chown(home, "postgres")
@@ -74,17 +77,25 @@ class PgBouncer:
         return through.render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="module")
-def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
+@contextmanager
+def pooler(server_url: str, pool_size: int = 5) -> Iterator[PgBouncer]:
     if shutil.which("pgbouncer") is None:
         pytest.fail("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     # PgBouncer runs as postgres: its folder must not sit inside root's private ones
     home = Path(tempfile.mkdtemp(prefix="cmw-pgbouncer-", dir="/tmp"))
-    bouncer = PgBouncer(home, server_url)
+    bouncer = PgBouncer(home, server_url, pool_size)
     bouncer.start()
-    yield bouncer
-    bouncer.stop()
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
+    with pooler(server_url) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +225,16 @@ def test_serve_through_a_pooler_without_its_flag_stops_in_one_line(
     assert result.returncode == 2
     stderr = result.stderr.strip().splitlines()
     assert len(stderr) == 1 and stderr[0].endswith(POOLER_FIX), stderr
+
+
+async def test_one_reconcile_runs_at_a_time_through_a_pooler(server_url, database):
+    """Two replicas behind a pooler that gives both the same server connection: while one
+    reconciles, the other's turn passes without a run; once it has ended, the other's next
+    turn runs. (A session advisory lock taken on that server connection let both run.)"""
+    with pooler(server_url, pool_size=1) as bouncer:
+        one, two = (make_engine(bouncer.url(database), pool_size=2) for _ in range(2))
+        try:
+            await one_at_a_time(one, two)
+        finally:
+            await one.dispose()
+            await two.dispose()
