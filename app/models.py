@@ -24,7 +24,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -588,40 +588,32 @@ def table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-class MailboxSearch(Base):
-    """A mailbox's MAILBOX_SEARCH text as the search indexer last copied it (by mailboxes.id),
-    with the trigram index `q` reads. A search re-checks the mailbox's own text, and reads
+class SearchSide:
+    """A side table of search texts (migration 0026): a row's text as the search indexer
+    last copied it (by its source row's id), with the trigram index `q` reads."""
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Index]:
+        name = f"ix_{cls.__tablename__}_text"  # type: ignore[attr-defined]
+        return (
+            Index(name, "text", postgresql_using="gin", postgresql_ops={"text": "gin_trgm_ops"}),
+        )
+
+
+class MailboxSearch(SearchSide, Base):
+    """A mailbox's MAILBOX_SEARCH text. A search re-checks the mailbox's own text, and reads
     the mailboxes written since the indexer's mark directly (reading/queries/paging.py)."""
 
     __tablename__ = "mailbox_search"
-    __table_args__ = (
-        Index(
-            "ix_mailbox_search_text",
-            "text",
-            postgresql_using="gin",
-            postgresql_ops={"text": "gin_trgm_ops"},
-        ),
-    )
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    text: Mapped[str] = mapped_column(Text)
 
 
-class SubscriptionSearch(Base):
+class SubscriptionSearch(SearchSide, Base):
     """A subscription's SUBSCRIPTION_SEARCH text, as MailboxSearch is a mailbox's."""
 
     __tablename__ = "subscription_search"
-    __table_args__ = (
-        Index(
-            "ix_subscription_search_text",
-            "text",
-            postgresql_using="gin",
-            postgresql_ops={"text": "gin_trgm_ops"},
-        ),
-    )
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    text: Mapped[str] = mapped_column(Text)
 
 
 class SearchMark(Base):
