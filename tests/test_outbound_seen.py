@@ -4,32 +4,20 @@ it shows none of that. The dispatcher's own writes (its attempts, the shared cir
 made here as a dispatcher makes them, so what is read is decided by this test."""
 
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
 from app.simulation import traffic
-from tests.conftest import app_client, deliver, make_settings
+from tests.conftest import deliver
 from tests.state import OPS
 from tests.test_dashboard import sign_in
-from tests.test_outbound_derived import destinations_file
 
-
-@pytest.fixture
-async def client(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[httpx.AsyncClient]:
-    settings = make_settings(
-        database_url,
-        destinations_file=destinations_file(tmp_path, monkeypatch),
-        outbound_dispatch=False,  # this test writes what a failing dispatcher would
-    )
-    async with app_client(settings) as http:
-        yield http
+# the app with the destinations, writing outbound messages and sending none: this test
+# writes what a failing dispatcher would
+from tests.test_outbound_derived import client as client
 
 
 async def failing_crm(client: httpx.AsyncClient, db: asyncpg.Connection) -> int:
