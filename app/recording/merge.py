@@ -61,7 +61,7 @@ from typing import Any
 
 from sqlalchemy.dialects import postgresql
 
-from app.models import Base
+from app.models import SEARCH_COLUMNS, Base
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 FUNCTIONS_FILE = Path(__file__).with_name("merge_functions.sql")
@@ -160,6 +160,7 @@ class Upsert:
             source += f" FROM {gate} WHERE {gate}.inserted" if gate else ""
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
+        sets += self.search_written()
         where = f" WHERE {self.key_where}" if self.key_where else ""
         returning = f"\nRETURNING {self.completes} AS completes" if self.completes else ""
         return (
@@ -168,6 +169,23 @@ class Upsert:
             + ",\n    ".join(sets)
             + returning
         )
+
+    def search_written(self) -> list[str]:
+        """search_written_at (models.SearchedMixin) moved to now() only when a searched
+        column this upsert sets gets a new value: `old` is the row before the update."""
+        given = [
+            (c, policy)
+            for c, policy in self.columns.items()
+            if policy and c in SEARCH_COLUMNS.get(self.table, ())
+        ]
+        if not given:
+            return []
+        new = ", ".join(self.combine(c, policy) for c, policy in given)
+        old = ", ".join(f"old.{c}" for c, _ in given)
+        return [
+            f"search_written_at = CASE WHEN ROW({new}) IS NOT DISTINCT FROM ROW({old})"
+            " THEN old.search_written_at ELSE now() END"
+        ]
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
         """The rows as parameters: one row's values, or one list per column for several
