@@ -206,12 +206,17 @@ IDENTITY_OVERWRITE: dict[str, Policy | None] = {c: P.OVERWRITE for c in IDENTITY
 
 # --- subscriptions --------------------------------------------------------------------
 
-# mailbox.order.success and prewarmup.order.success: the order's word on the domain.
+# mailbox.order.success and prewarmup.order.success: the order's word on the domain. A new
+# subscription is written with the quantity and price DERIVE_ORDER would derive from this
+# order alone, which then has nothing to change: its row is written once (a second write of
+# a row just inserted, its page full, enters every index again). A known one gets them
+# from DERIVE_ORDER only.
 SUBSCRIPTION_ORDER_SUCCEEDED = Upsert(
     "subscriptions",
     ("subscription_id",),
     {"subscription_id": None, **IDENTITY_OVERWRITE, "source": P.OVERWRITE}
-    | {"status": P.ACTIVE_WINS, "order_id": P.FILL, "expiry_date": P.LATEST},
+    | {"status": P.ACTIVE_WINS, "order_id": P.FILL, "expiry_date": P.LATEST}
+    | {"quantity": None, "price": None},
 )
 # mailbox.order.failed: creates the subscription as failed; never demotes an active one.
 SUBSCRIPTION_ORDER_FAILED = Upsert(
@@ -361,7 +366,8 @@ DOMAIN_BY_NAME = Upsert(
 
 # An order's status from its domains' outcomes (and an order-level failure if any); then
 # the order-scoped values of its subscriptions from their succeeded orders: `quantity` is
-# their sum, `orderId` and `price` those of the first (earliest version).
+# their sum, `orderId` and `price` those of the first (earliest version). A subscription
+# that already holds them is not written again.
 DERIVE_ORDER = """
 WITH order_status AS (
     UPDATE orders o SET updated_at = now(), status = (
@@ -385,4 +391,6 @@ FROM (
     WHERE subscription_id = ANY($2::text[]) AND status = 'succeeded'
     GROUP BY subscription_id) d
 WHERE s.subscription_id = d.subscription_id
+    AND (s.quantity, s.order_id, s.price) IS DISTINCT FROM
+        (coalesce(d.quantity, s.quantity), d.first_order, coalesce(d.first_price, s.price))
 """
