@@ -49,15 +49,32 @@ MAILBOX_SEARCH = (
 SUBSCRIPTION_SEARCH = (
     "coalesce(domain, '') || ' ' || subscription_id || ' ' || coalesce(user_email, '')"
 )
+# The columns of each search text: a write that changes one sets `search_written_at`
+# (SearchedMixin); the key columns never change.
+SEARCH_COLUMNS = {
+    "mailboxes": ("email", "first_name", "last_name", "domain"),
+    "subscriptions": ("domain", "user_email"),
+}
 
 
 EPOCH = "'epoch'::timestamptz"
 RENEWS_AT = f"coalesce(expiry_date, {EPOCH})"
 
 
+# A block range of the table holds rows of about one time: a BRIN index finds the rows
+# whose search text was written since the search indexer's mark at no b-tree entry per
+# row (migration 0027).
+CHANGED_PAGES_PER_RANGE = 16
+
+
 def changed_index(table: str) -> Index:
-    """(updated_at, id): the rows written since the search indexer's mark, in its order."""
-    return Index(f"ix_{table}_updated_at_id", "updated_at", "id")
+    """search_written_at, by block range: the rows the search indexer may not have copied."""
+    return Index(
+        f"ix_{table}_search_written_at",
+        "search_written_at",
+        postgresql_using="brin",
+        postgresql_with={"pages_per_range": CHANGED_PAGES_PER_RANGE, "autosummarize": "on"},
+    )
 
 
 # The IDs a detail page finds its events by (queries/events.py, events_about), each indexed
@@ -104,6 +121,15 @@ class TimestampMixin:
     updated_at: Mapped[datetime] = mapped_column(
         Timestamp, server_default=func.now(), onupdate=func.now()
     )
+
+
+class SearchedMixin:
+    """`search_written_at`: the start of the transaction that last wrote the row's search
+    text (SEARCH_COLUMNS; merge.Upsert sets it only when they change, app/operations/
+    privacy.py on erasure). Unlike updated_at it is the same after a write that changes
+    no searched column, so that write can be a HOT update: no index entry at all."""
+
+    search_written_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
 class Event(Listed, Base):
@@ -187,7 +213,7 @@ class RejectedDelivery(Listed, Base):
     replayed_event_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
-class Subscription(Listed, TimestampMixin, Base):
+class Subscription(Listed, TimestampMixin, SearchedMixin, Base):
     """One domain's mailboxes. `quantity`, `order_id` and `price` are derived from the
     subscription's succeeded orders; the lifecycle columns from subscription.* events
     (`lifecycle_version` is the winning event's time, see app/recording/merge.py)."""
@@ -285,7 +311,7 @@ class Domain(TimestampMixin, Base):
     version: Mapped[str | None] = mapped_column(Text)
 
 
-class Mailbox(Listed, TimestampMixin, Base):
+class Mailbox(Listed, TimestampMixin, SearchedMixin, Base):
     """A mailbox; credentials live only in the *_encrypted columns.
 
     `field_versions` maps each column set by an edit (mailbox.updated, an export, a warmup

@@ -102,9 +102,52 @@ async def test_the_indexer_copies_each_text_as_it_is_and_only_once(client, db):
     assert await search_index.index_table(db, "mailboxes", upto, 3) == 0
 
 
+async def written_at(db: Any, table: str, key: str, value: str) -> Any:
+    return await db.fetchval(f"SELECT search_written_at FROM {table} WHERE {key} = $1", value)
+
+
+async def test_only_a_write_of_a_searched_column_makes_a_row_searched_as_recent(client, db):
+    """A write that changes no searched text (a further mailbox of a known subscription,
+    a new profile picture) leaves search_written_at as it was: the indexer does not walk
+    the row again, a search does not read it as recent, and the upsert changes no indexed
+    column, so it can be a HOT update (migration 0027). A write of a searched column
+    (a new owner's email, a new first name) moves it."""
+    created = traffic.mailbox_created()
+    data = created["data"]
+    mailbox_id = data["mailboxDetails"]["mailboxId"]
+    assert (await deliver(client, created)).status_code == 200
+    sub = await written_at(db, "subscriptions", "subscription_id", data["subscriptionId"])
+    box = await written_at(db, "mailboxes", "mailbox_id", mailbox_id)
+
+    further = traffic.mailbox_created(subscriptionId=data["subscriptionId"], domain=data["domain"])
+    picture = traffic.mailbox_updated(mailbox_id, {"profilePicture": "https://cdn.example/p.png"})
+    for unsearched in (further, picture):
+        assert (await deliver(client, unsearched)).status_code == 200
+    assert await written_at(db, "subscriptions", "subscription_id", data["subscriptionId"]) == sub
+    assert await written_at(db, "mailboxes", "mailbox_id", mailbox_id) == box
+    assert await db.fetchval(  # the further mailbox.created did write the subscription
+        "SELECT updated_at > $1 FROM subscriptions WHERE subscription_id = $2",
+        sub,
+        data["subscriptionId"],
+    )
+
+    owner = traffic.mailbox_order_success(
+        subscriptionId=data["subscriptionId"],
+        domainName=data["domain"],
+        userEmail="next.owner@elsewhere.example",
+    )
+    renamed = traffic.mailbox_updated(mailbox_id, {"firstName": "Oswin"})
+    for searched in (owner, renamed):
+        assert (await deliver(client, searched)).status_code == 200
+    assert await written_at(db, "subscriptions", "subscription_id", data["subscriptionId"]) > sub
+    assert await written_at(db, "mailboxes", "mailbox_id", mailbox_id) > box
+    assert await found(client, "subscriptions", "elsewhere") == {data["subscriptionId"]}
+    assert await found(client, "mailboxes", "oswin") == {mailbox_id}
+
+
 async def test_a_write_not_yet_committed_is_never_marked_copied(client, db, database_url):
     """The mark stops before the start of a transaction in progress: its rows, committed
-    after the walk with an updated_at before it, are still read by a search and copied by
+    after the walk with a search_written_at before it, are still read by a search and copied by
     the next walk."""
     box = traffic.mailbox_created()
     mailbox_id = box["data"]["mailboxDetails"]["mailboxId"]
@@ -114,7 +157,7 @@ async def test_a_write_not_yet_committed_is_never_marked_copied(client, db, data
     try:
         async with writer.transaction():
             await writer.execute(
-                "UPDATE mailboxes SET first_name = 'Late', updated_at = now()"
+                "UPDATE mailboxes SET first_name = 'Late', search_written_at = now()"
                 " WHERE mailbox_id = $1",
                 mailbox_id,
             )

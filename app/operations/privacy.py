@@ -140,7 +140,8 @@ class Erased:
 ERASE_MAILBOX = """
 UPDATE mailboxes SET email = NULL, first_name = NULL, last_name = NULL, user_name = NULL,
     profile_picture = NULL, password_encrypted = NULL, app_password_encrypted = NULL,
-    authenticator_secret_encrypted = NULL, erased_at = now(), updated_at = now()
+    authenticator_secret_encrypted = NULL, erased_at = now(), updated_at = now(),
+    search_written_at = now()
 WHERE mailbox_id = $1
 """
 # The search indexer's copy of its text (app/operations/search_index.py): what is left.

@@ -3,11 +3,14 @@ MAILBOX_SEARCH, SUBSCRIPTION_SEARCH) into its side table, whose trigram index `q
 that a delivery no longer maintains a trigram index (about 1,800 of its WAL bytes,
 docs/benchmark.md).
 
-It walks the rows written since its mark (`search_marks`) in (updated_at, id) order, in
-batches, and upserts only the texts that changed. Every write sets updated_at to its
-transaction's start (now()), so a row's current version has an updated_at no earlier than
-the oldest transaction in progress when the walk began: the mark goes no further than that
-(less a margin), and every row before the mark has its current text in the side table.
+It walks the rows whose search text was written since its mark (`search_marks`) in
+(search_written_at, id) order, found by a BRIN index (migration 0027: no b-tree entry per
+delivery, and a write that changes no searched column changes no indexed one), in
+batches, and upserts only the texts that changed. Every write of a searched column sets
+search_written_at to its transaction's start (now()), so a row's current text has a
+search_written_at no earlier than the oldest transaction in progress when the walk began:
+the mark goes no further than that (less a margin), and every row before the mark has its
+current text in the side table.
 A search reads the side table's matches and the rows written since the mark, and re-checks
 each row's own text (reading/queries/paging.py): exact, with no lag.
 """
@@ -17,10 +20,11 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import raw_connection
-from app.models import MAILBOX_SEARCH, SUBSCRIPTION_SEARCH
+from app.models import CHANGED_PAGES_PER_RANGE, MAILBOX_SEARCH, SUBSCRIPTION_SEARCH
 
 log = logging.getLogger("coldmail.search_index")
 
@@ -34,7 +38,7 @@ SIDES = {
 }
 
 # How far the mark may go: the start of the oldest transaction of this database in
-# progress (a row it writes gets that time as updated_at, whenever it commits), or now,
+# progress (a row it writes gets that time as search_written_at, whenever it commits), or now,
 # less a margin: a backend takes its transaction's time a moment before it shows it in
 # pg_stat_activity, and a session of another role shows none. Read before the walk, so a
 # transaction that commits during it started after this time.
@@ -52,17 +56,18 @@ def copy_batch(table: str) -> str:
     upserted where they changed; how many rows, how many texts written, and the last key."""
     side, expression = SIDES[table]
     return f"""WITH batch AS (
-    SELECT id, updated_at, {expression} AS text FROM {table}
-    WHERE (updated_at, id) > ($1, $2) AND updated_at < $3
-    ORDER BY updated_at, id LIMIT $4
+    SELECT id, search_written_at AS written_at, {expression} AS text FROM {table}
+    WHERE search_written_at >= $1 AND (search_written_at, id) > ($1, $2)
+        AND search_written_at < $3
+    ORDER BY search_written_at, id LIMIT $4
 ), written AS (
     INSERT INTO {side} AS side (id, text) SELECT id, text FROM batch
     ON CONFLICT (id) DO UPDATE SET text = EXCLUDED.text
     WHERE side.text IS DISTINCT FROM EXCLUDED.text
     RETURNING 1
-), last AS (SELECT updated_at, id FROM batch ORDER BY updated_at DESC, id DESC LIMIT 1)
+), last AS (SELECT written_at, id FROM batch ORDER BY written_at DESC, id DESC LIMIT 1)
 SELECT (SELECT count(*) FROM batch) AS rows, (SELECT count(*) FROM written) AS written,
-    (SELECT updated_at FROM last) AS updated_at, (SELECT id FROM last) AS id"""
+    (SELECT written_at FROM last) AS written_at, (SELECT id FROM last) AS id"""
 
 
 async def index_table(conn: Any, table: str, upto: datetime, batch: int = BATCH) -> int:
@@ -76,16 +81,42 @@ async def index_table(conn: Any, table: str, upto: datetime, batch: int = BATCH)
         if row["rows"] < batch:
             await conn.execute(SET_MARK, table, upto)
             break
-        # every row before this key is copied: a row rewritten since has a later updated_at
-        after, after_id = row["updated_at"], row["id"]
+        # every row before this key is copied: a text written since has a later time
+        after, after_id = row["written_at"], row["id"]
         await conn.execute(SET_MARK, table, after)
     return written
 
 
+# The table's last full block ranges (up to RECENT_RANGES) summarised in its BRIN index on
+# search_written_at, if not yet: a range not summarised is read by every search and walk. The
+# last range, still filling, is left alone: summarised, each insert into it would widen
+# its summary, a WAL record per delivery. Autosummarize does the same, but only when
+# autovacuum next visits the database.
+RECENT_RANGES = 64
+SUMMARIZE = f"""SELECT coalesce(sum(brin_summarize_range($1::regclass, block)), 0)
+FROM (SELECT pg_relation_size($2::regclass) / current_setting('block_size')::int
+    / {CHANGED_PAGES_PER_RANGE} AS ranges) size,
+    generate_series(greatest(ranges - {RECENT_RANGES}, 0) * {CHANGED_PAGES_PER_RANGE},
+        (ranges - 1) * {CHANGED_PAGES_PER_RANGE}, {CHANGED_PAGES_PER_RANGE}) block"""
+
+
+async def summarize(conn: Any, table: str) -> None:
+    """SUMMARIZE, which only the index's owner may run: the role that migrated the
+    database. Under another role, autosummarize alone does it."""
+    try:
+        async with conn.transaction():
+            await conn.fetchval(SUMMARIZE, f"ix_{table}_search_written_at", table)
+    except asyncpg.InsufficientPrivilegeError:
+        pass
+
+
 async def index_once(conn: Any, batch: int = BATCH, margin: float = MARGIN_SECONDS) -> int:
     """One walk of both tables up to the safe mark; how many texts were written."""
-    upto = await conn.fetchval(SAFE_MARK, margin)
-    return sum([await index_table(conn, table, upto, batch) for table in SIDES])
+    upto, written = await conn.fetchval(SAFE_MARK, margin), 0
+    for table in SIDES:
+        await summarize(conn, table)
+        written += await index_table(conn, table, upto, batch)
+    return written
 
 
 async def walk(engine: AsyncEngine, margin: float = MARGIN_SECONDS) -> None:

@@ -86,6 +86,7 @@ def effects_of_mailbox_order(
         sub |= owner | {"order_id": data.orderId, "status": "active" if succeeded else "failed"}
         if isinstance(data, payloads.MailboxOrderSuccessData):
             sub |= {"domain_id": data.domainId, "expiry_date": data.expiryDate}
+            sub |= {"quantity": data.quantity, "price": data.price}  # a new one's, as derived
             effects.add(merge.SUBSCRIPTION_ORDER_SUCCEEDED, [sub])
         else:
             effects.add(merge.SUBSCRIPTION_ORDER_FAILED, [sub])
@@ -191,7 +192,11 @@ def effects_of_prewarmup_success(
         common: Row = {"subscription_id": group.subscriptionId, "domain": group.domain}
         common |= owner | {"source": "prewarmed", "order_id": data.orderId}
         expiries = [b.expiryDate for b in group.preWarmedUpMailboxes if b.expiryDate]
-        subs.append(common | {"status": "active", "expiry_date": max(expiries, default=None)})
+        subs.append(
+            common
+            | {"status": "active", "expiry_date": max(expiries, default=None)}
+            | {"quantity": len(group.preWarmedUpMailboxes)}  # a new one's, as derived
+        )
         effects.mailboxes += [(_prewarmed(common, box), box) for box in group.preWarmedUpMailboxes]
         outcomes.append(
             {

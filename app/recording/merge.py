@@ -61,7 +61,7 @@ from typing import Any
 
 from sqlalchemy.dialects import postgresql
 
-from app.models import Base
+from app.models import SEARCH_COLUMNS, Base
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 FUNCTIONS_FILE = Path(__file__).with_name("merge_functions.sql")
@@ -160,6 +160,7 @@ class Upsert:
             source += f" FROM {gate} WHERE {gate}.inserted" if gate else ""
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
+        sets += self.search_written()
         where = f" WHERE {self.key_where}" if self.key_where else ""
         returning = f"\nRETURNING {self.completes} AS completes" if self.completes else ""
         return (
@@ -168,6 +169,23 @@ class Upsert:
             + ",\n    ".join(sets)
             + returning
         )
+
+    def search_written(self) -> list[str]:
+        """search_written_at (models.SearchedMixin) moved to now() only when a searched
+        column this upsert sets gets a new value: `old` is the row before the update."""
+        given = [
+            (c, policy)
+            for c, policy in self.columns.items()
+            if policy and c in SEARCH_COLUMNS.get(self.table, ())
+        ]
+        if not given:
+            return []
+        new = ", ".join(self.combine(c, policy) for c, policy in given)
+        old = ", ".join(f"old.{c}" for c, _ in given)
+        return [
+            f"search_written_at = CASE WHEN ROW({new}) IS NOT DISTINCT FROM ROW({old})"
+            " THEN old.search_written_at ELSE now() END"
+        ]
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
         """The rows as parameters: one row's values, or one list per column for several
@@ -188,12 +206,17 @@ IDENTITY_OVERWRITE: dict[str, Policy | None] = {c: P.OVERWRITE for c in IDENTITY
 
 # --- subscriptions --------------------------------------------------------------------
 
-# mailbox.order.success and prewarmup.order.success: the order's word on the domain.
+# mailbox.order.success and prewarmup.order.success: the order's word on the domain. A new
+# subscription is written with the quantity and price DERIVE_ORDER would derive from this
+# order alone, which then has nothing to change: its row is written once (a second write of
+# a row just inserted, its page full, enters every index again). A known one gets them
+# from DERIVE_ORDER only.
 SUBSCRIPTION_ORDER_SUCCEEDED = Upsert(
     "subscriptions",
     ("subscription_id",),
     {"subscription_id": None, **IDENTITY_OVERWRITE, "source": P.OVERWRITE}
-    | {"status": P.ACTIVE_WINS, "order_id": P.FILL, "expiry_date": P.LATEST},
+    | {"status": P.ACTIVE_WINS, "order_id": P.FILL, "expiry_date": P.LATEST}
+    | {"quantity": None, "price": None},
 )
 # mailbox.order.failed: creates the subscription as failed; never demotes an active one.
 SUBSCRIPTION_ORDER_FAILED = Upsert(
@@ -343,7 +366,8 @@ DOMAIN_BY_NAME = Upsert(
 
 # An order's status from its domains' outcomes (and an order-level failure if any); then
 # the order-scoped values of its subscriptions from their succeeded orders: `quantity` is
-# their sum, `orderId` and `price` those of the first (earliest version).
+# their sum, `orderId` and `price` those of the first (earliest version). A subscription
+# that already holds them is not written again.
 DERIVE_ORDER = """
 WITH order_status AS (
     UPDATE orders o SET updated_at = now(), status = (
@@ -367,4 +391,6 @@ FROM (
     WHERE subscription_id = ANY($2::text[]) AND status = 'succeeded'
     GROUP BY subscription_id) d
 WHERE s.subscription_id = d.subscription_id
+    AND (s.quantity, s.order_id, s.price) IS DISTINCT FROM
+        (coalesce(d.quantity, s.quantity), d.first_order, coalesce(d.first_price, s.price))
 """

@@ -230,7 +230,7 @@ def written_since_mark(table: Table, rows: Table | NamedFromClause) -> ColumnEle
     """The rows (of `table`, or an alias of it) the search indexer may not have copied as
     they are now. search_mark (migration 0026) is STABLE: the planner reads the mark when
     it estimates how many rows that is (a subquery's value it guesses as a third)."""
-    return rows.c.updated_at >= func.search_mark(literal(table.name, Text))
+    return rows.c.search_written_at >= func.search_mark(literal(table.name, Text))
 
 
 def matching(table: Table, q: str) -> ColumnElement[bool]:
