@@ -63,7 +63,7 @@ RENEWS_AT = f"coalesce(expiry_date, {EPOCH})"
 
 # A block range of the table holds rows of about one time: a BRIN index finds the rows
 # whose search text was written since the search indexer's mark at no b-tree entry per
-# row (migration 0027).
+# row (migration 0028).
 CHANGED_PAGES_PER_RANGE = 16
 
 

@@ -110,7 +110,7 @@ async def test_only_a_write_of_a_searched_column_makes_a_row_searched_as_recent(
     """A write that changes no searched text (a further mailbox of a known subscription,
     a new profile picture) leaves search_written_at as it was: the indexer does not walk
     the row again, a search does not read it as recent, and the upsert changes no indexed
-    column, so it can be a HOT update (migration 0027). A write of a searched column
+    column, so it can be a HOT update (migration 0028). A write of a searched column
     (a new owner's email, a new first name) moves it."""
     created = traffic.mailbox_created()
     data = created["data"]

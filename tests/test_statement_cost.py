@@ -43,7 +43,7 @@ INDEXES = {
         *(f"ix_subscriptions_{c}_id" for c in ("domain", "user_id", "user_email")),
         "ix_subscriptions_status_id",  # partial: an active subscription adds no entry
         "ix_subscriptions_subscription_status_id",  # partial: only a lifecycle status
-        "ix_subscriptions_search_written_at",  # BRIN: no entry per row (0027)
+        "ix_subscriptions_search_written_at",  # BRIN: no entry per row (0028)
         "ix_subscriptions_renews_at",
         # a customer's renewals (migration 0022: docs/benchmark.md says what they cost)
         "ix_subscriptions_user_id_renews_at",

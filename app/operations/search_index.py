@@ -4,7 +4,7 @@ that a delivery no longer maintains a trigram index (about 1,800 of its WAL byte
 docs/benchmark.md).
 
 It walks the rows whose search text was written since its mark (`search_marks`) in
-(search_written_at, id) order, found by a BRIN index (migration 0027: no b-tree entry per
+(search_written_at, id) order, found by a BRIN index (migration 0028: no b-tree entry per
 delivery, and a write that changes no searched column changes no indexed one), in
 batches, and upserts only the texts that changed. Every write of a searched column sets
 search_written_at to its transaction's start (now()), so a row's current text has a

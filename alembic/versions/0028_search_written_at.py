@@ -16,8 +16,8 @@ Rows stored before stay as they are; both read alike.
 Existing rows get -infinity (their texts are copied: the indexer's mark is past them),
 but those written since the mark, which get their updated_at; writers wait meanwhile.
 
-Revision ID: 0027
-Revises: 0026
+Revision ID: 0028
+Revises: 0027
 Create Date: 2026-12-06 10:00:00
 
 """
@@ -28,8 +28,8 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0027"
-down_revision: str | None = "0026"
+revision: str = "0028"
+down_revision: str | None = "0027"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
