@@ -610,3 +610,105 @@ async def test_an_empty_list_costs_nothing_rather_than_an_unknown_amount(client)
     heading = customer.split('id="renewals"')[1].split("</h2>")[0]
     assert "0 on the list: 0.00 USD a month" in heading and "unknown" not in heading
     assert subs["week"] not in customer
+
+
+async def a_fixed_queue(client):
+    """Six subscriptions whose every cell is given: a zero end date, an undated PAST_DUE one,
+    a name beyond ASCII, an unpriced one on a domain in its grace period whose email reads as
+    a formula, one billed for its stored mailboxes (no quantity known), a cancelled one."""
+
+    async def order(n, ends_at, **data):
+        given = {
+            "subscriptionId": f"SUB-CSV-{n}",
+            "orderId": f"ORD-CSV-{n}",
+            "domainId": f"DOM-CSV-{n}",
+            "domainName": f"csv{n}.example",
+            "userId": "USR-CSV",
+            "userEmail": "ops@agency.example",
+            "expiryDate": ends_at,
+            "price": 11,
+            "quantity": 3,
+        }
+        await delivered(client, traffic.mailbox_order_success(**(given | data)))
+        return given | data
+
+    def boxes(sub, n):
+        return [
+            traffic.mailbox_created(
+                subscriptionId=sub["subscriptionId"], domain=sub["domainName"], userId="USR-CSV"
+            )
+            for _ in range(n)
+        ]
+
+    await order(1, "0001-01-01T00:00:00Z")
+    await order(2, None)
+    await delivered(client, subscription_event("subscription.past_due", "SUB-CSV-2"))
+    muller = await order(
+        3, "2040-01-02T03:04:05.123456Z", price=12.5, quantity=2, userEmail="müller@agency.example"
+    )
+    await delivered(client, *boxes(muller, 2))
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.updated",
+            "SUB-CSV-3",
+            periodStart="2039-12-02T03:04:05.123456Z",
+            periodEnd="2040-01-02T03:04:05.123456Z",
+            autoRenew=False,
+        ),
+    )
+    await order(4, "2040-02-01T00:00:00Z", price=None, userEmail="=1+2@agency.example")
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.updated",
+            "SUB-CSV-4",
+            periodStart="2040-01-01T00:00:00Z",
+            periodEnd="2040-02-01T00:00:00Z",
+            autoRenew=False,
+        ),
+    )
+    await delivered(client, traffic.envelope("domain.grace_period", {"domainName": "csv4.example"}))
+    stored = await order(5, "2040-03-01T12:00:00Z", price=9, quantity=None)
+    await delivered(client, *boxes(stored, 3))
+    await order(6, "2040-04-01T00:00:00Z")
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.cancelled",
+            "SUB-CSV-6",
+            periodStart="2040-03-01T00:00:00Z",
+            periodEnd="2040-04-01T00:00:00Z",
+        ),
+    )
+
+
+async def test_the_csv_holds_these_exact_bytes_whatever_its_statements_size(client, monkeypatch):
+    """The download of a known queue, byte for byte, read in one statement or two rows a
+    statement."""
+    await a_fixed_queue(client)
+    await sign_in(client)
+    params = {"due": "all", "renewsBefore": "2041-01-01T00:00:00Z"}
+    whole = await client.get("/ui/renewals.csv", params=params)
+    monkeypatch.setattr(renewals, "CSV_PAGE", 2)
+    in_twos = await client.get("/ui/renewals.csv", params=params)
+    assert whole.content == in_twos.content == FIXED_CSV
+    assert "müller@agency.example" in whole.content.decode("utf-8-sig")
+
+
+FIXED_CSV = (
+    b"renewsAt,due,risks,domain,subscriptionId,userId,userEmail,subscriptionStatus,"
+    b"mailboxCount,quantity,price,monthlyCost,currency\r\n"
+    b"0001-01-01T00:00:00+00:00,lapsed,overdue,csv1.example,SUB-CSV-1,USR-CSV,"
+    b"ops@agency.example,,0,3,11.0000,33.0000,USD\r\n"
+    b",undated,past_due,csv2.example,SUB-CSV-2,USR-CSV,ops@agency.example,PAST_DUE,0,3,"
+    b"11.0000,33.0000,USD\r\n"
+    b"2040-01-02T03:04:05.123456+00:00,later,auto_renew_off,csv3.example,SUB-CSV-3,USR-CSV,"
+    b"m\xc3\xbcller@agency.example,,2,2,12.5000,25.0000,USD\r\n"
+    b"2040-02-01T00:00:00+00:00,later,auto_renew_off domain_grace_period,csv4.example,"
+    b"SUB-CSV-4,USR-CSV,'=1+2@agency.example,,0,3,,,USD\r\n"
+    b"2040-03-01T12:00:00+00:00,later,,csv5.example,SUB-CSV-5,USR-CSV,ops@agency.example,,3,,"
+    b"9.0000,27.0000,USD\r\n"
+    b"2040-04-01T00:00:00+00:00,ended,cancelled,csv6.example,SUB-CSV-6,USR-CSV,"
+    b"ops@agency.example,CANCELLED,0,3,11.0000,33.0000,USD\r\n"
+)
