@@ -237,12 +237,11 @@ async def test_the_queue_downloads_as_the_csv_of_its_filters(client):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/csv")
     assert "attachment" in response.headers["content-disposition"]
-    rows = list(csv.DictReader(io.StringIO(response.text)))
+    rows = list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
     assert [r["subscriptionId"] for r in rows] == [subs["overdue"]]
     assert rows[0]["due"] == "overdue" and rows[0]["currency"] == "USD"
     assert Decimal(rows[0]["monthlyCost"]) == 20
-    everything = await client.get("/ui/renewals.csv", params={"due": "all"})
-    listed = {r["subscriptionId"] for r in csv.DictReader(io.StringIO(everything.text))}
+    listed = {r["subscriptionId"] for r in await csv_rows(client)}
     assert listed == set(subs.values())
 
 
@@ -414,8 +413,7 @@ async def test_the_csv_holds_what_the_pages_show_read_a_few_rows_a_statement(cli
     await delivered(client, subscription_event("subscription.past_due", past_due))
     items = (await queue(client, limit=500))["items"]
     await sign_in(client)
-    csv_text = (await client.get("/ui/renewals.csv", params={"due": "all"})).text
-    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    rows = await csv_rows(client)
     assert [r["subscriptionId"] for r in rows] == [i["subscriptionId"] for i in items]
     assert len(rows) == 7 and rows[0]["subscriptionId"] == past_due
     for row, item in zip(rows, items, strict=True):
@@ -456,7 +454,7 @@ async def test_a_page_ending_on_the_queues_last_row_says_there_is_no_next_page(c
 async def csv_rows(client, **params):
     response = await client.get("/ui/renewals.csv", params={"due": "all", **params})
     assert response.status_code == 200, response.text
-    return list(csv.DictReader(io.StringIO(response.text)))
+    return list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
 
 
 async def ordered(client, ends_at, *, boxes=1, price=10, **data):
@@ -613,9 +611,14 @@ async def test_an_empty_list_costs_nothing_rather_than_an_unknown_amount(client)
 
 
 async def a_fixed_queue(client):
-    """Six subscriptions whose every cell is given: a zero end date, an undated PAST_DUE one,
-    a name beyond ASCII, an unpriced one on a domain in its grace period whose email reads as
-    a formula, one billed for its stored mailboxes (no quantity known), a cancelled one."""
+    """Six subscriptions whose every cell is given: a zero end date on an expired domain
+    (known by ID), an undated PAST_DUE one, a name beyond ASCII, an unpriced one on a domain
+    in its grace period (known by name) whose email reads as a formula, one billed for its
+    stored mailboxes (no quantity known) whose name expired under an earlier domain ID and
+    was registered again, a cancelled one."""
+
+    def domain(event, **data):
+        return traffic.envelope(event, data)
 
     async def order(n, ends_at, **data):
         given = {
@@ -641,6 +644,9 @@ async def a_fixed_queue(client):
         ]
 
     await order(1, "0001-01-01T00:00:00Z")
+    await delivered(
+        client, domain("domain.expired", domainId="DOM-CSV-1", expiryDate="2039-01-01T00:00:00Z")
+    )
     await order(2, None)
     await delivered(client, subscription_event("subscription.past_due", "SUB-CSV-2"))
     muller = await order(
@@ -671,6 +677,21 @@ async def a_fixed_queue(client):
     await delivered(client, traffic.envelope("domain.grace_period", {"domainName": "csv4.example"}))
     stored = await order(5, "2040-03-01T12:00:00Z", price=9, quantity=None)
     await delivered(client, *boxes(stored, 3))
+    await delivered(
+        client,
+        domain(
+            "domain.expired",
+            domainId="DOM-OLD-5",
+            domainName="csv5.example",
+            expiryDate="2039-01-01T00:00:00Z",
+        ),
+        domain(
+            "domain.renewal.success",
+            domainId="DOM-CSV-5",
+            domainName="csv5.example",
+            expiryDate="2041-01-01T00:00:00Z",
+        ),
+    )
     await order(6, "2040-04-01T00:00:00Z")
     await delivered(
         client,
@@ -685,21 +706,24 @@ async def a_fixed_queue(client):
 
 async def test_the_csv_holds_these_exact_bytes_whatever_its_statements_size(client, monkeypatch):
     """The download of a known queue, byte for byte, read in one statement or two rows a
-    statement."""
+    statement: a UTF-8 BOM (without it Excel shows "müller" as "mÃ¼ller"), then the rows as
+    they were before the download read only its own cells."""
     await a_fixed_queue(client)
     await sign_in(client)
     params = {"due": "all", "renewsBefore": "2041-01-01T00:00:00Z"}
     whole = await client.get("/ui/renewals.csv", params=params)
     monkeypatch.setattr(renewals, "CSV_PAGE", 2)
     in_twos = await client.get("/ui/renewals.csv", params=params)
-    assert whole.content == in_twos.content == FIXED_CSV
-    assert "müller@agency.example" in whole.content.decode("utf-8-sig")
+    assert whole.content == in_twos.content == BOM + FIXED_CSV
+    text = whole.content.decode("utf-8-sig")
+    assert "\ufeff" not in text and "müller@agency.example" in text  # one BOM, UTF-8
 
 
+BOM = b"\xef\xbb\xbf"
 FIXED_CSV = (
     b"renewsAt,due,risks,domain,subscriptionId,userId,userEmail,subscriptionStatus,"
     b"mailboxCount,quantity,price,monthlyCost,currency\r\n"
-    b"0001-01-01T00:00:00+00:00,lapsed,overdue,csv1.example,SUB-CSV-1,USR-CSV,"
+    b"0001-01-01T00:00:00+00:00,lapsed,domain_expired overdue,csv1.example,SUB-CSV-1,USR-CSV,"
     b"ops@agency.example,,0,3,11.0000,33.0000,USD\r\n"
     b",undated,past_due,csv2.example,SUB-CSV-2,USR-CSV,ops@agency.example,PAST_DUE,0,3,"
     b"11.0000,33.0000,USD\r\n"
