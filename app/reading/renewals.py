@@ -519,7 +519,8 @@ latest_domain AS (
     ) matched
     ORDER BY id, {LATEST_DOMAIN}
 )
-SELECT s.expiry_date AS renews_at, {DUE_NOW} AS due, {RISKS_OF} AS risks, s.domain,
+SELECT s.expiry_date AS renews_at, {DUE_NOW} AS due, array_to_string({RISKS_OF}, ' ') AS risks,
+    s.domain,
     s.subscription_id, s.user_id, s.user_email, s.subscription_status,
     {STORED} AS mailbox_count, coalesce(s.lifecycle_quantity, s.quantity) AS quantity, s.price,
     s.price * {BILLED} AS monthly_cost, s.sort_at, s.id
@@ -556,7 +557,7 @@ def csv_rows(rows: Sequence[Any], currency: str) -> list[list[str]]:
         [
             "" if when is None else in_utc(when).isoformat(),
             due,
-            " ".join(risks),
+            risks,
             *["" if cell is None else neutralise(str(cell)) for cell in cells],
             currency,
         ]
