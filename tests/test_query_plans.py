@@ -149,6 +149,28 @@ async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows
     """Monthly billing puts nearly every subscription on the renewals list: a page must
     come from an index in its order, not from sorting them all, whatever the filters; a
     customer's from their own range of it, not from a walk of the whole list's order."""
+    plan = await renewals_plan(database_url, renewals.PAGE, filters, limit=51)
+    assert f"Index Scan using {index} on subscriptions" in plan
+    assert "Seq Scan on subscriptions" not in plan
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"due": "this_week"}, {"user_id": "U7"}, {"user_email": "Buyer7@Agency.example"}],
+    ids=["whole list", "this week", "a customer", "an email"],
+)
+async def test_a_statement_of_the_renewals_csv_reads_only_its_rows(database_url, filters):
+    """The download's 2,000 rows a statement come from an index too, a customer's from
+    their own rows."""
+    plan = await renewals_plan(
+        database_url, renewals.CSV_PAGE_ROWS, filters, limit=renewals.CSV_PAGE
+    )
+    assert "Seq Scan on subscriptions" not in plan
+    assert "on subscriptions" in plan
+
+
+async def renewals_plan(database_url, statement, filters, *, limit):
+    """EXPLAIN of a renewals statement among 100,000 subscriptions, a hundred customers'."""
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:
         await conn.execute(
@@ -163,16 +185,15 @@ async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows
         await conn.execute(text("ANALYZE"))
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        compiled = renewals.PAGE.compile(dialect=postgresql.asyncpg.dialect())
+        compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
         given = dict.fromkeys(
             ["due", "risk", "user_id", "user_email", "renews_from", "renews_before"]
         )
         given |= filters | {"days": 30, "after_at": datetime(1, 1, 1, tzinfo=UTC)}
-        given |= {"after_id": 0, "limit": 51}
+        given |= {"after_id": 0, "limit": limit}
         args = [given[name] for name in compiled.positiontup or []]
         rows = await driver.fetch(f"EXPLAIN {compiled}", *args)
         plan = "\n".join(row[0] for row in rows)
     await engine.dispose()
     print(f"\n{plan}")
-    assert f"Index Scan using {index} on subscriptions" in plan
-    assert "Seq Scan on subscriptions" not in plan
+    return plan

@@ -237,12 +237,11 @@ async def test_the_queue_downloads_as_the_csv_of_its_filters(client):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/csv")
     assert "attachment" in response.headers["content-disposition"]
-    rows = list(csv.DictReader(io.StringIO(response.text)))
+    rows = list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
     assert [r["subscriptionId"] for r in rows] == [subs["overdue"]]
     assert rows[0]["due"] == "overdue" and rows[0]["currency"] == "USD"
     assert Decimal(rows[0]["monthlyCost"]) == 20
-    everything = await client.get("/ui/renewals.csv", params={"due": "all"})
-    listed = {r["subscriptionId"] for r in csv.DictReader(io.StringIO(everything.text))}
+    listed = {r["subscriptionId"] for r in await csv_rows(client)}
     assert listed == set(subs.values())
 
 
@@ -414,8 +413,7 @@ async def test_the_csv_holds_what_the_pages_show_read_a_few_rows_a_statement(cli
     await delivered(client, subscription_event("subscription.past_due", past_due))
     items = (await queue(client, limit=500))["items"]
     await sign_in(client)
-    csv_text = (await client.get("/ui/renewals.csv", params={"due": "all"})).text
-    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    rows = await csv_rows(client)
     assert [r["subscriptionId"] for r in rows] == [i["subscriptionId"] for i in items]
     assert len(rows) == 7 and rows[0]["subscriptionId"] == past_due
     for row, item in zip(rows, items, strict=True):
@@ -456,7 +454,7 @@ async def test_a_page_ending_on_the_queues_last_row_says_there_is_no_next_page(c
 async def csv_rows(client, **params):
     response = await client.get("/ui/renewals.csv", params={"due": "all", **params})
     assert response.status_code == 200, response.text
-    return list(csv.DictReader(io.StringIO(response.text)))
+    return list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
 
 
 async def ordered(client, ends_at, *, boxes=1, price=10, **data):
@@ -610,3 +608,131 @@ async def test_an_empty_list_costs_nothing_rather_than_an_unknown_amount(client)
     heading = customer.split('id="renewals"')[1].split("</h2>")[0]
     assert "0 on the list: 0.00 USD a month" in heading and "unknown" not in heading
     assert subs["week"] not in customer
+
+
+async def a_fixed_queue(client):
+    """Six subscriptions whose every cell is given: a zero end date on an expired domain
+    (known by ID), an undated PAST_DUE one, a name beyond ASCII, an unpriced one on a domain
+    in its grace period (known by name) whose email reads as a formula, one billed for its
+    stored mailboxes (no quantity known) whose name expired under an earlier domain ID and
+    was registered again, a cancelled one."""
+
+    def domain(event, **data):
+        return traffic.envelope(event, data)
+
+    async def order(n, ends_at, **data):
+        given = {
+            "subscriptionId": f"SUB-CSV-{n}",
+            "orderId": f"ORD-CSV-{n}",
+            "domainId": f"DOM-CSV-{n}",
+            "domainName": f"csv{n}.example",
+            "userId": "USR-CSV",
+            "userEmail": "ops@agency.example",
+            "expiryDate": ends_at,
+            "price": 11,
+            "quantity": 3,
+        }
+        await delivered(client, traffic.mailbox_order_success(**(given | data)))
+        return given | data
+
+    def boxes(sub, n):
+        return [
+            traffic.mailbox_created(
+                subscriptionId=sub["subscriptionId"], domain=sub["domainName"], userId="USR-CSV"
+            )
+            for _ in range(n)
+        ]
+
+    await order(1, "0001-01-01T00:00:00Z")
+    await delivered(
+        client, domain("domain.expired", domainId="DOM-CSV-1", expiryDate="2039-01-01T00:00:00Z")
+    )
+    await order(2, None)
+    await delivered(client, subscription_event("subscription.past_due", "SUB-CSV-2"))
+    muller = await order(
+        3, "2040-01-02T03:04:05.123456Z", price=12.5, quantity=2, userEmail="müller@agency.example"
+    )
+    await delivered(client, *boxes(muller, 2))
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.updated",
+            "SUB-CSV-3",
+            periodStart="2039-12-02T03:04:05.123456Z",
+            periodEnd="2040-01-02T03:04:05.123456Z",
+            autoRenew=False,
+        ),
+    )
+    await order(4, "2040-02-01T00:00:00Z", price=None, userEmail="=1+2@agency.example")
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.updated",
+            "SUB-CSV-4",
+            periodStart="2040-01-01T00:00:00Z",
+            periodEnd="2040-02-01T00:00:00Z",
+            autoRenew=False,
+        ),
+    )
+    await delivered(client, traffic.envelope("domain.grace_period", {"domainName": "csv4.example"}))
+    stored = await order(5, "2040-03-01T12:00:00Z", price=9, quantity=None)
+    await delivered(client, *boxes(stored, 3))
+    await delivered(
+        client,
+        domain(
+            "domain.expired",
+            domainId="DOM-OLD-5",
+            domainName="csv5.example",
+            expiryDate="2039-01-01T00:00:00Z",
+        ),
+        domain(
+            "domain.renewal.success",
+            domainId="DOM-CSV-5",
+            domainName="csv5.example",
+            expiryDate="2041-01-01T00:00:00Z",
+        ),
+    )
+    await order(6, "2040-04-01T00:00:00Z")
+    await delivered(
+        client,
+        subscription_event(
+            "subscription.cancelled",
+            "SUB-CSV-6",
+            periodStart="2040-03-01T00:00:00Z",
+            periodEnd="2040-04-01T00:00:00Z",
+        ),
+    )
+
+
+async def test_the_csv_holds_these_exact_bytes_whatever_its_statements_size(client, monkeypatch):
+    """The download of a known queue, byte for byte, read in one statement or two rows a
+    statement: a UTF-8 BOM (without it Excel shows "müller" as "mÃ¼ller"), then the rows as
+    they were before the download read only its own cells."""
+    await a_fixed_queue(client)
+    await sign_in(client)
+    params = {"due": "all", "renewsBefore": "2041-01-01T00:00:00Z"}
+    whole = await client.get("/ui/renewals.csv", params=params)
+    monkeypatch.setattr(renewals, "CSV_PAGE", 2)
+    in_twos = await client.get("/ui/renewals.csv", params=params)
+    assert whole.content == in_twos.content == BOM + FIXED_CSV
+    text = whole.content.decode("utf-8-sig")
+    assert "\ufeff" not in text and "müller@agency.example" in text  # one BOM, UTF-8
+
+
+BOM = b"\xef\xbb\xbf"
+FIXED_CSV = (
+    b"renewsAt,due,risks,domain,subscriptionId,userId,userEmail,subscriptionStatus,"
+    b"mailboxCount,quantity,price,monthlyCost,currency\r\n"
+    b"0001-01-01T00:00:00+00:00,lapsed,domain_expired overdue,csv1.example,SUB-CSV-1,USR-CSV,"
+    b"ops@agency.example,,0,3,11.0000,33.0000,USD\r\n"
+    b",undated,past_due,csv2.example,SUB-CSV-2,USR-CSV,ops@agency.example,PAST_DUE,0,3,"
+    b"11.0000,33.0000,USD\r\n"
+    b"2040-01-02T03:04:05.123456+00:00,later,auto_renew_off,csv3.example,SUB-CSV-3,USR-CSV,"
+    b"m\xc3\xbcller@agency.example,,2,2,12.5000,25.0000,USD\r\n"
+    b"2040-02-01T00:00:00+00:00,later,auto_renew_off domain_grace_period,csv4.example,"
+    b"SUB-CSV-4,USR-CSV,'=1+2@agency.example,,0,3,,,USD\r\n"
+    b"2040-03-01T12:00:00+00:00,later,,csv5.example,SUB-CSV-5,USR-CSV,ops@agency.example,,3,,"
+    b"9.0000,27.0000,USD\r\n"
+    b"2040-04-01T00:00:00+00:00,ended,cancelled,csv6.example,SUB-CSV-6,USR-CSV,"
+    b"ops@agency.example,CANCELLED,0,3,11.0000,33.0000,USD\r\n"
+)

@@ -39,12 +39,12 @@ T = TypeVar("T")
 RISKS: tuple[str, ...] = get_args(Risk)
 DEFAULT_DAYS = 30
 # The registrar state of a subscription's domain (by its ID, else its name), as the read
-# API shows it.
-DOMAIN_OF = """
+# API shows it: of the domains with its ID or name, the first in this order.
+LATEST_DOMAIN = "expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST, version DESC"
+DOMAIN_OF = f"""
 SELECT status, expiry_date FROM domains
 WHERE domain_id = s.domain_id OR name = s.domain
-ORDER BY expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST,
-    version DESC
+ORDER BY {LATEST_DOMAIN}
 LIMIT 1"""
 # A domain's registrar states that put its subscriptions at risk.
 DOMAIN_RISKS = {
@@ -140,9 +140,8 @@ DUE_FILTER = f"""CASE CAST(:due AS text) {
 HAS_RISKY_DOMAIN = f"""(
     s.domain_id IN (SELECT domain_id FROM domains WHERE status IN ({RISKY_STATES}))
     OR s.domain IN (SELECT name FROM domains WHERE status IN ({RISKY_STATES})))"""
-LATEST_STATUS = """(SELECT status FROM domains WHERE {} (domain_id = s.domain_id OR name = s.domain)
-    ORDER BY expiry_date DESC NULLS LAST, domain_rank(status) DESC NULLS LAST, version DESC
-    LIMIT 1)"""
+LATEST_STATUS = f"""(SELECT status FROM domains
+    WHERE {{}} (domain_id = s.domain_id OR name = s.domain) ORDER BY {LATEST_DOMAIN} LIMIT 1)"""
 PAGE_DOMAIN_STATUS = LATEST_STATUS.format(f"{HAS_RISKY_DOMAIN} AND")
 SUMS_DOMAIN_STATUS = f"CASE WHEN {HAS_RISKY_DOMAIN} THEN {LATEST_STATUS.format('')} END"
 
@@ -165,7 +164,12 @@ def filters(domain_status: str) -> str:
     AND CASE CAST(:risk AS text) {risks} ELSE true END"""
 
 
-FILTERS = filters(SUMS_DOMAIN_STATUS)  # the sums'; PAGE has its own (see above)
+FILTERS = filters(SUMS_DOMAIN_STATUS)  # the sums'; a page has its own (see above)
+# A page of the queue: the rows the filters choose after the cursor, in the queue's order.
+CHOSEN = f"""
+    SELECT s.*, {RENEWS_AT} AS sort_at FROM subscriptions s
+    WHERE {filters(PAGE_DOMAIN_STATUS)} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
+    ORDER BY {RENEWS_AT}, s.id LIMIT :limit"""
 # Each subscription of a page with what the read API shows of it, its risks and its cost.
 PAGE = text(
     f"""
@@ -177,11 +181,7 @@ SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, 
     d.status AS domain_status, d.expiry_date AS domain_expiry_date,
     {STORED} AS mailbox_count, s.price * {BILLED} AS monthly_cost,
     {RISKS_OF} AS risks
-FROM (
-    SELECT s.*, {RENEWS_AT} AS sort_at FROM subscriptions s
-    WHERE {filters(PAGE_DOMAIN_STATUS)} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
-    ORDER BY {RENEWS_AT}, s.id LIMIT :limit
-) s
+FROM ({CHOSEN}) s
 LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true
 ORDER BY s.sort_at, s.id"""
 )
@@ -490,30 +490,63 @@ def total_of(parts: list[resources.RenewalSum]) -> resources.RenewalSum:
 
 
 CSV_COLUMNS = [
-    ("renewsAt", "renews_at"),
-    ("due", "due"),
-    ("risks", "risks"),
-    ("domain", "domain"),
-    ("subscriptionId", "subscription_id"),
-    ("userId", "user_id"),
-    ("userEmail", "user_email"),
-    ("subscriptionStatus", "subscription_status"),
-    ("mailboxCount", "mailbox_count"),
-    ("quantity", "quantity"),
-    ("price", "price"),
-    ("monthlyCost", "monthly_cost"),
+    "renewsAt",
+    "due",
+    "risks",
+    "domain",
+    "subscriptionId",
+    "userId",
+    "userEmail",
+    "subscriptionStatus",
+    "mailboxCount",
+    "quantity",
+    "price",
+    "monthlyCost",
+    "currency",
 ]
-CSV_PAGE = 500
+# A page of the download: CHOSEN's rows with only the file's cells, in its columns' order,
+# and the cursor last (PAGE's 16 other columns, five of them times, were a fifth of the time
+# to read a customer's 1,777 rows at 1M mailboxes: 87 against 69 ms, loaded). The domains'
+# states are joined to the page as a whole, each row's first in LATEST_DOMAIN's order as
+# DOMAIN_OF picks it: for a large page the planner reads the domains once (two hash joins
+# over 10,000 domains: the statement ran 30 ms instead of 45, 28 with no domain at all), and
+# still looks each row's up when the page is small beside them.
+CSV_PAGE_ROWS = text(
+    f"""
+WITH page AS MATERIALIZED ({CHOSEN}),
+latest_domain AS (
+    SELECT DISTINCT ON (id) id, status FROM (
+        SELECT p.id, d.status, d.expiry_date, d.version
+        FROM page p JOIN domains d ON d.domain_id = p.domain_id
+        UNION ALL
+        SELECT p.id, d.status, d.expiry_date, d.version
+        FROM page p JOIN domains d ON d.name = p.domain
+    ) matched
+    ORDER BY id, {LATEST_DOMAIN}
+)
+SELECT s.expiry_date AS renews_at, {DUE_NOW} AS due, array_to_string({RISKS_OF}, ' ') AS risks,
+    s.domain,
+    s.subscription_id, s.user_id, s.user_email, s.subscription_status,
+    {STORED} AS mailbox_count, coalesce(s.lifecycle_quantity, s.quantity) AS quantity, s.price,
+    s.price * {BILLED} AS monthly_cost, s.sort_at, s.id
+FROM page s
+LEFT JOIN latest_domain d ON d.id = s.id
+ORDER BY s.sort_at, s.id"""
+)
+CSV_PAGE = 2000  # fewer, larger statements: each reads the domains once (see above)
 
 
 async def queue_csv(conn: Reader, query: RenewalQuery, currency: str) -> AsyncIterator[bytes]:
-    """Every page the filters choose, CSV_PAGE rows a statement; an unknown cost is an empty
-    cell (never 0); a cell a spreadsheet would run as a formula is neutralised."""
-    yield exports.csv_text([[*(title for title, _ in CSV_COLUMNS), "currency"]]).encode()
+    """Every page the filters choose, CSV_PAGE rows a statement, behind a UTF-8 BOM (without
+    it Excel shows "Müller" as "MÃ¼ller"); an unknown cost is an empty cell (never 0); a
+    cell a spreadsheet would run as a formula is neutralised."""
+    yield (exports.BOM + exports.csv_text([CSV_COLUMNS])).encode()
     filters = query.filters()
     after: tuple[datetime, int] = (datetime(1, 1, 1, tzinfo=UTC), 0)
     while True:
-        page = PAGE.bindparams(**filters, after_at=after[0], after_id=after[1], limit=CSV_PAGE)
+        page = CSV_PAGE_ROWS.bindparams(
+            **filters, after_at=after[0], after_id=after[1], limit=CSV_PAGE
+        )
         rows = (await conn.execute(page)).all()
         yield exports.csv_text(csv_rows(rows, currency)).encode()
         if len(rows) < CSV_PAGE:
@@ -521,26 +554,17 @@ async def queue_csv(conn: Reader, query: RenewalQuery, currency: str) -> AsyncIt
         after = (rows[-1].sort_at, rows[-1].id)
 
 
-def csv_rows(rows: list[Any], currency: str) -> list[list[str]]:
-    """Each row's cells and the currency. The columns are found by position once a page:
-    a dictionary of each row and a lookup by name a cell were most of the file's time."""
-    if not rows:
-        return []
-    fields = rows[0]._fields
-    renews_at, due, risks = (fields.index(key) for _, key in CSV_COLUMNS[:3])
-    at = [fields.index(key) for _, key in CSV_COLUMNS[3:]]
+def csv_rows(rows: Sequence[Any], currency: str) -> list[list[str]]:
+    """Each row's cells (CSV_PAGE_ROWS' columns but the cursor) and the currency. `due` and
+    `risks` are names of our own, never a formula."""
     neutralise = exports.neutralise
-    lines = []
-    for row in rows:
-        values = tuple(row)
-        when = values[renews_at]
-        lines.append(
-            [
-                in_utc(when).isoformat() if when else "",
-                "" if values[due] is None else neutralise(str(values[due])),
-                neutralise(" ".join(values[risks])),
-                *["" if (v := values[i]) is None else neutralise(str(v)) for i in at],
-                currency,
-            ]
-        )
-    return lines
+    return [
+        [
+            "" if when is None else in_utc(when).isoformat(),
+            due,
+            risks,
+            *["" if cell is None else neutralise(str(cell)) for cell in cells],
+            currency,
+        ]
+        for when, due, risks, *cells, _, _ in rows
+    ]
