@@ -13,8 +13,9 @@ from app.db import make_engine
 from app.models import MAILBOX_SEARCH, SUBSCRIPTION_SEARCH
 from app.operations import search_index
 from app.simulation import traffic
-from tests.conftest import app_client, deliver, make_settings
+from tests.conftest import app_client, asyncpg_dsn, deliver, make_settings
 from tests.state import OPS
+from tests.test_keyed_hashes import migrate, migrated_only_to
 
 
 async def found(client: Any, what: str, q: str) -> set[str]:
@@ -249,3 +250,27 @@ async def test_an_indexer_that_keeps_failing_logs_once_and_once_more_when_it_wor
     failed = ("WARNING", "search indexing failed: OSError; trying again")
     back = ("INFO", "search indexing works again")
     assert said == [failed, back, failed, back]
+
+
+async def test_a_search_right_after_migration_0028_reads_rows_written_since_the_mark_by_index(
+    server_url: str,
+) -> None:
+    """20,000 mailboxes indexed before the upgrade: the search's "written since the mark" leg
+    reads the BRIN index at once, not the whole table (the column's statistics are taken)."""
+    async with migrated_only_to(server_url, "0027") as url:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await conn.execute(
+                "INSERT INTO mailboxes (mailbox_id, email) "
+                "SELECT 'mb_' || g, 'user' || g || '@example.com' FROM generate_series(1, 20000) g"
+            )
+            await conn.execute("UPDATE search_marks SET indexed_before = now()")
+            await conn.execute("ANALYZE mailboxes")
+            await asyncio.to_thread(migrate, url, "0028")
+            plan = await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) SELECT id FROM mailboxes"
+                " WHERE search_written_at >= search_mark('mailboxes')"
+            )
+        finally:
+            await conn.close()
+    assert "ix_mailboxes_search_written_at" in plan, plan
