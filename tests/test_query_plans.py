@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.models import mailboxes, subscriptions
 from app.operations import search_index
-from app.reading import renewals
+from app.reading import exporting, renewals
 from app.reading.api import apply_filters, mailbox_select
 from app.reading.queries.mailboxes import MailboxQuery, list_mailboxes
 from app.reading.queries.subscriptions import SubscriptionQuery, list_subscriptions
@@ -103,11 +103,16 @@ class Result:
 
 
 async def page_sql(lister: Any, query: Any) -> str:
-    """The SQL of the first page `lister` reads for `query`, exactly as the API runs it."""
+    """The SQL of the first statement `lister` reads for `query`, exactly as the API runs it."""
     recorder = Recorder()
     await lister(recorder, query)
     [stmt] = recorder.statements
     return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+async def export_choice(conn: Any, query: MailboxQuery) -> None:
+    """The mailboxes an export with `q` chooses (apply_filters' default: matching)."""
+    await exporting.cannot_export(conn, {"q": query.q}, limit=exporting.SKIPPED_NAMED)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +127,7 @@ async def page_sql(lister: Any, query: Any) -> str:
             "X77777.NET",
             "ix_subscription_search_text",
         ),
+        (export_choice, MailboxQuery, mailboxes, "U4242@X", "ix_mailbox_search_text"),
         # nearly every row holds it: the page walks the ids, probing each row's copy
         (list_mailboxes, MailboxQuery, mailboxes, "@x.com", "pk_mailbox_search"),
         (list_subscriptions, SubscriptionQuery, subscriptions, "@agency", "pk_subscription_search"),
