@@ -4,6 +4,8 @@ whether or not the indexer has run since; the indexer copies only the texts that
 and never marks as copied a row whose transaction has not committed."""
 
 import asyncio
+import csv
+import io
 from typing import Any
 
 import asyncpg
@@ -13,7 +15,7 @@ from app.db import make_engine
 from app.models import MAILBOX_SEARCH, SUBSCRIPTION_SEARCH
 from app.operations import search_index
 from app.simulation import traffic
-from tests.conftest import app_client, asyncpg_dsn, deliver, make_settings
+from tests.conftest import CREDENTIALS_TOKEN, app_client, asyncpg_dsn, deliver, make_settings
 from tests.state import OPS
 from tests.test_keyed_hashes import migrate, migrated_only_to
 
@@ -23,6 +25,17 @@ async def found(client: Any, what: str, q: str) -> set[str]:
     answer = await client.get(f"/api/v1/{what}", params={"q": q}, headers=OPS)
     assert answer.status_code == 200, answer.text
     return {item[key] for item in answer.json()["items"]}
+
+
+async def exported(client: Any, q: str) -> set[str]:
+    """The mailboxes a CSV export chooses by `q` (a statement reading every match)."""
+    answer = await client.get(
+        "/api/v1/exports/mailboxes",
+        params={"format": "csv", "q": q},
+        headers={"Authorization": f"Bearer {CREDENTIALS_TOKEN}"},
+    )
+    assert answer.status_code == 200, answer.text
+    return {row["mailboxId"] for row in csv.DictReader(io.StringIO(answer.text.lstrip("\ufeff")))}
 
 
 async def holding(db: Any, what: str, q: str) -> set[str]:
@@ -65,6 +78,28 @@ async def test_a_new_mailbox_is_found_at_once_and_a_renamed_one_by_its_new_name_
         if not indexed:
             assert await index(db) == 1  # only the renamed mailbox's text changed
     assert "Brannoch" in (await copies(db, "mailbox_search")).popitem()[1]
+
+
+async def test_an_export_chooses_by_q_as_the_rows_are_now_copied_or_not(client, db):
+    """An export reads every match at once (not a page's legs): the copies that hold `q`,
+    and the rows written since the indexer's mark, each by its own text as it is now."""
+    names = ["Exportwren", "Exportwren", "Plainfield", "Plainfield", "Exportwren", "Plainfield"]
+    boxes = [traffic.mailbox_created(details={"lastName": name}) for name in names]
+    ids = [box["data"]["mailboxDetails"]["mailboxId"] for box in boxes]
+    for box in boxes[:4]:
+        assert (await deliver(client, box)).status_code == 200
+    assert await index(db) > 0  # the first four copied as they are
+    renames = [(ids[1], "Fallowby"), (ids[2], "Exportwren")]
+    for box in [*boxes[4:], *(traffic.mailbox_updated(m, {"lastName": n}) for m, n in renames)]:
+        assert (await deliver(client, box)).status_code == 200
+    # copied and unchanged; renamed to it since; new since: each found, and nothing else
+    expected = {ids[0], ids[2], ids[4]}
+    for q in ("exportwren", "EXPORTWREN"):
+        assert await exported(client, q) == expected == await found(client, "mailboxes", q)
+    assert await exported(client, "plainfield") == {ids[3], ids[5]}
+    assert (
+        await exported(client, "fallowby") == {ids[1]} == await holding(db, "mailboxes", "fallowby")
+    )
 
 
 async def test_a_subscriptions_new_owner_finds_it_and_its_old_one_no_longer(client, db):
@@ -206,12 +241,15 @@ async def test_one_indexer_at_a_time(database_url, db, holder):
 @pytest.mark.parametrize("order", ["oldest", "newest"])
 async def test_a_search_walk_returns_copied_and_recent_rows_once_each_in_order(client, db, order):
     """A page merges the copies' matches and the rows written since the mark: a walk with
-    the cursor returns each match once, in id order, wherever it came from."""
+    the cursor returns each match once, in id order, wherever it came from (a copied row
+    written again since is in both, and comes once)."""
     boxes = [traffic.mailbox_created(details={"lastName": f"Pagewalk{n}"}) for n in range(5)]
     for box in boxes[:3]:
         assert (await deliver(client, box)).status_code == 200
     await index(db)  # three copied, two written since the mark
-    for box in boxes[3:]:
+    first = boxes[0]["data"]["mailboxDetails"]["mailboxId"]
+    edited = traffic.mailbox_updated(first, {"firstName": "Walkedit"})
+    for box in [*boxes[3:], edited]:  # the first also written since, its copy still holding q
         assert (await deliver(client, box)).status_code == 200
     walked, cursor = [], None
     while True:
