@@ -178,8 +178,10 @@ async def count(url: str, sql: str) -> int:
 # each forwarded by a message that names it (the dispatcher builds its data when it sends).
 FILL = """
 WITH stored AS (
-    INSERT INTO events (event_id, event, status, content_hash, signature, payload, event_time)
-    SELECT 'bench-' || n, 'mailbox.created', 'processed', int8send(n), 'valid', $1::jsonb, now()
+    INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict, signature,
+        payload, event_time)
+    SELECT 'bench-' || n, 'mailbox.created', 'processed', int8send(n), 1, false, 'valid',
+        $1::jsonb, now()
     FROM generate_series(1, $2) AS n
     RETURNING id, payload -> 'data' ->> 'userId' AS user_id, event_time)
 INSERT INTO outbound_messages (destination, type, event_id, user_id, occurred_at)
