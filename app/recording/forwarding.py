@@ -14,6 +14,7 @@ a delivery pays no dump of its data."""
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -21,7 +22,7 @@ from pydantic_core import to_jsonable_python
 
 from app.crypto import REDACTED
 from app.destinations import Destination
-from app.outbound.messages import wanted, without_credentials
+from app.outbound.messages import credential_named, wanted, without_credentials
 from app.receiving import payloads
 
 CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
@@ -62,40 +63,54 @@ def forwarded(
 def data_of(stored: dict[str, Any], event_id: str, event_time: datetime) -> dict[str, Any]:
     """A forwarded event's `data`, from its stored (redacted) copy: the eventId and event
     time, then the declared fields of the model the copy validates to; an event type we do
-    not model (or a copy that no longer validates), only what the copy shows."""
+    not model (or a copy that no longer validates), only what the copy shows. Never a field
+    named like a credential; keys in jsonb's order (`jsonb_key`), at any depth."""
     head = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)}
     try:
         model = payloads.parse_handled(stored, [])
     except ValidationError:
         model = None
-    fields = declared(model.data) if model is not None else unmodelled(stored.get("data"))
-    data: dict[str, Any] = jsonb_order(without_credentials(head | fields))
-    return data
+    if model is None:
+        return dict(jsonb_order(without_credentials(head | unmodelled(stored.get("data")))))
+    data = head | declared(model.data)
+    return {key: data[key] for key in sorted(data, key=jsonb_key)}
+
+
+def jsonb_key(key: str) -> tuple[int, bytes]:
+    """The order PostgreSQL's jsonb keeps an object's keys in (shorter first, then
+    bytewise): the order a message's copied data came back in, so a receiver gets the bytes
+    it got before messages named their event (migration 0027)."""
+    encoded = key.encode()
+    return len(encoded), encoded
 
 
 def jsonb_order(value: Any) -> Any:
-    """A JSON value with its objects' keys in the order PostgreSQL's jsonb keeps them
-    (shorter first, then bytewise): the order a message's copied data came back in, so a
-    receiver gets the bytes it got before messages named their event (migration 0027)."""
     if isinstance(value, dict):
-        keys = sorted(value, key=lambda key: (len(key.encode()), key.encode()))
-        return {key: jsonb_order(value[key]) for key in keys}
+        return {key: jsonb_order(value[key]) for key in sorted(value, key=jsonb_key)}
     if isinstance(value, list):
         return [jsonb_order(item) for item in value]
     return value
 
 
+@cache
+def sent_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """A model's declared fields but those named like a credential (each of
+    SentCredentials' fields is, tests/test_outbound_messages.py), in jsonb's order."""
+    return tuple(sorted((f for f in model.model_fields if not credential_named(f)), key=jsonb_key))
+
+
 def declared(value: Any) -> Any:
-    """A model's declared fields that have a value, in their (our) names, as JSON, at
-    any depth: what the sender added besides them is left out. It still holds the
-    credentials (shown as REDACTED in the copy): `data_of` drops every field named like
-    one, which each of SentCredentials' fields is (tests/test_outbound_messages.py)."""
+    """A model's declared fields that have a value, in their (our) names, as JSON, at any
+    depth, without the credentials (shown as REDACTED in the copy): what the sender added
+    besides them is left out."""
     if isinstance(value, BaseModel):
-        fields = ((name, getattr(value, name)) for name in type(value).model_fields)
+        fields = ((name, getattr(value, name)) for name in sent_fields(type(value)))
         return {name: declared(item) for name, item in fields if item is not None}
     if isinstance(value, list):
         return [declared(item) for item in value]
-    return to_jsonable_python(value)
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return value
+    return to_jsonable_python(value)  # a time, a decimal
 
 
 def unmodelled(data: Any) -> dict[str, Any]:
