@@ -3,11 +3,12 @@ transaction (app/outbound/messages.py)."""
 
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import re
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
@@ -20,6 +21,7 @@ from app.config import ConfigError
 from app.crypto import DESCRIPTIVE, redact
 from app.destinations import Destination, check_network, load
 from app.hashing import Hasher
+from app.outbound.dispatch import CLAIM, message
 from app.outbound.messages import credential_named, enqueue, forward_many, without_credentials
 from app.receiving import payloads
 from app.recording.forwarding import CREDENTIAL_FIELDS, data_of
@@ -295,3 +297,45 @@ async def test_messages_written_before_0023_keep_their_ids_and_none_is_given_aga
     assert all(re.fullmatch("msg_[0-9a-f]{32}", r["webhook_id"]) for r in rows[:2])
     assert all(re.fullmatch("msg_[0-9a-f]{36}", r["webhook_id"]) for r in rows[2:])
     assert len({r["webhook_id"] for r in rows}) == 4
+
+
+def migration(name: str) -> Any:
+    path = Path(__file__).resolve().parent.parent / "alembic" / "versions" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_copied_and_referenced_messages_are_both_sent_and_a_downgrade_copies_back(db):
+    """A message that holds its data (derived, or forwarded before migration 0027) is sent
+    with that data; one naming its event, with the data built from the event's copy. Going
+    back to 0026 gives the latter a copy of what the stored copy shows (no credential)."""
+    sent = traffic.mailbox_created()
+    stored = orjson.dumps(stored_copy(sent)).decode()
+    event = await db.fetchval(
+        "INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict,"
+        " signature, payload, event_time) VALUES ($1, 'mailbox.created', 'processed',"
+        " '\\x00', 1, false, 'valid', $2::jsonb, $3) RETURNING id",
+        sent["eventId"],
+        stored,
+        datetime(2026, 12, 5, 18, 0, tzinfo=UTC),
+    )
+    await db.execute(
+        "INSERT INTO outbound_messages (destination, type, payload, event_id) VALUES"
+        " ('crm', 'order.failed', '{\"orderId\": \"o1\"}', NULL),"
+        " ('crm', 'mailbox.created', NULL, $1)",
+        event,
+    )
+    rows = await db.fetch(CLAIM, datetime.now(UTC) + timedelta(days=1), ["crm"], 10)
+    copied, referenced = (message(row).data for row in rows)
+    assert copied == {"orderId": "o1"}
+    assert referenced == data_of(orjson.loads(stored), sent["eventId"], rows[1]["event_time"])
+    assert referenced["eventTime"] == "2026-12-05T18:00:00Z"
+    await db.execute(migration("0027_forwarded_messages_by_reference.py").COPY_DATA)
+    copy = await db.fetchval("SELECT payload FROM outbound_messages WHERE event_id = $1", event)
+    back = orjson.loads(copy)
+    assert back["eventId"] == sent["eventId"] and back["orderId"] == sent["data"]["orderId"]
+    assert back["mailboxDetails"]["email"] == sent["data"]["mailboxDetails"]["email"]
+    assert traffic.CANARY_PREFIX not in orjson.dumps(back).decode()
