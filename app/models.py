@@ -7,6 +7,7 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -539,7 +540,9 @@ NUMBERED_WEBHOOK_ID = (
 class OutboundMessage(Base):
     """One message for one destination, written in the transaction of its cause.
 
-    `payload` is the body's `data` (never a credential value); `webhook_id` is the same on
+    `payload` is the body's `data` (never a credential value); a forwarded CMR event's is
+    NULL and `event_id` names its stored event instead, whose data the dispatcher builds
+    when it sends (app/recording/forwarding.py, migration 0029); `webhook_id` is the same on
     every attempt. `status`: pending (to send at `next_attempt_at`), delivered, or dead
     (the retry schedule is exhausted, or the destination answered 410 to it)."""
 
@@ -556,13 +559,15 @@ class OutboundMessage(Base):
         # a destination's messages by status, newest first; its backlog, its oldest pending
         # message (the lowest id) and its dead letters (app/outbound/queries.py)
         Index("ix_outbound_messages_destination_status_id", "destination", "status", "id"),
+        CheckConstraint("payload IS NOT NULL OR event_id IS NOT NULL", name="data"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     destination: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(Text)
     webhook_id: Mapped[str] = mapped_column(Text, server_default=text(NUMBERED_WEBHOOK_ID))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    event_id: Mapped[int | None] = mapped_column(BigInteger)  # events.id: forwarded, by reference
     user_id: Mapped[str | None] = mapped_column(Text)
     # the body's `timestamp`: when what it tells happened
     occurred_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -31,6 +31,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.crypto import redact  # noqa: E402
 from app.simulation import traffic  # noqa: E402
 from bench import run as bench  # noqa: E402
 
@@ -173,11 +174,18 @@ async def count(url: str, sql: str) -> int:
 
 # --- dispatching a backlog --------------------------------------------------------------
 
-# A backlog as the service writes it: a forwarded mailbox.created's data, per message.
+# A backlog as the service writes it: stored mailbox.created events (their redacted copy),
+# each forwarded by a message that names it (the dispatcher builds its data when it sends).
 FILL = """
-INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at)
-SELECT 'crm', 'mailbox.created', $1::jsonb, 'u-' || (n % 50), now()
-FROM generate_series(1, $2) AS n
+WITH stored AS (
+    INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict, signature,
+        payload, event_time)
+    SELECT 'bench-' || n, 'mailbox.created', 'processed', int8send(n), 1, false, 'valid',
+        $1::jsonb, now()
+    FROM generate_series(1, $2) AS n
+    RETURNING id, payload -> 'data' ->> 'userId' AS user_id, event_time)
+INSERT INTO outbound_messages (destination, type, event_id, user_id, occurred_at)
+SELECT 'crm', 'mailbox.created', id, user_id, event_time FROM stored ORDER BY id
 """
 # What the drain did: messages still waiting, delivered, attempts that failed, latencies.
 OUTCOME = """
@@ -194,12 +202,11 @@ FROM outbound_messages
 
 
 async def fill(url: str, backlog: int) -> None:
-    created = traffic.mailbox_created()
-    data = {"eventId": created["eventId"], "eventTime": "2026-12-05T18:00:00Z"}
-    data |= {k: v for k, v in created["data"].items() if k != "mailboxDetails"}
+    stored = redact(traffic.mailbox_created())
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(FILL, orjson.dumps(data).decode(), backlog)
+        await conn.execute(FILL, orjson.dumps(stored).decode(), backlog)
+        await conn.execute("ANALYZE events")
         await conn.execute("ANALYZE outbound_messages")
     finally:
         await conn.close()

@@ -218,8 +218,11 @@ async def assert_forwarded_once_and_ready(
 ) -> None:
     """The order and each of its three mailboxes forwarded to "crm" once, and the order's
     mailboxes told ready once (a group commit or a batched drain must not tell twice)."""
-    rows = await db.fetch("select destination, type, payload from outbound_messages")
-    told = sorted((r["type"], orjson.loads(r["payload"]).get("eventId")) for r in rows)
+    rows = await db.fetch(
+        "select m.destination, m.type, m.payload, e.event_id from outbound_messages m"
+        " left join events e on e.id = m.event_id"
+    )
+    told = sorted((r["type"], r["event_id"]) for r in rows)
     forwarded = [(p["event"], p["eventId"]) for p in (order, *boxes)]
     assert [t for t in told if t[0] != "mailboxes.ready"] == sorted(forwarded)
     ready = [orjson.loads(r["payload"]) for r in rows if r["type"] == "mailboxes.ready"]

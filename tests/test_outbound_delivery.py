@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
+from app.crypto import Vault
 from app.db import make_engine
 from app.destinations import Destination, load
+from app.operations.privacy import ERASED, erase_mailbox
 from app.outbound import dead_letters
 from app.outbound.dispatch import CIRCUIT_COOLDOWN, RETRY_DELAYS, Dispatcher, Result
 from app.simulation import traffic
@@ -435,19 +437,145 @@ async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_
     assert {r["status"] for r in await messages(db)} == {"delivered"}
 
 
+async def sent_once(database_url: str, tmp_path: Path, *events: dict[str, Any]) -> list[bytes]:
+    """The bodies a verifying receiver gets for these events forwarded to one destination
+    that takes only their types (nothing derived), sent in one round."""
+    async with receiving(SECRET) as receiver:
+        types = sorted({event["event"] for event in events})
+        path = destinations_file(tmp_path, declared("crm", receiver.url, events=types))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, list(events))
+        async with dispatching(database_url, destinations, Clock()) as dispatcher:
+            assert await dispatcher.step() == len(events)
+    assert receiver.bad_signatures == 0
+    bodies: list[bytes] = receiver.bodies()
+    return bodies
+
+
 async def test_a_forwarded_order_carries_its_fields_as_we_keep_them(database_url, db, tmp_path):
     """An order (recorded alone) forwards its fields as modelled: a price sent with float
     noise goes out as the decimal we keep, not as the sender spelled it."""
     order = traffic.mailbox_order_success(price=0.30000000000000004)
+    [raw] = await sent_once(database_url, tmp_path, order)
+    data = orjson.loads(raw)["data"]
+    assert (data["eventId"], data["orderId"]) == (order["eventId"], order["data"]["orderId"])
+    kept = await db.fetchval("SELECT price FROM subscriptions")
+    assert Decimal(str(data["price"])) == Decimal("0.3") == kept
+
+
+def created_with_every_credential(**extra: Any) -> dict[str, Any]:
+    """A mailbox.created carrying each of the sender's credentials (canaries), a provider,
+    an admin flag and a price as the sender spells them, and `extra` fields in its data."""
+    box = {
+        "mailboxId": traffic.provider_id(),
+        "firstName": "John",
+        "lastName": "Doe",
+        "email": "john@acme.example",
+        "isAdmin": "yes",
+        "creationTime": "2024-03-08T23:59:59Z",
+        "expiryDate": "2025-03-08T23:59:59.294Z",
+        "password": traffic.canary("pw"),
+        "appPassword": traffic.canary("app"),
+        "authenticatorSecret": traffic.canary("totp"),
+    }
+    data = {
+        "userId": "user-1",
+        "userEmail": "jane@agency.example",
+        "domain": "acme.example",
+        "subscriptionId": traffic.provider_id(),
+        "orderId": traffic.provider_id(),
+        "workspaceType": "Google Workspace",
+        "price": 8.16,
+        "mailboxDetails": box,
+    }
+    return traffic.envelope("mailbox.created", data | extra)
+
+
+async def test_a_forwarded_mailbox_created_goes_out_byte_for_byte_as_before(
+    database_url, db, tmp_path
+):
+    """The body a receiver gets for a forwarded mailbox.created is the one it got when the
+    message copied the event's data (key order included), though
+    the message now names its stored event and the dispatcher builds the data when it
+    sends: no credential, our names, the values as we keep them."""
+    created = created_with_every_credential()
+    [raw] = await sent_once(database_url, tmp_path, created)
+    at = orjson.loads(raw)["timestamp"]
+    given = created["data"]
+    # in jsonb's key order (shorter first), as a copied message's data came back
+    data = {
+        "price": "8.1600",
+        "domain": "acme.example",
+        "userId": "user-1",
+        "eventId": created["eventId"],
+        "orderId": given["orderId"],
+        "eventTime": at,
+        "userEmail": "jane@agency.example",
+        "workspaceType": "GOOGLE",
+        "mailboxDetails": {
+            "email": "john@acme.example",
+            "isAdmin": True,
+            "lastName": "Doe",
+            "firstName": "John",
+            "mailboxId": given["mailboxDetails"]["mailboxId"],
+            "expiryDate": "2025-03-08T23:59:59.294000Z",
+            "creationTime": "2024-03-08T23:59:59Z",
+        },
+        "subscriptionId": given["subscriptionId"],
+    }
+    assert raw == orjson.dumps({"type": "mailbox.created", "timestamp": at, "data": data})
+    assert traffic.CANARY_PREFIX.encode() not in raw
+
+
+async def test_a_forwarded_message_names_its_event_and_copies_none_of_its_data(
+    database_url, db, tmp_path
+):
+    """A forwarded event's message holds no copy of the event's data (nor of a credential):
+    it names the stored event, which its webhook-id and body are sent from on every
+    attempt."""
+    created = created_with_every_credential()
     path = destinations_file(tmp_path, declared("crm", "https://crm.example.com/h"))
     async with recording(database_url, path) as (client, _):
-        await deliver_all(client, [order])
-        kept = (
-            await client.get(
-                "/api/v1/subscriptions", headers={"Authorization": f"Bearer {OPS_TOKEN}"}
-            )
-        ).json()["items"]
+        await deliver_all(client, [created])
     [message] = await messages(db)
-    data = orjson.loads(message["payload"])
-    assert (data["eventId"], data["orderId"]) == (order["eventId"], order["data"]["orderId"])
-    assert Decimal(str(data["price"])) == Decimal("0.3") == Decimal(str(kept[0]["price"]))
+    event = await db.fetchval("SELECT id FROM events WHERE event_id = $1", created["eventId"])
+    assert (message["event_id"], message["payload"]) == (event, None)
+    assert (message["type"], message["user_id"]) == ("mailbox.created", "user-1")
+
+
+async def test_a_field_the_sender_added_is_never_forwarded(database_url, db, tmp_path):
+    """Only the fields we model go out (docs/outbound.md): a field the sender added, at
+    any depth, is not forwarded, whatever its name (`pwd` is named like no credential)."""
+    created = created_with_every_credential(pwd=traffic.canary("pwd"), notes="call Jane")
+    created["data"]["mailboxDetails"]["recovery"] = {"phone": "+1 555 0100"}
+    [raw] = await sent_once(database_url, tmp_path, created)
+    data = orjson.loads(raw)["data"]
+    assert "pwd" not in data and "notes" not in data
+    assert "recovery" not in data["mailboxDetails"] and b"555" not in raw
+    assert traffic.CANARY_PREFIX.encode() not in raw
+    assert data["mailboxDetails"]["email"] == "john@acme.example"
+
+
+async def test_a_message_written_before_its_mailbox_was_erased_sends_nothing_erased(
+    database_url, db, tmp_path
+):
+    """A mailbox erased while its forwarded mailbox.created still waits to be sent: what
+    is sent is the erased event (its personal fields shown as erased), not what was erased."""
+    created = created_with_every_credential()
+    mailbox = created["data"]["mailboxDetails"]["mailboxId"]
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [created])
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            assert await erase_mailbox(engine, Vault([FERNET_KEY]), mailbox) is not None
+        finally:
+            await engine.dispose()
+        async with dispatching(database_url, destinations, Clock()) as dispatcher:
+            assert await dispatcher.step() == 1
+    [raw] = receiver.bodies()
+    box = orjson.loads(raw)["data"]["mailboxDetails"]
+    assert box["mailboxId"] == mailbox
+    assert {box[key] for key in ("email", "firstName", "lastName")} == {ERASED}
+    assert b"john@acme.example" not in raw and b"John" not in raw and b"Doe" not in raw

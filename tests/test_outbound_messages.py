@@ -3,24 +3,28 @@ transaction (app/outbound/messages.py)."""
 
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import re
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from app.config import ConfigError
+from app.crypto import DESCRIPTIVE, redact
 from app.destinations import Destination, check_network, load
 from app.hashing import Hasher
-from app.outbound.messages import credential_named, enqueue, enqueue_many
+from app.outbound.dispatch import CLAIM, message
+from app.outbound.messages import credential_named, enqueue, forward_many, without_credentials
 from app.receiving import payloads
-from app.recording.forwarding import CREDENTIAL_FIELDS, forwarded
+from app.recording.forwarding import CREDENTIAL_FIELDS, data_of
 from app.simulation import traffic
 from tests.conftest import asyncpg_dsn, with_database
 from tests.test_keyed_hashes import migrate
@@ -134,33 +138,41 @@ async def test_messages_are_written_with_their_cause_and_never_without_it(db):
     assert rows[0]["user_id"] == "u1"
 
 
-async def test_many_messages_are_written_by_one_statement_with_their_cause(db):
-    """enqueue_many (a group commit's forwarded events): each message once per destination
-    it names, in the caller's transaction; a cause that fails leaves none."""
+async def test_many_forwarded_messages_are_written_by_one_statement_with_their_cause(db):
+    """forward_many (a group commit's forwarded events): each message once per destination
+    it names, naming its event and copying none of its data, in the caller's transaction;
+    a cause that fails leaves none."""
     at = datetime(2026, 12, 5, 18, 0, tzinfo=UTC)
     given: list[list[Any]] = [
-        [["a", "b"], "mailbox.created", '{"mailboxId": "m1"}', "u1", at],
-        [["b"], "mailbox.updated", '{"mailboxId": "m2"}', None, None],
+        [7, ["a", "b"], "mailbox.created", "u1", at],
+        [8, ["b"], "mailbox.updated", None, at],
     ]
     with pytest.raises(RuntimeError):
         async with db.transaction():
-            assert await enqueue_many(db, given) == 3
+            assert await forward_many(db, given) == 3
             raise RuntimeError("the cause failed")
     assert await db.fetchval("SELECT count(*) FROM outbound_messages") == 0
     async with db.transaction():
-        assert await enqueue_many(db, given) == 3
-        assert await enqueue_many(db, []) == 0
-        now = await db.fetchval("SELECT now()")
+        assert await forward_many(db, given) == 3
+        assert await forward_many(db, []) == 0
     rows = await db.fetch("SELECT * FROM outbound_messages ORDER BY destination, type")
-    assert [(r["destination"], r["type"], r["user_id"]) for r in rows] == [
-        ("a", "mailbox.created", "u1"),
-        ("b", "mailbox.created", "u1"),
-        ("b", "mailbox.updated", None),
+    assert [(r["destination"], r["type"], r["user_id"], r["event_id"]) for r in rows] == [
+        ("a", "mailbox.created", "u1", 7),
+        ("b", "mailbox.created", "u1", 7),
+        ("b", "mailbox.updated", None, 8),
     ]
-    assert [json.loads(r["payload"])["mailboxId"] for r in rows] == ["m1", "m1", "m2"]
-    assert [r["occurred_at"] for r in rows] == [at, at, now]  # none given: when written
+    assert [r["payload"] for r in rows] == [None, None, None]
+    assert [r["occurred_at"] for r in rows] == [at, at, at]
     assert len({r["webhook_id"] for r in rows}) == 3
     assert {r["status"] for r in rows} == {"pending"}
+
+
+def stored_copy(sent: dict[str, Any]) -> dict[str, Any]:
+    """The event's redacted copy, as recording stores it (events.payload)."""
+    copy: dict[str, Any] = redact(
+        payloads.parse_envelope(orjson.dumps(sent), Hasher(os.urandom(32)))
+    )
+    return copy
 
 
 def test_a_forwarded_event_has_no_credential_at_any_depth():
@@ -168,27 +180,78 @@ def test_a_forwarded_event_has_no_credential_at_any_depth():
     drops it wherever it stands (a prewarmup order's mailboxes, two lists deep), and keeps
     every other declared field."""
     assert CREDENTIAL_FIELDS and all(credential_named(name) for name in CREDENTIAL_FIELDS)
-    hasher = Hasher(os.urandom(32))
     sent = traffic.prewarmup_success(domains=2, per_domain=2)
-    envelope = payloads.parse_envelope(orjson.dumps(sent), hasher)
-    model = payloads.parse_handled(envelope, [])
-    message = forwarded(
-        [destination()],
-        event=sent["event"],
-        event_id=sent["eventId"],
-        event_time=datetime.now(UTC),
-        envelope=envelope,
-        model=model,
-    )
-    assert message is not None
-    body = orjson.dumps(message.arguments()[2:4])
-    assert traffic.CANARY_PREFIX.encode() not in body
+    data = data_of(stored_copy(sent), sent["eventId"], datetime.now(UTC))
+    body = orjson.dumps(data)
+    assert traffic.CANARY_PREFIX.encode() not in body and b"REDACTED" not in body
     assert not any(re.search(name, body.decode()) for name in CREDENTIAL_FIELDS)
-    domains = message.data["mailboxDetails"]
-    boxes = [box for domain in domains for box in domain["preWarmedUpMailboxes"]]
+    boxes = [box for domain in data["mailboxDetails"] for box in domain["preWarmedUpMailboxes"]]
     given = [box for d in sent["data"]["mailboxDetails"] for box in d["preWarmedUpMailboxes"]]
     assert [box["email"] for box in boxes] == [box["email"] for box in given]
-    assert message.data["orderId"] == sent["data"]["orderId"]
+    assert data["orderId"] == sent["data"]["orderId"]
+
+
+def declared_names(model: Any) -> set[str]:
+    """Every field name a payload model declares, at any depth."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for inner in getattr(info.annotation, "__args__", ()) + (info.annotation,):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                names |= declared_names(inner)
+    return names
+
+
+def test_the_stored_copy_shows_every_declared_field_but_the_credentials():
+    """What forwarding builds from the stored copy is what the delivery's own model held:
+    the copy (app/crypto.redact) shows each field the payload models declare, hiding only
+    the credentials (which forwarding drops anyway)."""
+    union, _ = get_args(payloads.HandledEvent)  # Annotated[Union[...], its discriminator]
+    models = [payloads.Envelope, *get_args(union)]
+    declared = set().union(*(declared_names(model) for model in models))
+    assert {"mailboxDetails", "preWarmedUpMailboxes", "failedOrders", "email"} <= declared
+    assert declared - DESCRIPTIVE == set(CREDENTIAL_FIELDS)
+
+
+async def copied_before(db: asyncpg.Connection, sent: dict[str, Any], at: datetime) -> bytes:
+    """A forwarded event's data as its message sent it before migration 0029: the
+    delivery's model dumped, credentials dropped, copied into the message's jsonb and read
+    back from it (the sender's extra fields aside)."""
+    envelope = payloads.parse_envelope(orjson.dumps(sent), Hasher(os.urandom(32)))
+    model = payloads.parse_handled(envelope, [])
+    assert model is not None
+    fields = model.data.model_dump(mode="json", exclude_none=True)
+    head = {"eventId": sent["eventId"], "eventTime": at.isoformat().replace("+00:00", "Z")}
+    copied = orjson.dumps(without_credentials(head | fields)).decode()
+    return orjson.dumps(orjson.loads(await db.fetchval("SELECT $1::jsonb::text", copied)))
+
+
+EVERY_KIND = [
+    traffic.mailbox_created(),
+    traffic.mailbox_order_success(price=0.30000000000000004, workspaceType="g suite"),
+    traffic.mailbox_order_failed(),
+    traffic.mailbox_updated("m1", {"firstName": "Al", "lastName": 7}),
+    traffic.prewarmup_success(domains=2, per_domain=2),
+    traffic.prewarmup_failed(order_id="o1", failures={"a.com": "DNS", "b.com": "taken"}),
+    traffic.envelope(
+        "subscription.renewal.failed",
+        {"subscriptionId": "s1", "periodEnd": "2026-01-01T00:00:00.123Z", "autoRenew": "true"},
+    ),
+    traffic.envelope("domain.grace_period", {"domain": "a.com", "status": "grace period"}),
+    traffic.envelope(
+        "mailbox.exported", {"mailboxDetails": {"mailboxId": "m1", "password": "canary-p"}}
+    ),
+]
+
+
+@pytest.mark.parametrize("sent", EVERY_KIND, ids=[sent["event"] for sent in EVERY_KIND])
+async def test_the_data_built_from_the_stored_copy_is_the_data_a_message_copied(db, sent):
+    """Every kind of event: the data the dispatcher builds from the stored copy is, byte
+    for byte (key order too), the data its message sent when it held a copy."""
+    at = datetime(2026, 12, 5, 18, 0, 1, 250000, tzinfo=UTC)
+    built = orjson.dumps(data_of(stored_copy(sent), sent["eventId"], at))
+    assert built == await copied_before(db, sent, at)
+    assert traffic.CANARY_PREFIX.encode() not in built
 
 
 async def test_webhook_ids_are_unique_and_in_the_order_messages_were_written(db):
@@ -234,3 +297,45 @@ async def test_messages_written_before_0023_keep_their_ids_and_none_is_given_aga
     assert all(re.fullmatch("msg_[0-9a-f]{32}", r["webhook_id"]) for r in rows[:2])
     assert all(re.fullmatch("msg_[0-9a-f]{36}", r["webhook_id"]) for r in rows[2:])
     assert len({r["webhook_id"] for r in rows}) == 4
+
+
+def migration(name: str) -> Any:
+    path = Path(__file__).resolve().parent.parent / "alembic" / "versions" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_copied_and_referenced_messages_are_both_sent_and_a_downgrade_copies_back(db):
+    """A message that holds its data (derived, or forwarded before migration 0029) is sent
+    with that data; one naming its event, with the data built from the event's copy. Going
+    back to 0028 gives the latter a copy of what the stored copy shows (no credential)."""
+    sent = traffic.mailbox_created()
+    stored = orjson.dumps(stored_copy(sent)).decode()
+    event = await db.fetchval(
+        "INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict,"
+        " signature, payload, event_time) VALUES ($1, 'mailbox.created', 'processed',"
+        " '\\x00', 1, false, 'valid', $2::jsonb, $3) RETURNING id",
+        sent["eventId"],
+        stored,
+        datetime(2026, 12, 5, 18, 0, tzinfo=UTC),
+    )
+    await db.execute(
+        "INSERT INTO outbound_messages (destination, type, payload, event_id) VALUES"
+        " ('crm', 'order.failed', '{\"orderId\": \"o1\"}', NULL),"
+        " ('crm', 'mailbox.created', NULL, $1)",
+        event,
+    )
+    rows = await db.fetch(CLAIM, datetime.now(UTC) + timedelta(days=1), ["crm"], 10)
+    copied, referenced = (message(row).data for row in rows)
+    assert copied == {"orderId": "o1"}
+    assert referenced == data_of(orjson.loads(stored), sent["eventId"], rows[1]["event_time"])
+    assert referenced["eventTime"] == "2026-12-05T18:00:00Z"
+    await db.execute(migration("0029_forwarded_messages_by_reference.py").COPY_DATA)
+    copy = await db.fetchval("SELECT payload FROM outbound_messages WHERE event_id = $1", event)
+    back = orjson.loads(copy)
+    assert back["eventId"] == sent["eventId"] and back["orderId"] == sent["data"]["orderId"]
+    assert back["mailboxDetails"]["email"] == sent["data"]["mailboxDetails"]["email"]
+    assert traffic.CANARY_PREFIX not in orjson.dumps(back).decode()

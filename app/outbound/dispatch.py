@@ -36,6 +36,7 @@ from app.db import describe, is_transient, make_engine, raw_connection
 from app.destinations import Destination
 from app.outbound.formats import Message, request
 from app.outbound.network import InternalAddress, Resolve, checked_transport, system_resolve
+from app.recording.forwarding import data_of
 
 log = logging.getLogger("coldmail.outbound")
 Clock = Callable[[], datetime]
@@ -77,12 +78,15 @@ class Result:
         return self.status == 410
 
 
+# A forwarded event's message carries no data: its event's stored copy is read with it.
+CLAIMED = """
+SELECT m.id, m.destination, m.type, m.webhook_id, m.payload, m.occurred_at, m.attempts,
+    e.event_id, e.event_time, e.payload AS event_payload
+FROM outbound_messages m LEFT JOIN events e ON e.id = m.event_id"""
 # The destinations usable now (their circuit closed, not disabled) are worked out once, as
 # an array, so the claim walks the due index in its order and stops after a batch (a
 # NOT EXISTS per message made the planner sort the whole backlog on every claim).
-CLAIM = """
-SELECT m.id, m.destination, m.type, m.webhook_id, m.payload, m.occurred_at, m.attempts
-FROM outbound_messages m
+CLAIM = f"""{CLAIMED}
 WHERE m.status = 'pending' AND m.next_attempt_at <= $1
   AND m.destination = ANY(ARRAY(
     SELECT unnest($2::text[])
@@ -93,11 +97,10 @@ LIMIT $3
 FOR UPDATE OF m SKIP LOCKED
 """
 # A probe: one due message of a destination whose circuit is open.
-CLAIM_PROBE = """
-SELECT id, destination, type, webhook_id, payload, occurred_at, attempts
-FROM outbound_messages WHERE status = 'pending' AND destination = $1 AND next_attempt_at <= $2
-ORDER BY next_attempt_at, id LIMIT 1
-FOR UPDATE SKIP LOCKED
+CLAIM_PROBE = f"""{CLAIMED}
+WHERE m.status = 'pending' AND m.destination = $1 AND m.next_attempt_at <= $2
+ORDER BY m.next_attempt_at, m.id LIMIT 1
+FOR UPDATE OF m SKIP LOCKED
 """
 REGISTER = """
 INSERT INTO outbound_destinations (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
@@ -335,16 +338,26 @@ class Dispatcher:
 
 
 def message(row: asyncpg.Record) -> Message:
-    payload = row["payload"]
+    """A claimed message (CLAIMED's row) with its data: its own, or, forwarded, built now
+    from its event's stored copy (as erased, if it was)."""
+    if row["payload"] is not None:
+        data = json(row["payload"])
+    else:
+        data = data_of(json(row["event_payload"]), row["event_id"], row["event_time"])
     return Message(
         id=row["id"],
         destination=row["destination"],
         type=row["type"],
         webhook_id=row["webhook_id"],
-        data=orjson.loads(payload) if isinstance(payload, str) else payload,
+        data=data,
         occurred_at=row["occurred_at"],
         attempts=row["attempts"],
     )
+
+
+def json(value: Any) -> Any:
+    """A jsonb value, decoded already where the pool's codec does so."""
+    return orjson.loads(value) if isinstance(value, str) else value
 
 
 def why(status: int) -> str | None:

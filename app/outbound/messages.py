@@ -13,6 +13,9 @@ with its own `webhook_id` (the same on every attempt). `data` is the body's `dat
 field names (camelCase, as the read API); any credential-looking field in it is dropped
 (`without_credentials`), so a message never carries a credential value. From SQLAlchemy,
 pass the asyncpg connection: `(await conn.get_raw_connection()).driver_connection`.
+
+A forwarded CMR event's messages hold no data: they name the stored event (`forward_sql`,
+`forward_many`), whose data the dispatcher builds when it sends (app/recording/forwarding.py).
 """
 
 import re
@@ -30,30 +33,32 @@ from app.destinations import Destination
 # anything named like one).
 CREDENTIAL_FIELD = re.compile(r"pass|secret|token|api_?key|credential|otp|totp", re.IGNORECASE)
 
-ENQUEUE_PARAMETERS = 5
+FORWARD_PARAMETERS = 4
 
 
-def enqueue_sql(first: int = 1, *, gate: str | None = None) -> str:
-    """The INSERT of `enqueue`, its parameters numbered from `first` (`enqueue_arguments`);
-    with `gate` (a CTE whose one row has `inserted`), only when that row was inserted: a
-    statement that records an event can write its messages in the same round trip."""
-    names, type, data, user_id, at = (f"${first + i}" for i in range(ENQUEUE_PARAMETERS))
-    source = f"unnest({names}::text[]) AS name"
-    source += f", {gate} WHERE {gate}.inserted" if gate else ""
+def forward_sql(first: int, *, gate: str) -> str:
+    """The INSERT of a forwarded event's messages, its parameters numbered from `first`
+    (app/recording/forwarding.Forwarded.arguments: names, type, user_id, occurred_at), in
+    the statement that records the event, only when `gate` (the CTE whose one row has the
+    event's `id` and `inserted`) inserted it. The message names the event (`event_id`)
+    instead of copying its data: the dispatcher builds that when it sends."""
+    names, type, user_id, at = (f"${first + i}" for i in range(FORWARD_PARAMETERS))
     return (
-        "INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at) "
-        f"SELECT name, {type}, {data}::jsonb, {user_id}, coalesce({at}::timestamptz, now()) "
-        f"FROM {source}"
+        "INSERT INTO outbound_messages (destination, type, event_id, user_id, occurred_at) "
+        f"SELECT name, {type}, {gate}.id, {user_id}, {at}::timestamptz "
+        f"FROM unnest({names}::text[]) AS name, {gate} WHERE {gate}.inserted"
     )
 
 
-ENQUEUE = enqueue_sql()
-# Many messages in one statement, one array per column (`enqueue_many`).
-ENQUEUE_MANY = (
+ENQUEUE = (
     "INSERT INTO outbound_messages (destination, type, payload, user_id, occurred_at) "
-    "SELECT name, type, payload::jsonb, user_id, coalesce(at, now()) "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) "
-    "AS given(name, type, payload, user_id, at)"
+    "SELECT name, $2, $3::jsonb, $4, coalesce($5::timestamptz, now()) "
+    "FROM unnest($1::text[]) AS name"
+)
+# Many forwarded events' messages in one statement, one array per column (`forward_many`).
+FORWARD_MANY = (
+    "INSERT INTO outbound_messages (destination, type, event_id, user_id, occurred_at) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])"
 )
 
 
@@ -94,32 +99,22 @@ async def enqueue(
     names = wanted(destinations, type, user_id)
     if not names:
         return 0
-    await conn.execute(ENQUEUE, *enqueue_arguments(names, type, data, user_id, occurred_at))
+    body = orjson.dumps(without_credentials(data)).decode()
+    await conn.execute(ENQUEUE, names, type, body, user_id, occurred_at)
     return len(names)
 
 
-async def enqueue_many(conn: asyncpg.Connection, messages: Sequence[list[Any]]) -> int:
-    """Write several messages (each `enqueue_arguments`' list, for its destinations) in
-    one statement, in the caller's transaction; return how many rows. A group commit's
-    forwarded events so cost one INSERT, not one per delivery: each statement that writes
-    a row opens the table and its indexes, a third of what a message cost the database."""
+async def forward_many(conn: asyncpg.Connection, messages: Sequence[list[Any]]) -> int:
+    """Write several forwarded events' messages (each `[event_id, names, type, user_id,
+    occurred_at]`: the event's id, then Forwarded.arguments) in one statement, in the
+    caller's transaction; return how many rows. A group commit's forwarded events so cost
+    one INSERT, not one per delivery: each statement that writes a row opens the table and
+    its indexes, a third of what a message cost the database."""
     columns: list[list[Any]] = [[], [], [], [], []]
-    for names, *message in messages:
+    for event_id, names, type, user_id, at in messages:
         for name in names:
-            for column, value in zip(columns, (name, *message), strict=True):
+            for column, value in zip(columns, (name, type, event_id, user_id, at), strict=True):
                 column.append(value)
     if columns[0]:
-        await conn.execute(ENQUEUE_MANY, *columns)
+        await conn.execute(FORWARD_MANY, *columns)
     return len(columns[0])
-
-
-def enqueue_arguments(
-    names: list[str],
-    type: str,
-    data: dict[str, Any],
-    user_id: str | None,
-    occurred_at: datetime | None,
-) -> list[Any]:
-    """`enqueue_sql`'s arguments: the destinations' names (`wanted`), and the message."""
-    body = orjson.dumps(without_credentials(data)).decode()
-    return [names, type, body, user_id, occurred_at]

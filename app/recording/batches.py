@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.crypto import Vault
 from app.db import describe, is_transient, lost_a_race, raw_connection
 from app.destinations import Destination
-from app.outbound.messages import enqueue_many
+from app.outbound.messages import forward_many
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
@@ -157,8 +157,8 @@ async def _together(
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
         # the new events' forwarded messages, all in one statement (a duplicate has none)
-        forwarded = [items[i].outbound for i in ordered if rows[i]["inserted"]]
-        await enqueue_many(conn, [f.arguments() for f in forwarded if f is not None])
+        forwarded = [(rows[i]["id"], items[i].outbound) for i in ordered if rows[i]["inserted"]]
+        await forward_many(conn, [[at, *f.arguments()] for at, f in forwarded if f is not None])
         if outbox is not None:
             told = [(items[i].changes, rows[i]) for i in chosen if rows[i]["inserted"]]
             changed = [

@@ -1,21 +1,28 @@
 """Forwarding a stored CMR event to the outbound destinations (CONTRACT section 9): its
 type as it came, its eventId and event time, and its fields in our names (the payload
-models' fields, camelCase as the read API). Only declared fields go out, never one the
-sender added that we did not model, and never a credential (SentCredentials' fields, and
-anything named like one, at any depth: app/outbound/messages.without_credentials)."""
+models' declared fields, camelCase as the read API). Never a field the sender added that
+we did not model, and never a credential (SentCredentials' fields, and anything named like
+one, at any depth: app/outbound/messages.without_credentials).
+
+A forwarded event's messages copy none of its data: each names the stored event (its
+events row), and the dispatcher builds the data when it sends (`data_of`), from the
+event's stored, redacted copy (app/crypto.redact shows every declared field but the
+credentials, so the copy validates to the fields the delivery's own model had). An
+erasure of that copy (app/operations/privacy.py) so reaches what is still to be sent, and
+a delivery pays no dump of its data."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from app.crypto import REDACTED, redact
+from app.crypto import REDACTED
 from app.destinations import Destination
-from app.outbound.messages import wanted, without_credentials
+from app.outbound.messages import credential_named, wanted, without_credentials
 from app.receiving import payloads
 
 CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
@@ -24,54 +31,92 @@ CREDENTIAL_FIELDS = frozenset(payloads.SentCredentials.model_fields)
 @dataclass(frozen=True)
 class Forwarded:
     """A stored event's messages, written by the statement that records the event
-    (`enqueue_sql` gated on it being new)."""
+    (app/outbound/messages.forward_sql, gated on it being new), or with its group's."""
 
     names: list[str]  # the destinations that want it
     type: str
-    data: dict[str, Any]  # without credentials already (`forwarded`)
     user_id: str | None
     occurred_at: datetime
 
     def arguments(self) -> list[Any]:
-        """app/outbound/messages.enqueue_arguments' list: the body's data as it is."""
-        body = orjson.dumps(self.data).decode()
-        return [self.names, self.type, body, self.user_id, self.occurred_at]
+        """forward_sql's parameters."""
+        return [self.names, self.type, self.user_id, self.occurred_at]
 
 
 def forwarded(
     destinations: Sequence[Destination],
     *,
     event: str,
-    event_id: str | None,
     event_time: datetime,
     envelope: dict[str, Any],
     model: payloads.HandledEvent | None,
 ) -> Forwarded | None:
-    """The event's message, or None when no destination wants it."""
+    """The event's messages, or None when no destination wants it."""
     data = envelope.get("data")
     user_id = getattr(model.data, "userId", None) if model is not None else None
     if user_id is None and isinstance(data, dict) and isinstance(data.get("userId"), str):
         user_id = data["userId"]
     names = wanted(destinations, event, user_id)
-    if not names:
-        return None
-    fields = declared(model.data) if model is not None else unmodelled(data)
-    body = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)} | fields
-    return Forwarded(names, event, without_credentials(body), user_id, event_time)
+    return Forwarded(names, event, user_id, event_time) if names else None
 
 
-def declared(model: BaseModel) -> dict[str, Any]:
-    """A payload model's declared fields that have a value, in their (our) names, as JSON
-    (pydantic's own dump: a third of the time of walking the fields here). It still holds
-    the credentials: `forwarded` drops every field named like one, at any depth, which
-    each of SentCredentials' fields is (tests/test_outbound_messages.py)."""
-    return model.model_dump(mode="json", exclude_none=True)
+def data_of(stored: dict[str, Any], event_id: str, event_time: datetime) -> dict[str, Any]:
+    """A forwarded event's `data`, from its stored (redacted) copy: the eventId and event
+    time, then the declared fields of the model the copy validates to; an event type we do
+    not model (or a copy that no longer validates), only what the copy shows. Never a field
+    named like a credential; keys in jsonb's order (`jsonb_key`), at any depth."""
+    head = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)}
+    try:
+        model = payloads.parse_handled(stored, [])
+    except ValidationError:
+        model = None
+    if model is None:
+        return dict(jsonb_order(without_credentials(head | unmodelled(stored.get("data")))))
+    data = head | declared(model.data)
+    return {key: data[key] for key in sorted(data, key=jsonb_key)}
+
+
+def jsonb_key(key: str) -> tuple[int, bytes]:
+    """The order PostgreSQL's jsonb keeps an object's keys in (shorter first, then
+    bytewise): the order a message's copied data came back in, so a receiver gets the bytes
+    it got before messages named their event (migration 0029)."""
+    encoded = key.encode()
+    return len(encoded), encoded
+
+
+def jsonb_order(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: jsonb_order(value[key]) for key in sorted(value, key=jsonb_key)}
+    if isinstance(value, list):
+        return [jsonb_order(item) for item in value]
+    return value
+
+
+@cache
+def sent_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """A model's declared fields but those named like a credential (each of
+    SentCredentials' fields is, tests/test_outbound_messages.py), in jsonb's order."""
+    return tuple(sorted((f for f in model.model_fields if not credential_named(f)), key=jsonb_key))
+
+
+def declared(value: Any) -> Any:
+    """A model's declared fields that have a value, in their (our) names, as JSON, at any
+    depth, without the credentials (shown as REDACTED in the copy): what the sender added
+    besides them is left out."""
+    if isinstance(value, BaseModel):
+        fields = ((name, getattr(value, name)) for name in sent_fields(type(value)))
+        return {name: declared(item) for name, item in fields if item is not None}
+    if isinstance(value, list):
+        return [declared(item) for item in value]
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return value
+    return to_jsonable_python(value)  # a time, a decimal
 
 
 def unmodelled(data: Any) -> dict[str, Any]:
     """An event type we do not model: only what the stored copy shows (app/crypto.redact's
     allow-list), without the redacted fields."""
-    return drop_redacted(redact(data)) if isinstance(data, dict) else {}
+    return drop_redacted(data) if isinstance(data, dict) else {}
 
 
 def drop_redacted(value: Any) -> Any:

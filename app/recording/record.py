@@ -23,7 +23,7 @@ from app import metrics
 from app.crypto import Vault, redact
 from app.db import lost_a_race, raw_connection
 from app.destinations import Destination
-from app.outbound.messages import enqueue_sql
+from app.outbound.messages import forward_sql
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome, Rejection
 from app.recording import effects, merge
@@ -115,7 +115,7 @@ def delivery_statement(
         parts.append(f"effect{i} AS ({statement.sql(first, many=many, gate='recorded')})")
         first += len(statement.names)
     if forwarded:
-        parts.append(f"outbound AS ({enqueue_sql(first, gate='recorded')})")
+        parts.append(f"outbound AS ({forward_sql(first, gate='recorded')})")
     completes = [f"effect{i}" for i, (statement, _) in enumerate(upserts) if statement.completes]
     may_complete = (
         "coalesce("
@@ -208,7 +208,6 @@ def forwarding_of(
     return forwarded(
         destinations,
         event=delivery.event,
-        event_id=delivery.event_id,
         event_time=delivery.event_time,
         envelope=delivery.envelope,
         model=model,
