@@ -126,7 +126,11 @@ TESTS = {
         "tests/test_edge_wire.py",
         "tests/test_promises_edge.py::test_credentials_go_only_over_https_or_to_a_loopback_client_without_a_proxy",
     ],
-    "app/recording/merge.py": [*RECORDING, "tests/test_migrations.py"],
+    "app/recording/merge.py": [
+        *RECORDING,
+        "tests/test_migrations.py",
+        "tests/test_search_index.py",
+    ],
     # test_recording_rules.py pins every field each event kind writes; the lifecycle tests
     # named here pin what it writes for ordering (versions), renewals and domains. Not all of
     # RECORDING: a surviving mutant runs every test that reaches it, and 538 mutants must
