@@ -47,6 +47,6 @@ FROM events e WHERE m.payload IS NULL AND e.id = m.event_id
 
 def downgrade() -> None:
     op.execute(COPY_DATA)
-    op.drop_constraint("ck_outbound_messages_data", "outbound_messages", type_="check")
+    op.drop_constraint(op.f("ck_outbound_messages_data"), "outbound_messages", type_="check")
     op.alter_column("outbound_messages", "payload", nullable=False)
     op.drop_column("outbound_messages", "event_id")
