@@ -7,10 +7,13 @@ import io
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from app.reading import renewals, ui
+from app.reading.reader import reader
 from app.simulation import traffic
 from tests.conftest import CREDENTIALS_TOKEN
 from tests.streams import subscription_event
@@ -713,10 +716,29 @@ async def test_the_csv_holds_these_exact_bytes_whatever_its_statements_size(clie
     params = {"due": "all", "renewsBefore": "2041-01-01T00:00:00Z"}
     whole = await client.get("/ui/renewals.csv", params=params)
     monkeypatch.setattr(renewals, "CSV_PAGE", 2)
+    sizes = statement_sizes(monkeypatch)
     in_twos = await client.get("/ui/renewals.csv", params=params)
     assert whole.content == in_twos.content == BOM + FIXED_CSV
+    assert sizes == [2, 2, 2, 0]  # never the whole queue in memory at once
     text = whole.content.decode("utf-8-sig")
     assert "\ufeff" not in text and "müller@agency.example" in text  # one BOM, UTF-8
+
+
+def statement_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows each statement of the dashboard's reads returns, from here on."""
+    sizes: list[int] = []
+
+    class Counted:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        async def execute(self, statement: Any) -> Any:
+            rows = (await self.conn.execute(statement)).all()
+            sizes.append(len(rows))
+            return SimpleNamespace(all=lambda: rows)
+
+    monkeypatch.setattr(ui, "reader", lambda request: Counted(reader(request)))
+    return sizes
 
 
 BOM = b"\xef\xbb\xbf"
