@@ -18,6 +18,7 @@ import hmac
 import os
 import re
 import resource
+import secrets
 import socket
 import subprocess
 import sys
@@ -395,7 +396,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     import asyncio
 
-    name = f"cmw_attack_{os.getpid()}"
+    # bench/run.py's scratch names: this run's own, found by its --drop-leftovers
+    name = f"cmw_bench_attack_{os.getpid()}_{secrets.token_hex(3)}"
     admin = SERVER.rsplit("/", 1)[0]
     asyncio.run(_admin(SERVER, f"CREATE DATABASE {name}"))
     url, port = f"{admin}/{name}", free_port()

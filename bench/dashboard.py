@@ -9,6 +9,8 @@ the real app many times. Prints p50, p95 and max; any answer other than 200 fail
 
 import argparse
 import asyncio
+import os
+import secrets
 import statistics
 import sys
 import time
@@ -49,7 +51,6 @@ FILL = [
 async def fill(url: str, name: str) -> str:
     admin = await asyncpg.connect(url.replace("+asyncpg", ""))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
@@ -117,12 +118,14 @@ def main() -> None:
     args = parser.parse_args()
     url = normalize_database_url(args.database_url)
     started = time.perf_counter()
-    target = asyncio.run(fill(url, "cmw_bench_dashboard"))
-    print(f"filled in {time.perf_counter() - started:.0f} s")
+    # this run's own (bench/run.py's scratch names): two runs never drop each other's
+    name = f"cmw_bench_dashboard_{os.getpid()}_{secrets.token_hex(3)}"
     try:
+        target = asyncio.run(fill(url, name))
+        print(f"filled in {time.perf_counter() - started:.0f} s")
         timings = sorted(asyncio.run(render(target, args.renders)))
     finally:
-        asyncio.run(drop(url, "cmw_bench_dashboard"))
+        asyncio.run(drop(url, name))
     p95 = timings[int(len(timings) * 0.95) - 1]
     print(
         f"overview /ui, {len(timings)} renders: p50 {statistics.median(timings):.1f} ms, "

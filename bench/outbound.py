@@ -67,7 +67,7 @@ def bench_ingest(run: bench.Run, turns: int = TURNS) -> None:
     port = {"none": bench.free_port(), "two": bench.free_port()}
     folder = Path(tempfile.mkdtemp(prefix="outbound-", dir=run.out))
     dead_end = f"http://127.0.0.1:{bench.free_port()}/hook"  # never sent: dispatch is off
-    with bench.scratch_database("cmw_bench_outbound_ingest", migrated=True) as url:
+    with bench.scratch_database("outbound_ingest", migrated=True) as url:
         env = {
             "none": bench.service_env(url),
             "two": outbound_env(url, folder, dead_end, OUTBOUND_DISPATCH="false"),
@@ -228,7 +228,7 @@ def bench_dispatch(run: bench.Run, backlog: int = BACKLOG) -> None:
     hook = f"http://127.0.0.1:{receiver_port}/hook"
     failures: list[str] = []
     with (
-        bench.scratch_database("cmw_bench_outbound_dispatch", migrated=True) as url,
+        bench.scratch_database("outbound_dispatch", migrated=True) as url,
         bench.server(receiver, dict(os.environ), receiver_port, "/count", folder / "rx.log"),
     ):
         asyncio.run(fill(url, backlog))
@@ -281,6 +281,7 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=BACKLOG)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    bench.stop_on_sigterm()
     out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-outbound-"))
     out.mkdir(parents=True, exist_ok=True)
     run = bench.Run(out, args.seconds)

@@ -16,7 +16,9 @@ import asyncio
 import os
 import random
 import re
+import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -90,11 +92,22 @@ async def admin(sql: str) -> None:
         await conn.close()
 
 
+# Each run names its scratch databases `cmw_bench_<row>_<pid>_<token>`: two runs on one
+# server never drop each other's (a fixed name, dropped WITH (FORCE), cut the other run's
+# row short). A run that was killed outright leaves its own behind: --drop-leftovers.
+SCRATCH = re.compile(r"cmw_bench_[a-z0-9_]+_(?P<pid>[0-9]+)_[0-9a-f]{6}")
+
+
+def scratch_name(row: str) -> str:
+    return f"cmw_bench_{row}_{os.getpid()}_{secrets.token_hex(3)}"
+
+
 @contextmanager
-def scratch_database(name: str, *, migrated: bool = False) -> Iterator[str]:
-    """A new database for one row, dropped after it: what a row leaves behind (and
-    autovacuum's work on it) must not weigh on the rows after."""
-    asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+def scratch_database(row: str, *, migrated: bool = False) -> Iterator[str]:
+    """A new database of this run's own for one row, dropped after it, even when the row
+    fails: what a row leaves behind (and autovacuum's work on it) must not weigh on the
+    rows after."""
+    name = scratch_name(row)
     asyncio.run(admin(f"CREATE DATABASE {name}"))
     url = SERVER.rsplit("/", 1)[0] + "/" + name
     try:
@@ -102,7 +115,42 @@ def scratch_database(name: str, *, migrated: bool = False) -> Iterator[str]:
             subprocess.run([*CLI, "migrate"], env=service_env(url), check=True, cwd=ROOT)
         yield url
     finally:
+        # FORCE: a server of the row may still be closing its connections
         asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def leftovers(names: Iterable[str], *, running: Callable[[int], bool]) -> list[str]:
+    """The scratch databases among `names` whose run no longer runs on this machine."""
+    found = (SCRATCH.fullmatch(name) for name in names)
+    return [m.group(0) for m in found if m and not running(int(m.group("pid")))]
+
+
+def pid_running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def drop_leftovers() -> list[str]:
+    """Drops the scratch databases of killed runs. Without FORCE: one still in use (a run
+    on another machine, or a pid since reused) is left and named."""
+    conn = await asyncpg.connect(SERVER)
+    try:
+        names = [r["datname"] for r in await conn.fetch("SELECT datname FROM pg_database")]
+        dropped = []
+        for name in leftovers(names, running=pid_running):
+            try:
+                await conn.execute(f"DROP DATABASE {name}")
+                dropped.append(name)
+            except asyncpg.ObjectInUseError:
+                print(f"kept {name}: still in use")
+        return dropped
+    finally:
+        await conn.close()
+
+
+def stop_on_sigterm() -> None:
+    """A terminated run unwinds like an interrupted one: its servers stopped, its scratch
+    databases dropped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def rss_mb(pid: int) -> float:
@@ -270,7 +318,7 @@ def bench_service(run: Run, workers: int, events: int) -> None:
     command = [*CLI, "serve", "--port", str(port), "--workers", str(workers)]
     log = run.out / f"service-{workers}.log"
     with (
-        scratch_database(f"cmw_bench_service_{workers}") as url,
+        scratch_database(f"service_{workers}") as url,
         server(command, service_env(url), port, "/readyz", log),
     ):
         simulate(run, port, 500)  # warm-up
@@ -341,7 +389,7 @@ async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[
 
 def bench_db_ceiling(run: Run) -> tuple[str, list[Any]]:
     writes = service_writes(2000 * run.seconds)
-    with scratch_database("cmw_bench_db", migrated=True) as url:
+    with scratch_database("db", migrated=True) as url:
         try:
             figures, failures = asyncio.run(db_ceiling_run(url, writes)), []
         except (AssertionError, asyncpg.PostgresError) as error:
@@ -381,7 +429,7 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
     rendered = re.sub(r"\$(\d+)", lambda m: f"({literal(args[int(m[1]) - 1], keys)})", sql)
     script = run.out / "pgbench.sql"
     script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")
-    with scratch_database("cmw_bench_pgbench", migrated=True) as url:
+    with scratch_database("pgbench", migrated=True) as url:
         done = subprocess.run(
             ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
             + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
@@ -478,7 +526,7 @@ def bench_drain(run: Run, deliveries: int) -> None:
     asyncio.run(fill_spool(spool, deliveries))
     port, failures, figures = free_port(), [], {}
     log = run.out / "drain.log"
-    with scratch_database("cmw_bench_drain", migrated=True) as url, log.open("wb") as output:
+    with scratch_database("drain", migrated=True) as url, log.open("wb") as output:
         env = service_env(url, SPOOL_DIR=str(spool))
         command = [*CLI, "serve", "--port", str(port), "--no-migrate"]
         proc = subprocess.Popen(command, env=env, stdout=output, stderr=output, cwd=ROOT)
@@ -501,7 +549,7 @@ def bench_prewarmup_page_memory(run: Run, memory_events: int) -> None:
     log = run.out / "api.log"
     command = [*CLI, "serve", "--port", str(port)]
     with (
-        scratch_database("cmw_bench_api") as url,
+        scratch_database("api") as url,
         server(command, service_env(url), port, "/readyz", log) as proc,
     ):
         prewarmup(run, port)
@@ -644,7 +692,16 @@ def main() -> int:
         help="instead: COMMIT and the work tree in alternating runs (bench/compare.py)",
     )
     parser.add_argument("--pairs", type=int, default=2, help="with --baseline: runs per side")
+    parser.add_argument(
+        "--drop-leftovers",
+        action="store_true",
+        help="instead: drop the scratch databases of runs that were killed",
+    )
     args = parser.parse_args()
+    if args.drop_leftovers:
+        print("\n".join(f"dropped {name}" for name in asyncio.run(drop_leftovers())))
+        return 0
+    stop_on_sigterm()
     if args.baseline:
         from bench import compare
 

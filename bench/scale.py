@@ -19,7 +19,6 @@ only the pages whose row name holds one of the given texts are measured: no expo
 import argparse
 import asyncio
 import base64
-import os
 import random
 import statistics
 import subprocess
@@ -384,11 +383,8 @@ def main(run: bench.Run, *, keep: bool, only: list[str]) -> list[dict[str, Any]]
     vault = Vault([bench.KEY])
     rows: list[dict[str, Any]] = []
     with (
-        # named by this run's process: two runs on one server never drop each other's
-        bench.scratch_database(f"cmw_bench_empty_{os.getpid()}", migrated=True) as empty,
-        kept_database()
-        if keep
-        else bench.scratch_database(f"cmw_bench_scale_{os.getpid()}", migrated=True) as url,
+        bench.scratch_database("empty", migrated=True) as empty,
+        kept_database() if keep else bench.scratch_database("scale", migrated=True) as url,
     ):
         if not (keep and asyncio.run(filled(url))):
             seconds = asyncio.run(fill(url, vault))
@@ -465,6 +461,7 @@ def cli() -> int:
         "--only", action="append", default=[], help="measure only pages whose name holds this"
     )
     args = parser.parse_args()
+    bench.stop_on_sigterm()
     if args.keep:
         bench.KEY = KEPT_KEY
     out = args.out or Path(tempfile.mkdtemp(prefix="cmw-bench-"))

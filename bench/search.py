@@ -1,7 +1,8 @@
 """Searches cannot starve readers, at 1M mailboxes: `python bench/search.py [--keep]`.
 
-Fills 200,000 subscriptions and 1,000,000 mailboxes (bench/scale.py's statements) into the
-database `cmw_bench_search` (with --keep it is kept, and reused by the next run), serves
+Fills 200,000 subscriptions and 1,000,000 mailboxes (bench/scale.py's statements) into a
+scratch database of the run's own (with --keep into `cmw_bench_search`, kept, and reused by
+the next --keep run), serves
 them with `serve --workers 2` and two ops tokens, A and B, and prints p50/p95 of `q=zzzz`
 (no match) searched by B after 30 long searches by A, and while A runs 10 searches at once;
 then what a long or short `q` is answered. Target: B's p95 within 150 ms.
@@ -136,19 +137,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the database")
     args = parser.parse_args()
-    url = bench.SERVER.rsplit("/", 1)[0] + "/" + NAME
+    bench.stop_on_sigterm()
+    # without --keep a scratch name of this run's own: two runs never drop each other's
+    database = NAME if args.keep else bench.scratch_name("search")
+    url = bench.SERVER.rsplit("/", 1)[0] + "/" + database
     env = bench.service_env(url) | {"FERNET_KEYS": KEY, "OPS_API_TOKENS": f"{A},{B}"}
-    if not args.keep or not asyncio.run(database_exists(url)):
-        asyncio.run(bench.admin(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
-        asyncio.run(bench.admin(f"CREATE DATABASE {NAME}"))
-        subprocess.run([*bench.CLI, "migrate"], env=env, check=True, cwd=bench.ROOT)
-    if not asyncio.run(filled(url)):
-        print("filling 1,000,000 mailboxes...", flush=True)
-        asyncio.run(fill(url))
-    port = bench.free_port()
-    command = [*bench.CLI, "serve", "--port", str(port), "--workers", "2"]
-    log = Path(tempfile.mkdtemp(prefix="bench-search-")) / "serve.log"
     try:
+        if not args.keep or not asyncio.run(database_exists(url)):
+            asyncio.run(bench.admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            asyncio.run(bench.admin(f"CREATE DATABASE {database}"))
+            subprocess.run([*bench.CLI, "migrate"], env=env, check=True, cwd=bench.ROOT)
+        if not asyncio.run(filled(url)):
+            print("filling 1,000,000 mailboxes...", flush=True)
+            asyncio.run(fill(url))
+        port = bench.free_port()
+        command = [*bench.CLI, "serve", "--port", str(port), "--workers", "2"]
+        log = Path(tempfile.mkdtemp(prefix="bench-search-")) / "serve.log"
         with bench.server(command, env, port, "/readyz", log):
             rows = asyncio.run(run_against(f"http://127.0.0.1:{port}"))
         for custom in (False, True):
@@ -157,7 +161,7 @@ def main() -> int:
             rows.append((f"statement: zzzz after 30 long, {plans}", row))
     finally:
         if not args.keep:
-            asyncio.run(bench.admin(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)"))
+            asyncio.run(bench.admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
     for name, row in rows:
         print(f"{name:48} {row}")
     worst = max(f.get("p95_ms", 0) for name, f in rows if name.startswith("B"))
