@@ -24,7 +24,7 @@ from app.hashing import Hasher
 from app.outbound.dispatch import CLAIM, message
 from app.outbound.messages import credential_named, enqueue, forward_many, without_credentials
 from app.receiving import payloads
-from app.recording.forwarding import CREDENTIAL_FIELDS, data_of
+from app.recording.forwarding import CREDENTIAL_FIELDS, data_of, jsonb_keys, jsonb_order
 from app.simulation import traffic
 from tests.conftest import asyncpg_dsn, with_database
 from tests.test_keyed_hashes import migrate
@@ -252,6 +252,15 @@ async def test_the_data_built_from_the_stored_copy_is_the_data_a_message_copied(
     built = orjson.dumps(data_of(stored_copy(sent), sent["eventId"], at))
     assert built == await copied_before(db, sent, at)
     assert traffic.CANARY_PREFIX.encode() not in built
+
+
+async def test_keys_are_ordered_as_postgresql_jsonb_orders_them(db):
+    """Shorter by bytes first, then bytewise, at any depth: what PostgreSQL answers."""
+    keys = ["b", "aa", "é", "Z", "ab", "a", "zz", "€", "aé", "userId", "eventId"]
+    value = {key: {"é": 1, "b": [{"zz": 1, "ä": 2}], "aa": 3} for key in keys}
+    theirs = await db.fetchval("SELECT $1::jsonb::text", orjson.dumps(value).decode())
+    assert orjson.dumps(jsonb_order(value)) == orjson.dumps(orjson.loads(theirs))
+    assert jsonb_keys(keys) == list(orjson.loads(theirs))
 
 
 async def test_webhook_ids_are_unique_and_in_the_order_messages_were_written(db):

@@ -11,7 +11,7 @@ credentials, so the copy validates to the fields the delivery's own model had). 
 erasure of that copy (app/operations/privacy.py) so reaches what is still to be sent, and
 a delivery pays no dump of its data."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -64,7 +64,7 @@ def data_of(stored: dict[str, Any], event_id: str, event_time: datetime) -> dict
     """A forwarded event's `data`, from its stored (redacted) copy: the eventId and event
     time, then the declared fields of the model the copy validates to; an event type we do
     not model (or a copy that no longer validates), only what the copy shows. Never a field
-    named like a credential; keys in jsonb's order (`jsonb_key`), at any depth."""
+    named like a credential; keys in jsonb's order (`jsonb_keys`), at any depth."""
     head = {"eventId": event_id, "eventTime": to_jsonable_python(event_time)}
     try:
         model = payloads.parse_handled(stored, [])
@@ -72,21 +72,23 @@ def data_of(stored: dict[str, Any], event_id: str, event_time: datetime) -> dict
         model = None
     if model is None:
         return dict(jsonb_order(without_credentials(head | unmodelled(stored.get("data")))))
+    # `declared` gave each nested object its keys in jsonb's order already (sent_fields):
+    # only the top level, where the head joins, is ordered here, not walked again
     data = head | declared(model.data)
-    return {key: data[key] for key in sorted(data, key=jsonb_key)}
+    return {key: data[key] for key in jsonb_keys(data)}
 
 
-def jsonb_key(key: str) -> tuple[int, bytes]:
-    """The order PostgreSQL's jsonb keeps an object's keys in (shorter first, then
-    bytewise): the order a message's copied data came back in, so a receiver gets the bytes
-    it got before messages named their event (migration 0029)."""
-    encoded = key.encode()
-    return len(encoded), encoded
+def jsonb_keys(keys: Iterable[str]) -> list[str]:
+    """`keys` in the order PostgreSQL's jsonb keeps an object's keys in (shorter first,
+    then bytewise): the order a message's copied data came back in, so a receiver gets the
+    bytes it got before messages named their event (migration 0029)."""
+    return sorted(keys, key=lambda key: (len(key.encode()), key.encode()))
 
 
 def jsonb_order(value: Any) -> Any:
+    """A JSON value with every object's keys in jsonb's order, at any depth."""
     if isinstance(value, dict):
-        return {key: jsonb_order(value[key]) for key in sorted(value, key=jsonb_key)}
+        return {key: jsonb_order(value[key]) for key in jsonb_keys(value)}
     if isinstance(value, list):
         return [jsonb_order(item) for item in value]
     return value
@@ -96,7 +98,7 @@ def jsonb_order(value: Any) -> Any:
 def sent_fields(model: type[BaseModel]) -> tuple[str, ...]:
     """A model's declared fields but those named like a credential (each of
     SentCredentials' fields is, tests/test_outbound_messages.py), in jsonb's order."""
-    return tuple(sorted((f for f in model.model_fields if not credential_named(f)), key=jsonb_key))
+    return tuple(jsonb_keys(f for f in model.model_fields if not credential_named(f)))
 
 
 def declared(value: Any) -> Any:
