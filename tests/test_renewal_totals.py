@@ -47,7 +47,7 @@ async def test_totals_are_kept_for_a_minute_per_window_then_summed_again(client,
     assert subscriptions(first) == 1
     await order(client, "2020-02-01T00:00:00Z")
 
-    clock.now += renewals.TOTALS_SECONDS - 1  # within the minute: the kept sums
+    clock.now += renewals.FRESH_SECONDS - 1  # within the minute: the kept sums
     kept = await page(client, 30)
     assert (subscriptions(kept), kept["totalsAt"]) == (1, first["totalsAt"])
     assert len(kept["items"]) == 2  # the page itself is read afresh
@@ -76,9 +76,9 @@ def kept_totals(client: httpx.AsyncClient) -> renewals.KeptValues:
 
 
 async def test_the_kept_totals_are_bounded_and_the_least_recent_go_first(monkeypatch):
-    """Past TOTALS_KEPT filter combinations (3 here), the one read least recently is summed
+    """Past KEPT_KEYS filter combinations (3 here), the one read least recently is summed
     again on its next read; those read since are still served from what was kept."""
-    monkeypatch.setattr(renewals, "TOTALS_KEPT", 3)
+    monkeypatch.setattr(renewals, "KEPT_KEYS", 3)
     cache, summed = renewals.KeptValues(), []
 
     async def read(key: str) -> None:
@@ -109,7 +109,7 @@ async def test_sums_that_fail_in_the_background_leave_the_kept_ones_and_say_so(m
         raise ConnectionRefusedError("the database is away")
 
     summed_at, _ = await cache.get("key", first)
-    clock.now += renewals.TOTALS_SECONDS
+    clock.now += renewals.FRESH_SECONDS
     for _ in range(2):
         assert await cache.get("key", away) == (summed_at, "first")
         await cache.settled()

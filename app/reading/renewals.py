@@ -273,15 +273,16 @@ RISK_COUNTS = text(
 )
 
 
-# How long a KeptValues value is reused: the renewal totals walk the whole list, once a
-# minute per process and filters (the incomplete orders are counted as often).
-TOTALS_SECONDS = 60.0
-# Kept totals older than TOTALS_SECONDS but not this are shown while they are summed again
+# How long a KeptValues value (the renewal totals of a window and filters, the incomplete
+# orders) is reused as it is: the renewal totals walk the whole list, once a minute per
+# process and filters (the incomplete orders are counted as often).
+FRESH_SECONDS = 60.0
+# Kept values older than FRESH_SECONDS but not this are shown while they are computed again
 # in the background: the view after the minute no longer waits for a walk of the whole
 # list (200-280 ms at 200,000 subscriptions, once a minute per worker). Older than this,
-# or never summed, a view waits for its sums.
+# or never computed, a view waits for its value.
 STALE_SECONDS = 600.0
-TOTALS_KEPT = 256  # filter combinations whose totals are kept, the least recent dropped
+KEPT_KEYS = 256  # the keys (filter combinations) a KeptValues keeps, the least recent dropped
 log = logging.getLogger("coldmail.renewals")
 
 
@@ -291,9 +292,9 @@ class KeptValues:
     renewal totals per window and filters (a page of renewals reads only its own rows, but
     its totals sum every subscription on the list: 100 ms and more with 200,000 of them) and
     the incomplete orders (ui.kept_incomplete), which the overview must not pay for on every
-    view. A value is reused for TOTALS_SECONDS; past that it is still shown while one task
+    view. A value is reused for FRESH_SECONDS; past that it is still shown while one task
     computes it again, up to STALE_SECONDS; the time it was computed is returned with it.
-    At most TOTALS_KEPT keys are kept, the least recently read dropped first."""
+    At most KEPT_KEYS keys are kept, the least recently read dropped first."""
 
     what: str = "renewals"  # in the log line when computing again fails
     kept: dict[Hashable, tuple[float, datetime, Any]] = field(default_factory=dict)
@@ -305,10 +306,10 @@ class KeptValues:
         age = STALE_SECONDS if known is None else time.monotonic() - known[0]
         if known is None or age >= STALE_SECONDS:
             known = (time.monotonic(), datetime.now(UTC), await compute())
-        elif age >= TOTALS_SECONDS and key not in self.summing:
+        elif age >= FRESH_SECONDS and key not in self.summing:
             self.summing[key] = asyncio.create_task(self.sum_again(key, compute))
         self.kept[key] = known  # the most recent last
-        while len(self.kept) > TOTALS_KEPT:
+        while len(self.kept) > KEPT_KEYS:
             del self.kept[next(iter(self.kept))]
         return known[1], known[2]
 
