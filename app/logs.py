@@ -5,9 +5,9 @@ query string, so the access log records the path alone.
 """
 
 import logging
+import os
 import sys
 import time
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -88,7 +88,9 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _incoming_request_id(scope) or uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex gave, without building a UUID (2 % of a
+        # delivery's CPU)
+        rid = _incoming_request_id(scope) or os.urandom(16).hex()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
