@@ -59,8 +59,9 @@ INDEXES = {
 }
 
 
-def mailbox_created_statement() -> tuple[str, list[object]]:
-    """The service's own statement for a new mailbox.created delivery, as record.py runs it."""
+def mailbox_created_statement(*, telling: bool = False) -> tuple[str, list[object]]:
+    """The service's own statement for a new mailbox.created delivery, as record.py runs it
+    (`telling`: with an outbox that may tell of it)."""
     vault, hasher = Vault([generate_key()]), Hasher(os.urandom(32))
     raw = orjson.dumps(traffic.mailbox_created())
     envelope = payloads.parse_envelope(raw, hasher)
@@ -69,7 +70,7 @@ def mailbox_created_statement() -> tuple[str, list[object]]:
     delivery = Delivery(envelope, raw, SignatureCheck("valid", None, time.time()), hasher=hasher)
     version = record.delivery_version(delivery)
     changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
-    return record.delivery_write(delivery, changes, vault)
+    return record.delivery_write(delivery, changes, vault, telling=telling)
 
 
 async def test_a_delivery_runs_no_trigger(db):
@@ -81,6 +82,23 @@ async def test_a_delivery_runs_no_trigger(db):
         stored = await db.fetchval("SELECT count(*) FROM mailboxes")
     assert stored == 1  # the statement did write the mailbox
     assert orjson.loads(plan)[0].get("Triggers", []) == []
+
+
+@pytest.mark.parametrize("telling", [False, True])
+async def test_whether_a_mailbox_completes_anything_is_read_only_for_an_outbox(db, telling):
+    """may_complete is read only by an outbox that may tell of the delivery: without one,
+    the statement neither returns `completes` nor reads order_domains (a tenth of its CPU,
+    issue 31: docs/benchmark.md)."""
+    sql, args = mailbox_created_statement(telling=telling)
+    explained = db.transaction()
+    await explained.start()
+    plan = await db.fetchval(f"EXPLAIN (ANALYZE, VERBOSE, FORMAT JSON) {sql}", *args)
+    await explained.rollback()
+    row = await db.fetchrow(sql, *args)
+    assert ("order_domains" in plan) is telling
+    assert ("completes" in sql) is telling
+    # told: its order has no domain that succeeded; not told: true, and no one reads it
+    assert row["inserted"] and row["may_complete"] is not telling
 
 
 @pytest.mark.parametrize("table", sorted(INDEXES))

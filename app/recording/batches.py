@@ -149,7 +149,8 @@ async def _together(
     shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
     ordered = sorted(chosen, key=lambda i: items[i].delivery.event_id or "")
     for i in ordered:
-        sql, args = delivery_write(items[i].delivery, items[i].changes, vault)
+        telling = outbox is not None and outbox.tells(items[i].changes)
+        sql, args = delivery_write(items[i].delivery, items[i].changes, vault, telling=telling)
         shapes[sql].append((i, args))
     rows: dict[int, Any] = {}
     async with raw_connection(engine) as conn, conn.transaction():

@@ -146,10 +146,13 @@ class Upsert:
         table = Base.metadata.tables[self.table]
         return tuple(table.c[c].type.compile(dialect=DIALECT) for c in self.names)
 
-    def sql(self, first: int = 1, *, many: bool = True, gate: str | None = None) -> str:
+    def sql(
+        self, first: int = 1, *, many: bool = True, gate: str | None = None, completes: bool = True
+    ) -> str:
         """The statement, its parameters numbered from `$first`: one array per column when
         `many`, else one value per column (cheaper to send). With `gate` (a CTE whose one
-        row says `inserted`), it writes only when that is true: effects of a new event."""
+        row says `inserted`), it writes only when that is true: effects of a new event.
+        Not `completes`: without RETURNING `completes` (no one would read it)."""
         names = ", ".join(self.names)
         params = [f"${first + i}::{t}{'[]' if many else ''}" for i, t in enumerate(self.types)]
         if many:
@@ -162,7 +165,9 @@ class Upsert:
         sets.append("updated_at = now()")
         sets += self.search_written()
         where = f" WHERE {self.key_where}" if self.key_where else ""
-        returning = f"\nRETURNING {self.completes} AS completes" if self.completes else ""
+        returning = (
+            f"\nRETURNING {self.completes} AS completes" if self.completes and completes else ""
+        )
         return (
             f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
             f"ON CONFLICT ({', '.join(self.key)}){where} DO UPDATE SET\n    "
