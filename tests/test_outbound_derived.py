@@ -242,8 +242,9 @@ async def test_mailboxes_ready_is_told_once_when_the_last_mailboxes_of_two_domai
     """An order over two domains (two subscriptions), the last mailbox of each recorded at
     the same time by two replicas (each delivery on its own, or in a group of its
     replica): each counts the order's mailboxes while the other's is not committed. Here
-    both wait to read the orders (the table held) after writing their mailbox, so each
-    would find the other's missing; the order is still told ready, once."""
+    both have written their mailbox when the orders are let go: one waits to read them (the
+    table held), the other behind it (the order's lock), so each would find the other's
+    missing without that lock; the order is still told ready, once."""
     order_id, user = traffic.provider_id(), traffic.provider_id()
     orders = [traffic.mailbox_order_success(orderId=order_id, userId=user, quantity=1)]
     orders.append(traffic.mailbox_order_success(orderId=order_id, userId=user, quantity=1))
@@ -298,16 +299,63 @@ async def test_mailboxes_naming_their_order_complete_it_whatever_subscription_th
     assert [m["mailboxCount"] for m in await told(db, "mailboxes.ready")] == [2]
 
 
+# The statements held up by this session's locks: waiting for one it holds, or behind such a
+# statement (a delivery waiting for an advisory lock another holds while it waits for the
+# table). Read from pg_locks, which is read anew by every statement: pg_stat_activity, read
+# in a transaction (the lock's), lists only the sessions there were at its first read in
+# it, so a delivery on a connection its replica opens after that is never counted.
+HELD_UP = """
+WITH RECURSIVE waiting AS (SELECT DISTINCT pid FROM pg_locks WHERE NOT granted),
+held_up (pid) AS (
+    SELECT pid FROM waiting WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))
+    UNION
+    SELECT w.pid FROM waiting w JOIN held_up h ON h.pid = ANY(pg_blocking_pids(w.pid)))
+SELECT count(*) FROM held_up
+"""
+
+
 async def until_waiting(db: asyncpg.Connection, count: int) -> None:
-    """Until `count` statements of this database wait for a lock (bounded: a minute)."""
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
+    """Until `count` statements are held up by the locks `db` holds (bounded: a minute)."""
     deadline = time.monotonic() + 60
-    while await db.fetchval(waiting) < count:
+    while await db.fetchval(HELD_UP) < count:
         assert time.monotonic() < deadline, f"{count} deliveries never waited together"
         await asyncio.sleep(0.02)
+
+
+async def test_until_waiting_counts_statements_of_connections_opened_after_its_first_read(
+    database_url, db
+):
+    """The tests above hold a lock in a transaction, then wait until deliveries wait on it:
+    a replica may open a delivery's connection after that wait began (its pool empty or
+    busy: more likely under load), and that delivery is counted too. Only the statements
+    held up by the lock are: a wait on another session's lock is not."""
+    dsn = asyncpg_dsn(database_url)
+    holder = await asyncpg.connect(dsn)
+    late = []
+    try:
+        await db.execute("BEGIN")
+        await db.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        assert await db.fetchval(HELD_UP) == 0  # the first read in the lock's transaction
+        await holder.execute("BEGIN")
+        await holder.execute("LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")
+        late = [await asyncpg.connect(dsn) for _ in range(2)]
+        reads = [
+            asyncio.ensure_future(late[0].fetchval("SELECT count(*) FROM orders")),
+            asyncio.ensure_future(late[1].fetchval("SELECT count(*) FROM mailboxes")),
+        ]
+        await until_waiting(db, 1)
+        on_mailboxes = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1"
+        deadline = time.monotonic() + 60
+        while not await holder.fetchval(on_mailboxes, late[1].get_server_pid()):
+            assert time.monotonic() < deadline, "the read of mailboxes never waited"
+            await asyncio.sleep(0.02)
+        assert await db.fetchval(HELD_UP) == 1
+        await db.execute("COMMIT")
+        await holder.execute("COMMIT")
+        assert await asyncio.gather(*reads) == [0, 0]
+    finally:
+        for conn in (holder, *late):
+            await conn.close()
 
 
 async def test_a_subscriptions_mailboxes_without_an_order_are_ready_at_its_quantity(client, db):
