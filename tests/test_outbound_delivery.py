@@ -162,16 +162,28 @@ async def test_types_wildcards_and_customers_choose_what_each_destination_gets(
 ):
     order = traffic.mailbox_order_success()
     mine = traffic.mailbox_created(userId="u-mine")
+    spaced = traffic.mailbox_created(userId=" u-mine ")  # the customer as we keep it
+    # a type we do not model names its customer in its data; another customer's goes nowhere
+    frozen = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1", "userId": "u-mine"})
+    others = traffic.envelope("mailbox.frozen", {"mailboxId": "mb2", "userId": "u-other"})
+    warmup = traffic.envelope("mailbox.warmup.started", {"mailboxId": "mb3"})  # no customer
     path = destinations_file(
         tmp_path,
         declared("orders", "https://orders.example.com/h", events=["mailbox.order.*"]),
         declared("mine", "https://mine.example.com/h", userIds=["u-mine"]),
         declared("none", "https://none.example.com/h", events=["domain.*"]),
+        declared("warmups", "https://warmups.example.com/h", events=["mailbox.warmup.*"]),
     )
     async with recording(database_url, path) as (client, _):
-        await deliver_all(client, [order, mine])
-    sent = [(r["destination"], r["type"]) for r in await messages(db)]
-    assert sorted(sent) == [("mine", "mailbox.created"), ("orders", "mailbox.order.success")]
+        await deliver_all(client, [order, mine, spaced, frozen, others, warmup])
+    sent = [(r["destination"], r["type"], r["user_id"]) for r in await messages(db)]
+    assert sorted(sent) == [
+        ("mine", "mailbox.created", "u-mine"),
+        ("mine", "mailbox.created", "u-mine"),
+        ("mine", "mailbox.frozen", "u-mine"),
+        ("orders", "mailbox.order.success", order["data"]["userId"]),
+        ("warmups", "mailbox.warmup.started", None),
+    ]
 
 
 async def test_a_destination_down_longer_than_its_first_retries_gets_everything_once_back(
