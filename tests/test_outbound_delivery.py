@@ -4,6 +4,7 @@ clock, never a sleep), a circuit per destination, 410, Retry-After, redirects, r
 
 import asyncio
 import base64
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -418,12 +419,13 @@ async def test_a_slack_message_is_one_short_line_linking_to_the_page_it_names(
 
 
 async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_back(
-    database_url, db, tmp_path
+    database_url, db, tmp_path, caplog
 ):
     async with receiving(SECRET) as receiver:
         path = destinations_file(tmp_path, declared("crm", receiver.url))
         async with recording(database_url, path) as (client, destinations):
             await deliver_all(client, [traffic.mailbox_created() for _ in range(3)])
+        logging.getLogger().addHandler(caplog.handler)  # the app's start-up replaced it
         proxy = Proxy(database_url)  # the dispatcher's way to PostgreSQL, cut at its start
         engine = make_engine(proxy.url, pool_size=2)
         dispatcher = Dispatcher(engine, destinations, poll_seconds=0.01)
@@ -447,6 +449,11 @@ async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_
             await proxy.cut()
             await engine.dispose()
     assert {r["status"] for r in await messages(db)} == {"delivered"}
+    # each wait said why: the database away, and the driver's error class
+    prefix = "outbound: the database is away ("
+    away = [r.getMessage() for r in caplog.records if r.name == "coldmail.outbound"]
+    assert len(away) >= 2 and all(m.startswith(prefix) and m.endswith(")") for m in away)
+    assert all(m[len(prefix) :].split(":")[0].endswith("Error") for m in away), away
 
 
 async def sent_once(database_url: str, tmp_path: Path, *events: dict[str, Any]) -> list[bytes]:
@@ -591,3 +598,44 @@ async def test_a_message_written_before_its_mailbox_was_erased_sends_nothing_era
     assert box["mailboxId"] == mailbox
     assert {box[key] for key in ("email", "firstName", "lastName")} == {ERASED}
     assert b"john@acme.example" not in raw and b"John" not in raw and b"Doe" not in raw
+
+
+async def test_the_app_sends_what_it_forwards_itself_and_its_dispatcher_ends_with_it(
+    database_url, db, tmp_path, monkeypatch
+):
+    """Unless OUTBOUND_DISPATCH=false, the app runs a dispatcher of its own (dispatch.start):
+    what it forwards is sent without another process, a Slack line linking to the public
+    URL's page, and when the app stops its dispatcher's connections are closed."""
+    async with receiving(SECRET) as crm, receiving() as slack:
+        monkeypatch.setenv("SLACK_URL", slack.url)
+        failed = ["prewarmup.order.failed"]
+        path = destinations_file(
+            tmp_path,
+            declared("crm", crm.url, events=failed),
+            {"name": "ops", "urlEnv": "SLACK_URL", "format": "slack", "events": failed}
+            | {"allowPrivateNetwork": True},
+        )
+        public = "https://ops.example.com"
+        settings = make_settings(
+            database_url, destinations_file=path, public_url=public, outbound_dispatch=True
+        )
+        async with app_client(settings) as client:
+            order = traffic.prewarmup_failed(order_id="ord-1", failures={"a.com": "DNS"})
+            await deliver_all(client, [order])
+            await until(lambda: len(crm.applied) == 1 and len(slack.requests) == 1)
+    ((_, body),) = slack.requests
+    assert f"<{public}/ui/orders/ord-1|open>" in orjson.loads(body)["text"]
+    assert crm.bad_signatures == 0
+    assert {r["status"] for r in await messages(db)} == {"delivered"}
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    others += " AND pid <> pg_backend_pid()"
+    left: list[int] = []
+
+    async def connections() -> int:
+        left.append(await db.fetchval(others))
+        return left[-1]
+
+    async with asyncio.timeout(10):
+        while await connections():
+            await asyncio.sleep(0.01)
+    assert left[-1] == 0
