@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import pytest
 
@@ -23,7 +24,18 @@ from app.db import make_engine
 from app.destinations import Destination, load
 from app.operations.privacy import ERASED, erase_mailbox
 from app.outbound import dead_letters
-from app.outbound.dispatch import CIRCUIT_COOLDOWN, RETRY_DELAYS, Dispatcher, Result
+from app.outbound.dispatch import (
+    CIRCUIT_COOLDOWN,
+    CIRCUIT_FAILURES,
+    RETRY_DELAYS,
+    Dispatcher,
+    Result,
+    clip,
+    destination_outcomes,
+    retry_after,
+    why,
+)
+from app.outbound.formats import Message
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
@@ -639,3 +651,62 @@ async def test_the_app_sends_what_it_forwards_itself_and_its_dispatcher_ends_wit
         while await connections():
             await asyncio.sleep(0.01)
     assert left[-1] == 0
+
+
+def test_retry_after_is_read_from_a_429_or_503_in_seconds_or_as_a_date_up_to_ten_hours():
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+    def asked(status: int, value: str | None = None) -> float | None:
+        headers = {} if value is None else {"Retry-After": value}
+        return retry_after(httpx.Response(status, headers=headers), now)
+
+    assert asked(429, "120") == asked(503, " 120 ") == 120.0
+    assert asked(500, "120") is None and asked(200, "120") is None and asked(410, "1") is None
+    assert asked(503, "36001") == asked(503, "86400") == 36000.0  # the longest delay
+    assert asked(429, "Sun, 06 Dec 2026 12:02:00 GMT") == 120.0
+    assert asked(429, "Sun, 06 Dec 2026 11:58:00 GMT") == 0.0  # a date past: at once
+    assert asked(503, "Mon, 07 Dec 2026 12:00:00 GMT") == 36000.0
+    assert asked(503, "soon") is None and asked(503) is None and asked(429, "") is None
+
+
+def test_an_attempt_says_what_the_answer_was_in_at_most_200_characters():
+    assert [Result(AT, 1.0, status=s).ok for s in (199, 200, 299, 300, None)] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert [Result(AT, 1.0, status=s).gone for s in (410, 404, None)] == [True, False, False]
+    assert why(200) is None and why(299) is None
+    assert why(300) == "redirect (300) not followed" and why(399) == "redirect (399) not followed"
+    assert (why(199), why(400), why(503)) == ("answered 199", "answered 400", "answered 503")
+    assert clip(None) is None and clip("x" * 201) == clip("x" * 200) == "x" * 200
+    assert clip("short") == "short"
+
+
+AT = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def test_a_rounds_outcomes_are_told_per_destination_in_name_order():
+    """Any success, the failures counted, any 410, per destination (sorted, so that rounds
+    lock the rows alike), then the failures that open a circuit."""
+
+    def sent(id: int, destination: str) -> Message:
+        return Message(id, destination, "mailbox.created", f"msg_{id}", {}, AT, 0)
+
+    messages = [sent(1, "b"), sent(2, "a"), sent(3, "b"), sent(4, "a"), sent(5, "c")]
+    results = [
+        Result(AT, 1.0, status=500),
+        Result(AT, 1.0, status=200),
+        Result(AT, 1.0, status=410),
+        Result(AT, 1.0, error="ConnectError"),
+        Result(AT, 1.0, status=204),
+    ]
+    assert destination_outcomes(messages, results) == (
+        ["a", "b", "c"],
+        [True, False, True],
+        [1, 2, 0],
+        [False, True, False],
+        CIRCUIT_FAILURES,
+    )
