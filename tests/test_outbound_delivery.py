@@ -297,6 +297,23 @@ async def test_429_and_503_are_retried_when_retry_after_says(database_url, db, t
     assert (await messages(db))[0]["status"] == "delivered"
 
 
+async def test_a_retry_after_date_beyond_ten_hours_waits_ten_hours(database_url, db, tmp_path):
+    """Retry-After as an HTTP date, read against the time the answer came (in UTC): one
+    far ahead is cut to the longest delay."""
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            receiver.answer = 503
+            receiver.answer_headers = {"Retry-After": "Fri, 01 Jan 2100 00:00:00 GMT"}
+            assert await dispatcher.step() == 1
+    (row,) = await messages(db)
+    assert (row["next_attempt_at"] - clock.now).total_seconds() == 36000
+    assert (row["status"], row["last_status"]) == ("pending", 503)
+
+
 async def test_a_410_stops_that_destination_and_no_other(database_url, db, tmp_path):
     async with receiving(SECRET) as gone, receiving(OTHER_SECRET) as other:
         path = destinations_file(
