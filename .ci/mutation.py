@@ -198,6 +198,27 @@ TESTS = {
         "tests/test_api.py",
         "tests/test_dashboard_now.py",
     ],
+    # the lease itself (taken, passed over while held, taken once expired, lost mid-run)
+    # and a periodic run that passes its turn while another holds it
+    "app/operations/leases.py": [
+        "tests/test_reconcile.py::test_a_lease_its_holder_left_to_expire_is_taken_and_a_lost_one_stops_the_run",
+        "tests/test_reconcile.py::test_one_periodic_run_at_a_time_and_the_next_once_it_has_ended",
+    ],
+    # what a forwarded event's message is and the data built from its stored copy (in
+    # process: data_of per kind, byte for byte; user filters; extra fields; an erasure)
+    "app/recording/forwarding.py": [
+        "tests/test_outbound_messages.py",
+        "tests/test_outbound_delivery.py::test_types_wildcards_and_customers_choose_what_each_destination_gets",
+        "tests/test_outbound_delivery.py::test_a_forwarded_mailbox_created_goes_out_byte_for_byte_as_before",
+        "tests/test_outbound_delivery.py::test_a_forwarded_message_names_its_event_and_copies_none_of_its_data",
+        "tests/test_outbound_delivery.py::test_a_field_the_sender_added_is_never_forwarded",
+    ],
+    # the dispatcher driven on a test clock against real receivers: schedule, jitter,
+    # circuit and probe, 410, Retry-After, redirects, rebinding, replicas, a database away
+    "app/outbound/dispatch.py": [
+        "tests/test_outbound_delivery.py",
+        "tests/test_outbound_seen.py::test_a_real_dispatch_to_a_failing_receiver_is_counted_and_opens_the_circuit",
+    ],
     "app/operations/keys.py": ["tests/test_promises_state.py", "tests/test_keyed_hashes.py"],
     "app/operations/privacy.py": [
         "tests/test_privacy.py",

@@ -4,6 +4,7 @@ clock, never a sleep), a circuit per destination, 410, Retry-After, redirects, r
 
 import asyncio
 import base64
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import pytest
 
@@ -22,7 +24,18 @@ from app.db import make_engine
 from app.destinations import Destination, load
 from app.operations.privacy import ERASED, erase_mailbox
 from app.outbound import dead_letters
-from app.outbound.dispatch import CIRCUIT_COOLDOWN, RETRY_DELAYS, Dispatcher, Result
+from app.outbound.dispatch import (
+    CIRCUIT_COOLDOWN,
+    CIRCUIT_FAILURES,
+    RETRY_DELAYS,
+    Dispatcher,
+    Result,
+    clip,
+    destination_outcomes,
+    retry_after,
+    why,
+)
+from app.outbound.formats import Message
 from app.simulation import traffic
 from tests.conftest import (
     CREDENTIALS_TOKEN,
@@ -162,16 +175,28 @@ async def test_types_wildcards_and_customers_choose_what_each_destination_gets(
 ):
     order = traffic.mailbox_order_success()
     mine = traffic.mailbox_created(userId="u-mine")
+    spaced = traffic.mailbox_created(userId=" u-mine ")  # the customer as we keep it
+    # a type we do not model names its customer in its data; another customer's goes nowhere
+    frozen = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1", "userId": "u-mine"})
+    others = traffic.envelope("mailbox.frozen", {"mailboxId": "mb2", "userId": "u-other"})
+    warmup = traffic.envelope("mailbox.warmup.started", {"mailboxId": "mb3"})  # no customer
     path = destinations_file(
         tmp_path,
         declared("orders", "https://orders.example.com/h", events=["mailbox.order.*"]),
         declared("mine", "https://mine.example.com/h", userIds=["u-mine"]),
         declared("none", "https://none.example.com/h", events=["domain.*"]),
+        declared("warmups", "https://warmups.example.com/h", events=["mailbox.warmup.*"]),
     )
     async with recording(database_url, path) as (client, _):
-        await deliver_all(client, [order, mine])
-    sent = [(r["destination"], r["type"]) for r in await messages(db)]
-    assert sorted(sent) == [("mine", "mailbox.created"), ("orders", "mailbox.order.success")]
+        await deliver_all(client, [order, mine, spaced, frozen, others, warmup])
+    sent = [(r["destination"], r["type"], r["user_id"]) for r in await messages(db)]
+    assert sorted(sent) == [
+        ("mine", "mailbox.created", "u-mine"),
+        ("mine", "mailbox.created", "u-mine"),
+        ("mine", "mailbox.frozen", "u-mine"),
+        ("orders", "mailbox.order.success", order["data"]["userId"]),
+        ("warmups", "mailbox.warmup.started", None),
+    ]
 
 
 async def test_a_destination_down_longer_than_its_first_retries_gets_everything_once_back(
@@ -270,6 +295,23 @@ async def test_429_and_503_are_retried_when_retry_after_says(database_url, db, t
             clock.advance(1)
             assert await dispatcher.step() == 1
     assert (await messages(db))[0]["status"] == "delivered"
+
+
+async def test_a_retry_after_date_beyond_ten_hours_waits_ten_hours(database_url, db, tmp_path):
+    """Retry-After as an HTTP date, read against the time the answer came (in UTC): one
+    far ahead is cut to the longest delay."""
+    async with receiving(SECRET) as receiver:
+        path = destinations_file(tmp_path, declared("crm", receiver.url))
+        async with recording(database_url, path) as (client, destinations):
+            await deliver_all(client, [traffic.mailbox_created()])
+        clock = Clock()
+        async with dispatching(database_url, destinations, clock) as dispatcher:
+            receiver.answer = 503
+            receiver.answer_headers = {"Retry-After": "Fri, 01 Jan 2100 00:00:00 GMT"}
+            assert await dispatcher.step() == 1
+    (row,) = await messages(db)
+    assert (row["next_attempt_at"] - clock.now).total_seconds() == 36000
+    assert (row["status"], row["last_status"]) == ("pending", 503)
 
 
 async def test_a_410_stops_that_destination_and_no_other(database_url, db, tmp_path):
@@ -406,12 +448,13 @@ async def test_a_slack_message_is_one_short_line_linking_to_the_page_it_names(
 
 
 async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_back(
-    database_url, db, tmp_path
+    database_url, db, tmp_path, caplog
 ):
     async with receiving(SECRET) as receiver:
         path = destinations_file(tmp_path, declared("crm", receiver.url))
         async with recording(database_url, path) as (client, destinations):
             await deliver_all(client, [traffic.mailbox_created() for _ in range(3)])
+        logging.getLogger().addHandler(caplog.handler)  # the app's start-up replaced it
         proxy = Proxy(database_url)  # the dispatcher's way to PostgreSQL, cut at its start
         engine = make_engine(proxy.url, pool_size=2)
         dispatcher = Dispatcher(engine, destinations, poll_seconds=0.01)
@@ -435,6 +478,11 @@ async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_
             await proxy.cut()
             await engine.dispose()
     assert {r["status"] for r in await messages(db)} == {"delivered"}
+    # each wait said why: the database away, and the driver's error class
+    prefix = "outbound: the database is away ("
+    away = [r.getMessage() for r in caplog.records if r.name == "coldmail.outbound"]
+    assert len(away) >= 2 and all(m.startswith(prefix) and m.endswith(")") for m in away)
+    assert all(m[len(prefix) :].split(":")[0].endswith("Error") for m in away), away
 
 
 async def sent_once(database_url: str, tmp_path: Path, *events: dict[str, Any]) -> list[bytes]:
@@ -579,3 +627,103 @@ async def test_a_message_written_before_its_mailbox_was_erased_sends_nothing_era
     assert box["mailboxId"] == mailbox
     assert {box[key] for key in ("email", "firstName", "lastName")} == {ERASED}
     assert b"john@acme.example" not in raw and b"John" not in raw and b"Doe" not in raw
+
+
+async def test_the_app_sends_what_it_forwards_itself_and_its_dispatcher_ends_with_it(
+    database_url, db, tmp_path, monkeypatch
+):
+    """Unless OUTBOUND_DISPATCH=false, the app runs a dispatcher of its own (dispatch.start):
+    what it forwards is sent without another process, a Slack line linking to the public
+    URL's page, and when the app stops its dispatcher's connections are closed."""
+    async with receiving(SECRET) as crm, receiving() as slack:
+        monkeypatch.setenv("SLACK_URL", slack.url)
+        failed = ["prewarmup.order.failed"]
+        path = destinations_file(
+            tmp_path,
+            declared("crm", crm.url, events=failed),
+            {"name": "ops", "urlEnv": "SLACK_URL", "format": "slack", "events": failed}
+            | {"allowPrivateNetwork": True},
+        )
+        public = "https://ops.example.com"
+        settings = make_settings(
+            database_url, destinations_file=path, public_url=public, outbound_dispatch=True
+        )
+        async with app_client(settings) as client:
+            order = traffic.prewarmup_failed(order_id="ord-1", failures={"a.com": "DNS"})
+            await deliver_all(client, [order])
+            await until(lambda: len(crm.applied) == 1 and len(slack.requests) == 1)
+    ((_, body),) = slack.requests
+    assert f"<{public}/ui/orders/ord-1|open>" in orjson.loads(body)["text"]
+    assert crm.bad_signatures == 0
+    assert {r["status"] for r in await messages(db)} == {"delivered"}
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    others += " AND pid <> pg_backend_pid()"
+    left: list[int] = []
+
+    async def connections() -> int:
+        left.append(await db.fetchval(others))
+        return left[-1]
+
+    async with asyncio.timeout(10):
+        while await connections():
+            await asyncio.sleep(0.01)
+    assert left[-1] == 0
+
+
+def test_retry_after_is_read_from_a_429_or_503_in_seconds_or_as_a_date_up_to_ten_hours():
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+    def asked(status: int, value: str | None = None) -> float | None:
+        headers = {} if value is None else {"Retry-After": value}
+        return retry_after(httpx.Response(status, headers=headers), now)
+
+    assert asked(429, "120") == asked(503, " 120 ") == 120.0
+    assert asked(500, "120") is None and asked(200, "120") is None and asked(410, "1") is None
+    assert asked(503, "36001") == asked(503, "86400") == 36000.0  # the longest delay
+    assert asked(429, "Sun, 06 Dec 2026 12:02:00 GMT") == 120.0
+    assert asked(429, "Sun, 06 Dec 2026 11:58:00 GMT") == 0.0  # a date past: at once
+    assert asked(503, "Mon, 07 Dec 2026 12:00:00 GMT") == 36000.0
+    assert asked(503, "soon") is None and asked(503) is None and asked(429, "") is None
+
+
+def test_an_attempt_says_what_the_answer_was_in_at_most_200_characters():
+    assert [Result(AT, 1.0, status=s).ok for s in (199, 200, 299, 300, None)] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert [Result(AT, 1.0, status=s).gone for s in (410, 404, None)] == [True, False, False]
+    assert why(200) is None and why(299) is None
+    assert why(300) == "redirect (300) not followed" and why(399) == "redirect (399) not followed"
+    assert (why(199), why(400), why(503)) == ("answered 199", "answered 400", "answered 503")
+    assert clip(None) is None and clip("x" * 201) == clip("x" * 200) == "x" * 200
+    assert clip("short") == "short"
+
+
+AT = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def test_a_rounds_outcomes_are_told_per_destination_in_name_order():
+    """Any success, the failures counted, any 410, per destination (sorted, so that rounds
+    lock the rows alike), then the failures that open a circuit."""
+
+    def sent(id: int, destination: str) -> Message:
+        return Message(id, destination, "mailbox.created", f"msg_{id}", {}, AT, 0)
+
+    messages = [sent(1, "b"), sent(2, "a"), sent(3, "b"), sent(4, "a"), sent(5, "c")]
+    results = [
+        Result(AT, 1.0, status=500),
+        Result(AT, 1.0, status=200),
+        Result(AT, 1.0, status=410),
+        Result(AT, 1.0, error="ConnectError"),
+        Result(AT, 1.0, status=204),
+    ]
+    assert destination_outcomes(messages, results) == (
+        ["a", "b", "c"],
+        [True, False, True],
+        [1, 2, 0],
+        [False, True, False],
+        CIRCUIT_FAILURES,
+    )

@@ -191,6 +191,41 @@ def test_a_forwarded_event_has_no_credential_at_any_depth():
     assert data["orderId"] == sent["data"]["orderId"]
 
 
+AT = datetime(2026, 12, 5, 18, 0, 1, 250000, tzinfo=UTC)
+HEAD = {"eventId": "E1", "eventTime": "2026-12-05T18:00:01.250000Z"}
+
+
+def test_an_event_type_we_do_not_model_forwards_only_what_its_stored_copy_shows():
+    """An event type we do not model: its eventId and time, then the fields its stored
+    copy shows, without those it hides (a field named like nothing we know, a bare list
+    item, wherever they stand), every object's keys in jsonb's order (shorter first), as a
+    copied message's data came back."""
+    box = {"mailboxId": "mb1", "email": "a@x.example", "smtpPass": traffic.canary("smtp")}
+    sent = traffic.envelope(
+        "mailbox.frozen",
+        {"status": "frozen", "pwd": traffic.canary("pwd"), "mailboxDetails": [box, "hunter2"]}
+        | {"reason": "unpaid"},
+    )
+    data = data_of(stored_copy(sent), "E1", AT)
+    box_shown = {"email": "a@x.example", "mailboxId": "mb1"}
+    shown = {"reason": "unpaid", "status": "frozen"} | HEAD | {"mailboxDetails": [box_shown]}
+    assert orjson.dumps(data) == orjson.dumps(shown)  # key order too
+    assert traffic.CANARY_PREFIX.encode() not in orjson.dumps(data)
+
+
+def test_a_stored_copy_that_no_longer_validates_forwards_what_it_shows():
+    """A copy of a modelled type that its model refuses now (a release's stricter model)
+    goes out as an unmodelled one would: what the copy shows; no data at all, the head."""
+    refused: dict[str, Any] = {"userId": "u1", "mailboxDetails": 7, "domain": "a.com"}
+    stored = {"event": "mailbox.created", "eventId": "E1", "data": refused}
+    data = data_of(stored, "E1", AT)
+    assert orjson.dumps(data) == orjson.dumps(
+        {"domain": "a.com", "userId": "u1"} | HEAD | {"mailboxDetails": 7}
+    )
+    assert data_of({"event": "mailbox.frozen", "eventId": "E1"}, "E1", AT) == HEAD
+    assert data_of({"event": "mailbox.frozen", "eventId": "E1", "data": "x"}, "E1", AT) == HEAD
+
+
 def declared_names(model: Any) -> set[str]:
     """Every field name a payload model declares, at any depth."""
     names: set[str] = set()

@@ -247,8 +247,9 @@ async def test_a_lease_its_holder_left_to_expire_is_taken_and_a_lost_one_stops_t
         assert await leases.take(conn, LEASE, "other")  # the slow one's lease expired
         with serving(FakeSender(remote)) as url:
             api = SenderApi(url, API_KEY)
-            with pytest.raises(leases.LeaseLost):
+            with pytest.raises(leases.LeaseLost) as lost:
                 await reconcile(engine, api, dry_run=False, holder="slow")
+            assert lost.value.args == (LEASE,)  # it names the lease it lost
             await api.close()
         assert await conn.fetchval("SELECT count(*) FROM subscriptions") == 0
         assert not await leases.take(conn, LEASE, "third")  # still the other's
