@@ -103,6 +103,17 @@ async def recording(
         yield client, load(path)
 
 
+async def recorded_for_crm(
+    database_url: str, tmp_path: Path, url: str, events: list[dict[str, Any]]
+) -> list[Destination]:
+    """`events` recorded by the real app for one destination, "crm" at `url`; its
+    destinations, for a dispatcher the test then drives."""
+    path = destinations_file(tmp_path, declared("crm", url))
+    async with recording(database_url, path) as (client, destinations):
+        await deliver_all(client, events)
+    return destinations
+
+
 @asynccontextmanager
 async def dispatching(
     database_url: str, destinations: list[Destination], clock: Callable[[], datetime], **more: Any
@@ -203,9 +214,9 @@ async def test_a_destination_down_longer_than_its_first_retries_gets_everything_
     database_url, db, tmp_path
 ):
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created() for _ in range(6)])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created() for _ in range(6)]
+        )
         clock = Clock()
         async with dispatching(database_url, destinations, clock) as dispatcher:
             receiver.answer = 503
@@ -233,9 +244,9 @@ async def test_retries_follow_the_standard_webhooks_schedule_then_dead_letters_r
     database_url, db, tmp_path
 ):
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created()])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created()]
+        )
         receiver.answer = 500
         clock = Clock()
         async with dispatching(database_url, destinations, clock) as dispatcher:
@@ -279,9 +290,9 @@ async def test_jitter_moves_a_retry_by_at_most_a_tenth(database_url, db, tmp_pat
 
 async def test_429_and_503_are_retried_when_retry_after_says(database_url, db, tmp_path):
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created()])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created()]
+        )
         clock = Clock()
         async with dispatching(database_url, destinations, clock) as dispatcher:
             receiver.answer, receiver.answer_headers = 429, {"Retry-After": "120"}
@@ -301,9 +312,9 @@ async def test_a_retry_after_date_beyond_ten_hours_waits_ten_hours(database_url,
     """Retry-After as an HTTP date, read against the time the answer came (in UTC): one
     far ahead is cut to the longest delay."""
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created()])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created()]
+        )
         clock = Clock()
         async with dispatching(database_url, destinations, clock) as dispatcher:
             receiver.answer = 503
@@ -390,9 +401,9 @@ async def test_a_name_that_resolves_to_loopback_at_send_time_is_refused(database
 
 async def test_two_replicas_never_send_one_message_twice_at_once(database_url, db, tmp_path):
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created() for _ in range(120)])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created() for _ in range(120)]
+        )
         receiver.hold = asyncio.Event()  # slow: requests wait until released
         stop = asyncio.Event()
         async with (
@@ -451,9 +462,9 @@ async def test_a_dispatcher_started_while_the_database_is_away_sends_once_it_is_
     database_url, db, tmp_path, caplog
 ):
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [traffic.mailbox_created() for _ in range(3)])
+        destinations = await recorded_for_crm(
+            database_url, tmp_path, receiver.url, [traffic.mailbox_created() for _ in range(3)]
+        )
         logging.getLogger().addHandler(caplog.handler)  # the app's start-up replaced it
         proxy = Proxy(database_url)  # the dispatcher's way to PostgreSQL, cut at its start
         engine = make_engine(proxy.url, pool_size=2)
@@ -612,9 +623,7 @@ async def test_a_message_written_before_its_mailbox_was_erased_sends_nothing_era
     created = created_with_every_credential()
     mailbox = created["data"]["mailboxDetails"]["mailboxId"]
     async with receiving(SECRET) as receiver:
-        path = destinations_file(tmp_path, declared("crm", receiver.url))
-        async with recording(database_url, path) as (client, destinations):
-            await deliver_all(client, [created])
+        destinations = await recorded_for_crm(database_url, tmp_path, receiver.url, [created])
         engine = make_engine(database_url, pool_size=1)
         try:
             assert await erase_mailbox(engine, Vault([FERNET_KEY]), mailbox) is not None
