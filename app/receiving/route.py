@@ -134,7 +134,7 @@ def plain_route() -> Route:
     does nothing for it, yet cost about 6 % of a delivery's CPU. Exceptions still reach the
     app's handlers (Starlette wraps the endpoint as FastAPI does); `router`'s route stays
     for the OpenAPI schema, and another method still answers 405."""
-    return Route(PATH, receive_webhook, methods=["POST"], include_in_schema=False)
+    return Route(PATH, receive_webhook, methods=["POST"])
 
 
 async def _reject(receiver: Receiver, rejection: Rejection) -> None:
