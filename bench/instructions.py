@@ -113,7 +113,8 @@ def instructions(data: Path, folder: Path, script: str, executions: int) -> int:
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={counted}"]
     command += [str(PG_BIN / "postgres"), "--single", "-j", "-D", str(copy)]
     command += ["-c", "fsync=off", DATABASE]
-    done = subprocess.run(as_postgres(command), input=script + calls, capture_output=True, text=True)
+    stdin = script + calls
+    done = subprocess.run(as_postgres(command), input=stdin, capture_output=True, text=True)
     shutil.rmtree(copy)
     errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
     if done.returncode or errors:
