@@ -164,8 +164,8 @@ def main() -> int:
     for label, figures in sides:
         print(f"{label:<28} {' / '.join(f'{f:,}' for f in figures)} instructions a statement")
     if len(sides) == 2:
-        base, work = (min(figures) for _, figures in sides)
-        print(f"work tree / baseline: {work / base:.3f}")
+        before, after = (min(figures) for _, figures in sides)
+        print(f"work tree / baseline: {after / before:.3f}")
     return 0
 
 
