@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 WARM = 20
 STATEMENTS = 500
@@ -152,7 +153,7 @@ def main() -> int:
     sides: list[tuple[str, list[int]]] = []
     try:
         if args.baseline:
-            from bench import compare
+            from bench import compare  # after sys.path holds the checkout
 
             with tempfile.TemporaryDirectory(prefix="cmw-instructions-base-") as folder:
                 with compare.baseline_checkout(args.baseline, Path(folder)) as base:
