@@ -117,7 +117,7 @@ def instructions(data: Path, folder: Path, script: str, executions: int) -> int:
     stdin = script + calls
     done = subprocess.run(as_postgres(command), input=stdin, capture_output=True, text=True)
     shutil.rmtree(copy)
-    errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line]
     if done.returncode or errors:
         raise RuntimeError((errors or [done.stderr.strip()[-300:]])[0])
     summary = re.search(r"^summary: (\d+)$", counted.read_text(), re.MULTILINE)

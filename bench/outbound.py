@@ -138,13 +138,7 @@ def median_row(turns: list[dict[str, Any]]) -> dict[str, Any]:
 def cpu_seconds(pids: list[int], before: dict[int, float] | None = None) -> Any:
     """Each process's CPU seconds so far (user and system); with `before`, the sum spent
     since then (a process begun meanwhile counts from its start)."""
-    now = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        now[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    now = {pid: bench.process_cpu(pid) for pid in pids if Path(f"/proc/{pid}").exists()}
     if before is None:
         return now
     return sum(spent - before.get(pid, 0.0) for pid, spent in now.items())

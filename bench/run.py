@@ -16,6 +16,7 @@ import asyncio
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -173,6 +174,77 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def process_cpu(pid: int, *, reaped: bool = False) -> float:
+    """A process's CPU seconds (user and system), with `reaped` those of the children it has
+    waited for; 0 for a process gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone, even while being read
+        return 0.0
+    ticks = sum(int(f) for f in fields[11 : 15 if reaped else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """A server's CPU seconds: its process and its workers."""
+    return sum(process_cpu(p) for p in [pid, *children(pid)])
+
+
+async def postmaster(url: str) -> int | None:
+    """The PostgreSQL server's own process, when it runs on this machine."""
+    conn = await asyncpg.connect(url)
+    try:  # while this backend is there
+        stat = Path(f"/proc/{await conn.fetchval('SELECT pg_backend_pid()')}/stat")
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:
+        return None  # a server elsewhere: its CPU is not seen from here
+    finally:
+        await conn.close()
+
+
+def cluster_cpu(pid: int | None) -> float:
+    """Every CPU second of the database server so far: the postmaster, its live processes
+    (backends, WAL writer, checkpointer, autovacuum) and those it has reaped."""
+    if pid is None:
+        return 0.0
+    return process_cpu(pid, reaped=True) + sum(process_cpu(c, reaped=True) for c in children(pid))
+
+
+@dataclass
+class Cpu:
+    """CPU seconds a row's three parties spend while it runs: the sender (this process, or
+    the load generators it runs and waits for), the server (a process tree, if any) and
+    the database server; `per_event` gives each in microseconds an event."""
+
+    database: int | None
+    server: int | None = None
+    children: bool = True
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def now(self) -> dict[str, float]:
+        who = resource.RUSAGE_CHILDREN if self.children else resource.RUSAGE_SELF
+        usage = resource.getrusage(who)
+        return {
+            "sender": usage.ru_utime + usage.ru_stime,
+            "server": tree_cpu(self.server) if self.server else 0.0,
+            "database": cluster_cpu(self.database),
+        }
+
+    @contextmanager
+    def measuring(self) -> Iterator[None]:
+        before, running = self.now(), len(children(self.database or 0))
+        yield
+        # a load generator's backends have exited: wait until the postmaster has reaped them
+        deadline = time.monotonic() + 5
+        while len(children(self.database or 0)) > running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.spent = {k: v - before[k] for k, v in self.now().items()}
+
+    def per_event(self, events: int) -> dict[str, int]:
+        shown = {f"cpu_us_{k}": round(v / max(events, 1) * 1e6) for k, v in self.spent.items()}
+        return shown | {"cpu_us": sum(shown.values())}
+
+
 @contextmanager
 def server(
     command: list[str], env: dict[str, str], port: int, ready: str, log: Path, wait: float = 60
@@ -319,15 +391,20 @@ def bench_service(run: Run, workers: int, events: int) -> None:
     log = run.out / f"service-{workers}.log"
     with (
         scratch_database(f"service_{workers}") as url,
-        server(command, service_env(url), port, "/readyz", log),
+        server(command, service_env(url), port, "/readyz", log) as proc,
     ):
         simulate(run, port, 500)  # warm-up
         report, failures = simulate(run, port, events)
         figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
         run.add(f"service, {workers} worker(s), simulate", figures, failures)
         before = asyncio.run(count_events(url))
-        report = wrk(run, port, lines=8000 * run.seconds)
+        lines = 8000 * run.seconds
+        signed_lines(run.out / f"wrk-{port}.tsv", lines)
+        cpu = Cpu(asyncio.run(postmaster(url)), server=proc.pid)
+        with cpu.measuring():
+            report = wrk(run, port, lines=lines, bodies=f"wrk-{port}.tsv")
         figures, failures = wrk_figures(report)
+        figures |= cpu.per_event(report["requests"])
         stored = asyncio.run(count_events(url)) - before
         if stored < report["requests"]:
             failures.append(f"{report['requests']} answered, {stored} events processed")
@@ -339,8 +416,14 @@ def bench_http_ceiling(run: Run, workers: int) -> None:
     command = [sys.executable, "-m", "uvicorn", "bench.ceiling_app:app", "--port", str(port)]
     command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     log = run.out / f"http-ceiling-{workers}.log"
-    with server(command, dict(os.environ), port, "/docs", log):
-        figures, failures = wrk_figures(wrk(run, port, lines=40000 * run.seconds))
+    with server(command, dict(os.environ), port, "/docs", log) as proc:
+        lines = 40000 * run.seconds
+        signed_lines(run.out / f"wrk-{port}.tsv", lines)
+        cpu = Cpu(None, server=proc.pid)
+        with cpu.measuring():
+            report = wrk(run, port, lines=lines, bodies=f"wrk-{port}.tsv")
+        figures, failures = wrk_figures(report)
+        figures |= cpu.per_event(report["requests"])
         run.add(f"HTTP ceiling, {workers} worker(s), wrk", figures, failures)
 
 
@@ -375,8 +458,10 @@ async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[
             assert row["inserted"]
             latencies.append(time.perf_counter() - started)
 
+    cpu = Cpu(await postmaster(url), children=False)
     started = time.perf_counter()
-    await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
+    with cpu.measuring():
+        await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
     elapsed = time.perf_counter() - started
     await pool.close()
     ms = sorted(v * 1000 for v in latencies)
@@ -384,7 +469,7 @@ async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[
         "events_per_second": round(len(ms) / elapsed, 1),
         "p50_ms": round(ms[len(ms) // 2], 2),
         "p99_ms": round(ms[int(len(ms) * 0.99)], 2),
-    }
+    } | cpu.per_event(len(ms))
 
 
 def bench_db_ceiling(run: Run) -> tuple[str, list[Any]]:
@@ -430,13 +515,15 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
     script = run.out / "pgbench.sql"
     script.write_text("\\set n random(1, 1000000000000)\n" + " ".join(rendered.split()) + ";\n")
     with scratch_database("pgbench", migrated=True) as url:
-        done = subprocess.run(
-            ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
-            + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
-            capture_output=True,
-            text=True,
-            cwd=run.out,
-        )
+        cpu = Cpu(asyncio.run(postmaster(url)))
+        with cpu.measuring():
+            done = subprocess.run(
+                ["pgbench", "-n", "-M", "prepared", f"-c{CONCURRENCY}", "-j2", f"-T{run.seconds}"]
+                + ["-f", str(script), "-l", "--log-prefix", str(run.out / "pgbench"), url],
+                capture_output=True,
+                text=True,
+                cwd=run.out,
+            )
     (run.out / "pgbench.txt").write_text(done.stdout + done.stderr)
     failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
     failures = [] if done.returncode == 0 else [done.stderr.strip()[-300:]]
@@ -455,7 +542,7 @@ def bench_physical_limit(run: Run, write: tuple[str, list[Any]]) -> None:
             "events_per_second": round(float(tps[1]), 1),
             "p50_ms": round(us[len(us) // 2] / 1000, 2),
             "p99_ms": round(us[int(len(us) * 0.99)] / 1000, 2),
-        }
+        } | cpu.per_event(len(us))
     else:
         failures.append("pgbench printed no figures")
     run.add("physical limit: the same statement, pgbench", figures, failures)
@@ -658,6 +745,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         rss = {k: v for k, v in r.items() if k.startswith("rss_")}
         if rss:
             print("    " + ", ".join(f"{k[4:-3].replace('_', ' ')} {v} MB" for k, v in rss.items()))
+        cpu = {k[7:]: v for k, v in r.items() if k.startswith("cpu_us_")}
+        if cpu:
+            shown = ", ".join(f"{k} {v}" for k, v in cpu.items())
+            print(f"    CPU µs an event: {shown}; all {r['cpu_us']}")
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -671,6 +762,15 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     ):
         if service and rate.get(name):
             result[label] = round(service / rate[name], 2)
+    # What the box allows: were both CPU-bound on it, the ratio could reach this at most
+    cpu = {r["name"]: r.get("cpu_us") for r in rows}
+    ceiling = cpu.get("DB ceiling: the service's statement, asyncpg")
+    for workers in (1, 2):
+        spent = cpu.get(f"service, {workers} worker(s), wrk")
+        if ceiling and spent:
+            result[f"CPU an event, DB ceiling / service({workers}w, wrk)"] = round(
+                ceiling / spent, 2
+            )
     for r in rows:  # bench/outbound.py: with two destinations, against none (in turns)
         if "vs_none" in r:
             result["ingest with two destinations / none, events/s"] = r["vs_none"]
