@@ -762,20 +762,28 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     ):
         if service and rate.get(name):
             result[label] = round(service / rate[name], 2)
-    # What the box allows: were both CPU-bound on it, the ratio could reach this at most
-    cpu = {r["name"]: r.get("cpu_us") for r in rows}
-    ceiling = cpu.get("DB ceiling: the service's statement, asyncpg")
-    for workers in (1, 2):
-        spent = cpu.get(f"service, {workers} worker(s), wrk")
-        if ceiling and spent:
-            result[f"CPU an event, DB ceiling / service({workers}w, wrk)"] = round(
-                ceiling / spent, 2
-            )
+    result |= cpu_ratios({r["name"]: r for r in rows})
     for r in rows:  # bench/outbound.py: with two destinations, against none (in turns)
         if "vs_none" in r:
             result["ingest with two destinations / none, events/s"] = r["vs_none"]
             result["ingest with two destinations / none, p99"] = r["p99_vs_none"]
             result["ingest with two destinations / none, CPU per delivery"] = r["cpu_vs_none"]
+    return result
+
+
+def cpu_ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The DB ceiling's CPU an event over the service's: all of it (with every party on one
+    box and all of it busy, the service's events/s could reach that share of the ceiling's
+    at most), and the database's alone (where the database is the limit, as on a server of
+    its own, the service's deliveries go that much past the one-statement ceiling)."""
+    ceiling = rows.get("DB ceiling: the service's statement, asyncpg", {})
+    result = {}
+    for workers in (1, 2):
+        service = rows.get(f"service, {workers} worker(s), wrk", {})
+        for label, key in (("CPU", "cpu_us"), ("database CPU", "cpu_us_database")):
+            if ceiling.get(key) and service.get(key):
+                name = f"{label} an event, DB ceiling / service({workers}w, wrk)"
+                result[name] = round(ceiling[key] / service[key], 2)
     return result
 
 

@@ -67,19 +67,20 @@ def test_a_backend_that_exited_during_the_row_still_counts_for_the_database(data
     assert cpu.spent["server"] == 0
 
 
-def test_the_ratio_the_box_allows_is_the_ceiling_s_cpu_an_event_over_the_service_s():
+def test_the_ratios_are_the_ceiling_s_cpu_an_event_over_the_service_s_all_and_database():
     rows = [
-        {"name": "service, 1 worker(s), wrk", "events_per_second": 1000, "cpu_us": 1500},
-        {"name": "service, 2 worker(s), wrk", "events_per_second": 1400, "cpu_us": 1200},
-        {
-            "name": "DB ceiling: the service's statement, asyncpg",
-            "events_per_second": 2500,
-            "cpu_us": 600,
-        },
+        {"name": "service, 1 worker(s), wrk", "events_per_second": 1000, "cpu_us": 1500}
+        | {"cpu_us_database": 300},
+        {"name": "service, 2 worker(s), wrk", "events_per_second": 1400, "cpu_us": 1200}
+        | {"cpu_us_database": 250},
+        {"name": "DB ceiling: the service's statement, asyncpg", "events_per_second": 2500}
+        | {"cpu_us": 600, "cpu_us_database": 450},
     ]
     shown = bench.ratios(rows)
     assert shown["CPU an event, DB ceiling / service(1w, wrk)"] == 0.4
     assert shown["CPU an event, DB ceiling / service(2w, wrk)"] == 0.5
+    assert shown["database CPU an event, DB ceiling / service(1w, wrk)"] == 1.5
+    assert shown["database CPU an event, DB ceiling / service(2w, wrk)"] == 1.8
     assert shown["service(1w, wrk) / DB ceiling"] == 0.4
-    del rows[2]["cpu_us"]  # a server elsewhere, or an older run's results
-    assert not any(label.startswith("CPU") for label in bench.ratios(rows))
+    del rows[2]["cpu_us"], rows[2]["cpu_us_database"]  # a server elsewhere, an older run
+    assert not any("CPU" in label for label in bench.ratios(rows))
