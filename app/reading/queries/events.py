@@ -57,9 +57,11 @@ async def events_about(
     subscription: Sequence[str] = (),
     mailbox: Sequence[tuple[str, str | None]] = (),
 ) -> list[Any]:
-    """The latest events that name any of these orders, subscriptions or mailboxes (each
-    mailbox's ID with its subscription's: a mailbox's events that name a subscription name
-    its own, its domain's, and are found among that subscription's; models.ABOUT_MAILBOX)."""
+    """The latest events that name any of these orders, subscriptions or mailboxes. A mailbox
+    comes with its subscription's ID: an event that names both (its mailbox.created) is
+    found among that subscription's events, the mailbox's own index holding only the events
+    that name no subscription (models.ABOUT_MAILBOX). A mailbox's events that name a
+    subscription name its own: a subscription is its domain's."""
     about_mailbox: ColumnElement[str] = literal_column(f"({ABOUT_MAILBOX})")
     about_subscription: ColumnElement[str] = literal_column(ABOUT_SUBSCRIPTION)
     legs = [[literal_column(ABOUT_ORDER) == value] for value in order]
