@@ -42,6 +42,32 @@ async def test_detail_pages_link_order_subscription_mailbox_and_their_events(cli
     assert any(href.startswith("/ui/events/") for href in links(box.text))
 
 
+async def test_a_mailbox_page_lists_the_events_that_name_it_and_no_neighbour_s(client, db):
+    """Its mailbox.created is found among its subscription's events (no order here to find
+    it by), its mailbox.updated and warmup events by its ID; a neighbour's is not shown."""
+    sub, box, neighbour = "SUB-EVIDX", "MBX-EVIDX", "MBX-NEIGHBOUR"
+    sent = {
+        "created": traffic.mailbox_created(subscriptionId=sub, orderId=None),
+        "updated": traffic.mailbox_updated(box, {"firstName": "Alice"}),
+        "warmup": traffic.envelope("mailbox.warmup.started", {"mailboxId": box}),
+        "neighbour": traffic.mailbox_created(subscriptionId=sub, orderId=None),
+    }
+    sent["created"]["data"]["mailboxDetails"]["mailboxId"] = box
+    sent["neighbour"]["data"]["mailboxDetails"]["mailboxId"] = neighbour
+    for payload in sent.values():
+        assert (await deliver(client, payload)).status_code == 200
+    ids = dict(await db.fetch("SELECT event_id, id FROM events"))
+    await sign_in(client)
+    page = await client.get(f"/ui/mailboxes/{box}")
+    shown = {h for h in links(page.text) if h.startswith("/ui/events/")}
+    assert shown == {
+        f"/ui/events/{ids[sent[k]['eventId']]}" for k in ("created", "updated", "warmup")
+    }
+    other = await client.get(f"/ui/mailboxes/{neighbour}")
+    shown = {h for h in links(other.text) if h.startswith("/ui/events/")}
+    assert shown == {f"/ui/events/{ids[sent['neighbour']['eventId']]}"}
+
+
 async def test_sender_ids_become_links_to_their_own_pages_whatever_they_hold(client):
     sub_id, order_id = "../../api/v1/stats", "%2e%2e/orders?x#y"
     box_ids = ["a/b", "50%off", "x..y/..", "../../ui", "PLAIN42"]

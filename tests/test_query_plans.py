@@ -1,5 +1,6 @@
 """With 100,000 mailboxes stored, a filtered page of 500 is an index range scan."""
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from app.models import mailboxes, subscriptions
 from app.operations import search_index
 from app.reading import exporting, renewals
 from app.reading.api import apply_filters, mailbox_select
+from app.reading.queries.events import events_about
 from app.reading.queries.mailboxes import MailboxQuery, list_mailboxes
 from app.reading.queries.subscriptions import SubscriptionQuery, list_subscriptions
 from app.recording.merge import DERIVE_ORDER
@@ -229,3 +231,61 @@ async def renewals_plan(database_url, statement, filters, *, limit):
     await engine.dispose()
     print(f"\n{plan}")
     return plan
+
+
+# 60,000 events: mailbox.created (an order of 6, a subscription of 30), mailbox.updated,
+# subscription.* (migration 0030's three indexes of the IDs an event names)
+EVENTS = """
+INSERT INTO events (event_id, event, status, content_hash, deliveries, conflict, signature,
+                    payload)
+SELECT 'EV' || n, e, 'processed', sha256(n::text::bytea), 1, false, 'valid',
+       jsonb_build_object('event', e, 'data', CASE e
+           WHEN 'mailbox.created' THEN jsonb_build_object('orderId', 'ORD' || n / 6,
+               'subscriptionId', 'SUB' || n / 30, 'mailboxDetails',
+               jsonb_build_object('mailboxId', 'MBX' || n))
+           WHEN 'mailbox.updated' THEN jsonb_build_object('mailboxId', 'MBX' || n - 1)
+           ELSE jsonb_build_object('subscriptionId', 'SUB' || n / 30) END)
+FROM (SELECT n, (ARRAY['mailbox.created', 'mailbox.created', 'mailbox.created',
+                       'mailbox.updated', 'subscription.renewal.success'])[1 + n % 5] AS e
+      FROM generate_series(1, 60000) n) g;
+ANALYZE events;
+"""
+
+
+class Captured:
+    statement: Any = None
+
+    async def execute(self, stmt: Any) -> list[Any]:
+        self.statement = stmt
+        return []
+
+
+@pytest.mark.parametrize(
+    ("ids", "indexes"),
+    [
+        ({"order": ["ORD7001"]}, {"ix_events_about_order"}),
+        (
+            {"subscription": ["SUB1401"], "order": ["ORD7005", "ORD7006"]},
+            {"ix_events_about_subscription", "ix_events_about_order"},
+        ),
+        (
+            {"mailbox": [("MBX42002", "SUB1400")], "order": ["ORD7000"]},
+            {"ix_events_about_mailbox", "ix_events_about_subscription", "ix_events_about_order"},
+        ),
+    ],
+)
+async def test_a_detail_page_reads_its_events_through_the_about_indexes(database_url, ids, indexes):
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        for statement in filter(str.strip, EVENTS.split(";")):
+            await conn.execute(text(statement))
+        captured: Any = Captured()
+        await events_about(captured, **ids)
+        sql = captured.statement.compile(
+            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+        )
+        plan = "\n".join((await conn.execute(text(f"EXPLAIN {sql}"))).scalars())
+    await engine.dispose()
+    print(f"\n{ids}:\n{plan}")
+    assert "Seq Scan on events" not in plan
+    assert set(re.findall(r"ix_events_about_\w+", plan)) == indexes

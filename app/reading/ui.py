@@ -616,7 +616,9 @@ async def mailbox_page(request: Request, mailbox_id: str) -> Response:
         "mailbox.html",
         box=box,
         events=await events.events_about(
-            conn, mailbox=[mailbox_id], order=[box.order_id] if box.order_id else []
+            conn,
+            mailbox=[(mailbox_id, box.subscription_id)],
+            order=[box.order_id] if box.order_id else [],
         ),
     )
 

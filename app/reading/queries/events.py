@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy import (
+    ColumnElement,
     Select,
     literal_column,
     select,
@@ -12,7 +13,9 @@ from sqlalchemy import (
 
 from app.errors import NotFound
 from app.models import (
-    EVENT_ABOUT,
+    ABOUT_MAILBOX,
+    ABOUT_ORDER,
+    ABOUT_SUBSCRIPTION,
     events,
     rejected,
 )
@@ -46,22 +49,34 @@ async def get_event(conn: Reader, id: int) -> resources.Event:
     return resources.Event.model_validate(row._asdict())
 
 
-async def events_about(conn: Reader, limit: int = 50, **ids: Sequence[str]) -> list[Any]:
-    """The latest events that name any of these IDs (order=, subscription=, mailbox=)."""
-    wanted = [(EVENT_ABOUT[kind], value) for kind, values in ids.items() for value in values]
-    wanted += [(EVENT_ABOUT["updated_mailbox"], value) for value in ids.get("mailbox", ())]
-    if not wanted:
+async def events_about(
+    conn: Reader,
+    limit: int = 50,
+    *,
+    order: Sequence[str] = (),
+    subscription: Sequence[str] = (),
+    mailbox: Sequence[tuple[str, str | None]] = (),
+) -> list[Any]:
+    """The latest events that name any of these orders, subscriptions or mailboxes. A mailbox
+    comes with its subscription's ID: an event that names both (its mailbox.created) is
+    found among that subscription's events, the mailbox's own index holding only the events
+    that name no subscription (models.ABOUT_MAILBOX). A mailbox's events that name a
+    subscription name its own: a subscription is its domain's."""
+    about_mailbox: ColumnElement[str] = literal_column(f"({ABOUT_MAILBOX})")
+    about_subscription: ColumnElement[str] = literal_column(ABOUT_SUBSCRIPTION)
+    legs = [[literal_column(ABOUT_ORDER) == value] for value in order]
+    legs += [[about_subscription == value] for value in subscription]
+    for mailbox_id, subscription_id in mailbox:
+        # the mailbox's index holds only events without a subscriptionId (its predicate)
+        legs.append([about_mailbox == mailbox_id, about_subscription.is_(None)])
+        if subscription_id is not None:
+            legs.append([about_subscription == subscription_id, about_mailbox == mailbox_id])
+    if not legs:
         return []
-    # One index range per ID, each read backwards from its newest (an OR of them would
+    # One index range per leg, each read backwards from its newest (an OR of them would
     # have the planner walk the whole table by id, hoping for an early match).
     latest = union(
-        *(
-            select(events.c.id)
-            .where(literal_column(f"(payload #>> '{path}')") == value)
-            .order_by(events.c.id.desc())
-            .limit(limit)
-            for path, value in wanted
-        )
+        *(select(events.c.id).where(*leg).order_by(events.c.id.desc()).limit(limit) for leg in legs)
     ).subquery()
     stmt = (
         event_select(payload=False)
