@@ -150,11 +150,11 @@ CUSTOMER = """(CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
 
 
 def filters(domain_status: str) -> str:
-    """Which subscriptions the filters choose; `risk` by its condition alone (the read
-    pool's custom plans fold the CASE on the given value), so a risk of the subscription's
-    own never looks up its domain, and one that needs no domain costs only its own test a
-    row (`:risk = ANY(risks)` read the domains of every row: 2.7 s for a whole list's sums
-    at 200,000 subscriptions)."""
+    """Which subscriptions the filters but the customer (CUSTOMER) choose; `risk` by its
+    condition alone (the read pool's custom plans fold the CASE on the given value), so a
+    risk of the subscription's own never looks up its domain, and one that needs no domain
+    costs only its own test a row (`:risk = ANY(risks)` read the domains of every row: 2.7 s
+    for a whole list's sums at 200,000 subscriptions)."""
     risks = " ".join(
         f"WHEN '{risk}' THEN ({when.replace('d.status', domain_status)})"
         for risk, when in RISK_WHEN.items()
@@ -162,11 +162,10 @@ def filters(domain_status: str) -> str:
     return f"""{QUEUED}
     AND {RENEWS_AT} >= {LOWER} AND {RENEWS_AT} < {UPPER}
     AND {DUE_FILTER}
-    AND {CUSTOMER}
     AND CASE CAST(:risk AS text) {risks} ELSE true END"""
 
 
-FILTERS = filters(SUMS_DOMAIN_STATUS)  # the sums'; a page has its own (see above)
+FILTERS = f"{filters(SUMS_DOMAIN_STATUS)} AND {CUSTOMER}"  # a page has its own (see above)
 # The rows a page chooses from: the whole queue's, walked in its order; or a customer's,
 # few enough (7,000 for the largest of 200,000 subscriptions) to be read from their own
 # range of (user_id, id) or (lower(user_email), id) and sorted (migration 0030). Those are
@@ -174,7 +173,7 @@ FILTERS = filters(SUMS_DOMAIN_STATUS)  # the sums'; a page has its own (see abov
 # would walk the whole queue's order until the page is full, which for one with none of
 # their 5,000 subscriptions on the list is the list's end (140-290 ms at 200,000, 3 ms
 # fenced: docs/benchmark.md).
-QUEUE = "subscriptions s"
+QUEUE = f"(SELECT * FROM subscriptions s WHERE {CUSTOMER}) s"
 CUSTOMERS = f"(SELECT * FROM subscriptions s WHERE {CUSTOMER} OFFSET 0) s"
 
 
