@@ -233,7 +233,11 @@ class Subscription(Listed, TimestampMixin, SearchedMixin, Base):
     # primary key and keeps about every other row; a failed subscription's page, or a
     # lifecycle status's, reads an index of those rows only; `expiresBefore` reads the
     # renewals' (renews at, id) (migration 0024: what each index costs a delivery).
-    __table_args__ = keyset_indexes("subscriptions", "domain", "user_id", "user_email") + (
+    # A customer's rows, by userId or by email (exact for the list, any case for the
+    # renewals: the list asks both), are one range of one index each, which serves their
+    # keyset pages and, sorted, their renewals (migration 0031).
+    __table_args__ = keyset_indexes("subscriptions", "domain", "user_id") + (
+        Index("ix_subscriptions_lower_user_email_id", text("lower(user_email)"), text("id")),
         Index(
             "ix_subscriptions_status_id",
             "status",
@@ -249,14 +253,6 @@ class Subscription(Listed, TimestampMixin, SearchedMixin, Base):
         changed_index("subscriptions"),
         # renewals.PAGE's order (and `expiresBefore`): a page of renewals reads only its own rows
         Index("ix_subscriptions_renews_at", text(RENEWS_AT), text("id")),
-        # a customer's renewals (by userId, or email in any case) in that order
-        Index("ix_subscriptions_user_id_renews_at", "user_id", text(RENEWS_AT), text("id")),
-        Index(
-            "ix_subscriptions_user_email_renews_at",
-            text("lower(user_email)"),
-            text(RENEWS_AT),
-            text("id"),
-        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

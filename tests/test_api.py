@@ -93,6 +93,20 @@ async def test_subscriptions_list_filter_and_detail(client, seeded):
     assert {m["provider"] for m in detail.json()["mailboxes"]} == {"GOOGLE", "MICROSOFT"}
 
 
+async def test_the_subscriptions_user_email_filter_matches_the_email_exactly(client):
+    """`userEmail` on the list is the email as given (the renewals' is in any case); both
+    are read from one index of the emails in lower case (migration 0030)."""
+    ids = {}
+    for email in ("Jane.Doe@Agency.example", "jane.doe@agency.example"):
+        order = factories.mailbox_order_success(userEmail=email)
+        assert (await deliver(client, order)).status_code == 200
+        ids[email] = order["data"]["subscriptionId"]
+    for email in [*ids, "JANE.DOE@AGENCY.EXAMPLE"]:
+        got = await client.get("/api/v1/subscriptions", headers=OPS, params={"userEmail": email})
+        found = [s["subscriptionId"] for s in got.json()["items"]]
+        assert found == [ids[e] for e in ids if e == email], email
+
+
 async def test_mailboxes_list_filters_and_detail(client, seeded):
     created = seeded["created"][1]["data"]
     box_id = created["mailboxDetails"]["mailboxId"]

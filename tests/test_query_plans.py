@@ -160,14 +160,17 @@ async def test_a_search_among_100000_rows_reads_the_trigram_index(
     assert "Seq Scan on subscription_search" not in plan
 
 
+QUEUE_ORDER = "ix_subscriptions_renews_at"
+
+
 @pytest.mark.parametrize(
     ("filters", "index"),
     [
-        ({}, "ix_subscriptions_renews_at"),
-        ({"due": "this_week"}, "ix_subscriptions_renews_at"),
-        ({"due": "overdue", "risk": "renewal_failed"}, "ix_subscriptions_renews_at"),
-        ({"user_id": "U7"}, "ix_subscriptions_user_id_renews_at"),
-        ({"user_email": "Buyer7@Agency.example"}, "ix_subscriptions_user_email_renews_at"),
+        ({}, QUEUE_ORDER),
+        ({"due": "this_week"}, QUEUE_ORDER),
+        ({"due": "overdue", "risk": "renewal_failed"}, QUEUE_ORDER),
+        ({"user_id": "U7"}, "ix_subscriptions_user_id_id"),
+        ({"user_email": "Buyer7@Agency.example"}, "ix_subscriptions_lower_user_email_id"),
     ],
     ids=[
         "whole list",
@@ -182,9 +185,26 @@ async def test_a_page_of_renewals_among_100000_subscriptions_reads_only_its_rows
 ):
     """Monthly billing puts nearly every subscription on the renewals list: a page must
     come from an index in its order, not from sorting them all, whatever the filters; a
-    customer's from their own range of it, not from a walk of the whole list's order."""
+    customer's from their own range of their index, not from a walk of the whole list's
+    order (which for a customer with none on the list reads all of it)."""
     plan = await renewals_plan(database_url, renewals.PAGE, filters, limit=51)
-    assert f"Index Scan using {index} on subscriptions" in plan
+    assert index in plan and "Seq Scan on subscriptions" not in plan
+    assert (QUEUE_ORDER in plan) is (index == QUEUE_ORDER)
+    assert (f"Index Scan using {QUEUE_ORDER} on subscriptions" in plan) is (index == QUEUE_ORDER)
+
+
+@pytest.mark.parametrize("email", ["buyer7@agency.com", "BUYER7@agency.com"])
+async def test_a_page_of_subscriptions_by_email_reads_the_index_of_emails(database_url, email):
+    """The list's exact `userEmail` is read from the emails in lower case (migration 0031)."""
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text(MORE_SUBSCRIPTIONS))
+        await conn.execute(text("ANALYZE subscriptions"))
+        sql = await page_sql(list_subscriptions, SubscriptionQuery(user_email=email, limit=50))
+        plan = "\n".join((await conn.execute(text(f"EXPLAIN {sql}"))).scalars())
+    await engine.dispose()
+    print(f"\n{plan}")
+    assert "ix_subscriptions_lower_user_email_id" in plan
     assert "Seq Scan on subscriptions" not in plan
 
 
@@ -203,7 +223,7 @@ async def test_a_statement_of_the_renewals_csv_reads_only_its_rows(database_url,
     assert "on subscriptions" in plan
 
 
-async def renewals_plan(database_url, statement, filters, *, limit):
+async def renewals_plan(database_url, statements, filters, *, limit):
     """EXPLAIN of a renewals statement among 100,000 subscriptions, a hundred customers'."""
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:
@@ -219,12 +239,13 @@ async def renewals_plan(database_url, statement, filters, *, limit):
         await conn.execute(text("ANALYZE"))
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        compiled = statement.compile(dialect=postgresql.asyncpg.dialect())
         given = dict.fromkeys(
             ["due", "risk", "user_id", "user_email", "renews_from", "renews_before"]
         )
         given |= filters | {"days": 30, "after_at": datetime(1, 1, 1, tzinfo=UTC)}
         given |= {"after_id": 0, "limit": limit}
+        chosen = statements[renewals.rows_of(given)]
+        compiled = chosen.compile(dialect=postgresql.asyncpg.dialect())
         args = [given[name] for name in compiled.positiontup or []]
         rows = await driver.fetch(f"EXPLAIN {compiled}", *args)
         plan = "\n".join(row[0] for row in rows)

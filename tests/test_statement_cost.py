@@ -40,14 +40,13 @@ INDEXES = {
     "subscriptions": {
         "pk_subscriptions",
         "uq_subscriptions_subscription_id",
-        *(f"ix_subscriptions_{c}_id" for c in ("domain", "user_id", "user_email")),
+        *(f"ix_subscriptions_{c}_id" for c in ("domain", "user_id")),
+        # a customer's by email: the list's exact one, the renewals' in any case (0030)
+        "ix_subscriptions_lower_user_email_id",
         "ix_subscriptions_status_id",  # partial: an active subscription adds no entry
         "ix_subscriptions_subscription_status_id",  # partial: only a lifecycle status
         "ix_subscriptions_search_written_at",  # BRIN: no entry per row (0028)
         "ix_subscriptions_renews_at",
-        # a customer's renewals (migration 0022: docs/benchmark.md says what they cost)
-        "ix_subscriptions_user_id_renews_at",
-        "ix_subscriptions_user_email_renews_at",
     },
     "mailboxes": {
         "pk_mailboxes",

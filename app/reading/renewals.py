@@ -26,7 +26,7 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Row
 
 from app.reading import exports, resources
@@ -144,14 +144,17 @@ LATEST_STATUS = f"""(SELECT status FROM domains
     WHERE {{}} (domain_id = s.domain_id OR name = s.domain) ORDER BY {LATEST_DOMAIN} LIMIT 1)"""
 PAGE_DOMAIN_STATUS = LATEST_STATUS.format(f"{HAS_RISKY_DOMAIN} AND")
 SUMS_DOMAIN_STATUS = f"CASE WHEN {HAS_RISKY_DOMAIN} THEN {LATEST_STATUS.format('')} END"
+# A customer's subscriptions (by userId, or email in any case), when given.
+CUSTOMER = """(CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
+    AND (CAST(:user_email AS text) IS NULL OR lower(s.user_email) = lower(:user_email))"""
 
 
 def filters(domain_status: str) -> str:
-    """Which subscriptions the filters choose; `risk` by its condition alone (the read
-    pool's custom plans fold the CASE on the given value), so a risk of the subscription's
-    own never looks up its domain, and one that needs no domain costs only its own test a
-    row (`:risk = ANY(risks)` read the domains of every row: 2.7 s for a whole list's sums
-    at 200,000 subscriptions)."""
+    """Which subscriptions the filters but the customer (CUSTOMER) choose; `risk` by its
+    condition alone (the read pool's custom plans fold the CASE on the given value), so a
+    risk of the subscription's own never looks up its domain, and one that needs no domain
+    costs only its own test a row (`:risk = ANY(risks)` read the domains of every row: 2.7 s
+    for a whole list's sums at 200,000 subscriptions)."""
     risks = " ".join(
         f"WHEN '{risk}' THEN ({when.replace('d.status', domain_status)})"
         for risk, when in RISK_WHEN.items()
@@ -159,20 +162,38 @@ def filters(domain_status: str) -> str:
     return f"""{QUEUED}
     AND {RENEWS_AT} >= {LOWER} AND {RENEWS_AT} < {UPPER}
     AND {DUE_FILTER}
-    AND (CAST(:user_id AS text) IS NULL OR s.user_id = :user_id)
-    AND (CAST(:user_email AS text) IS NULL OR lower(s.user_email) = lower(:user_email))
     AND CASE CAST(:risk AS text) {risks} ELSE true END"""
 
 
-FILTERS = filters(SUMS_DOMAIN_STATUS)  # the sums'; a page has its own (see above)
-# A page of the queue: the rows the filters choose after the cursor, in the queue's order.
-CHOSEN = f"""
-    SELECT s.*, {RENEWS_AT} AS sort_at FROM subscriptions s
+FILTERS = f"{filters(SUMS_DOMAIN_STATUS)} AND {CUSTOMER}"  # a page has its own (see above)
+# The rows a page chooses from: the whole queue's, walked in its order; or a customer's,
+# few enough (7,000 for the largest of 200,000 subscriptions) to be read from their own
+# range of (user_id, id) or (lower(user_email), id) and sorted (migration 0031). Those are
+# fenced (OFFSET 0) from the page's order: for a customer it takes for large, the planner
+# would walk the whole queue's order until the page is full, which for one with none of
+# their 5,000 subscriptions on the list is the list's end (140-290 ms at 200,000, 3 ms
+# fenced: docs/benchmark.md).
+QUEUE = f"(SELECT * FROM subscriptions s WHERE {CUSTOMER}) s"
+CUSTOMERS = f"(SELECT * FROM subscriptions s WHERE {CUSTOMER} OFFSET 0) s"
+
+
+def rows_of(filters: dict[str, Any]) -> str:
+    """The rows a page of these filters chooses from."""
+    return QUEUE if filters["user_id"] is None and filters["user_email"] is None else CUSTOMERS
+
+
+def chosen(rows: str) -> str:
+    """A page of the queue: the rows the filters choose after the cursor, in its order."""
+    return f"""
+    SELECT s.*, {RENEWS_AT} AS sort_at FROM {rows}
     WHERE {filters(PAGE_DOMAIN_STATUS)} AND ({RENEWS_AT}, s.id) > (:after_at, :after_id)
     ORDER BY {RENEWS_AT}, s.id LIMIT :limit"""
-# Each subscription of a page with what the read API shows of it, its risks and its cost.
-PAGE = text(
-    f"""
+
+
+def page(rows: str) -> TextClause:
+    """Each subscription of a page with what the read API shows of it, its risks and cost."""
+    return text(
+        f"""
 SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, s.provider,
     s.source, s.status, s.order_id, s.expiry_date, s.price,
     coalesce(s.lifecycle_quantity, s.quantity) AS quantity,
@@ -181,10 +202,13 @@ SELECT s.id, s.subscription_id, s.domain, s.domain_id, s.user_id, s.user_email, 
     d.status AS domain_status, d.expiry_date AS domain_expiry_date,
     {STORED} AS mailbox_count, s.price * {BILLED} AS monthly_cost,
     {RISKS_OF} AS risks
-FROM ({CHOSEN}) s
+FROM ({chosen(rows)}) s
 LEFT JOIN LATERAL ({DOMAIN_OF}) d ON true
 ORDER BY s.sort_at, s.id"""
-)
+    )
+
+
+PAGE = {rows: page(rows) for rows in (QUEUE, CUSTOMERS)}
 # What the filters choose (every one but `due`), summed per `due`: the queue's tabs and its
 # grand total. Apart for those whose stored mailboxes must be counted, as in TOTALS.
 SUMS = text(
@@ -394,7 +418,9 @@ async def list_renewals(
     list. Sums are computed at most once a minute: `totalsAt` says when."""
     filters = query.filters()
     after, row_id = query.after() or (datetime(1, 1, 1, tzinfo=UTC), 0)
-    page = PAGE.bindparams(**filters, after_at=after, after_id=row_id, limit=query.limit + 1)
+    page = PAGE[rows_of(filters)].bindparams(
+        **filters, after_at=after, after_id=row_id, limit=query.limit + 1
+    )
     rows = (await conn.execute(page)).all()
     totals_at, per_user = await cache.get(
         query.within_days, lambda: per_user_totals(conn, query.within_days)
@@ -505,16 +531,20 @@ CSV_COLUMNS = [
     "monthlyCost",
     "currency",
 ]
-# A page of the download: CHOSEN's rows with only the file's cells, in its columns' order,
+
+
+# A page of the download: chosen()'s rows with only the file's cells, in its columns' order,
 # and the cursor last (PAGE's 16 other columns, five of them times, were a fifth of the time
 # to read a customer's 1,777 rows at 1M mailboxes: 87 against 69 ms, loaded). The domains'
 # states are joined to the page as a whole, each row's first in LATEST_DOMAIN's order as
 # DOMAIN_OF picks it: for a large page the planner reads the domains once (two hash joins
 # over 10,000 domains: the statement ran 30 ms instead of 45, 28 with no domain at all), and
 # still looks each row's up when the page is small beside them.
-CSV_PAGE_ROWS = text(
-    f"""
-WITH page AS MATERIALIZED ({CHOSEN}),
+def csv_page_rows(rows: str) -> TextClause:
+    """A page of the download (see above)."""
+    return text(
+        f"""
+WITH page AS MATERIALIZED ({chosen(rows)}),
 latest_domain AS (
     SELECT DISTINCT ON (id) id, status FROM (
         SELECT p.id, d.status, d.expiry_date, d.version
@@ -533,7 +563,10 @@ SELECT s.expiry_date AS renews_at, {DUE_NOW} AS due, array_to_string({RISKS_OF},
 FROM page s
 LEFT JOIN latest_domain d ON d.id = s.id
 ORDER BY s.sort_at, s.id"""
-)
+    )
+
+
+CSV_PAGE_ROWS = {rows: csv_page_rows(rows) for rows in (QUEUE, CUSTOMERS)}
 CSV_PAGE = 2000  # fewer, larger statements: each reads the domains once (see above)
 
 
@@ -545,7 +578,7 @@ async def queue_csv(conn: Reader, query: RenewalQuery, currency: str) -> AsyncIt
     filters = query.filters()
     after: tuple[datetime, int] = (datetime(1, 1, 1, tzinfo=UTC), 0)
     while True:
-        page = CSV_PAGE_ROWS.bindparams(
+        page = CSV_PAGE_ROWS[rows_of(filters)].bindparams(
             **filters, after_at=after[0], after_id=after[1], limit=CSV_PAGE
         )
         rows = (await conn.execute(page)).all()

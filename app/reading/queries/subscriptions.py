@@ -94,8 +94,12 @@ async def list_subscriptions(
     conn: Reader, query: SubscriptionQuery
 ) -> resources.Page[resources.Subscription]:
     filters = filter_values(query)
-    expires_before = filters.pop("expires_before")
+    expires_before, user_email = filters.pop("expires_before"), filters.pop("user_email")
     stmt = apply_filters(subscription_select(), subscriptions, filters, paged=True)
+    if user_email is not None:
+        # exactly that email, read from the index of emails in any case (migration 0031)
+        lower = func.lower(subscriptions.c.user_email) == func.lower(user_email)
+        stmt = stmt.where(lower, subscriptions.c.user_email == user_email)
     if expires_before is not None:
         # the same bound on the renews-at expression (the expiry date where there is one):
         # its index (ix_subscriptions_renews_at) serves the filter (migration 0024)
