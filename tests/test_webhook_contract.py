@@ -10,8 +10,9 @@ import time
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.datastructures import QueryParams
 
-from app.receiving import signing
+from app.receiving import route, signing
 from app.simulation import traffic as factories
 from tests.conftest import SIGNING_KEY, WEBHOOK_TOKEN, app_client, deliver, make_settings
 
@@ -105,6 +106,40 @@ async def test_token_may_come_in_a_header(client):
     headers = signing.sign(SIGNING_KEY, payload) | {"x-webhook-token": WEBHOOK_TOKEN}
     response = await client.post("/webhooks/cmr", content=payload, headers=headers)
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "answered"),
+    [
+        ("token={t}", 200),
+        ("a=1&&token={t}&b", 200),
+        ("token=wrong&token={t}", 200),  # the last one counts
+        ("token={t}&token=wrong", 401),
+        ("%74oken={t}", 200),  # the name percent-encoded
+        ("token={t}%20", 401),
+        ("token=&x=1", 401),
+    ],
+)
+async def test_the_query_token_is_read_as_any_query_parameter(client, query, answered):
+    payload = orjson.dumps(factories.mailbox_created())
+    headers = signing.sign(SIGNING_KEY, payload)
+    url = "/webhooks/cmr?" + query.format(t=WEBHOOK_TOKEN)
+    response = await client.post(url, content=payload, headers=headers)
+    assert response.status_code == answered
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"", b"token", b"token=", b"token=a&token=b", b"token=a&token=", b"%74oken=x",
+        b"to+ken=y", b"tok%2Ben=y", b"token=a+b%20c", b"token=%C3%A9", b"token=%E9",
+        b"token=\xe9", b"a=1&&token=z&b", b"token=a=b", b"x=1", b"token=%zz", b"=token",
+        b"TOKEN=1", b"token%3Dx=1", b"token;x=1", b"x=1;token=2",
+    ],
+)  # fmt: skip
+def test_the_query_token_is_what_starlette_parses(query):
+    """route.query_token against Starlette's own parser (what request.query_params gives)."""
+    assert route.query_token(query) == QueryParams(query).get("token")
 
 
 async def test_body_over_the_limit_is_413(client, db, settings):

@@ -9,6 +9,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
@@ -41,10 +42,22 @@ UNAUTHORIZED = ApiError(401, {"error": "unauthorized"}, CLOSE)
 
 def check_token(request: Request, settings: Settings) -> None:
     """Before the body is read: a stranger costs one small answer and nothing held."""
-    if settings.webhook_token_list:
-        given = request.query_params.get("token") or request.headers.get("x-webhook-token")
-        if not token_matches(given, settings.webhook_token_list):
+    if tokens := settings.webhook_token_list:
+        given = query_token(request.scope["query_string"]) or request.headers.get("x-webhook-token")
+        if not token_matches(given, tokens):
             raise UNAUTHORIZED
+
+
+def query_token(query: bytes) -> str | None:
+    """The query string's `token`, as Starlette's `request.query_params.get("token")` gives
+    it (the last one, '+' a space, percent-decoded as UTF-8), without building the whole
+    query's multi-dict for one value (about 1 % of a delivery's CPU)."""
+    found = None
+    for pair in query.decode("latin-1").split("&"):
+        name, _, value = pair.partition("=")
+        if unquote(name) == "token":  # a name with "+" (a space) is never "token"
+            found = unquote(value.replace("+", " "))
+    return found
 
 
 async def check_signature(request: Request, raw: bytes, settings: Settings) -> SignatureCheck:
@@ -59,7 +72,7 @@ async def check_signature(request: Request, raw: bytes, settings: Settings) -> S
         tolerance=settings.cmr_signature_tolerance_seconds,
         forms=await request.app.state.signature_forms.accepted(),
     )
-    metrics.SIGNATURES.labels(check.result).inc()
+    metrics.series(metrics.SIGNATURES, check.result).inc()
     if not check.ok and settings.cmr_signature_mode == "enforce":
         raise UNAUTHORIZED
     return check
@@ -138,8 +151,8 @@ def plain_route() -> Route:
 
 
 async def _reject(receiver: Receiver, rejection: Rejection) -> None:
-    metrics.REJECTIONS.labels(rejection.reason).inc()
-    metrics.DELIVERIES.labels(event_label(rejection.event), rejection.reason).inc()
+    metrics.series(metrics.REJECTIONS, rejection.reason).inc()
+    metrics.series(metrics.DELIVERIES, event_label(rejection.event), rejection.reason).inc()
     try:
         await receiver.keep_rejected(rejection)
     except SpoolFull:
@@ -165,8 +178,8 @@ def event_label(event: str | None) -> str:
 
 def _observe(delivery: Delivery, outcome: str, conflict: bool, started: float) -> None:
     elapsed = time.perf_counter() - started
-    metrics.DELIVERIES.labels(event_label(delivery.event), outcome).inc()
-    metrics.LATENCY.labels(outcome).observe(elapsed)
+    metrics.series(metrics.DELIVERIES, event_label(delivery.event), outcome).inc()
+    metrics.series(metrics.LATENCY, outcome).observe(elapsed)
     if conflict:
         metrics.CONFLICTS.inc()
     log.info(
