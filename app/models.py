@@ -119,11 +119,10 @@ class Base(DeclarativeBase):
 class Listed:
     """A table the read API pages through. `created_xid` is the inserting transaction, so
     a walk with a cursor returns exactly the rows committed before it began
-    (reading/queries/paging.py)."""
+    (reading/queries/paging.py). txid_current() is pg_current_xact_id() (epoch and xid)
+    as a bigint already: no text round trip for each row written (migration 0030)."""
 
-    created_xid: Mapped[int] = mapped_column(
-        BigInteger, server_default=text("pg_current_xact_id()::text::bigint")
-    )
+    created_xid: Mapped[int] = mapped_column(BigInteger, server_default=text("txid_current()"))
 
 
 class TimestampMixin:

@@ -83,6 +83,23 @@ async def test_a_delivery_runs_no_trigger(db):
     assert orjson.loads(plan)[0].get("Triggers", []) == []
 
 
+async def test_the_rows_a_delivery_writes_carry_its_transaction_id(db):
+    """created_xid is the writing transaction as pg_snapshot counts it (paging.py reads it
+    so): txid_current() is pg_current_xact_id() without the text round trip (0030)."""
+    sql, args = mailbox_created_statement()
+    mine = (
+        "SELECT (SELECT count(*) FROM events WHERE created_xid = x)"
+        " + (SELECT count(*) FROM subscriptions WHERE created_xid = x)"
+        " + (SELECT count(*) FROM mailboxes WHERE created_xid = x)"
+        " FROM (SELECT pg_current_xact_id()::text::bigint AS x) AS now"
+    )
+    async with db.transaction():
+        before = await db.fetchval(mine)
+        await db.execute(sql, *args)
+        after = await db.fetchval(mine)
+    assert (before, after) == (0, 3)
+
+
 @pytest.mark.parametrize("telling", [False, True])
 async def test_whether_a_mailbox_completes_anything_is_read_only_for_an_outbox(db, telling):
     """may_complete is read only by an outbox that may tell of the delivery: without one,

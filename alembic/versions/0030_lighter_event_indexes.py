@@ -20,6 +20,12 @@ from there to the commit, a moment. On 1,000,000 events (load 7) the three build
 2.4, 1.6 and 0.6 s, `alembic upgrade` 8.8 s in all and the downgrade 8.7 s. Not
 CONCURRENTLY: the migrations run in one transaction, as every index migration here does.
 
+`created_xid`'s default on the tables the read API pages through becomes txid_current():
+the same 64-bit value (epoch and xid) as pg_current_xact_id()::text::bigint, without the
+xid8's text output and bigint input for each row written (10,900 instructions a
+mailbox.created, three rows). A catalog change: ACCESS EXCLUSIVE for a moment, no rewrite
+(existing rows keep their value), whatever the table's size.
+
 Revision ID: 0030
 Revises: 0029
 Create Date: 2026-12-06 17:00:00
@@ -45,9 +51,25 @@ BEFORE = {
     "mailbox": "(payload #>> '{data,mailboxDetails,mailboxId}')",
     "updated_mailbox": "(payload #>> '{data,mailboxId}')",
 }
+# the tables whose rows have a created_xid (models.Listed)
+LISTED = (
+    "credential_reads",
+    "events",
+    "mailboxes",
+    "orders",
+    "rejected_deliveries",
+    "subscriptions",
+)
+XID_BEFORE = "pg_current_xact_id()::text::bigint"
+
+
+def set_xid_default(default: str) -> None:
+    for table in LISTED:
+        op.execute(f"ALTER TABLE {table} ALTER COLUMN created_xid SET DEFAULT {default}")
 
 
 def upgrade() -> None:
+    set_xid_default("txid_current()")
     # built beside the old ones first, so the ACCESS EXCLUSIVE lock that dropping them
     # takes is held only from the drops to the commit
     replaced = {
@@ -64,6 +86,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    set_xid_default(XID_BEFORE)
     for name, expression in BEFORE.items():
         op.execute(
             f"CREATE INDEX ix_events_about_{name}_0008 ON events ({expression}, id)"
