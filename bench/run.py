@@ -439,7 +439,7 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
         delivery = Delivery(envelope, raw, signature, hasher=HASHER)
         version = record.delivery_version(delivery)
         changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
-        writes.append(record.delivery_write(delivery, changes, vault))
+        writes.append(record.delivery_write(delivery, changes, vault, grouped=True))
     return writes
 
 

@@ -19,15 +19,18 @@ from app.hashing import Hasher
 from app.receiving import payloads
 from app.receiving.delivery import Delivery
 from app.receiving.signing import SignatureCheck
-from app.recording.batches import MAX_GROUP, GroupCommit
+from app.recording.batches import MAX_GROUP, GroupCommit, prepare, record_prepared
+from app.recording.record import record
 from app.simulation import traffic
 from tests import streams
 from tests.conftest import (
     FERNET_KEY,
     app_client,
     assert_forwarded_once_and_ready,
+    asyncpg_dsn,
     crm_destination,
     deliver,
+    fresh_database,
     make_settings,
     refuse_doomed_mailboxes,
 )
@@ -262,3 +265,154 @@ async def test_an_order_after_its_mailboxes_tells_them_ready_once_it_is_recorded
         assert (await deliver(c, order)).json()["status"] == "processed"
     told = [orjson.loads(r["payload"]) for r in await db.fetch(ready)]
     assert [(t["orderId"], t["mailboxCount"]) for t in told] == [(order["data"]["orderId"], 2)]
+
+
+# A mailbox.created's mailbox is written by the group's statement insert-only (DO NOTHING);
+# when it was already stored, the full merge follows in the group's transaction
+# (record.insert_only). The row must be the one recording each delivery alone gives.
+Received = tuple[Delivery, Any]
+VOLATILE = {"id", "created_at", "updated_at", "created_xid", "search_written_at"}
+
+
+def mailbox_id(created: dict[str, Any]) -> str:
+    return str(created["data"]["mailboxDetails"]["mailboxId"])
+
+
+def created_again(created: dict[str, Any], **details: Any) -> dict[str, Any]:
+    """Another mailbox.created (another eventId, a new email) of the same mailbox."""
+    again = traffic.mailbox_created(details={"mailboxId": mailbox_id(created), **details})
+    again["data"]["subscriptionId"] = created["data"]["subscriptionId"]
+    return again
+
+
+async def alone(url: str, deliveries: list[Received]) -> list[str]:
+    """Each delivery recorded on its own (record.record: the full upsert), in order."""
+    engine = make_engine(url)
+    try:
+        return [(await record(engine, VAULT, d, m)).status for d, m in deliveries]
+    finally:
+        await engine.dispose()
+
+
+async def grouped(url: str, deliveries: list[Received]) -> list[str]:
+    """The deliveries recorded as one group (batches.record_prepared)."""
+    engine = make_engine(url)
+    try:
+        items = [prepare(VAULT, d, m) for d, m in deliveries]
+        return [getattr(r, "status", repr(r)) for r in await record_prepared(engine, VAULT, items)]
+    finally:
+        await engine.dispose()
+
+
+async def mailbox_row(url: str, box: str) -> dict[str, Any]:
+    """The stored mailbox, its credentials decrypted, without what differs by write time."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        row = dict(await conn.fetchrow("select * from mailboxes where mailbox_id = $1", box))
+    finally:
+        await conn.close()
+    sealed = [c for c in row if c.endswith("_encrypted") and row[c] is not None]
+    return {c: v for c, v in row.items() if c not in VOLATILE} | {
+        c: VAULT.decrypt(row[c]) for c in sealed
+    }
+
+
+VAULT = Vault([FERNET_KEY])
+
+
+async def test_a_mailbox_created_again_in_a_group_merges_as_when_recorded_alone(
+    database_url, db, server_url, template_name
+):
+    """A mailbox created, then edited, then created again (its new email and last name)
+    inside a group: the snapshot's new values land, the edited first name stays, and the
+    row is the one recording each delivery alone gives."""
+    hasher = Hasher(os.urandom(32))
+    created = traffic.mailbox_created()
+    edit = traffic.mailbox_updated(mailbox_id(created), {"firstName": "Edited"})
+    again = created_again(created, firstName="Snap", lastName="Later", userName="later")
+    first, edited, later, other = (
+        received(p, hasher) for p in (created, edit, again, traffic.mailbox_created())
+    )
+    async with fresh_database(server_url, template_name) as each_alone:
+        assert await alone(each_alone, [first, edited, later]) == ["processed"] * 3
+        expected = await mailbox_row(each_alone, mailbox_id(created))
+    assert await alone(database_url, [first, edited]) == ["processed"] * 2
+    before = await mailbox_row(database_url, mailbox_id(created))
+    assert await grouped(database_url, [later, other]) == ["processed"] * 2
+    assert await transactions(db) == 3  # the two alone, the group's (no fallback)
+    row = await mailbox_row(database_url, mailbox_id(created))
+    assert row == expected
+    new = again["data"]["mailboxDetails"]
+    assert (row["email"], row["last_name"], row["user_name"]) == (new["email"], "Later", "later")
+    assert (before["email"], before["last_name"], before["user_name"]) != (
+        new["email"],
+        "Later",
+        "later",
+    )
+    assert row["first_name"] == before["first_name"] == "Edited"  # the edit keeps its field
+
+
+async def test_two_creations_of_one_new_mailbox_in_one_group_both_apply(database_url, db):
+    """Both snapshots of a new mailbox in one group, each naming a field the other leaves
+    out: the first inserts the row, the second's merge follows; each answered processed."""
+    hasher = Hasher(os.urandom(32))
+    created = traffic.mailbox_created(details={"profilePicture": "https://x.example/p.png"})
+    again = created_again(
+        created, userName="named", email=created["data"]["mailboxDetails"]["email"]
+    )
+    deliveries = [received(p, hasher) for p in (created, again)]
+    assert await grouped(database_url, deliveries) == ["processed"] * 2
+    assert await transactions(db) == 1
+    row = await mailbox_row(database_url, mailbox_id(created))
+    assert (row["profile_picture"], row["user_name"]) == ("https://x.example/p.png", "named")
+    count = "select count(*) from mailboxes where mailbox_id = $1"
+    assert await db.fetchval(count, mailbox_id(created)) == 1
+
+
+async def waiting_on_locks(db: asyncpg.Connection) -> int:
+    return int(
+        await db.fetchval(
+            "select count(*) from pg_stat_activity where datname = current_database()"
+            " and application_name = 'coldmail-webhooks' and wait_event_type = 'Lock'"
+        )
+    )
+
+
+async def test_two_groups_creating_one_new_mailbox_at_once_both_apply(database_url, db):
+    """One group inserts the new mailbox and waits, uncommitted, on a row the test holds;
+    a second group creating the same mailbox waits for it, then inserts nothing and merges:
+    the row holds what each snapshot alone names, each delivery answered processed once."""
+    hasher = Hasher(os.urandom(32))
+    held = traffic.mailbox_created()
+    created = traffic.mailbox_created(details={"profilePicture": "https://x.example/p.png"})
+    again = created_again(
+        created, userName="named", email=created["data"]["mailboxDetails"]["email"]
+    )
+    edit = traffic.mailbox_updated(mailbox_id(held), {"firstName": "Edited"})
+    created["eventId"], edit["eventId"] = "0-created", "1-edit"  # the group's order
+    assert await alone(database_url, [received(held, hasher)]) == ["processed"]
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await holder.execute("begin")
+        await holder.execute(
+            "select from mailboxes where mailbox_id = $1 for update", mailbox_id(held)
+        )
+        first = asyncio.ensure_future(
+            grouped(database_url, [received(created, hasher), received(edit, hasher)])
+        )
+        async with asyncio.timeout(60):
+            while await waiting_on_locks(db) < 1:
+                await asyncio.sleep(0.02)
+            second = asyncio.ensure_future(grouped(database_url, [received(again, hasher)]))
+            while await waiting_on_locks(db) < 2:  # the second waits for the first
+                await asyncio.sleep(0.02)
+            assert await db.fetchval("select count(*) from events") == 1  # none committed
+            await holder.execute("rollback")
+            answers = await asyncio.gather(first, second)
+    finally:
+        await holder.close()
+    assert list(answers) == [["processed"] * 2, ["processed"]]
+    row = await mailbox_row(database_url, mailbox_id(created))
+    assert (row["profile_picture"], row["user_name"]) == ("https://x.example/p.png", "named")
+    stored = await db.fetch("select event_id, count(*) n from events group by event_id")
+    assert sorted(r["n"] for r in stored) == [1, 1, 1, 1]

@@ -5,6 +5,7 @@ that writes a row: adding one is a decision to take with bench/run.py --baseline
 
 import os
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from app.receiving.delivery import Delivery
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, record
 from app.simulation import traffic
+from bench import run as bench
 
 # Every index a mailbox.created delivery maintains (event_keys, events, subscriptions,
 # mailboxes): the unique keys, the read API's keyset filters, the detail pages' lookups,
@@ -58,18 +60,20 @@ INDEXES = {
 }
 
 
-def mailbox_created_statement(*, telling: bool = False) -> tuple[str, list[object]]:
+def mailbox_created_statement(
+    *, telling: bool = False, grouped: bool = False, payload: dict[str, Any] | None = None
+) -> tuple[str, list[object]]:
     """The service's own statement for a new mailbox.created delivery, as record.py runs it
-    (`telling`: with an outbox that may tell of it)."""
+    (`telling`: with an outbox that may tell of it; `grouped`: in a group commit)."""
     vault, hasher = Vault([generate_key()]), Hasher(os.urandom(32))
-    raw = orjson.dumps(traffic.mailbox_created())
+    raw = orjson.dumps(payload or traffic.mailbox_created())
     envelope = payloads.parse_envelope(raw, hasher)
     model = payloads.parse_handled(envelope, [])
     assert model is not None
     delivery = Delivery(envelope, raw, SignatureCheck("valid", None, time.time()), hasher=hasher)
     version = record.delivery_version(delivery)
     changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
-    return record.delivery_write(delivery, changes, vault, telling=telling)
+    return record.delivery_write(delivery, changes, vault, telling=telling, grouped=grouped)
 
 
 async def test_a_delivery_runs_no_trigger(db):
@@ -115,6 +119,43 @@ async def test_whether_a_mailbox_completes_anything_is_read_only_for_an_outbox(d
     assert ("completes" in sql) is telling
     # told: its order has no domain that succeeded; not told: true, and no one reads it
     assert row["inserted"] and row["may_complete"] is not telling
+
+
+@pytest.mark.parametrize(
+    ("telling", "grouped"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_only_a_group_that_tells_nothing_inserts_the_mailbox_without_its_merge(telling, grouped):
+    """PostgreSQL builds a DO UPDATE's SET projections at each execution's start, used or not
+    (95,000 instructions for the mailbox's: docs/benchmark.md). The live group statement
+    only inserts the mailbox (its merge follows when it was stored: batches._merged); alone,
+    or when an outbox reads what the upsert completes, the statement merges it itself."""
+    sql, _ = mailbox_created_statement(telling=telling, grouped=grouped)
+    insert_only = grouped and not telling
+    assert ("ON CONFLICT (mailbox_id) DO NOTHING" in sql) is insert_only
+    assert ("ON CONFLICT (mailbox_id) DO UPDATE" in sql) is not insert_only
+    assert "ON CONFLICT (subscription_id) DO UPDATE" in sql  # the subscription's is kept
+    assert ("AS fresh" in sql) is insert_only
+
+
+def test_the_benchmarks_measure_the_live_group_statement():
+    """bench/run.py's DB ceiling, pgbench and bench/instructions.py run what a live group
+    sends: the insert-only mailbox."""
+    sql, _ = bench.service_writes(1)[0]
+    assert "ON CONFLICT (mailbox_id) DO NOTHING" in sql
+
+
+async def test_the_group_statement_says_whether_it_inserted_the_mailbox(db):
+    """`fresh`: the mailbox was new; a second creation of it inserts nothing and changes
+    nothing, its merge left to the group (batches._merged)."""
+    created = traffic.mailbox_created()
+    again = traffic.mailbox_created()
+    again["data"]["mailboxDetails"]["mailboxId"] = created["data"]["mailboxDetails"]["mailboxId"]
+    email = "select email from mailboxes"
+    for payload, fresh in ((created, True), (again, False)):
+        sql, args = mailbox_created_statement(grouped=True, payload=payload)
+        row = await db.fetchrow(sql, *args)
+        assert (row["inserted"], row["fresh"]) == (True, fresh)
+    assert await db.fetchval(email) == created["data"]["mailboxDetails"]["email"]
 
 
 @pytest.mark.parametrize("table", sorted(INDEXES))

@@ -11,11 +11,12 @@ on its own, as its parts are written while the next are encrypted.
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.crypto import Vault
@@ -25,14 +26,17 @@ from app.outbound.messages import forward_many
 from app.receiving import payloads
 from app.receiving.delivery import Delivery, Outcome
 from app.recording import effects
-from app.recording.effects import Effects
+from app.recording.effects import Effects, Row
 from app.recording.forwarding import Forwarded
+from app.recording.merge import Upsert
 from app.recording.record import (
     Outbox,
     delivery_version,
     delivery_write,
     forwarding_of,
+    insert_only,
     record,
+    upsert,
 )
 
 log = logging.getLogger("coldmail.recording")
@@ -142,21 +146,29 @@ async def _together(
 ) -> list[Outcome]:
     """The chosen deliveries in one transaction, one pipelined `fetchmany` per statement
     shape (in eventId order, so that concurrent groups take the events' locks in one
-    order), then the forwarded messages of those newly recorded (one statement for all)
-    and their derived events; their outcomes in the order chosen."""
+    order), then the full merge of each insert-only effect whose row was already stored
+    (record.insert_only), then the forwarded messages of those newly recorded (one
+    statement for all) and their derived events; their outcomes in the order chosen."""
     if not chosen:
         return []
     shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
+    merges: dict[int, tuple[Upsert, list[Row]]] = {}
     ordered = sorted(chosen, key=lambda i: items[i].delivery.event_id or "")
     for i in ordered:
-        telling = outbox is not None and outbox.tells(items[i].changes)
-        sql, args = delivery_write(items[i].delivery, items[i].changes, vault, telling=telling)
+        changes = items[i].changes
+        telling = outbox is not None and outbox.tells(changes)
+        sql, args = delivery_write(items[i].delivery, changes, vault, telling=telling, grouped=True)
         shapes[sql].append((i, args))
+        only = insert_only(changes, telling=telling)
+        if changes is not None and only is not None:
+            merges[i] = changes.upserts[only]
     rows: dict[int, Any] = {}
     async with raw_connection(engine) as conn, conn.transaction():
         for sql, calls in shapes.items():
             found = await conn.fetchmany(sql, [args for _, args in calls])
             rows.update(zip((i for i, _ in calls), found, strict=True))
+        stored = [m for i, m in merges.items() if rows[i]["inserted"] and not rows[i]["fresh"]]
+        await _merged(conn, stored)
         # the new events' forwarded messages, all in one statement (a duplicate has none)
         forwarded = [(rows[i]["id"], items[i].outbound) for i in ordered if rows[i]["inserted"]]
         await forward_many(conn, [[at, *f.arguments()] for at, f in forwarded if f is not None])
@@ -173,6 +185,21 @@ async def _together(
         if conflicts:
             await conn.execute(MARK_CONFLICTS, conflicts)
     return [_outcome(items[i], rows[i]) for i in chosen]
+
+
+async def _merged(conn: asyncpg.Connection, merges: list[tuple[Upsert, list[Row]]]) -> None:
+    """Each effect's full upsert, in the order given: one statement per upsert for all the
+    rows of the group, but a key given again goes to a later statement (a statement cannot
+    update a row twice, and each delivery's merge applies in full)."""
+    seen: Counter[tuple[Upsert, tuple[Any, ...]]] = Counter()
+    rounds: dict[tuple[int, Upsert], list[Row]] = defaultdict(list)
+    for statement, given in merges:
+        for row in given:
+            key = (statement, tuple(row[k] for k in statement.key))
+            rounds[seen[key], statement].append(row)
+            seen[key] += 1
+    for (_, statement), round_rows in rounds.items():
+        await upsert(conn, statement, round_rows)
 
 
 def _outcome(item: Prepared, row: Any) -> Outcome:

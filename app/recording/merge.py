@@ -46,9 +46,14 @@ time is the signed `cmr-x-timestamp` when the signature was valid, else the firs
 `replay` applies a stored event at its stored time.
 A delivery is written by one statement: the event's record, and each upsert below for all
 its rows, applied only when the record is new (record.py); a prewarmup order's mailbox
-snapshots follow in a few parts, in the same transaction. Derived values (an order's
-status, a subscription's quantity and first order) are then recomputed from their parts by
-the plain statement at the end of this module, in the same transaction.
+snapshots follow in a few parts, in the same transaction. In a group commit
+(app/recording/batches.py) a mailbox.created's statement only inserts its mailbox
+(`Upsert.sql(insert_only=True)`); when the mailbox was already stored, its full upsert
+follows in the group's transaction, after the group's other statements: a snapshot and
+an edit combine alike in either order (field_versions), and two snapshots of one mailbox
+still apply in the group's eventId order. Derived values (an order's status, a
+subscription's quantity and first order) are then recomputed from their parts by the
+plain statement at the end of this module, in the same transaction.
 """
 
 import hashlib
@@ -147,12 +152,22 @@ class Upsert:
         return tuple(table.c[c].type.compile(dialect=DIALECT) for c in self.names)
 
     def sql(
-        self, first: int = 1, *, many: bool = True, gate: str | None = None, completes: bool = True
+        self,
+        first: int = 1,
+        *,
+        many: bool = True,
+        gate: str | None = None,
+        completes: bool = True,
+        insert_only: bool = False,
     ) -> str:
         """The statement, its parameters numbered from `$first`: one array per column when
         `many`, else one value per column (cheaper to send). With `gate` (a CTE whose one
         row says `inserted`), it writes only when that is true: effects of a new event.
-        Not `completes`: without RETURNING `completes` (no one would read it)."""
+        Not `completes`: without RETURNING `completes` (no one would read it).
+        `insert_only`: a key already stored is left alone (DO NOTHING), and the key of each
+        row inserted is returned; the caller then applies this same upsert in full to the
+        rows not inserted (record.insert_only). PostgreSQL builds a DO UPDATE's SET
+        projections at each execution's start, used or not (issue 31, docs/benchmark.md)."""
         names = ", ".join(self.names)
         params = [f"${first + i}::{t}{'[]' if many else ''}" for i, t in enumerate(self.types)]
         if many:
@@ -161,18 +176,22 @@ class Upsert:
         else:
             source = f"SELECT {', '.join(params)}"
             source += f" FROM {gate} WHERE {gate}.inserted" if gate else ""
+        where = f" WHERE {self.key_where}" if self.key_where else ""
+        conflict = f"ON CONFLICT ({', '.join(self.key)}){where}"
+        if insert_only:
+            return (
+                f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
+                f"{conflict} DO NOTHING\nRETURNING {', '.join(self.key)}"
+            )
         sets = [f"{c} = {self.combine(c, policy)}" for c, policy in self.columns.items() if policy]
         sets.append("updated_at = now()")
         sets += self.search_written()
-        where = f" WHERE {self.key_where}" if self.key_where else ""
         returning = (
             f"\nRETURNING {self.completes} AS completes" if self.completes and completes else ""
         )
         return (
             f"INSERT INTO {self.table} AS old ({names})\n{source}\n"
-            f"ON CONFLICT ({', '.join(self.key)}){where} DO UPDATE SET\n    "
-            + ",\n    ".join(sets)
-            + returning
+            f"{conflict} DO UPDATE SET\n    " + ",\n    ".join(sets) + returning
         )
 
     def search_written(self) -> list[str]:

@@ -108,6 +108,7 @@ def delivery_statement(
     replay: bool = False,
     forwarded: bool = False,
     telling: bool = False,
+    insert_only: int | None = None,
 ) -> str:
     """The record and every upsert (for one row or `many`), and the outbound messages
     when it is `forwarded`, in one statement: one round trip per delivery. `may_complete`
@@ -115,11 +116,15 @@ def delivery_statement(
     (merge.Upsert.completes): the outbox then need not read whether they did. Only when
     `telling` (an outbox may tell of the effects: Outbox.tells) is that asked; otherwise
     `may_complete` is true and unread, and the statement pays for no RETURNING and no read
-    of order_domains (about a tenth of a mailbox.created statement's CPU, issue 31)."""
+    of order_domains (about a tenth of a mailbox.created statement's CPU, issue 31).
+    `insert_only`: the upsert of that index only inserts (merge.Upsert.sql), and the row
+    also says whether it did (`fresh`; meaningful only when `inserted`)."""
     head, used = (REAPPLY, REAPPLY_PARAMETERS) if replay else (RECORD, RECORD_PARAMETERS)
     parts, first = [head], used + 1
     for i, (statement, many) in enumerate(upserts):
-        sql = statement.sql(first, many=many, gate="recorded", completes=telling)
+        sql = statement.sql(
+            first, many=many, gate="recorded", completes=telling, insert_only=i == insert_only
+        )
         parts.append(f"effect{i} AS ({sql})")
         first += len(statement.names)
     if forwarded:
@@ -134,11 +139,26 @@ def delivery_statement(
         if completes
         else "true"
     )
+    fresh = "" if insert_only is None else f", EXISTS (SELECT FROM effect{insert_only}) AS fresh"
     return (
         "WITH "
         + ",\n".join(parts)
-        + f"\nSELECT id, inserted, conflict, {may_complete} AS may_complete FROM recorded"
+        + f"\nSELECT id, inserted, conflict, {may_complete} AS may_complete{fresh} FROM recorded"
     )
+
+
+def insert_only(changes: Effects | None, *, telling: bool) -> int | None:
+    """Which of the effects a group writes insert-only (delivery_statement), if any: a
+    mailbox.created's mailbox, which is almost always new. Its full upsert then follows in
+    the group's transaction only when the mailbox was already stored (batches._merged), so
+    the statement does not pay for the DO UPDATE it almost never runs. Not when `telling`:
+    an outbox reads what the upsert `completes`."""
+    if telling or changes is None:
+        return None
+    for i, (statement, rows) in enumerate(changes.upserts):
+        if statement is merge.MAILBOX_SNAPSHOT and len(rows) == 1:
+            return i
+    return None
 
 
 def delivery_write(
@@ -148,11 +168,13 @@ def delivery_write(
     outbound: Forwarded | None = None,
     *,
     telling: bool = False,
+    grouped: bool = False,
 ) -> tuple[str, list[Any]]:
     """The one statement that records the delivery and, when it is new (or replayed),
     applies its effects and writes its outbound messages; and its arguments. `telling`:
     an outbox may tell of these effects (Outbox.tells), so the row's `may_complete` is
-    read (delivery_statement)."""
+    read (delivery_statement). `grouped`: written by a group (app/recording/batches.py),
+    which completes an insert-only effect's merge when the row says it is not `fresh`."""
     if delivery.stored is not None:
         args: list[Any] = [delivery.stored.row_id]
     else:
@@ -178,7 +200,11 @@ def delivery_write(
     shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
     replay = delivery.stored is not None
     forwarding = outbound is not None
-    return delivery_statement(shape, replay=replay, forwarded=forwarding, telling=telling), args
+    only = insert_only(changes, telling=telling) if grouped else None
+    sql = delivery_statement(
+        shape, replay=replay, forwarded=forwarding, telling=telling, insert_only=only
+    )
+    return sql, args
 
 
 async def record(
@@ -270,7 +296,8 @@ async def write(
 
 async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -> None:
     """Any number of rows in one round trip."""
-    await conn.execute(statement.sql(many=len(rows) > 1), *statement.parameters(rows))
+    sql = statement.sql(many=len(rows) > 1, completes=False)
+    await conn.execute(sql, *statement.parameters(rows))
 
 
 async def write_with_mailboxes(
