@@ -33,6 +33,7 @@ from app.recording.record import (
     delivery_write,
     forwarding_of,
     record,
+    tells,
 )
 
 log = logging.getLogger("coldmail.recording")
@@ -149,7 +150,7 @@ async def _together(
     shapes: dict[str, list[tuple[int, list[Any]]]] = defaultdict(list)
     ordered = sorted(chosen, key=lambda i: items[i].delivery.event_id or "")
     for i in ordered:
-        telling = outbox is not None and outbox.tells(items[i].changes)
+        telling = tells(outbox, items[i].changes)
         sql, args = delivery_write(items[i].delivery, items[i].changes, vault, telling=telling)
         shapes[sql].append((i, args))
     rows: dict[int, Any] = {}

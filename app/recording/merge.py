@@ -147,7 +147,7 @@ class Upsert:
         return tuple(table.c[c].type.compile(dialect=DIALECT) for c in self.names)
 
     def sql(
-        self, first: int = 1, *, many: bool = True, gate: str | None = None, completes: bool = True
+        self, first: int = 1, *, many: bool = True, gate: str | None = None, completes: bool
     ) -> str:
         """The statement, its parameters numbered from `$first`: one array per column when
         `many`, else one value per column (cheaper to send). With `gate` (a CTE whose one
