@@ -140,6 +140,54 @@ async def test_a_burst_larger_than_a_group_is_split_and_a_later_burst_is_written
     assert sorted(g["n"] for g in groups) == [1, 2, MAX_GROUP]
 
 
+# The test database plays a failure of a group's first try: the first insert into events
+# fails with `sqlstate` (a sequence counts the tries, across rolled-back ones).
+FAIL_FIRST = """
+CREATE SEQUENCE tries;
+CREATE FUNCTION fail_first() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('tries') = 1 THEN
+        RAISE EXCEPTION 'played' USING ERRCODE = '{sqlstate}';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER fail_first BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION fail_first();
+"""
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "away"),
+    [("57P03", True), ("40P01", False)],
+    ids=["the database cannot take it now", "a deadlock"],
+)
+async def test_a_group_the_database_cannot_take_now_is_not_tried_again_one_by_one(
+    database_url, db, sqlstate, away
+):
+    """A group failing because the database cannot take it now (57P03: it is starting or
+    stopping) answers each sender with that failure at once (the route then spools each
+    delivery: "queued"), without trying each again alone against a database that is
+    away. A group that lost a race (a deadlock) is recorded again one by one."""
+    await db.execute(FAIL_FIRST.format(sqlstate=sqlstate))
+    engine, hasher = make_engine(database_url), Hasher(os.urandom(32))
+    committer = GroupCommit(engine, Vault([FERNET_KEY]), window=WIDE_WINDOW_MS / 1000)
+    sent = [received(traffic.mailbox_created(), hasher) for _ in range(4)]
+    try:
+        async with asyncio.timeout(60):
+            answered = await asyncio.gather(
+                *(committer.record(d, m) for d, m in sent), return_exceptions=True
+            )
+    finally:
+        await engine.dispose()
+    if away:
+        assert [getattr(a, "sqlstate", None) for a in answered] == [sqlstate] * 4
+        assert await db.fetchval("select last_value from tries") == 1
+        assert await db.fetchval("select count(*) from events") == 0
+    else:
+        assert [getattr(a, "status", None) for a in answered] == ["processed"] * 4
+        assert await db.fetchval("select last_value from tries") == 1 + 4
+        assert await transactions(db) == 4
+
+
 def telling_crm(
     database_url: str,
     tmp_path: Path,

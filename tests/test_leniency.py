@@ -6,6 +6,7 @@ from typing import Any
 import orjson
 import pytest
 
+from app.recording import record
 from app.simulation import traffic as factories
 from tests.conftest import OPS_TOKEN, deliver, refuse_doomed_mailboxes
 
@@ -135,3 +136,36 @@ async def test_a_large_order_failing_at_its_last_mailbox_leaves_nothing_half_wri
     await db.execute("drop trigger refuse on mailboxes")
     assert (await deliver(client, payload)).json()["status"] == "processed"
     assert await db.fetchval("select count(*) from mailboxes") == 400
+
+
+class SealingFailed(Exception):
+    pass
+
+
+async def test_an_order_failing_while_a_part_is_written_is_kept_with_its_own_cause(
+    client, db, monkeypatch
+):
+    """A failure between two parts of an order (here: sealing the second part's
+    credentials, while the first part's statement runs) waits for that statement, so the
+    transaction rolls back cleanly: the sender is answered 500 and the delivery kept as
+    rejected with its own cause, not spooled for a connection left mid-statement."""
+    payload = factories.prewarmup_success(domains=3, per_domain=50)  # two parts: record.parts
+    sealing = record.sealed
+    parts = []
+
+    def sealed(vault, mailboxes):
+        parts.append(len(mailboxes))
+        if len(parts) == 2:
+            raise SealingFailed()
+        return sealing(vault, mailboxes)
+
+    monkeypatch.setattr(record, "sealed", sealed)
+    response = await deliver(client, payload)
+    assert response.status_code == 500 and parts == [100, 50]
+    errors = orjson.loads(await db.fetchval("select errors from rejected_deliveries"))
+    assert errors[0]["type"] == "SealingFailed"
+    for table in ("events", "orders", "subscriptions", "mailboxes"):
+        assert await db.fetchval(f"select count(*) from {table}") == 0, table
+    monkeypatch.undo()
+    assert (await deliver(client, payload)).json()["status"] == "processed"
+    assert await db.fetchval("select count(*) from mailboxes") == 150

@@ -187,6 +187,8 @@ async def test_types_wildcards_and_customers_choose_what_each_destination_gets(
     order = traffic.mailbox_order_success()
     mine = traffic.mailbox_created(userId="u-mine")
     spaced = traffic.mailbox_created(userId=" u-mine ")  # the customer as we keep it
+    # the same for an order, which is recorded alone (record.record, not a group)
+    spaced_order = traffic.mailbox_order_success(userId=" u-mine ")
     # a type we do not model names its customer in its data; another customer's goes nowhere
     frozen = traffic.envelope("mailbox.frozen", {"mailboxId": "mb1", "userId": "u-mine"})
     others = traffic.envelope("mailbox.frozen", {"mailboxId": "mb2", "userId": "u-other"})
@@ -199,13 +201,15 @@ async def test_types_wildcards_and_customers_choose_what_each_destination_gets(
         declared("warmups", "https://warmups.example.com/h", events=["mailbox.warmup.*"]),
     )
     async with recording(database_url, path) as (client, _):
-        await deliver_all(client, [order, mine, spaced, frozen, others, warmup])
+        await deliver_all(client, [order, mine, spaced, spaced_order, frozen, others, warmup])
     sent = [(r["destination"], r["type"], r["user_id"]) for r in await messages(db)]
     assert sorted(sent) == [
         ("mine", "mailbox.created", "u-mine"),
         ("mine", "mailbox.created", "u-mine"),
         ("mine", "mailbox.frozen", "u-mine"),
+        ("mine", "mailbox.order.success", "u-mine"),
         ("orders", "mailbox.order.success", order["data"]["userId"]),
+        ("orders", "mailbox.order.success", "u-mine"),
         ("warmups", "mailbox.warmup.started", None),
     ]
 

@@ -36,6 +36,7 @@ from app.recording.record import (
     forwarding_of,
     insert_only,
     record,
+    tells,
     upsert,
 )
 
@@ -156,7 +157,7 @@ async def _together(
     ordered = sorted(chosen, key=lambda i: items[i].delivery.event_id or "")
     for i in ordered:
         changes = items[i].changes
-        telling = outbox is not None and outbox.tells(changes)
+        telling = tells(outbox, changes)
         sql, args = delivery_write(items[i].delivery, changes, vault, telling=telling, grouped=True)
         shapes[sql].append((i, args))
         only = insert_only(changes, telling=telling)

@@ -157,7 +157,7 @@ class Upsert:
         *,
         many: bool = True,
         gate: str | None = None,
-        completes: bool = True,
+        completes: bool,
         insert_only: bool = False,
     ) -> str:
         """The statement, its parameters numbered from `$first`: one array per column when

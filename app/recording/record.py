@@ -199,10 +199,12 @@ def delivery_write(
         args += outbound.arguments()
     shape = tuple((statement, len(rows) > 1) for statement, rows in upserts)
     replay = delivery.stored is not None
-    forwarding = outbound is not None
-    only = insert_only(changes, telling=telling) if grouped else None
     sql = delivery_statement(
-        shape, replay=replay, forwarded=forwarding, telling=telling, insert_only=only
+        shape,
+        replay=replay,
+        forwarded=outbound is not None,
+        telling=telling,
+        insert_only=insert_only(changes, telling=telling) if grouped else None,
     )
     return sql, args
 
@@ -258,6 +260,12 @@ def forwarding_of(
     )
 
 
+def tells(outbox: Outbox | None, changes: Effects | None) -> bool:
+    """Whether there is an outbox and it may tell of these effects (Outbox.tells): the
+    delivery is then written in a transaction and its row's `may_complete` is read."""
+    return outbox is not None and outbox.tells(changes)
+
+
 async def write(
     conn: asyncpg.Connection,
     delivery: Delivery,
@@ -270,7 +278,7 @@ async def write(
     and derived values follow in the same transaction, or may cause a derived event (the
     outbox writes it in the same transaction, when the event is new)."""
     ordered = changes is not None and changes.order_id is not None
-    telling = outbox is not None and outbox.tells(changes)
+    telling = tells(outbox, changes)
     sql, args = delivery_write(delivery, changes, vault, outbound, telling=telling)
     if not ordered and not telling:
         row = await conn.fetchrow(sql, *args)
@@ -296,7 +304,7 @@ async def write(
 
 async def upsert(conn: asyncpg.Connection, statement: Upsert, rows: list[Row]) -> None:
     """Any number of rows in one round trip."""
-    sql = statement.sql(many=len(rows) > 1, completes=False)
+    sql = statement.sql(many=len(rows) > 1, completes=False)  # no row is read
     await conn.execute(sql, *statement.parameters(rows))
 
 
