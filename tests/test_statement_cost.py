@@ -17,7 +17,6 @@ from app.receiving.delivery import Delivery
 from app.receiving.signing import SignatureCheck
 from app.recording import effects, record
 from app.simulation import traffic
-from bench import run as bench
 
 # Every index a mailbox.created delivery maintains (event_keys, events, subscriptions,
 # mailboxes): the unique keys, the read API's keyset filters, the detail pages' lookups,
@@ -138,13 +137,6 @@ def test_only_a_group_that_tells_nothing_inserts_the_mailbox_without_its_merge(t
     assert ("ON CONFLICT (mailbox_id) DO UPDATE" in sql) is not insert_only
     assert "ON CONFLICT (subscription_id) DO UPDATE" in sql  # the subscription's is kept
     assert ("AS fresh" in sql) is insert_only
-
-
-def test_the_benchmarks_measure_the_live_group_statement():
-    """bench/run.py's DB ceiling, pgbench and bench/instructions.py run what a live group
-    sends: the insert-only mailbox."""
-    sql, _ = bench.service_writes(1)[0]
-    assert "ON CONFLICT (mailbox_id) DO NOTHING" in sql
 
 
 async def test_the_group_statement_says_whether_it_inserted_the_mailbox(db):
