@@ -385,18 +385,21 @@ async def count_events(url: str) -> int:
 # --- the rows ---------------------------------------------------------------------------
 
 
-def bench_service(run: Run, workers: int, events: int) -> None:
+def bench_service(run: Run, workers: int, events: int, limited: str = "") -> None:
+    """The service's rows: `events` through simulate (none: no such row), then wrk;
+    `limited` ends their names."""
     port = free_port()
     command = [*CLI, "serve", "--port", str(port), "--workers", str(workers)]
-    log = run.out / f"service-{workers}.log"
+    log = run.out / f"service-{workers}{limited.replace(' ', '-')}.log"
     with (
         scratch_database(f"service_{workers}") as url,
         server(command, service_env(url), port, "/readyz", log) as proc,
     ):
         simulate(run, port, 500)  # warm-up
-        report, failures = simulate(run, port, events)
-        figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
-        run.add(f"service, {workers} worker(s), simulate", figures, failures)
+        if events:
+            report, failures = simulate(run, port, events)
+            figures = {k: report[k] for k in ("events_per_second", "p50_ms", "p99_ms")}
+            run.add(f"service, {workers} worker(s), simulate{limited}", figures, failures)
         before = asyncio.run(count_events(url))
         lines = 8000 * run.seconds
         signed_lines(run.out / f"wrk-{port}.tsv", lines)
@@ -408,7 +411,7 @@ def bench_service(run: Run, workers: int, events: int) -> None:
         stored = asyncio.run(count_events(url)) - before
         if stored < report["requests"]:
             failures.append(f"{report['requests']} answered, {stored} events processed")
-        run.add(f"service, {workers} worker(s), wrk", figures, failures)
+        run.add(f"service, {workers} worker(s), wrk{limited}", figures, failures)
 
 
 def bench_http_ceiling(run: Run, workers: int) -> None:
@@ -472,15 +475,89 @@ async def db_ceiling_run(url: str, writes: list[tuple[str, list[Any]]]) -> dict[
     } | cpu.per_event(len(ms))
 
 
-def bench_db_ceiling(run: Run) -> tuple[str, list[Any]]:
+def bench_db_ceiling(run: Run, limited: str = "") -> tuple[str, list[Any]]:
     writes = service_writes(2000 * run.seconds)
     with scratch_database("db", migrated=True) as url:
         try:
             figures, failures = asyncio.run(db_ceiling_run(url, writes)), []
         except (AssertionError, asyncpg.PostgresError) as error:
             figures, failures = {}, [repr(error)]
-    run.add("DB ceiling: the service's statement, asyncpg", figures, failures)
+    run.add(f"DB ceiling: the service's statement, asyncpg{limited}", figures, failures)
     return writes[0]
+
+
+# --- the database as the limit ------------------------------------------------------------
+
+CGROUPS = Path("/sys/fs/cgroup")
+# A short quota period: a throttled database stalls for at most (1 - cpus) x 5 ms at a
+# time (Kubernetes' CPU limits use 100 ms, whose stalls would dwarf a delivery's latency).
+QUOTA_PERIOD_US = 5000
+
+
+def quota_files(cpus: float, root: Path = CGROUPS) -> dict[str, str]:
+    """What confines a cgroup to `cpus` CPUs: cgroup v2's cpu.max, else v1's CFS quota."""
+    quota = str(round(cpus * QUOTA_PERIOD_US))
+    if (root / "cgroup.controllers").exists():
+        return {"cpu.max": f"{quota} {QUOTA_PERIOD_US}"}
+    return {"cpu.cfs_period_us": str(QUOTA_PERIOD_US), "cpu.cfs_quota_us": quota}
+
+
+def move(pids: Iterable[int], procs: Path) -> None:
+    """Each process into the cgroup of `procs` (one that has exited meanwhile is skipped)."""
+    for pid in pids:
+        try:
+            procs.write_text(str(pid))
+        except ProcessLookupError:
+            pass
+
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup a process is in: in the hierarchy of the cpu controller (cgroup v1), else
+    in the unified one (v2)."""
+    lines = [line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    v1 = [path for _, controllers, path in lines if "cpu" in controllers.split(",")]
+    return v1[0] if v1 else next(path for _, controllers, path in lines if not controllers)
+
+
+@contextmanager
+def database_cpus(cpus: float, postmaster_pid: int, root: Path = CGROUPS) -> Iterator[Path]:
+    """The database server held to `cpus` CPUs while the block runs, as a server of its own
+    of that size would be: the postmaster and its processes in a cgroup with a CPU quota
+    inside their own (the backends it forks meanwhile are born in it); moved back after.
+    OSError when this machine does not allow it (no cgroup file system, not root)."""
+    v2 = (root / "cgroup.controllers").exists()
+    home = (root if v2 else root / "cpu") / cgroup_of(postmaster_pid).lstrip("/")
+    if v2:
+        (home.parent / "cgroup.subtree_control").write_text("+cpu")
+    group = home / f"cmw-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        for name, value in quota_files(cpus, root).items():
+            (group / name).write_text(value)
+        move([postmaster_pid, *children(postmaster_pid)], group / "cgroup.procs")
+        yield group
+    finally:  # again while the postmaster forks a backend into the group meanwhile
+        while pids := (group / "cgroup.procs").read_text().split():
+            move(map(int, pids), home / "cgroup.procs")
+        group.rmdir()
+
+
+def bench_database_bound(run: Run, cpus: float) -> None:
+    """The service (one and two workers) and the DB ceiling again, the database server held
+    to `cpus` CPUs: where the database is the limit, as on a server of its own, how the
+    service's group commit compares with the one-statement ceiling. Not measured (and
+    said why) where the database is elsewhere or this machine allows no CPU quota."""
+    limited = f", database at {cpus:g} CPU"
+    try:
+        pid = asyncio.run(postmaster(SERVER))
+        if pid is None:
+            raise OSError("the database server is not on this machine")
+        with database_cpus(cpus, pid, CGROUPS):
+            for workers in (1, 2):
+                bench_service(run, workers, 0, limited)
+            bench_db_ceiling(run, limited)
+    except OSError as error:
+        print(f"database-bound rows not measured: {error}")
 
 
 def literal(value: Any, keys: dict[str, str]) -> str:
@@ -763,11 +840,26 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         if service and rate.get(name):
             result[label] = round(service / rate[name], 2)
     result |= cpu_ratios({r["name"]: r for r in rows})
+    result |= database_bound_ratios(rate)
     for r in rows:  # bench/outbound.py: with two destinations, against none (in turns)
         if "vs_none" in r:
             result["ingest with two destinations / none, events/s"] = r["vs_none"]
             result["ingest with two destinations / none, p99"] = r["p99_vs_none"]
             result["ingest with two destinations / none, CPU per delivery"] = r["cpu_vs_none"]
+    return result
+
+
+def database_bound_ratios(rate: dict[str, float | None]) -> dict[str, float]:
+    """Service / DB ceiling where both ran with the database held to a few CPUs."""
+    result = {}
+    for name, ceiling in rate.items():
+        if name.startswith("DB ceiling") and ", database at " in name and ceiling:
+            limited = name[name.index(", database at ") :]
+            for workers in (1, 2):
+                service = rate.get(f"service, {workers} worker(s), wrk{limited}")
+                if service:
+                    label = f"service({workers}w, wrk) / DB ceiling{limited}"
+                    result[label] = round(service / ceiling, 2)
     return result
 
 
@@ -801,6 +893,12 @@ def main() -> int:
     )
     parser.add_argument("--pairs", type=int, default=2, help="with --baseline: runs per side")
     parser.add_argument(
+        "--database-cpus",
+        type=float,
+        default=1.0,
+        help="the database-bound rows: the database server held to this many CPUs (0: none)",
+    )
+    parser.add_argument(
         "--drop-leftovers",
         action="store_true",
         help="instead: drop the scratch databases of runs that were killed",
@@ -830,6 +928,8 @@ def main() -> int:
     for workers in (1, 2):
         bench_http_ceiling(run, workers)
     bench_physical_limit(run, bench_db_ceiling(run))
+    if args.database_cpus:
+        bench_database_bound(run, args.database_cpus)
     bench_spooling(run)
     bench_drain(run, args.drain_deliveries)
     bench_prewarmup_page_memory(run, args.memory_events)
