@@ -442,7 +442,8 @@ def service_writes(count: int) -> list[tuple[str, list[Any]]]:
         delivery = Delivery(envelope, raw, signature, hasher=HASHER)
         version = record.delivery_version(delivery)
         changes = effects.of(model, vault=vault, when=delivery.event_time, version=version)
-        writes.append(record.delivery_write(delivery, changes, vault, grouped=True))
+        only = record.insert_only(changes, telling=False)  # as a group writes it
+        writes.append(record.delivery_write(delivery, changes, vault, insert_only=only))
     return writes
 
 
@@ -497,7 +498,7 @@ QUOTA_PERIOD_US = 5000
 def quota_files(cpus: float, root: Path = CGROUPS) -> dict[str, str]:
     """What confines a cgroup to `cpus` CPUs: cgroup v2's cpu.max, else v1's CFS quota."""
     quota = str(round(cpus * QUOTA_PERIOD_US))
-    if (root / "cgroup.controllers").exists():
+    if cpu_hierarchy(root) == root:
         return {"cpu.max": f"{quota} {QUOTA_PERIOD_US}"}
     return {"cpu.cfs_period_us": str(QUOTA_PERIOD_US), "cpu.cfs_quota_us": quota}
 
@@ -509,6 +510,11 @@ def move(pids: Iterable[int], procs: Path) -> None:
             procs.write_text(str(pid))
         except ProcessLookupError:
             pass
+
+
+def cpu_hierarchy(root: Path = CGROUPS) -> Path:
+    """Where the cgroups of the cpu controller are: the unified hierarchy (v2), else v1's."""
+    return root if (root / "cgroup.controllers").exists() else root / "cpu"
 
 
 def cgroup_of(pid: int) -> str:
@@ -525,21 +531,41 @@ def database_cpus(cpus: float, postmaster_pid: int, root: Path = CGROUPS) -> Ite
     of that size would be: the postmaster and its processes in a cgroup with a CPU quota
     inside their own (the backends it forks meanwhile are born in it); moved back after.
     OSError when this machine does not allow it (no cgroup file system, not root)."""
-    v2 = (root / "cgroup.controllers").exists()
-    home = (root if v2 else root / "cpu") / cgroup_of(postmaster_pid).lstrip("/")
-    if v2:
-        (home.parent / "cgroup.subtree_control").write_text("+cpu")
+    hierarchy = cpu_hierarchy(root)
+    home = hierarchy / cgroup_of(postmaster_pid).lstrip("/")
+    if hierarchy == root:  # v2: refused (EBUSY) unless home is the root or holds no process
+        (home / "cgroup.subtree_control").write_text("+cpu")
     group = home / f"cmw-bench-{os.getpid()}"
     group.mkdir()
+    print(f"the database server held to {cpus:g} CPU in {group}", flush=True)
     try:
         for name, value in quota_files(cpus, root).items():
             (group / name).write_text(value)
         move([postmaster_pid, *children(postmaster_pid)], group / "cgroup.procs")
         yield group
-    finally:  # again while the postmaster forks a backend into the group meanwhile
-        while pids := (group / "cgroup.procs").read_text().split():
-            move(map(int, pids), home / "cgroup.procs")
-        group.rmdir()
+    finally:
+        release(group)
+
+
+def release(group: Path) -> None:
+    """Every process of the cgroup back into its parent, the cgroup removed; again while the
+    postmaster forks a backend into it meanwhile, a few times (then rmdir fails: EBUSY)."""
+    for _ in range(10):
+        if not (pids := (group / "cgroup.procs").read_text().split()):
+            break
+        move(map(int, pids), group.parent / "cgroup.procs")
+    group.rmdir()
+
+
+def release_leftovers(root: Path = CGROUPS) -> list[Path]:
+    """Releases the database server from the cgroups of killed runs (a run killed outright
+    leaves it held to a few CPUs)."""
+    released = []
+    for group in sorted(root.glob("**/cmw-bench-*")):
+        if group.is_dir() and not pid_running(int(group.name.rsplit("-", 1)[1])):
+            release(group)
+            released.append(group)
+    return released
 
 
 def bench_database_bound(run: Run, cpus: float) -> None:
@@ -813,12 +839,12 @@ async def fill_mailboxes(url: str, count: int) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'measurement':52}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    print(f"\n{'measurement':66}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
     for r in rows:
         eps = "" if r["events_per_second"] is None else f"{r['events_per_second']:.0f}"
         p50 = "" if r["p50_ms"] is None else r["p50_ms"]
         p99 = "" if r["p99_ms"] is None else r["p99_ms"]
-        print(f"{r['name']:52}{eps:>10}{p50:>9}{p99:>9}{r['failed']:>8}")
+        print(f"{r['name']:66}{eps:>10}{p50:>9}{p99:>9}{r['failed']:>8}")
         rss = {k: v for k, v in r.items() if k.startswith("rss_")}
         if rss:
             print("    " + ", ".join(f"{k[4:-3].replace('_', ' ')} {v} MB" for k, v in rss.items()))
@@ -901,11 +927,13 @@ def main() -> int:
     parser.add_argument(
         "--drop-leftovers",
         action="store_true",
-        help="instead: drop the scratch databases of runs that were killed",
+        help="instead: drop the scratch databases of runs that were killed (and release the"
+        " database server from their CPU quota)",
     )
     args = parser.parse_args()
     if args.drop_leftovers:
         print("\n".join(f"dropped {name}" for name in asyncio.run(drop_leftovers())))
+        print("\n".join(f"released the database from {group}" for group in release_leftovers()))
         return 0
     stop_on_sigterm()
     if args.baseline:

@@ -4,6 +4,8 @@ not allow it, the rows are left out and the run says why."""
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -47,6 +49,35 @@ def test_the_database_and_the_backends_it_forks_are_held_then_set_free(database_
     assert not group.exists()
     assert bench.cgroup_of(postmaster) == home
     assert asyncio.run(backend_cgroup(url)) == home
+
+
+def test_a_killed_run_s_hold_is_released_by_drop_leftovers_and_a_live_run_s_is_kept():
+    if os.geteuid() != 0 or not bench.CGROUPS.exists():
+        pytest.skip("cgroups are not writable here")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    sleeper = subprocess.Popen(["sleep", "60"])
+    home = bench.cgroup_of(sleeper.pid)
+    hierarchy = bench.cpu_hierarchy()
+    killed = hierarchy / home.lstrip("/") / f"cmw-bench-{gone.stdout.strip()}"
+    live = hierarchy / home.lstrip("/") / f"cmw-bench-{os.getpid()}"
+    try:
+        killed.mkdir()
+        live.mkdir()
+        (killed / "cgroup.procs").write_text(str(sleeper.pid))
+        assert bench.release_leftovers() == [killed]
+        assert not killed.exists() and live.exists()
+        assert bench.cgroup_of(sleeper.pid) == home
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for group in (killed, live):
+            if group.exists():
+                bench.release(group)
 
 
 def test_the_rows_are_left_out_with_the_reason_where_the_machine_allows_no_quota(

@@ -75,7 +75,8 @@ def mailbox_created_statement(
     # built here, not taken from the cache an earlier test filled: mutmut runs a mutant of
     # merge.Upsert.sql with only the tests it saw call it
     record.delivery_statement.cache_clear()
-    return record.delivery_write(delivery, changes, vault, telling=telling, grouped=grouped)
+    only = record.insert_only(changes, telling=telling) if grouped else None
+    return record.delivery_write(delivery, changes, vault, telling=telling, insert_only=only)
 
 
 async def test_a_delivery_runs_no_trigger(db):

@@ -158,9 +158,11 @@ async def _together(
     for i in ordered:
         changes = items[i].changes
         telling = tells(outbox, changes)
-        sql, args = delivery_write(items[i].delivery, changes, vault, telling=telling, grouped=True)
-        shapes[sql].append((i, args))
         only = insert_only(changes, telling=telling)
+        sql, args = delivery_write(
+            items[i].delivery, changes, vault, telling=telling, insert_only=only
+        )
+        shapes[sql].append((i, args))
         if changes is not None and only is not None:
             merges[i] = changes.upserts[only]
     rows: dict[int, Any] = {}

@@ -168,13 +168,13 @@ def delivery_write(
     outbound: Forwarded | None = None,
     *,
     telling: bool = False,
-    grouped: bool = False,
+    insert_only: int | None = None,
 ) -> tuple[str, list[Any]]:
     """The one statement that records the delivery and, when it is new (or replayed),
     applies its effects and writes its outbound messages; and its arguments. `telling`:
     an outbox may tell of these effects (Outbox.tells), so the row's `may_complete` is
-    read (delivery_statement). `grouped`: written by a group (app/recording/batches.py),
-    which completes an insert-only effect's merge when the row says it is not `fresh`."""
+    read (delivery_statement). `insert_only`: the effect a group writes insert-only
+    (app/recording/batches.py completes its merge when the row says it is not `fresh`)."""
     if delivery.stored is not None:
         args: list[Any] = [delivery.stored.row_id]
     else:
@@ -204,7 +204,7 @@ def delivery_write(
         replay=replay,
         forwarded=outbound is not None,
         telling=telling,
-        insert_only=insert_only(changes, telling=telling) if grouped else None,
+        insert_only=insert_only,
     )
     return sql, args
 
