@@ -464,3 +464,19 @@ async def test_two_groups_creating_one_new_mailbox_at_once_both_apply(database_u
     assert (row["profile_picture"], row["user_name"]) == ("https://x.example/p.png", "named")
     stored = await db.fetch("select event_id, count(*) n from events group by event_id")
     assert sorted(r["n"] for r in stored) == [1, 1, 1, 1]
+
+
+async def test_a_duplicate_in_a_group_leaves_its_mailbox_as_it_was(database_url, db):
+    """A delivery recorded already changes nothing, even in a group that merges the
+    mailboxes stored before it: the row stays byte for byte (its time, its sealed
+    credentials), while the new delivery beside it is applied."""
+    created, fresh = traffic.mailbox_created(), traffic.mailbox_created()
+    read = "select * from mailboxes where mailbox_id = $1"
+    async with app_client(make_settings(database_url, group_commit_window_ms=WIDE_WINDOW_MS)) as c:
+        assert (await deliver(c, created)).json()["status"] == "processed"
+        before = dict(await db.fetchrow(read, mailbox_id(created)))
+        answers = [a.json()["status"] for a in await burst(c, [created, fresh])]
+    assert answers == ["duplicate", "processed"]
+    assert await transactions(db) == 1  # the duplicate counted and the new event: one group
+    assert dict(await db.fetchrow(read, mailbox_id(created))) == before
+    assert await db.fetchval(read.replace("*", "count(*)"), mailbox_id(fresh)) == 1
