@@ -932,8 +932,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.drop_leftovers:
-        print("\n".join(f"dropped {name}" for name in asyncio.run(drop_leftovers())))
-        print("\n".join(f"released the database from {group}" for group in release_leftovers()))
+        done = [f"dropped {name}" for name in asyncio.run(drop_leftovers())]
+        done += [f"released the database from {group}" for group in release_leftovers()]
+        print("\n".join(done) or "nothing left behind by killed runs")
         return 0
     stop_on_sigterm()
     if args.baseline:
