@@ -547,14 +547,27 @@ def database_cpus(cpus: float, postmaster_pid: int, root: Path = CGROUPS) -> Ite
         release(group)
 
 
-def release(group: Path) -> None:
-    """Every process of the cgroup back into its parent, the cgroup removed; again while the
-    postmaster forks a backend into it meanwhile, a few times (then rmdir fails: EBUSY)."""
-    for _ in range(10):
-        if not (pids := (group / "cgroup.procs").read_text().split()):
-            break
+def release(group: Path, wait: float = 10) -> None:
+    """Every process of the cgroup back into its parent, the cgroup removed: again while the
+    postmaster forks a backend into it meanwhile, or one that exited is not yet reaped (it
+    cannot be moved, and holds the cgroup until it is); for `wait` seconds at most, then
+    OSError naming the cgroup and the processes left in it."""
+    deadline = time.monotonic() + wait
+    while (pids := (group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
         move(map(int, pids), group.parent / "cgroup.procs")
+        time.sleep(0.01)
+    if pids:
+        left = ", ".join(f"{pid} {read_stat(int(pid))}" for pid in pids)
+        raise OSError(f"{group}: these processes would not leave it: {left}")
     group.rmdir()
+
+
+def read_stat(pid: int) -> str:
+    """A process's name and state, as /proc shows them (`(postgres) Z`)."""
+    try:
+        return " ".join(Path(f"/proc/{pid}/stat").read_text().split()[1:3])
+    except OSError:
+        return "(gone)"
 
 
 def release_leftovers(root: Path = CGROUPS) -> list[Path]:
