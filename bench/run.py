@@ -13,6 +13,7 @@ answer in any row is printed, and the run exits 1: such a run is not a figure.
 
 import argparse
 import asyncio
+import errno
 import os
 import random
 import re
@@ -549,17 +550,24 @@ def database_cpus(cpus: float, postmaster_pid: int, root: Path = CGROUPS) -> Ite
 
 def release(group: Path, wait: float = 10) -> None:
     """Every process of the cgroup back into its parent, the cgroup removed: again while the
-    postmaster forks a backend into it meanwhile, or one that exited is not yet reaped (it
-    cannot be moved, and holds the cgroup until it is); for `wait` seconds at most, then
-    OSError naming the cgroup and the processes left in it."""
+    postmaster forks a backend into it meanwhile, or while the kernel still counts one that
+    has just exited (rmdir: EBUSY); for `wait` seconds at most, then OSError naming the
+    cgroup and any process left in it."""
     deadline = time.monotonic() + wait
-    while (pids := (group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
-        move(map(int, pids), group.parent / "cgroup.procs")
+    while True:
+        if pids := (group / "cgroup.procs").read_text().split():
+            move(map(int, pids), group.parent / "cgroup.procs")
+        else:
+            try:
+                group.rmdir()
+                return
+            except OSError as error:
+                if error.errno != errno.EBUSY:
+                    raise
+        if time.monotonic() > deadline:
+            left = ", ".join(f"{pid} {read_stat(int(pid))}" for pid in pids) or "none listed"
+            raise OSError(f"{group} stays busy; processes in it: {left}")
         time.sleep(0.01)
-    if pids:
-        left = ", ".join(f"{pid} {read_stat(int(pid))}" for pid in pids)
-        raise OSError(f"{group}: these processes would not leave it: {left}")
-    group.rmdir()
 
 
 def read_stat(pid: int) -> str:
