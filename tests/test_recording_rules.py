@@ -509,6 +509,9 @@ async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(databa
         second = created | {"data": created["data"] | {"domain": "second-content.com"}}
         conflicting = (await deliver(client, second)).json()  # a second content of its eventId
         assert (conflicting["status"], conflicting["conflict"]) == ("processed", True)
+        params = {"eventId": created["eventId"]}
+        both = (await client.get("/api/v1/events", headers=OPS, params=params)).json()["items"]
+        assert [e["conflict"] for e in both] == [True, True]  # the first content marked too
         stored = []
         for payload in (unknown, created):
             params = {"eventId": payload["eventId"]}
