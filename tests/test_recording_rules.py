@@ -10,8 +10,14 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from app.hashing import Hasher
+from app.receiving import payloads
+from app.receiving.delivery import Delivery
+from app.receiving.signing import SignatureCheck
+from app.recording.record import delivery_version
 from app.simulation import traffic
 from tests import streams
 from tests.conftest import app_client, deliver, make_settings
@@ -491,6 +497,29 @@ async def test_an_edit_sent_a_second_later_wins_though_it_arrives_first_and_its_
     earlier["eventId"], later["eventId"] = "ZZZZ-" + earlier["eventId"], "AAAA-" + later["eventId"]
     await delivered(client, created, later, earlier)
     assert (await read(client, f"mailboxes/{box}"))["firstName"] == "Later"
+
+
+def test_a_tie_in_time_goes_to_the_larger_event_id_whatever_the_contents_hashes_say():
+    """The API test of two edits in one second cannot choose how their contents' keyed
+    hashes sort (the key is each database's own): here, with a key of its own, the larger
+    eventId's content sorts first, and the larger eventId still wins the tie. The hashes
+    decide only between two contents of one eventId."""
+    hasher, at = Hasher(b"k" * 32), time.time()
+
+    def sent(event_id: str, name: str) -> Delivery:
+        payload = traffic.mailbox_updated("mb-tie", {"lastName": name}) | {"eventId": event_id}
+        raw = orjson.dumps(payload)
+        envelope = payloads.parse_envelope(raw, hasher)
+        return Delivery(envelope, raw, SignatureCheck("valid", None, at), hasher=hasher)
+
+    smaller = sent("AAAA-tie", "Smaller")
+    larger = next(
+        d
+        for d in (sent("ZZZZ-tie", f"Larger{n}") for n in range(200))
+        if d.content_hash[:8] < smaller.content_hash[:8]
+    )
+    assert larger.event_time == smaller.event_time
+    assert delivery_version(larger) > delivery_version(smaller)
 
 
 async def test_each_delivery_recorded_alone_is_stored_with_its_own_status(database_url, capsys):
