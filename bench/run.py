@@ -582,7 +582,7 @@ def release_leftovers(root: Path = CGROUPS) -> list[Path]:
     """Releases the database server from the cgroups of killed runs (a run killed outright
     leaves it held to a few CPUs)."""
     released = []
-    for group in sorted(root.glob("**/cmw-bench-*")):
+    for group in sorted(cpu_hierarchy(root).glob("**/cmw-bench-*")):
         if group.is_dir() and not pid_running(int(group.name.rsplit("-", 1)[1])):
             release(group)
             released.append(group)
